@@ -1,0 +1,146 @@
+"""Shared benchmark plumbing: device choice, timing rounds, peak extra memory, results JSON.
+
+Every benchmark records (suite, group, implementation) -> seconds per call and peak extra
+memory; at the end of the session the figures and the ratios against each group's baseline
+are printed and written to benchmarks/results/<date>_<device>_<suites>.json, which the README
+table is generated from (python -m benchmarks.report).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+RECORDS: list[dict] = []
+
+
+def bench_device() -> torch.device:
+    name = os.environ.get("FASTSER_BENCH_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rounds_for(fn, device, budget_s: float = 1.0, lo: int = 3, hi: int = 200) -> int:
+    """How many rounds fit in about `budget_s`, from one timed call after a warm-up call."""
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    one = max(time.perf_counter() - t, 1e-6)
+    return int(max(lo, min(hi, budget_s / one)))
+
+
+def peak_extra_bytes(fn, device: torch.device) -> int:
+    """Peak memory allocated by one call of fn above what was allocated before it."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def run(benchmark, fn, device, *, suite, group, impl, baseline, target=None, extra=None, budget_s=1.0):
+    """Time fn with pytest-benchmark and record the figures for the results file."""
+    def call():
+        fn()
+        sync(device)
+
+    rounds = rounds_for(call, device, budget_s)
+    benchmark.group = f"{suite}:{group}"
+    benchmark.extra_info.update({"impl": impl, **(extra or {})})
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+    peak = peak_extra_bytes(fn, device)
+    stats = benchmark.stats.stats
+    RECORDS.append({
+        "suite": suite, "group": group, "impl": impl, "baseline": baseline, "target": target,
+        "median_s": stats.median, "mean_s": stats.mean, "stddev_s": stats.stddev, "rounds": rounds,
+        "peak_extra_bytes": peak, **(extra or {}),
+    })
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device_type": device.type,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device_name=props.name, cuda=torch.version.cuda, sm_count=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        info["device_name"] = f"CPU ({os.cpu_count()} cores)"
+    for mod in ("triton", "librosa", "cupy", "torchaudio", "numpy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            pass
+    return info
+
+
+def with_ratios(records: list[dict]) -> list[dict]:
+    """Adds speedup = baseline time / this time, per (suite, group), from this one run."""
+    by_key = {(r["suite"], r["group"], r["impl"]): r for r in records}
+    out = []
+    for r in records:
+        base = by_key.get((r["suite"], r["group"], r["baseline"]))
+        r = dict(r)
+        r["speedup_vs_baseline"] = base["median_s"] / r["median_s"] if base else None
+        if r["target"] is not None and r["speedup_vs_baseline"] is not None:
+            r["target_met"] = r["speedup_vs_baseline"] >= r["target"]
+        out.append(r)
+    return out
+
+
+def write_results(device: torch.device) -> Path | None:
+    if not RECORDS:
+        return None
+    records = with_ratios(RECORDS)
+    env = environment(device)
+    suites = "-".join(sorted({r["suite"] for r in records}))
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tag = env["device_name"].replace(" ", "_").replace("(", "").replace(")", "")
+    path = RESULTS_DIR / f"{stamp}_{tag}_{suites}.json"
+    path.write_text(json.dumps({"environment": env, "results": records}, indent=2) + "\n")
+    return path
+
+
+def summary_lines(records: list[dict]) -> list[str]:
+    lines = [f"{'suite:group':42s} {'impl':22s} {'median':>11s} {'peak extra':>11s} {'speedup':>8s} target"]
+    for r in with_ratios(records):
+        sp = r["speedup_vs_baseline"]
+        tgt = "" if r["target"] is None else f">={r['target']}x {'met' if r.get('target_met') else 'MISSED'}"
+        lines.append(f"{r['suite'] + ':' + r['group']:42s} {r['impl']:22s} {r['median_s'] * 1e3:9.3f}ms "
+                     f"{r['peak_extra_bytes'] / 2**20:9.2f}MB {'' if sp is None else f'{sp:7.2f}x'} {tgt}")
+    return lines

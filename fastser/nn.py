@@ -1,0 +1,69 @@
+"""User-facing modules. `CenterLoss` is a drop-in for the usual PyTorch center-loss module.
+
+    from fastser.nn import CenterLoss
+    center_loss = CenterLoss(num_classes=10, feat_dim=2, use_gpu=True, update="gradient")
+
+Two ways to move the centers:
+  update="wen" (default): Wen et al. (ECCV 2016). `centers` is a buffer the model's optimizer
+      never sees; the fused backward updates it in place, c_j += alpha * sum(x_i - c_j) / (1 + n_j),
+      with the centers the forward saw. Training mode only; the forward never changes them.
+  update="gradient": `centers` is an nn.Parameter receiving exactly the usual module's gradient,
+      for the common recipe with a second SGD optimizer (grads rescaled by 1/weight).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastser.ops.center_loss import REDUCTIONS, center_loss
+
+UPDATES = ("wen", "gradient")
+
+
+class CenterLoss(nn.Module):
+    def __init__(self, num_classes: int, feat_dim: int, use_gpu: Optional[bool] = None, *,
+                 update: str = "wen", alpha: float = 0.5, reduction: str = "mean", backend: str = "auto",
+                 deterministic: bool = False, process_group=None, validate: bool = True):
+        super().__init__()
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if num_classes < 1 or feat_dim < 1:
+            raise ValueError(f"num_classes and feat_dim must be positive, got {num_classes}, {feat_dim}")
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("CenterLoss(use_gpu=True) but CUDA is not available")
+        self.num_classes, self.feat_dim = num_classes, feat_dim
+        self.update, self.alpha, self.reduction = update, alpha, reduction
+        self.backend, self.deterministic, self.validate = backend, deterministic, validate
+        self.process_group = process_group
+        centers = torch.randn(num_classes, feat_dim, device="cuda" if use_gpu else None)
+        if update == "gradient":
+            self.centers = nn.Parameter(centers)
+        else:
+            self.register_buffer("centers", centers)
+        self._centers_synced = False
+
+    def _broadcast_centers_once(self) -> None:
+        """Start every rank from rank 0's centers, even when their seeds differ."""
+        if self._centers_synced:
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
+            with torch.no_grad():
+                dist.broadcast(self.centers.data, src=src, group=self.process_group)
+        self._centers_synced = True
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._broadcast_centers_once()
+        wen_alpha = self.alpha if (self.update == "wen" and self.training and torch.is_grad_enabled()) else None
+        return center_loss(features, labels, self.centers, reduction=self.reduction, wen_alpha=wen_alpha,
+                           backend=self.backend, deterministic=self.deterministic,
+                           process_group=self.process_group, validate=self.validate)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, update={self.update!r}, "
+                f"alpha={self.alpha}, reduction={self.reduction!r}, backend={self.backend!r}")

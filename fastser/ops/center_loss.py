@@ -1,0 +1,355 @@
+"""The fused center loss: one autograd Function and the one place that picks a backend.
+
+    loss   = scale * sum_i ||x_i - c_{y_i}||^2          scale = 1/B ("mean") or 1 ("sum")
+    dL/dx_i = 2 * scale * (x_i - c_{y_i}) * grad_output
+    dL/dc_j = -2 * scale * sum_{i: y_i = j} (x_i - c_j) * grad_output      (centers.requires_grad)
+    Wen update, once per backward (wen_alpha given):
+           c_j <- c_j + alpha * sum_{i: y_i = j} (x_i - c_j) / (1 + n_j)
+
+Every backend has the same two steps. The forward reads x and the gathered centers once and
+writes the per-row squared distance and diff = x - c_y in fp32 (fp64 for float64 inputs): that
+is all the backward needs, so a later in-place update of the centers cannot change the gradient.
+The backward reads diff once, writes grad_x and, in the same pass, updates the centers (or
+writes their gradient). Extra memory is O(B*D + C); nothing of size B x C is ever built.
+
+Backends: "triton" and "cuda" (CUDA tensors), "cpp" (CPU, OpenMP), "torch" (gather/index_put,
+any device; the fallback and the test oracle).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from fastser.ops import _native
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+REDUCTIONS = ("mean", "sum", "none")
+
+try:  # Triton is optional: the CUDA wheels of torch bring it, the CPU wheel does not
+    from fastser.ops import center_loss_triton as _triton
+except ImportError:  # pragma: no cover - depends on the environment
+    _triton = None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> list[str]:
+    """Backends built and usable here, fastest first; with `device`, those that run on it."""
+    names = []
+    cuda_ok = torch.cuda.is_available()
+    if _triton is not None and (cuda_ok or triton_interpreted()):
+        names.append("triton")
+    if _native.cuda is not None and cuda_ok:
+        names.append("cuda")
+    if _native.cpu is not None:
+        names.append("cpp")
+    names.append("torch")
+    if device is None:
+        return names
+    device = torch.device(device)
+    if device.type == "cuda":
+        return [n for n in names if n in ("triton", "cuda", "torch")]
+    runs_on_cpu = ["cpp", "torch"] + (["triton"] if triton_interpreted() and _triton is not None else [])
+    return [n for n in names if n in runs_on_cpu and (device.type == "cpu" or n == "torch")]
+
+
+def resolve_backend(backend: str, x: torch.Tensor, centers: torch.Tensor) -> str:
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    compute = _compute_dtype(x, centers)
+    if backend == "auto":
+        if x.is_cuda:
+            order = ("triton", "cuda", "torch") if compute == torch.float32 else ("torch",)
+        else:
+            order = ("cpp", "torch")
+        usable = available_backends(x.device)
+        return next(name for name in order if name in usable)
+    if backend not in available_backends():
+        raise RuntimeError(f"center-loss backend {backend!r} is not available here; "
+                           f"available: {available_backends()}")
+    if backend in ("cuda",) and not x.is_cuda:
+        raise ValueError(f"backend 'cuda' needs CUDA tensors, got features on {x.device}")
+    if backend == "triton" and not x.is_cuda and not triton_interpreted():
+        raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    if backend == "cpp" and x.device.type != "cpu":
+        raise ValueError(f"backend 'cpp' needs CPU tensors, got features on {x.device}")
+    if backend in ("triton", "cuda") and compute != torch.float32:
+        raise TypeError(f"backend {backend!r} computes in float32; use 'cpp' or 'torch' for float64")
+    return backend
+
+
+def _compute_dtype(x: torch.Tensor, centers: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, centers.dtype) else torch.float32
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def check_inputs(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor) -> None:
+    """Raise a ValueError/TypeError that names what is wrong; touches nothing."""
+    if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("features and labels must be torch tensors")
+    if features.dim() != 2:
+        raise ValueError(f"features must be 2-D (batch, feat_dim), got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be floating point, got {features.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D (batch,), got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(f"batch size mismatch: {features.shape[0]} feature rows but {labels.shape[0]} labels")
+    num_classes, feat_dim = centers.shape
+    if features.shape[1] != feat_dim:
+        raise ValueError(f"features have dimension {features.shape[1]} but the centers have feat_dim={feat_dim}")
+    if features.device != centers.device or labels.device != features.device:
+        raise ValueError(f"tensors on different devices: features on {features.device}, labels on "
+                         f"{labels.device}, centers on {centers.device}")
+    if labels.numel():
+        lo, hi = torch.aminmax(labels)
+        if lo.item() < 0 or hi.item() >= num_classes:
+            _raise_bad_label(labels, num_classes)
+
+
+def _raise_bad_label(labels: torch.Tensor, num_classes: int) -> None:
+    first = int(((labels < 0) | (labels >= num_classes)).nonzero()[0, 0])
+    raise ValueError(f"labels must lie in [0, {num_classes}): label {int(labels[first])} at index {first} "
+                     f"is out of range (num_classes={num_classes}); the centers were not changed")
+
+
+def _raise_if_not_finite(features: torch.Tensor, row_loss: torch.Tensor) -> None:
+    # A finite total proves every feature finite, so the full scan runs only on the bad path.
+    if torch.isfinite(row_loss.sum()).item():
+        return
+    bad = ~torch.isfinite(features).all(dim=1)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"features contain NaN or Inf (first in row {row}); the centers were not updated")
+
+
+# ----------------------------------------------------------------------------- backends
+
+def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor):
+    """-> (row_loss (B,), diff (B, D)), both in the compute dtype."""
+    compute = _compute_dtype(x, centers)
+    B, D = x.shape
+    if backend == "torch":
+        diff = x.to(compute) - centers.to(compute).index_select(0, labels)
+        return diff.pow(2).sum(1), diff
+    row_loss = torch.empty(B, dtype=compute, device=x.device)
+    diff = torch.empty(B, D, dtype=compute, device=x.device)
+    if B == 0:
+        return row_loss, diff
+    if backend == "cpp":
+        xc, cc = x.to(compute).contiguous(), centers.to(compute).contiguous()
+        bad = _native.cpu.center_loss_forward(_native.dtype_code(compute), xc.data_ptr(), labels.data_ptr(),
+                                              cc.data_ptr(), B, D, cc.shape[0], row_loss.data_ptr(), diff.data_ptr())
+        if bad >= 0:
+            _raise_bad_label(labels, cc.shape[0])
+    elif backend == "cuda":
+        _native.cuda.center_loss_forward(_native.dtype_code(x.dtype), x.data_ptr(), labels.data_ptr(),
+                                         centers.data_ptr(), B, D, centers.shape[0], row_loss.data_ptr(),
+                                         diff.data_ptr(), _native.stream_handle(x.device))
+    else:
+        _triton.forward(x, labels, centers, row_loss, diff)
+    return row_loss, diff
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool):
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enabled and not previous:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        if enabled and not previous:
+            torch.use_deterministic_algorithms(False)
+
+
+def _stride(row_scale: torch.Tensor) -> int:
+    """0 broadcasts one upstream gradient to every row ("mean"/"sum"); 1 reads one per row."""
+    return 0 if row_scale.numel() == 1 else 1
+
+
+def _segments(labels: torch.Tensor, num_classes: int):
+    """Rows sorted by label (stable) and the class offsets into them, for deterministic sums."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    offsets = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return torch.sort(labels, stable=True).indices, offsets
+
+
+def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, alpha, grad_centers,
+              deterministic):
+    """Writes grad_x (if given) and either updates `centers` (Wen) or fills `grad_centers`."""
+    B, D = diff.shape
+    if backend == "torch":
+        if grad_x is not None:
+            grad_x.copy_(row_scale[:, None] * diff if row_scale.numel() == B else row_scale * diff)
+        if centers is not None or grad_centers is not None:
+            weights = 1.0 if centers is not None else -row_scale.expand(B)[:, None]
+            sums = torch.zeros(num_classes, D, dtype=diff.dtype, device=diff.device)
+            with _deterministic_algorithms(deterministic):  # selects torch's sorted accumulate path
+                sums.index_put_((labels,), diff * weights, accumulate=True)
+            if centers is not None:
+                counts = torch.bincount(labels, minlength=num_classes).to(diff.dtype)
+                centers.add_(sums * (alpha / (1.0 + counts))[:, None])
+            else:
+                grad_centers.copy_(sums)
+        return
+    if B == 0:
+        return
+    if backend == "cpp":
+        # the C++ kernels write the compute dtype; half-precision gradients are cast afterwards
+        gx = grad_x if grad_x is None or grad_x.dtype == diff.dtype else torch.empty_like(diff)
+        _native.cpu.center_loss_backward(
+            _native.dtype_code(diff.dtype), diff.data_ptr(), labels.data_ptr(), B, D, num_classes,
+            row_scale.data_ptr(), _stride(row_scale), gx.data_ptr() if gx is not None else 0,
+            centers.data_ptr() if centers is not None else 0, float(alpha),
+            grad_centers.data_ptr() if grad_centers is not None else 0)
+        if gx is not grad_x:
+            grad_x.copy_(gx)
+        return
+    scatter = centers is not None or grad_centers is not None
+    fused_scatter = scatter and not deterministic
+    counts = torch.bincount(labels, minlength=num_classes) if (fused_scatter and centers is not None) else None
+    if backend == "cuda":
+        _native.cuda.center_loss_backward(
+            _native.dtype_code(grad_x.dtype if grad_x is not None else torch.float32), diff.data_ptr(),
+            labels.data_ptr(), counts.data_ptr() if counts is not None else 0, B, D, num_classes,
+            row_scale.data_ptr(), _stride(row_scale), grad_x.data_ptr() if grad_x is not None else 0,
+            centers.data_ptr() if fused_scatter and centers is not None else 0, float(alpha),
+            grad_centers.data_ptr() if fused_scatter and grad_centers is not None else 0,
+            _native.stream_handle(diff.device))
+    else:
+        _triton.backward(diff, labels, counts, num_classes, row_scale, grad_x,
+                         centers if fused_scatter else None, alpha,
+                         grad_centers if fused_scatter else None)
+    if scatter and deterministic:
+        order, offsets = _segments(labels, num_classes)
+        if backend == "cuda":
+            _native.cuda.center_loss_segment_update(
+                diff.data_ptr(), order.data_ptr(), offsets.data_ptr(), D, num_classes, row_scale.data_ptr(),
+                _stride(row_scale), centers.data_ptr() if centers is not None else 0, float(alpha),
+                grad_centers.data_ptr() if grad_centers is not None else 0, _native.stream_handle(diff.device))
+        else:
+            _triton.segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers)
+
+
+# ----------------------------------------------------------------------------- distributed Wen update
+
+def _distributed_world(process_group) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def _wen_update_global(diff, labels, centers, alpha, process_group):
+    """All-reduce the per-class sums and counts (one fp32 buffer), then update every rank alike.
+
+    The all-reduce is issued asynchronously and waited for in a callback that autograd runs at
+    the end of this backward pass, so it overlaps with the rest of the model's backward.
+    """
+    C, D = centers.shape
+    buffer = torch.zeros(C * D + C, dtype=torch.float32, device=diff.device)
+    sums = buffer[: C * D].view(C, D)
+    sums.index_put_((labels,), diff.float(), accumulate=True)
+    buffer[C * D:].index_put_((labels,), torch.ones_like(labels, dtype=torch.float32), accumulate=True)
+    work = dist.all_reduce(buffer, group=process_group, async_op=True)
+
+    def finish():
+        work.wait()
+        counts = buffer[C * D:]
+        centers.add_((sums * (alpha / (1.0 + counts))[:, None]).to(centers.dtype))
+
+    torch.autograd.Variable._execution_engine.queue_callback(finish)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class CenterLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, labels, centers, reduction, wen_alpha, backend, deterministic,
+                process_group, validate):
+        num_classes = centers.shape[0]
+        labels = labels.long().contiguous()
+        x = features.contiguous()
+        row_loss, diff = _forward(backend, x, labels, centers.detach().contiguous())
+        if validate and wen_alpha is not None:
+            _raise_if_not_finite(x, row_loss)
+        B = x.shape[0]
+        scale = 1.0 / max(B, 1) if reduction == "mean" else 1.0
+        ctx.save_for_backward(diff, labels)
+        ctx.meta = (num_classes, reduction, scale, wen_alpha, backend, deterministic, process_group, x.dtype)
+        ctx.centers = centers if wen_alpha is not None else None  # updated in place by the backward
+        ctx.centers_dtype = centers.dtype
+        out_dtype = torch.promote_types(features.dtype, centers.dtype)
+        if reduction == "none":
+            return row_loss.to(out_dtype)
+        return (row_loss.sum() * scale).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        diff, labels = ctx.saved_tensors
+        num_classes, reduction, scale, wen_alpha, backend, deterministic, process_group, x_dtype = ctx.meta
+        # d(row loss)/dx = 2 diff, so each row's weight is 2 * scale * upstream gradient
+        row_scale = (grad_output.to(diff.dtype) * (2.0 * scale)).reshape(-1).contiguous()
+        want_gx = ctx.needs_input_grad[0]
+        want_gc = ctx.needs_input_grad[2]
+        grad_x = torch.empty(diff.shape, dtype=x_dtype, device=diff.device) if want_gx else None
+        grad_c = torch.zeros(num_classes, diff.shape[1], dtype=diff.dtype, device=diff.device) if want_gc else None
+
+        centers = ctx.centers
+        update_here, work_centers = None, None
+        if centers is not None:
+            if _distributed_world(process_group) > 1:
+                _wen_update_global(diff, labels, centers, wen_alpha, process_group)
+            else:
+                # the kernels update fp32/fp64 contiguous centers in place; anything else via a copy
+                direct = centers.dtype == diff.dtype and centers.is_contiguous()
+                work_centers = centers.data if direct else centers.detach().to(diff.dtype).contiguous()
+                update_here = work_centers
+
+        if update_here is not None and grad_c is not None:
+            # both wanted (unusual): two passes, the update first would change nothing the gradient reads
+            _backward(backend, diff, labels, num_classes, row_scale, grad_x, None, 0.0, grad_c, deterministic)
+            _backward(backend, diff, labels, num_classes, row_scale, None, update_here, wen_alpha, None,
+                      deterministic)
+        else:
+            _backward(backend, diff, labels, num_classes, row_scale, grad_x, update_here,
+                      wen_alpha or 0.0, grad_c, deterministic)
+        if work_centers is not None and work_centers is not centers.data:
+            centers.data.copy_(work_centers)
+        ctx.centers = None
+        if grad_c is not None:
+            grad_c = grad_c.to(ctx.centers_dtype)
+        return grad_x, None, grad_c, None, None, None, None, None, None
+
+
+def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
+                reduction: str = "mean", wen_alpha: Optional[float] = None, backend: str = "auto",
+                deterministic: bool = False, process_group=None, validate: bool = True) -> torch.Tensor:
+    """Fused center loss (functional form behind `fastser.nn.CenterLoss`).
+
+    features (B, D) float; labels (B,) integer class indices; centers (C, D).
+    wen_alpha: if given, the centers are updated in place by the Wen et al. rule when the
+        backward runs (once per backward); the forward never changes them.
+    centers.requires_grad: the centers receive their gradient (the usual module's).
+    validate: check shapes, devices, label range and (Wen update) finiteness, raising a clear
+        error before anything is written. On CUDA the label check costs one host sync.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if centers.dim() != 2:
+        raise ValueError(f"centers must be 2-D (num_classes, feat_dim), got shape {tuple(centers.shape)}")
+    if validate:
+        check_inputs(features, labels, centers)
+    name = resolve_backend(backend, features, centers)
+    return CenterLossFunction.apply(features, labels, centers, reduction, wen_alpha, name, deterministic,
+                                    process_group, validate)

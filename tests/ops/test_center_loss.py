@@ -1,0 +1,308 @@
+"""Every center-loss backend against the torch oracle and against the usual module."""
+import copy
+
+import pytest
+import torch
+
+from fastser.nn import CenterLoss
+from fastser.ops import available_backends, center_loss
+from fastser.reference.center_loss import ReferenceCenterLoss
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = available_backends(DEVICE)
+FLOAT32_BACKENDS = BACKENDS
+FLOAT64_BACKENDS = [b for b in BACKENDS if b in ("cpp", "torch")]
+SHAPES = [(1, 1, 1), (7, 1, 5), (33, 5, 130), (64, 10, 513), (16, 40, 32)]
+
+
+def test_expected_backends_are_built():
+    assert "torch" in BACKENDS
+    assert "cpp" in BACKENDS, "the C++ extension fastser._C did not build or import"
+    if DEVICE == "cpu":
+        pytest.importorskip("triton")
+        assert "triton" in BACKENDS, "Triton kernels must run here under TRITON_INTERPRET=1"
+
+
+def make_batch(B, C, D, dtype=torch.float32, scale=1.0, device=DEVICE):
+    x = (torch.randn(B, D, device=device) * scale).to(dtype)
+    labels = torch.randint(0, C, (B,), device=device)
+    centers = torch.randn(C, D, device=device) * scale
+    return x, labels, centers
+
+
+def wen_update_loop(x, labels, centers, alpha):
+    """Wen et al. (2016), Eq. 4, written out class by class."""
+    new = centers.clone().double()
+    for j in range(centers.shape[0]):
+        rows = labels == j
+        n = int(rows.sum())
+        if n:
+            delta = (x.double()[rows] - centers.double()[j]).sum(0) / (1 + n)
+            new[j] += alpha * delta
+    return new
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("B,C,D", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_usual_module(backend, B, C, D, reduction):
+    x, labels, centers = make_batch(B, C, D)
+    ref = ReferenceCenterLoss(C, D, use_gpu=DEVICE == "cuda")
+    with torch.no_grad():
+        ref.centers.copy_(centers)
+    xr = x.clone().requires_grad_()
+    ref_loss = ref(xr, labels) * (B if reduction == "sum" else 1)
+    ref_loss.backward()
+
+    c = centers.clone().requires_grad_()
+    xf = x.clone().requires_grad_()
+    loss = center_loss(xf, labels, c, reduction=reduction, backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c.grad, ref.centers.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("B,C,D", SHAPES + [(50, 3, 700)])
+def test_wen_update_matches_paper(backend, deterministic, B, C, D):
+    x, labels, centers = make_batch(B, C, D)
+    expected = wen_update_loop(x, labels, centers, 0.3).float()
+    before = centers.clone()
+    xf = x.clone().requires_grad_()
+    loss = center_loss(xf, labels, centers, wen_alpha=0.3, backend=backend, deterministic=deterministic)
+    torch.testing.assert_close(centers, before, rtol=0, atol=0)  # the forward never writes them
+    loss.backward()
+    torch.testing.assert_close(centers, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xf.grad, 2.0 / B * (x - before[labels]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_absent_classes_and_repeated_labels(backend):
+    x, _, centers = make_batch(40, 9, 24)
+    labels = torch.tensor([2, 2, 2, 7] * 10, device=DEVICE)
+    expected = wen_update_loop(x, labels, centers, 0.5).float()
+    untouched = centers[[0, 1, 3, 4, 5, 6, 8]].clone()
+    center_loss(x.requires_grad_(), labels, centers, wen_alpha=0.5, backend=backend).backward()
+    torch.testing.assert_close(centers, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(centers[[0, 1, 3, 4, 5, 6, 8]], untouched)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_reduction_none_matches_per_row(backend):
+    x, labels, centers = make_batch(12, 4, 20)
+    c = centers.clone().requires_grad_()
+    xf = x.clone().requires_grad_()
+    per_row = center_loss(xf, labels, c, reduction="none", backend=backend)
+    w = torch.rand(12, device=DEVICE)
+    (per_row * w).sum().backward()
+    xo, co = x.clone().requires_grad_(), centers.clone().requires_grad_()
+    expected = ((xo - co[labels]) ** 2).sum(1)
+    (expected * w).sum().backward()
+    torch.testing.assert_close(per_row, expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xf.grad, xo.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c.grad, co.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_half_precision_features(backend, dtype, tol):
+    x, labels, centers = make_batch(48, 6, 96, dtype=dtype)
+    oracle_centers = centers.clone()
+    xf = x.clone().requires_grad_()
+    loss = center_loss(xf, labels, centers, wen_alpha=0.5, backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.float32 and xf.grad.dtype == dtype
+    x32 = x.float().requires_grad_()
+    ref = center_loss(x32, labels, oracle_centers, wen_alpha=0.5, backend="torch")
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(xf.grad.float(), x32.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(centers, oracle_centers, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_large_magnitudes(backend):
+    x, labels, centers = make_batch(32, 5, 64, scale=1e4)
+    c = centers.clone().requires_grad_()
+    loss = center_loss(x, labels, c, backend=backend)
+    expected = ((x.double() - centers.double()[labels]) ** 2).sum() / 32
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
+def test_gradcheck_float64(backend):
+    x = torch.randn(9, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    c = torch.randn(4, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 3, 3, 3, 0, 1, 3], device=DEVICE)
+    for reduction in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda a, b: center_loss(a, labels, b, reduction=reduction, backend=backend), (x, c))
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_empty_batch(backend):
+    centers = torch.randn(3, 8, device=DEVICE)
+    before = centers.clone()
+    x = torch.empty(0, 8, device=DEVICE, requires_grad=True)
+    loss = center_loss(x, torch.empty(0, dtype=torch.long, device=DEVICE), centers, wen_alpha=0.5, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == (0, 8)
+    assert torch.equal(centers, before)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_deterministic_is_bit_identical(backend):
+    x, labels, centers = make_batch(256, 7, 200)
+    results = []
+    for _ in range(2):
+        c = centers.clone()
+        center_loss(x.clone().requires_grad_(), labels, c, wen_alpha=0.5, backend=backend,
+                    deterministic=True).backward()
+        results.append(c)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    x, labels, centers = make_batch(20, 4, 30)
+    wide = torch.randn(30, 20, device=DEVICE)  # x.T of this is a non-contiguous (20, 30) view
+    lab = torch.stack([labels, labels], 1)[:, 0]
+    loss = center_loss(wide.t(), lab, centers, backend=backend)
+    expected = ((wide.t() - centers[labels]) ** 2).sum() / 20
+    torch.testing.assert_close(loss, expected)
+
+
+def test_int32_labels_work():
+    x, labels, centers = make_batch(10, 3, 4)
+    a = center_loss(x, labels.int(), centers)
+    b = center_loss(x, labels, centers)
+    torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD_INPUTS = [
+    ("label out of range", lambda x, l, c: (x, torch.tensor([0, 1, 5, 2], device=DEVICE), c),
+     ValueError, r"label 5 at index 2 is out of range \(num_classes=3\)"),
+    ("negative label", lambda x, l, c: (x, torch.tensor([0, -1, 1, 2], device=DEVICE), c),
+     ValueError, r"label -1 at index 1"),
+    ("float labels", lambda x, l, c: (x, l.float(), c), TypeError, "integer tensor"),
+    ("3-D features", lambda x, l, c: (x[None], l, c), ValueError, "features must be 2-D"),
+    ("wrong feat_dim", lambda x, l, c: (x[:, :3], l, c), ValueError, "feat_dim=6"),
+    ("batch mismatch", lambda x, l, c: (x, l[:3], c), ValueError, "4 feature rows but 3 labels"),
+    ("int features", lambda x, l, c: (x.long(), l, c), TypeError, "floating point"),
+    ("NaN features", lambda x, l, c: (x.index_fill(0, torch.tensor([2], device=DEVICE), float("nan")), l, c),
+     ValueError, r"NaN or Inf \(first in row 2\)"),
+]
+if DEVICE == "cpu" and False:  # pragma: no cover - device mismatch is exercised on GPU machines
+    pass
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("name,mutate,exc,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_and_leaves_centers(backend, name, mutate, exc, match):
+    loss_fn = CenterLoss(3, 6, backend=backend)
+    before = loss_fn.centers.clone()
+    x, labels, _ = make_batch(4, 3, 6)
+    labels = torch.tensor([0, 1, 2, 1], device=DEVICE)
+    loss_fn.to(DEVICE)
+    bad_x, bad_labels, _ = mutate(x, labels, loss_fn.centers)
+    with pytest.raises(exc, match=match):
+        loss_fn(bad_x.requires_grad_() if bad_x.is_floating_point() else bad_x, bad_labels).backward()
+    assert torch.equal(loss_fn.centers, before.to(DEVICE))
+
+
+def test_unchecked_bad_label_still_caught_by_cpp_kernel():
+    if "cpp" not in BACKENDS:
+        pytest.skip("C++ extension not built")
+    centers = torch.randn(3, 4)
+    before = centers.clone()
+    with pytest.raises(ValueError, match="label 9 at index 1"):
+        center_loss(torch.randn(2, 4), torch.tensor([0, 9]), centers, wen_alpha=0.5, backend="cpp", validate=False)
+    assert torch.equal(centers, before)
+
+
+def test_devices_must_match():
+    if not torch.cuda.is_available():
+        x, labels, centers = make_batch(4, 3, 6, device="cpu")
+        with pytest.raises(ValueError, match="different devices"):
+            center_loss(x, labels.to("meta"), centers)
+    else:  # pragma: no cover
+        x, labels, centers = make_batch(4, 3, 6, device="cpu")
+        with pytest.raises(ValueError, match="different devices"):
+            center_loss(x.cuda(), labels.cuda(), centers)
+
+
+def test_unknown_backend_and_reduction():
+    x, labels, centers = make_batch(4, 3, 6)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        center_loss(x, labels, centers, backend="fast")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        center_loss(x, labels, centers, reduction="avg")
+
+
+# --------------------------------------------------------------------------- module
+
+def test_module_is_a_drop_in_for_the_usual_checkpoint():
+    ref = ReferenceCenterLoss(10, 2, use_gpu=False)
+    ours = CenterLoss(10, 2, update="gradient")
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == ["centers"]
+    assert isinstance(ours.centers, torch.nn.Parameter)
+    wen = CenterLoss(10, 2)
+    wen.load_state_dict(ref.state_dict())
+    assert not isinstance(wen.centers, torch.nn.Parameter) and "centers" in dict(wen.named_buffers())
+    assert torch.equal(wen.centers, ref.centers.detach())
+
+
+def test_wen_mode_no_update_in_eval_or_without_backward():
+    loss_fn = CenterLoss(4, 8).to(DEVICE)
+    before = loss_fn.centers.clone()
+    x = torch.randn(16, 8, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 4, (16,), device=DEVICE)
+    loss_fn(x, labels)  # no backward
+    assert torch.equal(loss_fn.centers, before)
+    loss_fn.eval()
+    loss_fn(x, labels).backward()
+    assert torch.equal(loss_fn.centers, before) and x.grad is not None
+    loss_fn.train()
+    loss_fn(x, labels).backward()
+    assert not torch.equal(loss_fn.centers, before)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("update", ["wen", "gradient"])
+def test_training_loop_tracks_oracle(backend, update):
+    """50 optimiser steps with the usual recipe: model SGD + (gradient mode) a center SGD."""
+    torch.manual_seed(1)
+    model = torch.nn.Linear(12, 6).to(DEVICE)
+    crit = CenterLoss(5, 6, update=update, backend=backend, alpha=0.5).to(DEVICE)
+    model_o, crit_o = copy.deepcopy(model), copy.deepcopy(crit)
+    crit_o.backend = "torch"
+    weight = 0.1
+
+    def make_opts(m, c):
+        opts = [torch.optim.SGD(m.parameters(), lr=0.05)]
+        if update == "gradient":
+            opts.append(torch.optim.SGD(c.parameters(), lr=0.5))
+        return opts
+
+    opts, opts_o = make_opts(model, crit), make_opts(model_o, crit_o)
+    data = torch.randn(50, 32, 12, device=DEVICE)
+    targets = torch.randint(0, 5, (50, 32), device=DEVICE)
+    for step in range(50):
+        for m, c, os_ in ((model, crit, opts), (model_o, crit_o, opts_o)):
+            for o in os_:
+                o.zero_grad()
+            loss = weight * c(m(data[step]), targets[step])
+            loss.backward()
+            if update == "gradient":
+                for p in c.parameters():
+                    p.grad.data *= 1.0 / weight
+            for o in os_:
+                o.step()
+    torch.testing.assert_close(crit.centers, crit_o.centers, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.weight, model_o.weight, rtol=1e-4, atol=1e-5)
