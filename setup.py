@@ -129,7 +129,7 @@ def cuda_extension():
     )]
 
 
-extensions = [Pybind11Extension("fastser._C", ["csrc/bindings.cpp", "csrc/center_loss_cpu.cpp"],
+extensions = [Pybind11Extension("fastser._C", ["csrc/bindings.cpp", "csrc/center_loss_cpu.cpp", "csrc/mel_chain_cpu.cpp"],
                                 include_dirs=["csrc"])]
 extensions += cuda_extension()
 

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "center_loss_cpu.h"
+#include "mel_chain_cpu.h"
 
 namespace py = pybind11;
 using fastser::center_loss_backward_cpu;
@@ -30,6 +31,16 @@ PYBIND11_MODULE(_C, m) {
                                    ptr<void>(row_scale), row_scale_stride, ptr<void>(grad_x),
                                    ptr<void>(centers), alpha, ptr<void>(grad_centers));
         });
+  m.def("mel_chain",
+        [](uintptr_t spec, int64_t B, int64_t T, int64_t F, uintptr_t frames, uintptr_t fb, int64_t M,
+           double power, bool to_db, double amin, double log_ref, bool ref_max, bool use_top_db,
+           double top_db, uintptr_t dct, uintptr_t lift, int64_t K, uintptr_t mel_out, uintptr_t mfcc_out) {
+          py::gil_scoped_release release;
+          fastser::mel_chain_cpu(ptr<float>(spec), B, T, F, ptr<int64_t>(frames), ptr<float>(fb), M, power,
+                                 to_db, amin, log_ref, ref_max, use_top_db, top_db, ptr<float>(dct),
+                                 ptr<float>(lift), K, ptr<float>(mel_out), ptr<float>(mfcc_out));
+        },
+        "Fused |X|^p -> mel -> dB -> top_db -> DCT on a frame-major complex64 STFT (0 = null pointer).");
   m.def("has_openmp", &fastser::has_openmp);
   m.def("max_threads", &fastser::max_threads);
 }

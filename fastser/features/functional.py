@@ -1,0 +1,466 @@
+"""Batched spectrogram, mel spectrogram, log-mel and MFCC with librosa's names, defaults and results.
+
+    spectrogram(y, n_fft=2048, hop_length=None, win_length=None, window="hann", center=True,
+                pad_mode="constant", power=2.0)                          -> (..., 1 + n_fft // 2, frames)
+    melspectrogram(y, sr=22050, ..., n_mels=128, fmin=0, fmax=None, htk=False, norm="slaney")
+    power_to_db(S, ref=1.0, amin=1e-10, top_db=80.0)
+    log_melspectrogram(y, ...)  == power_to_db(melspectrogram(y, ...)), fused on the GPU
+    mfcc(y, sr=22050, n_mfcc=20, dct_type=2, norm="ortho", lifter=0, ...)  (mel filter norm: mel_norm)
+
+`y` is a 1-D signal or a padded (B, T) batch, a torch tensor or a NumPy array (NumPy in, NumPy
+out). With `lengths` (B,) the functions return `(features, frames)`: each item is framed from its
+own samples only (its own padding at its own end, as if it were called alone), and frames at or
+beyond `frames[b]` are zero. top_db and ref=max act per utterance, over its valid frames.
+
+Backends (one dispatch point, `_extract`): "torch" (torch.stft: cuFFT on CUDA; on CUDA everything
+after the FFT runs in one fused Triton kernel), "triton" (the fused kernel explicitly; on CPU only
+under TRITON_INTERPRET=1), "cupy" (cupy.fft, shared with torch by DLPack), "dali" (an NVIDIA
+DALI pipeline) and "librosa" (the reference, one utterance at a time). "auto" is "torch".
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from fastser.features import filters
+from fastser.ops import _native
+from fastser.features.filters import analysis_window, dct_matrix, lifter_weights, mel_filterbank
+
+__all__ = ["spectrogram", "melspectrogram", "log_melspectrogram", "mfcc", "power_to_db",
+           "mel_filterbank", "dct_matrix", "frame_count", "BACKENDS", "FeatureConfig"]
+
+BACKENDS = ("auto", "torch", "triton", "cupy", "dali", "librosa")
+PAD_MODES = ("constant", "reflect", "edge", "wrap", "symmetric")
+KINDS = ("spectrogram", "mel", "logmel", "mfcc")
+Ref = Union[float, Callable, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that defines a feature; hashable, so it keys caches of windows and filters."""
+    kind: str = "logmel"
+    sr: int = 22050
+    n_fft: int = 2048
+    hop_length: Optional[int] = None
+    win_length: Optional[int] = None
+    window: str = "hann"
+    center: bool = True
+    pad_mode: str = "constant"
+    power: Optional[float] = 2.0
+    n_mels: int = 128
+    fmin: float = 0.0
+    fmax: Optional[float] = None
+    htk: bool = False
+    mel_norm: Union[str, float, None] = "slaney"
+    ref: Union[float, str] = 1.0  # a number, or "max" (librosa's ref=np.max), per utterance
+    amin: float = 1e-10
+    top_db: Optional[float] = 80.0
+    n_mfcc: int = 20
+    dct_type: int = 2
+    dct_norm: Optional[str] = "ortho"
+    lifter: float = 0.0
+
+    def __post_init__(self):
+        win = self.win_length if self.win_length is not None else self.n_fft
+        object.__setattr__(self, "win_length", win)
+        if self.hop_length is None:
+            object.__setattr__(self, "hop_length", win // 4)
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.n_fft < 1 or self.hop_length < 1 or not 1 <= win <= self.n_fft:
+            raise ValueError(f"need n_fft >= 1, hop_length >= 1 and 1 <= win_length <= n_fft; got n_fft="
+                             f"{self.n_fft}, hop_length={self.hop_length}, win_length={win}")
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
+        if self.amin <= 0:
+            raise ValueError(f"amin must be strictly positive, got {self.amin}")
+        if self.top_db is not None and self.top_db < 0:
+            raise ValueError(f"top_db must be non-negative, got {self.top_db}")
+        if self.power is None and self.kind != "spectrogram":
+            raise ValueError("power=None (complex STFT) is only defined for spectrogram()")
+        if self.kind != "spectrogram" and self.sr <= 0:
+            raise ValueError(f"sr must be positive, got {self.sr}")
+        if self.kind == "mfcc" and not 1 <= self.n_mfcc <= self.n_mels:
+            raise ValueError(f"need 1 <= n_mfcc <= n_mels, got n_mfcc={self.n_mfcc}, n_mels={self.n_mels}")
+
+    @property
+    def n_bins(self) -> int:
+        return {"spectrogram": 1 + self.n_fft // 2, "mel": self.n_mels, "logmel": self.n_mels,
+                "mfcc": self.n_mfcc}[self.kind]
+
+    @property
+    def log_ref(self) -> float:
+        return 0.0 if self.ref == "max" else 10.0 * float(np.log10(max(self.amin, abs(float(self.ref)))))
+
+
+def _normalise_ref(ref: Ref) -> Union[float, str]:
+    if callable(ref):
+        if ref in (np.max, np.amax, torch.max, torch.amax, max):
+            return "max"
+        raise ValueError("ref must be a number or np.max (per-utterance maximum); other callables are not supported")
+    if ref == "max":
+        return "max"
+    return float(ref)
+
+
+# ----------------------------------------------------------------------------- framing
+
+def frame_count(lengths: torch.Tensor, n_fft: int, hop_length: int, center: bool) -> torch.Tensor:
+    """Frames librosa produces for signals of these lengths."""
+    if center:
+        return 1 + lengths // hop_length
+    if (lengths < n_fft).any():
+        raise ValueError(f"with center=False every signal needs at least n_fft={n_fft} samples; "
+                         f"the shortest has {int(lengths.min())}")
+    return 1 + (lengths - n_fft) // hop_length
+
+
+def _source_index(pos: torch.Tensor, L: torch.Tensor, pad_mode: str):
+    """The sample that padded position `pos` (relative to the item's start) reads, and whether it is
+    read at all (False: a zero of constant padding). pos (B, n), L (B, 1)."""
+    inside = (pos >= 0) & (pos < L)
+    if pad_mode == "constant":
+        idx = pos
+    elif pad_mode == "edge":
+        idx = pos.clamp(min=0).minimum(L - 1)
+    elif pad_mode == "wrap":
+        idx = torch.remainder(pos, L)
+    elif pad_mode == "reflect":  # numpy's reflect, repeated for pads longer than the signal
+        period = (2 * (L - 1)).clamp(min=1)
+        m = torch.remainder(pos, period)
+        idx = torch.where(L == 1, torch.zeros_like(m), torch.where(m < L, m, period - m))
+    else:  # symmetric
+        m = torch.remainder(pos, 2 * L)
+        idx = torch.where(m < L, m, 2 * L - 1 - m)
+    keep = inside if pad_mode == "constant" else torch.ones_like(inside)
+    return idx.clamp(min=0), keep
+
+
+def _padded_signal(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig):
+    """(B, (max_frames - 1) * hop + n_fft) signals, each padded from its own samples only.
+
+    Valid frames of item b read padded positions [0, L_b + 2 * pad): its left pad, its samples and
+    its right pad. Only those two pads (B x pad values) are written here; whatever lies further
+    right (another length's padding, garbage) only reaches frames that are zeroed afterwards."""
+    B, T = y.shape
+    n_out = (int(frames.max()) - 1) * cfg.hop_length + cfg.n_fft
+    pad = cfg.n_fft // 2 if cfg.center else 0
+    out = torch.nn.functional.pad(y, (pad, max(0, n_out + pad - T - pad)))[:, : n_out + pad]
+    if pad == 0:
+        return out[:, :n_out]
+    out = out.clone() if out.data_ptr() == y.data_ptr() else out
+    L = lengths[:, None]
+    j = torch.arange(pad, device=y.device)[None, :]
+    for pos, dest in ((j - pad, j.expand(B, pad)), (L + j, L + pad + j)):
+        idx, keep = _source_index(pos.expand(B, pad), L, cfg.pad_mode)
+        values = torch.where(keep, y.gather(1, idx.clamp(max=T - 1)), y.new_zeros(()))
+        out.scatter_(1, dest, values)
+    return out[:, :n_out]
+
+
+# ----------------------------------------------------------------------------- constant tensors
+
+@functools.lru_cache(maxsize=64)
+def _constants_cpu(cfg: FeatureConfig):
+    # float64 window: cast to the signal's dtype at use, so float64 audio gets a float64 STFT
+    const = {"window": analysis_window(cfg.window, cfg.win_length, cfg.n_fft, torch.float64)}
+    if cfg.kind != "spectrogram":
+        const["fb"] = mel_filterbank(cfg.sr, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax, cfg.htk, cfg.mel_norm)
+    if cfg.kind == "mfcc":
+        const["dct"] = dct_matrix(cfg.n_mfcc, cfg.n_mels, cfg.dct_type, cfg.dct_norm)
+        const["lift"] = lifter_weights(cfg.n_mfcc, cfg.lifter)
+    return const
+
+
+def constants(cfg: FeatureConfig, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in _constants_cpu(cfg).items()}
+
+
+# ----------------------------------------------------------------------------- STFT backends
+
+def _stft_torch(signal: torch.Tensor, window: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    return torch.stft(signal, cfg.n_fft, cfg.hop_length, window=window, center=False, return_complex=True)
+
+
+def _stft_cupy(signal: torch.Tensor, window: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    try:
+        import cupy
+    except ImportError as e:
+        raise RuntimeError("backend 'cupy' needs CuPy: pip install 'fastser[cupy]'") from e
+    if not signal.is_cuda:
+        raise ValueError("backend 'cupy' needs CUDA tensors")
+    frames = signal.unfold(1, cfg.n_fft, cfg.hop_length) * window  # (B, T, n_fft), a view then one product
+    spec = cupy.fft.rfft(cupy.from_dlpack(frames.contiguous()), axis=-1)
+    return torch.from_dlpack(spec).transpose(1, 2)  # zero-copy back to torch: (B, F, T)
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+def _valid_mask(frames: torch.Tensor, n_frames: int) -> torch.Tensor:
+    return torch.arange(n_frames, device=frames.device)[None, None, :] < frames[:, None, None]
+
+
+def clamp_top_db(db: torch.Tensor, frames: torch.Tensor, top_db: float) -> torch.Tensor:
+    """max(db, item max - top_db), the max of each item over its valid frames; padded frames -> 0."""
+    valid = _valid_mask(frames, db.shape[-1])
+    item_max = db.masked_fill(~valid, float("-inf")).amax(dim=(1, 2), keepdim=True)
+    return torch.maximum(db, item_max - top_db).masked_fill(~valid, 0.0)
+
+
+def _to_db(S: torch.Tensor, frames: torch.Tensor, ref: Union[float, str], amin: float,
+           top_db: Optional[float]) -> torch.Tensor:
+    """power_to_db per utterance over its valid frames; S (B, bins, T) power."""
+    db = 10.0 * torch.log10(S.clamp(min=amin))
+    if ref == "max":
+        valid = _valid_mask(frames, S.shape[-1])
+        db = db - db.masked_fill(~valid, float("-inf")).amax(dim=(1, 2), keepdim=True)
+    else:
+        db = db - 10.0 * float(np.log10(max(amin, abs(float(ref)))))
+    if top_db is not None:
+        return clamp_top_db(db, frames, top_db)
+    return db.masked_fill(~_valid_mask(frames, S.shape[-1]), 0.0)
+
+
+def _project(matrix: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """matrix @ S. On the CPU in float64, rounded back: CPU GEMM kernels change their summation order
+    with the number of frames, and this keeps a batched call bit-identical to per-item calls."""
+    if S.device.type != "cpu":
+        return torch.matmul(matrix, S)
+    return torch.matmul(matrix.double(), S.double()).to(S.dtype)
+
+
+def _post_torch(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, const: dict) -> torch.Tensor:
+    valid = _valid_mask(frames, spec.shape[-1])
+    if cfg.power is None:
+        return spec.masked_fill(~valid, 0)
+    if cfg.power == 2.0:
+        S = torch.view_as_real(spec).square().sum(-1)
+    else:
+        S = spec.abs().pow(cfg.power)
+    if cfg.kind == "spectrogram":
+        return S.masked_fill(~valid, 0.0)
+    S = _project(const["fb"], S)
+    if cfg.kind == "mel":
+        return S.masked_fill(~valid, 0.0)
+    S = _to_db(S, frames, cfg.ref, cfg.amin, cfg.top_db)
+    if cfg.kind == "logmel":
+        return S
+    return (_project(const["dct"], S) * const["lift"][:, None]).masked_fill(~valid, 0.0)
+
+
+def _post_triton(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, const: dict) -> torch.Tensor:
+    if cfg.kind == "spectrogram":  # nothing to fuse: one elementwise op
+        return _post_torch(spec, frames, cfg, const)
+    from fastser.features import post_triton
+    B, _, T = spec.shape
+    mel = torch.empty(B, cfg.n_mels, T, dtype=torch.float32, device=spec.device)
+    mfcc_out = None
+    if cfg.kind == "mfcc":
+        mfcc_out = torch.empty(B, cfg.n_mfcc, T, dtype=torch.float32, device=spec.device)
+    to_db = cfg.kind in ("logmel", "mfcc")
+    post_triton.mel_chain(torch.view_as_real(spec.to(torch.complex64)), const["fb"], frames.to(torch.int32),
+                          mel, power=cfg.power, to_db=to_db, amin=cfg.amin, log_ref=cfg.log_ref,
+                          ref_max=to_db and cfg.ref == "max", top_db=cfg.top_db if to_db else None,
+                          dct=const.get("dct"), lift=const.get("lift"), mfcc_out=mfcc_out)
+    return mfcc_out if mfcc_out is not None else mel
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def _resolve(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_ok() else "torch"
+    if backend == "torch" and device.type == "cuda" and _triton_ok():
+        return "triton"
+    return backend
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _extract(y: torch.Tensor, lengths: torch.Tensor, cfg: FeatureConfig, backend: str,
+             const: Optional[dict] = None):
+    """(B, T) float signals + lengths -> ((B, bins, frames) features, frames (B,)). The one dispatch point."""
+    frames = frame_count(lengths, cfg.n_fft, cfg.hop_length, cfg.center)
+    backend = _resolve(backend, y.device)
+    if backend == "librosa":
+        from fastser.features.backends import librosa_features
+        return librosa_features(y, lengths, frames, cfg), frames
+    if backend == "dali":
+        from fastser.features.backends import dali_features
+        return dali_features(y, lengths, frames, cfg), frames
+    const = const if const is not None else constants(cfg, y.device)
+    if backend == "torch" and _cpu_fused_ok(y, cfg):
+        return _extract_cpu_fused(y, lengths, frames, cfg, const), frames
+    signal = _padded_signal(y, lengths, frames, cfg)
+    spec = (_stft_cupy if backend == "cupy" else _stft_torch)(signal, const["window"].to(signal.dtype), cfg)
+    if backend == "triton" or (backend == "cupy" and _triton_ok()):
+        return _post_triton(spec, frames, cfg, const), frames
+    return _post_torch(spec, frames, cfg, const), frames
+
+
+def _cpu_fused_ok(signal: torch.Tensor, cfg: FeatureConfig) -> bool:
+    return (cfg.kind != "spectrogram" and signal.device.type == "cpu" and signal.dtype == torch.float32
+            and _native.cpu is not None and hasattr(_native.cpu, "mel_chain"))
+
+
+def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig,
+                       const: dict):
+    """CPU: pad -> frames -> rfft -> the fused C++ post kernel, a few utterances at a time, so that a
+    chunk's signal and complex spectrum stay in cache and no batch-sized temporary is ever built."""
+    B = y.shape[0]
+    T = int(frames.max())
+    F_bins = 1 + cfg.n_fft // 2
+    mel = torch.empty(B, cfg.n_mels, T)
+    ceps = torch.empty(B, cfg.n_mfcc, T) if cfg.kind == "mfcc" else None
+    window = const["window"].to(torch.float32)
+    fb, dct, lift = const["fb"].contiguous(), const.get("dct"), const.get("lift")
+    frames = frames.contiguous()
+    to_db = cfg.kind in ("logmel", "mfcc")
+    chunk = max(1, (1 << 21) // (T * cfg.n_fft))
+    for b0 in range(0, B, chunk):
+        b1 = min(B, b0 + chunk)
+        # every chunk is padded to the batch's frame count, so its frames line up with the output
+        signal = _padded_signal(y[b0:b1], lengths[b0:b1], frames.new_full((1,), T), cfg)
+        spec = torch.fft.rfft(signal.unfold(1, cfg.n_fft, cfg.hop_length) * window)
+        _native.cpu.mel_chain(spec.data_ptr(), b1 - b0, T, F_bins, frames[b0:].data_ptr(), fb.data_ptr(),
+                              cfg.n_mels, float(cfg.power), to_db, cfg.amin, cfg.log_ref,
+                              to_db and cfg.ref == "max", to_db and cfg.top_db is not None,
+                              float(cfg.top_db or 0.0), dct.data_ptr() if ceps is not None else 0,
+                              lift.data_ptr() if ceps is not None else 0, cfg.n_mfcc if ceps is not None else 0,
+                              mel[b0:].data_ptr(), ceps[b0:].data_ptr() if ceps is not None else 0)
+    return ceps if ceps is not None else mel
+
+
+def prepare(y, lengths=None):
+    """-> (float (B, T) tensor, lengths (B,) int64 tensor, restore) where restore(out) undoes the
+    batching/NumPy conversion on an output (…, bins, frames)."""
+    was_numpy = isinstance(y, np.ndarray)
+    if not isinstance(y, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"audio must be a torch tensor or a NumPy array, got {type(y).__name__}")
+    t = torch.from_numpy(np.ascontiguousarray(y)) if was_numpy else y
+    if not t.is_floating_point():
+        raise TypeError(f"audio must be floating point (convert integer PCM first), got {t.dtype}")
+    if t.dim() not in (1, 2):
+        raise ValueError(f"audio must be 1-D (samples,) or 2-D (batch, samples), got shape {tuple(t.shape)}")
+    single = t.dim() == 1
+    if single:
+        t = t[None]
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    B, T = t.shape
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.int64, device=t.device)
+    else:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64).to(t.device)
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+        if (lengths > T).any():
+            raise ValueError(f"lengths exceed the padded length {T}: {lengths.max().item()}")
+    if B and (lengths < 1).any():
+        raise ValueError(f"empty signal: item {int((lengths < 1).nonzero()[0, 0])} has length 0")
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():  # the sum is one pass, no temporary
+        raise ValueError("audio contains NaN or Inf")
+
+    def restore(out: torch.Tensor):
+        out = out[0] if single else out
+        return out.cpu().numpy() if was_numpy else out
+    return t, lengths, restore
+
+
+def _run(y, lengths, cfg: FeatureConfig, backend: str):
+    t, lens, restore = prepare(y, lengths)
+    out, frames = _extract(t, lens, cfg, backend)
+    if lengths is None:
+        return restore(out)
+    return restore(out), (frames.cpu().numpy() if isinstance(y, np.ndarray) else frames)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def spectrogram(y, *, n_fft: int = 2048, hop_length: Optional[int] = None, win_length: Optional[int] = None,
+                window="hann", center: bool = True, pad_mode: str = "constant", power: Optional[float] = 2.0,
+                lengths=None, backend: str = "auto"):
+    """|STFT|**power (complex STFT for power=None), as librosa.stft / librosa's _spectrogram."""
+    cfg = FeatureConfig("spectrogram", n_fft=n_fft, hop_length=hop_length, win_length=win_length,
+                        window=window, center=center, pad_mode=pad_mode, power=power)
+    return _run(y, lengths, cfg, backend)
+
+
+def melspectrogram(y=None, *, sr: int = 22050, S=None, n_fft: int = 2048, hop_length: Optional[int] = None,
+                   win_length: Optional[int] = None, window="hann", center: bool = True,
+                   pad_mode: str = "constant", power: float = 2.0, n_mels: int = 128, fmin: float = 0.0,
+                   fmax: Optional[float] = None, htk: bool = False, norm="slaney", lengths=None,
+                   backend: str = "auto"):
+    """Mel power spectrogram, as librosa.feature.melspectrogram (S: a spectrogram to project)."""
+    if S is not None:
+        fb = mel_filterbank(sr, n_fft, n_mels, fmin, fmax, htk, norm)
+        St = torch.from_numpy(np.asarray(S)) if isinstance(S, np.ndarray) else S
+        out = torch.matmul(fb.to(St.device, St.dtype), St)
+        return out.numpy() if isinstance(S, np.ndarray) else out
+    cfg = FeatureConfig("mel", sr=sr, n_fft=n_fft, hop_length=hop_length, win_length=win_length, window=window,
+                        center=center, pad_mode=pad_mode, power=power, n_mels=n_mels, fmin=fmin, fmax=fmax,
+                        htk=htk, mel_norm=norm)
+    return _run(y, lengths, cfg, backend)
+
+
+def log_melspectrogram(y, *, sr: int = 22050, n_fft: int = 2048, hop_length: Optional[int] = None,
+                       win_length: Optional[int] = None, window="hann", center: bool = True,
+                       pad_mode: str = "constant", power: float = 2.0, n_mels: int = 128, fmin: float = 0.0,
+                       fmax: Optional[float] = None, htk: bool = False, norm="slaney", ref: Ref = 1.0,
+                       amin: float = 1e-10, top_db: Optional[float] = 80.0, lengths=None, backend: str = "auto"):
+    """power_to_db(melspectrogram(y, ...), ref, amin, top_db) — one fused kernel after the FFT on CUDA."""
+    cfg = FeatureConfig("logmel", sr=sr, n_fft=n_fft, hop_length=hop_length, win_length=win_length, window=window,
+                        center=center, pad_mode=pad_mode, power=power, n_mels=n_mels, fmin=fmin, fmax=fmax,
+                        htk=htk, mel_norm=norm, ref=_normalise_ref(ref), amin=amin, top_db=top_db)
+    return _run(y, lengths, cfg, backend)
+
+
+def mfcc(y=None, *, sr: int = 22050, S=None, n_mfcc: int = 20, dct_type: int = 2, norm: Optional[str] = "ortho",
+         lifter: float = 0.0, n_fft: int = 2048, hop_length: Optional[int] = None, win_length: Optional[int] = None,
+         window="hann", center: bool = True, pad_mode: str = "constant", power: float = 2.0, n_mels: int = 128,
+         fmin: float = 0.0, fmax: Optional[float] = None, htk: bool = False, mel_norm="slaney", ref: Ref = 1.0,
+         amin: float = 1e-10, top_db: Optional[float] = 80.0, lengths=None, backend: str = "auto"):
+    """MFCCs as librosa.feature.mfcc. `norm` is the DCT's (as in librosa); the mel filters' is `mel_norm`.
+    S: a log-power mel spectrogram to transform instead of audio."""
+    if S is not None:
+        St = torch.from_numpy(np.asarray(S)) if isinstance(S, np.ndarray) else S
+        basis = dct_matrix(n_mfcc, St.shape[-2], dct_type, norm).to(St.device, St.dtype)
+        out = torch.matmul(basis, St) * lifter_weights(n_mfcc, lifter).to(St.device, St.dtype)[:, None]
+        return out.numpy() if isinstance(S, np.ndarray) else out
+    cfg = FeatureConfig("mfcc", sr=sr, n_fft=n_fft, hop_length=hop_length, win_length=win_length, window=window,
+                        center=center, pad_mode=pad_mode, power=power, n_mels=n_mels, fmin=fmin, fmax=fmax,
+                        htk=htk, mel_norm=mel_norm, ref=_normalise_ref(ref), amin=amin, top_db=top_db,
+                        n_mfcc=n_mfcc, dct_type=dct_type, dct_norm=norm, lifter=lifter)
+    return _run(y, lengths, cfg, backend)
+
+
+def power_to_db(S, *, ref: Ref = 1.0, amin: float = 1e-10, top_db: Optional[float] = 80.0, frames=None):
+    """librosa.power_to_db, per utterance: for (B, bins, T) input the max (ref=np.max, top_db) is each
+    item's own, over its valid `frames` when given."""
+    if amin <= 0:
+        raise ValueError(f"amin must be strictly positive, got {amin}")
+    if top_db is not None and top_db < 0:
+        raise ValueError(f"top_db must be non-negative, got {top_db}")
+    was_numpy = isinstance(S, np.ndarray)
+    St = torch.from_numpy(np.asarray(S)) if was_numpy else S
+    if St.is_complex():
+        raise TypeError("power_to_db expects a real power spectrogram; pass abs(S)**2")
+    shape = St.shape
+    St = St.reshape(-1, *shape[-2:]) if St.dim() >= 2 else St.reshape(1, 1, -1)
+    f = torch.full((St.shape[0],), St.shape[-1], dtype=torch.int64) if frames is None else \
+        torch.as_tensor(frames, dtype=torch.int64).reshape(-1)
+    out = _to_db(St, f.to(St.device), _normalise_ref(ref), amin, top_db).reshape(shape)
+    return out.numpy() if was_numpy else out

@@ -1,0 +1,77 @@
+"""nn.Module front-ends (torchaudio's transforms, librosa's parameters). Window, mel filters and
+DCT are buffers, so `.to(device)` moves them and the module can be a model's first layer.
+
+    forward(waveform (T,) or (B, T), lengths=None) -> features, or (features, frames) with lengths
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastser.features import functional as F
+
+
+class _Feature(nn.Module):
+    def __init__(self, cfg: F.FeatureConfig, backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.backend = backend
+        for name, value in F.constants(cfg, torch.device("cpu")).items():
+            self.register_buffer(name, value, persistent=False)
+
+    def forward(self, waveform: torch.Tensor, lengths: Optional[torch.Tensor] = None):
+        y, lens, restore = F.prepare(waveform, lengths)
+        const = {name: buf for name, buf in self.named_buffers()}
+        out, frames = F._extract(y, lens, self.cfg, self.backend, const)
+        return restore(out) if lengths is None else (restore(out), frames)
+
+    def frames(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Frame count for signals of these lengths (to build masks before computing features)."""
+        return F.frame_count(lengths, self.cfg.n_fft, self.cfg.hop_length, self.cfg.center)
+
+    @property
+    def n_bins(self) -> int:
+        return self.cfg.n_bins
+
+    def extra_repr(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self.cfg).items() if k != "kind")
+        return f"{fields}, backend={self.backend!r}"
+
+
+class Spectrogram(_Feature):
+    def __init__(self, n_fft: int = 2048, hop_length: Optional[int] = None, win_length: Optional[int] = None,
+                 window="hann", center: bool = True, pad_mode: str = "constant", power: Optional[float] = 2.0,
+                 backend: str = "auto"):
+        super().__init__(F.FeatureConfig("spectrogram", n_fft=n_fft, hop_length=hop_length, win_length=win_length,
+                                         window=window, center=center, pad_mode=pad_mode, power=power), backend)
+
+
+class MelSpectrogram(_Feature):
+    """Mel power spectrogram; `to_db=True` gives the log-mel (power_to_db with ref, amin, top_db)."""
+
+    def __init__(self, sr: int = 22050, n_fft: int = 2048, hop_length: Optional[int] = None,
+                 win_length: Optional[int] = None, window="hann", center: bool = True, pad_mode: str = "constant",
+                 power: float = 2.0, n_mels: int = 128, fmin: float = 0.0, fmax: Optional[float] = None,
+                 htk: bool = False, norm="slaney", to_db: bool = False, ref=1.0, amin: float = 1e-10,
+                 top_db: Optional[float] = 80.0, backend: str = "auto"):
+        cfg = F.FeatureConfig("logmel" if to_db else "mel", sr=sr, n_fft=n_fft, hop_length=hop_length,
+                              win_length=win_length, window=window, center=center, pad_mode=pad_mode, power=power,
+                              n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk, mel_norm=norm,
+                              ref=F._normalise_ref(ref), amin=amin, top_db=top_db)
+        super().__init__(cfg, backend)
+
+
+class MFCC(_Feature):
+    def __init__(self, sr: int = 22050, n_mfcc: int = 20, dct_type: int = 2, norm: Optional[str] = "ortho",
+                 lifter: float = 0.0, n_fft: int = 2048, hop_length: Optional[int] = None,
+                 win_length: Optional[int] = None, window="hann", center: bool = True, pad_mode: str = "constant",
+                 power: float = 2.0, n_mels: int = 128, fmin: float = 0.0, fmax: Optional[float] = None,
+                 htk: bool = False, mel_norm="slaney", ref=1.0, amin: float = 1e-10, top_db: Optional[float] = 80.0,
+                 backend: str = "auto"):
+        cfg = F.FeatureConfig("mfcc", sr=sr, n_fft=n_fft, hop_length=hop_length, win_length=win_length,
+                              window=window, center=center, pad_mode=pad_mode, power=power, n_mels=n_mels, fmin=fmin,
+                              fmax=fmax, htk=htk, mel_norm=mel_norm, ref=F._normalise_ref(ref), amin=amin,
+                              top_db=top_db, n_mfcc=n_mfcc, dct_type=dct_type, dct_norm=norm, lifter=lifter)
+        super().__init__(cfg, backend)
