@@ -1,0 +1,168 @@
+"""Audio -> features for a whole corpus, once, on the training device, cached on disk.
+
+The cache file is keyed by a hash of the corpus file list (path, size, mtime), the feature
+configuration and the fastser feature version: a changed file or setting builds a new cache.
+It is written atomically (temp file + rename), so an interrupted build never leaves a file that
+a later run would trust. Files that cannot be read as audio are skipped (or, strict, raise) and
+the skip list is part of the cached result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from fastser.audio import AudioError, load
+from fastser.data.base import Corpus, CorpusError
+from fastser.features.functional import FeatureConfig, _extract
+
+FEATURE_VERSION = 1
+FEATURE_KINDS = ("spectrogram", "mfcc")
+
+
+def feature_configs(kinds, sr: int = 16000) -> dict[str, FeatureConfig]:
+    """The model's inputs: 32 ms windows (n_fft 512 at 16 kHz), 10 ms hop.
+    spectrogram = 64-band log-mel spectrogram (80 dB range); mfcc = 40 MFCCs from 40 mel bands."""
+    common = dict(sr=sr, n_fft=512 * sr // 16000, hop_length=sr // 100)
+    table = {"spectrogram": FeatureConfig("logmel", n_mels=64, top_db=80.0, **common),
+             "mfcc": FeatureConfig("mfcc", n_mels=40, n_mfcc=40, top_db=80.0, **common)}
+    return {k: table[k] for k in kinds}
+
+
+@dataclasses.dataclass
+class FeatureTable:
+    feats: dict[str, torch.Tensor]  # kind -> (N, bins, T) float16, zero beyond frames[i]
+    frames: torch.Tensor  # (N,) valid frames
+    corpus: Corpus  # utterances aligned with the rows (bad files removed, listed in corpus.skipped)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.from_numpy(self.corpus.labels)
+
+
+def cache_key(corpus: Corpus, configs: dict, max_seconds: float) -> str:
+    files = []
+    for u in corpus.utterances:
+        if u.path is None:
+            raise ValueError("only corpora read from disk are cached")
+        st = os.stat(u.path)
+        files.append([u.uid, u.path, st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"version": FEATURE_VERSION, "corpus": corpus.name, "files": files, "max_seconds": max_seconds,
+                       "features": {k: dataclasses.asdict(v) for k, v in configs.items()}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def load_audio(corpus: Corpus, sr: int, *, max_seconds: float, strict: bool = False, workers: int = 4,
+               progress: bool = False):
+    """-> (list of float32 arrays, corpus without the files that failed, with them in `skipped`)."""
+    if all(u.audio is not None for u in corpus.utterances):
+        if corpus.sample_rate != sr:
+            raise ValueError(f"{corpus.name} was generated at {corpus.sample_rate} Hz, the model needs {sr} Hz")
+        return [u.audio[: int(max_seconds * sr)] for u in corpus.utterances], corpus
+
+    def read(u):
+        try:
+            y, _ = load(u.path, sr=sr)
+        except AudioError as e:
+            return None, str(e)
+        if y.size < sr // 100:
+            return None, f"{u.path}: too short ({y.size} samples at {sr} Hz)"
+        return y[: int(max_seconds * sr)], None
+
+    iterator = ThreadPoolExecutor(max_workers=workers).map(read, corpus.utterances)
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(iterator, total=len(corpus.utterances), desc=f"loading {corpus.name}", leave=False)
+    audio, kept, skipped = [], [], list(corpus.skipped)
+    for u, (y, err) in zip(corpus.utterances, iterator):
+        if err is not None:
+            if strict:
+                raise CorpusError(f"bad audio file (--strict): {err}")
+            skipped.append((u.path, err))
+            continue
+        audio.append(y)
+        kept.append(u)
+    if not kept:
+        raise CorpusError(f"{corpus.name}: none of the {len(corpus.utterances)} files could be read")
+    return audio, dataclasses.replace(corpus, utterances=kept, skipped=skipped)
+
+
+@torch.no_grad()
+def compute_features(audio: list, configs: dict, device: torch.device, batch_size: int = 64):
+    """Batched on `device` (sorted by length, so padding is small) -> (feats float16 on CPU, frames)."""
+    any_cfg = next(iter(configs.values()))
+    lengths = torch.tensor([len(a) for a in audio], dtype=torch.int64)
+    from fastser.features.functional import frame_count
+    frames = frame_count(lengths, any_cfg.n_fft, any_cfg.hop_length, any_cfg.center)
+    T = int(frames.max())
+    feats = {k: torch.zeros(len(audio), c.n_bins, T, dtype=torch.float16) for k, c in configs.items()}
+    order = torch.argsort(lengths)
+    for start in range(0, len(audio), batch_size):
+        idx = order[start: start + batch_size]
+        n = int(lengths[idx].max())
+        batch = torch.zeros(len(idx), n)
+        for row, i in enumerate(idx.tolist()):
+            batch[row, : lengths[i]] = torch.from_numpy(audio[i])
+        batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
+        lens = lengths[idx].to(device)
+        for kind, cfg in configs.items():
+            out, _ = _extract(batch, lens, cfg, "auto")
+            feats[kind][idx, :, : out.shape[-1]] = out.to("cpu", torch.float16)
+    return feats, frames
+
+
+def build_feature_table(corpus: Corpus, kinds, device: torch.device, *, sr: int = 16000, max_seconds: float = 8.0,
+                        cache_dir: Optional[os.PathLike] = None, strict: bool = False, progress: bool = False,
+                        is_builder: bool = True, wait: Callable[[], None] = lambda: None) -> FeatureTable:
+    """Features for every utterance, from the cache when it holds this exact corpus and config.
+    Under torch.distributed only rank 0 (`is_builder`) builds; the others `wait` and then read."""
+    configs = feature_configs(kinds, sr)
+    path = None
+    if cache_dir is not None and all(u.path is not None for u in corpus.utterances):
+        path = Path(cache_dir) / f"{corpus.name}-{cache_key(corpus, configs, max_seconds)}.pt"
+    if path is not None and not path.exists() and is_builder:
+        table = _build(corpus, configs, device, sr, max_seconds, strict, progress)
+        _save_atomic(path, table)
+    wait()
+    if path is not None and path.exists():
+        return _load(path, corpus, strict)
+    return _build(corpus, configs, device, sr, max_seconds, strict, progress)
+
+
+def _build(corpus, configs, device, sr, max_seconds, strict, progress) -> FeatureTable:
+    audio, corpus = load_audio(corpus, sr, max_seconds=max_seconds, strict=strict, progress=progress)
+    feats, frames = compute_features(audio, configs, device)
+    return FeatureTable(feats, frames, corpus)
+
+
+def _save_atomic(path: Path, table: FeatureTable) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"feats": table.feats, "frames": table.frames, "uids": [u.uid for u in table.corpus.utterances],
+               "skipped": table.corpus.skipped}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path, corpus: Corpus, strict: bool) -> FeatureTable:
+    payload = torch.load(path, weights_only=True)
+    if strict and payload["skipped"]:
+        raise CorpusError(f"bad audio file (--strict): {payload['skipped'][0][1]}")
+    by_uid = {u.uid: u for u in corpus.utterances}
+    kept = [by_uid[uid] for uid in payload["uids"]]
+    skipped = [tuple(s) for s in payload["skipped"]]
+    return FeatureTable(payload["feats"], payload["frames"],
+                        dataclasses.replace(corpus, utterances=kept, skipped=skipped))

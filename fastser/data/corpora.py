@@ -1,0 +1,204 @@
+"""Loaders for IEMOCAP, EmoDB, RAVDESS, CREMA-D and TESS, from the folder layouts they ship in.
+
+Labels and speakers come from each corpus's own naming code (never from a CSV beside it). A file
+whose name does not parse is skipped and reported in `Corpus.skipped`; audio that cannot be read
+is found and skipped later, when it is loaded (fastser.data.cache).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from fastser.data.base import Corpus, CorpusError, Utterance
+
+LAYOUTS = {
+    "iemocap": "IEMOCAP_full_release/Session{1..5}/dialog/EmoEvaluation/*.txt and "
+               "Session{1..5}/sentences/wav/<dialog>/<utterance>.wav",
+    "emodb": "wav/03a01Fa.wav (speaker, text, emotion letter W/L/E/A/F/T/N, version)",
+    "ravdess": "Actor_XX/03-01-EE-II-SS-RR-AA.wav (modality-channel-emotion-intensity-statement-repetition-actor)",
+    "cremad": "AudioWAV/1001_DFA_ANG_XX.wav (actor_sentence_emotion_level)",
+    "tess": "OAF_angry/OAF_back_angry.wav, YAF_.../YAF_<word>_<emotion>.wav",
+}
+
+
+def _root(data_dir, corpus: str, marker: str) -> Path:
+    """The folder that holds `marker`: data_dir itself or one level below it (an unpacked archive)."""
+    if data_dir is None:
+        raise CorpusError(f"--data-dir is required for {corpus}; expected layout: {LAYOUTS[corpus]}")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise CorpusError(f"{corpus}: --data-dir {root} does not exist or is not a folder; "
+                          f"expected layout: {LAYOUTS[corpus]}")
+    for candidate in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
+        if list(candidate.glob(marker)):
+            return candidate
+    raise CorpusError(f"{corpus}: found nothing matching {marker!r} in {root}; expected layout: {LAYOUTS[corpus]}")
+
+
+def _wavs(folder: Path):
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() == ".wav" and p.is_file())
+
+
+# ----------------------------------------------------------------------------- IEMOCAP
+
+IEMOCAP_LABELS = {"neu": "neutral", "hap": "happy", "exc": "excited", "sad": "sad", "ang": "angry",
+                  "fru": "frustrated", "sur": "surprised", "fea": "fearful", "dis": "disgust", "oth": "other"}
+IEMOCAP_4 = "neutral,happy=happy+excited,sad,angry"
+_EMO_LINE = re.compile(r"^\[\s*[\d.]+\s*-\s*[\d.]+\s*\]\s+(Ses\d\d[FM]_\S+)\s+(\w+)\s+\[")
+_TRANSCRIPT = re.compile(r"^(Ses\d\d[FM]_\S+)\s+\[[^\]]*\]:\s*(.*)$")
+
+
+def load_iemocap(data_dir, *, subset: str = "all", four_class: bool = True) -> Corpus:
+    """subset: "all", "improvised" or "scripted". four_class: the standard task (happy + excited)."""
+    if subset not in ("all", "improvised", "scripted"):
+        raise ValueError(f"subset must be all, improvised or scripted, got {subset!r}")
+    root = _root(data_dir, "iemocap", "Session[1-5]")
+    utterances, skipped = [], []
+    for session_dir in sorted(root.glob("Session[1-5]")):
+        session = session_dir.name
+        texts = {}
+        for tr in sorted((session_dir / "dialog" / "transcriptions").glob("*.txt")):
+            for line in tr.read_text(errors="replace").splitlines():
+                m = _TRANSCRIPT.match(line.strip())
+                if m:
+                    texts[m.group(1)] = m.group(2)
+        for ev in sorted((session_dir / "dialog" / "EmoEvaluation").glob("*.txt")):
+            for line in ev.read_text(errors="replace").splitlines():
+                m = _EMO_LINE.match(line.strip())
+                if not m:
+                    continue
+                uid, code = m.groups()
+                dialog = uid.rsplit("_", 1)[0]
+                kind = "improvised" if "_impro" in dialog else "scripted"
+                if subset != "all" and kind != subset:
+                    continue
+                label = IEMOCAP_LABELS.get(code)
+                if label is None:  # "xxx": no majority label
+                    continue
+                wav = session_dir / "sentences" / "wav" / dialog / f"{uid}.wav"
+                if not wav.is_file():
+                    skipped.append((str(wav), "listed in EmoEvaluation but missing"))
+                    continue
+                gender = uid.rsplit("_", 1)[1][0]  # who speaks: F000 / M012
+                utterances.append(Utterance(uid=uid, label=label, speaker=f"{uid[:5]}{gender}", path=str(wav),
+                                            session=session, gender=gender, text=texts.get(uid)))
+    if not utterances:
+        raise CorpusError(f"iemocap: no labelled utterances under {root}; expected layout: {LAYOUTS['iemocap']}")
+    corpus = Corpus("iemocap", sorted({u.label for u in utterances}, key=list(IEMOCAP_LABELS.values()).index),
+                    utterances, skipped=skipped, default_split="session")
+    return corpus.with_classes(IEMOCAP_4) if four_class else corpus
+
+
+# ----------------------------------------------------------------------------- EmoDB
+
+EMODB_LABELS = {"W": "angry", "L": "bored", "E": "disgust", "A": "fearful", "F": "happy", "T": "sad", "N": "neutral"}
+EMODB_MALE = {"03", "10", "11", "12", "15"}
+EMODB_SPEAKERS = {"03", "08", "09", "10", "11", "12", "13", "14", "15", "16"}
+_EMODB = re.compile(r"^(\d\d)([a-b]\d\d)([WLEAFTN])([a-z])$")
+
+
+def load_emodb(data_dir) -> Corpus:
+    root = _root(data_dir, "emodb", "**/*.wav")
+    utterances, skipped = [], []
+    for wav in _wavs(root):
+        m = _EMODB.match(wav.stem)
+        if not m or m.group(1) not in EMODB_SPEAKERS:
+            skipped.append((str(wav), "name does not follow EmoDB's <speaker><text><emotion><version> code"))
+            continue
+        spk, text, emo, _ = m.groups()
+        utterances.append(Utterance(uid=wav.stem, label=EMODB_LABELS[emo], speaker=spk, path=str(wav),
+                                    gender="M" if spk in EMODB_MALE else "F", text=text))
+    return _finish("emodb", list(EMODB_LABELS.values()), utterances, skipped, "loso")
+
+
+# ----------------------------------------------------------------------------- RAVDESS
+
+RAVDESS_LABELS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry", "06": "fearful",
+                  "07": "disgust", "08": "surprised"}
+_RAVDESS = re.compile(r"^(0[1-3])-(0[12])-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)$")
+
+
+def load_ravdess(data_dir) -> Corpus:
+    """Speech audio only (modality 03 audio-only, vocal channel 01 speech); 8 classes."""
+    root = _root(data_dir, "ravdess", "Actor_*")
+    utterances, skipped = [], []
+    for wav in _wavs(root):
+        m = _RAVDESS.match(wav.stem)
+        if not m:
+            skipped.append((str(wav), "name does not follow RAVDESS's MM-VC-EE-II-SS-RR-AA code"))
+            continue
+        modality, channel, emo, intensity, statement, _, actor = m.groups()
+        if modality != "03" or channel != "01":  # video files and song are not this task
+            continue
+        utterances.append(Utterance(uid=wav.stem, label=RAVDESS_LABELS[emo], speaker=f"Actor_{actor}",
+                                    path=str(wav), gender="M" if int(actor) % 2 else "F",
+                                    text="Kids are talking by the door" if statement == "01"
+                                    else "Dogs are sitting by the door"))
+    return _finish("ravdess", list(RAVDESS_LABELS.values()), utterances, skipped, "kfold")
+
+
+# ----------------------------------------------------------------------------- CREMA-D
+
+CREMAD_LABELS = {"ANG": "angry", "DIS": "disgust", "FEA": "fearful", "HAP": "happy", "NEU": "neutral", "SAD": "sad"}
+CREMAD_SENTENCES = {"IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI"}
+_CREMAD = re.compile(r"^(1\d\d\d)_([A-Z]{3})_([A-Z]{3})_(LO|MD|HI|XX|X)$")
+
+
+def load_cremad(data_dir) -> Corpus:
+    root = _root(data_dir, "cremad", "**/*.wav")
+    utterances, skipped = [], []
+    for wav in _wavs(root):
+        m = _CREMAD.match(wav.stem)
+        if not m or m.group(2) not in CREMAD_SENTENCES or m.group(3) not in CREMAD_LABELS:
+            skipped.append((str(wav), "name does not follow CREMA-D's <actor>_<sentence>_<emotion>_<level> code"))
+            continue
+        actor, sentence, emo, _ = m.groups()
+        utterances.append(Utterance(uid=wav.stem, label=CREMAD_LABELS[emo], speaker=actor, path=str(wav),
+                                    text=sentence))
+    return _finish("cremad", list(CREMAD_LABELS.values()), utterances, skipped, "kfold")
+
+
+# ----------------------------------------------------------------------------- TESS
+
+TESS_LABELS = {"angry": "angry", "disgust": "disgust", "fear": "fearful", "happy": "happy", "neutral": "neutral",
+               "ps": "surprised", "sad": "sad"}
+_TESS = re.compile(r"^(OAF|YAF)_([A-Za-z]+)_([A-Za-z]+)$")
+
+
+def load_tess(data_dir) -> Corpus:
+    """Two speakers (OAF older, YAF younger); 'ps' = pleasant surprise."""
+    root = _root(data_dir, "tess", "**/*.wav")
+    utterances, skipped = [], []
+    for wav in _wavs(root):
+        m = _TESS.match(wav.stem)
+        emo = m.group(3).lower() if m else None
+        if not m or emo not in TESS_LABELS:
+            skipped.append((str(wav), "name does not follow TESS's <OAF|YAF>_<word>_<emotion> code"))
+            continue
+        utterances.append(Utterance(uid=f"{m.group(1)}_{m.group(2)}_{emo}", label=TESS_LABELS[emo],
+                                    speaker=m.group(1), path=str(wav), gender="F", text=m.group(2)))
+    return _finish("tess", list(TESS_LABELS.values()), utterances, skipped, "loso")
+
+
+def _finish(name, classes, utterances, skipped, default_split) -> Corpus:
+    if not utterances:
+        raise CorpusError(f"{name}: no utterances found; expected layout: {LAYOUTS[name]}"
+                          + (f" ({len(skipped)} files did not parse)" if skipped else ""))
+    present = {u.label for u in utterances}
+    return Corpus(name, [c for c in classes if c in present], utterances, skipped=skipped,
+                  default_split=default_split)
+
+
+LOADERS = {"iemocap": load_iemocap, "emodb": load_emodb, "ravdess": load_ravdess, "cremad": load_cremad,
+           "tess": load_tess}
+
+
+def load_corpus(name: str, data_dir: Optional[os.PathLike] = None, **options) -> Corpus:
+    if name == "synthetic":
+        from fastser.data.synthetic import make_corpus
+        return make_corpus(**options)
+    if name not in LOADERS:
+        raise ValueError(f"unknown corpus {name!r}; choose from {['synthetic', *LOADERS]}")
+    return LOADERS[name](data_dir, **options)

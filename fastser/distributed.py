@@ -1,0 +1,80 @@
+"""torch.distributed plumbing for `torchrun ... -m fastser.train` (and a no-op in one process).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; we use NCCL on CUDA and gloo on CPU, one device
+per local rank. Every collective has a timeout, so one rank's error cannot hang the others forever.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("FASTSER_DIST_TIMEOUT", "300")))
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def setup(device_arg: Optional[str] = None) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(want)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {want} but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world, local, device)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(indices: torch.Tensor, info: DistInfo, *, pad: bool) -> torch.Tensor:
+    """This rank's share of `indices`. pad=True repeats the first items so every rank gets the same
+    count (training: same number of steps everywhere); pad=False gives disjoint, possibly unequal
+    shares that together hold every index exactly once (evaluation)."""
+    if not info.enabled:
+        return indices
+    n = len(indices)
+    if pad and n % info.world_size:
+        extra = info.world_size - n % info.world_size
+        indices = torch.cat([indices, indices[:extra]])
+    return indices[info.rank::info.world_size]
+
+
+def gather_cat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate every rank's rows (unequal row counts allowed), in rank order."""
+    if not info.enabled:
+        return tensor
+    objs = [None] * info.world_size
+    dist.all_gather_object(objs, tensor.cpu())
+    return torch.cat(objs)

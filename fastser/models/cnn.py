@@ -1,0 +1,136 @@
+"""The paper's CNNs (Tripathi et al., PMLR 122, 2020) with a reconstruction decoder.
+
+Each model takes features (B, bins, T) with valid frame counts (B,) and returns SERResult:
+    logits          (B, num_classes)
+    embedding       (B, embed_dim)  the penultimate features the center loss acts on
+    reconstruction  dict kind -> (B, bins, T), the decoder's estimate of each input
+
+From the paper: 2-D convolutions over time x frequency, a first layer of parallel branches with
+different kernel sizes (wide in time, wide in frequency, square) concatenated, a small network
+(few parameters), softmax + center loss on the embedding, and a decoder of transposed convolutions
+that reconstructs the input features as an auxiliary task. Ours: batch norm, masked mean+max
+pooling over the valid frames (so any length works and padding never leaks in), dropout, and the
+decoder reading the last convolutional map rather than the pooled vector (so it keeps time).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SERResult(NamedTuple):
+    logits: torch.Tensor
+    embedding: torch.Tensor
+    reconstruction: dict
+
+
+def _block(cin, cout, kernel, pool):
+    layers = [nn.Conv2d(cin, cout, kernel, padding=(kernel[0] // 2, kernel[1] // 2), bias=False),
+              nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class ParallelStem(nn.Module):
+    """First layer: parallel kernels (freq x time): tall (spectral shape), wide (temporal), square."""
+
+    def __init__(self, channels_per_branch: int, kernels=((9, 3), (3, 9), (5, 5))):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(1, channels_per_branch, k, padding=(k[0] // 2, k[1] // 2), bias=False),
+                          nn.BatchNorm2d(channels_per_branch), nn.ReLU(inplace=True)) for k in kernels)
+        self.out_channels = channels_per_branch * len(kernels)
+
+    def forward(self, x):
+        return F.max_pool2d(torch.cat([b(x) for b in self.branches], dim=1), 2)
+
+
+class FeatureEncoder(nn.Module):
+    """(B, bins, T) -> conv map (B, C, bins/8, T/8) and pooled vector (B, 2C) over valid frames."""
+
+    def __init__(self, n_bins: int, width: int = 16):
+        super().__init__()
+        self.n_bins = n_bins
+        self.stem = ParallelStem(width)
+        self.body = nn.Sequential(_block(self.stem.out_channels, 2 * width, (3, 3), pool=True),
+                                  _block(2 * width, 4 * width, (3, 3), pool=True))
+        self.out_channels = 4 * width
+        self.stride = 8
+
+    def forward(self, x: torch.Tensor, frames: torch.Tensor):
+        fmap = self.body(self.stem(x.unsqueeze(1)))
+        t = fmap.shape[-1]
+        valid = (torch.arange(t, device=x.device)[None, :] < (frames[:, None] // self.stride).clamp(min=1))
+        v = valid[:, None, None, :]
+        mean = (fmap * v).sum(dim=(2, 3)) / (v.sum(dim=(2, 3)) * fmap.shape[2]).clamp(min=1)
+        peak = fmap.masked_fill(~v, float("-inf")).amax(dim=(2, 3))
+        return fmap, torch.cat([mean, peak], dim=1)
+
+
+class FeatureDecoder(nn.Module):
+    """Transposed convolutions from the conv map back to (B, bins, T)."""
+
+    def __init__(self, in_channels: int, width: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(in_channels, 2 * width, 4, stride=2, padding=1), nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(width, 1, 4, stride=2, padding=1))
+
+    def forward(self, fmap: torch.Tensor, shape) -> torch.Tensor:
+        out = self.net(fmap).squeeze(1)
+        bins, t = shape
+        out = F.pad(out, (0, max(0, t - out.shape[-1]), 0, max(0, bins - out.shape[-2])))
+        return out[:, :bins, :t]
+
+
+class SERModel(nn.Module):
+    """One encoder per feature kind ("spectrogram", "mfcc" or both), pooled vectors concatenated,
+    an embedding layer, a classifier, and one decoder per kind."""
+
+    def __init__(self, input_bins: dict, num_classes: int, *, width: int = 16, embed_dim: int = 128,
+                 dropout: float = 0.3, reconstruct: bool = True):
+        super().__init__()
+        self.kinds = list(input_bins)
+        self.encoders = nn.ModuleDict({k: FeatureEncoder(b, width) for k, b in input_bins.items()})
+        pooled = sum(2 * e.out_channels for e in self.encoders.values())
+        self.embed = nn.Sequential(nn.Dropout(dropout), nn.Linear(pooled, embed_dim), nn.BatchNorm1d(embed_dim),
+                                   nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed_dim, num_classes))
+        self.decoders = nn.ModuleDict({k: FeatureDecoder(e.out_channels, width) for k, e in self.encoders.items()}) \
+            if reconstruct else None
+        self.embed_dim, self.num_classes = embed_dim, num_classes
+
+    def forward(self, feats: dict, frames: torch.Tensor) -> SERResult:
+        missing = set(self.kinds) - set(feats)
+        if missing:
+            raise ValueError(f"model expects features {self.kinds}, missing {sorted(missing)}")
+        pooled, recon = [], {}
+        for kind in self.kinds:
+            x = feats[kind]
+            if x.dim() != 3 or x.shape[1] != self.encoders[kind].n_bins:
+                raise ValueError(f"{kind} features must be (batch, {self.encoders[kind].n_bins}, frames), "
+                                 f"got {tuple(x.shape)}")
+            fmap, vec = self.encoders[kind](x, frames)
+            pooled.append(vec)
+            if self.decoders is not None and self.training:
+                recon[kind] = self.decoders[kind](fmap, x.shape[1:])
+        embedding = self.embed(torch.cat(pooled, dim=1))
+        return SERResult(self.classifier(embedding), embedding, recon)
+
+
+def spectrogram_cnn(num_classes: int, n_bins: int = 64, **kw) -> SERModel:
+    return SERModel({"spectrogram": n_bins}, num_classes, **kw)
+
+
+def mfcc_cnn(num_classes: int, n_bins: int = 40, **kw) -> SERModel:
+    return SERModel({"mfcc": n_bins}, num_classes, **kw)
+
+
+def two_branch_cnn(num_classes: int, spectrogram_bins: int = 64, mfcc_bins: int = 40, **kw) -> SERModel:
+    return SERModel({"spectrogram": spectrogram_bins, "mfcc": mfcc_bins}, num_classes, **kw)

@@ -1,0 +1,48 @@
+"""L = CE + lambda_c * CenterLoss(embedding) + lambda_r * masked MSE(reconstruction, input)."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastser.models.cnn import SERResult
+from fastser.nn import CenterLoss
+
+
+class LossTerms(NamedTuple):
+    total: torch.Tensor
+    ce: torch.Tensor
+    center: torch.Tensor
+    recon: torch.Tensor
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over each item's valid frames only (padding contributes nothing)."""
+    valid = (torch.arange(target.shape[-1], device=target.device)[None, :] < frames[:, None])[:, None, :]
+    sq = (pred.float() - target.float()).square() * valid
+    return sq.sum() / (valid.sum() * target.shape[1]).clamp(min=1)
+
+
+class SERObjective(nn.Module):
+    def __init__(self, num_classes: int, embed_dim: int, *, lambda_center: float = 0.01, lambda_recon: float = 0.1,
+                 center_alpha: float = 0.5, class_weights: Optional[torch.Tensor] = None,
+                 label_smoothing: float = 0.0, process_group=None):
+        super().__init__()
+        self.lambda_center, self.lambda_recon = lambda_center, lambda_recon
+        self.label_smoothing = label_smoothing
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(num_classes))
+        # The fused center loss; its centers are a buffer moved by the Wen update inside backward.
+        self.center_loss = CenterLoss(num_classes, embed_dim, update="wen", alpha=center_alpha,
+                                      process_group=process_group) if lambda_center > 0 else None
+
+    def forward(self, out: SERResult, labels: torch.Tensor, feats: dict, frames: torch.Tensor) -> LossTerms:
+        ce = F.cross_entropy(out.logits.float(), labels, weight=self.class_weights,
+                             label_smoothing=self.label_smoothing)
+        zero = ce.new_zeros(())
+        center = self.center_loss(out.embedding.float(), labels) if self.center_loss is not None else zero
+        recon = zero
+        if self.lambda_recon > 0 and out.reconstruction:
+            recon = sum(masked_mse(r, feats[k], frames) for k, r in out.reconstruction.items()) / len(out.reconstruction)
+        return LossTerms(ce + self.lambda_center * center + self.lambda_recon * recon, ce, center, recon)
