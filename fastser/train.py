@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--strict", action="store_true", help="a bad audio file is an error, not a skip")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--synthetic-speakers", type=int, default=10, help="size of the synthetic corpus")
+    p.add_argument("--synthetic-per-class", type=int, default=12, help="utterances per speaker and class")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS.get(args.corpus, 40)
@@ -174,6 +176,22 @@ def spec_augment(feats: dict, frames: torch.Tensor, gen: torch.Generator, n_mask
 
 # ----------------------------------------------------------------------------- one fold
 
+def train_step(model, objective, opt, feats: dict, targets: dict, frames, labels, amp: bool = False,
+               clip_params=None):
+    """One optimizer step: forward (bf16 autocast with amp), joint loss in fp32, backward (the fused
+    center loss updates its centers inside it), clip, step. No host synchronisation."""
+    device_type = frames.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+        out = model(feats, frames)
+    terms = objective(out, labels, targets, frames)
+    opt.zero_grad(set_to_none=True)
+    terms.total.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 5.0)
+    opt.step()
+    return out, terms
+
+
 def _seed_for(*parts) -> int:
     h = 0
     for p in parts:
@@ -239,7 +257,8 @@ class Run:
         a = self.args
         torch.manual_seed(_seed_for(a.seed, fold_index, 0))  # same initial weights on every rank
         model = SERModel({k: self.table.feats[k].shape[1] for k in self.kinds}, len(self.classes), width=a.width,
-                         embed_dim=a.embed_dim, reconstruct=self.lambda_recon > 0).to(self.device)
+                         embed_dim=a.embed_dim, reconstruct=self.lambda_recon > 0)
+        model = model.to(self.device, memory_format=torch.channels_last)  # oneDNN/cuDNN's preferred layout
         counts = torch.bincount(self.table.labels[torch.from_numpy(fold.train)], minlength=len(self.classes)).float()
         weights = counts.sum() / (len(self.classes) * counts.clamp(min=1))  # balanced CE: UA matters
         objective = SERObjective(len(self.classes), a.embed_dim, lambda_center=self.lambda_center,
@@ -301,17 +320,13 @@ class Run:
                 rows = mine[step * per_rank: (step + 1) * per_rank]
                 clean, frames, labels = batcher.batch(rows, gen)
                 feats = spec_augment(clean, frames, gen)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.amp):
-                    out = train_model(feats, frames)
-                terms = objective(out, labels, clean, frames)
-                opt.zero_grad(set_to_none=True)
-                terms.total.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                opt.step()
+                out, terms = train_step(train_model, objective, opt, feats, clean, frames, labels, a.amp,
+                                        clip_params=model.parameters())
                 sched.step()
                 n = labels.numel()
-                sums += torch.stack([terms.ce.detach() * n, terms.center.detach() * n, terms.recon.detach() * n,
-                                     (out.logits.argmax(1) == labels).sum().float(), torch.tensor(float(n), device=self.device)])
+                sums[:4] += torch.stack([terms.ce.detach() * n, terms.center.detach() * n, terms.recon.detach() * n,
+                                         (out.logits.argmax(1) == labels).sum().float()])
+                sums[4] += n
                 if bar is not None:
                     bar.update(1)
                     if step % 20 == 19 or step == steps - 1:  # a host read every 20 steps, not every step
@@ -434,7 +449,7 @@ class Run:
 
     def _last_from_checkpoint(self):
         """After a resume that had nothing left to train: recompute the last fold's test embeddings."""
-        ckpt = torch.load(self.ckpt_path, weights_only=False) if self.ckpt_path.exists() else None
+        ckpt = torch.load(self.ckpt_path, weights_only=True) if self.ckpt_path.exists() else None
         if not ckpt or "final" not in ckpt:
             return None
         fin = ckpt["final"]
@@ -493,6 +508,8 @@ def _out_dir(args, info) -> Path:
 def load_table(args, info):
     kinds = list(FEATURE_KINDS) if args.features == "both" else [args.features]
     options = {"subset": args.iemocap_subset} if args.corpus == "iemocap" else {}
+    if args.corpus == "synthetic":
+        options = {"seed": args.seed, "n_speakers": args.synthetic_speakers, "per_class": args.synthetic_per_class}
     corpus = load_corpus(args.corpus, args.data_dir, **options)
     corpus = corpus.with_classes(args.classes)
     cache_dir = None
@@ -542,7 +559,7 @@ def _main(args, info) -> dict:
         if resume is not None:
             path = resume if resume.is_file() else resume / (sub.relative_to(out) if sub != out else "") / "checkpoint.pt"
             if path.exists():
-                run.resume_from(torch.load(path, weights_only=False))
+                run.resume_from(torch.load(path, weights_only=True))
             elif sub == out:
                 raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         return run.run()

@@ -96,26 +96,33 @@ def load_audio(corpus: Corpus, sr: int, *, max_seconds: float, strict: bool = Fa
 
 
 @torch.no_grad()
+def batch_features(batch: torch.Tensor, lengths: torch.Tensor, configs: dict) -> tuple[dict, torch.Tensor]:
+    """(B, T) audio on the training device -> {kind: (B, bins, frames)}, frames; one call per kind."""
+    feats, frames = {}, None
+    for kind, cfg in configs.items():
+        feats[kind], frames = _extract(batch, lengths, cfg, "auto")
+    return feats, frames
+
+
 def compute_features(audio: list, configs: dict, device: torch.device, batch_size: int = 64):
     """Batched on `device` (sorted by length, so padding is small) -> (feats float16 on CPU, frames)."""
+    from fastser.features.functional import frame_count
     any_cfg = next(iter(configs.values()))
     lengths = torch.tensor([len(a) for a in audio], dtype=torch.int64)
-    from fastser.features.functional import frame_count
     frames = frame_count(lengths, any_cfg.n_fft, any_cfg.hop_length, any_cfg.center)
     T = int(frames.max())
     feats = {k: torch.zeros(len(audio), c.n_bins, T, dtype=torch.float16) for k, c in configs.items()}
     order = torch.argsort(lengths)
     for start in range(0, len(audio), batch_size):
         idx = order[start: start + batch_size]
-        n = int(lengths[idx].max())
-        batch = torch.zeros(len(idx), n)
+        batch = torch.zeros(len(idx), int(lengths[idx].max()))
         for row, i in enumerate(idx.tolist()):
             batch[row, : lengths[i]] = torch.from_numpy(audio[i])
-        batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
-        lens = lengths[idx].to(device)
-        for kind, cfg in configs.items():
-            out, _ = _extract(batch, lens, cfg, "auto")
-            feats[kind][idx, :, : out.shape[-1]] = out.to("cpu", torch.float16)
+        if device.type == "cuda":
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        out, _ = batch_features(batch, lengths[idx].to(device), configs)
+        for kind, x in out.items():
+            feats[kind][idx, :, : x.shape[-1]] = x.to("cpu", torch.float16)
     return feats, frames
 
 

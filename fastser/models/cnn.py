@@ -50,25 +50,40 @@ class ParallelStem(nn.Module):
 
 
 class FeatureEncoder(nn.Module):
-    """(B, bins, T) -> conv map (B, C, bins/8, T/8) and pooled vector (B, 2C) over valid frames."""
+    """(B, bins, T) -> conv map (B, C, bins/8, T/8) and pooled vector (B, 2C) over valid frames.
+
+    Every map is multiplied by its valid-time mask (frames // stride, at least 1), so an utterance
+    gives the same result alone or padded inside a batch: batch norm's shift never turns padding
+    into signal that the next convolution would read."""
 
     def __init__(self, n_bins: int, width: int = 16):
         super().__init__()
         self.n_bins = n_bins
         self.stem = ParallelStem(width)
-        self.body = nn.Sequential(_block(self.stem.out_channels, 2 * width, (3, 3), pool=True),
-                                  _block(2 * width, 4 * width, (3, 3), pool=True))
+        self.blocks = nn.ModuleList([_block(self.stem.out_channels, 2 * width, (3, 3), pool=True),
+                                     _block(2 * width, 4 * width, (3, 3), pool=True)])
         self.out_channels = 4 * width
         self.stride = 8
 
+    @staticmethod
+    def _mask(x: torch.Tensor, frames: torch.Tensor, stride: int) -> torch.Tensor:
+        valid = (frames // stride).clamp(min=1)
+        keep = torch.arange(x.shape[-1], device=x.device)[None, :] < valid[:, None]
+        return keep[:, None, None, :]
+
     def forward(self, x: torch.Tensor, frames: torch.Tensor):
-        fmap = self.body(self.stem(x.unsqueeze(1)))
-        t = fmap.shape[-1]
-        valid = (torch.arange(t, device=x.device)[None, :] < (frames[:, None] // self.stride).clamp(min=1))
-        v = valid[:, None, None, :]
-        mean = (fmap * v).sum(dim=(2, 3)) / (v.sum(dim=(2, 3)) * fmap.shape[2]).clamp(min=1)
-        peak = fmap.masked_fill(~v, float("-inf")).amax(dim=(2, 3))
-        return fmap, torch.cat([mean, peak], dim=1)
+        x = F.pad(x, (0, -x.shape[-1] % self.stride)).unsqueeze(1)  # whole pooling windows, even for T < 8
+        h = self.stem(x * self._mask(x, frames, 1))
+        h = h * self._mask(h, frames, 2)
+        stride = 2
+        for block in self.blocks:
+            stride *= 2
+            h = block(h)
+            h = h * self._mask(h, frames, stride)
+        v = self._mask(h, frames, stride)
+        mean = h.sum(dim=(2, 3)) / (v.sum(dim=(2, 3)) * h.shape[2]).clamp(min=1)
+        peak = h.masked_fill(~v, float("-inf")).amax(dim=(2, 3))
+        return h, torch.cat([mean, peak], dim=1)
 
 
 class FeatureDecoder(nn.Module):

@@ -1,0 +1,71 @@
+"""End-to-end training step, raw audio batch -> optimizer step: fastser vs fastser.reference.
+
+Batch 64 x 3 s at 16 kHz, the paper's two-branch model with the reconstruction head, the joint
+objective. fastser: audio to the device once, batched features there (fused post kernels), the
+model in channels-last, the fused center loss updating its centers inside backward. Reference:
+librosa per utterance in a DataLoader, the same model in fp32, the usual center-loss module with
+its second SGD optimizer. Targets (issue 5), ratios from one run: CPU >= 2x; GPU >= 10x.
+"""
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks import _harness
+from fastser.data.cache import batch_features, feature_configs
+from fastser.models import SERModel, SERObjective
+from fastser.reference.pipeline import LibrosaDataset, ReferenceTrainer, collate
+from fastser.train import train_step
+
+BATCH, SR, SECONDS, CLASSES = 64, 16000, 3.0, 4
+BINS = {"spectrogram": 64, "mfcc": 40}
+
+
+@pytest.fixture(scope="module")
+def audio_batch():
+    rng = np.random.default_rng(0)
+    t = np.arange(int(SR * SECONDS)) / SR
+    f0 = rng.uniform(100, 300, (BATCH, 1))
+    y = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.05 * rng.standard_normal((BATCH, t.size))
+    return y.astype(np.float32), rng.integers(0, CLASSES, BATCH)
+
+
+def fastser_step(audio, labels, device):
+    torch.manual_seed(0)
+    configs = feature_configs(list(BINS))
+    model = SERModel(BINS, CLASSES).to(device, memory_format=torch.channels_last)
+    objective = SERObjective(CLASSES, model.embed_dim).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    host = torch.from_numpy(audio)
+    host = host.pin_memory() if device.type == "cuda" else host
+    y = torch.from_numpy(labels).to(device)
+    lengths = torch.full((BATCH,), audio.shape[1], device=device)
+    stats = {k: (torch.zeros(b, 1, device=device), torch.ones(b, 1, device=device)) for k, b in BINS.items()}
+
+    def step():
+        batch = host.to(device, non_blocking=True)
+        feats, frames = batch_features(batch, lengths, configs)
+        feats = {k: (v - stats[k][0]) / stats[k][1] for k, v in feats.items()}
+        train_step(model, objective, opt, feats, feats, frames, y)
+    return step
+
+
+def reference_step(audio, labels):
+    torch.manual_seed(0)
+    trainer = ReferenceTrainer(BINS, CLASSES)
+    loader = DataLoader(LibrosaDataset(list(audio), labels, list(BINS)), batch_size=BATCH, collate_fn=collate)
+
+    def step():
+        for feats, frames, y in loader:  # one batch: the DataLoader computes librosa features per utterance
+            trainer.step(feats, frames, y)
+    return step
+
+
+@pytest.mark.parametrize("impl", ["reference", "fastser"])
+def test_train_step(benchmark, device, audio_batch, impl):
+    audio, labels = audio_batch
+    on = device if impl == "fastser" else torch.device("cpu")
+    fn = reference_step(audio, labels) if impl == "reference" else fastser_step(audio, labels, device)
+    target = (10.0 if device.type == "cuda" else 2.0) if impl == "fastser" else None
+    _harness.run(benchmark, fn, on, suite="train_step", group=f"B{BATCH}_{SECONDS:g}s", impl=impl,
+                 baseline="reference", target=target, extra={"utterances": BATCH}, budget_s=8.0)

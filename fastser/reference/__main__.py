@@ -1,0 +1,3 @@
+from fastser.reference.pipeline import main
+
+main()

@@ -1,0 +1,154 @@
+"""The usual SER training pipeline, as practitioners glue it together today — the baseline that
+fastser is measured against, and an independent cross-check of its accuracy:
+
+  * librosa features computed one utterance at a time in a torch DataLoader (CPU, fp32);
+  * the same model as fastser (fastser.models.SERModel) in fp32;
+  * the usual center-loss module (B x C distance matrix) whose centers a second SGD optimizer moves,
+    with their gradient rescaled by 1/lambda_c (the common recipe);
+  * CE + lambda_c * center + lambda_r * masked MSE, as in fastser.
+
+`python -m fastser.reference` trains it on the same synthetic holdout fold as `python -m fastser.train`
+and prints WA/UA.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import librosa
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from fastser.metrics import summarize
+from fastser.models import SERModel, masked_mse
+from fastser.reference.center_loss import ReferenceCenterLoss
+
+
+def librosa_features(y: np.ndarray, sr: int = 16000) -> dict:
+    """The model's two inputs, computed the way a librosa user would (same settings as fastser's)."""
+    kw = dict(sr=sr, n_fft=512, hop_length=160)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logmel = librosa.power_to_db(librosa.feature.melspectrogram(y=y, n_mels=64, **kw), top_db=80.0)
+        mfcc = librosa.feature.mfcc(y=y, n_mfcc=40, n_mels=40, **kw)
+    return {"spectrogram": logmel.astype(np.float32), "mfcc": mfcc.astype(np.float32)}
+
+
+class LibrosaDataset(Dataset):
+    def __init__(self, audio, labels, kinds, crop_frames=None, seed: int = 0):
+        self.audio, self.labels, self.kinds = audio, labels, kinds
+        self.crop = crop_frames
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.audio)
+
+    def __getitem__(self, i):
+        feats = librosa_features(self.audio[i])
+        T = next(iter(feats.values())).shape[1]
+        start = 0
+        if self.crop is not None and T > self.crop:
+            start = int(self.rng.integers(0, T - self.crop + 1))
+        end = T if self.crop is None else start + self.crop
+        return {k: torch.from_numpy(feats[k][:, start:end]) for k in self.kinds}, int(self.labels[i])
+
+
+def collate(items):
+    T = max(next(iter(f.values())).shape[1] for f, _ in items)
+    frames = torch.tensor([next(iter(f.values())).shape[1] for f, _ in items])
+    feats = {k: torch.stack([F.pad(f[k], (0, T - f[k].shape[1])) for f, _ in items]) for k in items[0][0]}
+    return feats, frames, torch.tensor([label for _, label in items])
+
+
+class ReferenceTrainer:
+    def __init__(self, input_bins: dict, num_classes: int, *, lambda_center=0.01, lambda_recon=0.1, lr=2e-3,
+                 center_lr=0.5, width=16, embed_dim=128, class_weights=None, mean=None, std=None):
+        self.model = SERModel(input_bins, num_classes, width=width, embed_dim=embed_dim,
+                              reconstruct=lambda_recon > 0)
+        self.center_loss = ReferenceCenterLoss(num_classes, embed_dim, use_gpu=False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=1e-3)
+        self.opt_center = torch.optim.SGD(self.center_loss.parameters(), lr=center_lr)
+        self.lambda_center, self.lambda_recon = lambda_center, lambda_recon
+        self.class_weights = class_weights
+        self.mean, self.std = mean or {}, std or {}
+
+    def normalise(self, feats, frames):
+        valid = (torch.arange(next(iter(feats.values())).shape[-1])[None, :] < frames[:, None])[:, None, :]
+        return {k: ((v - self.mean[k][None, :, None]) / self.std[k][None, :, None]) * valid if k in self.mean else v
+                for k, v in feats.items()}
+
+    def step(self, feats, frames, labels) -> float:
+        self.model.train()
+        feats = self.normalise(feats, frames)
+        out = self.model(feats, frames)
+        loss = F.cross_entropy(out.logits, labels, weight=self.class_weights)
+        if self.lambda_center > 0:
+            loss = loss + self.lambda_center * self.center_loss(out.embedding, labels)
+        if self.lambda_recon > 0:
+            loss = loss + self.lambda_recon * sum(masked_mse(r, feats[k], frames) for k, r in
+                                                  out.reconstruction.items()) / len(out.reconstruction)
+        self.opt.zero_grad()
+        self.opt_center.zero_grad()
+        loss.backward()
+        if self.lambda_center > 0:
+            for p in self.center_loss.parameters():  # undo lambda_c's scaling of the centers' gradient
+                p.grad.data *= 1.0 / self.lambda_center
+        self.opt.step()
+        self.opt_center.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def predict(self, loader) -> tuple[np.ndarray, np.ndarray]:
+        self.model.eval()
+        ys, ps = [], []
+        for feats, frames, labels in loader:
+            ps.append(self.model(self.normalise(feats, frames), frames).logits.argmax(1))
+            ys.append(labels)
+        return torch.cat(ys).numpy(), torch.cat(ps).numpy()
+
+
+def fit_stats(dataset: LibrosaDataset):
+    sums = {}
+    for i in range(len(dataset)):
+        feats, _ = dataset[i]
+        for k, v in feats.items():
+            s, ss, n = sums.get(k, (0.0, 0.0, 0))
+            sums[k] = (s + v.double().sum(1), ss + v.double().square().sum(1), n + v.shape[1])
+    mean = {k: (s / n).float() for k, (s, ss, n) in sums.items()}
+    std = {k: (ss / n - (s / n) ** 2).clamp(min=1e-8).sqrt().float() for k, (s, ss, n) in sums.items()}
+    return mean, std
+
+
+def main(argv=None) -> dict:
+    from fastser.data import load_corpus, make_folds
+
+    ap = argparse.ArgumentParser(prog="python -m fastser.reference", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    corpus = load_corpus("synthetic")
+    fold = make_folds(corpus, "holdout", seed=args.seed)[0]
+    audio = [u.audio for u in corpus.utterances]
+    labels = corpus.labels
+    kinds = ["spectrogram", "mfcc"]
+    train = LibrosaDataset([audio[i] for i in fold.train], labels[fold.train], kinds, crop_frames=300, seed=args.seed)
+    mean, std = fit_stats(LibrosaDataset(train.audio, train.labels, kinds))
+    counts = np.bincount(train.labels, minlength=len(corpus.classes))
+    weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+    trainer = ReferenceTrainer({"spectrogram": 64, "mfcc": 40}, len(corpus.classes), class_weights=weights,
+                               mean=mean, std=std)
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
+                        num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
+    for epoch in range(args.epochs):
+        losses = [trainer.step(*batch) for batch in loader]
+        print(f"epoch {epoch + 1}: loss {np.mean(losses):.3f}", flush=True)
+    test = LibrosaDataset([audio[i] for i in fold.test], labels[fold.test], kinds)
+    y, p = trainer.predict(DataLoader(test, batch_size=64, collate_fn=collate))
+    m = summarize(y, p, corpus.classes)
+    print(f"reference pipeline, synthetic holdout: WA {m['wa']:.3f} UA {m['ua']:.3f}")
+    return m

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from fastser.models import SERModel, mfcc_cnn, spectrogram_cnn, two_branch_cnn
+
+
+@pytest.mark.parametrize("build, kinds", [(spectrogram_cnn, {"spectrogram": 64}), (mfcc_cnn, {"mfcc": 40}),
+                                          (two_branch_cnn, {"spectrogram": 64, "mfcc": 40})])
+@pytest.mark.parametrize("T", [37, 160, 301])
+def test_shapes(build, kinds, T):
+    model = build(5, width=4, embed_dim=32)
+    feats = {k: torch.randn(3, b, T) for k, b in kinds.items()}
+    frames = torch.tensor([T, T - 5, 9])
+    out = model(feats, frames)
+    assert out.logits.shape == (3, 5) and out.embedding.shape == (3, 32)
+    assert set(out.reconstruction) == set(kinds)
+    for k, b in kinds.items():
+        assert out.reconstruction[k].shape == (3, b, T)
+    model.eval()
+    assert model(feats, frames).reconstruction == {}  # the decoder is a training-time regulariser
+
+
+@pytest.mark.parametrize("n", [120, 7, 205])
+def test_an_utterance_gives_the_same_result_alone_or_padded_in_a_batch(n):
+    torch.manual_seed(1)
+    model = two_branch_cnn(4, width=4, embed_dim=16)
+    for _ in range(3):  # non-trivial batch-norm statistics, then evaluate
+        model({"spectrogram": torch.randn(4, 64, 90) + 2, "mfcc": torch.randn(4, 40, 90)}, torch.full((4,), 90))
+    model.eval()
+    alone = {"spectrogram": torch.randn(1, 64, n), "mfcc": torch.randn(1, 40, n)}
+    T = 300
+    batch = {k: 1e3 * torch.randn(3, v.shape[1], T) for k, v in alone.items()}  # garbage everywhere else
+    for k in batch:
+        batch[k][1, :, :n] = alone[k][0]
+    a = model(alone, torch.tensor([n]))
+    b = model(batch, torch.tensor([T, n, 50]))
+    torch.testing.assert_close(b.logits[1:2], a.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b.embedding[1:2], a.embedding, rtol=1e-4, atol=1e-4)
+
+
+def test_any_length_and_few_parameters():
+    model = two_branch_cnn(4)
+    assert sum(p.numel() for p in model.parameters()) < 250_000
+    model.eval()
+    for T in (8, 33, 999):
+        assert model({"spectrogram": torch.randn(2, 64, T), "mfcc": torch.randn(2, 40, T)},
+                     torch.tensor([T, T])).logits.shape == (2, 4)
+
+
+def test_wrong_input_is_a_clear_error():
+    model = SERModel({"mfcc": 40}, 4, width=4)
+    with pytest.raises(ValueError, match="missing"):
+        model({"spectrogram": torch.randn(1, 40, 50)}, torch.tensor([50]))
+    with pytest.raises(ValueError, match=r"mfcc features must be \(batch, 40, frames\)"):
+        model({"mfcc": torch.randn(1, 13, 50)}, torch.tensor([50]))

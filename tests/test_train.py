@@ -1,0 +1,131 @@
+"""fastser.train end to end on small synthetic corpora (CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fastser.train as train
+from fastser.data.synthetic import make_corpus
+
+SMALL = ["--synthetic-speakers", "6", "--synthetic-per-class", "4", "--width", "4", "--embed-dim", "16",
+         "--batch-size", "16", "--no-progress", "--train-seconds", "1.0"]
+
+
+def run(tmp_path, name, *extra, env=None):
+    out = tmp_path / name
+    return train.main(SMALL + ["--out", str(out), *extra]), out
+
+
+def test_one_epoch_reduces_the_loss():
+    from fastser.data.cache import build_feature_table
+    from fastser.data.splits import make_folds
+    from fastser.models import SERModel, SERObjective
+    corpus = make_corpus(seed=0, n_speakers=4, per_class=4, seconds=1.0)
+    table = build_feature_table(corpus, ["mfcc"], torch.device("cpu"))
+    fold = make_folds(corpus, "holdout")[0]
+    norm = train.Normalizer.fit(table.feats, table.frames, torch.from_numpy(fold.train))
+    batcher = train.Batcher(table.feats, table.frames, table.labels, norm, torch.device("cpu"), 100)
+    torch.manual_seed(0)
+    model = SERModel({"mfcc": 40}, 4, width=4, embed_dim=16)
+    objective = SERObjective(4, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = torch.from_numpy(fold.train)
+    feats, frames, labels = batcher.batch(rows)
+
+    def loss():
+        model.eval()
+        with torch.no_grad():
+            out = model(feats, frames)
+            return torch.nn.functional.cross_entropy(out.logits, labels).item()
+    before = loss()
+    for _ in range(3):  # three passes of one epoch's batches
+        for i in range(0, len(rows), 8):
+            model.train()
+            f, fr, y = batcher.batch(rows[i:i + 8], torch.Generator().manual_seed(i))
+            train.train_step(model, objective, opt, f, f, fr, y)
+    assert loss() < before
+
+
+def test_cli_writes_every_artifact(tmp_path):
+    metrics, out = run(tmp_path, "a", "--epochs", "2")
+    for name in ("metrics.json", "history.jsonl", "confusion.png", "embeddings.png", "config.json", "checkpoint.pt"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("wa", "ua", "macro_f1", "per_class_recall", "confusion", "folds", "skipped"):
+        assert key in m
+    cm = np.array(m["confusion"])
+    assert cm.sum() == m["n_test"] == m["folds"][0]["n_test"] > 0
+    assert m["wa"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert m["ua"] == pytest.approx(np.mean([r for r in m["per_class_recall"].values()]))
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(k in history[0] for k in ("ce", "center", "recon", "val_ua"))
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    args = ("--epochs", "3", "--split", "kfold", "--folds", "2")
+    full, full_out = run(tmp_path, "full", *args)
+    monkeypatch.setenv("FASTSER_INTERRUPT_AFTER_EPOCHS", "4")  # mid-way through the second fold
+    monkeypatch.setattr(train._maybe_interrupt, "count", 0, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "cut", *args)
+    monkeypatch.delenv("FASTSER_INTERRUPT_AFTER_EPOCHS")
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert len(ckpt["fold_results"]) == 1 and ckpt["fold_state"]["epoch"] == 1
+    resumed = train.main(SMALL + [*args, "--resume", str(tmp_path / "cut")])
+    for key in ("wa", "ua", "macro_f1", "confusion"):
+        assert resumed[key] == full[key], key
+    h_full = (full_out / "history.jsonl").read_text().splitlines()
+    h_res = (tmp_path / "cut" / "history.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(h_full) == strip(h_res)
+
+
+def test_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _, out = run(tmp_path, "a", "--epochs", "1")
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def dies_midway(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train._atomic_save({"x": 1}, out / "checkpoint.pt")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_ablation_writes_table(tmp_path):
+    _, out = run(tmp_path, "abl", "--epochs", "1", "--ablation")
+    table = json.loads((out / "ablation.json").read_text())["results"]
+    assert list(table) == ["ce_only", "center", "recon", "center+recon"]
+    assert table["ce_only"]["lambda_center"] == 0 and table["center+recon"]["lambda_recon"] > 0
+    assert "| center+recon |" in (out / "ablation.md").read_text()
+    for name in table:
+        assert (out / name / "metrics.json").is_file()
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--epochs", "0"])
+    proc = subprocess.run([sys.executable, "-m", "fastser.train", "--corpus", "emodb", "--data-dir",
+                           str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "expected layout" in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_run_completes(tmp_path):
+    """`python -m fastser.train` with no arguments (only --out, to keep the test's files apart)."""
+    proc = subprocess.run([sys.executable, "-m", "fastser.train", "--out", str(tmp_path / "default"),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((tmp_path / "default" / "metrics.json").read_text())
+    assert m["n_test"] > 0 and m["ua"] > 0.35  # chance is 0.25
