@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--features", choices=("spectrogram", "mfcc", "both"), default="both")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs per fold (default 12 synthetic, 40 real)")
     p.add_argument("--patience", type=int, default=8, help="early stopping: epochs without a better validation UA")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (split across ranks under torchrun)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (split across ranks under torchrun)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")

@@ -70,8 +70,8 @@ def synthesize(label: str, speaker: dict, rng, sr: int = 16000, seconds: float =
     p = PROSODY[label]
     n = int(seconds * sr * rng.uniform(0.8, 1.2))
     spread = lambda v, s: v * (1.0 + s * rng.standard_normal())  # noqa: E731 - wide per-utterance spread
-    f0 = speaker["f0"] * spread(p["f0"], 0.10)
-    semitones = spread(p["range"], 0.35) * _contour(p["contour"], n) + 0.6 * np.sin(
+    f0 = speaker["f0"] * spread(p["f0"], 0.06)
+    semitones = spread(p["range"], 0.25) * _contour(p["contour"], n) + 0.6 * np.sin(
         2 * np.pi * rng.uniform(0.5, 1.5) * np.arange(n) / sr + rng.uniform(0, 6.3))
     f0_track = f0 * 2.0 ** (semitones / 12.0)
     source = _glottal_source(f0_track, sr, max(0.0, spread(p["jitter"], 0.3)), max(0.0, spread(p["shimmer"], 0.3)), rng)
@@ -87,7 +87,7 @@ def synthesize(label: str, speaker: dict, rng, sr: int = 16000, seconds: float =
         env = np.sin(np.pi * np.linspace(0, 1, b - a)) ** rng.uniform(0.5, 1.5)
         voice[a:b] = seg * env * rng.uniform(0.6, 1.0)
     voice /= np.abs(voice).max() + 1e-9
-    level = 10 ** (spread(p["level"] + 1e-9, 0.5) / 20.0) * speaker["gain"]
+    level = 10 ** ((p["level"] + 1.5 * rng.standard_normal()) / 20.0) * speaker["gain"]
     breath = _formants(rng.standard_normal(n), sr, [1500, 2500]) * 0.02
     snr_db = rng.uniform(15.0, 35.0)
     noise = rng.standard_normal(n) * 10 ** (-snr_db / 20.0) * 0.3
