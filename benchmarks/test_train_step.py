@@ -30,7 +30,7 @@ def audio_batch():
     return y.astype(np.float32), rng.integers(0, CLASSES, BATCH)
 
 
-def fastser_step(audio, labels, device):
+def fastser_step(audio, labels, device, amp=False):
     torch.manual_seed(0)
     configs = feature_configs(list(BINS))
     model = SERModel(BINS, CLASSES).to(device, memory_format=torch.channels_last)
@@ -46,7 +46,7 @@ def fastser_step(audio, labels, device):
         batch = host.to(device, non_blocking=True)
         feats, frames = batch_features(batch, lengths, configs)
         feats = {k: (v - stats[k][0]) / stats[k][1] for k, v in feats.items()}
-        train_step(model, objective, opt, feats, feats, frames, y)
+        train_step(model, objective, opt, feats, feats, frames, y, amp=amp)
     return step
 
 
@@ -61,11 +61,13 @@ def reference_step(audio, labels):
     return step
 
 
-@pytest.mark.parametrize("impl", ["reference", "fastser"])
+@pytest.mark.parametrize("impl", ["reference", "fastser", "fastser-amp"])
 def test_train_step(benchmark, device, audio_batch, impl):
+    """fastser: fp32 like the reference (the target applies to it); fastser-amp: with --amp (bf16 autocast)."""
     audio, labels = audio_batch
-    on = device if impl == "fastser" else torch.device("cpu")
-    fn = reference_step(audio, labels) if impl == "reference" else fastser_step(audio, labels, device)
+    on = device if impl != "reference" else torch.device("cpu")
+    fn = reference_step(audio, labels) if impl == "reference" else fastser_step(audio, labels, device,
+                                                                                 amp=impl == "fastser-amp")
     target = (10.0 if device.type == "cuda" else 2.0) if impl == "fastser" else None
     _harness.run(benchmark, fn, on, suite="train_step", group=f"B{BATCH}_{SECONDS:g}s", impl=impl,
                  baseline="reference", target=target, extra={"utterances": BATCH}, budget_s=8.0)

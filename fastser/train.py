@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--strict", action="store_true", help="a bad audio file is an error, not a skip")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--synthetic-speakers", type=int, default=10, help="size of the synthetic corpus")
-    p.add_argument("--synthetic-per-class", type=int, default=12, help="utterances per speaker and class")
+    p.add_argument("--synthetic-speakers", type=int, default=16, help="size of the synthetic corpus")
+    p.add_argument("--synthetic-per-class", type=int, default=8, help="utterances per speaker and class")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS.get(args.corpus, 40)

@@ -22,7 +22,7 @@ import torch
 
 from fastser.audio import AudioError, load
 from fastser.data.base import Corpus, CorpusError
-from fastser.features.functional import FeatureConfig, _extract
+from fastser.features.functional import FeatureConfig, extract_many
 
 FEATURE_VERSION = 1
 FEATURE_KINDS = ("spectrogram", "mfcc")
@@ -97,11 +97,9 @@ def load_audio(corpus: Corpus, sr: int, *, max_seconds: float, strict: bool = Fa
 
 @torch.no_grad()
 def batch_features(batch: torch.Tensor, lengths: torch.Tensor, configs: dict) -> tuple[dict, torch.Tensor]:
-    """(B, T) audio on the training device -> {kind: (B, bins, frames)}, frames; one call per kind."""
-    feats, frames = {}, None
-    for kind, cfg in configs.items():
-        feats[kind], frames = _extract(batch, lengths, cfg, "auto")
-    return feats, frames
+    """(B, T) audio on the training device -> {kind: (B, bins, frames)}, frames; one STFT for all kinds."""
+    outs, frames = extract_many(batch, lengths, list(configs.values()))
+    return dict(zip(configs, outs)), frames
 
 
 def compute_features(audio: list, configs: dict, device: torch.device, batch_size: int = 64):

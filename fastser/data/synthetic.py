@@ -94,7 +94,7 @@ def synthesize(label: str, speaker: dict, rng, sr: int = 16000, seconds: float =
     return (0.3 * level * voice + breath + noise).astype(np.float32)
 
 
-def make_corpus(seed: int = 0, n_speakers: int = 10, per_class: int = 12, sr: int = 16000,
+def make_corpus(seed: int = 0, n_speakers: int = 16, per_class: int = 8, sr: int = 16000,
                 seconds: float = 2.0) -> Corpus:
     """n_speakers x len(CLASSES) x per_class utterances; speakers alternate female/male."""
     rng = np.random.default_rng(seed)

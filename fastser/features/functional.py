@@ -290,58 +290,74 @@ def _triton_ok() -> bool:
         return False
 
 
+STFT_FIELDS = ("n_fft", "hop_length", "win_length", "window", "center", "pad_mode")
+
+
 def _extract(y: torch.Tensor, lengths: torch.Tensor, cfg: FeatureConfig, backend: str,
              const: Optional[dict] = None):
     """(B, T) float signals + lengths -> ((B, bins, frames) features, frames (B,)). The one dispatch point."""
-    frames = frame_count(lengths, cfg.n_fft, cfg.hop_length, cfg.center)
+    outs, frames = extract_many(y, lengths, [cfg], backend, [const] if const is not None else None)
+    return outs[0], frames
+
+
+def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: str = "auto",
+                 consts: Optional[list] = None):
+    """Several features of the same audio; configs that share the STFT settings share one STFT."""
+    stft = {tuple(getattr(c, f) for f in STFT_FIELDS) for c in cfgs}
+    if len(stft) != 1:
+        raise ValueError("extract_many needs configs with the same STFT settings "
+                         f"({', '.join(STFT_FIELDS)}); call it once per setting")
+    cfg0 = cfgs[0]
+    frames = frame_count(lengths, cfg0.n_fft, cfg0.hop_length, cfg0.center)
     backend = _resolve(backend, y.device)
-    if backend == "librosa":
-        from fastser.features.backends import librosa_features
-        return librosa_features(y, lengths, frames, cfg), frames
-    if backend == "dali":
-        from fastser.features.backends import dali_features
-        return dali_features(y, lengths, frames, cfg), frames
-    const = const if const is not None else constants(cfg, y.device)
-    if backend == "torch" and _cpu_fused_ok(y, cfg):
-        return _extract_cpu_fused(y, lengths, frames, cfg, const), frames
-    signal = _padded_signal(y, lengths, frames, cfg)
-    spec = (_stft_cupy if backend == "cupy" else _stft_torch)(signal, const["window"].to(signal.dtype), cfg)
-    if backend == "triton" or (backend == "cupy" and _triton_ok()):
-        return _post_triton(spec, frames, cfg, const), frames
-    return _post_torch(spec, frames, cfg, const), frames
+    if backend in ("librosa", "dali"):
+        from fastser.features import backends
+        fn = backends.librosa_features if backend == "librosa" else backends.dali_features
+        return [fn(y, lengths, frames, c) for c in cfgs], frames
+    consts = consts if consts is not None else [constants(c, y.device) for c in cfgs]
+    if backend == "torch" and all(_cpu_fused_ok(y, c) for c in cfgs):
+        return _extract_cpu_fused(y, lengths, frames, cfgs, consts), frames
+    signal = _padded_signal(y, lengths, frames, cfg0)
+    spec = (_stft_cupy if backend == "cupy" else _stft_torch)(signal, consts[0]["window"].to(signal.dtype), cfg0)
+    post = _post_triton if backend == "triton" or (backend == "cupy" and _triton_ok()) else _post_torch
+    return [post(spec, frames, c, k) for c, k in zip(cfgs, consts)], frames
 
 
 def _cpu_fused_ok(signal: torch.Tensor, cfg: FeatureConfig) -> bool:
-    return (cfg.kind != "spectrogram" and signal.device.type == "cpu" and signal.dtype == torch.float32
-            and _native.cpu is not None and hasattr(_native.cpu, "mel_chain"))
+    return (cfg.kind != "spectrogram" and cfg.power is not None and signal.device.type == "cpu"
+            and signal.dtype == torch.float32 and _native.cpu is not None and hasattr(_native.cpu, "mel_chain"))
 
 
-def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig,
-                       const: dict):
-    """CPU: pad -> frames -> rfft -> the fused C++ post kernel, a few utterances at a time, so that a
-    chunk's signal and complex spectrum stay in cache and no batch-sized temporary is ever built."""
+def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, cfgs: list, consts: list):
+    """CPU: pad -> frames -> rfft -> the fused C++ post kernel (once per config), a few utterances at a
+    time, so that a chunk's signal and complex spectrum stay in cache and no batch-sized temporary is
+    ever built."""
     B = y.shape[0]
     T = int(frames.max())
-    F_bins = 1 + cfg.n_fft // 2
-    mel = torch.empty(B, cfg.n_mels, T)
-    ceps = torch.empty(B, cfg.n_mfcc, T) if cfg.kind == "mfcc" else None
-    window = const["window"].to(torch.float32)
-    fb, dct, lift = const["fb"].contiguous(), const.get("dct"), const.get("lift")
+    cfg0 = cfgs[0]
+    F_bins = 1 + cfg0.n_fft // 2
+    window = consts[0]["window"].to(torch.float32)
     frames = frames.contiguous()
-    to_db = cfg.kind in ("logmel", "mfcc")
-    chunk = max(1, (1 << 21) // (T * cfg.n_fft))
+    outs = []
+    for cfg in cfgs:
+        mel = torch.empty(B, cfg.n_mels, T)
+        outs.append((mel, torch.empty(B, cfg.n_mfcc, T) if cfg.kind == "mfcc" else None))
+    chunk = max(1, (1 << 21) // (T * cfg0.n_fft))
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
         # every chunk is padded to the batch's frame count, so its frames line up with the output
-        signal = _padded_signal(y[b0:b1], lengths[b0:b1], frames.new_full((1,), T), cfg)
-        spec = torch.fft.rfft(signal.unfold(1, cfg.n_fft, cfg.hop_length) * window)
-        _native.cpu.mel_chain(spec.data_ptr(), b1 - b0, T, F_bins, frames[b0:].data_ptr(), fb.data_ptr(),
-                              cfg.n_mels, float(cfg.power), to_db, cfg.amin, cfg.log_ref,
-                              to_db and cfg.ref == "max", to_db and cfg.top_db is not None,
-                              float(cfg.top_db or 0.0), dct.data_ptr() if ceps is not None else 0,
-                              lift.data_ptr() if ceps is not None else 0, cfg.n_mfcc if ceps is not None else 0,
-                              mel[b0:].data_ptr(), ceps[b0:].data_ptr() if ceps is not None else 0)
-    return ceps if ceps is not None else mel
+        signal = _padded_signal(y[b0:b1], lengths[b0:b1], frames.new_full((1,), T), cfg0)
+        spec = torch.fft.rfft(signal.unfold(1, cfg0.n_fft, cfg0.hop_length) * window)
+        for cfg, const, (mel, ceps) in zip(cfgs, consts, outs):
+            to_db = cfg.kind in ("logmel", "mfcc")
+            has_dct = ceps is not None
+            _native.cpu.mel_chain(spec.data_ptr(), b1 - b0, T, F_bins, frames[b0:].data_ptr(),
+                                  const["fb"].contiguous().data_ptr(), cfg.n_mels, float(cfg.power), to_db,
+                                  cfg.amin, cfg.log_ref, to_db and cfg.ref == "max", to_db and cfg.top_db is not None,
+                                  float(cfg.top_db or 0.0), const["dct"].data_ptr() if has_dct else 0,
+                                  const["lift"].data_ptr() if has_dct else 0, cfg.n_mfcc if has_dct else 0,
+                                  mel[b0:].data_ptr(), ceps[b0:].data_ptr() if has_dct else 0)
+    return [ceps if ceps is not None else mel for mel, ceps in outs]
 
 
 def prepare(y, lengths=None):
