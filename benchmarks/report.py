@@ -40,7 +40,7 @@ def _ratio(r) -> str:
     sp = r.get("speedup_vs_baseline")
     if sp is None or r["impl"] == r["baseline"]:
         return "1.00x (baseline)" if r["impl"] == r["baseline"] else ""
-    text = f"{sp:.2f}x"
+    text = f"{sp:.2f}x" if sp >= 1 else f"{1 / sp:.1f}x the baseline's time"
     for other in r.get("also_vs", []):
         v = r.get(f"speedup_vs_{other}")
         if v is not None:

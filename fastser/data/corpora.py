@@ -41,6 +41,21 @@ def _wavs(folder: Path):
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() == ".wav" and p.is_file())
 
 
+def _scan(root: Path, pattern: re.Pattern, code: str, build):
+    """Every .wav under root whose stem matches `pattern`: build(wav, match) gives its Utterance, or
+    None to leave it out quietly (not part of the task); a name that does not parse is skipped."""
+    utterances, skipped = [], []
+    for wav in _wavs(root):
+        m = pattern.match(wav.stem)
+        if m is None:
+            skipped.append((str(wav), f"name does not follow {code}"))
+            continue
+        u = build(wav, m)
+        if u is not None:
+            utterances.append(u)
+    return utterances, skipped
+
+
 # ----------------------------------------------------------------------------- IEMOCAP
 
 IEMOCAP_LABELS = {"neu": "neutral", "hap": "happy", "exc": "excited", "sad": "sad", "ang": "angry",
@@ -96,20 +111,16 @@ def load_iemocap(data_dir, *, subset: str = "all", four_class: bool = True) -> C
 EMODB_LABELS = {"W": "angry", "L": "bored", "E": "disgust", "A": "fearful", "F": "happy", "T": "sad", "N": "neutral"}
 EMODB_MALE = {"03", "10", "11", "12", "15"}
 EMODB_SPEAKERS = {"03", "08", "09", "10", "11", "12", "13", "14", "15", "16"}
-_EMODB = re.compile(r"^(\d\d)([a-b]\d\d)([WLEAFTN])([a-z])$")
+_EMODB = re.compile(r"^(" + "|".join(sorted(EMODB_SPEAKERS)) + r")([a-b]\d\d)([WLEAFTN])([a-z])$")
 
 
 def load_emodb(data_dir) -> Corpus:
-    root = _root(data_dir, "emodb", "**/*.wav")
-    utterances, skipped = [], []
-    for wav in _wavs(root):
-        m = _EMODB.match(wav.stem)
-        if not m or m.group(1) not in EMODB_SPEAKERS:
-            skipped.append((str(wav), "name does not follow EmoDB's <speaker><text><emotion><version> code"))
-            continue
+    def build(wav, m):
         spk, text, emo, _ = m.groups()
-        utterances.append(Utterance(uid=wav.stem, label=EMODB_LABELS[emo], speaker=spk, path=str(wav),
-                                    gender="M" if spk in EMODB_MALE else "F", text=text))
+        return Utterance(uid=wav.stem, label=EMODB_LABELS[emo], speaker=spk, path=str(wav),
+                         gender="M" if spk in EMODB_MALE else "F", text=text)
+    utterances, skipped = _scan(_root(data_dir, "emodb", "**/*.wav"), _EMODB,
+                                "EmoDB's <speaker><text><emotion><version> code", build)
     return _finish("emodb", list(EMODB_LABELS.values()), utterances, skipped, "loso")
 
 
@@ -122,20 +133,15 @@ _RAVDESS = re.compile(r"^(0[1-3])-(0[12])-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d
 
 def load_ravdess(data_dir) -> Corpus:
     """Speech audio only (modality 03 audio-only, vocal channel 01 speech); 8 classes."""
-    root = _root(data_dir, "ravdess", "Actor_*")
-    utterances, skipped = [], []
-    for wav in _wavs(root):
-        m = _RAVDESS.match(wav.stem)
-        if not m:
-            skipped.append((str(wav), "name does not follow RAVDESS's MM-VC-EE-II-SS-RR-AA code"))
-            continue
-        modality, channel, emo, intensity, statement, _, actor = m.groups()
+    def build(wav, m):
+        modality, channel, emo, _, statement, _, actor = m.groups()
         if modality != "03" or channel != "01":  # video files and song are not this task
-            continue
-        utterances.append(Utterance(uid=wav.stem, label=RAVDESS_LABELS[emo], speaker=f"Actor_{actor}",
-                                    path=str(wav), gender="M" if int(actor) % 2 else "F",
-                                    text="Kids are talking by the door" if statement == "01"
-                                    else "Dogs are sitting by the door"))
+            return None
+        return Utterance(uid=wav.stem, label=RAVDESS_LABELS[emo], speaker=f"Actor_{actor}", path=str(wav),
+                         gender="M" if int(actor) % 2 else "F",
+                         text="Kids are talking by the door" if statement == "01" else "Dogs are sitting by the door")
+    utterances, skipped = _scan(_root(data_dir, "ravdess", "Actor_*"), _RAVDESS,
+                                "RAVDESS's MM-VC-EE-II-SS-RR-AA code", build)
     return _finish("ravdess", list(RAVDESS_LABELS.values()), utterances, skipped, "kfold")
 
 
@@ -143,20 +149,16 @@ def load_ravdess(data_dir) -> Corpus:
 
 CREMAD_LABELS = {"ANG": "angry", "DIS": "disgust", "FEA": "fearful", "HAP": "happy", "NEU": "neutral", "SAD": "sad"}
 CREMAD_SENTENCES = {"IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI"}
-_CREMAD = re.compile(r"^(1\d\d\d)_([A-Z]{3})_([A-Z]{3})_(LO|MD|HI|XX|X)$")
+_CREMAD = re.compile(r"^(1\d\d\d)_(" + "|".join(sorted(CREMAD_SENTENCES)) + r")_(" + "|".join(CREMAD_LABELS)
+                     + r")_(LO|MD|HI|XX|X)$")
 
 
 def load_cremad(data_dir) -> Corpus:
-    root = _root(data_dir, "cremad", "**/*.wav")
-    utterances, skipped = [], []
-    for wav in _wavs(root):
-        m = _CREMAD.match(wav.stem)
-        if not m or m.group(2) not in CREMAD_SENTENCES or m.group(3) not in CREMAD_LABELS:
-            skipped.append((str(wav), "name does not follow CREMA-D's <actor>_<sentence>_<emotion>_<level> code"))
-            continue
+    def build(wav, m):
         actor, sentence, emo, _ = m.groups()
-        utterances.append(Utterance(uid=wav.stem, label=CREMAD_LABELS[emo], speaker=actor, path=str(wav),
-                                    text=sentence))
+        return Utterance(uid=wav.stem, label=CREMAD_LABELS[emo], speaker=actor, path=str(wav), text=sentence)
+    utterances, skipped = _scan(_root(data_dir, "cremad", "**/*.wav"), _CREMAD,
+                                "CREMA-D's <actor>_<sentence>_<emotion>_<level> code", build)
     return _finish("cremad", list(CREMAD_LABELS.values()), utterances, skipped, "kfold")
 
 
@@ -164,21 +166,17 @@ def load_cremad(data_dir) -> Corpus:
 
 TESS_LABELS = {"angry": "angry", "disgust": "disgust", "fear": "fearful", "happy": "happy", "neutral": "neutral",
                "ps": "surprised", "sad": "sad"}
-_TESS = re.compile(r"^(OAF|YAF)_([A-Za-z]+)_([A-Za-z]+)$")
+_TESS = re.compile(r"^(OAF|YAF)_([A-Za-z]+)_(" + "|".join(TESS_LABELS) + r")$", re.IGNORECASE)
 
 
 def load_tess(data_dir) -> Corpus:
     """Two speakers (OAF older, YAF younger); 'ps' = pleasant surprise."""
-    root = _root(data_dir, "tess", "**/*.wav")
-    utterances, skipped = [], []
-    for wav in _wavs(root):
-        m = _TESS.match(wav.stem)
-        emo = m.group(3).lower() if m else None
-        if not m or emo not in TESS_LABELS:
-            skipped.append((str(wav), "name does not follow TESS's <OAF|YAF>_<word>_<emotion> code"))
-            continue
-        utterances.append(Utterance(uid=f"{m.group(1)}_{m.group(2)}_{emo}", label=TESS_LABELS[emo],
-                                    speaker=m.group(1), path=str(wav), gender="F", text=m.group(2)))
+    def build(wav, m):
+        spk, word, emo = m.group(1).upper(), m.group(2), m.group(3).lower()
+        return Utterance(uid=f"{spk}_{word}_{emo}", label=TESS_LABELS[emo], speaker=spk, path=str(wav), gender="F",
+                         text=word)
+    utterances, skipped = _scan(_root(data_dir, "tess", "**/*.wav"), _TESS,
+                                "TESS's <OAF|YAF>_<word>_<emotion> code", build)
     return _finish("tess", list(TESS_LABELS.values()), utterances, skipped, "loso")
 
 
