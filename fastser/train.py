@@ -118,8 +118,9 @@ class Normalizer:
 
 
 class Batcher:
-    """Builds device batches from the in-memory feature table: crop -> pin -> device -> normalise
-    (-> SpecAugment for training). Padding frames are exactly 0 after normalisation."""
+    """Builds device batches from the in-memory feature table: crop -> pin -> device -> normalise.
+    batch() -> (feats, frames, labels) on the device and the frames on the host (no sync to read
+    them back). Padding frames are exactly 0 after normalisation."""
 
     def __init__(self, feats: dict, frames: torch.Tensor, labels: torch.Tensor, norm: Normalizer,
                  device: torch.device, train_frames: int):
@@ -150,15 +151,15 @@ class Batcher:
             sel = sel[:, :, :T] if t_idx is None else torch.take_along_dim(sel, t_idx[:, None, :], dim=2)
             v = self._to_device(sel).float()
             out[kind] = ((v - self.mean[kind]) / self.std[kind]) * valid
-        return out, self._to_device(frames), self._to_device(self.labels[rows])
+        return out, self._to_device(frames), self._to_device(self.labels[rows]), frames
 
 
-def spec_augment(feats: dict, frames: torch.Tensor, gen: torch.Generator, n_masks: int = 2) -> dict:
+def spec_augment(feats: dict, frames_host: torch.Tensor, gen: torch.Generator, n_masks: int = 2) -> dict:
     """Two frequency and two time masks per item (SpecAugment without warping), drawn on the CPU
-    generator so runs are reproducible on any device."""
+    generator from host-side frame counts, so runs are reproducible on any device and need no sync."""
     out = {}
-    B = frames.shape[0]
-    f_cpu = frames.cpu()
+    B = frames_host.shape[0]
+    f_cpu = frames_host
     t_start = (torch.rand(B, n_masks, generator=gen) * f_cpu[:, None]).long()
     t_width = (torch.rand(B, n_masks, generator=gen) * (0.1 * f_cpu[:, None] + 1)).long()
     for kind, x in feats.items():
@@ -282,11 +283,11 @@ class Run:
                           int(a.train_seconds * 100))
         model, objective, opt, sched = self.build(fold_index, fold)
         train_model = model
-        if a.compile:
-            train_model = torch.compile(model)
         if info.enabled:
-            train_model = DistributedDataParallel(train_model, device_ids=[self.device] if self.device.type == "cuda"
+            train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda"
                                                   else None)
+        if a.compile:  # after the DDP wrap, as torch.compile's DDP support expects
+            train_model = torch.compile(train_model)
         start_epoch, best, bad_epochs = 0, {"val_ua": -1.0, "epoch": -1, "model": None, "objective": None}, 0
         if self.state is not None and self.state["fold"] == fold_index:
             st = self.state
@@ -318,8 +319,8 @@ class Run:
                            leave=False, dynamic_ncols=True, file=sys.stderr)
             for step in range(steps):
                 rows = mine[step * per_rank: (step + 1) * per_rank]
-                clean, frames, labels = batcher.batch(rows, gen)
-                feats = spec_augment(clean, frames, gen)
+                clean, frames, labels, frames_host = batcher.batch(rows, gen)
+                feats = spec_augment(clean, frames_host, gen)
                 out, terms = train_step(train_model, objective, opt, feats, clean, frames, labels, a.amp,
                                         clip_params=model.parameters())
                 sched.step()
@@ -388,7 +389,7 @@ class Run:
         mine = fdist.shard(rows, self.info, pad=False)
         preds, embs = [], []
         for start in range(0, len(mine), 64):
-            feats, frames, _ = batcher.batch(mine[start: start + 64])
+            feats, frames, _, _ = batcher.batch(mine[start: start + 64])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
                 out = model(feats, frames)
             preds.append(out.logits.argmax(1))

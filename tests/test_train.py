@@ -34,7 +34,7 @@ def test_one_epoch_reduces_the_loss():
     objective = SERObjective(4, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rows = torch.from_numpy(fold.train)
-    feats, frames, labels = batcher.batch(rows)
+    feats, frames, labels, _ = batcher.batch(rows)
 
     def loss():
         model.eval()
@@ -45,7 +45,7 @@ def test_one_epoch_reduces_the_loss():
     for _ in range(3):  # three passes of one epoch's batches
         for i in range(0, len(rows), 8):
             model.train()
-            f, fr, y = batcher.batch(rows[i:i + 8], torch.Generator().manual_seed(i))
+            f, fr, y, _ = batcher.batch(rows[i:i + 8], torch.Generator().manual_seed(i))
             train.train_step(model, objective, opt, f, f, fr, y)
     assert loss() < before
 

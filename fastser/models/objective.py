@@ -34,6 +34,8 @@ class SERObjective(nn.Module):
         self.label_smoothing = label_smoothing
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(num_classes))
         # The fused center loss; its centers are a buffer moved by the Wen update inside backward.
+        # Its input checks (label range, finite features) read a value back to the host: free on
+        # the CPU, a sync per step on a GPU, where they are skipped (the labels come from the corpus class list).
         self.center_loss = CenterLoss(num_classes, embed_dim, update="wen", alpha=center_alpha,
                                       process_group=process_group) if lambda_center > 0 else None
 
@@ -41,6 +43,8 @@ class SERObjective(nn.Module):
         ce = F.cross_entropy(out.logits.float(), labels, weight=self.class_weights,
                              label_smoothing=self.label_smoothing)
         zero = ce.new_zeros(())
+        if self.center_loss is not None:
+            self.center_loss.validate = labels.device.type == "cpu"
         center = self.center_loss(out.embedding.float(), labels) if self.center_loss is not None else zero
         recon = zero
         if self.lambda_recon > 0 and out.reconstruction:
