@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<timestamp>/)")
     p.add_argument("--resume", default=None, help="checkpoint.pt (or its folder) to continue from")
-    p.add_argument("--lambda-center", type=float, default=0.01)
+    p.add_argument("--lambda-center", type=float, default=0.003)
     p.add_argument("--lambda-recon", type=float, default=0.1)
     p.add_argument("--center-alpha", type=float, default=0.5)
     p.add_argument("--no-center", action="store_true")
@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=16, help="channels per stem branch (model size)")
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--train-seconds", type=float, default=3.0, help="random crop length for training")
+    p.add_argument("--specaugment", action="store_true",
+                   help="time/frequency masks in training (off by default: they lowered UA in the sweep)")
     p.add_argument("--max-seconds", type=float, default=8.0, help="longer utterances are cut")
     p.add_argument("--cache-dir", default=None, help="feature cache (default <data-dir>/.fastser-cache)")
     p.add_argument("--no-cache", action="store_true")
@@ -320,7 +322,7 @@ class Run:
             for step in range(steps):
                 rows = mine[step * per_rank: (step + 1) * per_rank]
                 clean, frames, labels, frames_host = batcher.batch(rows, gen)
-                feats = spec_augment(clean, frames_host, gen)
+                feats = spec_augment(clean, frames_host, gen) if a.specaugment else clean
                 out, terms = train_step(train_model, objective, opt, feats, clean, frames, labels, a.amp,
                                         clip_params=model.parameters())
                 sched.step()

@@ -26,7 +26,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, frames: torch.Tensor) -
 
 
 class SERObjective(nn.Module):
-    def __init__(self, num_classes: int, embed_dim: int, *, lambda_center: float = 0.01, lambda_recon: float = 0.1,
+    def __init__(self, num_classes: int, embed_dim: int, *, lambda_center: float = 0.003, lambda_recon: float = 0.1,
                  center_alpha: float = 0.5, class_weights: Optional[torch.Tensor] = None,
                  label_smoothing: float = 0.0, process_group=None):
         super().__init__()

@@ -63,7 +63,7 @@ def collate(items):
 
 
 class ReferenceTrainer:
-    def __init__(self, input_bins: dict, num_classes: int, *, lambda_center=0.01, lambda_recon=0.1, lr=2e-3,
+    def __init__(self, input_bins: dict, num_classes: int, *, lambda_center=0.003, lambda_recon=0.1, lr=2e-3,
                  center_lr=0.5, width=16, embed_dim=128, class_weights=None, mean=None, std=None):
         self.model = SERModel(input_bins, num_classes, width=width, embed_dim=embed_dim,
                               reconstruct=lambda_recon > 0)
