@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from fastser.audio import AudioError, load

@@ -26,7 +26,6 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from fastser.features import filters
 from fastser.ops import _native
 from fastser.features.filters import analysis_window, dct_matrix, lifter_weights, mel_filterbank
 
