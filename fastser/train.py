@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from fastser import __version__
+from fastser._io import atomic_torch_save
 from fastser import distributed as fdist
 from fastser.data import SPLITS, CorpusError, load_corpus, make_folds
 from fastser.data.cache import FEATURE_KINDS, build_feature_table, feature_configs
@@ -202,17 +203,6 @@ def _seed_for(*parts) -> int:
     return h
 
 
-def _atomic_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # the old checkpoint stays intact until the new one is complete
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class Run:
     """One experiment (all folds of one objective setting), resumable from its checkpoint."""
 
@@ -253,15 +243,13 @@ class Run:
                    "fold_state": fold_state, "classes": self.classes, "kinds": self.kinds, "version": __version__}
         if final is not None:
             payload["final"] = final
-        _atomic_save(payload, self.ckpt_path)
+        atomic_torch_save(payload, self.ckpt_path)
 
     # -- training ---------------------------------------------------------------------
     def build(self, fold_index: int, fold):
         a = self.args
         torch.manual_seed(_seed_for(a.seed, fold_index, 0))  # same initial weights on every rank
-        model = SERModel({k: self.table.feats[k].shape[1] for k in self.kinds}, len(self.classes), width=a.width,
-                         embed_dim=a.embed_dim, reconstruct=self.lambda_recon > 0)
-        model = model.to(self.device, memory_format=torch.channels_last)  # oneDNN/cuDNN's preferred layout
+        model = self.new_model()
         counts = torch.bincount(self.table.labels[torch.from_numpy(fold.train)], minlength=len(self.classes)).float()
         weights = counts.sum() / (len(self.classes) * counts.clamp(min=1))  # balanced CE: UA matters
         objective = SERObjective(len(self.classes), a.embed_dim, lambda_center=self.lambda_center,
@@ -271,6 +259,11 @@ class Run:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.epochs * self.steps_per_epoch(fold),
                                                     pct_start=0.15)
         return model, objective, opt, sched
+
+    def new_model(self) -> SERModel:
+        model = SERModel({k: self.table.feats[k].shape[1] for k in self.kinds}, len(self.classes),
+                         width=self.args.width, embed_dim=self.args.embed_dim, reconstruct=self.lambda_recon > 0)
+        return model.to(self.device, memory_format=torch.channels_last)  # oneDNN/cuDNN's preferred layout
 
     def steps_per_epoch(self, fold) -> int:
         per_rank = max(1, self.args.batch_size // self.info.world_size)
@@ -457,11 +450,9 @@ class Run:
             return None
         fin = ckpt["final"]
         fold = self.folds[fin["fold"]]
-        model = SERModel({k: self.table.feats[k].shape[1] for k in self.kinds}, len(self.classes),
-                         width=self.args.width, embed_dim=self.args.embed_dim,
-                         reconstruct=self.lambda_recon > 0).to(self.device)
+        model = self.new_model()
         model.load_state_dict(fin["model"])
-        norm = Normalizer({k: v for k, v in fin["norm"]["mean"].items()}, fin["norm"]["std"])
+        norm = Normalizer(**fin["norm"])
         batcher = Batcher(self.table.feats, self.table.frames, self.table.labels, norm, self.device, 300)
         test = self.evaluate(model, batcher, torch.from_numpy(fold.test), embeddings=True)
         centers = fin["objective"].get("center_loss.centers")

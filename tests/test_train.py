@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastser.train as train
+from fastser._io import atomic_torch_save
 from fastser.data.synthetic import make_corpus
 
 SMALL = ["--synthetic-speakers", "6", "--synthetic-per-class", "4", "--width", "4", "--embed-dim", "16",
@@ -98,7 +99,7 @@ def test_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, mon
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        train._atomic_save({"x": 1}, out / "checkpoint.pt")
+        atomic_torch_save({"x": 1}, out / "checkpoint.pt")
     assert (out / "checkpoint.pt").read_bytes() == before
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 

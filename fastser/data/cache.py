@@ -12,13 +12,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from fastser._io import atomic_torch_save
 from fastser.audio import AudioError, load
 from fastser.data.base import Corpus, CorpusError
 from fastser.features.functional import FeatureConfig, extract_many
@@ -148,17 +148,8 @@ def _build(corpus, configs, device, sr, max_seconds, strict, progress) -> Featur
 
 
 def _save_atomic(path: Path, table: FeatureTable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"feats": table.feats, "frames": table.frames, "uids": [u.uid for u in table.corpus.utterances],
-               "skipped": table.corpus.skipped}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_torch_save({"feats": table.feats, "frames": table.frames, "skipped": table.corpus.skipped,
+                       "uids": [u.uid for u in table.corpus.utterances]}, path)
 
 
 def _load(path: Path, corpus: Corpus, strict: bool) -> FeatureTable:
