@@ -36,14 +36,28 @@ class DistInfo:
             dist.barrier()
 
 
+def parse_device(device_arg: Optional[str] = None) -> torch.device:
+    """--device: cpu, cuda or cuda:N (default: cuda if available). A ValueError names what is wrong."""
+    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(want)
+    except RuntimeError:
+        raise ValueError(f"--device {want!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {want!r}: fastser runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {want}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def setup(device_arg: Optional[str] = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(want)
+    device = parse_device(device_arg)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {want} but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)

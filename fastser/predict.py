@@ -8,30 +8,50 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
+from pathlib import Path
 
 import torch
 
 from fastser.audio import AudioError, load
+from fastser.cli import UserError, prog_name, run_cli
+from fastser.distributed import parse_device
 from fastser.features.functional import FeatureConfig, _extract, prepare
 from fastser.models import SERModel
 
 
+def load_checkpoint(path) -> dict:
+    """A finished fastser checkpoint (a run folder or its checkpoint.pt), or a UserError saying what
+    the file is instead. Loads with weights_only=True only: a checkpoint never runs code."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(p):
+        raise UserError(f"{p}: not a fastser checkpoint (not a PyTorch checkpoint file, or a truncated one)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
+        raise UserError(f"{p}: not a fastser checkpoint (damaged, or it holds Python objects rather than "
+                        f"fastser's tensors and metadata)") from None
+    if not isinstance(ckpt, dict) or not {"config", "version"} <= set(ckpt):
+        raise UserError(f"{p}: a PyTorch file, but not a fastser checkpoint (no fastser metadata)")
+    if "final" not in ckpt:
+        raise UserError(f"{p}: the run stopped before its first fold finished, so there is no model yet; "
+                        f"continue it with: python -m fastser.train --resume {p.parent}")
+    return ckpt
+
+
 class Predictor:
     def __init__(self, checkpoint: str, device: str = "cpu"):
-        try:
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-            raise ValueError(f"{checkpoint}: not a fastser checkpoint ({e})") from e
-        if "final" not in ckpt:
-            raise ValueError(f"{checkpoint}: holds no finished model yet (the run stopped before its first fold ended)")
+        ckpt = load_checkpoint(checkpoint)
         cfg = ckpt["config"]
         self.classes = cfg["classes_list"]
         self.kinds = cfg["kinds"]
         self.configs = {k: FeatureConfig(**v) for k, v in cfg["feature_configs"].items()}
         self.max_seconds = cfg["max_seconds"]
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         bins = {k: c.n_bins for k, c in self.configs.items()}
         self.model = SERModel(bins, len(self.classes), width=cfg["width"], embed_dim=cfg["embed_dim"],
                               reconstruct=cfg["lambda_recon"] > 0)
@@ -59,24 +79,20 @@ class Predictor:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastser.predict", description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="+")
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    ap = argparse.ArgumentParser(prog=prog_name("fastser.predict"), description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help="audio files (any format soundfile reads)")
+    ap.add_argument("--checkpoint", required=True, help="a training run's checkpoint.pt, or its run folder")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    ap.add_argument("--json", action="store_true", help="one JSON list on stdout instead of a line per file")
     args = ap.parse_args(argv)
-    try:
-        predictor = Predictor(args.checkpoint, args.device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    predictor = Predictor(args.checkpoint, args.device)
     results, status = [], 0
     for path in args.files:
         try:
             results.append(predictor.predict_file(path))
-        except AudioError as e:
-            print(f"error: {e}", file=sys.stderr)
-            status = 1
+        except AudioError as e:  # one bad file does not stop the others; the exit status says so
+            print(f"{prog_name('fastser.predict')}: error: {e}", file=sys.stderr)
+            status = 2
             continue
         if not args.json:
             r = results[-1]
@@ -87,5 +103,10 @@ def main(argv=None) -> int:
     return status
 
 
+def cli(argv=None) -> int:
+    """`fastser-predict` / `python -m fastser.predict`: exit 0, or 2 with one line naming a bad input."""
+    return run_cli(main, "fastser.predict", argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -12,6 +12,7 @@ all randomness of an epoch is derived from (seed, fold, epoch, rank) rather than
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -29,9 +30,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from fastser import __version__
+from fastser.cli import prog_name, run_cli
 from fastser._io import atomic_torch_save
 from fastser import distributed as fdist
-from fastser.data import SPLITS, CorpusError, load_corpus, make_folds
+from fastser.data import SPLITS, load_corpus, make_folds
 from fastser.data.cache import FEATURE_KINDS, build_feature_table, feature_configs
 from fastser.metrics import summarize
 from fastser.models import SERModel, SERObjective
@@ -42,7 +44,7 @@ DEFAULT_EPOCHS = {"synthetic": 12}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastser.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--corpus", choices=CORPORA, default="synthetic")
     p.add_argument("--data-dir", default=None, help="corpus root, in the layout the corpus ships in")
@@ -62,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-identical runs for a seed on one device (deterministic kernels and center "
+                        "update, torch.use_deterministic_algorithms; slower on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<timestamp>/)")
     p.add_argument("--resume", default=None, help="checkpoint.pt (or its folder) to continue from")
@@ -254,7 +259,7 @@ class Run:
         weights = counts.sum() / (len(self.classes) * counts.clamp(min=1))  # balanced CE: UA matters
         objective = SERObjective(len(self.classes), a.embed_dim, lambda_center=self.lambda_center,
                                  lambda_recon=self.lambda_recon, center_alpha=a.center_alpha,
-                                 class_weights=weights).to(self.device)
+                                 class_weights=weights, deterministic=a.deterministic).to(self.device)
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.epochs * self.steps_per_epoch(fold),
                                                     pct_start=0.15)
@@ -496,6 +501,7 @@ def _out_dir(args, info) -> Path:
     out = Path(args.out)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    _LAST_OUT.append(out)
     return out
 
 
@@ -523,18 +529,59 @@ def load_table(args, info):
 
 
 def main(argv=None) -> dict:
+    """Train as the command line would and return the metrics (the CLI itself is `cli`)."""
     args = parse_args(argv)
-    info = fdist.setup(args.device)
+    with deterministic_mode(args.deterministic):
+        info = fdist.setup(args.device)
+        try:
+            return _main(args, info)
+        finally:
+            fdist.teardown(info)
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """Everything a run needs to be bit-identical for a seed on one device: cuBLAS's fixed workspace
+    (read when cuBLAS starts, so set before any CUDA work), deterministic cuDNN algorithms without
+    benchmarking, and torch's deterministic mode, which also raises on any op that has no
+    deterministic kernel. The center loss gets deterministic=True from the objective. The previous
+    settings come back afterwards (main() may be called from a notebook or a test)."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     try:
-        return _main(args, info)
+        yield
     finally:
-        fdist.teardown(info)
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
+
+
+_LAST_OUT: list = []  # the run folder, for the one-line Ctrl-C message
+
+
+def _resume_hint() -> str:
+    return f"continue with --resume {_LAST_OUT[-1]}" if _LAST_OUT else ""
+
+
+def cli(argv=None) -> int:
+    """`fastser-train` / `python -m fastser.train`: exit 0, or 2 with one line naming a bad input."""
+    return run_cli(main, "fastser.train", argv, interrupted_hint=_resume_hint)
 
 
 def _main(args, info) -> dict:
     t0 = time.perf_counter()
     out = _out_dir(args, info)
-    table = load_table(args, info)
+    try:
+        table = load_table(args, info)
+    except BaseException:
+        if info.is_main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that never started leaves no empty folder behind
+        raise
     split = args.split or table.corpus.default_split
     folds = make_folds(table.corpus, split, n_folds=args.folds, seed=args.seed)
     if args.max_folds:
@@ -586,8 +633,4 @@ def _write_ablation(out: Path, results: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CorpusError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

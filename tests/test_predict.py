@@ -29,7 +29,7 @@ def test_predict_loads_a_checkpoint_and_prints(tmp_path, capsys):
 def test_predict_errors(tmp_path, capsys):
     bad = tmp_path / "bad.wav"
     bad.write_text("nope")
-    assert predict.main([str(bad), "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert predict.cli([str(bad), "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    assert predict.main([str(bad), "--checkpoint", str(tmp_path / "junk.pt")]) == 2
+    assert predict.cli([str(bad), "--checkpoint", str(tmp_path / "junk.pt")]) == 2
     assert "not a fastser checkpoint" in capsys.readouterr().err

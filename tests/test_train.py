@@ -69,8 +69,12 @@ def test_cli_writes_every_artifact(tmp_path):
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    args = ("--epochs", "3", "--split", "kfold", "--folds", "2")
+def _history(path):
+    return [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in path.read_text().splitlines()]
+
+
+def _cut_and_resume(tmp_path, monkeypatch, *args):
+    """Run to the end ("full"), run again but stop mid-way through the second fold ("cut"), resume it."""
     full, full_out = run(tmp_path, "full", *args)
     monkeypatch.setenv("FASTSER_INTERRUPT_AFTER_EPOCHS", "4")  # mid-way through the second fold
     monkeypatch.setattr(train._maybe_interrupt, "count", 0, raising=False)
@@ -80,12 +84,31 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert len(ckpt["fold_results"]) == 1 and ckpt["fold_state"]["epoch"] == 1
     resumed = train.main(SMALL + [*args, "--resume", str(tmp_path / "cut")])
+    return full, resumed, _history(full_out / "history.jsonl"), _history(tmp_path / "cut" / "history.jsonl")
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    """--deterministic: bit-identical on any device (on a GPU too: deterministic kernels and center update)."""
+    full, resumed, h_full, h_res = _cut_and_resume(tmp_path, monkeypatch, "--epochs", "3", "--split", "kfold",
+                                                   "--folds", "2", "--deterministic")
     for key in ("wa", "ua", "macro_f1", "confusion"):
         assert resumed[key] == full[key], key
-    h_full = (full_out / "history.jsonl").read_text().splitlines()
-    h_res = (tmp_path / "cut" / "history.jsonl").read_text().splitlines()
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(h_full) == strip(h_res)
+    assert h_full == h_res
+    assert not torch.are_deterministic_algorithms_enabled()  # main() restored the global setting
+
+
+def test_resume_without_deterministic_mode(tmp_path, monkeypatch):
+    """Without --deterministic a GPU run may differ in the last bits (float atomics, cuDNN's choice of
+    algorithm), so what is guaranteed is the schedule: the same folds, epochs, learning rates and test
+    set, continued from the exact checkpointed state. On the CPU every kernel is deterministic anyway."""
+    full, resumed, h_full, h_res = _cut_and_resume(tmp_path, monkeypatch, "--epochs", "3", "--split", "kfold",
+                                                   "--folds", "2")
+    schedule = lambda rows: [(h["fold"], h["epoch"], h["lr"]) for h in rows]  # noqa: E731
+    assert schedule(h_full) == schedule(h_res)
+    assert resumed["n_test"] == full["n_test"] and [f["name"] for f in resumed["folds"]] == \
+        [f["name"] for f in full["folds"]]
+    if not torch.cuda.is_available():
+        assert h_full == h_res and resumed["confusion"] == full["confusion"]
 
 
 def test_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

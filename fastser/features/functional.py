@@ -251,21 +251,30 @@ def _post_torch(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, co
     return (_project(const["dct"], S) * const["lift"][:, None]).masked_fill(~valid, 0.0)
 
 
-def _post_triton(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, const: dict) -> torch.Tensor:
-    if cfg.kind == "spectrogram":  # nothing to fuse: one elementwise op
-        return _post_torch(spec, frames, cfg, const)
-    from fastser.features import post_triton
+def post_triton_launch(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, const: dict):
+    """-> (the fused kernel's TritonLaunch, its output (B, bins, T)) for a mel/log-mel/MFCC config.
+    Public so that the GPU compile gate compiles exactly what `_post_triton` launches."""
+    from fastser.ops import mel_chain_triton
     B, _, T = spec.shape
     mel = torch.empty(B, cfg.n_mels, T, dtype=torch.float32, device=spec.device)
     mfcc_out = None
     if cfg.kind == "mfcc":
         mfcc_out = torch.empty(B, cfg.n_mfcc, T, dtype=torch.float32, device=spec.device)
     to_db = cfg.kind in ("logmel", "mfcc")
-    post_triton.mel_chain(torch.view_as_real(spec.to(torch.complex64)), const["fb"], frames.to(torch.int32),
-                          mel, power=cfg.power, to_db=to_db, amin=cfg.amin, log_ref=cfg.log_ref,
-                          ref_max=to_db and cfg.ref == "max", top_db=cfg.top_db if to_db else None,
-                          dct=const.get("dct"), lift=const.get("lift"), mfcc_out=mfcc_out)
-    return mfcc_out if mfcc_out is not None else mel
+    f32 = {k: v.to(torch.float32).contiguous() for k, v in const.items()}
+    launch = mel_chain_triton.mel_chain_launch(
+        torch.view_as_real(spec.to(torch.complex64)), f32["fb"], frames.to(torch.int32), mel, power=cfg.power,
+        to_db=to_db, amin=cfg.amin, log_ref=cfg.log_ref, ref_max=to_db and cfg.ref == "max",
+        top_db=cfg.top_db if to_db else None, dct=f32.get("dct"), lift=f32.get("lift"), mfcc_out=mfcc_out)
+    return launch, (mfcc_out if mfcc_out is not None else mel)
+
+
+def _post_triton(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, const: dict) -> torch.Tensor:
+    if cfg.kind == "spectrogram":  # nothing to fuse: one elementwise op
+        return _post_torch(spec, frames, cfg, const)
+    launch, out = post_triton_launch(spec, frames, cfg, const)
+    launch.launch()
+    return out
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -324,7 +333,7 @@ def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: st
 
 def _cpu_fused_ok(signal: torch.Tensor, cfg: FeatureConfig) -> bool:
     return (cfg.kind != "spectrogram" and cfg.power is not None and signal.device.type == "cpu"
-            and signal.dtype == torch.float32 and _native.cpu is not None and hasattr(_native.cpu, "mel_chain"))
+            and signal.dtype == torch.float32 and _native.cpu_has_mel_chain())
 
 
 def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, cfgs: list, consts: list):
@@ -336,6 +345,8 @@ def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Ten
     cfg0 = cfgs[0]
     F_bins = 1 + cfg0.n_fft // 2
     window = consts[0]["window"].to(torch.float32)
+    # the C++ kernel computes in float32 (a module moved to float64 keeps float64 buffers)
+    consts_f32 = [{k: v.to(torch.float32).contiguous() for k, v in c.items() if k != "window"} for c in consts]
     frames = frames.contiguous()
     outs = []
     for cfg in cfgs:
@@ -347,15 +358,13 @@ def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Ten
         # every chunk is padded to the batch's frame count, so its frames line up with the output
         signal = _padded_signal(y[b0:b1], lengths[b0:b1], frames.new_full((1,), T), cfg0)
         spec = torch.fft.rfft(signal.unfold(1, cfg0.n_fft, cfg0.hop_length) * window)
-        for cfg, const, (mel, ceps) in zip(cfgs, consts, outs):
+        for cfg, f32, (mel, ceps) in zip(cfgs, consts_f32, outs):
             to_db = cfg.kind in ("logmel", "mfcc")
-            has_dct = ceps is not None
-            _native.cpu.mel_chain(spec.data_ptr(), b1 - b0, T, F_bins, frames[b0:].data_ptr(),
-                                  const["fb"].contiguous().data_ptr(), cfg.n_mels, float(cfg.power), to_db,
-                                  cfg.amin, cfg.log_ref, to_db and cfg.ref == "max", to_db and cfg.top_db is not None,
-                                  float(cfg.top_db or 0.0), const["dct"].data_ptr() if has_dct else 0,
-                                  const["lift"].data_ptr() if has_dct else 0, cfg.n_mfcc if has_dct else 0,
-                                  mel[b0:].data_ptr(), ceps[b0:].data_ptr() if has_dct else 0)
+            _native.mel_chain_cpu(spec, frames[b0:b1], f32["fb"], power=float(cfg.power), to_db=to_db,
+                                  amin=cfg.amin, log_ref=cfg.log_ref, ref_max=to_db and cfg.ref == "max",
+                                  top_db=cfg.top_db if to_db else None, dct=f32.get("dct"),
+                                  lift=f32.get("lift"), mel_out=mel[b0:b1],
+                                  mfcc_out=ceps[b0:b1] if ceps is not None else None)
     return [ceps if ceps is not None else mel for mel, ceps in outs]
 
 

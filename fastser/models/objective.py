@@ -28,7 +28,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, frames: torch.Tensor) -
 class SERObjective(nn.Module):
     def __init__(self, num_classes: int, embed_dim: int, *, lambda_center: float = 0.003, lambda_recon: float = 0.1,
                  center_alpha: float = 0.5, class_weights: Optional[torch.Tensor] = None,
-                 label_smoothing: float = 0.0, process_group=None):
+                 label_smoothing: float = 0.0, process_group=None, deterministic: bool = False):
         super().__init__()
         self.lambda_center, self.lambda_recon = lambda_center, lambda_recon
         self.label_smoothing = label_smoothing
@@ -37,7 +37,8 @@ class SERObjective(nn.Module):
         # Its input checks (label range, finite features) read a value back to the host: free on
         # the CPU, a sync per step on a GPU, where they are skipped (the labels come from the corpus class list).
         self.center_loss = CenterLoss(num_classes, embed_dim, update="wen", alpha=center_alpha,
-                                      process_group=process_group) if lambda_center > 0 else None
+                                      process_group=process_group, deterministic=deterministic) \
+            if lambda_center > 0 else None
 
     def forward(self, out: SERResult, labels: torch.Tensor, feats: dict, frames: torch.Tensor) -> LossTerms:
         ce = F.cross_entropy(out.logits.float(), labels, weight=self.class_weights,

@@ -147,16 +147,15 @@ def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch
         return row_loss, diff
     if backend == "cpp":
         xc, cc = x.to(compute).contiguous(), centers.to(compute).contiguous()
-        bad = _native.cpu.center_loss_forward(_native.dtype_code(compute), xc.data_ptr(), labels.data_ptr(),
-                                              cc.data_ptr(), B, D, cc.shape[0], row_loss.data_ptr(), diff.data_ptr())
-        if bad >= 0:
+        if _native.center_loss_forward_cpu(xc, labels, cc, row_loss, diff) >= 0:
             _raise_bad_label(labels, cc.shape[0])
-    elif backend == "cuda":
-        _native.cuda.center_loss_forward(_native.dtype_code(x.dtype), x.data_ptr(), labels.data_ptr(),
-                                         centers.data_ptr(), B, D, centers.shape[0], row_loss.data_ptr(),
-                                         diff.data_ptr(), _native.stream_handle(x.device))
+        return row_loss, diff
+    # the GPU kernels read fp32 centers: half-precision (or strided) centers go through an fp32 copy
+    cc = centers.to(torch.float32).contiguous()
+    if backend == "cuda":
+        _native.center_loss_forward_cuda(x, labels, cc, row_loss, diff)
     else:
-        _triton.forward(x, labels, centers, row_loss, diff)
+        _triton.forward(x, labels, cc, row_loss, diff)
     return row_loss, diff
 
 
@@ -170,11 +169,6 @@ def _deterministic_algorithms(enabled: bool):
     finally:
         if enabled and not previous:
             torch.use_deterministic_algorithms(False)
-
-
-def _stride(row_scale: torch.Tensor) -> int:
-    """0 broadcasts one upstream gradient to every row ("mean"/"sum"); 1 reads one per row."""
-    return 0 if row_scale.numel() == 1 else 1
 
 
 def _segments(labels: torch.Tensor, num_classes: int):
@@ -208,11 +202,7 @@ def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, al
     if backend == "cpp":
         # the C++ kernels write the compute dtype; half-precision gradients are cast afterwards
         gx = grad_x if grad_x is None or grad_x.dtype == diff.dtype else torch.empty_like(diff)
-        _native.cpu.center_loss_backward(
-            _native.dtype_code(diff.dtype), diff.data_ptr(), labels.data_ptr(), B, D, num_classes,
-            row_scale.data_ptr(), _stride(row_scale), gx.data_ptr() if gx is not None else 0,
-            centers.data_ptr() if centers is not None else 0, float(alpha),
-            grad_centers.data_ptr() if grad_centers is not None else 0)
+        _native.center_loss_backward_cpu(diff, labels, num_classes, row_scale, gx, centers, alpha, grad_centers)
         if gx is not grad_x:
             grad_x.copy_(gx)
         return
@@ -220,24 +210,16 @@ def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, al
     fused_scatter = scatter and not deterministic
     counts = torch.bincount(labels, minlength=num_classes) if (fused_scatter and centers is not None) else None
     if backend == "cuda":
-        _native.cuda.center_loss_backward(
-            _native.dtype_code(grad_x.dtype if grad_x is not None else torch.float32), diff.data_ptr(),
-            labels.data_ptr(), counts.data_ptr() if counts is not None else 0, B, D, num_classes,
-            row_scale.data_ptr(), _stride(row_scale), grad_x.data_ptr() if grad_x is not None else 0,
-            centers.data_ptr() if fused_scatter and centers is not None else 0, float(alpha),
-            grad_centers.data_ptr() if fused_scatter and grad_centers is not None else 0,
-            _native.stream_handle(diff.device))
+        _native.center_loss_backward_cuda(diff, labels, counts, num_classes, row_scale, grad_x,
+                                          centers if fused_scatter else None, alpha,
+                                          grad_centers if fused_scatter else None)
     else:
         _triton.backward(diff, labels, counts, num_classes, row_scale, grad_x,
-                         centers if fused_scatter else None, alpha,
-                         grad_centers if fused_scatter else None)
+                         centers if fused_scatter else None, alpha, grad_centers if fused_scatter else None)
     if scatter and deterministic:
         order, offsets = _segments(labels, num_classes)
         if backend == "cuda":
-            _native.cuda.center_loss_segment_update(
-                diff.data_ptr(), order.data_ptr(), offsets.data_ptr(), D, num_classes, row_scale.data_ptr(),
-                _stride(row_scale), centers.data_ptr() if centers is not None else 0, float(alpha),
-                grad_centers.data_ptr() if grad_centers is not None else 0, _native.stream_handle(diff.device))
+            _native.center_loss_segment_update_cuda(diff, order, offsets, row_scale, centers, alpha, grad_centers)
         else:
             _triton.segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers)
 

@@ -4,116 +4,144 @@ forward : per block of rows, diff = x - c_y (fp32) and the row's squared distanc
 backward: per block of rows, grad_x = g_i * diff_i and, in the same pass, the Wen update or the
           center gradient scattered with fp32 atomics; or, deterministic, one program per
           (class, column block) summing its rows in label-sorted order, no atomics.
+
+Each kernel has a `*_launch` function (tensors -> a TritonLaunch with every argument by name) and
+a plain function that runs it; tests/ops/test_gpu_compile.py compiles the launches for sm_80/sm_90.
 """
 import triton
 import triton.language as tl
 
+from fastser.ops._triton_launch import TritonLaunch
+
 ROWS = 4  # rows per program: enough independent loads in flight for D in the hundreds
+SCATTER_NONE, SCATTER_WEN, SCATTER_GRAD = 0, 1, 2
 
 
-def _block_d(D: int) -> int:
-    return max(16, min(512, triton.next_power_of_2(D)))
+def block_d(D: int, cap: int = 512) -> int:
+    return max(16, min(cap, triton.next_power_of_2(D)))
 
 
 @triton.jit
-def _forward_kernel(X, LABELS, CENTERS, ROW_LOSS, DIFF, B, D, C,
+def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, B, D, C,
                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
-    labels = tl.load(LABELS + rows, mask=row_ok, other=0)
+    labels = tl.load(LABELS_ptr + rows, mask=row_ok, other=0)
     valid = row_ok & (labels >= 0) & (labels < C)  # the host checks labels; never read out of bounds
     labels = tl.where(valid, labels, 0)
     acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = row_ok[:, None] & (cols[None, :] < D)
-        x = tl.load(X + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        c = tl.load(CENTERS + labels[:, None] * D + cols[None, :], mask=m, other=0.0)
+        x = tl.load(X_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        c = tl.load(CENTERS_ptr + labels[:, None] * D + cols[None, :], mask=m, other=0.0)
         v = x - c
-        tl.store(DIFF + rows[:, None] * D + cols[None, :], v, mask=m)
+        tl.store(DIFF_ptr + rows[:, None] * D + cols[None, :], v, mask=m)
         acc += v * v
     loss = tl.sum(acc, axis=1)
-    tl.store(ROW_LOSS + rows, tl.where(valid, loss, float("nan")), mask=row_ok)
+    tl.store(ROW_LOSS_ptr + rows, tl.where(valid, loss, float("nan")), mask=row_ok)
 
 
 @triton.jit
-def _backward_kernel(DIFF, LABELS, COUNTS, ROW_SCALE, scale_stride, GRAD_X, CENTERS, GRAD_C,
-                     alpha, B, D, C,
+def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_stride, GRAD_X_ptr,
+                     CENTERS_ptr, GRAD_C_ptr, alpha, B, D, C,
                      HAS_GRAD_X: tl.constexpr, SCATTER: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # SCATTER: 0 nothing, 1 Wen update into CENTERS, 2 gradient into GRAD_C
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
-    labels = tl.load(LABELS + rows, mask=row_ok, other=0)
+    labels = tl.load(LABELS_ptr + rows, mask=row_ok, other=0)
     valid = row_ok & (labels >= 0) & (labels < C)
     labels = tl.where(valid, labels, 0)
-    g = tl.load(ROW_SCALE + rows * scale_stride, mask=row_ok, other=0.0)
+    g = tl.load(ROW_SCALE_ptr + rows * row_scale_stride, mask=row_ok, other=0.0)
     if SCATTER == 1:
-        n = tl.load(COUNTS + labels, mask=valid, other=0).to(tl.float32)
+        n = tl.load(COUNTS_ptr + labels, mask=valid, other=0).to(tl.float32)
         coef = alpha / (1.0 + n)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = row_ok[:, None] & (cols[None, :] < D)
-        v = tl.load(DIFF + rows[:, None] * D + cols[None, :], mask=m, other=0.0)
+        v = tl.load(DIFF_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0)
         if HAS_GRAD_X:
             gx = g[:, None] * v
-            tl.store(GRAD_X + rows[:, None] * D + cols[None, :], gx.to(GRAD_X.dtype.element_ty), mask=m)
+            tl.store(GRAD_X_ptr + rows[:, None] * D + cols[None, :], gx.to(GRAD_X_ptr.dtype.element_ty), mask=m)
         mv = valid[:, None] & (cols[None, :] < D)
         if SCATTER == 1:
-            tl.atomic_add(CENTERS + labels[:, None] * D + cols[None, :], coef[:, None] * v, mask=mv)
+            tl.atomic_add(CENTERS_ptr + labels[:, None] * D + cols[None, :], coef[:, None] * v, mask=mv)
         if SCATTER == 2:
-            tl.atomic_add(GRAD_C + labels[:, None] * D + cols[None, :], -g[:, None] * v, mask=mv)
+            tl.atomic_add(GRAD_C_ptr + labels[:, None] * D + cols[None, :], -g[:, None] * v, mask=mv)
 
 
 @triton.jit
-def _segment_kernel(DIFF, ORDER, OFFSETS, ROW_SCALE, scale_stride, CENTERS, GRAD_C, alpha, D,
+def _segment_kernel(DIFF_ptr, ORDER_ptr, OFFSETS_ptr, ROW_SCALE_ptr, row_scale_stride, OUT_ptr, alpha, D,
                     WEN: tl.constexpr, BLOCK_D: tl.constexpr):
+    # OUT is the centers (WEN: c_j += alpha * sum / (1 + n_j)) or the center gradient (written)
     cls = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = cols < D
-    begin = tl.load(OFFSETS + cls)
-    end = tl.load(OFFSETS + cls + 1)
+    begin = tl.load(OFFSETS_ptr + cls)
+    end = tl.load(OFFSETS_ptr + cls + 1)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for k in range(begin, end):
-        i = tl.load(ORDER + k)
-        v = tl.load(DIFF + i * D + cols, mask=m, other=0.0)
+        i = tl.load(ORDER_ptr + k)
+        v = tl.load(DIFF_ptr + i * D + cols, mask=m, other=0.0)
         if WEN:
             acc += v
         else:
-            acc += tl.load(ROW_SCALE + i * scale_stride) * v
+            acc += tl.load(ROW_SCALE_ptr + i * row_scale_stride) * v
     if end > begin:
         if WEN:
-            c = tl.load(CENTERS + cls * D + cols, mask=m, other=0.0)
-            tl.store(CENTERS + cls * D + cols, c + acc * (alpha / (1.0 + (end - begin).to(tl.float32))), mask=m)
+            c = tl.load(OUT_ptr + cls * D + cols, mask=m, other=0.0)
+            tl.store(OUT_ptr + cls * D + cols, c + acc * (alpha / (1.0 + (end - begin).to(tl.float32))), mask=m)
         else:
-            tl.store(GRAD_C + cls * D + cols, -acc, mask=m)
+            tl.store(OUT_ptr + cls * D + cols, -acc, mask=m)
 
 
-def forward(x, labels, centers, row_loss, diff):
+def _row_scale_stride(row_scale) -> int:
+    return 0 if row_scale.numel() == 1 else 1
+
+
+def forward_launch(x, labels, centers, row_loss, diff) -> TritonLaunch:
+    """x (B, D) any float; labels (B,) int64; centers (C, D) fp32; row_loss (B,), diff (B, D) fp32."""
     B, D = x.shape
-    BLOCK_D = _block_d(D)
-    _forward_kernel[(triton.cdiv(B, ROWS),)](x, labels, centers, row_loss, diff, B, D, centers.shape[0],
-                                             ROWS=ROWS, BLOCK_D=BLOCK_D)
+    return TritonLaunch(_forward_kernel, (triton.cdiv(B, ROWS),), dict(
+        X_ptr=x, LABELS_ptr=labels, CENTERS_ptr=centers, ROW_LOSS_ptr=row_loss, DIFF_ptr=diff,
+        B=B, D=D, C=centers.shape[0], ROWS=ROWS, BLOCK_D=block_d(D)))
 
 
-def backward(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers):
+def backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha,
+                    grad_centers) -> TritonLaunch:
+    """grad_x (optional) and at most one of centers (Wen update, needs counts) and grad_centers."""
     B, D = diff.shape
-    scatter = 1 if centers is not None else (2 if grad_centers is not None else 0)
-    dummy = diff  # stands in for pointers a constexpr branch never touches
-    _backward_kernel[(triton.cdiv(B, ROWS),)](
-        diff, labels, counts if counts is not None else labels, row_scale, 0 if row_scale.numel() == 1 else 1,
-        grad_x if grad_x is not None else dummy,
-        centers if centers is not None else dummy,
-        grad_centers if grad_centers is not None else dummy,
-        float(alpha), B, D, num_classes,
-        HAS_GRAD_X=grad_x is not None, SCATTER=scatter, ROWS=ROWS, BLOCK_D=_block_d(D))
+    scatter = SCATTER_WEN if centers is not None else (SCATTER_GRAD if grad_centers is not None else SCATTER_NONE)
+    unused = diff  # stands in for pointers that a constexpr branch never touches
+    return TritonLaunch(_backward_kernel, (triton.cdiv(B, ROWS),), dict(
+        DIFF_ptr=diff, LABELS_ptr=labels, COUNTS_ptr=counts if counts is not None else labels,
+        ROW_SCALE_ptr=row_scale, row_scale_stride=_row_scale_stride(row_scale),
+        GRAD_X_ptr=grad_x if grad_x is not None else unused,
+        CENTERS_ptr=centers if centers is not None else unused,
+        GRAD_C_ptr=grad_centers if grad_centers is not None else unused,
+        alpha=float(alpha), B=B, D=D, C=num_classes,
+        HAS_GRAD_X=grad_x is not None, SCATTER=scatter, ROWS=ROWS, BLOCK_D=block_d(D)))
 
 
-def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers):
+def segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers) -> TritonLaunch:
+    """Exactly one of centers (Wen update) and grad_centers (written)."""
     D = diff.shape[1]
     C = offsets.numel() - 1
-    BLOCK_D = min(_block_d(D), 256)
-    target = centers if centers is not None else grad_centers
-    _segment_kernel[(triton.cdiv(D, BLOCK_D), C)](
-        diff, order, offsets, row_scale, 0 if row_scale.numel() == 1 else 1,
-        target, target, float(alpha), D, WEN=centers is not None, BLOCK_D=BLOCK_D)
+    BLOCK_D = block_d(D, cap=256)
+    return TritonLaunch(_segment_kernel, (triton.cdiv(D, BLOCK_D), C), dict(
+        DIFF_ptr=diff, ORDER_ptr=order, OFFSETS_ptr=offsets, ROW_SCALE_ptr=row_scale,
+        row_scale_stride=_row_scale_stride(row_scale), OUT_ptr=centers if centers is not None else grad_centers,
+        alpha=float(alpha), D=D, WEN=centers is not None, BLOCK_D=BLOCK_D))
+
+
+def forward(x, labels, centers, row_loss, diff) -> None:
+    forward_launch(x, labels, centers, row_loss, diff).launch()
+
+
+def backward(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers) -> None:
+    backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers).launch()
+
+
+def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers) -> None:
+    segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers).launch()

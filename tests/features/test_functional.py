@@ -105,15 +105,17 @@ def test_power_spectrogram_matches_librosa_float64(backend, name):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["chirp", "white", "impulses", "short", "odd"])
 def test_power_spectrogram_matches_librosa_float32(backend, name):
-    # float32 (every backend, as librosa on float32 audio): the same 1e-4 wherever the bin is within
-    # 60 dB of the utterance's peak, where float32 rounding of the FFT still allows it.
+    # float32 (every backend, as librosa on float32 audio), wherever the bin is within 60 dB of the
+    # utterance's peak. A float32 FFT's error is ~eps32 of the frame's peak amplitude; 60 dB down
+    # (1e-3 in amplitude) that is ~1e3 * eps32 = 1.2e-4 of the bin's amplitude, 2.4e-4 of its power.
+    # Measured: 5.9e-5 (pocketfft, CPU), 1.08e-4 (cuFFT, H100): the bound is 2.5e-4 on every device.
     x = SIGNALS[name]
     ref = librosa_power(x)
     ours = run("spectrogram", x, backend, n_fft=512, hop_length=160)
     assert ours.shape == ref.shape
     loud = ref > max(1e-7, 1e-6 * ref.max())
     assert loud.sum() > 100
-    assert (np.abs(ours - ref)[loud] / ref[loud]).max() < 1e-4
+    assert (np.abs(ours - ref)[loud] / ref[loud]).max() < 2.5e-4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,5 +1,6 @@
 """Every center-loss backend against the torch oracle and against the usual module."""
 import copy
+import os
 
 import pytest
 import torch
@@ -16,11 +17,17 @@ SHAPES = [(1, 1, 1), (7, 1, 5), (33, 5, 130), (64, 10, 513), (16, 40, 32)]
 
 
 def test_expected_backends_are_built():
-    assert "torch" in BACKENDS
-    assert "cpp" in BACKENDS, "the C++ extension fastser._C did not build or import"
-    if DEVICE == "cpu":
+    cpu = available_backends("cpu")
+    assert "torch" in cpu
+    assert "cpp" in cpu, "the C++ extension fastser._C did not build or import"
+    if os.environ.get("FASTSER_BUILD_CUDA") == "1":  # CI builds the CUDA kernels with nvcc, GPU or not
+        from fastser.ops import _native
+        assert _native.cuda is not None, f"fastser._C_cuda did not build or import: {_native.CUDA_IMPORT_ERROR}"
+    if DEVICE == "cuda":
+        assert "triton" in BACKENDS and "torch" in BACKENDS
+    else:
         pytest.importorskip("triton")
-        assert "triton" in BACKENDS, "Triton kernels must run here under TRITON_INTERPRET=1"
+        assert "triton" in cpu, "Triton kernels must run here under TRITON_INTERPRET=1"
 
 
 def make_batch(B, C, D, dtype=torch.float32, scale=1.0, device=DEVICE):
@@ -120,6 +127,33 @@ def test_half_precision_features(backend, dtype, tol):
     torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(xf.grad.float(), x32.grad, rtol=tol, atol=tol)
     torch.testing.assert_close(centers, oracle_centers, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("centers_dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("update", ["wen", "gradient"])
+def test_half_precision_centers(backend, centers_dtype, tol, update):
+    """fp16/bf16 centers (e.g. a model cast with .half()): every backend reads them as numbers, not as
+    reinterpreted fp32 bits, and writes the update or the gradient back in their own dtype."""
+    x, labels, centers32 = make_batch(40, 6, 72)
+    centers = centers32.to(centers_dtype)
+    exact = centers.double()  # the oracle starts from the same rounded centers, in float64
+    if update == "gradient":
+        c, co = centers.clone().requires_grad_(), exact.clone().requires_grad_()
+        loss = center_loss(x, labels, c, backend=backend)
+        ref = center_loss(x.double(), labels, co, backend="torch")
+        loss.backward()
+        ref.backward()
+        assert c.grad.dtype == centers_dtype
+        torch.testing.assert_close(c.grad.double(), co.grad, rtol=tol, atol=tol)
+    else:
+        loss = center_loss(x.clone().requires_grad_(), labels, centers, wen_alpha=0.5, backend=backend)
+        loss.backward()
+        ref = center_loss(x.double().requires_grad_(), labels, exact, wen_alpha=0.5, backend="torch")
+        ref.backward()
+        assert centers.dtype == centers_dtype
+        torch.testing.assert_close(centers.double(), exact, rtol=tol, atol=tol)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
