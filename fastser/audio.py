@@ -1,8 +1,12 @@
-"""Audio loading: soundfile for I/O, soxr for resampling, clear errors that name the file."""
+"""Audio loading: soundfile for I/O, soxr for resampling, clear errors that name the file.
+
+    load(path, sr)                 -> (samples, sr): the whole file in memory
+    stream(path, sr, block_seconds) -> blocks of mono samples at sr, for files of any length
+"""
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import soundfile as sf
@@ -17,18 +21,13 @@ def load(path, sr: Optional[int] = 16000, mono: bool = True, dtype=np.float32) -
     """-> (samples, sr). Float in [-1, 1] whatever the file's PCM/float format; mono=True mixes channels
     down (mean), else returns (channels, samples). sr=None keeps the file's rate; otherwise soxr resamples
     (high quality). Raises AudioError for missing, empty, truncated, non-audio or silent-length files."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AudioError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise AudioError(f"{path}: empty file (0 bytes)")
-    _check_riff_size(path)
+    path = _check_file(path)
     try:
         with sf.SoundFile(path) as f:
             file_sr = f.samplerate
             data = f.read(dtype="float64", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"{path}: not a readable audio file ({e})") from e
+        raise AudioError(f"{path}: not a readable audio file ({_libsndfile_reason(e, path)})") from e
     if data.shape[0] == 0:
         raise AudioError(f"{path}: no audio samples (empty or truncated file)")
     if not np.isfinite(data).all():
@@ -40,6 +39,58 @@ def load(path, sr: Optional[int] = 16000, mono: bool = True, dtype=np.float32) -
         y = soxr.resample(y.T if y.ndim == 2 else y, file_sr, sr, quality="HQ")
         y = y.T if y.ndim == 2 else y
     return np.ascontiguousarray(y, dtype=dtype), (sr if sr is not None else file_sr)
+
+
+def info(path) -> tuple[float, int]:
+    """(duration in seconds, sample rate) from the header, without reading the samples."""
+    path = _check_file(path)
+    try:
+        meta = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioError(f"{path}: not a readable audio file ({_libsndfile_reason(e, path)})") from e
+    return meta.frames / meta.samplerate, meta.samplerate
+
+
+def stream(path, sr: int = 16000, block_seconds: float = 60.0) -> Iterator[np.ndarray]:
+    """Mono float32 blocks at `sr`, read and resampled block by block (soxr's streaming resampler
+    keeps its state across blocks, so the concatenation equals a one-shot resample up to
+    floating-point rounding): memory stays bounded by the block, however long the file."""
+    path = _check_file(path)
+    try:
+        f = sf.SoundFile(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioError(f"{path}: not a readable audio file ({_libsndfile_reason(e, path)})") from e
+    with f:
+        resampler = soxr.ResampleStream(f.samplerate, sr, 1, dtype="float32", quality="HQ") \
+            if f.samplerate != sr else None
+        got = False
+        for block in f.blocks(blocksize=max(1, int(block_seconds * f.samplerate)), dtype="float32", always_2d=True):
+            y = np.ascontiguousarray(block.mean(axis=1), dtype=np.float32)
+            if not np.isfinite(y).all():
+                raise AudioError(f"{path}: contains NaN or Inf samples")
+            got = got or y.size > 0
+            yield resampler.resample_chunk(y) if resampler is not None else y
+        if not got:
+            raise AudioError(f"{path}: no audio samples (empty or truncated file)")
+        if resampler is not None:
+            yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def _libsndfile_reason(error: Exception, path: str) -> str:
+    """libsndfile's message without the path it repeats ("Error opening '<path>': Format not recognised.")."""
+    return str(error).replace(f"Error opening {path!r}: ", "").strip()
+
+
+def _check_file(path) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AudioError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise AudioError(f"{path}: a folder, not an audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+    _check_riff_size(path)
+    return path
 
 
 def _check_riff_size(path: str) -> None:

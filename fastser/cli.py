@@ -39,6 +39,9 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], module: str, argv
     errors = input_errors()
     try:
         result = main(argv)
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         hint = interrupted_hint()
         print(f"{prog}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)

@@ -1,23 +1,39 @@
-"""Predict emotions: `python -m fastser.predict FILE.wav [FILE ...] --checkpoint runs/<ts>/checkpoint.pt [--json]`.
+"""Predict emotions: `python -m fastser.predict FILE|FOLDER|GLOB ... --checkpoint runs/<ts>/ [--segments] [--format json|csv]`.
 
 Uses the model a training run kept last (the best epoch of its last fold), with that run's
-feature configuration and normalisation.
+feature configuration and normalisation. A recording up to the run's --max-seconds (8 s by
+default) is scored whole, exactly as the run's test utterances were. A longer one is cut into
+windows of the training crop (--train-seconds, 3 s) with half a window of hop, scored in batches
+and averaged (weighted by window length) into one prediction for the file; `--segments` also
+prints the per-window timeline. Long recordings are read and resampled block by block, so memory
+stays bounded for files of hours.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
+import glob
 import json
+import math
+import os
 import sys
 import zipfile
 from pathlib import Path
+from typing import Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 
-from fastser.audio import AudioError, load
+from fastser.audio import AudioError, info, load, stream
 from fastser.cli import UserError, prog_name, run_cli
 from fastser.distributed import parse_device
-from fastser.features.functional import FeatureConfig, _extract, prepare
+from fastser.features.functional import FeatureConfig, extract_many
 from fastser.models import SERModel
+
+MIN_SECONDS = 0.5       # below this a clip holds less than a syllable: the prediction is flagged unreliable
+SILENT_DBFS = -60.0     # RMS level (dB re full scale) below which a recording is flagged near-silent
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64", ".rf64"}
 
 
 def load_checkpoint(path) -> dict:
@@ -43,14 +59,74 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+@dataclasses.dataclass
+class Segment:
+    start: float  # seconds
+    end: float
+    probabilities: np.ndarray  # (classes,)
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One file: the aggregated prediction, its windows, and what makes it doubtful."""
+    file: str
+    classes: list
+    probabilities: np.ndarray
+    segments: list
+    duration: float
+    rms_dbfs: float
+
+    @property
+    def emotion(self) -> str:
+        return self.classes[int(np.argmax(self.probabilities))]
+
+    @property
+    def too_short(self) -> bool:
+        return self.duration < MIN_SECONDS
+
+    @property
+    def near_silent(self) -> bool:
+        return self.rms_dbfs < SILENT_DBFS
+
+    def warnings(self) -> list:
+        out = []
+        if self.too_short:
+            out.append(f"{self.duration:.3g} s is shorter than {MIN_SECONDS} s: the prediction is unreliable")
+        if self.near_silent:
+            level = "digital silence" if math.isinf(self.rms_dbfs) else f"RMS {self.rms_dbfs:.0f} dBFS"
+            out.append(f"near-silent ({level}; below {SILENT_DBFS:.0f} dBFS): the prediction is unreliable")
+        return out
+
+    def to_dict(self, segments: bool = False) -> dict:
+        probs = lambda p: {c: round(float(v), 4) for c, v in zip(self.classes, p)}  # noqa: E731
+        d = {"file": self.file, "emotion": self.emotion, "probabilities": probs(self.probabilities),
+             "duration": round(self.duration, 3), "windows": len(self.segments), "too_short": self.too_short,
+             "near_silent": self.near_silent, "warnings": self.warnings()}
+        if segments:
+            d["segments"] = [{"start": round(s.start, 3), "end": round(s.end, 3),
+                              "emotion": self.classes[int(np.argmax(s.probabilities))],
+                              "probabilities": probs(s.probabilities)} for s in self.segments]
+        return d
+
+
 class Predictor:
-    def __init__(self, checkpoint: str, device: str = "cpu"):
+    """A trained model ready to score audio.
+
+    Predictor(checkpoint, device="cpu", batch_size=32)
+    predict_file(path) -> Prediction; predict_waveform(samples at `sr`) -> Prediction;
+    probabilities(samples) -> (classes,) tensor. Inference only (no autograd).
+    """
+
+    def __init__(self, checkpoint, device: str = "cpu", batch_size: int = 32):
         ckpt = load_checkpoint(checkpoint)
         cfg = ckpt["config"]
         self.classes = cfg["classes_list"]
-        self.kinds = cfg["kinds"]
         self.configs = {k: FeatureConfig(**v) for k, v in cfg["feature_configs"].items()}
-        self.max_seconds = cfg["max_seconds"]
+        self.sr = next(iter(self.configs.values())).sr
+        self.whole_seconds = float(cfg["max_seconds"])  # scored whole, as the run's test utterances
+        self.window_seconds = float(cfg.get("train_seconds", 3.0))
+        self.hop_seconds = self.window_seconds / 2
+        self.batch_size = batch_size
         self.device = parse_device(device)
         bins = {k: c.n_bins for k, c in self.configs.items()}
         self.model = SERModel(bins, len(self.classes), width=cfg["width"], embed_dim=cfg["embed_dim"],
@@ -60,45 +136,198 @@ class Predictor:
         norm = ckpt["final"]["norm"]
         self.mean = {k: v.to(self.device)[None, :, None] for k, v in norm["mean"].items()}
         self.std = {k: v.to(self.device)[None, :, None] for k, v in norm["std"].items()}
-        self.sr = next(iter(self.configs.values())).sr
 
+    # -- scoring ------------------------------------------------------------------------
     @torch.no_grad()
-    def probabilities(self, waveform) -> torch.Tensor:
-        y, lengths, _ = prepare(torch.as_tensor(waveform[: int(self.max_seconds * self.sr)]).to(self.device))
-        feats = {}
-        for kind, cfg in self.configs.items():
-            out, frames = _extract(y, lengths, cfg, "auto")
-            feats[kind] = (out - self.mean[kind]) / self.std[kind]
-        return torch.softmax(self.model(feats, frames).logits, dim=1)[0].cpu()
+    def _score(self, clips: list) -> np.ndarray:
+        """Clips (1-D float32 arrays) -> (n, classes) probabilities, one batch."""
+        lengths = torch.tensor([len(c) for c in clips], dtype=torch.int64)
+        batch = torch.zeros(len(clips), int(lengths.max()))
+        for i, c in enumerate(clips):
+            batch[i, : len(c)] = torch.from_numpy(c)
+        outs, frames = extract_many(batch.to(self.device), lengths.to(self.device), list(self.configs.values()))
+        valid = (torch.arange(outs[0].shape[-1], device=self.device)[None, :] < frames[:, None])[:, None, :]
+        feats = {k: ((x - self.mean[k]) / self.std[k]) * valid for k, x in zip(self.configs, outs)}
+        return torch.softmax(self.model(feats, frames).logits.float(), dim=1).cpu().numpy()
 
-    def predict_file(self, path: str) -> dict:
-        y, _ = load(path, sr=self.sr)
-        p = self.probabilities(y)
-        return {"file": path, "emotion": self.classes[int(p.argmax())],
-                "probabilities": {c: round(float(v), 4) for c, v in zip(self.classes, p)}}
+    def _windows(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple]:
+        """(start sample, samples) windows over a stream of blocks: full windows every hop, then
+        the tail past the last full window as a shorter final window."""
+        win, hop = round(self.window_seconds * self.sr), round(self.hop_seconds * self.sr)
+        buf, buf_start, covered = np.zeros(0, np.float32), 0, 0
+        for block in blocks:
+            buf = np.concatenate([buf, block])
+            while len(buf) >= win:
+                yield buf_start, buf[:win]
+                covered = buf_start + win
+                buf, buf_start = buf[hop:], buf_start + hop
+        if buf_start + len(buf) > covered:
+            yield buf_start, buf
+
+    def _predict(self, name: str, windows: Iterator[tuple], level: "_Level") -> Prediction:
+        segments, pending = [], []
+
+        def flush():
+            probs = self._score([w for _, w in pending])
+            segments.extend(Segment(s / self.sr, (s + len(w)) / self.sr, p) for (s, w), p in zip(pending, probs))
+            pending.clear()
+
+        for start, samples in windows:
+            pending.append((start, samples))
+            if len(pending) == self.batch_size:
+                flush()
+        if pending:
+            flush()
+        weights = np.array([s.end - s.start for s in segments])
+        probs = (np.stack([s.probabilities for s in segments]) * weights[:, None]).sum(0) / weights.sum()
+        return Prediction(name, self.classes, probs, segments, level.seconds(self.sr), level.dbfs())
+
+    def predict_waveform(self, samples, name: str = "<waveform>") -> Prediction:
+        """Mono samples at `self.sr` (NumPy or torch, 1-D)."""
+        y = np.ascontiguousarray(torch.as_tensor(samples).detach().cpu().numpy(), dtype=np.float32).reshape(-1)
+        if y.size == 0:
+            raise ValueError("empty waveform")
+        level = _Level()
+        level.add(y)
+        if y.size <= self.whole_seconds * self.sr:
+            return self._predict(name, iter([(0, y)]), level)
+        return self._predict(name, self._windows([y]), level)
+
+    def predict_file(self, path) -> Prediction:
+        path = str(path)
+        seconds, _ = info(path)
+        if seconds <= self.whole_seconds:
+            y, _ = load(path, sr=self.sr)
+            return self.predict_waveform(y, name=path)
+        level = _Level()
+
+        def blocks():
+            for block in stream(path, sr=self.sr, block_seconds=10.0):
+                level.add(block)
+                yield block
+        return self._predict(path, self._windows(blocks()), level)
+
+    def probabilities(self, samples) -> torch.Tensor:
+        """(classes,) probabilities for mono samples at `self.sr`."""
+        return torch.from_numpy(self.predict_waveform(samples).probabilities)
+
+
+class _Level:
+    """Running RMS level of a stream, for the near-silence flag."""
+
+    def __init__(self):
+        self.sum_sq, self.n = 0.0, 0
+
+    def add(self, y: np.ndarray) -> None:
+        self.sum_sq += float(np.dot(y, y))  # float32 accumulation: ample for a level in dB, no copy
+        self.n += y.size
+
+    def seconds(self, sr: int) -> float:
+        return self.n / sr
+
+    def dbfs(self) -> float:
+        ms = self.sum_sq / max(self.n, 1)
+        return 10.0 * math.log10(ms) if ms > 0 else float("-inf")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def expand_inputs(items) -> tuple[list, list]:
+    """Files, folders (searched recursively for audio files) and glob patterns -> (files, errors)."""
+    files, errors = [], []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES and f.is_file())
+            files += found
+            if not found:
+                errors.append(f"{item}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder")
+        elif p.exists():
+            files.append(str(p))
+        elif glob.has_magic(item):
+            found = sorted(f for f in glob.glob(item, recursive=True) if os.path.isfile(f))
+            files += found
+            if not found:
+                errors.append(f"{item}: the pattern matches no file")
+        else:
+            errors.append(f"{item}: no such file")
+    return files, errors
+
+
+def _csv_rows(pred: Prediction, segments: bool) -> list:
+    rows = [(s.start, s.end, s.probabilities) for s in pred.segments] if segments else \
+        [(0.0, pred.duration, pred.probabilities)]
+    return [[pred.file, f"{a:.3f}", f"{b:.3f}", pred.classes[int(np.argmax(p))], *(f"{v:.4f}" for v in p)]
+            for a, b, p in rows]
+
+
+def _text(pred: Prediction, segments: bool) -> str:
+    order = lambda p: "  ".join(f"{pred.classes[i]} {p[i]:.2f}" for i in np.argsort(-p))  # noqa: E731
+    lines = [f"{pred.file}: {pred.emotion}  ({order(pred.probabilities)})"
+             + (f"  [{len(pred.segments)} windows over {pred.duration:.1f} s]" if len(pred.segments) > 1 else "")]
+    if segments:
+        lines += [f"  {s.start:8.2f}-{s.end:8.2f} s  {pred.classes[int(np.argmax(s.probabilities))]:<10} "
+                  f"({order(s.probabilities)})" for s in pred.segments]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog_name("fastser.predict"), description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("inputs", nargs="+", metavar="AUDIO",
+                    help="audio files (any format soundfile reads), folders (searched recursively) or glob patterns")
+    ap.add_argument("--checkpoint", required=True, help="a training run's folder or its checkpoint.pt")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    ap.add_argument("--format", choices=("text", "json", "csv"), default="text",
+                    help="text: a line per file; json: one list; csv: a row per file or segment (default: text)")
+    ap.add_argument("--json", action="store_true", help="the same as --format json")
+    ap.add_argument("--segments", action="store_true",
+                    help="also the per-window timeline (start, end, emotion, probabilities) of each file")
+    ap.add_argument("--batch-size", type=int, default=32, help="windows scored per batch (default: 32)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (shown for several files on a terminal)")
+    args = ap.parse_args(argv)
+    if args.json:
+        args.format = "json"
+    if args.batch_size < 1:
+        ap.error("--batch-size must be positive")
+    return args
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog=prog_name("fastser.predict"), description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="+", help="audio files (any format soundfile reads)")
-    ap.add_argument("--checkpoint", required=True, help="a training run's checkpoint.pt, or its run folder")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    ap.add_argument("--json", action="store_true", help="one JSON list on stdout instead of a line per file")
-    args = ap.parse_args(argv)
-    predictor = Predictor(args.checkpoint, args.device)
-    results, status = [], 0
-    for path in args.files:
+    args = parse_args(argv)
+    prog = prog_name("fastser.predict")
+    predictor = Predictor(args.checkpoint, args.device, batch_size=args.batch_size)
+    files, errors = expand_inputs(args.inputs)
+    if not files:
+        raise UserError("; ".join(errors) if errors else "no audio files given")
+    for e in errors:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    status = 2 if errors else 0
+    results = []
+    writer = None
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["file", "start", "end", "emotion", *predictor.classes])
+    iterator = files
+    if len(files) > 1 and not args.no_progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(files, desc="predicting", unit="file", file=sys.stderr, disable=None, leave=False)
+    for path in iterator:
         try:
-            results.append(predictor.predict_file(path))
+            pred = predictor.predict_file(path)
         except AudioError as e:  # one bad file does not stop the others; the exit status says so
-            print(f"{prog_name('fastser.predict')}: error: {e}", file=sys.stderr)
+            print(f"{prog}: error: {e}", file=sys.stderr)
             status = 2
             continue
-        if not args.json:
-            r = results[-1]
-            probs = "  ".join(f"{c} {p:.2f}" for c, p in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
-            print(f"{path}: {r['emotion']}  ({probs})")
-    if args.json:
+        for w in pred.warnings():
+            print(f"{prog}: warning: {path}: {w}", file=sys.stderr)
+        if args.format == "json":
+            results.append(pred.to_dict(args.segments))
+        elif writer is not None:
+            writer.writerows(_csv_rows(pred, args.segments))
+        else:
+            print(_text(pred, args.segments), flush=True)
+    if args.format == "json":
         print(json.dumps(results, indent=2))
     return status
 

@@ -33,61 +33,84 @@ from fastser import __version__
 from fastser.cli import prog_name, run_cli
 from fastser._io import atomic_torch_save
 from fastser import distributed as fdist
-from fastser.data import SPLITS, load_corpus, make_folds
+from fastser.data import SPLITS, CorpusError, load_corpus, make_folds
 from fastser.data.cache import FEATURE_KINDS, build_feature_table, feature_configs
 from fastser.metrics import summarize
 from fastser.models import SERModel, SERObjective
+from fastser.ops import backends_in_use
 
 CORPORA = ("synthetic", "iemocap", "emodb", "ravdess", "cremad", "tess")
 ABLATION = {"ce_only": (False, False), "center": (True, False), "recon": (False, True), "center+recon": (True, True)}
 DEFAULT_EPOCHS = {"synthetic": 12}
 
 
+class _DefaultsOnce(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the help already speaks of its default, or
+    there is none to show (flags that are off, options that are unset)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--corpus", choices=CORPORA, default="synthetic")
-    p.add_argument("--data-dir", default=None, help="corpus root, in the layout the corpus ships in")
-    p.add_argument("--split", choices=SPLITS, default=None,
-                   help="speaker-independent folds (default: the corpus's own; see README)")
-    p.add_argument("--folds", type=int, default=5, help="number of folds for --split kfold")
-    p.add_argument("--max-folds", type=int, default=None, help="run only the first N folds (smoke runs)")
-    p.add_argument("--classes", default=None,
-                   help='restrict/map labels, e.g. "neutral,happy=happy+excited,sad,angry"')
-    p.add_argument("--iemocap-subset", choices=("all", "improvised", "scripted"), default="all")
-    p.add_argument("--features", choices=("spectrogram", "mfcc", "both"), default="both")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs per fold (default 12 synthetic, 40 real)")
-    p.add_argument("--patience", type=int, default=8, help="early stopping: epochs without a better validation UA")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (split across ranks under torchrun)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-3)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--deterministic", action="store_true",
-                   help="bit-identical runs for a seed on one device (deterministic kernels and center "
-                        "update, torch.use_deterministic_algorithms; slower on a GPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default runs/<timestamp>/)")
-    p.add_argument("--resume", default=None, help="checkpoint.pt (or its folder) to continue from")
-    p.add_argument("--lambda-center", type=float, default=0.003)
-    p.add_argument("--lambda-recon", type=float, default=0.1)
-    p.add_argument("--center-alpha", type=float, default=0.5)
-    p.add_argument("--no-center", action="store_true")
-    p.add_argument("--no-recon", action="store_true")
-    p.add_argument("--ablation", action="store_true", help="CE only, +center, +recon, both on the same folds")
-    p.add_argument("--width", type=int, default=16, help="channels per stem branch (model size)")
-    p.add_argument("--embed-dim", type=int, default=128)
-    p.add_argument("--train-seconds", type=float, default=3.0, help="random crop length for training")
-    p.add_argument("--specaugment", action="store_true",
-                   help="time/frequency masks in training (off by default: they lowered UA in the sweep)")
-    p.add_argument("--max-seconds", type=float, default=8.0, help="longer utterances are cut")
-    p.add_argument("--cache-dir", default=None, help="feature cache (default <data-dir>/.fastser-cache)")
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--strict", action="store_true", help="a bad audio file is an error, not a skip")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--synthetic-speakers", type=int, default=16, help="size of the synthetic corpus")
-    p.add_argument("--synthetic-per-class", type=int, default=8, help="utterances per speaker and class")
+                                formatter_class=_DefaultsOnce)
+    corpus = p.add_argument_group("corpus and folds")
+    corpus.add_argument("--corpus", choices=CORPORA, default="synthetic",
+                        help="which corpus; 'synthetic' is generated, the others are read from --data-dir")
+    corpus.add_argument("--data-dir", default=None, help="corpus root, in the layout the corpus ships in (README)")
+    corpus.add_argument("--split", choices=SPLITS, default=None,
+                        help="speaker-independent folds (default: the corpus's own, see README)")
+    corpus.add_argument("--folds", type=int, default=5, help="number of folds for --split kfold")
+    corpus.add_argument("--max-folds", type=int, default=None, help="run only the first N folds (smoke runs)")
+    corpus.add_argument("--classes", default=None,
+                        help='restrict/map labels, e.g. "neutral,happy=happy+excited,sad,angry"')
+    corpus.add_argument("--iemocap-subset", choices=("all", "improvised", "scripted"), default="all",
+                        help="IEMOCAP sessions to use")
+    corpus.add_argument("--strict", action="store_true", help="a bad audio file is an error, not a skip")
+    corpus.add_argument("--max-seconds", type=float, default=8.0, help="longer utterances are cut")
+    corpus.add_argument("--cache-dir", default=None, help="feature cache (default: <data-dir>/.fastser-cache)")
+    corpus.add_argument("--no-cache", action="store_true", help="compute the features without reading or "
+                                                                 "writing the cache")
+    corpus.add_argument("--synthetic-speakers", type=int, default=16, help="speakers of the synthetic corpus")
+    corpus.add_argument("--synthetic-per-class", type=int, default=8,
+                        help="synthetic utterances per speaker and class")
+    model = p.add_argument_group("model and objective")
+    model.add_argument("--features", choices=("spectrogram", "mfcc", "both"), default="both",
+                       help="input branches: the log-mel spectrogram CNN, the MFCC CNN, or both")
+    model.add_argument("--width", type=int, default=16, help="channels per stem branch (model size)")
+    model.add_argument("--embed-dim", type=int, default=128, help="size of the embedding the center loss acts on")
+    model.add_argument("--lambda-center", type=float, default=0.003, help="weight of the center loss")
+    model.add_argument("--lambda-recon", type=float, default=0.1, help="weight of the reconstruction loss")
+    model.add_argument("--center-alpha", type=float, default=0.5, help="Wen et al.'s center update rate")
+    model.add_argument("--no-center", action="store_true", help="train without the center loss")
+    model.add_argument("--no-recon", action="store_true", help="train without the reconstruction decoder")
+    model.add_argument("--ablation", action="store_true", help="CE only, +center, +recon, both on the same folds")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=None,
+                     help="maximum epochs per fold (default: 12 synthetic, 40 real corpora)")
+    opt.add_argument("--patience", type=int, default=8, help="early stopping: epochs without a better validation UA")
+    opt.add_argument("--batch-size", type=int, default=16, help="global batch (split across ranks under torchrun)")
+    opt.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle AdamW schedule")
+    opt.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay")
+    opt.add_argument("--train-seconds", type=float, default=3.0,
+                     help="random crop length for training (also predict's window)")
+    opt.add_argument("--specaugment", action="store_true",
+                     help="time/frequency masks in training (off by default: they lowered UA in the sweep)")
+    opt.add_argument("--seed", type=int, default=0, help="seeds the folds, the weights, the batches and dropout")
+    run = p.add_argument_group("running")
+    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    run.add_argument("--amp", action="store_true", help="bf16 autocast")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--deterministic", action="store_true",
+                     help="bit-identical runs for a seed on one device (deterministic kernels and center "
+                          "update, torch.use_deterministic_algorithms; slower on a GPU)")
+    run.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>/)")
+    run.add_argument("--resume", default=None, help="checkpoint.pt (or its folder) to continue from")
+    run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS.get(args.corpus, 40)
@@ -228,6 +251,7 @@ class Run:
         a = vars(self.args).copy()
         a.update(lambda_center=self.lambda_center, lambda_recon=self.lambda_recon, classes_list=self.classes,
                  kinds=self.kinds, version=__version__, world_size=self.info.world_size,
+                 backends=backends_in_use(self.device),
                  feature_configs={k: dataclasses.asdict(v) for k, v in feature_configs(self.kinds).items()})
         return a
 
@@ -277,6 +301,10 @@ class Run:
 
     def run_fold(self, fold_index: int, fold) -> dict:
         a, info = self.args, self.info
+        for part in ("train", "val", "test"):
+            if len(getattr(fold, part)) == 0:
+                raise CorpusError(f"{self.table.corpus.name}: fold {fold.name} has no {part} utterances "
+                                  f"(too few usable files for --split {self.folds_split})")
         train_rows = torch.from_numpy(fold.train)
         norm = Normalizer.fit(self.table.feats, self.table.frames, train_rows)
         batcher = Batcher(self.table.feats, self.table.frames, self.table.labels, norm, self.device,
@@ -431,6 +459,7 @@ class Run:
             "n_utterances": len(corpus.utterances), "n_speakers": len(set(corpus.speakers.tolist())),
             "skipped": {"count": len(corpus.skipped), "files": [{"path": p, "reason": r} for p, r in corpus.skipped]},
             "world_size": self.info.world_size, "device": str(self.device), "seconds": seconds,
+            "backends": backends_in_use(self.device),
             "fastser_version": __version__,
         }
         if self.info.is_main:
@@ -521,10 +550,10 @@ def load_table(args, info):
                                 max_seconds=args.max_seconds, progress=info.is_main and not args.no_progress,
                                 is_builder=info.is_main, wait=info.barrier)
     if table.corpus.skipped and info.is_main:
-        import warnings
         listing = "\n  ".join(f"{p}: {r}" for p, r in table.corpus.skipped[:50])
-        warnings.warn(f"skipped {len(table.corpus.skipped)} bad files (use --strict to fail instead):\n  {listing}",
-                      stacklevel=1)
+        more = f"\n  ... and {len(table.corpus.skipped) - 50} more" if len(table.corpus.skipped) > 50 else ""
+        print(f"warning: skipped {len(table.corpus.skipped)} bad files (listed in metrics.json; --strict makes "
+              f"them an error):\n  {listing}{more}", file=sys.stderr)
     return table
 
 
@@ -574,18 +603,27 @@ def cli(argv=None) -> int:
 
 
 def _main(args, info) -> dict:
-    t0 = time.perf_counter()
     out = _out_dir(args, info)
     try:
-        table = load_table(args, info)
+        return _train(args, info, out)
     except BaseException:
         if info.is_main and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a run that never started leaves no empty folder behind
+            out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
         raise
+
+
+def _train(args, info, out: Path) -> dict:
+    t0 = time.perf_counter()
+    table = load_table(args, info)
     split = args.split or table.corpus.default_split
     folds = make_folds(table.corpus, split, n_folds=args.folds, seed=args.seed)
     if args.max_folds:
         folds = folds[: args.max_folds]
+    shared = [f.name for f in folds if not f.val_speaker_disjoint]
+    if shared and info.is_main:
+        print(f"warning: {table.corpus.name} has too few speakers for a speaker-disjoint validation set in "
+              f"{len(shared)} of {len(folds)} folds: early stopping there uses held-out utterances of training "
+              f"speakers (flagged per fold in metrics.json)", file=sys.stderr)
     if info.is_main:
         _log(f"{table.corpus.summary()} | split {split}: {len(folds)} folds | device {info.device}"
              f" x{info.world_size} | out {out}", args)

@@ -116,3 +116,113 @@ def test_interrupt_prints_one_line_with_the_resume_command(tmp_path):
     assert proc.returncode == 130
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0] == f"fastser-train: interrupted; continue with --resume {tmp_path / 'cut'}"
+
+
+def test_predict_without_cuda_and_json_checkpoint(trained, tmp_path):
+    run_dir, clips = trained
+    if not torch.cuda.is_available():
+        proc = run(command("predict", "script"), clips[0], "--checkpoint", run_dir, "--device", "cuda")
+        assert proc.returncode == 2 and "CUDA is not available" in one_error_line(proc, "fastser-predict")
+    (tmp_path / "metrics.json").write_text('{"wa": 0.5}')
+    proc = run(command("predict", "script"), clips[0], "--checkpoint", tmp_path / "metrics.json")
+    line = one_error_line(proc, "fastser-predict")
+    assert proc.returncode == 2 and "not a fastser checkpoint" in line and "weights_only" not in line
+
+
+def test_strict_and_skipped_files_name_each_file_once(tmp_path):
+    from tests.data.fixtures import make_ravdess
+    make_ravdess(tmp_path / "rav")
+    base = [*command("train", "script"), "--corpus", "ravdess", "--data-dir", tmp_path / "rav", "--no-cache",
+            "--width", "4", "--embed-dim", "16", "--epochs", "1", "--no-progress", "--max-folds", "1"]
+    strict = run(base, "--strict", "--out", tmp_path / "s")
+    line = one_error_line(strict, "fastser-train")
+    assert strict.returncode == 2 and "--strict" in line and str(tmp_path / "rav") in line  # names the file
+    ok = run(base, "--out", tmp_path / "ok")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    warning = [line for line in ok.stderr.splitlines() if line.startswith("warning: skipped")]
+    listed = [line.strip() for line in ok.stderr.splitlines() if line.startswith("  ")]
+    assert len(warning) == 1 and listed and all(line.count(str(tmp_path / "rav")) == 1 for line in listed)
+    assert "warnings.warn" not in ok.stderr and "UserWarning" not in ok.stderr
+
+
+def test_few_speakers_warn_on_stderr(tmp_path):
+    from tests.data.fixtures import make_tess, write_wav
+    make_tess(tmp_path / "tess")  # two speakers: no speaker-disjoint validation set is possible
+    for spk in ("OAF", "YAF"):  # enough words per speaker for a train and a validation part
+        for i, word in enumerate(("bean", "cab", "chain", "dip", "fall", "gun")):
+            write_wav(tmp_path / "tess" / f"{spk}_angry" / f"{spk}_{word}_angry.wav", seed=10 + i)
+            write_wav(tmp_path / "tess" / f"{spk}_neutral" / f"{spk}_{word}_neutral.wav", seed=20 + i)
+    proc = run(command("train", "script"), "--corpus", "tess", "--data-dir", tmp_path / "tess", "--no-cache",
+               "--width", "4", "--embed-dim", "16", "--epochs", "1", "--no-progress", "--max-folds", "1",
+               "--batch-size", "2", "--out", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "too few speakers for a speaker-disjoint validation set" in proc.stderr
+
+
+def test_every_train_flag_is_documented_with_its_default_once():
+    from fastser.train import parse_args  # noqa: F401 - the parser is built inside
+    import argparse
+    import fastser.train as train
+    captured = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        captured["parser"] = self
+        return original(self, *a, **k)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        train.parse_args([])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    parser = captured["parser"]
+    undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented, undocumented
+    text = parser.format_help()
+    assert "(default: None)" not in text and text.count("(default:") >= 10
+    for chunk in text.split("\n  -")[1:]:
+        assert " ".join(chunk.split()).count("default") <= 1, chunk
+
+
+def test_artifacts_have_the_usual_file_mode_and_record_backends(trained):
+    import json
+    run_dir, _ = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("checkpoint.pt", "metrics.json", "config.json"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    for name in ("metrics.json", "config.json"):
+        backends = json.loads((run_dir / name).read_text())["backends"]
+        assert backends["center_loss"] in ("cpp", "torch", "triton", "cuda") and "compiled_cpu_kernels" in backends
+
+
+BLOCK_C = """
+import sys
+class NoCompiledKernels:  # as in a source tree that was never built
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastser._C":
+            raise ImportError("No module named 'fastser._C'")
+sys.meta_path.insert(0, NoCompiledKernels())
+import fastser.ops, fastser.features
+print(fastser.ops.available_backends("cpu"))
+"""
+
+
+def test_missing_compiled_kernels_warn_once_and_say_why():
+    proc = run([sys.executable, "-c", BLOCK_C])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("compiled CPU kernels are not importable") == 1, proc.stderr
+    assert "was not built" in proc.stderr or "shadows" in proc.stderr
+    assert "cpp" not in proc.stdout
+
+
+def test_a_source_tree_shadowing_the_installed_package_is_named(monkeypatch, tmp_path):
+    import importlib.metadata
+    from fastser.ops import _native
+
+    class Installed:
+        def locate_file(self, name):
+            (tmp_path / "site-packages" / name).mkdir(parents=True, exist_ok=True)
+            return tmp_path / "site-packages" / name
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed())
+    why = _native._explain_missing_cpu_kernels(ImportError("No module named 'fastser._C'"))
+    assert "shadows" in why and str(tmp_path / "site-packages" / "fastser") in why

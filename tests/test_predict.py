@@ -1,5 +1,11 @@
+"""fastser.predict: whole recordings in windows, flags for doubtful clips, inputs, output formats."""
+import csv
+import io
 import json
+import tracemalloc
 
+import numpy as np
+import pytest
 import soundfile as sf
 
 import fastser.predict as predict
@@ -8,22 +14,110 @@ from fastser.data.synthetic import make_corpus
 from tests.test_train import SMALL
 
 
-def test_predict_loads_a_checkpoint_and_prints(tmp_path, capsys):
-    train.main(SMALL + ["--epochs", "1", "--out", str(tmp_path / "run")])
-    corpus = make_corpus(seed=5, n_speakers=1, per_class=1)
-    files = []
-    for u in corpus.utterances[:2]:
-        path = tmp_path / f"{u.uid}.wav"
-        sf.write(path, u.audio, 16000)
-        files.append(str(path))
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict") / "run"
+    train.main(SMALL + ["--epochs", "1", "--out", str(out)])  # SMALL trains on 1 s crops: 1 s windows, 0.5 s hop
+    return out
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    utts = make_corpus(seed=5, n_speakers=1, per_class=2).utterances
+    paths = []
+    for u in utts[:2]:
+        paths.append(folder / f"{u.uid}.wav")
+        sf.write(paths[-1], u.audio, 16000)
+    return folder, paths, utts
+
+
+def test_predict_loads_a_checkpoint_and_prints(run_dir, clips, capsys):
+    _, files, _ = clips
+    files = [str(f) for f in files]
     capsys.readouterr()
-    assert predict.main(files + ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--json"]) == 0
+    assert predict.main(files + ["--checkpoint", str(run_dir / "checkpoint.pt"), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["file"] for r in results] == files
     for r in results:
         assert r["emotion"] in r["probabilities"] and abs(sum(r["probabilities"].values()) - 1) < 1e-3
-    assert predict.main(files[:1] + ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt")]) == 0
+        assert r["windows"] == 1 and not r["too_short"] and not r["near_silent"]
+    assert predict.main(files[:1] + ["--checkpoint", str(run_dir)]) == 0  # the run folder works too
     assert files[0] in capsys.readouterr().out
+
+
+def test_a_long_recording_is_scored_whole_in_windows(run_dir, clips, tmp_path, monkeypatch):
+    """Once the first 8 s decided for the whole file: now every window counts, and the file's
+    probabilities are the length-weighted mean of its windows."""
+    _, _, utts = clips
+    audio = np.concatenate([u.audio for u in utts] * 2)  # > 8 s: windows, not one clip
+    path = tmp_path / "long.wav"
+    sf.write(path, audio, 16000, subtype="FLOAT")  # the same samples as `audio`, no 16-bit rounding
+    p = predict.Predictor(run_dir)
+    pred = p.predict_file(path)
+    duration = len(audio) / 16000
+    assert pred.duration == pytest.approx(duration, abs=1e-3)
+    assert pred.segments[0].start == 0 and pred.segments[-1].end == pytest.approx(duration, abs=1e-3)
+    starts = [s.start for s in pred.segments]
+    assert np.allclose(np.diff(starts), p.hop_seconds) and len(pred.segments) >= 2 * duration / p.window_seconds - 2
+    # each window scored alone gives the same probabilities; the file's are their weighted mean
+    for s in pred.segments[::7]:
+        alone = p._score([audio[round(s.start * 16000): round(s.end * 16000)]])[0]
+        np.testing.assert_allclose(s.probabilities, alone, atol=1e-5)
+    w = np.array([s.end - s.start for s in pred.segments])
+    np.testing.assert_allclose(pred.probabilities, (np.stack([s.probabilities for s in pred.segments])
+                                                    * w[:, None]).sum(0) / w.sum(), atol=1e-6)
+    np.testing.assert_allclose(p.predict_waveform(audio).probabilities, pred.probabilities, atol=1e-4)
+
+
+def test_long_files_are_streamed_in_bounded_memory(run_dir, tmp_path, monkeypatch):
+    minutes = 12
+    rng = np.random.default_rng(0)
+    path = tmp_path / "hours.flac"
+    with sf.SoundFile(path, "w", samplerate=22050, channels=1) as f:  # resampled while streaming
+        for _ in range(minutes):
+            f.write((0.1 * rng.standard_normal(22050 * 60)).astype(np.float32))
+    decoded_bytes = minutes * 60 * 16000 * 4
+    monkeypatch.setattr(predict, "load", lambda *a, **k: pytest.fail("a long file must not be read whole"))
+    p = predict.Predictor(run_dir, batch_size=64)
+    tracemalloc.start()
+    pred = p.predict_file(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert pred.duration == pytest.approx(minutes * 60, abs=0.01)
+    assert peak < decoded_bytes / 4, f"peak {peak / 2**20:.1f} MiB for {decoded_bytes / 2**20:.0f} MiB of audio"
+
+
+def test_doubtful_clips_are_flagged(run_dir, clips, tmp_path, capsys):
+    _, _, utts = clips
+    cases = {"short.wav": utts[0].audio[:800], "one_sample.wav": utts[0].audio[:1],
+             "silence.wav": np.zeros(16000, np.float32)}
+    for name, y in cases.items():
+        sf.write(tmp_path / name, y, 16000)
+    capsys.readouterr()
+    assert predict.main([str(tmp_path / n) for n in cases] + ["--checkpoint", str(run_dir), "--json"]) == 0
+    captured = capsys.readouterr()
+    out = {r["file"].rsplit("/", 1)[-1]: r for r in json.loads(captured.out)}
+    assert out["short.wav"]["too_short"] and out["one_sample.wav"]["too_short"]
+    assert not out["short.wav"]["near_silent"]
+    assert out["silence.wav"]["near_silent"] and not out["silence.wav"]["too_short"]
+    warnings = [line for line in captured.err.splitlines() if ": warning: " in line]
+    assert len(warnings) == 3 and all("unreliable" in w for w in warnings)
+
+
+def test_folders_globs_and_csv_segments(run_dir, clips, capsys):
+    folder, files, _ = clips
+    capsys.readouterr()
+    assert predict.main([str(folder), "--checkpoint", str(run_dir), "--format", "csv", "--segments"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    header, rows = rows[0], rows[1:]
+    assert header[:4] == ["file", "start", "end", "emotion"] and len(header) == 8
+    assert sorted({r[0] for r in rows}) == sorted(str(f) for f in files)
+    assert all(abs(sum(map(float, r[4:])) - 1) < 1e-3 for r in rows)
+    assert predict.main([str(folder / "*.wav"), "--checkpoint", str(run_dir)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(files)
+    assert predict.cli([str(folder / "*.mp3"), "--checkpoint", str(run_dir)]) == 2
+    assert "matches no file" in capsys.readouterr().err
 
 
 def test_predict_errors(tmp_path, capsys):

@@ -67,13 +67,16 @@ def load_audio(corpus: Corpus, sr: int, *, max_seconds: float, strict: bool = Fa
             raise ValueError(f"{corpus.name} was generated at {corpus.sample_rate} Hz, the model needs {sr} Hz")
         return [u.audio[: int(max_seconds * sr)] for u in corpus.utterances], corpus
 
+    if strict and corpus.skipped:
+        _raise_strict(corpus.skipped[0])
+
     def read(u):
         try:
             y, _ = load(u.path, sr=sr)
-        except AudioError as e:
-            return None, str(e)
+        except AudioError as e:  # its message starts with the path; the skip list keeps path and reason apart
+            return None, str(e).removeprefix(f"{u.path}: ")
         if y.size < sr // 100:
-            return None, f"{u.path}: too short ({y.size} samples at {sr} Hz)"
+            return None, f"too short ({y.size} samples at {sr} Hz)"
         return y[: int(max_seconds * sr)], None
 
     iterator = ThreadPoolExecutor(max_workers=workers).map(read, corpus.utterances)
@@ -84,7 +87,7 @@ def load_audio(corpus: Corpus, sr: int, *, max_seconds: float, strict: bool = Fa
     for u, (y, err) in zip(corpus.utterances, iterator):
         if err is not None:
             if strict:
-                raise CorpusError(f"bad audio file (--strict): {err}")
+                _raise_strict((u.path, err))
             skipped.append((u.path, err))
             continue
         audio.append(y)
@@ -92,6 +95,11 @@ def load_audio(corpus: Corpus, sr: int, *, max_seconds: float, strict: bool = Fa
     if not kept:
         raise CorpusError(f"{corpus.name}: none of the {len(corpus.utterances)} files could be read")
     return audio, dataclasses.replace(corpus, utterances=kept, skipped=skipped)
+
+
+def _raise_strict(skip) -> None:
+    path, reason = skip
+    raise CorpusError(f"bad audio file (--strict): {path}: {reason}")
 
 
 @torch.no_grad()
@@ -155,7 +163,7 @@ def _save_atomic(path: Path, table: FeatureTable) -> None:
 def _load(path: Path, corpus: Corpus, strict: bool) -> FeatureTable:
     payload = torch.load(path, weights_only=True)
     if strict and payload["skipped"]:
-        raise CorpusError(f"bad audio file (--strict): {payload['skipped'][0][1]}")
+        _raise_strict(payload["skipped"][0])
     by_uid = {u.uid: u for u in corpus.utterances}
     kept = [by_uid[uid] for uid in payload["uids"]]
     skipped = [tuple(s) for s in payload["skipped"]]

@@ -279,7 +279,8 @@ def _post_triton(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, c
 
 # ----------------------------------------------------------------------------- dispatch
 
-def _resolve(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The feature backend that `backend` ("auto" included) means on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -317,7 +318,7 @@ def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: st
                          f"({', '.join(STFT_FIELDS)}); call it once per setting")
     cfg0 = cfgs[0]
     frames = frame_count(lengths, cfg0.n_fft, cfg0.hop_length, cfg0.center)
-    backend = _resolve(backend, y.device)
+    backend = resolve_backend(backend, y.device)
     if backend in ("librosa", "dali"):
         from fastser.features import backends
         fn = backends.librosa_features if backend == "librosa" else backends.dali_features

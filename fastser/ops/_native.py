@@ -20,6 +20,28 @@ except ImportError as exc:  # a source checkout that was never built
 else:
     CPU_IMPORT_ERROR = None
 
+def _explain_missing_cpu_kernels(error: ImportError) -> str:
+    """Why fastser._C is missing: most often a source tree that shadows the installed package."""
+    import importlib.metadata
+    import os
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        dist = importlib.metadata.distribution("fastser")
+        installed = os.path.abspath(str(dist.locate_file("fastser")))
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed and os.path.abspath(installed) != here and os.path.isdir(installed):
+        return (f"fastser is imported from {here}, which has no compiled kernels, while the installed copy is "
+                f"{installed}: the source tree shadows it (run from another folder, or install with "
+                f"pip install -e .)")
+    return f"fastser at {here} was not built ({error}); pip install . (or -e .) builds them with a C++ compiler"
+
+
+if cpu is None:
+    import warnings
+    warnings.warn(f"fastser's compiled CPU kernels are not importable, so the slower torch fallbacks run: "
+                  f"{_explain_missing_cpu_kernels(CPU_IMPORT_ERROR)}", RuntimeWarning, stacklevel=2)
+
 try:
     from fastser import _C_cuda as cuda
 except ImportError as exc:  # built without nvcc, or no CUDA runtime here

@@ -283,7 +283,9 @@ class CenterLossFunction(torch.autograd.Function):
         labels = labels.long().contiguous()
         x = features.contiguous()
         row_loss, diff = _forward(backend, x, labels, centers.detach().contiguous())
-        if validate and wen_alpha is not None:
+        if validate and (wen_alpha is not None or centers.requires_grad):
+            # something will write the centers (the Wen update, or an optimizer from their gradient):
+            # non-finite features must stop it here, before any center can become NaN
             _raise_if_not_finite(x, row_loss)
         B = x.shape[0]
         scale = 1.0 / max(B, 1) if reduction == "mean" else 1.0
@@ -343,7 +345,8 @@ def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     wen_alpha: if given, the centers are updated in place by the Wen et al. rule when the
         backward runs (once per backward); the forward never changes them.
     centers.requires_grad: the centers receive their gradient (the usual module's).
-    validate: check shapes, devices, label range and (Wen update) finiteness, raising a clear
+    validate: check shapes, devices, label range and, when the centers will be written (Wen update
+        or centers.requires_grad), finiteness, raising a clear
         error before anything is written. On CUDA the label check costs one host sync.
     """
     if reduction not in REDUCTIONS:

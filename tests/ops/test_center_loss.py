@@ -231,22 +231,27 @@ BAD_INPUTS = [
     ("NaN features", lambda x, l, c: (x.index_fill(0, torch.tensor([2], device=DEVICE), float("nan")), l, c),
      ValueError, r"NaN or Inf \(first in row 2\)"),
 ]
-if DEVICE == "cpu" and False:  # pragma: no cover - device mismatch is exercised on GPU machines
-    pass
 
 
 @pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("update", ["wen", "gradient"])
 @pytest.mark.parametrize("name,mutate,exc,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_raises_and_leaves_centers(backend, name, mutate, exc, match):
-    loss_fn = CenterLoss(3, 6, backend=backend)
-    before = loss_fn.centers.clone()
+def test_bad_input_raises_and_leaves_centers(backend, update, name, mutate, exc, match):
+    """Both update modes: the error comes before anything could write a center (the Wen update in
+    backward, or the usual second optimizer stepping on a NaN gradient)."""
+    loss_fn = CenterLoss(3, 6, backend=backend, update=update).to(DEVICE)
+    opt = torch.optim.SGD(loss_fn.parameters(), lr=0.5) if update == "gradient" else None
+    before = loss_fn.centers.detach().clone()
     x, labels, _ = make_batch(4, 3, 6)
     labels = torch.tensor([0, 1, 2, 1], device=DEVICE)
-    loss_fn.to(DEVICE)
-    bad_x, bad_labels, _ = mutate(x, labels, loss_fn.centers)
+    bad_x, bad_labels, _ = mutate(x, labels, loss_fn.centers.detach())
     with pytest.raises(exc, match=match):
         loss_fn(bad_x.requires_grad_() if bad_x.is_floating_point() else bad_x, bad_labels).backward()
-    assert torch.equal(loss_fn.centers, before.to(DEVICE))
+        if opt is not None:
+            opt.step()
+    assert torch.equal(loss_fn.centers.detach(), before)
+    if update == "gradient":
+        assert loss_fn.centers.grad is None
 
 
 def test_unchecked_bad_label_still_caught_by_cpp_kernel():
