@@ -1,9 +1,11 @@
 """Feature extraction throughput: 256 clips of 3 s at 16 kHz, n_fft 512, hop 160, 40 mels / 40 MFCCs.
 
 Baseline: librosa one utterance at a time (how users run it). Also measured: librosa given the whole
-batch as one 2-D array, our torch path (CPU: torch FFT + the fused C++ post kernel), and on a GPU our
-torch+Triton path, the CuPy backend and torchaudio's GPU transforms. Targets (issue 4): CPU >= 2x the
-loop and faster than librosa-batch; GPU >= 1000x the loop and >= 1.5x torchaudio.
+batch as one 2-D array; fastser's default backend ("fastser": on the CPU torch's FFT + the fused C++
+post kernel, on a GPU torch.stft + the fused Triton kernel), its plain-torch backend (the one with
+autograd), and on a GPU the explicit Triton and CuPy backends and torchaudio's GPU transforms.
+Targets (issue 4), on "fastser": CPU >= 2x the loop and faster than librosa-batch; GPU >= 1000x
+the loop and >= 1.5x torchaudio.
 """
 import numpy as np
 import pytest
@@ -47,14 +49,14 @@ def _impl_fn(impl, kind, clips, device):
             tf = torch.nn.Sequential(torchaudio.transforms.MelSpectrogram(SR, **mel_kw),
                                      torchaudio.transforms.AmplitudeToDB("power", top_db=80)).to(device)
         return lambda: tf(x)
-    backend = {"fastser-torch": "torch", "fastser-triton": "triton", "fastser-cupy": "cupy"}[impl]
+    backend = {"fastser": "auto", "fastser-torch": "torch", "fastser-triton": "triton", "fastser-cupy": "cupy"}[impl]
     if kind == "mfcc":
         return lambda: F.mfcc(x, n_mfcc=40, backend=backend, **KW)
     return lambda: F.log_melspectrogram(x, backend=backend, **KW)
 
 
 def _available(impl, device):
-    if impl.startswith("librosa") or impl == "fastser-torch":
+    if impl.startswith("librosa") or impl in ("fastser", "fastser-torch"):
         return True
     if device.type != "cuda":
         return False
@@ -67,7 +69,7 @@ def _available(impl, device):
 
 
 @pytest.mark.parametrize("kind", ["mfcc", "logmel"])
-@pytest.mark.parametrize("impl", ["librosa-loop", "librosa-batch", "fastser-torch", "fastser-triton",
+@pytest.mark.parametrize("impl", ["librosa-loop", "librosa-batch", "fastser", "fastser-torch", "fastser-triton",
                                   "fastser-cupy", "torchaudio"])
 def test_feature_throughput(benchmark, device, clips, impl, kind):
     if not _available(impl, device):
@@ -76,7 +78,7 @@ def test_feature_throughput(benchmark, device, clips, impl, kind):
     on_gpu = device.type == "cuda" and not impl.startswith("librosa")
     target = None
     also = ()
-    if impl.startswith("fastser"):
+    if impl == "fastser":
         target = 1000.0 if on_gpu else 2.0
         also = ("librosa-batch", "torchaudio") if on_gpu else ("librosa-batch",)
     _harness.run(benchmark, fn, device if on_gpu else torch.device("cpu"), suite="features", group=kind,

@@ -12,13 +12,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks import _harness
-from fastser.data.cache import batch_features, feature_configs
+from fastser.features.featureset import FeatureSet
 from fastser.models import SERModel, SERObjective
 from fastser.reference.pipeline import LibrosaDataset, ReferenceTrainer, collate
-from fastser.train import train_step
+from fastser.training import train_step
 
 BATCH, SR, SECONDS, CLASSES = 64, 16000, 3.0, 4
-BINS = {"spectrogram": 64, "mfcc": 40}
+FEATURES = FeatureSet.paper()
+BINS = FEATURES.n_bins  # {"logmel": 64, "mfcc": 40}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,6 @@ def audio_batch():
 
 def fastser_step(audio, labels, device, amp=False):
     torch.manual_seed(0)
-    configs = feature_configs(list(BINS))
     model = SERModel(BINS, CLASSES).to(device, memory_format=torch.channels_last)
     objective = SERObjective(CLASSES, model.embed_dim).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -44,7 +44,7 @@ def fastser_step(audio, labels, device, amp=False):
 
     def step():
         batch = host.to(device, non_blocking=True)
-        feats, frames = batch_features(batch, lengths, configs)
+        feats, frames = FEATURES.extract(batch, lengths)
         feats = {k: (v - stats[k][0]) / stats[k][1] for k, v in feats.items()}
         train_step(model, objective, opt, feats, feats, frames, y, amp=amp)
     return step

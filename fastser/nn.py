@@ -24,6 +24,27 @@ UPDATES = ("wen", "gradient")
 
 
 class CenterLoss(nn.Module):
+    """Center loss (Wen et al., ECCV 2016), fused: sum_i ||x_i - c_{y_i}||^2, scaled by 1/B ("mean").
+
+    Args:
+        num_classes (C), feat_dim (D): the centers are a (C, D) tensor, initialised N(0, 1).
+        use_gpu: put the centers on CUDA at construction (the usual module's argument); or `.to()`.
+        update: "wen" — `centers` is a buffer moved in place by Wen's rule inside the backward,
+            c_j += alpha * sum_{i: y_i=j} (x_i - c_j) / (1 + n_j), once per backward and only in
+            training mode; "gradient" — `centers` is an nn.Parameter receiving the usual gradient.
+        alpha: Wen's update rate.  reduction: "mean" | "sum" | "none" (per-row losses, (B,)).
+        backend: "auto" | "triton" | "cuda" | "cpp" | "torch" (fastser.ops.available_backends()).
+        deterministic: no floating-point atomics (bit-identical centers run to run).
+        process_group: under torch.distributed, the Wen update sums over this group's ranks.
+        validate: check shapes, devices, labels and finiteness first, so a bad batch raises before
+            any center is written (on CUDA this costs a host sync per call).
+
+    Shapes: forward(features (B, D) float32/float16/bfloat16/float64, labels (B,) integer in [0, C))
+    -> scalar loss ((B,) with reduction="none"), in the promoted dtype of features and centers.
+    Autograd: gradients flow to the features (and to `centers` with update="gradient"); float64
+    passes torch.autograd.gradcheck.
+    """
+
     def __init__(self, num_classes: int, feat_dim: int, use_gpu: Optional[bool] = None, *,
                  update: str = "wen", alpha: float = 0.5, reduction: str = "mean", backend: str = "auto",
                  deterministic: bool = False, process_group=None, validate: bool = True):

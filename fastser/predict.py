@@ -18,9 +18,8 @@ import json
 import math
 import os
 import sys
-import zipfile
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -28,35 +27,12 @@ import torch
 from fastser.audio import AudioError, info, load, stream
 from fastser.cli import UserError, prog_name, run_cli
 from fastser.distributed import parse_device
-from fastser.features.functional import FeatureConfig, extract_many
-from fastser.models import SERModel
+from fastser.training.batches import Normalizer
+from fastser.training.checkpoints import build_model, finished_model, load_checkpoint
 
 MIN_SECONDS = 0.5       # below this a clip holds less than a syllable: the prediction is flagged unreliable
 SILENT_DBFS = -60.0     # RMS level (dB re full scale) below which a recording is flagged near-silent
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64", ".rf64"}
-
-
-def load_checkpoint(path) -> dict:
-    """A finished fastser checkpoint (a run folder or its checkpoint.pt), or a UserError saying what
-    the file is instead. Loads with weights_only=True only: a checkpoint never runs code."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoint.pt"
-    if not p.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    if not zipfile.is_zipfile(p):
-        raise UserError(f"{p}: not a fastser checkpoint (not a PyTorch checkpoint file, or a truncated one)")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
-        raise UserError(f"{p}: not a fastser checkpoint (damaged, or it holds Python objects rather than "
-                        f"fastser's tensors and metadata)") from None
-    if not isinstance(ckpt, dict) or not {"config", "version"} <= set(ckpt):
-        raise UserError(f"{p}: a PyTorch file, but not a fastser checkpoint (no fastser metadata)")
-    if "final" not in ckpt:
-        raise UserError(f"{p}: the run stopped before its first fold finished, so there is no model yet; "
-                        f"continue it with: python -m fastser.train --resume {p.parent}")
-    return ckpt
 
 
 @dataclasses.dataclass
@@ -118,24 +94,19 @@ class Predictor:
     """
 
     def __init__(self, checkpoint, device: str = "cpu", batch_size: int = 32):
-        ckpt = load_checkpoint(checkpoint)
-        cfg = ckpt["config"]
-        self.classes = cfg["classes_list"]
-        self.configs = {k: FeatureConfig(**v) for k, v in cfg["feature_configs"].items()}
-        self.sr = next(iter(self.configs.values())).sr
-        self.whole_seconds = float(cfg["max_seconds"])  # scored whole, as the run's test utterances
-        self.window_seconds = float(cfg.get("train_seconds", 3.0))
+        self.spec, final = finished_model(load_checkpoint(checkpoint))
+        self.classes = list(self.spec.classes)
+        self.features = self.spec.features
+        self.sr = self.features.sr
+        self.whole_seconds = self.spec.max_seconds  # scored whole, as the run's test utterances
+        self.window_seconds = self.spec.train_seconds
         self.hop_seconds = self.window_seconds / 2
         self.batch_size = batch_size
         self.device = parse_device(device)
-        bins = {k: c.n_bins for k, c in self.configs.items()}
-        self.model = SERModel(bins, len(self.classes), width=cfg["width"], embed_dim=cfg["embed_dim"],
-                              reconstruct=cfg["lambda_recon"] > 0)
-        self.model.load_state_dict(ckpt["final"]["model"])
+        self.model = build_model(self.spec)
+        self.model.load_state_dict(final["model"])
         self.model.to(self.device).eval()
-        norm = ckpt["final"]["norm"]
-        self.mean = {k: v.to(self.device)[None, :, None] for k, v in norm["mean"].items()}
-        self.std = {k: v.to(self.device)[None, :, None] for k, v in norm["std"].items()}
+        self.norm = Normalizer(**final["norm"]).to(self.device)
 
     # -- scoring ------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,10 +116,9 @@ class Predictor:
         batch = torch.zeros(len(clips), int(lengths.max()))
         for i, c in enumerate(clips):
             batch[i, : len(c)] = torch.from_numpy(c)
-        outs, frames = extract_many(batch.to(self.device), lengths.to(self.device), list(self.configs.values()))
-        valid = (torch.arange(outs[0].shape[-1], device=self.device)[None, :] < frames[:, None])[:, None, :]
-        feats = {k: ((x - self.mean[k]) / self.std[k]) * valid for k, x in zip(self.configs, outs)}
-        return torch.softmax(self.model(feats, frames).logits.float(), dim=1).cpu().numpy()
+        feats, frames = self.features.extract(batch.to(self.device), lengths.to(self.device))
+        logits = self.model(self.norm.apply(feats, frames), frames).logits
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def _windows(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple]:
         """(start sample, samples) windows over a stream of blocks: full windows every hop, then

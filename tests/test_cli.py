@@ -160,7 +160,6 @@ def test_few_speakers_warn_on_stderr(tmp_path):
 
 
 def test_every_train_flag_is_documented_with_its_default_once():
-    from fastser.train import parse_args  # noqa: F401 - the parser is built inside
     import argparse
     import fastser.train as train
     captured = {}

@@ -127,3 +127,21 @@ def test_predict_errors(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     assert predict.cli([str(bad), "--checkpoint", str(tmp_path / "junk.pt")]) == 2
     assert "not a fastser checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoints_of_fastser_0_1_still_load(run_dir, clips, tmp_path):
+    """0.1 kept the spec in the run config and called the log-mel branch "spectrogram"."""
+    import torch
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    old = {k: v for k, v in ckpt.items() if k != "spec"}
+    rename = lambda d: {("spectrogram" if k == "logmel" else k): v for k, v in d.items()}  # noqa: E731
+    old["config"] = {**ckpt["config"], "feature_configs": rename(ckpt["config"]["feature_configs"])}
+    old["final"] = {**ckpt["final"],
+                    "model": {k.replace(".logmel.", ".spectrogram."): v for k, v in ckpt["final"]["model"].items()},
+                    "norm": {s: rename(v) for s, v in ckpt["final"]["norm"].items()}}
+    assert any(".spectrogram." in k for k in old["final"]["model"])
+    torch.save(old, tmp_path / "old.pt")
+    _, files, _ = clips
+    new_p = predict.Predictor(run_dir).predict_file(files[0]).probabilities
+    old_p = predict.Predictor(tmp_path / "old.pt").predict_file(files[0]).probabilities
+    np.testing.assert_array_equal(new_p, old_p)

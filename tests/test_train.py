@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastser.train as train
+from fastser.training import Batcher, Normalizer, loop, train_step
 from fastser._io import atomic_torch_save
 from fastser.data.synthetic import make_corpus
 
@@ -28,8 +29,8 @@ def test_one_epoch_reduces_the_loss():
     corpus = make_corpus(seed=0, n_speakers=4, per_class=4, seconds=1.0)
     table = build_feature_table(corpus, ["mfcc"], torch.device("cpu"))
     fold = make_folds(corpus, "holdout")[0]
-    norm = train.Normalizer.fit(table.feats, table.frames, torch.from_numpy(fold.train))
-    batcher = train.Batcher(table.feats, table.frames, table.labels, norm, torch.device("cpu"), 100)
+    norm = Normalizer.fit(table.feats, table.frames, torch.from_numpy(fold.train))
+    batcher = Batcher(table.feats, table.frames, table.labels, norm, torch.device("cpu"), 100)
     torch.manual_seed(0)
     model = SERModel({"mfcc": 40}, 4, width=4, embed_dim=16)
     objective = SERObjective(4, 16)
@@ -47,7 +48,7 @@ def test_one_epoch_reduces_the_loss():
         for i in range(0, len(rows), 8):
             model.train()
             f, fr, y, _ = batcher.batch(rows[i:i + 8], torch.Generator().manual_seed(i))
-            train.train_step(model, objective, opt, f, f, fr, y)
+            train_step(model, objective, opt, f, f, fr, y)
     assert loss() < before
 
 
@@ -77,7 +78,7 @@ def _cut_and_resume(tmp_path, monkeypatch, *args):
     """Run to the end ("full"), run again but stop mid-way through the second fold ("cut"), resume it."""
     full, full_out = run(tmp_path, "full", *args)
     monkeypatch.setenv("FASTSER_INTERRUPT_AFTER_EPOCHS", "4")  # mid-way through the second fold
-    monkeypatch.setattr(train._maybe_interrupt, "count", 0, raising=False)
+    monkeypatch.setattr(loop.maybe_interrupt, "count", 0, raising=False)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "cut", *args)
     monkeypatch.delenv("FASTSER_INTERRUPT_AFTER_EPOCHS")

@@ -21,19 +21,9 @@ import torch
 from fastser._io import atomic_torch_save
 from fastser.audio import AudioError, load
 from fastser.data.base import Corpus, CorpusError
-from fastser.features.functional import FeatureConfig, extract_many
+from fastser.features.featureset import FeatureSet
 
-FEATURE_VERSION = 1
-FEATURE_KINDS = ("spectrogram", "mfcc")
-
-
-def feature_configs(kinds, sr: int = 16000) -> dict[str, FeatureConfig]:
-    """The model's inputs: 32 ms windows (n_fft 512 at 16 kHz), 10 ms hop.
-    spectrogram = 64-band log-mel spectrogram (80 dB range); mfcc = 40 MFCCs from 40 mel bands."""
-    common = dict(sr=sr, n_fft=512 * sr // 16000, hop_length=sr // 100)
-    table = {"spectrogram": FeatureConfig("logmel", n_mels=64, top_db=80.0, **common),
-             "mfcc": FeatureConfig("mfcc", n_mels=40, n_mfcc=40, top_db=80.0, **common)}
-    return {k: table[k] for k in kinds}
+FEATURE_VERSION = 2  # 2: the log-mel branch is called "logmel" (was "spectrogram")
 
 
 @dataclasses.dataclass
@@ -47,7 +37,7 @@ class FeatureTable:
         return torch.from_numpy(self.corpus.labels)
 
 
-def cache_key(corpus: Corpus, configs: dict, max_seconds: float) -> str:
+def cache_key(corpus: Corpus, features: FeatureSet, max_seconds: float) -> str:
     files = []
     for u in corpus.utterances:
         if u.path is None:
@@ -55,7 +45,7 @@ def cache_key(corpus: Corpus, configs: dict, max_seconds: float) -> str:
         st = os.stat(u.path)
         files.append([u.uid, u.path, st.st_size, st.st_mtime_ns])
     blob = json.dumps({"version": FEATURE_VERSION, "corpus": corpus.name, "files": files, "max_seconds": max_seconds,
-                       "features": {k: dataclasses.asdict(v) for k, v in configs.items()}}, sort_keys=True)
+                       "features": features.to_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -103,20 +93,14 @@ def _raise_strict(skip) -> None:
 
 
 @torch.no_grad()
-def batch_features(batch: torch.Tensor, lengths: torch.Tensor, configs: dict) -> tuple[dict, torch.Tensor]:
-    """(B, T) audio on the training device -> {kind: (B, bins, frames)}, frames; one STFT for all kinds."""
-    outs, frames = extract_many(batch, lengths, list(configs.values()))
-    return dict(zip(configs, outs)), frames
-
-
-def compute_features(audio: list, configs: dict, device: torch.device, batch_size: int = 64):
+def compute_features(audio: list, features: FeatureSet, device: torch.device, batch_size: int = 64):
     """Batched on `device` (sorted by length, so padding is small) -> (feats float16 on CPU, frames)."""
     from fastser.features.functional import frame_count
-    any_cfg = next(iter(configs.values()))
+    any_cfg = features.configs[0][1]
     lengths = torch.tensor([len(a) for a in audio], dtype=torch.int64)
     frames = frame_count(lengths, any_cfg.n_fft, any_cfg.hop_length, any_cfg.center)
     T = int(frames.max())
-    feats = {k: torch.zeros(len(audio), c.n_bins, T, dtype=torch.float16) for k, c in configs.items()}
+    feats = {k: torch.zeros(len(audio), n, T, dtype=torch.float16) for k, n in features.n_bins.items()}
     order = torch.argsort(lengths)
     for start in range(0, len(audio), batch_size):
         idx = order[start: start + batch_size]
@@ -125,33 +109,34 @@ def compute_features(audio: list, configs: dict, device: torch.device, batch_siz
             batch[row, : lengths[i]] = torch.from_numpy(audio[i])
         if device.type == "cuda":
             batch = batch.pin_memory().to(device, non_blocking=True)
-        out, _ = batch_features(batch, lengths[idx].to(device), configs)
+        out, _ = features.extract(batch, lengths[idx].to(device))
         for kind, x in out.items():
             feats[kind][idx, :, : x.shape[-1]] = x.to("cpu", torch.float16)
     return feats, frames
 
 
-def build_feature_table(corpus: Corpus, kinds, device: torch.device, *, sr: int = 16000, max_seconds: float = 8.0,
+def build_feature_table(corpus: Corpus, features: FeatureSet, device: torch.device, *, max_seconds: float = 8.0,
                         cache_dir: Optional[os.PathLike] = None, strict: bool = False, progress: bool = False,
                         is_builder: bool = True, wait: Callable[[], None] = lambda: None) -> FeatureTable:
     """Features for every utterance, from the cache when it holds this exact corpus and config.
     Under torch.distributed only rank 0 (`is_builder`) builds; the others `wait` and then read."""
-    configs = feature_configs(kinds, sr)
+    if not isinstance(features, FeatureSet):  # a list of kinds: the paper's settings for them
+        features = FeatureSet.paper(features)
     path = None
     if cache_dir is not None and all(u.path is not None for u in corpus.utterances):
-        path = Path(cache_dir) / f"{corpus.name}-{cache_key(corpus, configs, max_seconds)}.pt"
+        path = Path(cache_dir) / f"{corpus.name}-{cache_key(corpus, features, max_seconds)}.pt"
     if path is not None and not path.exists() and is_builder:
-        table = _build(corpus, configs, device, sr, max_seconds, strict, progress)
+        table = _build(corpus, features, device, max_seconds, strict, progress)
         _save_atomic(path, table)
     wait()
     if path is not None and path.exists():
         return _load(path, corpus, strict)
-    return _build(corpus, configs, device, sr, max_seconds, strict, progress)
+    return _build(corpus, features, device, max_seconds, strict, progress)
 
 
-def _build(corpus, configs, device, sr, max_seconds, strict, progress) -> FeatureTable:
-    audio, corpus = load_audio(corpus, sr, max_seconds=max_seconds, strict=strict, progress=progress)
-    feats, frames = compute_features(audio, configs, device)
+def _build(corpus, features, device, max_seconds, strict, progress) -> FeatureTable:
+    audio, corpus = load_audio(corpus, features.sr, max_seconds=max_seconds, strict=strict, progress=progress)
+    feats, frames = compute_features(audio, features, device)
     return FeatureTable(feats, frames, corpus)
 
 

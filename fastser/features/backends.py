@@ -1,6 +1,6 @@
 """Whole-chain backends that do not share fastser's STFT: librosa (the reference) and NVIDIA DALI.
 
-Both take what `functional._extract` takes — padded (B, T) signals, lengths, frame counts and a
+Both take what `functional.extract_many` hands a backend — padded (B, T) signals, lengths, frame counts and a
 FeatureConfig — and return (B, bins, max_frames) tensors with padded frames zeroed, so they are
 interchangeable with the torch/Triton/CuPy paths behind the same API.
 """
@@ -10,6 +10,8 @@ import functools
 
 import numpy as np
 import torch
+
+from fastser.features.post import clamp_top_db, project
 
 
 def _stack(items, frames: torch.Tensor, n_bins: int, like: torch.Tensor) -> torch.Tensor:
@@ -102,7 +104,6 @@ def dali_features(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, 
         raise ValueError(f"backend 'dali' supports mel norm 'slaney' or None, got {cfg.mel_norm!r}")
     if cfg.kind == "mfcc" and cfg.dct_norm not in ("ortho", None):
         raise ValueError(f"backend 'dali' supports DCT norm 'ortho' or None, got {cfg.dct_norm!r}")
-    from fastser.features.functional import _project, clamp_top_db
 
     dct_in_dali = cfg.kind == "mfcc" and cfg.top_db is None
     signals = y.detach().to("cpu", torch.float32).numpy()
@@ -117,7 +118,7 @@ def dali_features(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, 
         out = clamp_top_db(out, f, cfg.top_db)  # DALI already applied ref and amin
     if cfg.kind == "mfcc" and not dct_in_dali:
         from fastser.features.filters import dct_matrix, lifter_weights
-        out = _project(dct_matrix(cfg.n_mfcc, cfg.n_mels, cfg.dct_type, cfg.dct_norm), out)
+        out = project(dct_matrix(cfg.n_mfcc, cfg.n_mels, cfg.dct_type, cfg.dct_norm), out)
         out = out * lifter_weights(cfg.n_mfcc, cfg.lifter)[:, None]
         out = out.masked_fill(torch.arange(out.shape[-1])[None, None, :] >= f[:, None, None], 0.0)
     return out.to(y.device)

@@ -12,27 +12,34 @@ out). With `lengths` (B,) the functions return `(features, frames)`: each item i
 own samples only (its own padding at its own end, as if it were called alone), and frames at or
 beyond `frames[b]` are zero. top_db and ref=max act per utterance, over its valid frames.
 
-Backends (one dispatch point, `_extract`): "torch" (torch.stft: cuFFT on CUDA; on CUDA everything
-after the FFT runs in one fused Triton kernel), "triton" (the fused kernel explicitly; on CPU only
-under TRITON_INTERPRET=1), "cupy" (cupy.fft, shared with torch by DLPack), "dali" (an NVIDIA
-DALI pipeline) and "librosa" (the reference, one utterance at a time). "auto" is "torch".
+Backends (one dispatch point, `extract_many`):
+    "torch"   torch.stft and torch ops after it, any device; the only one that keeps gradients
+    "cpp"     CPU: torch's FFT, then power -> mel -> dB -> top_db -> DCT in one fused C++ kernel
+    "triton"  CUDA: torch.stft (cuFFT), then the same chain in one fused Triton kernel
+              (CPU tensors only under TRITON_INTERPRET=1, for the tests)
+    "cupy"    CUDA: cupy.fft, shared with torch by DLPack, then the Triton kernel
+    "dali"    an NVIDIA DALI pipeline;  "librosa": the reference, one utterance at a time
+    "auto"    "triton" on CUDA, "cpp" on the CPU (where available), "torch" when the audio requires grad
+Every backend but "torch" raises when the audio requires grad rather than silently drop the gradient.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 
-from fastser.ops import _native
+from fastser.features import post
 from fastser.features.filters import analysis_window, dct_matrix, lifter_weights, mel_filterbank
+from fastser.ops import _native, mel_chain
 
 __all__ = ["spectrogram", "melspectrogram", "log_melspectrogram", "mfcc", "power_to_db",
            "mel_filterbank", "dct_matrix", "frame_count", "BACKENDS", "FeatureConfig"]
 
-BACKENDS = ("auto", "torch", "triton", "cupy", "dali", "librosa")
+BACKENDS = ("auto", "torch", "cpp", "triton", "cupy", "dali", "librosa")
 PAD_MODES = ("constant", "reflect", "edge", "wrap", "symmetric")
 KINDS = ("spectrogram", "mel", "logmel", "mfcc")
 Ref = Union[float, Callable, str]
@@ -93,7 +100,7 @@ class FeatureConfig:
 
     @property
     def log_ref(self) -> float:
-        return 0.0 if self.ref == "max" else 10.0 * float(np.log10(max(self.amin, abs(float(self.ref)))))
+        return 0.0 if self.ref == "max" else post.log_reference(self.ref, self.amin)
 
 
 def _normalise_ref(ref: Ref) -> Union[float, str]:
@@ -199,94 +206,45 @@ def _stft_cupy(signal: torch.Tensor, window: torch.Tensor, cfg: FeatureConfig) -
 
 # ----------------------------------------------------------------------------- post-processing
 
-def _valid_mask(frames: torch.Tensor, n_frames: int) -> torch.Tensor:
-    return torch.arange(n_frames, device=frames.device)[None, None, :] < frames[:, None, None]
-
-
-def clamp_top_db(db: torch.Tensor, frames: torch.Tensor, top_db: float) -> torch.Tensor:
-    """max(db, item max - top_db), the max of each item over its valid frames; padded frames -> 0."""
-    valid = _valid_mask(frames, db.shape[-1])
-    item_max = db.masked_fill(~valid, float("-inf")).amax(dim=(1, 2), keepdim=True)
-    return torch.maximum(db, item_max - top_db).masked_fill(~valid, 0.0)
-
-
-def _to_db(S: torch.Tensor, frames: torch.Tensor, ref: Union[float, str], amin: float,
-           top_db: Optional[float]) -> torch.Tensor:
-    """power_to_db per utterance over its valid frames; S (B, bins, T) power."""
-    db = 10.0 * torch.log10(S.clamp(min=amin))
-    if ref == "max":
-        valid = _valid_mask(frames, S.shape[-1])
-        db = db - db.masked_fill(~valid, float("-inf")).amax(dim=(1, 2), keepdim=True)
-    else:
-        db = db - 10.0 * float(np.log10(max(amin, abs(float(ref)))))
-    if top_db is not None:
-        return clamp_top_db(db, frames, top_db)
-    return db.masked_fill(~_valid_mask(frames, S.shape[-1]), 0.0)
-
-
-def _project(matrix: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """matrix @ S. On the CPU in float64, rounded back: CPU GEMM kernels change their summation order
-    with the number of frames, and this keeps a batched call bit-identical to per-item calls."""
-    if S.device.type != "cpu":
-        return torch.matmul(matrix, S)
-    return torch.matmul(matrix.double(), S.double()).to(S.dtype)
-
-
 def _post_torch(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, const: dict) -> torch.Tensor:
-    valid = _valid_mask(frames, spec.shape[-1])
-    if cfg.power is None:
-        return spec.masked_fill(~valid, 0)
-    if cfg.power == 2.0:
-        S = torch.view_as_real(spec).square().sum(-1)
-    else:
-        S = spec.abs().pow(cfg.power)
-    if cfg.kind == "spectrogram":
-        return S.masked_fill(~valid, 0.0)
-    S = _project(const["fb"], S)
-    if cfg.kind == "mel":
-        return S.masked_fill(~valid, 0.0)
-    S = _to_db(S, frames, cfg.ref, cfg.amin, cfg.top_db)
-    if cfg.kind == "logmel":
-        return S
-    return (_project(const["dct"], S) * const["lift"][:, None]).masked_fill(~valid, 0.0)
-
-
-def post_triton_launch(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, const: dict):
-    """-> (the fused kernel's TritonLaunch, its output (B, bins, T)) for a mel/log-mel/MFCC config.
-    Public so that the GPU compile gate compiles exactly what `_post_triton` launches."""
-    from fastser.ops import mel_chain_triton
-    B, _, T = spec.shape
-    mel = torch.empty(B, cfg.n_mels, T, dtype=torch.float32, device=spec.device)
-    mfcc_out = None
-    if cfg.kind == "mfcc":
-        mfcc_out = torch.empty(B, cfg.n_mfcc, T, dtype=torch.float32, device=spec.device)
-    to_db = cfg.kind in ("logmel", "mfcc")
-    f32 = {k: v.to(torch.float32).contiguous() for k, v in const.items()}
-    launch = mel_chain_triton.mel_chain_launch(
-        torch.view_as_real(spec.to(torch.complex64)), f32["fb"], frames.to(torch.int32), mel, power=cfg.power,
-        to_db=to_db, amin=cfg.amin, log_ref=cfg.log_ref, ref_max=to_db and cfg.ref == "max",
-        top_db=cfg.top_db if to_db else None, dct=f32.get("dct"), lift=f32.get("lift"), mfcc_out=mfcc_out)
-    return launch, (mfcc_out if mfcc_out is not None else mel)
+    return post.post_chain(spec, frames, cfg, const)
 
 
 def _post_triton(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, const: dict) -> torch.Tensor:
     if cfg.kind == "spectrogram":  # nothing to fuse: one elementwise op
-        return _post_torch(spec, frames, cfg, const)
-    launch, out = post_triton_launch(spec, frames, cfg, const)
-    launch.launch()
-    return out
+        return post.post_chain(spec, frames, cfg, const)
+    from fastser.ops import mel_chain
+    return mel_chain.triton(spec, frames, cfg, const)
 
 
 # ----------------------------------------------------------------------------- dispatch
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The feature backend that `backend` ("auto" included) means on `device`."""
+def resolve_backend(backend: str, device: torch.device, requires_grad: bool = False) -> str:
+    """The feature backend that `backend` means on `device`. "auto": with autograd "torch" (the only
+    one that keeps gradients); else the fused post kernel of the device, "triton" on CUDA and
+    "cpp" on the CPU (each when available), "torch" otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_ok() else "torch"
-    if backend == "torch" and device.type == "cuda" and _triton_ok():
-        return "triton"
+        if requires_grad:
+            return "torch"
+        if device.type == "cuda":
+            return "triton" if _triton_ok() else "torch"
+        return "cpp" if _native.cpu_has_mel_chain() else "torch"
+    if requires_grad and backend != "torch":
+        raise ValueError(f"backend {backend!r} does not propagate gradients; the audio requires grad, so use "
+                         f"backend='torch' (or 'auto', which picks it)")
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on the CPU, the audio is on {device}")
+        if not _native.cpu_has_mel_chain():
+            raise RuntimeError("backend 'cpp' needs fastser's compiled CPU kernels, which are not importable here")
+    if backend == "triton":
+        if not _triton_ok():
+            raise RuntimeError("backend 'triton' needs Triton: pip install triton")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend 'triton' runs on CUDA (or interpreted with TRITON_INTERPRET=1), "
+                             f"the audio is on {device}")
     return backend
 
 
@@ -318,13 +276,13 @@ def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: st
                          f"({', '.join(STFT_FIELDS)}); call it once per setting")
     cfg0 = cfgs[0]
     frames = frame_count(lengths, cfg0.n_fft, cfg0.hop_length, cfg0.center)
-    backend = resolve_backend(backend, y.device)
+    backend = resolve_backend(backend, y.device, y.requires_grad)
     if backend in ("librosa", "dali"):
         from fastser.features import backends
         fn = backends.librosa_features if backend == "librosa" else backends.dali_features
         return [fn(y, lengths, frames, c) for c in cfgs], frames
     consts = consts if consts is not None else [constants(c, y.device) for c in cfgs]
-    if backend == "torch" and all(_cpu_fused_ok(y, c) for c in cfgs):
+    if backend == "cpp" and all(_cpu_fused_ok(y, c) for c in cfgs):
         return _extract_cpu_fused(y, lengths, frames, cfgs, consts), frames
     signal = _padded_signal(y, lengths, frames, cfg0)
     spec = (_stft_cupy if backend == "cupy" else _stft_torch)(signal, consts[0]["window"].to(signal.dtype), cfg0)
@@ -333,8 +291,9 @@ def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: st
 
 
 def _cpu_fused_ok(signal: torch.Tensor, cfg: FeatureConfig) -> bool:
-    return (cfg.kind != "spectrogram" and cfg.power is not None and signal.device.type == "cpu"
-            and signal.dtype == torch.float32 and _native.cpu_has_mel_chain())
+    """What the C++ kernel covers: the mel chain on float32 audio (a plain spectrogram is one
+    elementwise op and float64 audio stays float64: those run on torch's ops under 'cpp' too)."""
+    return cfg.kind != "spectrogram" and cfg.power is not None and signal.dtype == torch.float32
 
 
 def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, cfgs: list, consts: list):
@@ -344,7 +303,6 @@ def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Ten
     B = y.shape[0]
     T = int(frames.max())
     cfg0 = cfgs[0]
-    F_bins = 1 + cfg0.n_fft // 2
     window = consts[0]["window"].to(torch.float32)
     # the C++ kernel computes in float32 (a module moved to float64 keeps float64 buffers)
     consts_f32 = [{k: v.to(torch.float32).contiguous() for k, v in c.items() if k != "window"} for c in consts]
@@ -360,12 +318,8 @@ def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Ten
         signal = _padded_signal(y[b0:b1], lengths[b0:b1], frames.new_full((1,), T), cfg0)
         spec = torch.fft.rfft(signal.unfold(1, cfg0.n_fft, cfg0.hop_length) * window)
         for cfg, f32, (mel, ceps) in zip(cfgs, consts_f32, outs):
-            to_db = cfg.kind in ("logmel", "mfcc")
-            _native.mel_chain_cpu(spec, frames[b0:b1], f32["fb"], power=float(cfg.power), to_db=to_db,
-                                  amin=cfg.amin, log_ref=cfg.log_ref, ref_max=to_db and cfg.ref == "max",
-                                  top_db=cfg.top_db if to_db else None, dct=f32.get("dct"),
-                                  lift=f32.get("lift"), mel_out=mel[b0:b1],
-                                  mfcc_out=ceps[b0:b1] if ceps is not None else None)
+            mel_chain.cpp(spec, frames[b0:b1], cfg, f32, mel_out=mel[b0:b1],
+                          mfcc_out=ceps[b0:b1] if ceps is not None else None)
     return [ceps if ceps is not None else mel for mel, ceps in outs]
 
 
@@ -487,5 +441,5 @@ def power_to_db(S, *, ref: Ref = 1.0, amin: float = 1e-10, top_db: Optional[floa
     St = St.reshape(-1, *shape[-2:]) if St.dim() >= 2 else St.reshape(1, 1, -1)
     f = torch.full((St.shape[0],), St.shape[-1], dtype=torch.int64) if frames is None else \
         torch.as_tensor(frames, dtype=torch.int64).reshape(-1)
-    out = _to_db(St, f.to(St.device), _normalise_ref(ref), amin, top_db).reshape(shape)
+    out = post.to_db(St, f.to(St.device), _normalise_ref(ref), amin, top_db).reshape(shape)
     return out.numpy() if was_numpy else out

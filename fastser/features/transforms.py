@@ -1,7 +1,11 @@
 """nn.Module front-ends (torchaudio's transforms, librosa's parameters). Window, mel filters and
 DCT are buffers, so `.to(device)` moves them and the module can be a model's first layer.
 
-    forward(waveform (T,) or (B, T), lengths=None) -> features, or (features, frames) with lengths
+    forward(waveform (T,) or (B, T), lengths=None) -> features (..., bins, frames),
+            or (features, frames (B,)) when lengths (B,) is given (padding frames are 0)
+
+Autograd: with backend "auto" (the default) audio that requires grad goes through the "torch"
+backend and gets its gradient; the fused backends raise instead of dropping it.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ class _Feature(nn.Module):
 
 
 class Spectrogram(_Feature):
+    """|STFT|**power, (..., T) -> (..., 1 + n_fft // 2, frames); power=None gives the complex STFT."""
+
     def __init__(self, n_fft: int = 2048, hop_length: Optional[int] = None, win_length: Optional[int] = None,
                  window="hann", center: bool = True, pad_mode: str = "constant", power: Optional[float] = 2.0,
                  backend: str = "auto"):
@@ -49,7 +55,8 @@ class Spectrogram(_Feature):
 
 
 class MelSpectrogram(_Feature):
-    """Mel power spectrogram; `to_db=True` gives the log-mel (power_to_db with ref, amin, top_db)."""
+    """Mel power spectrogram, (..., T) -> (..., n_mels, frames); `to_db=True` gives the log-mel
+    (power_to_db with ref, amin and top_db per utterance, as librosa on each item alone)."""
 
     def __init__(self, sr: int = 22050, n_fft: int = 2048, hop_length: Optional[int] = None,
                  win_length: Optional[int] = None, window="hann", center: bool = True, pad_mode: str = "constant",
@@ -64,6 +71,9 @@ class MelSpectrogram(_Feature):
 
 
 class MFCC(_Feature):
+    """MFCCs as librosa.feature.mfcc, (..., T) -> (..., n_mfcc, frames): log-mel (mel_norm, ref, amin,
+    top_db) then a DCT (dct_type, norm) and a lifter."""
+
     def __init__(self, sr: int = 22050, n_mfcc: int = 20, dct_type: int = 2, norm: Optional[str] = "ortho",
                  lifter: float = 0.0, n_fft: int = 2048, hop_length: Optional[int] = None,
                  win_length: Optional[int] = None, window="hann", center: bool = True, pad_mode: str = "constant",

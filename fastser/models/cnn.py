@@ -113,7 +113,7 @@ class FeatureDecoder(nn.Module):
 
 
 class SERModel(nn.Module):
-    """One encoder per feature kind ("spectrogram", "mfcc" or both), pooled vectors concatenated,
+    """One encoder per feature kind ("logmel", "mfcc" or both), pooled vectors concatenated,
     an embedding layer, a classifier, and one decoder per kind."""
 
     def __init__(self, input_bins: dict, num_classes: int, *, width: int = 16, embed_dim: int = 128,
@@ -148,7 +148,7 @@ class SERModel(nn.Module):
 
 
 def spectrogram_cnn(num_classes: int, n_bins: int = 64, **kw) -> SERModel:
-    return SERModel({"spectrogram": n_bins}, num_classes, **kw)
+    return SERModel({"logmel": n_bins}, num_classes, **kw)
 
 
 def mfcc_cnn(num_classes: int, n_bins: int = 40, **kw) -> SERModel:
@@ -156,4 +156,4 @@ def mfcc_cnn(num_classes: int, n_bins: int = 40, **kw) -> SERModel:
 
 
 def two_branch_cnn(num_classes: int, spectrogram_bins: int = 64, mfcc_bins: int = 40, **kw) -> SERModel:
-    return SERModel({"spectrogram": spectrogram_bins, "mfcc": mfcc_bins}, num_classes, **kw)
+    return SERModel({"logmel": spectrogram_bins, "mfcc": mfcc_bins}, num_classes, **kw)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastser.features.post import valid_mask
 from fastser.models.cnn import SERResult
 from fastser.nn import CenterLoss
 
@@ -20,12 +21,21 @@ class LossTerms(NamedTuple):
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     """Mean squared error over each item's valid frames only (padding contributes nothing)."""
-    valid = (torch.arange(target.shape[-1], device=target.device)[None, :] < frames[:, None])[:, None, :]
+    valid = valid_mask(frames, target.shape[-1])
     sq = (pred.float() - target.float()).square() * valid
     return sq.sum() / (valid.sum() * target.shape[1]).clamp(min=1)
 
 
 class SERObjective(nn.Module):
+    """The paper's joint loss: CE + lambda_center * CenterLoss(embedding) + lambda_recon * masked MSE.
+
+    forward(out: SERResult (logits (B, C), embedding (B, E), reconstruction {kind: (B, bins, T)}),
+            labels (B,), feats {kind: (B, bins, T)} (the reconstruction targets), frames (B,))
+    -> LossTerms(total, ce, center, recon), scalars. CE is class-weighted (class_weights) in fp32;
+    the center loss is fastser's fused one with Wen's update (its centers move inside backward);
+    the MSE counts only each utterance's valid frames. Autograd through all three terms.
+    """
+
     def __init__(self, num_classes: int, embed_dim: int, *, lambda_center: float = 0.003, lambda_recon: float = 0.1,
                  center_alpha: float = 0.5, class_weights: Optional[torch.Tensor] = None,
                  label_smoothing: float = 0.0, process_group=None, deterministic: bool = False):

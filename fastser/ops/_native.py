@@ -95,6 +95,38 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _forward_args(x, labels, centers, row_loss, diff, device_type: str, x_dtypes, out_dtype) -> tuple:
+    """The center-loss forward's arguments, checked: (B, D, C, pointers by name)."""
+    B, D = x.shape
+    C = centers.shape[0]
+    out = (out_dtype,)
+    return B, D, C, dict(
+        x=_check(x, "x", dtypes=x_dtypes, device_type=device_type),
+        labels=_check(labels, "labels", dtypes=(torch.int64,), device_type=device_type, shape=(B,)),
+        centers=_check(centers, "centers", dtypes=out, device_type=device_type, shape=(C, D)),
+        row_loss=_check(row_loss, "row_loss", dtypes=out, device_type=device_type, shape=(B,)),
+        diff=_check(diff, "diff", dtypes=out, device_type=device_type, shape=(B, D)))
+
+
+def _backward_args(diff, labels, num_classes, row_scale, grad_x, centers, grad_centers, device_type: str,
+                   diff_dtypes, grad_x_dtypes) -> tuple:
+    """The center-loss backward's arguments, checked: (B, D, C, pointers by name). The gradient,
+    centers and row scale are in diff's dtype; grad_x in one of grad_x_dtypes."""
+    if centers is not None and grad_centers is not None:
+        raise ValueError("pass centers (Wen update) or grad_centers, not both")
+    B, D = diff.shape
+    C = num_classes
+    dt = (diff.dtype,)
+    return B, D, C, dict(
+        diff=_check(diff, "diff", dtypes=diff_dtypes, device_type=device_type),
+        labels=_check(labels, "labels", dtypes=(torch.int64,), device_type=device_type, shape=(B,)),
+        row_scale=_check(row_scale, "row_scale", dtypes=dt, device_type=device_type),
+        grad_x=_check(grad_x, "grad_x", dtypes=grad_x_dtypes, device_type=device_type, shape=(B, D), optional=True),
+        centers=_check(centers, "centers", dtypes=dt, device_type=device_type, shape=(C, D), optional=True),
+        grad_centers=_check(grad_centers, "grad_centers", dtypes=dt, device_type=device_type, shape=(C, D),
+                            optional=True))
+
+
 # ----------------------------------------------------------------------------- CPU (fastser._C)
 
 def center_loss_forward_cpu(x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
@@ -102,15 +134,7 @@ def center_loss_forward_cpu(x: torch.Tensor, labels: torch.Tensor, centers: torc
     """x (B, D), centers (C, D), row_loss (B,), diff (B, D): one float dtype (fp32/fp64); labels
     (B,) int64. Returns -1, or the index of the first label outside [0, C) (then nothing is written)."""
     lib = _need(cpu, "CPU", CPU_IMPORT_ERROR)
-    B, D = x.shape
-    C = centers.shape[0]
-    dt = (x.dtype,)
-    args = dict(
-        x=_check(x, "x", dtypes=CPU_CENTER_DTYPES, device_type="cpu"),
-        labels=_check(labels, "labels", dtypes=(torch.int64,), device_type="cpu", shape=(B,)),
-        centers=_check(centers, "centers", dtypes=dt, device_type="cpu", shape=(C, D)),
-        row_loss=_check(row_loss, "row_loss", dtypes=dt, device_type="cpu", shape=(B,)),
-        diff=_check(diff, "diff", dtypes=dt, device_type="cpu", shape=(B, D)))
+    B, D, C, args = _forward_args(x, labels, centers, row_loss, diff, "cpu", CPU_CENTER_DTYPES, x.dtype)
     return lib.center_loss_forward(DTYPE_CODES[x.dtype], args["x"], args["labels"], args["centers"], B, D, C,
                                    args["row_loss"], args["diff"])
 
@@ -121,18 +145,8 @@ def center_loss_backward_cpu(diff: torch.Tensor, labels: torch.Tensor, num_class
     """diff (B, D) fp32/fp64; labels (B,) int64; row_scale (1,) or (B,); grad_x (B, D) or None; at most
     one of centers (C, D, updated in place by Wen's rule) and grad_centers (C, D, zeroed by the caller)."""
     lib = _need(cpu, "CPU", CPU_IMPORT_ERROR)
-    if centers is not None and grad_centers is not None:
-        raise ValueError("pass centers (Wen update) or grad_centers, not both")
-    B, D = diff.shape
-    C = num_classes
-    dt = (diff.dtype,)
-    args = dict(
-        diff=_check(diff, "diff", dtypes=CPU_CENTER_DTYPES, device_type="cpu"),
-        labels=_check(labels, "labels", dtypes=(torch.int64,), device_type="cpu", shape=(B,)),
-        row_scale=_check(row_scale, "row_scale", dtypes=dt, device_type="cpu"),
-        grad_x=_check(grad_x, "grad_x", dtypes=dt, device_type="cpu", shape=(B, D), optional=True),
-        centers=_check(centers, "centers", dtypes=dt, device_type="cpu", shape=(C, D), optional=True),
-        grad_centers=_check(grad_centers, "grad_centers", dtypes=dt, device_type="cpu", shape=(C, D), optional=True))
+    B, D, C, args = _backward_args(diff, labels, num_classes, row_scale, grad_x, centers, grad_centers, "cpu",
+                                   CPU_CENTER_DTYPES, (diff.dtype,))
     lib.center_loss_backward(DTYPE_CODES[diff.dtype], args["diff"], args["labels"], B, D, C, args["row_scale"],
                              _stride(row_scale, B), args["grad_x"], args["centers"], float(alpha),
                              args["grad_centers"])
@@ -180,15 +194,7 @@ def center_loss_forward_cuda(x: torch.Tensor, labels: torch.Tensor, centers: tor
     """x (B, D) fp32/fp16/bf16; labels (B,) int64; centers (C, D), row_loss (B,), diff (B, D) fp32.
     Launched on the current stream of x's device."""
     lib = _need(cuda, "CUDA", CUDA_IMPORT_ERROR)
-    B, D = x.shape
-    C = centers.shape[0]
-    f32 = (torch.float32,)
-    args = dict(
-        x=_check(x, "x", dtypes=CUDA_INPUT_DTYPES, device_type="cuda"),
-        labels=_check(labels, "labels", dtypes=(torch.int64,), device_type="cuda", shape=(B,)),
-        centers=_check(centers, "centers", dtypes=f32, device_type="cuda", shape=(C, D)),
-        row_loss=_check(row_loss, "row_loss", dtypes=f32, device_type="cuda", shape=(B,)),
-        diff=_check(diff, "diff", dtypes=f32, device_type="cuda", shape=(B, D)))
+    B, D, C, args = _forward_args(x, labels, centers, row_loss, diff, "cuda", CUDA_INPUT_DTYPES, torch.float32)
     lib.center_loss_forward(DTYPE_CODES[x.dtype], args["x"], args["labels"], args["centers"], B, D, C,
                             args["row_loss"], args["diff"], _stream(x.device))
 
@@ -201,22 +207,11 @@ def center_loss_backward_cuda(diff: torch.Tensor, labels: torch.Tensor, counts: 
     it); row_scale (1,) or (B,) fp32; grad_x (B, D) fp32/fp16/bf16 or None; at most one of centers
     (Wen update with fp32 atomics) and grad_centers (zeroed by the caller), both (C, D) fp32."""
     lib = _need(cuda, "CUDA", CUDA_IMPORT_ERROR)
-    if centers is not None and grad_centers is not None:
-        raise ValueError("pass centers (Wen update) or grad_centers, not both")
     if centers is not None and counts is None:
         raise ValueError("the Wen update needs the per-class counts")
-    B, D = diff.shape
-    C = num_classes
-    f32 = (torch.float32,)
-    args = dict(
-        diff=_check(diff, "diff", dtypes=f32, device_type="cuda"),
-        labels=_check(labels, "labels", dtypes=(torch.int64,), device_type="cuda", shape=(B,)),
-        counts=_check(counts, "counts", dtypes=(torch.int64,), device_type="cuda", shape=(C,), optional=True),
-        row_scale=_check(row_scale, "row_scale", dtypes=f32, device_type="cuda"),
-        grad_x=_check(grad_x, "grad_x", dtypes=CUDA_INPUT_DTYPES, device_type="cuda", shape=(B, D), optional=True),
-        centers=_check(centers, "centers", dtypes=f32, device_type="cuda", shape=(C, D), optional=True),
-        grad_centers=_check(grad_centers, "grad_centers", dtypes=f32, device_type="cuda", shape=(C, D),
-                            optional=True))
+    B, D, C, args = _backward_args(diff, labels, num_classes, row_scale, grad_x, centers, grad_centers, "cuda",
+                                   (torch.float32,), CUDA_INPUT_DTYPES)
+    args["counts"] = _check(counts, "counts", dtypes=(torch.int64,), device_type="cuda", shape=(C,), optional=True)
     grad_code = DTYPE_CODES[grad_x.dtype if grad_x is not None else torch.float32]
     lib.center_loss_backward(grad_code, args["diff"], args["labels"], args["counts"], B, D, C, args["row_scale"],
                              _stride(row_scale, B), args["grad_x"], args["centers"], float(alpha),

@@ -15,25 +15,29 @@ from __future__ import annotations
 import argparse
 import warnings
 
-import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from fastser.features.featureset import FeatureSet
 from fastser.metrics import summarize
-from fastser.models import SERModel, masked_mse
+from fastser.models import masked_mse
 from fastser.reference.center_loss import ReferenceCenterLoss
+from fastser.training.batches import Normalizer
+from fastser.training.checkpoints import ModelSpec, build_model
 
 
-def librosa_features(y: np.ndarray, sr: int = 16000) -> dict:
-    """The model's two inputs, computed the way a librosa user would (same settings as fastser's)."""
-    kw = dict(sr=sr, n_fft=512, hop_length=160)
+FEATURES = FeatureSet.paper()  # the same settings as fastser's, computed by librosa
+
+
+def librosa_features(y: np.ndarray) -> dict:
+    """The model's inputs for one utterance, computed the way a librosa user would: one librosa call
+    per feature kind on this utterance alone (FeatureSet's "librosa" backend)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logmel = librosa.power_to_db(librosa.feature.melspectrogram(y=y, n_mels=64, **kw), top_db=80.0)
-        mfcc = librosa.feature.mfcc(y=y, n_mfcc=40, n_mels=40, **kw)
-    return {"spectrogram": logmel.astype(np.float32), "mfcc": mfcc.astype(np.float32)}
+        warnings.simplefilter("ignore")  # librosa's "n_fft too large" for very short clips
+        feats, _ = FEATURES.extract(torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)), backend="librosa")
+    return {k: v[0].numpy() for k, v in feats.items()}
 
 
 class LibrosaDataset(Dataset):
@@ -64,20 +68,19 @@ def collate(items):
 
 class ReferenceTrainer:
     def __init__(self, input_bins: dict, num_classes: int, *, lambda_center=0.003, lambda_recon=0.1, lr=2e-3,
-                 center_lr=0.5, width=16, embed_dim=128, class_weights=None, mean=None, std=None):
-        self.model = SERModel(input_bins, num_classes, width=width, embed_dim=embed_dim,
-                              reconstruct=lambda_recon > 0)
+                 center_lr=0.5, width=16, embed_dim=128, class_weights=None, norm: Normalizer = None):
+        spec = ModelSpec(FeatureSet.paper(input_bins), tuple(range(num_classes)), width=width, embed_dim=embed_dim,
+                         reconstruct=lambda_recon > 0)
+        self.model = build_model(spec)
         self.center_loss = ReferenceCenterLoss(num_classes, embed_dim, use_gpu=False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=1e-3)
         self.opt_center = torch.optim.SGD(self.center_loss.parameters(), lr=center_lr)
         self.lambda_center, self.lambda_recon = lambda_center, lambda_recon
         self.class_weights = class_weights
-        self.mean, self.std = mean or {}, std or {}
+        self.norm = norm
 
     def normalise(self, feats, frames):
-        valid = (torch.arange(next(iter(feats.values())).shape[-1])[None, :] < frames[:, None])[:, None, :]
-        return {k: ((v - self.mean[k][None, :, None]) / self.std[k][None, :, None]) * valid if k in self.mean else v
-                for k, v in feats.items()}
+        return self.norm.apply(feats, frames) if self.norm is not None else feats
 
     def step(self, feats, frames, labels) -> float:
         self.model.train()
@@ -109,16 +112,9 @@ class ReferenceTrainer:
         return torch.cat(ys).numpy(), torch.cat(ps).numpy()
 
 
-def fit_stats(dataset: LibrosaDataset):
-    sums = {}
-    for i in range(len(dataset)):
-        feats, _ = dataset[i]
-        for k, v in feats.items():
-            s, ss, n = sums.get(k, (0.0, 0.0, 0))
-            sums[k] = (s + v.double().sum(1), ss + v.double().square().sum(1), n + v.shape[1])
-    mean = {k: (s / n).float() for k, (s, ss, n) in sums.items()}
-    std = {k: (ss / n - (s / n) ** 2).clamp(min=1e-8).sqrt().float() for k, (s, ss, n) in sums.items()}
-    return mean, std
+def fit_stats(dataset: LibrosaDataset) -> Normalizer:
+    """Per-bin mean/std over the training utterances' features (fastser's Normalizer)."""
+    return Normalizer.fit_items(dataset[i][0] for i in range(len(dataset)))
 
 
 def main(argv=None) -> dict:
@@ -135,13 +131,12 @@ def main(argv=None) -> dict:
     fold = make_folds(corpus, "holdout", seed=args.seed)[0]
     audio = [u.audio for u in corpus.utterances]
     labels = corpus.labels
-    kinds = ["spectrogram", "mfcc"]
+    kinds = FEATURES.kinds
     train = LibrosaDataset([audio[i] for i in fold.train], labels[fold.train], kinds, crop_frames=300, seed=args.seed)
-    mean, std = fit_stats(LibrosaDataset(train.audio, train.labels, kinds))
+    norm = fit_stats(LibrosaDataset(train.audio, train.labels, kinds))
     counts = np.bincount(train.labels, minlength=len(corpus.classes))
     weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
-    trainer = ReferenceTrainer({"spectrogram": 64, "mfcc": 40}, len(corpus.classes), class_weights=weights,
-                               mean=mean, std=std)
+    trainer = ReferenceTrainer(FEATURES.n_bins, len(corpus.classes), class_weights=weights, norm=norm)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
                         num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
     for epoch in range(args.epochs):

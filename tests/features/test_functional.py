@@ -15,6 +15,9 @@ SIGNALS = make_signals()
 
 def installed_backends():
     names = ["torch", "librosa"]
+    from fastser.ops import _native
+    if _native.cpu_has_mel_chain():
+        names.append("cpp")
     try:
         import triton  # noqa: F401
         names.append("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET=1)

@@ -52,3 +52,22 @@ def test_triton_backend_module(kind):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU the kernel runs interpreted
     x = torch.from_numpy(SIGNALS["tones"])
     torch.testing.assert_close(mod.to(device)(x.to(device)).cpu(), ref(x), atol=1e-3, rtol=1e-5)
+
+
+def test_autograd_through_the_torch_backend_and_auto():
+    """As a model's first layer: gradients flow (float64 gradcheck), and "auto" picks the torch path."""
+    x = torch.from_numpy(SIGNALS["white"][:2000]).double().requires_grad_()  # energy in every bin: no log near amin
+    for module in (MelSpectrogram(**KW, to_db=True, top_db=None), MFCC(n_mfcc=13, **KW, top_db=None)):
+        module = module.double()
+        assert torch.autograd.gradcheck(lambda y: module(y).sum(0)[:3], (x,), eps=1e-6, atol=1e-3, rtol=1e-3)
+    y = torch.from_numpy(SIGNALS["tones"]).requires_grad_()
+    MFCC(**KW)(y).square().sum().backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "librosa"])
+def test_backends_without_autograd_refuse_audio_that_requires_grad(backend):
+    y = torch.from_numpy(SIGNALS["tones"]).requires_grad_()
+    with pytest.raises(ValueError, match="does not propagate gradients"):
+        MelSpectrogram(**KW, to_db=True, backend=backend)(y)
+    assert MelSpectrogram(**KW, to_db=True, backend=backend)(y.detach()).requires_grad is False

@@ -4,8 +4,8 @@ import torch
 from fastser.models import SERModel, mfcc_cnn, spectrogram_cnn, two_branch_cnn
 
 
-@pytest.mark.parametrize("build, kinds", [(spectrogram_cnn, {"spectrogram": 64}), (mfcc_cnn, {"mfcc": 40}),
-                                          (two_branch_cnn, {"spectrogram": 64, "mfcc": 40})])
+@pytest.mark.parametrize("build, kinds", [(spectrogram_cnn, {"logmel": 64}), (mfcc_cnn, {"mfcc": 40}),
+                                          (two_branch_cnn, {"logmel": 64, "mfcc": 40})])
 @pytest.mark.parametrize("T", [37, 160, 301])
 def test_shapes(build, kinds, T):
     model = build(5, width=4, embed_dim=32)
@@ -25,9 +25,9 @@ def test_an_utterance_gives_the_same_result_alone_or_padded_in_a_batch(n):
     torch.manual_seed(1)
     model = two_branch_cnn(4, width=4, embed_dim=16)
     for _ in range(3):  # non-trivial batch-norm statistics, then evaluate
-        model({"spectrogram": torch.randn(4, 64, 90) + 2, "mfcc": torch.randn(4, 40, 90)}, torch.full((4,), 90))
+        model({"logmel": torch.randn(4, 64, 90) + 2, "mfcc": torch.randn(4, 40, 90)}, torch.full((4,), 90))
     model.eval()
-    alone = {"spectrogram": torch.randn(1, 64, n), "mfcc": torch.randn(1, 40, n)}
+    alone = {"logmel": torch.randn(1, 64, n), "mfcc": torch.randn(1, 40, n)}
     T = 300
     batch = {k: 1e3 * torch.randn(3, v.shape[1], T) for k, v in alone.items()}  # garbage everywhere else
     for k in batch:
@@ -43,13 +43,13 @@ def test_any_length_and_few_parameters():
     assert sum(p.numel() for p in model.parameters()) < 250_000
     model.eval()
     for T in (8, 33, 999):
-        assert model({"spectrogram": torch.randn(2, 64, T), "mfcc": torch.randn(2, 40, T)},
+        assert model({"logmel": torch.randn(2, 64, T), "mfcc": torch.randn(2, 40, T)},
                      torch.tensor([T, T])).logits.shape == (2, 4)
 
 
 def test_wrong_input_is_a_clear_error():
     model = SERModel({"mfcc": 40}, 4, width=4)
     with pytest.raises(ValueError, match="missing"):
-        model({"spectrogram": torch.randn(1, 40, 50)}, torch.tensor([50]))
+        model({"logmel": torch.randn(1, 40, 50)}, torch.tensor([50]))
     with pytest.raises(ValueError, match=r"mfcc features must be \(batch, 40, frames\)"):
         model({"mfcc": torch.randn(1, 13, 50)}, torch.tensor([50]))

@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastser.features import functional as F
-from fastser.ops import center_loss_triton
+from fastser.ops import center_loss_triton, mel_chain
 from fastser.ops._triton_launch import TritonLaunch
 
 ARCHS = (80, 90)  # A100, H100/H200
@@ -74,7 +74,7 @@ def mel_chain_launches():
     spec = torch.empty(B, 1 + base["n_fft"] // 2, T, dtype=torch.complex64, device=META)
     frames = empty(B, dtype=torch.int64)
     for cfg in configs:
-        launch, _ = F.post_triton_launch(spec, frames, cfg, F.constants(cfg, META))
+        launch, _ = mel_chain.triton_launch(spec, frames, cfg, F.constants(cfg, META))
         yield launch
 
 

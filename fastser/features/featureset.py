@@ -1,0 +1,106 @@
+"""The model's input, defined once: which features, with which settings, computed how.
+
+    fs = FeatureSet.paper()                         # {"logmel": 64-band log-mel, "mfcc": 40 MFCCs}
+    feats, frames = fs.extract(audio, lengths)      # (B, T) audio -> {kind: (B, bins, frames)}, (B,)
+    fs.n_bins                                       # {"logmel": 64, "mfcc": 40}
+    FeatureSet.from_dict(fs.to_dict()) == fs        # stored in every checkpoint
+
+Training, the feature cache, predict, the reference pipeline (backend="librosa") and the
+benchmarks all build their features through this one class. Kinds that share STFT settings
+share one STFT. Inference only: features carry no gradient (see fastser.features.transforms for
+modules to put in front of a model).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional
+
+import torch
+
+from fastser.features.functional import FeatureConfig, extract_many, prepare
+
+KINDS = ("logmel", "mfcc")
+ALIASES = {"spectrogram": "logmel"}  # the name fastser <= 0.1 gave the log-mel branch (old checkpoints, caches)
+
+
+def canonical_kind(kind: str) -> str:
+    return ALIASES.get(kind, kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+    """An ordered mapping kind -> FeatureConfig (the order is the model's branch order)."""
+    configs: tuple  # ((kind, FeatureConfig), ...): hashable, so it can key caches
+
+    def __post_init__(self):
+        kinds = [k for k, _ in self.configs]
+        if not kinds or len(set(kinds)) != len(kinds):
+            raise ValueError(f"a FeatureSet needs distinct kinds, got {kinds}")
+
+    @classmethod
+    def of(cls, configs: dict) -> "FeatureSet":
+        return cls(tuple((canonical_kind(k), c) for k, c in configs.items()))
+
+    @classmethod
+    def paper(cls, kinds: Iterable[str] = KINDS, sr: int = 16000) -> "FeatureSet":
+        """32 ms windows (n_fft 512 at 16 kHz), 10 ms hop; logmel = 64-band log-mel (80 dB range),
+        mfcc = 40 MFCCs from 40 mel bands — the inputs of the paper's two CNN branches."""
+        common = dict(sr=sr, n_fft=512 * sr // 16000, hop_length=sr // 100)
+        table = {"logmel": FeatureConfig("logmel", n_mels=64, top_db=80.0, **common),
+                 "mfcc": FeatureConfig("mfcc", n_mels=40, n_mfcc=40, top_db=80.0, **common)}
+        kinds = [canonical_kind(k) for k in kinds]
+        unknown = sorted(set(kinds) - set(table))
+        if unknown:
+            raise ValueError(f"unknown feature kinds {unknown}; choose from {list(table)}")
+        return cls(tuple((k, table[k]) for k in kinds))
+
+    # -- mapping view ---------------------------------------------------------------------
+    @property
+    def kinds(self) -> list:
+        return [k for k, _ in self.configs]
+
+    def as_dict(self) -> dict:
+        return dict(self.configs)
+
+    def __getitem__(self, kind: str) -> FeatureConfig:
+        return self.as_dict()[canonical_kind(kind)]
+
+    @property
+    def n_bins(self) -> dict:
+        return {k: c.n_bins for k, c in self.configs}
+
+    @property
+    def sr(self) -> int:
+        return self.configs[0][1].sr
+
+    # -- computing ------------------------------------------------------------------------
+    def extract(self, audio, lengths=None, backend: str = "auto") -> tuple[dict, torch.Tensor]:
+        """audio (B, T) or (T,) float tensor (padded; `lengths` (B,) gives each item's samples)
+        -> ({kind: (B, bins, frames) float32}, frames (B,)); frames past each item's own are 0.
+        One STFT for all kinds that share STFT settings (one per setting otherwise)."""
+        if isinstance(audio, torch.Tensor) and audio.dim() == 2 and audio.is_floating_point() \
+                and isinstance(lengths, torch.Tensor):
+            y, lens = audio, lengths  # the hot path (training, predict): no value scan, no host sync
+        else:
+            y, lens, _ = prepare(audio, lengths)  # everything else is checked and batched as the functional API does
+        out: dict = {}
+        frames: Optional[torch.Tensor] = None
+        for group in self._stft_groups():
+            feats, frames = extract_many(y, lens, [c for _, c in group], backend)
+            out.update({k: f for (k, _), f in zip(group, feats)})
+        return {k: out[k] for k in self.kinds}, frames
+
+    def _stft_groups(self) -> list:
+        from fastser.features.functional import STFT_FIELDS
+        groups: dict = {}
+        for kind, cfg in self.configs:
+            groups.setdefault(tuple(getattr(cfg, f) for f in STFT_FIELDS), []).append((kind, cfg))
+        return list(groups.values())
+
+    # -- storing --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {k: dataclasses.asdict(c) for k, c in self.configs}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureSet":
+        return cls.of({k: FeatureConfig(**v) for k, v in d.items()})

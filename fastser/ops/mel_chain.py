@@ -1,0 +1,49 @@
+"""The fused post-FFT chain — |X|^p -> mel -> dB (amin, ref) -> per-utterance top_db -> DCT -> lifter —
+and the one place that calls its kernels: Triton on CUDA (mel_chain_triton.py), C++ on the CPU
+(csrc/mel_chain_cpu.cpp through _native). Both compute what fastser.features.post computes in
+plain torch ops, reading the spectrum once. No autograd: fastser.features.functional refuses
+audio that requires grad on these backends.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastser.ops import _native
+
+
+def _to_db(cfg) -> bool:
+    return cfg.kind in ("logmel", "mfcc")
+
+
+def triton_launch(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict):
+    """spec (B, F, T) complex STFT, frames (B,), a mel/logmel/mfcc FeatureConfig and its "fb", "dct",
+    "lift" -> (the TritonLaunch, its output (B, bins, T) float32). The GPU compile gate compiles
+    exactly these launches."""
+    from fastser.ops import mel_chain_triton
+    B, _, T = spec.shape
+    mel = torch.empty(B, cfg.n_mels, T, dtype=torch.float32, device=spec.device)
+    mfcc_out = torch.empty(B, cfg.n_mfcc, T, dtype=torch.float32, device=spec.device) if cfg.kind == "mfcc" else None
+    f32 = {k: v.to(torch.float32).contiguous() for k, v in const.items() if k != "window"}
+    launch = mel_chain_triton.mel_chain_launch(
+        torch.view_as_real(spec.to(torch.complex64)), f32["fb"], frames.to(torch.int32), mel, power=cfg.power,
+        to_db=_to_db(cfg), amin=cfg.amin, log_ref=cfg.log_ref, ref_max=_to_db(cfg) and cfg.ref == "max",
+        top_db=cfg.top_db if _to_db(cfg) else None, dct=f32.get("dct"), lift=f32.get("lift"), mfcc_out=mfcc_out)
+    return launch, (mfcc_out if mfcc_out is not None else mel)
+
+
+def triton(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict) -> torch.Tensor:
+    launch, out = triton_launch(spec, frames, cfg, const)
+    launch.launch()
+    return out
+
+
+def cpp(spec: torch.Tensor, frames: torch.Tensor, cfg, const_f32: dict, *, mel_out: torch.Tensor,
+        mfcc_out: Optional[torch.Tensor]) -> None:
+    """spec (B, T, F) frame-major complex64 on the CPU; writes mel_out (B, n_mels, T) and, for MFCCs,
+    mfcc_out (B, n_mfcc, T). const_f32: the config's float32 "fb" (and "dct", "lift")."""
+    _native.mel_chain_cpu(spec, frames, const_f32["fb"], power=float(cfg.power), to_db=_to_db(cfg), amin=cfg.amin,
+                          log_ref=cfg.log_ref, ref_max=_to_db(cfg) and cfg.ref == "max",
+                          top_db=cfg.top_db if _to_db(cfg) else None, dct=const_f32.get("dct"),
+                          lift=const_f32.get("lift"), mel_out=mel_out, mfcc_out=mfcc_out)

@@ -1,0 +1,105 @@
+"""What a run saves and how anything loads it back: the model's spec, checkpoints, old formats.
+
+    spec = ModelSpec(features, classes, width=16, embed_dim=128, reconstruct=True)
+    model = build_model(spec)                         # train, predict and the reference build it so
+    save_checkpoint(payload, path)                    # atomic; payload["spec"] = spec.to_dict()
+    ckpt = load_checkpoint(path_or_run_folder)        # a finished run, or a UserError naming the problem
+    spec, final = finished_model(ckpt)                # works for checkpoints of fastser 0.1 too
+"""
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fastser._io import atomic_torch_save
+from fastser.cli import UserError
+from fastser.features.featureset import ALIASES, FeatureSet
+from fastser.models import SERModel
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a trained model and feed it: its inputs, classes and size."""
+    features: FeatureSet
+    classes: tuple
+    width: int = 16
+    embed_dim: int = 128
+    reconstruct: bool = True
+    train_seconds: float = 3.0  # the training crop (predict's window)
+    max_seconds: float = 8.0    # longer utterances were cut (predict scores up to this length whole)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(features=self.features.to_dict(), classes=list(self.classes))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**{**d, "features": FeatureSet.from_dict(d["features"]), "classes": tuple(d["classes"])})
+
+
+def build_model(spec: ModelSpec) -> SERModel:
+    return SERModel(spec.features.n_bins, len(spec.classes), width=spec.width, embed_dim=spec.embed_dim,
+                    reconstruct=spec.reconstruct)
+
+
+def save_checkpoint(payload: dict, path: Path) -> None:
+    atomic_torch_save(payload, path)
+
+
+def load_checkpoint(path, *, finished: bool = True) -> dict:
+    """A fastser checkpoint (a run folder or its checkpoint.pt), or a UserError saying what the file
+    is instead. Loads with weights_only=True only: a checkpoint never runs code."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(p):
+        raise UserError(f"{p}: not a fastser checkpoint (not a PyTorch checkpoint file, or a truncated one)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
+        raise UserError(f"{p}: not a fastser checkpoint (damaged, or it holds Python objects rather than "
+                        f"fastser's tensors and metadata)") from None
+    if not isinstance(ckpt, dict) or not {"config", "version"} <= set(ckpt):
+        raise UserError(f"{p}: a PyTorch file, but not a fastser checkpoint (no fastser metadata)")
+    if finished and "final" not in ckpt:
+        raise UserError(f"{p}: the run stopped before its first fold finished, so there is no model yet; "
+                        f"continue it with: python -m fastser.train --resume {p.parent}")
+    return ckpt
+
+
+def finished_model(ckpt: dict) -> tuple[ModelSpec, dict]:
+    """(spec, {"model", "objective", "norm"}) of a finished checkpoint, whichever fastser wrote it."""
+    final = ckpt["final"]
+    if "spec" in ckpt:
+        return ModelSpec.from_dict(ckpt["spec"]), final
+    # fastser 0.1: the spec lives in the run's config, the log-mel branch is called "spectrogram"
+    cfg = ckpt["config"]
+    spec = ModelSpec(FeatureSet.from_dict(cfg["feature_configs"]), tuple(cfg["classes_list"]), width=cfg["width"],
+                     embed_dim=cfg["embed_dim"], reconstruct=cfg["lambda_recon"] > 0,
+                     train_seconds=cfg.get("train_seconds", 3.0), max_seconds=cfg["max_seconds"])
+    return spec, {**final, "model": _renamed(final["model"]),
+                  "norm": {s: _renamed_keys(v) for s, v in final["norm"].items()}}
+
+
+def _renamed_keys(d: dict) -> dict:
+    return {ALIASES.get(k, k): v for k, v in d.items()}
+
+
+def _renamed(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        for old, new in ALIASES.items():
+            key = key.replace(f".{old}.", f".{new}.")
+        out[key] = value
+    return out
+
+
+def checkpoint_spec(ckpt: Optional[dict]) -> Optional[ModelSpec]:
+    return finished_model(ckpt)[0] if ckpt and "final" in ckpt else None

@@ -1,0 +1,337 @@
+"""The training loop: one optimizer step, one fold (train with early stopping, then test), and an
+experiment (every fold of one objective setting), resumable from its checkpoint.
+
+Per fold (speaker-independent): the feature table is normalised with the training fold's
+statistics; each step crops a batch on the device, runs the model (bf16 autocast with --amp)
+and the joint objective CE + lambda_c * center + lambda_r * reconstruction with the fused
+center loss. Loss sums stay on the device and are read once per epoch. Early stopping on the
+fold's speaker-disjoint validation UA. Every epoch ends with an atomic checkpoint; all randomness
+of an epoch derives from (seed, fold, epoch, rank), so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from fastser import __version__
+from fastser import distributed as fdist
+from fastser.data import CorpusError
+from fastser.metrics import summarize
+from fastser.models import SERModel, SERObjective
+from fastser.ops import backends_in_use
+from fastser.training.batches import Batcher, Normalizer, spec_augment
+from fastser.training.checkpoints import ModelSpec, build_model, save_checkpoint
+
+
+def train_step(model, objective, opt, feats: dict, targets: dict, frames, labels, amp: bool = False,
+               clip_params=None):
+    """One optimizer step: forward (bf16 autocast with amp), joint loss in fp32, backward (the fused
+    center loss updates its centers inside it), clip, step. No host synchronisation."""
+    device_type = frames.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+        out = model(feats, frames)
+    terms = objective(out, labels, targets, frames)
+    opt.zero_grad(set_to_none=True)
+    terms.total.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 5.0)
+    opt.step()
+    return out, terms
+
+
+class EpochTotals:
+    """Sums over an epoch's steps, on the device: adding costs no host sync; `means()` reads once."""
+
+    def __init__(self, device: torch.device):
+        self.values = torch.zeros(5, device=device)  # ce*n, center*n, recon*n, correct, n
+
+    def add(self, terms, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.numel()
+        self.values[:4] += torch.stack([terms.ce.detach() * n, terms.center.detach() * n, terms.recon.detach() * n,
+                                        (logits.argmax(1) == labels).sum().float()])
+        self.values[4] += n
+
+    def all_reduce(self) -> None:
+        dist.all_reduce(self.values)
+
+    def means(self) -> dict:
+        ce, center, recon, correct, n = self.values.tolist()
+        return {"ce": ce / n, "center": center / n, "recon": recon / n, "train_acc": correct / n}
+
+
+def seed_for(*parts) -> int:
+    """One reproducible seed from (seed, fold, epoch, rank, ...)."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2 ** 62)
+    return h
+
+
+def log(msg: str, quiet_bar: bool) -> None:
+    if quiet_bar:
+        print(msg, flush=True)
+    else:
+        from tqdm.auto import tqdm
+        tqdm.write(msg, file=sys.stderr)
+
+
+def maybe_interrupt() -> None:
+    """Test hook: FASTSER_INTERRUPT_AFTER_EPOCHS=N stops the process after N checkpointed epochs."""
+    limit = os.environ.get("FASTSER_INTERRUPT_AFTER_EPOCHS")
+    if limit is None:
+        return
+    maybe_interrupt.count = getattr(maybe_interrupt, "count", 0) + 1
+    if maybe_interrupt.count >= int(limit):
+        raise KeyboardInterrupt(f"interrupted after {limit} epochs (FASTSER_INTERRUPT_AFTER_EPOCHS)")
+
+
+def cpu_state(module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class Run:
+    """One experiment: every fold of one objective setting, resumable from its checkpoint.
+
+    Run(args, info, table, folds, split, out, lambda_center, lambda_recon).run() -> fold results;
+    `fold_results`, `history` and `last_test` (the last fold's test embeddings) are read by reports.
+    """
+
+    def __init__(self, args, info: fdist.DistInfo, table, folds, split: str, out: Path, lambda_center: float,
+                 lambda_recon: float, features):
+        self.args, self.info, self.table, self.folds, self.split, self.out = args, info, table, folds, split, out
+        self.lambda_center, self.lambda_recon = lambda_center, lambda_recon
+        self.classes = table.corpus.classes
+        self.spec = ModelSpec(features, tuple(self.classes), width=args.width, embed_dim=args.embed_dim,
+                              reconstruct=lambda_recon > 0, train_seconds=args.train_seconds,
+                              max_seconds=args.max_seconds)
+        self.device = info.device
+        self.ckpt_path = out / "checkpoint.pt"
+        self.history: list[dict] = []
+        self.fold_results: list[dict] = []
+        self.state: Optional[dict] = None  # an in-progress fold's state from a checkpoint
+        self.last_test: Optional[dict] = None
+
+    # -- checkpoint ---------------------------------------------------------------------
+    def config(self) -> dict:
+        a = vars(self.args).copy()
+        a.update(lambda_center=self.lambda_center, lambda_recon=self.lambda_recon, classes_list=self.classes,
+                 kinds=self.spec.features.kinds, version=__version__, world_size=self.info.world_size,
+                 backends=backends_in_use(self.device),
+                 feature_configs=self.spec.features.to_dict())
+        return a
+
+    def resume_from(self, ckpt: dict) -> None:
+        old, new = ckpt["config"], self.config()
+        for key in ("corpus", "split", "features", "seed", "lambda_center", "lambda_recon", "world_size", "batch_size"):
+            if old.get(key) != new.get(key):
+                raise ValueError(f"--resume: the checkpoint was made with {key}={old.get(key)!r}, "
+                                 f"this run has {new.get(key)!r}")
+        self.history = ckpt["history"]
+        self.fold_results = ckpt["fold_results"]
+        self.state = ckpt.get("fold_state")
+
+    def save(self, fold_state: Optional[dict], final: Optional[dict] = None) -> None:
+        if not self.info.is_main:
+            return
+        payload = {"config": self.config(), "spec": self.spec.to_dict(), "history": self.history,
+                   "fold_results": self.fold_results, "fold_state": fold_state, "classes": self.classes,
+                   "kinds": self.spec.features.kinds, "version": __version__}
+        if final is not None:
+            payload["final"] = final
+        save_checkpoint(payload, self.ckpt_path)
+
+    # -- one fold -----------------------------------------------------------------------
+    def new_model(self) -> SERModel:
+        return build_model(self.spec).to(self.device, memory_format=torch.channels_last)  # oneDNN/cuDNN layout
+
+    def build(self, fold_index: int, fold):
+        a = self.args
+        torch.manual_seed(seed_for(a.seed, fold_index, 0))  # same initial weights on every rank
+        model = self.new_model()
+        counts = torch.bincount(self.table.labels[torch.from_numpy(fold.train)], minlength=len(self.classes)).float()
+        weights = counts.sum() / (len(self.classes) * counts.clamp(min=1))  # balanced CE: UA matters
+        objective = SERObjective(len(self.classes), a.embed_dim, lambda_center=self.lambda_center,
+                                 lambda_recon=self.lambda_recon, center_alpha=a.center_alpha,
+                                 class_weights=weights, deterministic=a.deterministic).to(self.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.epochs * self.steps_per_epoch(fold),
+                                                    pct_start=0.15)
+        return model, objective, opt, sched
+
+    def steps_per_epoch(self, fold) -> int:
+        return self.steps_per_epoch_rows(len(fold.train))
+
+    def run_fold(self, fold_index: int, fold) -> dict:
+        a, info = self.args, self.info
+        for part in ("train", "val", "test"):
+            if len(getattr(fold, part)) == 0:
+                raise CorpusError(f"{self.table.corpus.name}: fold {fold.name} has no {part} utterances "
+                                  f"(too few usable files for --split {self.split})")
+        train_rows = torch.from_numpy(fold.train)
+        norm = Normalizer.fit(self.table.feats, self.table.frames, train_rows)
+        batcher = Batcher(self.table.feats, self.table.frames, self.table.labels, norm, self.device,
+                          int(a.train_seconds * 100))
+        model, objective, opt, sched = self.build(fold_index, fold)
+        train_model = model
+        if info.enabled:
+            train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda"
+                                                  else None)
+        if a.compile:  # after the DDP wrap, as torch.compile's DDP support expects
+            train_model = torch.compile(train_model)
+        start_epoch, best, bad_epochs = 0, {"val_ua": -1.0, "epoch": -1, "model": None, "objective": None}, 0
+        if self.state is not None and self.state["fold"] == fold_index:
+            st = self.state
+            model.load_state_dict(st["model"])
+            objective.load_state_dict(st["objective"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            start_epoch, best, bad_epochs = st["epoch"], st["best"], st["bad_epochs"]
+        self.state = None
+
+        for epoch in range(start_epoch, a.epochs):
+            if bad_epochs >= a.patience:
+                break
+            t0 = time.perf_counter()
+            totals = self.train_epoch(fold_index, epoch, train_rows, batcher, train_model, model, objective, opt,
+                                      sched)
+            val = self.evaluate(model, batcher, torch.from_numpy(fold.val))
+            vm = summarize(val["y_true"], val["y_pred"], self.classes)
+            row = {"fold": fold_index, "fold_name": fold.name, "epoch": epoch + 1, **totals, "val_ua": vm["ua"],
+                   "val_wa": vm["wa"], "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+            self.history.append(row)
+            if vm["ua"] > best["val_ua"]:
+                best = {"val_ua": vm["ua"], "epoch": epoch + 1, "model": cpu_state(model),
+                        "objective": cpu_state(objective)}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            if info.is_main:
+                log(f"fold {fold_index + 1} epoch {epoch + 1}: ce {row['ce']:.3f} center {row['center']:.2f} "
+                    f"recon {row['recon']:.3f} train acc {row['train_acc']:.3f} val UA {vm['ua']:.3f} "
+                    f"({row['seconds']:.1f}s)", a.no_progress)
+            self.save({"fold": fold_index, "epoch": epoch + 1, "model": cpu_state(model),
+                       "objective": cpu_state(objective), "optimizer": opt.state_dict(),
+                       "scheduler": sched.state_dict(), "best": best, "bad_epochs": bad_epochs,
+                       "norm": norm.state()})
+            maybe_interrupt()
+        return self.test_fold(fold_index, fold, model, objective, batcher, norm, best)
+
+    def train_epoch(self, fold_index, epoch, train_rows, batcher, train_model, model, objective, opt, sched) -> dict:
+        a, info = self.args, self.info
+        torch.manual_seed(seed_for(a.seed, fold_index, epoch + 1, info.rank))  # dropout of this epoch
+        order = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(
+            seed_for(a.seed, fold_index, epoch + 1)))]
+        mine = fdist.shard(order, info, pad=True)
+        gen = torch.Generator().manual_seed(seed_for(a.seed, fold_index, epoch + 1, info.rank, 7))
+        train_model.train()
+        objective.train()
+        per_rank = max(1, a.batch_size // info.world_size)
+        steps = self.steps_per_epoch_rows(len(train_rows))
+        totals = EpochTotals(self.device)
+        bar = None
+        if info.is_main and not a.no_progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, desc=f"fold {fold_index + 1}/{len(self.folds)} epoch {epoch + 1}/{a.epochs}",
+                       leave=False, dynamic_ncols=True, file=sys.stderr)
+        for step in range(steps):
+            batch = batcher.batch(mine[step * per_rank: (step + 1) * per_rank], gen)
+            feats = spec_augment(batch.feats, batch.frames_host, gen) if a.specaugment else batch.feats
+            out, terms = train_step(train_model, objective, opt, feats, batch.feats, batch.frames, batch.labels,
+                                    a.amp, clip_params=model.parameters())
+            sched.step()
+            totals.add(terms, out.logits, batch.labels)
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 19 or step == steps - 1:  # a host read every 20 steps, not every step
+                    m = totals.means()
+                    bar.set_postfix(ce=f"{m['ce']:.3f}", center=f"{m['center']:.2f}", recon=f"{m['recon']:.3f}")
+        if bar is not None:
+            bar.close()
+        if info.enabled:
+            totals.all_reduce()
+        return totals.means()
+
+    def steps_per_epoch_rows(self, n_train: int) -> int:
+        per_rank = max(1, self.args.batch_size // self.info.world_size)
+        return max(1, -(-n_train // self.info.world_size) // per_rank)
+
+    def test_fold(self, fold_index, fold, model, objective, batcher, norm, best) -> dict:
+        model.load_state_dict(best["model"])
+        objective.load_state_dict(best["objective"])
+        test = self.evaluate(model, batcher, torch.from_numpy(fold.test), embeddings=True)
+        tm = summarize(test["y_true"], test["y_pred"], self.classes)
+        result = {"fold": fold_index, "name": fold.name, "best_epoch": best["epoch"], "val_ua": best["val_ua"],
+                  "val_speaker_disjoint": fold.val_speaker_disjoint,
+                  "test_speakers": sorted(set(self.table.corpus.speakers[fold.test].tolist())),
+                  "test_rows": test["rows"].tolist(), "y_true": test["y_true"].tolist(),
+                  "y_pred": test["y_pred"].tolist(), "wa": tm["wa"], "ua": tm["ua"], "macro_f1": tm["macro_f1"],
+                  "n_test": tm["n"]}
+        self.fold_results.append(result)
+        self.last_test = {"embeddings": test["embeddings"], "labels": test["y_true"],
+                          "centers": objective.center_loss.centers.detach().cpu().numpy()
+                          if objective.center_loss is not None else None}
+        self.save(None, final={"model": best["model"], "objective": best["objective"], "norm": norm.state(),
+                               "fold": fold_index})
+        if self.info.is_main:
+            log(f"fold {fold_index + 1}/{len(self.folds)} {fold.name}: test WA {tm['wa']:.3f} UA {tm['ua']:.3f} "
+                f"(best epoch {best['epoch']}, val UA {best['val_ua']:.3f})", self.args.no_progress)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, model, batcher: Batcher, rows: torch.Tensor, embeddings: bool = False) -> dict:
+        """Sharded over ranks (each row exactly once), gathered, returned in the order of `rows`."""
+        model.eval()
+        rows = rows[torch.argsort(self.table.frames[rows], stable=True)]  # similar lengths batch together
+        mine = fdist.shard(rows, self.info, pad=False)
+        preds, embs = [], []
+        for start in range(0, len(mine), 64):
+            batch = batcher.batch(mine[start: start + 64])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
+                out = model(batch.feats, batch.frames)
+            preds.append(out.logits.argmax(1))
+            embs.append(out.embedding.float())
+        pred = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
+        emb = torch.cat(embs).cpu() if embs else torch.zeros(0, model.embed_dim)
+        all_rows = fdist.gather_cat(mine, self.info)
+        pred = fdist.gather_cat(pred, self.info)
+        if embeddings:
+            emb = fdist.gather_cat(emb, self.info)
+        order = torch.argsort(all_rows)
+        all_rows, pred = all_rows[order], pred[order]
+        return {"rows": all_rows.numpy(), "y_true": self.table.labels[all_rows].numpy(), "y_pred": pred.numpy(),
+                "embeddings": emb[order].numpy() if embeddings else None}
+
+    # -- every fold -----------------------------------------------------------------------
+    def run(self) -> float:
+        """Trains the folds not done yet; returns the seconds it took."""
+        t0 = time.perf_counter()
+        done = {r["fold"] for r in self.fold_results}
+        for i, fold in enumerate(self.folds):
+            if i not in done:
+                self.run_fold(i, fold)
+        return time.perf_counter() - t0
+
+    def last_fold_embeddings(self) -> Optional[dict]:
+        """The last fold's test embeddings (recomputed from the checkpoint after a resume that had
+        nothing left to train)."""
+        if self.last_test is not None:
+            return self.last_test
+        ckpt = torch.load(self.ckpt_path, weights_only=True) if self.ckpt_path.exists() else None
+        if not ckpt or "final" not in ckpt:
+            return None
+        fin = ckpt["final"]
+        model = self.new_model()
+        model.load_state_dict(fin["model"])
+        batcher = Batcher(self.table.feats, self.table.frames, self.table.labels, Normalizer(**fin["norm"]),
+                          self.device, 300)
+        test = self.evaluate(model, batcher, torch.from_numpy(self.folds[fin["fold"]].test), embeddings=True)
+        centers = fin["objective"].get("center_loss.centers")
+        return {"embeddings": test["embeddings"], "labels": test["y_true"],
+                "centers": centers.numpy() if centers is not None else None}

@@ -1,0 +1,66 @@
+"""What a finished experiment writes: metrics.json, history.jsonl, config.json, the confusion
+matrix and embedding plots, and the ablation table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fastser import __version__
+from fastser.metrics import summarize
+from fastser.ops import backends_in_use
+from fastser.training.loop import Run, log
+
+
+def metrics_of(run: Run, seconds: float) -> dict:
+    """Test predictions of every fold pooled into WA, UA, macro-F1, per-class recall and the confusion."""
+    a = run.args
+    y_true = np.concatenate([r["y_true"] for r in run.fold_results])
+    y_pred = np.concatenate([r["y_pred"] for r in run.fold_results])
+    m = summarize(y_true, y_pred, run.classes)
+    corpus = run.table.corpus
+    return {
+        "corpus": a.corpus, "split": run.split, "features": a.features, "classes": run.classes,
+        "lambda_center": run.lambda_center, "lambda_recon": run.lambda_recon, "center_alpha": a.center_alpha,
+        "n_test": m["n"], "wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"],
+        "per_class_recall": m["per_class_recall"], "confusion": m["confusion"],
+        "folds": [{k: r[k] for k in ("name", "n_test", "wa", "ua", "macro_f1", "best_epoch", "val_ua",
+                                     "val_speaker_disjoint", "test_speakers")} for r in run.fold_results],
+        "n_utterances": len(corpus.utterances), "n_speakers": len(set(corpus.speakers.tolist())),
+        "skipped": {"count": len(corpus.skipped), "files": [{"path": p, "reason": r} for p, r in corpus.skipped]},
+        "world_size": run.info.world_size, "device": str(run.device), "seconds": seconds,
+        "backends": backends_in_use(run.device), "fastser_version": __version__,
+    }
+
+
+def write_reports(run: Run, metrics: dict) -> None:
+    """Rank 0 only: the run folder's artifacts."""
+    if not run.info.is_main:
+        return
+    from fastser.plots import plot_confusion, plot_embeddings
+    out = run.out
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(out / "history.jsonl", "w") as f:
+        for row in run.history:
+            f.write(json.dumps(row) + "\n")
+    (out / "config.json").write_text(json.dumps(run.config(), indent=2, default=str) + "\n")
+    plot_confusion(np.array(metrics["confusion"]), run.classes, out / "confusion.png",
+                   f"{run.args.corpus} {run.split}: WA {metrics['wa']:.1%}  UA {metrics['ua']:.1%}")
+    last = run.last_fold_embeddings()
+    if last is not None and last["embeddings"] is not None and len(last["embeddings"]) > 2:
+        plot_embeddings(last["embeddings"], last["labels"], last["centers"], run.classes, out / "embeddings.png",
+                        f"test embeddings, {run.fold_results[-1]['name']}")
+
+
+def write_ablation(out: Path, results: dict, args) -> None:
+    rows = {name: {k: m[k] for k in ("wa", "ua", "macro_f1", "n_test", "lambda_center", "lambda_recon")}
+            for name, m in results.items()}
+    (out / "ablation.json").write_text(json.dumps({"corpus": args.corpus, "seed": args.seed, "results": rows},
+                                                  indent=2) + "\n")
+    lines = ["| objective | lambda_center | lambda_recon | WA | UA | macro-F1 |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['lambda_center']} | {r['lambda_recon']} | {r['wa']:.1%} | {r['ua']:.1%} | "
+                     f"{r['macro_f1']:.1%} |")
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    log("\n" + "\n".join(lines), args.no_progress)
