@@ -94,6 +94,17 @@ def run(benchmark, fn, device, *, suite, group, impl, baseline, target=None, ext
     })
 
 
+def _cpu_model() -> dict:
+    """The CPU's name and the vector extensions that decide CPU figures (AVX-512, bf16 for --amp)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {"cpu_model": name, "cpu_isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]}
+
+
 def environment(device: torch.device) -> dict:
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -110,6 +121,7 @@ def environment(device: torch.device) -> dict:
                     memory_gib=round(props.total_memory / 2**30, 1))
     else:
         info["device_name"] = f"CPU ({os.cpu_count()} cores)"
+        info.update(_cpu_model())
     for mod in ("triton", "librosa", "cupy", "torchaudio", "numpy"):
         try:
             info[mod] = __import__(mod).__version__

@@ -55,7 +55,8 @@ def table() -> str:
     for run in latest_runs():
         env = run["environment"]
         suite = run["results"][0]["suite"]
-        lines += [f"**{SUITE_TITLES.get(suite, suite)}** — {env['device_name']}, torch {env['torch']}, "
+        cpu = f" ({env['cpu_model']}; {', '.join(env['cpu_isa']) or 'no AVX2/AVX-512'})" if env.get("cpu_model") else ""
+        lines += [f"**{SUITE_TITLES.get(suite, suite)}** — {env['device_name']}{cpu}, torch {env['torch']}, "
                   f"{env['date'][:10]} (`benchmarks/results/{run['file']}`)", "",
                   "| case | implementation | median time | peak extra memory | speed-up vs baseline |",
                   "|---|---|---:|---:|---|"]

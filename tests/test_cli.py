@@ -225,3 +225,26 @@ def test_a_source_tree_shadowing_the_installed_package_is_named(monkeypatch, tmp
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed())
     why = _native._explain_missing_cpu_kernels(ImportError("No module named 'fastser._C'"))
     assert "shadows" in why and str(tmp_path / "site-packages" / "fastser") in why
+
+
+def test_every_predict_argument_is_documented():
+    proc = run(command("predict", "script"), "--help")
+    text = " ".join(proc.stdout.split())
+    for arg in ("AUDIO", "--checkpoint", "--device", "--format", "--json", "--segments", "--batch-size",
+                "--no-progress"):
+        assert arg in text
+    import argparse
+    import fastser.predict as predict
+    captured = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        captured["parser"] = self
+        return original(self, *a, **k)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        predict.parse_args(["x.wav", "--checkpoint", "c.pt"])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    undocumented = [a.dest for a in captured["parser"]._actions if not a.help]
+    assert not undocumented, undocumented
