@@ -35,6 +35,23 @@ def run(cmd, *args, env=None, cwd=None):
                           env={**os.environ, **(env or {})})
 
 
+def parser_of(parse_args, argv):
+    """The ArgumentParser a command builds inside its parse_args(argv)."""
+    import argparse
+    captured = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        captured["parser"] = self
+        return original(self, *a, **k)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        parse_args(argv)
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return captured["parser"]
+
+
 def one_error_line(proc, prog: str) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -160,20 +177,8 @@ def test_few_speakers_warn_on_stderr(tmp_path):
 
 
 def test_every_train_flag_is_documented_with_its_default_once():
-    import argparse
     import fastser.train as train
-    captured = {}
-    original = argparse.ArgumentParser.parse_args
-
-    def grab(self, *a, **k):
-        captured["parser"] = self
-        return original(self, *a, **k)
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        train.parse_args([])
-    finally:
-        argparse.ArgumentParser.parse_args = original
-    parser = captured["parser"]
+    parser = parser_of(train.parse_args, [])
     undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert not undocumented, undocumented
     text = parser.format_help()
@@ -233,18 +238,7 @@ def test_every_predict_argument_is_documented():
     for arg in ("AUDIO", "--checkpoint", "--device", "--format", "--json", "--segments", "--batch-size",
                 "--no-progress"):
         assert arg in text
-    import argparse
     import fastser.predict as predict
-    captured = {}
-    original = argparse.ArgumentParser.parse_args
-
-    def grab(self, *a, **k):
-        captured["parser"] = self
-        return original(self, *a, **k)
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        predict.parse_args(["x.wav", "--checkpoint", "c.pt"])
-    finally:
-        argparse.ArgumentParser.parse_args = original
-    undocumented = [a.dest for a in captured["parser"]._actions if not a.help]
+    undocumented = [a.dest for a in parser_of(predict.parse_args, ["x.wav", "--checkpoint", "c.pt"])._actions
+                    if not a.help]
     assert not undocumented, undocumented

@@ -90,8 +90,9 @@ def _compute_dtype(x: torch.Tensor, centers: torch.Tensor) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- input checks
 
-def check_inputs(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor) -> None:
-    """Raise a ValueError/TypeError that names what is wrong; touches nothing."""
+def check_inputs(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, label_range: bool = True) -> None:
+    """Raise a ValueError/TypeError that names what is wrong; touches nothing. label_range=False skips
+    the one check that reads a value back to the host."""
     if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError("features and labels must be torch tensors")
     if features.dim() != 2:
@@ -110,7 +111,7 @@ def check_inputs(features: torch.Tensor, labels: torch.Tensor, centers: torch.Te
     if features.device != centers.device or labels.device != features.device:
         raise ValueError(f"tensors on different devices: features on {features.device}, labels on "
                          f"{labels.device}, centers on {centers.device}")
-    if labels.numel():
+    if label_range and labels.numel():
         lo, hi = torch.aminmax(labels)
         if lo.item() < 0 or hi.item() >= num_classes:
             _raise_bad_label(labels, num_classes)
@@ -304,36 +305,96 @@ class CenterLossFunction(torch.autograd.Function):
         num_classes, reduction, scale, wen_alpha, backend, deterministic, process_group, x_dtype = ctx.meta
         # d(row loss)/dx = 2 diff, so each row's weight is 2 * scale * upstream gradient
         row_scale = (grad_output.to(diff.dtype) * (2.0 * scale)).reshape(-1).contiguous()
-        want_gx = ctx.needs_input_grad[0]
-        want_gc = ctx.needs_input_grad[2]
-        grad_x = torch.empty(diff.shape, dtype=x_dtype, device=diff.device) if want_gx else None
-        grad_c = torch.zeros(num_classes, diff.shape[1], dtype=diff.dtype, device=diff.device) if want_gc else None
-
-        centers = ctx.centers
-        update_here, work_centers = None, None
-        if centers is not None:
-            if _distributed_world(process_group) > 1:
-                _wen_update_global(diff, labels, centers, wen_alpha, process_group)
-            else:
-                # the kernels update fp32/fp64 contiguous centers in place; anything else via a copy
-                direct = centers.dtype == diff.dtype and centers.is_contiguous()
-                work_centers = centers.data if direct else centers.detach().to(diff.dtype).contiguous()
-                update_here = work_centers
-
-        if update_here is not None and grad_c is not None:
-            # both wanted (unusual): two passes, the update first would change nothing the gradient reads
-            _backward(backend, diff, labels, num_classes, row_scale, grad_x, None, 0.0, grad_c, deterministic)
-            _backward(backend, diff, labels, num_classes, row_scale, None, update_here, wen_alpha, None,
-                      deterministic)
-        else:
-            _backward(backend, diff, labels, num_classes, row_scale, grad_x, update_here,
-                      wen_alpha or 0.0, grad_c, deterministic)
-        if work_centers is not None and work_centers is not centers.data:
-            centers.data.copy_(work_centers)
+        grad_x, grad_c = _backward_step(diff, labels, num_classes, row_scale, x_dtype, ctx.needs_input_grad[0],
+                                        ctx.needs_input_grad[2], ctx.centers, wen_alpha, backend, deterministic,
+                                        ctx.centers_dtype, process_group)
         ctx.centers = None
-        if grad_c is not None:
-            grad_c = grad_c.to(ctx.centers_dtype)
         return grad_x, None, grad_c, None, None, None, None, None, None
+
+
+def _backward_step(diff, labels, num_classes, row_scale, x_dtype, want_gx, want_gc, centers, wen_alpha, backend,
+                   deterministic, centers_dtype, process_group=None):
+    """-> (grad_x or None, grad_centers or None); moves `centers` by Wen's rule when it is given."""
+    grad_x = torch.empty(diff.shape, dtype=x_dtype, device=diff.device) if want_gx else None
+    grad_c = torch.zeros(num_classes, diff.shape[1], dtype=diff.dtype, device=diff.device) if want_gc else None
+    update_here, work_centers = None, None
+    if centers is not None:
+        if _distributed_world(process_group) > 1:
+            _wen_update_global(diff, labels, centers, wen_alpha, process_group)
+        else:
+            # the kernels update fp32/fp64 contiguous centers in place; anything else via a copy
+            direct = centers.dtype == diff.dtype and centers.is_contiguous()
+            work_centers = centers.data if direct else centers.detach().to(diff.dtype).contiguous()
+            update_here = work_centers
+    if update_here is not None and grad_c is not None:
+        # both wanted (unusual): two passes, the update first would change nothing the gradient reads
+        _backward(backend, diff, labels, num_classes, row_scale, grad_x, None, 0.0, grad_c, deterministic)
+        _backward(backend, diff, labels, num_classes, row_scale, None, update_here, wen_alpha, None, deterministic)
+    else:
+        _backward(backend, diff, labels, num_classes, row_scale, grad_x, update_here, wen_alpha or 0.0, grad_c,
+                  deterministic)
+    if work_centers is not None and work_centers is not centers.data:
+        centers.data.copy_(work_centers)
+    return grad_x, (grad_c.to(centers_dtype) if grad_c is not None else None)
+
+
+# ----------------------------------------------------------------------------- torch.library ops (torch.compile)
+# The same forward and backward as custom ops with fake (meta) implementations and a registered
+# autograd formula, so torch.compile(fullgraph=True) keeps the fused loss in its graph (and the
+# Wen update, a mutation of the centers inside the backward) instead of breaking the graph at an
+# autograd.Function. Used when compiling; eager calls take CenterLossFunction (which also does the
+# multi-rank Wen update and the host-side input checks).
+
+@torch.library.custom_op("fastser::center_loss_forward", mutates_args=())
+def _op_forward(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, wen_alpha: float,
+                update_centers: bool, backend: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (row_loss (B,), diff (B, D)); wen_alpha/update_centers/deterministic are for the backward."""
+    return _forward(backend, features.contiguous(), labels.long().contiguous(), centers.detach().contiguous())
+
+
+@_op_forward.register_fake
+def _(features, labels, centers, wen_alpha, update_centers, backend, deterministic):
+    compute = _compute_dtype(features, centers)
+    B, D = features.shape
+    return features.new_empty(B, dtype=compute), features.new_empty(B, D, dtype=compute)
+
+
+@torch.library.custom_op("fastser::center_loss_backward", mutates_args=("centers",))
+def _op_backward(diff: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, centers: torch.Tensor,
+                 wen_alpha: float, update_centers: bool, want_grad_x: bool, want_grad_centers: bool,
+                 x_dtype: torch.dtype, backend: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x, grad_c = _backward_step(diff, labels.long().contiguous(), centers.shape[0], row_scale.contiguous(),
+                                    x_dtype, want_grad_x, want_grad_centers, centers if update_centers else None,
+                                    wen_alpha, backend, deterministic, centers.dtype)
+    # a custom op returns tensors, never None: unwanted gradients are empty
+    return (grad_x if grad_x is not None else diff.new_empty(0, dtype=x_dtype),
+            grad_c if grad_c is not None else diff.new_empty(0, dtype=centers.dtype))
+
+
+@_op_backward.register_fake
+def _(diff, labels, row_scale, centers, wen_alpha, update_centers, want_grad_x, want_grad_centers, x_dtype,
+      backend, deterministic):
+    return (diff.new_empty(diff.shape if want_grad_x else (0,), dtype=x_dtype),
+            diff.new_empty(centers.shape if want_grad_centers else (0,), dtype=centers.dtype))
+
+
+def _op_setup_context(ctx, inputs, output):
+    features, labels, centers, wen_alpha, update_centers, backend, deterministic = inputs
+    ctx.save_for_backward(output[1], labels, centers)
+    ctx.meta = (features.dtype, wen_alpha, update_centers, backend, deterministic)
+
+
+def _op_autograd(ctx, grad_row_loss, grad_diff):
+    diff, labels, centers = ctx.saved_tensors
+    x_dtype, wen_alpha, update_centers, backend, deterministic = ctx.meta
+    want_gx, want_gc = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    # d(row loss)/dx = 2 diff: each row's weight is twice its upstream gradient
+    grad_x, grad_c = _op_backward(diff, labels, (grad_row_loss * 2.0).to(diff.dtype), centers, wen_alpha,
+                                  update_centers, want_gx, want_gc, x_dtype, backend, deterministic)
+    return (grad_x if want_gx else None), None, (grad_c if want_gc else None), None, None, None, None
+
+
+_op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
 
 
 def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
@@ -353,8 +414,16 @@ def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if centers.dim() != 2:
         raise ValueError(f"centers must be 2-D (num_classes, feat_dim), got shape {tuple(centers.shape)}")
-    if validate:
-        check_inputs(features, labels, centers)
+    compiling = torch.compiler.is_compiling()
+    if validate:  # under torch.compile only the checks that need no host sync (shapes, dtypes, devices)
+        check_inputs(features, labels, centers, label_range=not compiling)
     name = resolve_backend(backend, features, centers)
+    if compiling and _distributed_world(process_group) == 1:
+        row_loss, _ = _op_forward(features, labels, centers, float(wen_alpha or 0.0), wen_alpha is not None, name,
+                                  deterministic)
+        row_loss = row_loss.to(torch.promote_types(features.dtype, centers.dtype))
+        if reduction == "none":
+            return row_loss
+        return row_loss.sum() / max(features.shape[0], 1) if reduction == "mean" else row_loss.sum()
     return CenterLossFunction.apply(features, labels, centers, reduction, wen_alpha, name, deterministic,
                                     process_group, validate)

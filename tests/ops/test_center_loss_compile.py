@@ -1,0 +1,61 @@
+"""The fused center loss under torch.compile(fullgraph=True): registered as torch.library custom ops
+(fake implementations, an autograd formula, the Wen update as a mutation in the backward), so a
+compiled model keeps the fused loss in its graph and gets the same loss, gradients and centers as
+eager execution."""
+import pytest
+import torch
+
+from fastser.nn import CenterLoss
+from fastser.ops import available_backends
+from fastser.ops.center_loss import _op_backward, _op_forward
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the Triton interpreter is too slow to run under compile in CI time; on a GPU every backend runs
+BACKENDS = [b for b in available_backends(DEVICE) if DEVICE == "cuda" or b != "triton"]
+
+
+class Head(torch.nn.Module):
+    def __init__(self, update, backend, reduction="mean"):
+        super().__init__()
+        self.lin = torch.nn.Linear(12, 6)
+        self.loss = CenterLoss(5, 6, update=update, backend=backend, reduction=reduction)
+
+    def forward(self, x, y):
+        out = self.loss(self.lin(x), y)
+        return out if out.dim() == 0 else out.sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("update", ["wen", "gradient"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_fullgraph_matches_eager(backend, update, reduction):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager, compiled = Head(update, backend, reduction).to(DEVICE), Head(update, backend, reduction).to(DEVICE)
+    compiled.load_state_dict(eager.state_dict())
+    step = torch.compile(compiled, fullgraph=True)  # fullgraph: any graph break is an error
+    for i in range(3):
+        x = torch.randn(32, 12, device=DEVICE)
+        y = torch.randint(0, 5, (32,), device=DEVICE)
+        eager.zero_grad()
+        compiled.zero_grad()
+        a, b = eager(x, y), step(x, y)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled.lin.weight.grad, eager.lin.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled.loss.centers.detach(), eager.loss.centers.detach(), rtol=1e-5, atol=1e-6)
+        if update == "gradient":
+            torch.testing.assert_close(compiled.loss.centers.grad, eager.loss.centers.grad, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(eager.loss.centers.detach(), Head(update, backend).loss.centers)  # they did move
+
+
+def test_the_ops_pass_torch_library_opcheck():
+    x = torch.randn(8, 6, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 4, (8,), device=DEVICE)
+    c = torch.randn(4, 6, device=DEVICE)
+    for args in ((x, y, c, 0.0, False, "torch", False), (x, y, c.clone().requires_grad_(), 0.0, False, "torch", False)):
+        torch.library.opcheck(_op_forward, args)
+    diff = torch.randn(8, 6, device=DEVICE)
+    torch.library.opcheck(_op_backward, (diff, y, torch.ones(8, device=DEVICE), c.clone(), 0.5, True, True, False,
+                                         torch.float32, "torch", False))
