@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -42,6 +44,16 @@ class _DefaultsOnce(argparse.HelpFormatter):
         if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
             return text
         return f"{text} (default: {action.default})"
+
+
+def _seed_list(text: str) -> list:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, e.g. 0,1,2; got {text!r}")
+    return seeds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--specaugment", action="store_true",
                      help="time/frequency masks in training (off by default: they lowered UA in the sweep)")
     opt.add_argument("--seed", type=int, default=0, help="seeds the folds, the weights, the batches and dropout")
+    opt.add_argument("--seeds", type=_seed_list, default=None,
+                     help="several seeds, e.g. 0,1,2: one experiment each in seed-N/, metrics.json with mean "
+                          "and std over seeds (the protocol for judging a change on a small corpus)")
     run = p.add_argument_group("running")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--amp", action="store_true", help="bf16 autocast")
@@ -101,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--resume", default=None, help="checkpoint.pt (or its folder) to continue from")
     run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     args = p.parse_args(argv)
+    if args.seeds and args.ablation:
+        p.error("--seeds and --ablation do not combine yet: run the ablation once per seed")
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS.get(args.corpus, 40)
     if args.epochs < 1 or args.batch_size < 1:
@@ -222,10 +239,10 @@ def _train(args, info, out: Path) -> dict:
 
     features = FeatureSet.paper(table.feats)
 
-    def experiment(sub: Path, use_center: bool, use_recon: bool) -> dict:
+    def experiment(sub: Path, use_center: bool, use_recon: bool, run_args=args, run_folds=folds) -> dict:
         if info.is_main:
             sub.mkdir(parents=True, exist_ok=True)
-        run = Run(args, info, table, folds, split, sub, args.lambda_center if use_center else 0.0,
+        run = Run(run_args, info, table, run_folds, split, sub, args.lambda_center if use_center else 0.0,
                   args.lambda_recon if use_recon else 0.0, features)
         resume = Path(args.resume) if args.resume else None
         if resume is not None:
@@ -238,7 +255,20 @@ def _train(args, info, out: Path) -> dict:
         write_reports(run, metrics)
         return metrics
 
-    if args.ablation:
+    if args.seeds:
+        # one whole experiment per seed (its own folds' order, weights and batches), then mean +- std
+        per_seed = {}
+        for seed in args.seeds:
+            seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
+            seed_folds = make_folds(table.corpus, split, n_folds=args.folds, seed=seed)[: args.max_folds or None]
+            per_seed[seed] = experiment(out / f"seed-{seed}", not args.no_center, not args.no_recon, seed_args,
+                                        seed_folds)
+        metrics = seed_summary(per_seed, time.perf_counter() - t0)
+        if info.is_main:
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            _log_main(f"{len(per_seed)} seeds: " + "  ".join(
+                f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1")), args)
+    elif args.ablation:
         results = {name: experiment(out / name, c, r) for name, (c, r) in ABLATION.items()}
         if info.is_main:
             write_ablation(out, results, args)
@@ -251,6 +281,20 @@ def _train(args, info, out: Path) -> dict:
              f"{time.perf_counter() - t0:.0f}s; artifacts in {out}", args)
     return metrics
 
+
+def seed_summary(per_seed: dict, seconds: float) -> dict:
+    """Mean and std (over seeds) of WA, UA and macro-F1; the pooled-over-folds figures of each seed.
+    "wa"/"ua"/"macro_f1" are the means, so the summary reads like one run's metrics."""
+    first = next(iter(per_seed.values()))
+    out = {k: first[k] for k in ("corpus", "split", "features", "classes", "lambda_center", "lambda_recon",
+                                 "n_test", "skipped", "device", "backends", "fastser_version")}
+    out["seeds"] = {str(s): {k: m[k] for k in ("wa", "ua", "macro_f1", "seconds")} for s, m in per_seed.items()}
+    for key in ("wa", "ua", "macro_f1"):
+        values = np.array([m[key] for m in per_seed.values()])
+        out[f"{key}_mean"], out[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1) if len(values) > 1 else 0.0)
+        out[key] = out[f"{key}_mean"]
+    out["seconds"] = seconds
+    return out
 
 
 

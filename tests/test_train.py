@@ -154,3 +154,18 @@ def test_default_run_completes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((tmp_path / "default" / "metrics.json").read_text())
     assert m["n_test"] > 0 and m["ua"] > 0.35  # chance is 0.25
+
+
+def test_seeds_protocol_aggregates_mean_and_std(tmp_path):
+    """--seeds 0,1: one experiment per seed (each equal to a run with that --seed), mean +- std over seeds."""
+    metrics, out = run(tmp_path, "multi", "--epochs", "1", "--seeds", "0,1")
+    single, _ = run(tmp_path, "one", "--epochs", "1", "--seed", "0")  # (the synthetic corpus itself comes from --seed)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["seeds"]) == {"0", "1"}
+    per_seed = [json.loads((out / f"seed-{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    assert per_seed[0]["confusion"] == single["confusion"]
+    uas = [m["ua"] for m in per_seed]
+    assert saved["ua_mean"] == pytest.approx(np.mean(uas)) and saved["ua_std"] == pytest.approx(np.std(uas, ddof=1))
+    assert metrics["ua"] == saved["ua_mean"] and saved["seeds"]["0"]["ua"] == uas[0]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--seeds", "0,x"])
