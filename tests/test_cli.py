@@ -4,8 +4,10 @@ Exit status 0 on success, 2 with exactly one stderr line naming the problem on b
 one line saying how to resume on Ctrl-C; the same from either way of running a command.
 """
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -15,14 +17,20 @@ import torch
 from fastser.data.synthetic import make_corpus
 from tests.test_train import SMALL
 
-BIN = Path(sys.executable).parent
+def installed_script(name: str) -> str:
+    """Where pip put the console script: beside this Python (a venv), in this scheme's scripts folder
+    (a system or --user install), or on PATH."""
+    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        if (folder / name).is_file():
+            return str(folder / name)
+    found = shutil.which(name)
+    assert found, f"{name} is missing: install the package (pip install -e .) to get its scripts"
+    return found
 
 
 def command(name: str, way: str) -> list:
     if way == "script":
-        script = BIN / f"fastser-{name}"
-        assert script.is_file(), f"{script} is missing: install the package (pip install -e .) to get its scripts"
-        return [str(script)]
+        return [installed_script(f"fastser-{name}")]
     return [sys.executable, "-m", f"fastser.{name}"]
 
 

@@ -47,7 +47,12 @@ def test_compiled_fullgraph_matches_eager(backend, update, reduction):
         torch.testing.assert_close(compiled.loss.centers.detach(), eager.loss.centers.detach(), rtol=1e-5, atol=1e-6)
         if update == "gradient":
             torch.testing.assert_close(compiled.loss.centers.grad, eager.loss.centers.grad, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(eager.loss.centers.detach(), Head(update, backend).loss.centers)  # they did move
+    if update == "wen":  # the Wen update moved them (in "gradient" mode an optimizer would, from their grad)
+        torch.manual_seed(0)
+        untrained = Head(update, backend, reduction).loss.centers.detach()
+        assert not torch.equal(compiled.loss.centers.detach().cpu(), untrained)
+    else:
+        assert compiled.loss.centers.grad.abs().sum() > 0
 
 
 def test_the_ops_pass_torch_library_opcheck():
