@@ -234,8 +234,8 @@ def _train(args, info, out: Path) -> dict:
               f"{len(shared)} of {len(folds)} folds: early stopping there uses held-out utterances of training "
               f"speakers (flagged per fold in metrics.json)", file=sys.stderr)
     if info.is_main:
-        _log_main(f"{table.corpus.summary()} | split {split}: {len(folds)} folds | device {info.device}"
-             f" x{info.world_size} | out {out}", args)
+        log(f"{table.corpus.summary()} | split {split}: {len(folds)} folds | device {info.device}"
+            f" x{info.world_size} | out {out}", args.no_progress)
 
     features = FeatureSet.paper(table.feats)
 
@@ -266,8 +266,8 @@ def _train(args, info, out: Path) -> dict:
         metrics = seed_summary(per_seed, time.perf_counter() - t0)
         if info.is_main:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            _log_main(f"{len(per_seed)} seeds: " + "  ".join(
-                f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1")), args)
+            log(f"{len(per_seed)} seeds: " + "  ".join(
+                f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1")), args.no_progress)
     elif args.ablation:
         results = {name: experiment(out / name, c, r) for name, (c, r) in ABLATION.items()}
         if info.is_main:
@@ -276,9 +276,9 @@ def _train(args, info, out: Path) -> dict:
     else:
         metrics = experiment(out, not args.no_center, not args.no_recon)
     if info.is_main:
-        _log_main(f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
-             f"{metrics['n_test']} test utterances ({len(folds)} folds); skipped files: {metrics['skipped']['count']}; "
-             f"{time.perf_counter() - t0:.0f}s; artifacts in {out}", args)
+        log(f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
+            f"{metrics['n_test']} test utterances ({len(folds)} folds); skipped files: {metrics['skipped']['count']}; "
+            f"{time.perf_counter() - t0:.0f}s; artifacts in {out}", args.no_progress)
     return metrics
 
 
@@ -295,11 +295,6 @@ def seed_summary(per_seed: dict, seconds: float) -> dict:
         out[key] = out[f"{key}_mean"]
     out["seconds"] = seconds
     return out
-
-
-
-def _log_main(msg: str, args) -> None:
-    log(msg, args.no_progress)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -99,7 +98,3 @@ def _renamed(state: dict) -> dict:
             key = key.replace(f".{old}.", f".{new}.")
         out[key] = value
     return out
-
-
-def checkpoint_spec(ckpt: Optional[dict]) -> Optional[ModelSpec]:
-    return finished_model(ckpt)[0] if ckpt and "final" in ckpt else None

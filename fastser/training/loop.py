@@ -161,12 +161,10 @@ class Run:
                                  lambda_recon=self.lambda_recon, center_alpha=a.center_alpha,
                                  class_weights=weights, deterministic=a.deterministic).to(self.device)
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.epochs * self.steps_per_epoch(fold),
-                                                    pct_start=0.15)
+        total = a.epochs * self.steps_per_epoch(len(fold.train))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=total, pct_start=0.15)
         return model, objective, opt, sched
 
-    def steps_per_epoch(self, fold) -> int:
-        return self.steps_per_epoch_rows(len(fold.train))
 
     def run_fold(self, fold_index: int, fold) -> dict:
         a, info = self.args, self.info
@@ -233,7 +231,7 @@ class Run:
         train_model.train()
         objective.train()
         per_rank = max(1, a.batch_size // info.world_size)
-        steps = self.steps_per_epoch_rows(len(train_rows))
+        steps = self.steps_per_epoch(len(train_rows))
         totals = EpochTotals(self.device)
         bar = None
         if info.is_main and not a.no_progress:
@@ -258,7 +256,7 @@ class Run:
             totals.all_reduce()
         return totals.means()
 
-    def steps_per_epoch_rows(self, n_train: int) -> int:
+    def steps_per_epoch(self, n_train: int) -> int:
         per_rank = max(1, self.args.batch_size // self.info.world_size)
         return max(1, -(-n_train // self.info.world_size) // per_rank)
 
