@@ -1,7 +1,11 @@
-"""Build the README's performance table from benchmarks/results/*.json (never typed by hand).
+"""Build the README's performance and accuracy tables from benchmarks/results/ (never typed by hand).
 
     python -m benchmarks.report            # print the markdown
-    python -m benchmarks.report --write    # replace the table between the markers in README.md
+    python -m benchmarks.report --write    # replace the tables between their markers in README.md
+
+Performance: benchmarks/results/*.json (pytest-benchmark runs, `benchmarks/_harness.py`).
+Accuracy: benchmarks/results/accuracy/*.json (`python -m benchmarks.accuracy`), one table per
+corpus and split, fastser rows and the openSMILE + SVM baselines on the same folds.
 
 For each (suite, device) the newest results file is used; every figure in a row comes from that
 one run, ratios included.
@@ -15,10 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+ACC_START, ACC_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 SUITE_TITLES = {
     "center_loss": "Center loss, one training step (forward + backward + center update), B x C x D",
     "features": "Features, 256 clips x 3 s at 16 kHz (n_fft 512, hop 160, 40 mels / 40 MFCCs)",
-    "train_step": "End-to-end training step from raw audio, batch 64 x 3 s",
+    "train_step": "End-to-end training step from raw audio, batch 64 x 3 s (time per step)",
     "center_sync": "Center sync across 2 ranks (gloo), D = 512, B = 256 per rank",
 }
 
@@ -67,27 +72,62 @@ def table() -> str:
                 extra = f" ({r['utterances'] / r['median_s']:,.0f} utt/s)"
             if "sync_bytes_per_step" in r:
                 extra = f" ({r['sync_bytes_per_step'] / 2**20:.2f} MiB all-reduced)"
-            lines.append(f"| {r['group']} | {r['impl']} | {r['median_s'] * 1e3:,.2f} ms{extra} | "
+            per_step = r["median_s"] / r.get("steps_per_call", 1)  # train_step times several steps per call
+            lines.append(f"| {r['group']} | {r['impl']} | {per_step * 1e3:,.2f} ms{extra} | "
                          f"{r['peak_extra_bytes'] / 2**20:,.1f} MiB | {_ratio(r)} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _setting_text(row: dict) -> str:
+    s = row["settings"]
+    if row["kind"] == "baseline":
+        return f"openSMILE {s['features']} functionals, {s['svm']} SVM" + (", per-speaker z-norm" if s["speaker_norm"] else "")
+    parts = [f"features {s['features']}" + (" + prosody" if s.get("prosody") else ""),
+             f"normalize {s.get('normalize') or 'corpus'}", f"epochs {s['epochs']} (patience {s['patience']})"]
+    return ", ".join(parts)
+
+
+def accuracy_table() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "accuracy").glob("*.json"))]
+    lines = []
+    for corpus, split in sorted({(r["corpus"], r["split"]) for r in rows}):
+        group = [r for r in rows if (r["corpus"], r["split"]) == (corpus, split)]
+        group.sort(key=lambda r: (r["kind"] != "baseline", r["date"]))
+        lines += [f"**{corpus}, {split}** (mean ± std over seeds; baselines are deterministic)", "",
+                  "| row | settings | seeds | UA % | WA % | macro-F1 % | UA %, utterance-level statistics | "
+                  "time per seed | machine, date |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---|"]
+        for r in group:
+            pm = lambda k: f"{100 * r[k + '_mean']:.1f} ± {100 * r[k + '_std']:.1f}"  # noqa: E731
+            alone = (f"{100 * r['utterance_norm_ua_mean']:.1f} ± {100 * r['utterance_norm_ua_std']:.1f}"
+                     if "utterance_norm_ua_mean" in r else "")
+            seeds = ", ".join(r["seeds"]) if r["kind"] != "baseline" else "-"
+            lines.append(f"| {r['name']} | {_setting_text(r)} | {seeds} | {pm('ua')} | {pm('wa')} | {pm('macro_f1')} | "
+                         f"{alone} | {r['seconds_per_seed'] / 60:.0f} min | {r['machine']}, {r['date'][:10]} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _replace(content: str, start: str, end: str, text: str) -> str:
+    if start not in content or end not in content:
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{text}{end}{tail}"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", action="store_true", help="update README.md in place")
     args = ap.parse_args(argv)
-    text = table()
+    text, accuracy = table(), accuracy_table()
     if not args.write:
-        print(text)
+        print(text + "\n" + accuracy)
         return
     readme = ROOT / "README.md"
-    content = readme.read_text()
-    if START not in content or END not in content:
-        raise SystemExit(f"README.md has no {START} ... {END} markers")
-    head, rest = content.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}{END}{tail}")
+    content = _replace(readme.read_text(), START, END, text)
+    readme.write_text(_replace(content, ACC_START, ACC_END, accuracy))
 
 
 if __name__ == "__main__":

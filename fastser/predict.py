@@ -27,7 +27,7 @@ import torch
 from fastser.audio import AudioError, info, load, stream
 from fastser.cli import UserError, prog_name, run_cli
 from fastser.distributed import parse_device
-from fastser.training.batches import Normalizer
+from fastser.training.batches import Normalizer, utterance_stats
 from fastser.training.checkpoints import build_model, finished_model, load_checkpoint
 
 MIN_SECONDS = 0.5       # below this a clip holds less than a syllable: the prediction is flagged unreliable
@@ -88,12 +88,17 @@ class Prediction:
 class Predictor:
     """A trained model ready to score audio.
 
-    Predictor(checkpoint, device="cpu", batch_size=32)
+    Predictor(checkpoint, device="cpu", batch_size=32, enroll=None)
     predict_file(path) -> Prediction; predict_waveform(samples at `sr`) -> Prediction;
     probabilities(samples) -> (classes,) tensor. Inference only (no autograd).
+
+    Input statistics follow the run's --normalize: "corpus" uses the training statistics stored in
+    the checkpoint; "speaker" uses the speaker's statistics from `enroll` (audio files of the same
+    speaker, unlabelled; or call `enroll_speaker`), else each window's own (utterance level, the
+    fallback whose accuracy the run reports as "utterance_norm"); "utterance" always each window's own.
     """
 
-    def __init__(self, checkpoint, device: str = "cpu", batch_size: int = 32):
+    def __init__(self, checkpoint, device: str = "cpu", batch_size: int = 32, enroll=None):
         self.spec, final = finished_model(load_checkpoint(checkpoint))
         self.classes = list(self.spec.classes)
         self.features = self.spec.features
@@ -106,7 +111,25 @@ class Predictor:
         self.model = build_model(self.spec)
         self.model.load_state_dict(final["model"])
         self.model.to(self.device).eval()
-        self.norm = Normalizer(**final["norm"]).to(self.device)
+        self.norm = Normalizer(**final["norm"]).to(self.device) if self.spec.normalize == "corpus" else None
+        if enroll:
+            self.enroll_speaker(enroll)
+
+    def enroll_speaker(self, paths) -> None:
+        """Speaker statistics from unlabelled audio files of the speaker to be scored (runs trained
+        with --normalize speaker); replaces utterance-level statistics for every later prediction."""
+        if self.spec.normalize != "speaker":
+            raise UserError(f"--enroll needs a model trained with --normalize speaker; this one used "
+                            f"--normalize {self.spec.normalize}")
+        items = []
+        for path in paths:
+            y, _ = load(path, sr=self.sr)
+            y = torch.from_numpy(y[: int(self.whole_seconds * self.sr)]).to(self.device)
+            feats, frames = self.features.extract(y[None], torch.tensor([y.shape[0]], device=self.device))
+            items.append({k: x[0, :, : int(frames[0])].cpu() for k, x in feats.items()})
+        if not items:
+            raise UserError("--enroll: no audio files")
+        self.norm = Normalizer.fit_items(items).to(self.device)
 
     # -- scoring ------------------------------------------------------------------------
     @torch.no_grad()
@@ -117,7 +140,11 @@ class Predictor:
         for i, c in enumerate(clips):
             batch[i, : len(c)] = torch.from_numpy(c)
         feats, frames = self.features.extract(batch.to(self.device), lengths.to(self.device))
-        logits = self.model(self.norm.apply(feats, frames), frames).logits
+        if self.norm is not None:
+            feats = self.norm.apply(feats, frames)
+        else:  # each window's own statistics
+            feats = utterance_stats(feats, frames).apply(feats, frames, torch.arange(len(clips), device=self.device))
+        logits = self.model(feats, frames).logits
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def _windows(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple]:
@@ -253,6 +280,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="the same as --format json")
     ap.add_argument("--segments", action="store_true",
                     help="also the per-window timeline (start, end, emotion, probabilities) of each file")
+    ap.add_argument("--enroll", nargs="+", metavar="AUDIO", default=None,
+                    help="unlabelled audio of the speaker being scored (files, folders or globs): speaker-level "
+                         "input statistics for models trained with --normalize speaker (the default)")
     ap.add_argument("--batch-size", type=int, default=32, help="windows scored per batch (default: 32)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (shown for several files on a terminal)")
     args = ap.parse_args(argv)
@@ -267,6 +297,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     prog = prog_name("fastser.predict")
     predictor = Predictor(args.checkpoint, args.device, batch_size=args.batch_size)
+    if args.enroll:
+        enroll, enroll_errors = expand_inputs(args.enroll)
+        if enroll_errors:
+            raise UserError("--enroll: " + "; ".join(enroll_errors))
+        predictor.enroll_speaker(enroll)
     files, errors = expand_inputs(args.inputs)
     if not files:
         raise UserError("; ".join(errors) if errors else "no audio files given")

@@ -26,6 +26,7 @@ from fastser.cli import prog_name, run_cli
 from fastser.data import SPLITS, load_corpus, make_folds
 from fastser.data.cache import build_feature_table
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
+from fastser.training.batches import NORMALIZE
 from fastser.training.checkpoints import load_checkpoint
 from fastser.training.loop import Run, log
 from fastser.training.reports import metrics_of, write_ablation, write_reports
@@ -79,9 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     corpus.add_argument("--synthetic-speakers", type=int, default=16, help="speakers of the synthetic corpus")
     corpus.add_argument("--synthetic-per-class", type=int, default=8,
                         help="synthetic utterances per speaker and class")
+    corpus.add_argument("--normalize", choices=NORMALIZE, default="speaker",
+                        help="input statistics: each speaker's own (from its unlabelled audio; predict takes "
+                             "enrollment audio), each utterance's own, or the training fold's")
     model = p.add_argument_group("model and objective")
     model.add_argument("--features", choices=("logmel", "spectrogram", "mfcc", "both"), default="both",
                        help="input branches: the log-mel CNN ('spectrogram' is its old name), the MFCC CNN, or both")
+    model.add_argument("--prosody", action=argparse.BooleanOptionalAction, default=False,
+                       help="add the prosody branch (F0, voicing, HNR, level contours) fused before the embedding")
     model.add_argument("--width", type=int, default=16, help="channels per stem branch (model size)")
     model.add_argument("--embed-dim", type=int, default=128, help="size of the embedding the center loss acts on")
     model.add_argument("--lambda-center", type=float, default=0.003, help="weight of the center loss")
@@ -145,6 +151,8 @@ def _out_dir(args, info) -> Path:
 
 def load_table(args, info):
     kinds = list(KINDS) if args.features == "both" else [canonical_kind(args.features)]
+    if args.prosody:
+        kinds.append("prosody")
     options = {"subset": args.iemocap_subset} if args.corpus == "iemocap" else {}
     if args.corpus == "synthetic":
         options = {"seed": args.seed, "n_speakers": args.synthetic_speakers, "per_class": args.synthetic_per_class}

@@ -22,6 +22,14 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def corpus_run_dir(tmp_path_factory):
+    """A run with the training fold's statistics (--normalize corpus), as every fastser 0.1 run."""
+    out = tmp_path_factory.mktemp("predict") / "corpus-run"
+    train.main(SMALL + ["--epochs", "1", "--normalize", "corpus", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clips")
     utts = make_corpus(seed=5, n_speakers=1, per_class=2).utterances
@@ -129,9 +137,10 @@ def test_predict_errors(tmp_path, capsys):
     assert "not a fastser checkpoint" in capsys.readouterr().err
 
 
-def test_checkpoints_of_fastser_0_1_still_load(run_dir, clips, tmp_path):
+def test_checkpoints_of_fastser_0_1_still_load(corpus_run_dir, clips, tmp_path):
     """0.1 kept the spec in the run config and called the log-mel branch "spectrogram"."""
     import torch
+    run_dir = corpus_run_dir
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     old = {k: v for k, v in ckpt.items() if k != "spec"}
     rename = lambda d: {("spectrogram" if k == "logmel" else k): v for k, v in d.items()}  # noqa: E731
@@ -145,3 +154,28 @@ def test_checkpoints_of_fastser_0_1_still_load(run_dir, clips, tmp_path):
     new_p = predict.Predictor(run_dir).predict_file(files[0]).probabilities
     old_p = predict.Predictor(tmp_path / "old.pt").predict_file(files[0]).probabilities
     np.testing.assert_array_equal(new_p, old_p)
+
+
+def test_speaker_enrollment(run_dir, corpus_run_dir, clips, tmp_path, capsys):
+    """Speaker-normalised models: without enrollment each clip's own statistics; --enroll gives the
+    speaker's (from unlabelled audio of that speaker), which changes the scores; a corpus-normalised
+    model refuses --enroll with one line."""
+    import torch
+    folder, files, _ = clips
+    p = predict.Predictor(run_dir)
+    assert p.norm is None
+    alone = p.predict_file(files[0]).probabilities
+    enrolled = predict.Predictor(run_dir, enroll=[str(f) for f in files])
+    assert enrolled.norm is not None and enrolled.norm.mean["logmel"].shape == (64,)
+    assert not np.allclose(enrolled.predict_file(files[0]).probabilities, alone)
+    # the enrollment statistics are the speaker's valid frames, as training computes them
+    from fastser.audio import load
+    audio = [load(str(f), sr=16000)[0] for f in files]  # as written to disk (16-bit PCM)
+    feats = [enrolled.features.extract(torch.from_numpy(a)[None], torch.tensor([len(a)])) for a in audio]
+    cols = torch.cat([f[0]["mfcc"][0] for f in feats], dim=1).double()
+    torch.testing.assert_close(enrolled.norm.mean["mfcc"], cols.mean(1).float(), atol=1e-4, rtol=1e-4)
+    capsys.readouterr()
+    assert predict.main([str(files[0]), "--checkpoint", str(run_dir), "--enroll", str(folder)]) == 0
+    assert predict.cli([str(files[0]), "--checkpoint", str(corpus_run_dir), "--enroll", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--normalize speaker" in err[0]

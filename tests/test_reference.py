@@ -1,5 +1,7 @@
 """The usual pipeline (fastser.reference): librosa per utterance in a DataLoader, the usual center
 loss with its second optimizer — the baseline of the end-to-end benchmark."""
+import os
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -31,3 +33,18 @@ def test_reference_trainer_steps_and_predicts():
     assert all(np.isfinite(losses)) and not torch.equal(before, trainer.center_loss.centers.detach())
     y, p = trainer.predict(DataLoader(LibrosaDataset(audio, labels, kinds), batch_size=8, collate_fn=collate))
     assert y.shape == p.shape == (len(audio),)
+
+
+def test_reference_loader_runs_as_users_run_it():
+    """One worker per core by default, persistent, pinned only for a GPU model; worker processes
+    give the same batches as the main process."""
+    from fastser.reference.pipeline import reference_loader
+    rng = np.random.default_rng(0)
+    audio = [rng.standard_normal(4000).astype(np.float32) * 0.1 for _ in range(6)]
+    data = LibrosaDataset(audio, np.arange(6) % 3, ["mfcc"])
+    loader = reference_loader(data, 4, "cpu")
+    assert loader.num_workers == (os.cpu_count() or 1) and loader.persistent_workers and not loader.pin_memory
+    inline = list(reference_loader(data, 4, "cpu", workers=0))
+    for (f, fr, y), (g, gr, z) in zip(loader, inline):
+        torch.testing.assert_close(f["mfcc"], g["mfcc"])
+        assert fr.tolist() == gr.tolist() and y.tolist() == z.tolist()

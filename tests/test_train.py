@@ -169,3 +169,73 @@ def test_seeds_protocol_aggregates_mean_and_std(tmp_path):
     assert metrics["ua"] == saved["ua_mean"] and saved["seeds"]["0"]["ua"] == uas[0]
     with pytest.raises(SystemExit):
         train.parse_args(["--seeds", "0,x"])
+
+
+def test_group_statistics_match_a_plain_computation():
+    """Normalizer.fit_groups: each group's per-bin mean/std over its rows' valid frames only."""
+    torch.manual_seed(0)
+    frames = torch.tensor([50, 20, 35, 50, 8])
+    feats = {"mfcc": torch.randn(5, 3, 50) * 3 + 1}
+    for i, n in enumerate(frames.tolist()):
+        feats["mfcc"][i, :, n:] = 0  # the table's padding
+    groups = torch.tensor([1, 0, 1, 2, 0])
+    norm = Normalizer.fit_groups(feats, frames, groups, 3, chunk=2)
+    for g in range(3):
+        cols = torch.cat([feats["mfcc"][i, :, : frames[i]] for i in range(5) if groups[i] == g], dim=1).double()
+        torch.testing.assert_close(norm.mean["mfcc"][g], cols.mean(1).float())
+        torch.testing.assert_close(norm.std["mfcc"][g], cols.std(1, unbiased=False).float())
+    out = norm.apply(feats, frames, groups)["mfcc"]
+    ref = (feats["mfcc"] - norm.mean["mfcc"][groups][:, :, None]) / norm.std["mfcc"][groups][:, :, None]
+    for i, n in enumerate(frames.tolist()):
+        torch.testing.assert_close(out[i, :, :n], ref[i, :, :n])
+        assert (out[i, :, n:] == 0).all()
+    with pytest.raises(ValueError, match="groups"):
+        norm.apply(feats, frames)
+    # one group over every row is the corpus-level Normalizer
+    whole = Normalizer.fit_groups(feats, frames, torch.zeros(5, dtype=torch.long), 1)
+    flat = Normalizer.fit(feats, frames, torch.arange(5))
+    torch.testing.assert_close(whole.mean["mfcc"][0], flat.mean["mfcc"])
+    torch.testing.assert_close(whole.std["mfcc"][0], flat.std["mfcc"])
+
+
+@pytest.mark.parametrize("level", ["speaker", "utterance", "corpus"])
+def test_normalize_levels(tmp_path, level):
+    """--normalize: speaker statistics by default (and the utterance-level fallback reported beside
+    them), utterance or the training fold's; the checkpoint records the choice."""
+    metrics, out = run(tmp_path, level, "--epochs", "1", "--normalize", level)
+    assert metrics["normalize"] == level
+    assert ("utterance_norm" in metrics) == (level == "speaker")
+    if level == "speaker":
+        assert 0 <= metrics["utterance_norm"]["ua"] <= 1
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["spec"]["normalize"] == level
+    assert train.parse_args([]).normalize == "speaker"
+
+
+def test_speaker_statistics_come_from_each_rows_own_speaker(tmp_path):
+    """In speaker mode a batch is normalised with its rows' speakers' statistics, computed from
+    every utterance of that speaker (labels unused): a test speaker's rows are standardised."""
+    args = train.parse_args(SMALL + ["--out", str(tmp_path / "x")])
+    info = train.fdist.setup("cpu")
+    table = train.load_table(args, info)
+    from fastser.data.splits import make_folds
+    folds = make_folds(table.corpus, "holdout")
+    r = loop.Run(args, info, table, folds, "holdout", tmp_path, 0.003, 0.1,
+                 train.FeatureSet.paper(table.feats))
+    test_rows = torch.from_numpy(folds[0].test)
+    speaker = table.corpus.speakers[folds[0].test[0]]
+    rows = test_rows[torch.from_numpy(table.corpus.speakers[folds[0].test] == speaker)]
+    batch = r.batcher(torch.from_numpy(folds[0].train)).batch(rows)
+    for kind, x in batch.feats.items():
+        valid = torch.cat([x[i, :, : batch.frames[i]] for i in range(len(rows))], dim=1)
+        torch.testing.assert_close(valid.mean(1), torch.zeros(x.shape[1]), atol=2e-3, rtol=0)
+        torch.testing.assert_close(valid.std(1, unbiased=False), torch.ones(x.shape[1]), atol=2e-3, rtol=0)
+
+
+def test_prosody_branch_trains_and_predicts(tmp_path):
+    metrics, out = run(tmp_path, "pro", "--epochs", "1", "--prosody")
+    assert metrics["kinds"] == ["logmel", "mfcc", "prosody"]
+    from fastser.predict import Predictor
+    from fastser.data.synthetic import make_corpus as corpus
+    pred = Predictor(out).predict_waveform(corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
+    assert abs(pred.probabilities.sum() - 1) < 1e-5

@@ -95,10 +95,8 @@ def _raise_strict(skip) -> None:
 @torch.no_grad()
 def compute_features(audio: list, features: FeatureSet, device: torch.device, batch_size: int = 64):
     """Batched on `device` (sorted by length, so padding is small) -> (feats float16 on CPU, frames)."""
-    from fastser.features.functional import frame_count
-    any_cfg = features.configs[0][1]
     lengths = torch.tensor([len(a) for a in audio], dtype=torch.int64)
-    frames = frame_count(lengths, any_cfg.n_fft, any_cfg.hop_length, any_cfg.center)
+    frames = features.frame_count(lengths)
     T = int(frames.max())
     feats = {k: torch.zeros(len(audio), n, T, dtype=torch.float16) for k, n in features.n_bins.items()}
     order = torch.argsort(lengths)

@@ -18,8 +18,10 @@ from typing import Iterable, Optional
 import torch
 
 from fastser.features.functional import FeatureConfig, extract_many, prepare
+from fastser.features.prosody import ProsodyConfig, prosody
 
-KINDS = ("logmel", "mfcc")
+KINDS = ("logmel", "mfcc")  # the paper's two CNN branches; "prosody" (contours, a 1-D branch) is optional
+OPTIONAL_KINDS = ("prosody",)
 ALIASES = {"spectrogram": "logmel"}  # the name fastser <= 0.1 gave the log-mel branch (old checkpoints, caches)
 
 
@@ -36,6 +38,10 @@ class FeatureSet:
         kinds = [k for k, _ in self.configs]
         if not kinds or len(set(kinds)) != len(kinds):
             raise ValueError(f"a FeatureSet needs distinct kinds, got {kinds}")
+        hops = {c.hop_length for _, c in self.configs}
+        if len(hops) > 1 or any(getattr(c, "center", True) is False for _, c in self.configs):
+            raise ValueError(f"the kinds of a FeatureSet share one frame grid (one hop_length, centred frames); "
+                             f"got hop lengths {sorted(hops)}")
 
     @classmethod
     def of(cls, configs: dict) -> "FeatureSet":
@@ -44,10 +50,12 @@ class FeatureSet:
     @classmethod
     def paper(cls, kinds: Iterable[str] = KINDS, sr: int = 16000) -> "FeatureSet":
         """32 ms windows (n_fft 512 at 16 kHz), 10 ms hop; logmel = 64-band log-mel (80 dB range),
-        mfcc = 40 MFCCs from 40 mel bands — the inputs of the paper's two CNN branches."""
+        mfcc = 40 MFCCs from 40 mel bands — the inputs of the paper's two CNN branches;
+        prosody = F0, voicing, HNR, level and their changes on the same 10 ms frames (ProsodyConfig)."""
         common = dict(sr=sr, n_fft=512 * sr // 16000, hop_length=sr // 100)
         table = {"logmel": FeatureConfig("logmel", n_mels=64, top_db=80.0, **common),
-                 "mfcc": FeatureConfig("mfcc", n_mels=40, n_mfcc=40, top_db=80.0, **common)}
+                 "mfcc": FeatureConfig("mfcc", n_mels=40, n_mfcc=40, top_db=80.0, **common),
+                 "prosody": ProsodyConfig(sr=sr, hop_length=sr // 100)}
         kinds = [canonical_kind(k) for k in kinds]
         unknown = sorted(set(kinds) - set(table))
         if unknown:
@@ -69,6 +77,14 @@ class FeatureSet:
     def n_bins(self) -> dict:
         return {k: c.n_bins for k, c in self.configs}
 
+    def frame_count(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Frames every kind gives for signals of these lengths (all kinds share one frame grid)."""
+        from fastser.features import functional, prosody as prosody_module
+        cfg = self.configs[0][1]
+        if isinstance(cfg, ProsodyConfig):
+            return prosody_module.frame_count(lengths, cfg.hop_length)
+        return functional.frame_count(lengths, cfg.n_fft, cfg.hop_length, cfg.center)
+
     @property
     def sr(self) -> int:
         return self.configs[0][1].sr
@@ -88,13 +104,17 @@ class FeatureSet:
         for group in self._stft_groups():
             feats, frames = extract_many(y, lens, [c for _, c in group], backend)
             out.update({k: f for (k, _), f in zip(group, feats)})
+        for kind, cfg in self.configs:
+            if isinstance(cfg, ProsodyConfig):
+                out[kind], frames = prosody(y, lens, cfg)
         return {k: out[k] for k in self.kinds}, frames
 
     def _stft_groups(self) -> list:
         from fastser.features.functional import STFT_FIELDS
         groups: dict = {}
         for kind, cfg in self.configs:
-            groups.setdefault(tuple(getattr(cfg, f) for f in STFT_FIELDS), []).append((kind, cfg))
+            if isinstance(cfg, FeatureConfig):
+                groups.setdefault(tuple(getattr(cfg, f) for f in STFT_FIELDS), []).append((kind, cfg))
         return list(groups.values())
 
     # -- storing --------------------------------------------------------------------------
@@ -103,4 +123,5 @@ class FeatureSet:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSet":
-        return cls.of({k: FeatureConfig(**v) for k, v in d.items()})
+        return cls.of({k: ProsodyConfig(**v) if v.get("kind") == "prosody" else FeatureConfig(**v)
+                       for k, v in d.items()})

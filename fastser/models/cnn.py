@@ -94,6 +94,41 @@ class FeatureEncoder(nn.Module):
         return h, torch.cat([mean, peak], dim=1)
 
 
+class ContourEncoder(nn.Module):
+    """(B, channels, T) contours (prosody: F0, voicing, HNR, level, ...) -> pooled vector over the
+    valid frames: two 1-D convolutions (about 0.1 s and 0.3 s of context) with masked mean, std and
+    max pooling, beside the input contours' own masked mean and std — the functionals (level,
+    range, variability) that carry most of what eGeMAPS knows, with a learnt part on top."""
+
+    def __init__(self, n_bins: int, width: int = 16):
+        super().__init__()
+        self.n_bins = n_bins
+        hidden = 2 * width
+        self.layers = nn.ModuleList([
+            nn.Sequential(nn.Conv1d(n_bins, hidden, 5, padding=2, bias=False), nn.BatchNorm1d(hidden),
+                          nn.ReLU(inplace=True)),
+            nn.Sequential(nn.Conv1d(hidden, hidden, 5, padding=4, dilation=2, bias=False), nn.BatchNorm1d(hidden),
+                          nn.ReLU(inplace=True))])
+        self.out_dim = 3 * hidden + 2 * n_bins
+
+    @staticmethod
+    def _mean_std(h: torch.Tensor, keep: torch.Tensor, n: torch.Tensor):
+        mean = (h * keep).sum(-1) / n
+        var = ((h - mean[..., None]).square() * keep).sum(-1) / n
+        return mean, (var + 1e-5).sqrt()
+
+    def forward(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        keep = (torch.arange(x.shape[-1], device=x.device)[None, :] < frames.clamp(min=1)[:, None])[:, None, :]
+        n = keep.sum(-1).clamp(min=1)
+        h = x * keep
+        for layer in self.layers:
+            h = layer(h) * keep  # batch norm's shift never turns padding into signal for the next layer
+        h_mean, h_std = self._mean_std(h, keep, n)
+        peak = h.masked_fill(~keep, float("-inf")).amax(-1)
+        x_mean, x_std = self._mean_std(x.float(), keep, n)
+        return torch.cat([h_mean, h_std, peak, x_mean.to(h.dtype), x_std.to(h.dtype)], dim=1)
+
+
 class FeatureDecoder(nn.Module):
     """Transposed convolutions from the conv map back to (B, bins, T)."""
 
@@ -112,21 +147,27 @@ class FeatureDecoder(nn.Module):
         return out[:, :bins, :t]
 
 
+CONTOUR_KINDS = ("prosody",)  # 1-D inputs: a ContourEncoder, no decoder (the CNN branches reconstruct)
+
+
 class SERModel(nn.Module):
-    """One encoder per feature kind ("logmel", "mfcc" or both), pooled vectors concatenated,
-    an embedding layer, a classifier, and one decoder per kind."""
+    """One encoder per feature kind (2-D CNNs for "logmel"/"mfcc", a ContourEncoder for "prosody"),
+    pooled vectors concatenated (fused before the embedding, so the center loss acts on the fused
+    embedding), an embedding layer, a classifier, and one decoder per spectral kind."""
 
     def __init__(self, input_bins: dict, num_classes: int, *, width: int = 16, embed_dim: int = 128,
                  dropout: float = 0.3, reconstruct: bool = True):
         super().__init__()
         self.kinds = list(input_bins)
-        self.encoders = nn.ModuleDict({k: FeatureEncoder(b, width) for k, b in input_bins.items()})
-        pooled = sum(2 * e.out_channels for e in self.encoders.values())
+        self.encoders = nn.ModuleDict({k: ContourEncoder(b, width) if k in CONTOUR_KINDS else FeatureEncoder(b, width)
+                                       for k, b in input_bins.items()})
+        pooled = sum(e.out_dim if isinstance(e, ContourEncoder) else 2 * e.out_channels
+                     for e in self.encoders.values())
         self.embed = nn.Sequential(nn.Dropout(dropout), nn.Linear(pooled, embed_dim), nn.BatchNorm1d(embed_dim),
                                    nn.ReLU(inplace=True))
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed_dim, num_classes))
-        self.decoders = nn.ModuleDict({k: FeatureDecoder(e.out_channels, width) for k, e in self.encoders.items()}) \
-            if reconstruct else None
+        self.decoders = nn.ModuleDict({k: FeatureDecoder(e.out_channels, width) for k, e in self.encoders.items()
+                                       if k not in CONTOUR_KINDS}) if reconstruct else None
         self.embed_dim, self.num_classes = embed_dim, num_classes
 
     def forward(self, feats: dict, frames: torch.Tensor) -> SERResult:
@@ -139,6 +180,9 @@ class SERModel(nn.Module):
             if x.dim() != 3 or x.shape[1] != self.encoders[kind].n_bins:
                 raise ValueError(f"{kind} features must be (batch, {self.encoders[kind].n_bins}, frames), "
                                  f"got {tuple(x.shape)}")
+            if kind in CONTOUR_KINDS:
+                pooled.append(self.encoders[kind](x, frames))
+                continue
             fmap, vec = self.encoders[kind](x, frames)
             pooled.append(vec)
             if self.decoders is not None and self.training:

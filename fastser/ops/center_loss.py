@@ -172,9 +172,17 @@ def _deterministic_algorithms(enabled: bool):
             torch.use_deterministic_algorithms(False)
 
 
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes,) int64 count of each label. Not torch.bincount: on CUDA it reads the largest
+    label back to the host to size its output (a sync every step); the size is known here.
+    Integer sums are exact in any order, so this is deterministic on every device."""
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=labels.device)
+    return counts.scatter_add_(0, labels, torch.ones_like(labels))
+
+
 def _segments(labels: torch.Tensor, num_classes: int):
     """Rows sorted by label (stable) and the class offsets into them, for deterministic sums."""
-    counts = torch.bincount(labels, minlength=num_classes)
+    counts = class_counts(labels, num_classes)
     offsets = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return torch.sort(labels, stable=True).indices, offsets
@@ -193,7 +201,7 @@ def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, al
             with _deterministic_algorithms(deterministic):  # selects torch's sorted accumulate path
                 sums.index_put_((labels,), diff * weights, accumulate=True)
             if centers is not None:
-                counts = torch.bincount(labels, minlength=num_classes).to(diff.dtype)
+                counts = class_counts(labels, num_classes).to(diff.dtype)
                 centers.add_(sums * (alpha / (1.0 + counts))[:, None])
             else:
                 grad_centers.copy_(sums)
@@ -209,7 +217,7 @@ def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, al
         return
     scatter = centers is not None or grad_centers is not None
     fused_scatter = scatter and not deterministic
-    counts = torch.bincount(labels, minlength=num_classes) if (fused_scatter and centers is not None) else None
+    counts = class_counts(labels, num_classes) if (fused_scatter and centers is not None) else None
     if backend == "cuda":
         _native.center_loss_backward_cuda(diff, labels, counts, num_classes, row_scale, grad_x,
                                           centers if fused_scatter else None, alpha,

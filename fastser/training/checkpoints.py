@@ -30,6 +30,7 @@ class ModelSpec:
     reconstruct: bool = True
     train_seconds: float = 3.0  # the training crop (predict's window)
     max_seconds: float = 8.0    # longer utterances were cut (predict scores up to this length whole)
+    normalize: str = "corpus"   # input statistics: "corpus" (the training fold's), "speaker" or "utterance"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -108,15 +108,45 @@ class Run:
         self.args, self.info, self.table, self.folds, self.split, self.out = args, info, table, folds, split, out
         self.lambda_center, self.lambda_recon = lambda_center, lambda_recon
         self.classes = table.corpus.classes
+        self.normalize = getattr(args, "normalize", "corpus")
         self.spec = ModelSpec(features, tuple(self.classes), width=args.width, embed_dim=args.embed_dim,
                               reconstruct=lambda_recon > 0, train_seconds=args.train_seconds,
-                              max_seconds=args.max_seconds)
+                              max_seconds=args.max_seconds, normalize=self.normalize)
         self.device = info.device
         self.ckpt_path = out / "checkpoint.pt"
         self.history: list[dict] = []
         self.fold_results: list[dict] = []
         self.state: Optional[dict] = None  # an in-progress fold's state from a checkpoint
         self.last_test: Optional[dict] = None
+        self._group_norms: dict = {}
+
+    # -- normalisation --------------------------------------------------------------------
+    def group_norm(self, level: str) -> tuple:
+        """(Normalizer, groups (N,)) with one set of statistics per speaker or per utterance of the
+        table. They use no labels, so they are the same in every fold (a test speaker's come from
+        its own unlabelled audio, as a deployed model would get them from enrollment audio)."""
+        if level not in self._group_norms:
+            n = self.table.frames.shape[0]
+            if level == "speaker":
+                names = self.table.corpus.speakers
+                index = {s: i for i, s in enumerate(sorted(set(names.tolist())))}
+                groups = torch.tensor([index[s] for s in names.tolist()], dtype=torch.long)
+            else:
+                groups = torch.arange(n)
+            norm = Normalizer.fit_groups(self.table.feats, self.table.frames, groups, int(groups.max()) + 1)
+            self._group_norms[level] = (norm, groups)
+        return self._group_norms[level]
+
+    def batcher(self, train_rows: torch.Tensor, level: Optional[str] = None) -> Batcher:
+        """Batches normalised per `level` (default: the run's --normalize): "corpus" with the
+        training rows' statistics, "speaker"/"utterance" with each row's own group's."""
+        level = level or self.normalize
+        frames = int(self.args.train_seconds * 100)
+        if level == "corpus":
+            norm, groups = Normalizer.fit(self.table.feats, self.table.frames, train_rows), None
+        else:
+            norm, groups = self.group_norm(level)
+        return Batcher(self.table.feats, self.table.frames, self.table.labels, norm, self.device, frames, groups)
 
     # -- checkpoint ---------------------------------------------------------------------
     def config(self) -> dict:
@@ -129,9 +159,10 @@ class Run:
 
     def resume_from(self, ckpt: dict) -> None:
         old, new = ckpt["config"], self.config()
-        for key in ("corpus", "split", "features", "seed", "lambda_center", "lambda_recon", "world_size", "batch_size"):
-            if old.get(key) != new.get(key):
-                raise ValueError(f"--resume: the checkpoint was made with {key}={old.get(key)!r}, "
+        for key in ("corpus", "split", "features", "prosody", "normalize", "seed", "lambda_center", "lambda_recon", "world_size", "batch_size"):
+            made = old.get(key, {"normalize": "corpus", "prosody": False}.get(key))  # older runs: their settings
+            if made != new.get(key):
+                raise ValueError(f"--resume: the checkpoint was made with {key}={made!r}, "
                                  f"this run has {new.get(key)!r}")
         self.history = ckpt["history"]
         self.fold_results = ckpt["fold_results"]
@@ -173,9 +204,10 @@ class Run:
                 raise CorpusError(f"{self.table.corpus.name}: fold {fold.name} has no {part} utterances "
                                   f"(too few usable files for --split {self.split})")
         train_rows = torch.from_numpy(fold.train)
-        norm = Normalizer.fit(self.table.feats, self.table.frames, train_rows)
-        batcher = Batcher(self.table.feats, self.table.frames, self.table.labels, norm, self.device,
-                          int(a.train_seconds * 100))
+        batcher = self.batcher(train_rows)
+        # predict's statistics: the training rows' for --normalize corpus (the others bring their own)
+        norm = batcher.norm if batcher.groups is None else Normalizer.fit(self.table.feats, self.table.frames,
+                                                                          train_rows)
         model, objective, opt, sched = self.build(fold_index, fold)
         train_model = model
         if info.enabled:
@@ -216,8 +248,7 @@ class Run:
                     f"({row['seconds']:.1f}s)", a.no_progress)
             self.save({"fold": fold_index, "epoch": epoch + 1, "model": cpu_state(model),
                        "objective": cpu_state(objective), "optimizer": opt.state_dict(),
-                       "scheduler": sched.state_dict(), "best": best, "bad_epochs": bad_epochs,
-                       "norm": norm.state()})
+                       "scheduler": sched.state_dict(), "best": best, "bad_epochs": bad_epochs})
             maybe_interrupt()
         return self.test_fold(fold_index, fold, model, objective, batcher, norm, best)
 
@@ -271,6 +302,10 @@ class Run:
                   "test_rows": test["rows"].tolist(), "y_true": test["y_true"].tolist(),
                   "y_pred": test["y_pred"].tolist(), "wa": tm["wa"], "ua": tm["ua"], "macro_f1": tm["macro_f1"],
                   "n_test": tm["n"]}
+        if self.normalize == "speaker":
+            # what a user without enrollment audio gets: the same model on utterance-level statistics
+            alone = self.evaluate(model, self.batcher(None, "utterance"), torch.from_numpy(fold.test))
+            result["y_pred_utterance_norm"] = alone["y_pred"].tolist()
         self.fold_results.append(result)
         self.last_test = {"embeddings": test["embeddings"], "labels": test["y_true"],
                           "centers": objective.center_loss.centers.detach().cpu().numpy()
@@ -327,8 +362,8 @@ class Run:
         fin = ckpt["final"]
         model = self.new_model()
         model.load_state_dict(fin["model"])
-        batcher = Batcher(self.table.feats, self.table.frames, self.table.labels, Normalizer(**fin["norm"]),
-                          self.device, 300)
+        batcher = self.batcher(None) if self.normalize != "corpus" else Batcher(
+            self.table.feats, self.table.frames, self.table.labels, Normalizer(**fin["norm"]), self.device, 300)
         test = self.evaluate(model, batcher, torch.from_numpy(self.folds[fin["fold"]].test), embeddings=True)
         centers = fin["objective"].get("center_loss.centers")
         return {"embeddings": test["embeddings"], "labels": test["y_true"],

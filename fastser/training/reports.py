@@ -20,8 +20,13 @@ def metrics_of(run: Run, seconds: float) -> dict:
     y_pred = np.concatenate([r["y_pred"] for r in run.fold_results])
     m = summarize(y_true, y_pred, run.classes)
     corpus = run.table.corpus
+    extra = {}
+    if run.normalize == "speaker":  # the same models on utterance-level statistics (no enrollment audio)
+        alone = summarize(y_true, np.concatenate([r["y_pred_utterance_norm"] for r in run.fold_results]), run.classes)
+        extra["utterance_norm"] = {k: alone[k] for k in ("wa", "ua", "macro_f1")}
     return {
-        "corpus": a.corpus, "split": run.split, "features": a.features, "classes": run.classes,
+        "corpus": a.corpus, "split": run.split, "features": a.features, "kinds": run.spec.features.kinds,
+        "classes": run.classes,
         "lambda_center": run.lambda_center, "lambda_recon": run.lambda_recon, "center_alpha": a.center_alpha,
         "n_test": m["n"], "wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"],
         "per_class_recall": m["per_class_recall"], "confusion": m["confusion"],
@@ -31,6 +36,7 @@ def metrics_of(run: Run, seconds: float) -> dict:
         "skipped": {"count": len(corpus.skipped), "files": [{"path": p, "reason": r} for p, r in corpus.skipped]},
         "world_size": run.info.world_size, "device": str(run.device), "seconds": seconds,
         "backends": backends_in_use(run.device), "fastser_version": __version__,
+        "normalize": run.normalize, **extra,
     }
 
 

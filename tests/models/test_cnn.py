@@ -53,3 +53,25 @@ def test_wrong_input_is_a_clear_error():
         model({"logmel": torch.randn(1, 40, 50)}, torch.tensor([50]))
     with pytest.raises(ValueError, match=r"mfcc features must be \(batch, 40, frames\)"):
         model({"mfcc": torch.randn(1, 13, 50)}, torch.tensor([50]))
+
+
+def test_prosody_branch_is_fused_before_the_embedding_and_pads_cleanly():
+    """A "prosody" input (B, 6, T) gets a 1-D contour encoder and no decoder; an utterance gives the
+    same embedding alone or padded in a batch; gradients reach the contour encoder."""
+    torch.manual_seed(2)
+    kinds = {"logmel": 64, "prosody": 6}
+    model = SERModel(kinds, 4, width=4, embed_dim=16)
+    feats = {k: torch.randn(3, b, 120) for k, b in kinds.items()}
+    out = model(feats, torch.tensor([120, 80, 9]))
+    assert set(out.reconstruction) == {"logmel"}
+    out.logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoders["prosody"].parameters())
+    model.eval()
+    n, T = 70, 200
+    alone = {k: torch.randn(1, b, n) for k, b in kinds.items()}
+    batch = {k: 1e3 * torch.randn(3, b, T) for k, b in kinds.items()}
+    for k in batch:
+        batch[k][2, :, :n] = alone[k][0]
+    a = model(alone, torch.tensor([n]))
+    b = model(batch, torch.tensor([T, 50, n]))
+    torch.testing.assert_close(b.embedding[2:], a.embedding, rtol=1e-4, atol=1e-4)

@@ -345,3 +345,29 @@ def test_training_loop_tracks_oracle(backend, update):
                 o.step()
     torch.testing.assert_close(crit.centers, crit_o.centers, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.weight, model_o.weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_never_sizes_a_tensor_from_the_labels(backend, deterministic, monkeypatch):
+    """torch.bincount reads the largest label back to the host on a GPU (a sync every step): the
+    Wen update and the center gradient count classes into a tensor of known size instead."""
+    def no_bincount(*args, **kwargs):
+        raise AssertionError("torch.bincount called in the center-loss step")
+    x, labels, centers = make_batch(40, 6, 24)
+    expected = wen_update_loop(x, labels, centers, 0.5).float()
+    monkeypatch.setattr(torch, "bincount", no_bincount)
+    xf = x.clone().requires_grad_()
+    center_loss(xf, labels, centers, wen_alpha=0.5, backend=backend, deterministic=deterministic,
+                validate=False).backward()
+    torch.testing.assert_close(centers, expected, rtol=1e-5, atol=1e-5)
+    learnt = centers.clone().requires_grad_()
+    center_loss(x, labels, learnt, backend=backend, deterministic=deterministic, validate=False).backward()
+    assert learnt.grad is not None and learnt.grad.abs().sum() > 0
+
+
+def test_class_counts():
+    from fastser.ops.center_loss import class_counts
+    labels = torch.tensor([3, 0, 3, 3, 1], device=DEVICE)
+    assert class_counts(labels, 6).tolist() == [1, 1, 0, 3, 0, 0]
+    assert class_counts(labels[:0], 2).tolist() == [0, 0]

@@ -1,0 +1,107 @@
+"""Keep a speaker-independent accuracy result for the README's accuracy table.
+
+    python -m benchmarks.accuracy --name "speaker norm + prosody" runs/loso/seed-0 runs/loso/seed-1 ...
+    python -m benchmarks.accuracy --name "speaker norm + prosody" runs/loso        # a --seeds run folder
+    python -m benchmarks.accuracy --baseline runs/baseline-ravdess                 # fastser.baseline output
+
+Writes benchmarks/results/accuracy/<corpus>-<split>-<slug>.json: per seed WA/UA/macro-F1 and
+run time, mean and std over seeds, the settings that differ between rows, the machine and the
+date — small files (no per-utterance predictions) that `python -m benchmarks.report --write`
+turns into the table. Seeds run as separate processes (one per core) are collected the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent / "results" / "accuracy"
+SETTINGS = ("features", "prosody", "normalize", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
+            "lambda_center", "lambda_recon", "specaugment", "train_seconds")
+
+
+def _machine() -> str:
+    model = ""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{model or 'CPU'}, {os.cpu_count()} cores"
+
+
+def _seed_dirs(paths: list) -> list:
+    dirs = []
+    for p in map(Path, paths):
+        subs = sorted(p.glob("seed-*"))
+        dirs += subs if subs else [p]
+    return dirs
+
+
+def collect_runs(paths: list, name: str) -> dict:
+    seeds, config = {}, None
+    for d in _seed_dirs(paths):
+        m = json.loads((d / "metrics.json").read_text())
+        c = json.loads((d / "config.json").read_text())
+        config = config or c
+        differing = [k for k in SETTINGS if c.get(k) != config.get(k)]
+        if differing or c["corpus"] != config["corpus"] or c["split"] != config["split"]:
+            raise SystemExit(f"{d}: not the same experiment as the first folder (differs in {differing or 'corpus/split'})")
+        seeds[str(c["seed"])] = {k: m[k] for k in ("wa", "ua", "macro_f1", "seconds", "n_test")}
+        if "utterance_norm" in m:
+            seeds[str(c["seed"])]["utterance_norm"] = m["utterance_norm"]
+    if not seeds:
+        raise SystemExit("no run folders given")
+    out = {"name": name, "kind": "fastser", "corpus": config["corpus"], "split": config["split"],
+           "settings": {k: config.get(k) for k in SETTINGS}, "seeds": seeds}
+    for key in ("wa", "ua", "macro_f1"):
+        v = np.array([s[key] for s in seeds.values()])
+        out[f"{key}_mean"], out[f"{key}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    alone = [s["utterance_norm"]["ua"] for s in seeds.values() if "utterance_norm" in s]
+    if alone:
+        out["utterance_norm_ua_mean"] = float(np.mean(alone))
+        out["utterance_norm_ua_std"] = float(np.std(alone, ddof=1)) if len(alone) > 1 else 0.0
+    out["seconds_per_seed"] = float(np.mean([s["seconds"] for s in seeds.values()]))
+    return out
+
+
+def collect_baseline(path: str) -> list:
+    m = json.loads((Path(path) / "metrics.json").read_text())
+    rows = []
+    for name, r in m["baselines"].items():
+        rows.append({"name": name, "kind": "baseline", "corpus": r["corpus"], "split": r["split"],
+                     "settings": {"features": r["features"], "svm": r["svm"], "speaker_norm": r["speaker_norm"]},
+                     "seeds": {"-": {k: r[k] for k in ("wa", "ua", "macro_f1", "n_test")}},
+                     "wa_mean": r["wa"], "ua_mean": r["ua"], "macro_f1_mean": r["macro_f1"],
+                     "wa_std": 0.0, "ua_std": 0.0, "macro_f1_std": 0.0,  # deterministic: no seed
+                     "seconds_per_seed": m["seconds"]})
+    return rows
+
+
+def write(row: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    row = {**row, "machine": _machine(), "date": dt.datetime.now().isoformat(timespec="seconds")}
+    slug = re.sub(r"[^a-z0-9]+", "-", row["name"].lower()).strip("-")
+    path = OUT / f"{row['corpus']}-{row['split']}-{slug}.json"
+    path.write_text(json.dumps(row, indent=2) + "\n")
+    return path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", help="run folders (one per seed, or one --seeds folder)")
+    ap.add_argument("--name", help="the row's name in the table")
+    ap.add_argument("--baseline", action="store_true", help="the paths are fastser.baseline output folders")
+    args = ap.parse_args(argv)
+    rows = [r for p in args.paths for r in collect_baseline(p)] if args.baseline else [collect_runs(args.paths, args.name)]
+    for row in rows:
+        print(write(row))
+
+
+if __name__ == "__main__":
+    main()
