@@ -3,6 +3,7 @@
     python -m benchmarks.accuracy --name "speaker norm + prosody" runs/loso/seed-0 runs/loso/seed-1 ...
     python -m benchmarks.accuracy --name "speaker norm + prosody" runs/loso        # a --seeds run folder
     python -m benchmarks.accuracy --baseline runs/baseline-ravdess                 # fastser.baseline output
+    python -m benchmarks.accuracy --name "..." --max-folds 3 RUNS ...              # the first 3 folds only
 
 Writes benchmarks/results/accuracy/<corpus>-<split>-<slug>.json: per seed WA/UA/macro-F1 and
 run time, mean and std over seeds, the settings that differ between rows, the machine and the
@@ -43,21 +44,44 @@ def _seed_dirs(paths: list) -> list:
     return dirs
 
 
-def collect_runs(paths: list, name: str) -> dict:
+def _first_folds(d: Path, n: int) -> dict:
+    """Pooled metrics of a run's first n folds, from the per-utterance predictions in its checkpoint
+    (to compare a run with a shorter one on the same folds)."""
+    import torch
+    from fastser.metrics import summarize
+    ckpt = torch.load(d / "checkpoint.pt", weights_only=True)
+    folds = sorted(ckpt["fold_results"], key=lambda r: r["fold"])[:n]
+    if len(folds) < n:
+        raise SystemExit(f"{d}: only {len(folds)} folds finished, asked for {n}")
+    y_true = np.concatenate([r["y_true"] for r in folds])
+    m = summarize(y_true, np.concatenate([r["y_pred"] for r in folds]), ckpt["classes"])
+    out = {"wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"], "n_test": m["n"], "folds": [r["name"] for r in folds],
+           "seconds": None}  # the run's time covers all its folds
+    if all("y_pred_utterance_norm" in r for r in folds):
+        alone = summarize(y_true, np.concatenate([r["y_pred_utterance_norm"] for r in folds]), ckpt["classes"])
+        out["utterance_norm"] = {k: alone[k] for k in ("wa", "ua", "macro_f1")}
+    return out
+
+
+def collect_runs(paths: list, name: str, max_folds=None) -> dict:
     seeds, config = {}, None
     for d in _seed_dirs(paths):
         m = json.loads((d / "metrics.json").read_text())
+        m["folds"] = [f["name"] for f in m["folds"]]
+        if max_folds is not None:
+            m = {**m, **_first_folds(d, max_folds)}
         c = json.loads((d / "config.json").read_text())
         config = config or c
         differing = [k for k in SETTINGS if c.get(k) != config.get(k)]
         if differing or c["corpus"] != config["corpus"] or c["split"] != config["split"]:
             raise SystemExit(f"{d}: not the same experiment as the first folder (differs in {differing or 'corpus/split'})")
-        seeds[str(c["seed"])] = {k: m[k] for k in ("wa", "ua", "macro_f1", "seconds", "n_test")}
+        seeds[str(c["seed"])] = {k: m[k] for k in ("wa", "ua", "macro_f1", "seconds", "n_test", "folds")}
         if "utterance_norm" in m:
             seeds[str(c["seed"])]["utterance_norm"] = m["utterance_norm"]
     if not seeds:
         raise SystemExit("no run folders given")
     out = {"name": name, "kind": "fastser", "corpus": config["corpus"], "split": config["split"],
+           "folds": len(next(iter(seeds.values()))["folds"]),
            "settings": {k: config.get(k) for k in SETTINGS}, "seeds": seeds}
     for key in ("wa", "ua", "macro_f1"):
         v = np.array([s[key] for s in seeds.values()])
@@ -66,7 +90,8 @@ def collect_runs(paths: list, name: str) -> dict:
     if alone:
         out["utterance_norm_ua_mean"] = float(np.mean(alone))
         out["utterance_norm_ua_std"] = float(np.std(alone, ddof=1)) if len(alone) > 1 else 0.0
-    out["seconds_per_seed"] = float(np.mean([s["seconds"] for s in seeds.values()]))
+    times = [s["seconds"] for s in seeds.values() if s["seconds"] is not None]
+    out["seconds_per_seed"] = float(np.mean(times)) if times else None
     return out
 
 
@@ -76,7 +101,7 @@ def collect_baseline(path: str) -> list:
     for name, r in m["baselines"].items():
         rows.append({"name": name, "kind": "baseline", "corpus": r["corpus"], "split": r["split"],
                      "settings": {"features": r["features"], "svm": r["svm"], "speaker_norm": r["speaker_norm"]},
-                     "seeds": {"-": {k: r[k] for k in ("wa", "ua", "macro_f1", "n_test")}},
+                     "seeds": {"-": {k: r[k] for k in ("wa", "ua", "macro_f1", "n_test")}}, "folds": len(r["folds"]),
                      "wa_mean": r["wa"], "ua_mean": r["ua"], "macro_f1_mean": r["macro_f1"],
                      "wa_std": 0.0, "ua_std": 0.0, "macro_f1_std": 0.0,  # deterministic: no seed
                      "seconds_per_seed": m["seconds"]})
@@ -97,8 +122,10 @@ def main(argv=None) -> None:
     ap.add_argument("paths", nargs="+", help="run folders (one per seed, or one --seeds folder)")
     ap.add_argument("--name", help="the row's name in the table")
     ap.add_argument("--baseline", action="store_true", help="the paths are fastser.baseline output folders")
+    ap.add_argument("--max-folds", type=int, default=None, help="only the first N folds of each run")
     args = ap.parse_args(argv)
-    rows = [r for p in args.paths for r in collect_baseline(p)] if args.baseline else [collect_runs(args.paths, args.name)]
+    rows = [r for p in args.paths for r in collect_baseline(p)] if args.baseline else \
+        [collect_runs(args.paths, args.name, args.max_folds)]
     for row in rows:
         print(write(row))
 

@@ -88,23 +88,27 @@ def _setting_text(row: dict) -> str:
     return ", ".join(parts)
 
 
+def _minutes(seconds) -> str:
+    return "" if seconds is None else f"{seconds / 60:.0f} min"
+
+
 def accuracy_table() -> str:
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "accuracy").glob("*.json"))]
     lines = []
     for corpus, split in sorted({(r["corpus"], r["split"]) for r in rows}):
         group = [r for r in rows if (r["corpus"], r["split"]) == (corpus, split)]
-        group.sort(key=lambda r: (r["kind"] != "baseline", r["date"]))
+        group.sort(key=lambda r: (-r["folds"], r["kind"] != "baseline", r["date"]))
         lines += [f"**{corpus}, {split}** (mean ± std over seeds; baselines are deterministic)", "",
-                  "| row | settings | seeds | UA % | WA % | macro-F1 % | UA %, utterance-level statistics | "
+                  "| row | settings | folds | seeds | UA % | WA % | macro-F1 % | UA %, utterance-level statistics | "
                   "time per seed | machine, date |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---|"]
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
         for r in group:
             pm = lambda k: f"{100 * r[k + '_mean']:.1f} ± {100 * r[k + '_std']:.1f}"  # noqa: E731
             alone = (f"{100 * r['utterance_norm_ua_mean']:.1f} ± {100 * r['utterance_norm_ua_std']:.1f}"
                      if "utterance_norm_ua_mean" in r else "")
             seeds = ", ".join(r["seeds"]) if r["kind"] != "baseline" else "-"
-            lines.append(f"| {r['name']} | {_setting_text(r)} | {seeds} | {pm('ua')} | {pm('wa')} | {pm('macro_f1')} | "
-                         f"{alone} | {r['seconds_per_seed'] / 60:.0f} min | {r['machine']}, {r['date'][:10]} |")
+            lines.append(f"| {r['name']} | {_setting_text(r)} | {r['folds']} | {seeds} | {pm('ua')} | {pm('wa')} | {pm('macro_f1')} | "
+                         f"{alone} | {_minutes(r['seconds_per_seed'])} | {r['machine']}, {r['date'][:10]} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -302,6 +302,8 @@ def main(argv=None) -> int:
         if enroll_errors:
             raise UserError("--enroll: " + "; ".join(enroll_errors))
         predictor.enroll_speaker(enroll)
+    # said once, with the first prediction (a run that only fails keeps its one error line)
+    enroll_hint = not args.enroll and predictor.spec.normalize == "speaker"
     files, errors = expand_inputs(args.inputs)
     if not files:
         raise UserError("; ".join(errors) if errors else "no audio files given")
@@ -324,6 +326,11 @@ def main(argv=None) -> int:
             print(f"{prog}: error: {e}", file=sys.stderr)
             status = 2
             continue
+        if enroll_hint:
+            print(f"{prog}: warning: no --enroll audio: each clip is standardised with its own statistics, which "
+                  f"costs this kind of model much of its accuracy (README, accuracy table); give --enroll with "
+                  f"unlabelled audio of the speaker", file=sys.stderr)
+            enroll_hint = False
         for w in pred.warnings():
             print(f"{prog}: warning: {path}: {w}", file=sys.stderr)
         if args.format == "json":

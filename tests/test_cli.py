@@ -123,7 +123,8 @@ def test_predict_bad_device_and_bad_audio_exit_2(trained, tmp_path):
     proc = run(command("predict", "script"), clips[0], "--checkpoint", run_dir, "--device", "gpu")
     assert proc.returncode == 2 and "--device 'gpu'" in one_error_line(proc, "fastser-predict")
     (tmp_path / "bad.wav").write_text("nope")
-    proc = run(command("predict", "script"), tmp_path / "bad.wav", clips[0], "--checkpoint", run_dir)
+    proc = run(command("predict", "script"), tmp_path / "bad.wav", clips[0], "--checkpoint", run_dir,
+               "--enroll", clips[0])  # enrolled: no hint about enrollment beside the one error line
     assert proc.returncode == 2 and "bad.wav" in one_error_line(proc, "fastser-predict")
     assert str(clips[0]) in proc.stdout  # the good file still got its prediction
 

@@ -110,7 +110,8 @@ def test_doubtful_clips_are_flagged(run_dir, clips, tmp_path, capsys):
     assert not out["short.wav"]["near_silent"]
     assert out["silence.wav"]["near_silent"] and not out["silence.wav"]["too_short"]
     warnings = [line for line in captured.err.splitlines() if ": warning: " in line]
-    assert len(warnings) == 3 and all("unreliable" in w for w in warnings)
+    assert "no --enroll" in warnings[0]  # once, for a speaker-normalised model without enrollment
+    assert len(warnings) == 4 and all("unreliable" in w for w in warnings[1:])
 
 
 def test_folders_globs_and_csv_segments(run_dir, clips, capsys):
@@ -176,6 +177,7 @@ def test_speaker_enrollment(run_dir, corpus_run_dir, clips, tmp_path, capsys):
     torch.testing.assert_close(enrolled.norm.mean["mfcc"], cols.mean(1).float(), atol=1e-4, rtol=1e-4)
     capsys.readouterr()
     assert predict.main([str(files[0]), "--checkpoint", str(run_dir), "--enroll", str(folder)]) == 0
+    assert "no --enroll" not in capsys.readouterr().err
     assert predict.cli([str(files[0]), "--checkpoint", str(corpus_run_dir), "--enroll", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--normalize speaker" in err[0]

@@ -175,9 +175,16 @@ def _deterministic_algorithms(enabled: bool):
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(num_classes,) int64 count of each label. Not torch.bincount: on CUDA it reads the largest
     label back to the host to size its output (a sync every step); the size is known here.
-    Integer sums are exact in any order, so this is deterministic on every device."""
-    counts = torch.zeros(num_classes, dtype=torch.int64, device=labels.device)
-    return counts.scatter_add_(0, labels, torch.ones_like(labels))
+    Integer sums are exact in any order, so this is deterministic on every device. Labels outside
+    [0, num_classes) (possible when validation is off) count into a spare slot: never an
+    out-of-bounds write, which on a GPU would be a device-side assert."""
+    counts = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
+    return counts.scatter_add_(0, _slots(labels, num_classes), torch.ones_like(labels))[:num_classes]
+
+
+def _slots(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each label, or num_classes (a spare slot after every class) where it is out of range."""
+    return torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
 
 
 def _segments(labels: torch.Tensor, num_classes: int):
@@ -185,7 +192,7 @@ def _segments(labels: torch.Tensor, num_classes: int):
     counts = class_counts(labels, num_classes)
     offsets = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
     torch.cumsum(counts, 0, out=offsets[1:])
-    return torch.sort(labels, stable=True).indices, offsets
+    return torch.sort(_slots(labels, num_classes), stable=True).indices, offsets  # out-of-range rows last
 
 
 def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, alpha, grad_centers,

@@ -371,3 +371,27 @@ def test_class_counts():
     labels = torch.tensor([3, 0, 3, 3, 1], device=DEVICE)
     assert class_counts(labels, 6).tolist() == [1, 1, 0, 3, 0, 0]
     assert class_counts(labels[:0], 2).tolist() == [0, 0]
+    assert class_counts(torch.tensor([-1, 2, 7, 1], device=DEVICE), 3).tolist() == [0, 1, 1]  # out of range: not counted
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_unvalidated_bad_label_never_writes_out_of_bounds(backend, deterministic):
+    """validate=False (the GPU hot path): a label out of range either raises before any write
+    (torch, C++) or its row is left out of the Wen update (the GPU kernels); the other rows'
+    update is exact and nothing outside the centers is touched."""
+    x, labels, centers = make_batch(12, 4, 20)
+    labels[3] = 4  # == num_classes
+    keep = torch.arange(12, device=labels.device) != 3
+    expected = wen_update_loop(x[keep], labels[keep], centers, 0.5).float()
+    before = centers.clone()
+    xf = x.clone().requires_grad_()
+    try:
+        loss = center_loss(xf, labels, centers, wen_alpha=0.5, backend=backend, deterministic=deterministic,
+                           validate=False)
+        loss.backward()
+    except (IndexError, ValueError, RuntimeError):
+        torch.testing.assert_close(centers, before, rtol=0, atol=0)
+        return
+    assert backend in ("triton", "cuda")
+    torch.testing.assert_close(centers, expected, rtol=1e-5, atol=1e-5)
