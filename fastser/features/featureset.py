@@ -17,11 +17,10 @@ from typing import Iterable, Optional
 
 import torch
 
-from fastser.features.functional import FeatureConfig, extract_many, prepare
+from fastser.features.functional import FeatureConfig, extract_many, frame_count, prepare
 from fastser.features.prosody import ProsodyConfig, prosody
 
 KINDS = ("logmel", "mfcc")  # the paper's two CNN branches; "prosody" (contours, a 1-D branch) is optional
-OPTIONAL_KINDS = ("prosody",)
 ALIASES = {"spectrogram": "logmel"}  # the name fastser <= 0.1 gave the log-mel branch (old checkpoints, caches)
 
 
@@ -78,12 +77,9 @@ class FeatureSet:
         return {k: c.n_bins for k, c in self.configs}
 
     def frame_count(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Frames every kind gives for signals of these lengths (all kinds share one frame grid)."""
-        from fastser.features import functional, prosody as prosody_module
-        cfg = self.configs[0][1]
-        if isinstance(cfg, ProsodyConfig):
-            return prosody_module.frame_count(lengths, cfg.hop_length)
-        return functional.frame_count(lengths, cfg.n_fft, cfg.hop_length, cfg.center)
+        """Frames every kind gives for signals of these lengths: all kinds use centred frames of one
+        hop (checked on construction), where the window length does not change the count."""
+        return frame_count(lengths, 1, self.configs[0][1].hop_length, center=True)
 
     @property
     def sr(self) -> int:

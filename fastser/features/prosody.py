@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from fastser.features.functional import frame_count
+
 PROSODY_CHANNELS = ("f0_semitones", "voicing", "hnr_db", "energy_db", "f0_delta", "energy_delta")
 
 
@@ -75,10 +77,6 @@ def _window_terms(win: int, n_fft: int, device_str: str):
     return w.float().to(device_str), rw.float().to(device_str)
 
 
-def frame_count(lengths: torch.Tensor, hop_length: int) -> torch.Tensor:
-    return 1 + lengths // hop_length
-
-
 def prosody(y: torch.Tensor, lengths: torch.Tensor, cfg: ProsodyConfig = ProsodyConfig()):
     """y (B, samples) float, zero-padded; lengths (B,) -> (contours (B, 6, frames) float32, frames (B,))."""
     if y.dim() != 2 or lengths.dim() != 1 or lengths.shape[0] != y.shape[0]:
@@ -88,7 +86,7 @@ def prosody(y: torch.Tensor, lengths: torch.Tensor, cfg: ProsodyConfig = Prosody
     win, hop = cfg.win_length, cfg.hop_length
     lag_lo, lag_hi = cfg.lags
     n_fft = 1 << (2 * win - 1).bit_length()  # linear (not circular) correlation up to win lags
-    frames = frame_count(lengths, hop)
+    frames = frame_count(lengths, win, hop, center=True)
     T = int(y.shape[1] // hop + 1)
     # centred frames: frame t covers samples [t*hop - win/2, t*hop + win/2); zeros outside the signal
     pos = torch.arange(y.shape[1], device=y.device)

@@ -205,7 +205,8 @@ class Run:
                                   f"(too few usable files for --split {self.split})")
         train_rows = torch.from_numpy(fold.train)
         batcher = self.batcher(train_rows)
-        # predict's statistics: the training rows' for --normalize corpus (the others bring their own)
+        # the training rows' statistics, saved with the model at every level: predict's own for
+        # --normalize corpus; for the others a reference to compare fallbacks against
         norm = batcher.norm if batcher.groups is None else Normalizer.fit(self.table.feats, self.table.frames,
                                                                           train_rows)
         model, objective, opt, sched = self.build(fold_index, fold)
