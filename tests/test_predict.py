@@ -181,3 +181,17 @@ def test_speaker_enrollment(run_dir, corpus_run_dir, clips, tmp_path, capsys):
     assert predict.cli([str(files[0]), "--checkpoint", str(corpus_run_dir), "--enroll", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--normalize speaker" in err[0]
+
+
+def test_bad_enrollment_audio_is_one_clear_error(run_dir, clips, tmp_path, capsys):
+    """--enroll naming nothing usable: exit 2, one line naming the problem, no prediction printed."""
+    _, files, _ = clips
+    bad = tmp_path / "bad.wav"
+    bad.write_text("nope")
+    for enroll, expected in ((tmp_path / "missing.wav", "missing.wav: no such file"), (bad, "bad.wav")):
+        capsys.readouterr()
+        assert predict.cli([str(files[0]), "--checkpoint", str(run_dir), "--enroll", str(enroll)]) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and "error" in err[0] and expected in err[0], err
+        assert captured.out == ""
