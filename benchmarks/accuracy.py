@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fastser.training.loop import FALLBACKS
+
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"
-SETTINGS = ("features", "prosody", "normalize", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
+SETTINGS = ("features", "prosody", "bin_stats", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
             "lambda_center", "lambda_recon", "specaugment", "train_seconds")
 
 
@@ -57,27 +59,34 @@ def _first_folds(d: Path, n: int) -> dict:
     m = summarize(y_true, np.concatenate([r["y_pred"] for r in folds]), ckpt["classes"])
     out = {"wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"], "n_test": m["n"], "folds": [r["name"] for r in folds],
            "seconds": None}  # the run's time covers all its folds
-    if all("y_pred_utterance_norm" in r for r in folds):
-        alone = summarize(y_true, np.concatenate([r["y_pred_utterance_norm"] for r in folds]), ckpt["classes"])
-        out["utterance_norm"] = {k: alone[k] for k in ("wa", "ua", "macro_f1")}
+    for level in FALLBACKS:
+        if all(f"y_pred_{level}_norm" in r for r in folds):
+            alone = summarize(y_true, np.concatenate([r[f"y_pred_{level}_norm"] for r in folds]), ckpt["classes"])
+            out[f"{level}_norm"] = {k: alone[k] for k in ("wa", "ua", "macro_f1")}
     return out
 
 
 def collect_runs(paths: list, name: str, max_folds=None) -> dict:
     seeds, config = {}, None
     for d in _seed_dirs(paths):
-        m = json.loads((d / "metrics.json").read_text())
-        m["folds"] = [f["name"] for f in m["folds"]]
-        if max_folds is not None:
-            m = {**m, **_first_folds(d, max_folds)}
-        c = json.loads((d / "config.json").read_text())
+        if max_folds is not None and not (d / "metrics.json").exists():
+            # a run stopped early: its finished folds and its settings are in the checkpoint
+            import torch
+            m, c = _first_folds(d, max_folds), torch.load(d / "checkpoint.pt", weights_only=True)["config"]
+        else:
+            m = json.loads((d / "metrics.json").read_text())
+            m["folds"] = [f["name"] for f in m["folds"]]
+            if max_folds is not None:
+                m = {**m, **_first_folds(d, max_folds)}
+            c = json.loads((d / "config.json").read_text())
         config = config or c
         differing = [k for k in SETTINGS if c.get(k) != config.get(k)]
         if differing or c["corpus"] != config["corpus"] or c["split"] != config["split"]:
             raise SystemExit(f"{d}: not the same experiment as the first folder (differs in {differing or 'corpus/split'})")
         seeds[str(c["seed"])] = {k: m[k] for k in ("wa", "ua", "macro_f1", "seconds", "n_test", "folds")}
-        if "utterance_norm" in m:
-            seeds[str(c["seed"])]["utterance_norm"] = m["utterance_norm"]
+        for level in FALLBACKS:
+            if f"{level}_norm" in m:
+                seeds[str(c["seed"])][f"{level}_norm"] = m[f"{level}_norm"]
     if not seeds:
         raise SystemExit("no run folders given")
     out = {"name": name, "kind": "fastser", "corpus": config["corpus"], "split": config["split"],
@@ -86,10 +95,11 @@ def collect_runs(paths: list, name: str, max_folds=None) -> dict:
     for key in ("wa", "ua", "macro_f1"):
         v = np.array([s[key] for s in seeds.values()])
         out[f"{key}_mean"], out[f"{key}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    alone = [s["utterance_norm"]["ua"] for s in seeds.values() if "utterance_norm" in s]
-    if alone:
-        out["utterance_norm_ua_mean"] = float(np.mean(alone))
-        out["utterance_norm_ua_std"] = float(np.std(alone, ddof=1)) if len(alone) > 1 else 0.0
+    for level in FALLBACKS:  # only when every seed has it: a mean over fewer seeds would mislead
+        alone = [s[f"{level}_norm"]["ua"] for s in seeds.values() if f"{level}_norm" in s]
+        if alone and len(alone) == len(seeds):
+            out[f"{level}_norm_ua_mean"] = float(np.mean(alone))
+            out[f"{level}_norm_ua_std"] = float(np.std(alone, ddof=1)) if len(alone) > 1 else 0.0
     times = [s["seconds"] for s in seeds.values() if s["seconds"] is not None]
     out["seconds_per_seed"] = float(np.mean(times)) if times else None
     return out

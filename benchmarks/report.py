@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fastser.training.loop import FALLBACKS
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -83,8 +85,12 @@ def _setting_text(row: dict) -> str:
     s = row["settings"]
     if row["kind"] == "baseline":
         return f"openSMILE {s['features']} functionals, {s['svm']} SVM" + (", per-speaker z-norm" if s["speaker_norm"] else "")
-    parts = [f"features {s['features']}" + (" + prosody" if s.get("prosody") else ""),
-             f"normalize {s.get('normalize') or 'corpus'}", f"epochs {s['epochs']} (patience {s['patience']})"]
+    parts = [f"features {s['features']}" + (" + prosody" if s.get("prosody") else "")
+             + (" + bin stats" if s.get("bin_stats") else ""),
+             f"normalize {s.get('normalize') or 'corpus'}",
+             f"epochs {s['epochs']} (patience {s['patience']})" if s.get("validation") is not False
+             else f"epochs {s['epochs']}, last epoch kept (no validation speakers)",
+             f"lr {s['lr']:g}"]
     return ", ".join(parts)
 
 
@@ -98,14 +104,14 @@ def accuracy_table() -> str:
     for corpus, split in sorted({(r["corpus"], r["split"]) for r in rows}):
         group = [r for r in rows if (r["corpus"], r["split"]) == (corpus, split)]
         group.sort(key=lambda r: (-r["folds"], r["kind"] != "baseline", r["date"]))
-        lines += [f"**{corpus}, {split}** (mean ± std over seeds; baselines are deterministic)", "",
+        lines += [f"**{corpus}, {split}** (mean ± std over seeds; the baselines are deterministic)", "",
                   "| row | settings | folds | seeds | UA % | WA % | macro-F1 % | UA %, utterance-level statistics | "
-                  "time per seed | machine, date |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+                  "UA %, training-fold statistics | time per seed | machine, date |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in group:
-            pm = lambda k: f"{100 * r[k + '_mean']:.1f} ± {100 * r[k + '_std']:.1f}"  # noqa: E731
-            alone = (f"{100 * r['utterance_norm_ua_mean']:.1f} ± {100 * r['utterance_norm_ua_std']:.1f}"
-                     if "utterance_norm_ua_mean" in r else "")
+            spread = r["kind"] != "baseline" and len(r["seeds"]) > 1  # a ± only where there are seeds to vary
+            pm = lambda k: f"{100 * r[k + '_mean']:.1f}" + (f" ± {100 * r[k + '_std']:.1f}" if spread else "")  # noqa: E731
+            alone = " | ".join(pm(f"{level}_norm_ua") if f"{level}_norm_ua_mean" in r else "" for level in FALLBACKS)
             seeds = ", ".join(r["seeds"]) if r["kind"] != "baseline" else "-"
             lines.append(f"| {r['name']} | {_setting_text(r)} | {r['folds']} | {seeds} | {pm('ua')} | {pm('wa')} | {pm('macro_f1')} | "
                          f"{alone} | {_minutes(r['seconds_per_seed'])} | {r['machine']}, {r['date'][:10]} |")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastser.ops.center_loss import REDUCTIONS, center_loss
+from fastser.ops.center_loss import REDUCTIONS, center_loss, validate_mode
 
 UPDATES = ("wen", "gradient")
 
@@ -36,8 +36,12 @@ class CenterLoss(nn.Module):
         backend: "auto" | "triton" | "cuda" | "cpp" | "torch" (fastser.ops.available_backends()).
         deterministic: no floating-point atomics (bit-identical centers run to run).
         process_group: under torch.distributed, the Wen update sums over this group's ranks.
-        validate: check shapes, devices, labels and finiteness first, so a bad batch raises before
-            any center is written (on CUDA this costs a host sync per call).
+        validate: "eager" (True) — check shapes, devices, labels and finiteness first, so a bad batch
+            raises before any center is written (on CUDA a host sync per call); "deferred" — the
+            same checks on the device, no sync: a bad batch (non-finite features, a label outside
+            [0, C)) gets a NaN loss, moves no center (zero center gradient) and is counted in
+            `bad_batches`; call `raise_on_bad_batches()` when a host read is cheap (end of an
+            epoch, every N steps); "off" (False) — shapes only.
 
     Shapes: forward(features (B, D) float32/float16/bfloat16/float64, labels (B,) integer in [0, C))
     -> scalar loss ((B,) with reduction="none"), in the promoted dtype of features and centers.
@@ -47,7 +51,7 @@ class CenterLoss(nn.Module):
 
     def __init__(self, num_classes: int, feat_dim: int, use_gpu: Optional[bool] = None, *,
                  update: str = "wen", alpha: float = 0.5, reduction: str = "mean", backend: str = "auto",
-                 deterministic: bool = False, process_group=None, validate: bool = True):
+                 deterministic: bool = False, process_group=None, validate="eager"):
         super().__init__()
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
@@ -59,13 +63,16 @@ class CenterLoss(nn.Module):
             raise RuntimeError("CenterLoss(use_gpu=True) but CUDA is not available")
         self.num_classes, self.feat_dim = num_classes, feat_dim
         self.update, self.alpha, self.reduction = update, alpha, reduction
-        self.backend, self.deterministic, self.validate = backend, deterministic, validate
+        self.backend, self.deterministic, self.validate = backend, deterministic, validate_mode(validate)
         self.process_group = process_group
         centers = torch.randn(num_classes, feat_dim, device="cuda" if use_gpu else None)
         if update == "gradient":
             self.centers = nn.Parameter(centers)
         else:
             self.register_buffer("centers", centers)
+        # batches skipped by deferred validation since the last check; not in the state dict
+        self.register_buffer("bad_batches", torch.zeros((), dtype=torch.int64, device=centers.device),
+                             persistent=False)
         self._centers_synced = False
 
     def _broadcast_centers_once(self) -> None:
@@ -83,7 +90,17 @@ class CenterLoss(nn.Module):
         wen_alpha = self.alpha if (self.update == "wen" and self.training and torch.is_grad_enabled()) else None
         return center_loss(features, labels, self.centers, reduction=self.reduction, wen_alpha=wen_alpha,
                            backend=self.backend, deterministic=self.deterministic,
-                           process_group=self.process_group, validate=self.validate)
+                           process_group=self.process_group, validate=self.validate, bad_batches=self.bad_batches)
+
+    def raise_on_bad_batches(self) -> None:
+        """Deferred validation's report (one host read): a ValueError if any batch since the last
+        call had non-finite features or an out-of-range label. Those batches moved no center."""
+        n = int(self.bad_batches)
+        if n:
+            self.bad_batches.zero_()
+            raise ValueError(f"CenterLoss: {n} batch{'es' if n > 1 else ''} had non-finite features or labels "
+                             f"outside [0, {self.num_classes}); their center updates were skipped "
+                             f"(the centers are unchanged by them)")
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, update={self.update!r}, "

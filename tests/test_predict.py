@@ -158,13 +158,15 @@ def test_checkpoints_of_fastser_0_1_still_load(corpus_run_dir, clips, tmp_path):
 
 
 def test_speaker_enrollment(run_dir, corpus_run_dir, clips, tmp_path, capsys):
-    """Speaker-normalised models: without enrollment each clip's own statistics; --enroll gives the
-    speaker's (from unlabelled audio of that speaker), which changes the scores; a corpus-normalised
-    model refuses --enroll with one line."""
+    """Speaker-normalised models: without enrollment the training speakers' pooled statistics
+    saved with the model; --enroll gives the speaker's (from unlabelled audio of that speaker),
+    which changes the scores; a corpus-normalised model refuses --enroll with one line."""
     import torch
     folder, files, _ = clips
     p = predict.Predictor(run_dir)
-    assert p.norm is None
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["final"]["norm"]
+    torch.testing.assert_close(p.norm.mean["mfcc"], saved["mean"]["mfcc"], rtol=0, atol=0)
+    torch.testing.assert_close(p.norm.std["logmel"], saved["std"]["logmel"], rtol=0, atol=0)
     alone = p.predict_file(files[0]).probabilities
     enrolled = predict.Predictor(run_dir, enroll=[str(f) for f in files])
     assert enrolled.norm is not None and enrolled.norm.mean["logmel"].shape == (64,)

@@ -200,13 +200,15 @@ def test_group_statistics_match_a_plain_computation():
 
 @pytest.mark.parametrize("level", ["speaker", "utterance", "corpus"])
 def test_normalize_levels(tmp_path, level):
-    """--normalize: speaker statistics by default (and the utterance-level fallback reported beside
-    them), utterance or the training fold's; the checkpoint records the choice."""
+    """--normalize: speaker statistics by default (and the fallbacks without enrollment audio,
+    utterance-level and training-fold statistics, reported beside them), utterance or the training
+    fold's; the checkpoint records the choice."""
     metrics, out = run(tmp_path, level, "--epochs", "1", "--normalize", level)
     assert metrics["normalize"] == level
-    assert ("utterance_norm" in metrics) == (level == "speaker")
-    if level == "speaker":
-        assert 0 <= metrics["utterance_norm"]["ua"] <= 1
+    for fallback in loop.FALLBACKS:
+        assert (f"{fallback}_norm" in metrics) == (level == "speaker")
+        if level == "speaker":
+            assert 0 <= metrics[f"{fallback}_norm"]["ua"] <= 1
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["spec"]["normalize"] == level
     assert train.parse_args([]).normalize == "speaker"
@@ -239,3 +241,69 @@ def test_prosody_branch_trains_and_predicts(tmp_path):
     from fastser.data.synthetic import make_corpus as corpus
     pred = Predictor(out).predict_waveform(corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
     assert abs(pred.probabilities.sum() - 1) < 1e-5
+
+
+def test_bin_stats_train_predict_and_guard_resume(tmp_path):
+    """--bin-stats is stored in the checkpoint's spec (predict rebuilds the same model) and a resume
+    with the other setting is refused rather than mixing two models."""
+    metrics, out = run(tmp_path, "bins", "--epochs", "1", "--bin-stats")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["spec"]["bin_stats"] is True and ckpt["config"]["bin_stats"] is True
+    from fastser.predict import Predictor
+    predictor = Predictor(out)
+    assert predictor.model.encoders["mfcc"].bin_stats
+    pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
+    assert abs(pred.probabilities.sum() - 1) < 1e-5
+    with pytest.raises(ValueError, match="bin_stats=True"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--no-bin-stats", "--resume", str(out)])
+
+
+def test_no_validation_trains_on_the_validation_speakers_and_keeps_the_last_epoch(tmp_path):
+    """--no-validation: the fold's validation speakers join the training rows (never the test
+    speakers), every epoch runs (no early stopping), and the model tested is the last epoch's."""
+    args = train.parse_args(SMALL + ["--out", str(tmp_path / "x"), "--no-validation"])
+    info = train.fdist.setup("cpu")
+    table = train.load_table(args, info)
+    from fastser.data.splits import make_folds
+    fold = make_folds(table.corpus, "holdout")[0]
+    r = loop.Run(args, info, table, [fold], "holdout", tmp_path, 0.003, 0.1, train.FeatureSet.paper(table.feats))
+    rows = set(r.train_rows(fold).tolist())
+    assert rows == set(fold.train.tolist()) | set(fold.val.tolist()) and not rows & set(fold.test.tolist())
+    metrics, out = run(tmp_path, "noval", "--epochs", "3", "--patience", "1", "--no-validation")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert [h["epoch"] for h in ckpt["history"]] == [1, 2, 3] and all(h["val_ua"] is None for h in ckpt["history"])
+    assert metrics["folds"][0]["best_epoch"] == 3 and metrics["folds"][0]["val_ua"] is None
+    assert ckpt["config"]["validation"] is False
+    # the defaults: real corpora train on the validation speakers, the synthetic run stops early
+    assert train.parse_args(["--corpus", "ravdess", "--data-dir", "x"]).validation is False
+    assert train.parse_args([]).validation is True
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_resident_batches_equal_host_batches(grouped):
+    """The GPU's resident mode (table on the device, one gather per batch) gives the same training
+    crops and evaluation batches as the host mode, from the same host generator; evaluation
+    lengths are bucketed without changing a valid frame."""
+    corpus = make_corpus(seed=2, n_speakers=3, per_class=3, seconds=1.5)
+    from fastser.data.cache import build_feature_table
+    table = build_feature_table(corpus, ["logmel", "mfcc"], torch.device("cpu"))
+    n = table.frames.shape[0]
+    groups = torch.arange(n) % 3 if grouped else None
+    norm = (Normalizer.fit_groups(table.feats, table.frames, groups, 3) if grouped
+            else Normalizer.fit(table.feats, table.frames, torch.arange(n)))
+    host = Batcher(table.feats, table.frames, table.labels, norm, torch.device("cpu"), 60, groups, resident=False)
+    resident = Batcher(table.feats, table.frames, table.labels, norm, torch.device("cpu"), 60, groups,
+                       resident=True, eval_bucket=64)
+    rows = torch.tensor([5, 0, 7, 3, 11])
+    a = host.batch(rows, torch.Generator().manual_seed(4))
+    b = resident.batch(rows, torch.Generator().manual_seed(4))
+    for kind in a.feats:
+        assert b.feats[kind].shape == a.feats[kind].shape == (5, a.feats[kind].shape[1], 60)
+        torch.testing.assert_close(b.feats[kind], a.feats[kind], rtol=0, atol=0)
+    assert torch.equal(a.frames, b.frames) and torch.equal(a.labels, b.labels)
+    a, b = host.batch(rows), resident.batch(rows)
+    T = a.feats["mfcc"].shape[-1]
+    assert b.feats["mfcc"].shape[-1] == min(table.feats["mfcc"].shape[-1], -(-T // 64) * 64)
+    for kind in a.feats:
+        torch.testing.assert_close(b.feats[kind][..., :T], a.feats[kind], rtol=0, atol=0)
+        assert not b.feats[kind][..., T:].any()  # the bucket's padding is exactly zero

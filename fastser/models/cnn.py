@@ -50,20 +50,40 @@ class ParallelStem(nn.Module):
         return torch.cat([b(x) for b in self.branches], dim=1)
 
 
+def masked_mean_std(x: torch.Tensor, keep: torch.Tensor, n: torch.Tensor):
+    """Mean and std over the last dim of x (..., T) where keep (broadcastable, bool) is set; n the
+    number kept, (...,) or broadcastable to it, at least 1."""
+    mean = (x * keep).sum(-1) / n
+    var = ((x - mean[..., None]).square() * keep).sum(-1) / n
+    return mean, (var + 1e-5).sqrt()
+
+
+def _valid_frames(x: torch.Tensor, frames: torch.Tensor):
+    """(keep (B, 1, T) bool, n (B, 1)) for x (B, channels, T) with frames (B,) valid."""
+    keep = (torch.arange(x.shape[-1], device=x.device)[None, :] < frames.clamp(min=1)[:, None])[:, None, :]
+    return keep, keep.sum(-1).clamp(min=1)
+
+
 class FeatureEncoder(nn.Module):
-    """(B, bins, T) -> conv map (B, C, bins/8, T/8) and pooled vector (B, 2C) over valid frames.
+    """(B, bins, T) -> conv map (B, C, bins/8, T/8) and pooled vector (B, out_dim) over valid frames.
+
+    The pooled vector is the conv map's mean and max (2C), and with `bin_stats` each input bin's own
+    mean and std over the utterance (2 bins): the functionals a classic SVM baseline lives on, handed
+    to the embedding directly, so the CNN has to learn only what they miss.
 
     Every map is multiplied by its valid-time mask (frames // stride, at least 1), so an utterance
     gives the same result alone or padded inside a batch: batch norm's shift never turns padding
     into signal that the next convolution would read."""
 
-    def __init__(self, n_bins: int, width: int = 16):
+    def __init__(self, n_bins: int, width: int = 16, bin_stats: bool = False):
         super().__init__()
         self.n_bins = n_bins
         self.stem = ParallelStem(width)
         self.blocks = nn.ModuleList([_block(self.stem.out_channels, 2 * width, (3, 3), pool=True),
                                      _block(2 * width, 4 * width, (3, 3), pool=True)])
         self.out_channels = 4 * width
+        self.bin_stats = bin_stats
+        self.out_dim = 2 * self.out_channels + (2 * n_bins if bin_stats else 0)
         self.stride = 8
 
     @staticmethod
@@ -77,6 +97,10 @@ class FeatureEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, frames: torch.Tensor):
         T = x.shape[-1]
+        stats = []
+        if self.bin_stats:
+            keep, n = _valid_frames(x, frames)
+            stats = [t.to(x.dtype) for t in masked_mean_std(x.float(), keep, n)]
         x = F.pad(x, (0, max(0, self.stride - T))).unsqueeze(1)  # pooling needs 8 frames; longer tails are floored
         # Position j at stride s is valid iff j < frames // s, which with floor pooling is every position
         # when frames == T: a batch without padding (the usual training crop) needs no masks. Checked on
@@ -91,7 +115,7 @@ class FeatureEncoder(nn.Module):
         v = self._mask(h, frames, stride)
         mean = h.sum(dim=(2, 3)) / (v.sum(dim=(2, 3)) * h.shape[2]).clamp(min=1)
         peak = h.masked_fill(~v, float("-inf")).amax(dim=(2, 3))
-        return h, torch.cat([mean, peak], dim=1)
+        return h, torch.cat([mean, peak, *stats], dim=1)
 
 
 class ContourEncoder(nn.Module):
@@ -111,21 +135,14 @@ class ContourEncoder(nn.Module):
                           nn.ReLU(inplace=True))])
         self.out_dim = 3 * hidden + 2 * n_bins
 
-    @staticmethod
-    def _mean_std(h: torch.Tensor, keep: torch.Tensor, n: torch.Tensor):
-        mean = (h * keep).sum(-1) / n
-        var = ((h - mean[..., None]).square() * keep).sum(-1) / n
-        return mean, (var + 1e-5).sqrt()
-
     def forward(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        keep = (torch.arange(x.shape[-1], device=x.device)[None, :] < frames.clamp(min=1)[:, None])[:, None, :]
-        n = keep.sum(-1).clamp(min=1)
+        keep, n = _valid_frames(x, frames)
         h = x * keep
         for layer in self.layers:
             h = layer(h) * keep  # batch norm's shift never turns padding into signal for the next layer
-        h_mean, h_std = self._mean_std(h, keep, n)
+        h_mean, h_std = masked_mean_std(h, keep, n)
         peak = h.masked_fill(~keep, float("-inf")).amax(-1)
-        x_mean, x_std = self._mean_std(x.float(), keep, n)
+        x_mean, x_std = masked_mean_std(x.float(), keep, n)
         return torch.cat([h_mean, h_std, peak, x_mean.to(h.dtype), x_std.to(h.dtype)], dim=1)
 
 
@@ -156,13 +173,12 @@ class SERModel(nn.Module):
     embedding), an embedding layer, a classifier, and one decoder per spectral kind."""
 
     def __init__(self, input_bins: dict, num_classes: int, *, width: int = 16, embed_dim: int = 128,
-                 dropout: float = 0.3, reconstruct: bool = True):
+                 dropout: float = 0.3, reconstruct: bool = True, bin_stats: bool = False):
         super().__init__()
         self.kinds = list(input_bins)
-        self.encoders = nn.ModuleDict({k: ContourEncoder(b, width) if k in CONTOUR_KINDS else FeatureEncoder(b, width)
-                                       for k, b in input_bins.items()})
-        pooled = sum(e.out_dim if isinstance(e, ContourEncoder) else 2 * e.out_channels
-                     for e in self.encoders.values())
+        self.encoders = nn.ModuleDict({k: ContourEncoder(b, width) if k in CONTOUR_KINDS
+                                       else FeatureEncoder(b, width, bin_stats) for k, b in input_bins.items()})
+        pooled = sum(e.out_dim for e in self.encoders.values())
         self.embed = nn.Sequential(nn.Dropout(dropout), nn.Linear(pooled, embed_dim), nn.BatchNorm1d(embed_dim),
                                    nn.ReLU(inplace=True))
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed_dim, num_classes))

@@ -14,6 +14,14 @@ writes their gradient). Extra memory is O(B*D + C); nothing of size B x C is eve
 
 Backends: "triton" and "cuda" (CUDA tensors), "cpp" (CPU, OpenMP), "torch" (gather/index_put,
 any device; the fallback and the test oracle).
+
+Validation (`validate`): "eager" (True) checks labels and finiteness before anything is written and
+raises, at the price of a host read (free on the CPU, a stream stall on a GPU); "deferred" keeps
+every check on the device: a batch with a non-finite feature or a label outside [0, C) has NaN row
+losses, its Wen update is skipped as a whole (and its center gradient is zero), and a device
+counter records it, to be read when the caller chooses (CenterLoss.raise_on_bad_batches());
+"off" (False) checks shapes only (a bad label's row is left out of the update, never written
+out of bounds).
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from fastser.ops import _native
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
 REDUCTIONS = ("mean", "sum", "none")
+VALIDATE = ("eager", "deferred", "off")
 
 try:  # Triton is optional: the CUDA wheels of torch bring it, the CPU wheel does not
     from fastser.ops import center_loss_triton as _triton
@@ -90,6 +99,15 @@ def _compute_dtype(x: torch.Tensor, centers: torch.Tensor) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- input checks
 
+def validate_mode(validate) -> str:
+    """True/False (the older spelling) or one of VALIDATE -> one of VALIDATE."""
+    if validate is True or validate is False:
+        return "eager" if validate else "off"
+    if validate not in VALIDATE:
+        raise ValueError(f"validate must be True, False or one of {VALIDATE}, got {validate!r}")
+    return validate
+
+
 def check_inputs(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, label_range: bool = True) -> None:
     """Raise a ValueError/TypeError that names what is wrong; touches nothing. label_range=False skips
     the one check that reads a value back to the host."""
@@ -135,13 +153,18 @@ def _raise_if_not_finite(features: torch.Tensor, row_loss: torch.Tensor) -> None
 
 # ----------------------------------------------------------------------------- backends
 
-def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor):
-    """-> (row_loss (B,), diff (B, D)), both in the compute dtype."""
+def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+             bad_label_is_nan: bool = False):
+    """-> (row_loss (B,), diff (B, D)), both in the compute dtype. A label outside [0, C) gives a
+    NaN row loss (the C++ backend raises instead unless bad_label_is_nan)."""
     compute = _compute_dtype(x, centers)
     B, D = x.shape
     if backend == "torch":
-        diff = x.to(compute) - centers.to(compute).index_select(0, labels)
-        return diff.pow(2).sum(1), diff
+        # a label outside [0, C) gathers row 0 and gets a NaN loss, as in the kernels: never an
+        # out-of-bounds read, whatever the validation mode
+        valid = (labels >= 0) & (labels < centers.shape[0])
+        diff = x.to(compute) - centers.to(compute).index_select(0, torch.where(valid, labels, 0))
+        return diff.pow(2).sum(1).masked_fill(~valid, float("nan")), diff
     row_loss = torch.empty(B, dtype=compute, device=x.device)
     diff = torch.empty(B, D, dtype=compute, device=x.device)
     if B == 0:
@@ -149,7 +172,11 @@ def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch
     if backend == "cpp":
         xc, cc = x.to(compute).contiguous(), centers.to(compute).contiguous()
         if _native.center_loss_forward_cpu(xc, labels, cc, row_loss, diff) >= 0:
-            _raise_bad_label(labels, cc.shape[0])
+            if not bad_label_is_nan:
+                _raise_bad_label(labels, cc.shape[0])
+            valid = (labels >= 0) & (labels < cc.shape[0])  # the kernels' convention, on the error path only
+            _native.center_loss_forward_cpu(xc, torch.where(valid, labels, 0), cc, row_loss, diff)
+            row_loss.masked_fill_(~valid, float("nan"))
         return row_loss, diff
     # the GPU kernels read fp32 centers: half-precision (or strided) centers go through an fp32 copy
     cc = centers.to(torch.float32).contiguous()
@@ -196,17 +223,21 @@ def _segments(labels: torch.Tensor, num_classes: int):
 
 
 def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, alpha, grad_centers,
-              deterministic):
-    """Writes grad_x (if given) and either updates `centers` (Wen) or fills `grad_centers`."""
+              deterministic, ok=None):
+    """Writes grad_x (if given) and either updates `centers` (Wen) or fills `grad_centers`.
+    ok: a 0-d bool device tensor; where it is False the Triton kernels write no center (only
+    backend "triton" takes it: the others are gated by the caller)."""
     B, D = diff.shape
     if backend == "torch":
         if grad_x is not None:
             grad_x.copy_(row_scale[:, None] * diff if row_scale.numel() == B else row_scale * diff)
         if centers is not None or grad_centers is not None:
             weights = 1.0 if centers is not None else -row_scale.expand(B)[:, None]
-            sums = torch.zeros(num_classes, D, dtype=diff.dtype, device=diff.device)
+            # rows with a label outside [0, C) go to a spare row that is dropped: never out of bounds
+            sums = torch.zeros(num_classes + 1, D, dtype=diff.dtype, device=diff.device)
             with _deterministic_algorithms(deterministic):  # selects torch's sorted accumulate path
-                sums.index_put_((labels,), diff * weights, accumulate=True)
+                sums.index_put_((_slots(labels, num_classes),), diff * weights, accumulate=True)
+            sums = sums[:num_classes]
             if centers is not None:
                 counts = class_counts(labels, num_classes).to(diff.dtype)
                 centers.add_(sums * (alpha / (1.0 + counts))[:, None])
@@ -231,13 +262,13 @@ def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, al
                                           grad_centers if fused_scatter else None)
     else:
         _triton.backward(diff, labels, counts, num_classes, row_scale, grad_x,
-                         centers if fused_scatter else None, alpha, grad_centers if fused_scatter else None)
+                         centers if fused_scatter else None, alpha, grad_centers if fused_scatter else None, ok)
     if scatter and deterministic:
         order, offsets = _segments(labels, num_classes)
         if backend == "cuda":
             _native.center_loss_segment_update_cuda(diff, order, offsets, row_scale, centers, alpha, grad_centers)
         else:
-            _triton.segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers)
+            _triton.segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, ok)
 
 
 # ----------------------------------------------------------------------------- distributed Wen update
@@ -262,7 +293,7 @@ def _sync_buffer(centers: torch.Tensor) -> torch.Tensor:
     return buffer.zero_()
 
 
-def _wen_update_global(diff, labels, centers, alpha, process_group):
+def _wen_update_global(diff, labels, centers, alpha, process_group, ok=None):
     """All-reduce the per-class sums and counts (one fp32 buffer of C*D + C), then update every
     rank alike, so the centers stay bit-identical across ranks.
 
@@ -272,8 +303,12 @@ def _wen_update_global(diff, labels, centers, alpha, process_group):
     C, D = centers.shape
     buffer = _sync_buffer(centers)
     sums = buffer[: C * D].view(C, D)
-    sums.index_put_((labels,), diff.float(), accumulate=True)
-    buffer[C * D:].index_put_((labels,), torch.ones_like(labels, dtype=torch.float32), accumulate=True)
+    keep = (labels >= 0) & (labels < C)  # a bad label's row, or (ok False) every row, adds nothing
+    if ok is not None:
+        keep = keep & ok
+    labels = torch.where(keep, labels, 0)
+    sums.index_put_((labels,), torch.where(keep[:, None], diff.float(), 0.0), accumulate=True)
+    buffer[C * D:].index_put_((labels,), keep.to(torch.float32), accumulate=True)
     work = dist.all_reduce(buffer, group=process_group, async_op=True)
 
     def finish():
@@ -294,18 +329,26 @@ def _wen_update_global(diff, labels, centers, alpha, process_group):
 class CenterLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, labels, centers, reduction, wen_alpha, backend, deterministic,
-                process_group, validate):
+                process_group, validate, bad_batches):
         num_classes = centers.shape[0]
         labels = labels.long().contiguous()
         x = features.contiguous()
-        row_loss, diff = _forward(backend, x, labels, centers.detach().contiguous())
-        if validate and (wen_alpha is not None or centers.requires_grad):
+        row_loss, diff = _forward(backend, x, labels, centers.detach().contiguous(),
+                                  bad_label_is_nan=validate == "deferred")
+        writes = wen_alpha is not None or centers.requires_grad
+        ok = None
+        if validate == "eager" and writes:
             # something will write the centers (the Wen update, or an optimizer from their gradient):
             # non-finite features must stop it here, before any center can become NaN
             _raise_if_not_finite(x, row_loss)
+        elif validate == "deferred" and writes:
+            ok = _batch_ok(row_loss, bad_batches)
+        if backend == "cpp" and validate == "deferred":  # its backward reads the labels unchecked (the
+            labels = torch.where((labels >= 0) & (labels < num_classes), labels, 0)  # batch is dropped anyway)
         B = x.shape[0]
         scale = 1.0 / max(B, 1) if reduction == "mean" else 1.0
         ctx.save_for_backward(diff, labels)
+        ctx.ok = ok
         ctx.meta = (num_classes, reduction, scale, wen_alpha, backend, deterministic, process_group, x.dtype)
         ctx.centers = centers if wen_alpha is not None else None  # updated in place by the backward
         ctx.centers_dtype = centers.dtype
@@ -322,34 +365,53 @@ class CenterLossFunction(torch.autograd.Function):
         row_scale = (grad_output.to(diff.dtype) * (2.0 * scale)).reshape(-1).contiguous()
         grad_x, grad_c = _backward_step(diff, labels, num_classes, row_scale, x_dtype, ctx.needs_input_grad[0],
                                         ctx.needs_input_grad[2], ctx.centers, wen_alpha, backend, deterministic,
-                                        ctx.centers_dtype, process_group)
-        ctx.centers = None
-        return grad_x, None, grad_c, None, None, None, None, None, None
+                                        ctx.centers_dtype, process_group, ctx.ok)
+        ctx.centers = ctx.ok = None
+        return grad_x, None, grad_c, None, None, None, None, None, None, None
+
+
+def _batch_ok(row_loss: torch.Tensor, bad_batches: Optional[torch.Tensor]) -> torch.Tensor:
+    """0-d bool on the device: every row loss finite (a non-finite feature or a label outside [0, C)
+    makes its row's loss NaN). Counts a bad batch into `bad_batches`; reads nothing to the host."""
+    ok = torch.isfinite(row_loss.sum())
+    if bad_batches is not None:
+        bad_batches.add_(~ok)
+    return ok
 
 
 def _backward_step(diff, labels, num_classes, row_scale, x_dtype, want_gx, want_gc, centers, wen_alpha, backend,
-                   deterministic, centers_dtype, process_group=None):
-    """-> (grad_x or None, grad_centers or None); moves `centers` by Wen's rule when it is given."""
+                   deterministic, centers_dtype, process_group=None, ok=None):
+    """-> (grad_x or None, grad_centers or None); moves `centers` by Wen's rule when it is given.
+    ok (0-d bool device tensor, deferred validation): where False, no center moves and the center
+    gradient is zero — decided on the device, in the Triton kernels themselves or by a select here."""
     grad_x = torch.empty(diff.shape, dtype=x_dtype, device=diff.device) if want_gx else None
     grad_c = torch.zeros(num_classes, diff.shape[1], dtype=diff.dtype, device=diff.device) if want_gc else None
     update_here, work_centers = None, None
+    gated_in_kernel = ok is not None and backend == "triton"
     if centers is not None:
         if _distributed_world(process_group) > 1:
-            _wen_update_global(diff, labels, centers, wen_alpha, process_group)
+            _wen_update_global(diff, labels, centers, wen_alpha, process_group, ok)
         else:
             # the kernels update fp32/fp64 contiguous centers in place; anything else via a copy
-            direct = centers.dtype == diff.dtype and centers.is_contiguous()
-            work_centers = centers.data if direct else centers.detach().to(diff.dtype).contiguous()
+            # (so is an update gated by `ok` outside a kernel: it is kept or dropped as a whole)
+            direct = centers.dtype == diff.dtype and centers.is_contiguous() and (ok is None or gated_in_kernel)
+            work_centers = centers.data if direct else centers.detach().to(diff.dtype, copy=True).contiguous()
             update_here = work_centers
+    kernel_ok = ok if gated_in_kernel else None
     if update_here is not None and grad_c is not None:
         # both wanted (unusual): two passes, the update first would change nothing the gradient reads
         _backward(backend, diff, labels, num_classes, row_scale, grad_x, None, 0.0, grad_c, deterministic)
-        _backward(backend, diff, labels, num_classes, row_scale, None, update_here, wen_alpha, None, deterministic)
+        _backward(backend, diff, labels, num_classes, row_scale, None, update_here, wen_alpha, None, deterministic,
+                  kernel_ok)
     else:
         _backward(backend, diff, labels, num_classes, row_scale, grad_x, update_here, wen_alpha or 0.0, grad_c,
-                  deterministic)
-    if work_centers is not None and work_centers is not centers.data:
+                  deterministic, kernel_ok)
+    if work_centers is not None and not direct:
+        if ok is not None and not gated_in_kernel:
+            work_centers = torch.where(ok, work_centers, centers.data.to(work_centers.dtype))
         centers.data.copy_(work_centers)
+    if grad_c is not None and ok is not None:
+        grad_c = torch.where(ok, grad_c, 0.0)
     return grad_x, (grad_c.to(centers_dtype) if grad_c is not None else None)
 
 
@@ -362,25 +424,35 @@ def _backward_step(diff, labels, num_classes, row_scale, x_dtype, want_gx, want_
 
 @torch.library.custom_op("fastser::center_loss_forward", mutates_args=())
 def _op_forward(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, wen_alpha: float,
-                update_centers: bool, backend: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (row_loss (B,), diff (B, D)); wen_alpha/update_centers/deterministic are for the backward."""
-    return _forward(backend, features.contiguous(), labels.long().contiguous(), centers.detach().contiguous())
+                update_centers: bool, backend: str, deterministic: bool,
+                gate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (row_loss (B,), diff (B, D), ok ()); wen_alpha/update_centers/deterministic/gate are for
+    the backward (gate: deferred validation, no center moves for a batch whose `ok` is False)."""
+    labels = labels.long().contiguous()
+    row_loss, diff = _forward(backend, features.contiguous(), labels, centers.detach().contiguous(),
+                              bad_label_is_nan=gate)
+    return row_loss, diff, torch.isfinite(row_loss.sum())
 
 
 @_op_forward.register_fake
-def _(features, labels, centers, wen_alpha, update_centers, backend, deterministic):
+def _(features, labels, centers, wen_alpha, update_centers, backend, deterministic, gate=False):
     compute = _compute_dtype(features, centers)
     B, D = features.shape
-    return features.new_empty(B, dtype=compute), features.new_empty(B, D, dtype=compute)
+    return (features.new_empty(B, dtype=compute), features.new_empty(B, D, dtype=compute),
+            features.new_empty((), dtype=torch.bool))
 
 
 @torch.library.custom_op("fastser::center_loss_backward", mutates_args=("centers",))
 def _op_backward(diff: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, centers: torch.Tensor,
                  wen_alpha: float, update_centers: bool, want_grad_x: bool, want_grad_centers: bool,
-                 x_dtype: torch.dtype, backend: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_x, grad_c = _backward_step(diff, labels.long().contiguous(), centers.shape[0], row_scale.contiguous(),
+                 x_dtype: torch.dtype, backend: str, deterministic: bool, ok: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = labels.long()
+    if backend == "cpp" and ok is not None:  # its backward reads the labels unchecked (the batch is dropped)
+        labels = torch.where((labels >= 0) & (labels < centers.shape[0]), labels, 0)
+    grad_x, grad_c = _backward_step(diff, labels.contiguous(), centers.shape[0], row_scale.contiguous(),
                                     x_dtype, want_grad_x, want_grad_centers, centers if update_centers else None,
-                                    wen_alpha, backend, deterministic, centers.dtype)
+                                    wen_alpha, backend, deterministic, centers.dtype, ok=ok)
     # a custom op returns tensors, never None: unwanted gradients are empty
     return (grad_x if grad_x is not None else diff.new_empty(0, dtype=x_dtype),
             grad_c if grad_c is not None else diff.new_empty(0, dtype=centers.dtype))
@@ -388,25 +460,26 @@ def _op_backward(diff: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tens
 
 @_op_backward.register_fake
 def _(diff, labels, row_scale, centers, wen_alpha, update_centers, want_grad_x, want_grad_centers, x_dtype,
-      backend, deterministic):
+      backend, deterministic, ok=None):
     return (diff.new_empty(diff.shape if want_grad_x else (0,), dtype=x_dtype),
             diff.new_empty(centers.shape if want_grad_centers else (0,), dtype=centers.dtype))
 
 
 def _op_setup_context(ctx, inputs, output):
-    features, labels, centers, wen_alpha, update_centers, backend, deterministic = inputs
-    ctx.save_for_backward(output[1], labels, centers)
-    ctx.meta = (features.dtype, wen_alpha, update_centers, backend, deterministic)
+    features, labels, centers, wen_alpha, update_centers, backend, deterministic, gate = inputs
+    ctx.save_for_backward(output[1], labels, centers, output[2])
+    ctx.meta = (features.dtype, wen_alpha, update_centers, backend, deterministic, gate)
 
 
-def _op_autograd(ctx, grad_row_loss, grad_diff):
-    diff, labels, centers = ctx.saved_tensors
-    x_dtype, wen_alpha, update_centers, backend, deterministic = ctx.meta
+def _op_autograd(ctx, grad_row_loss, grad_diff, grad_ok):
+    diff, labels, centers, ok = ctx.saved_tensors
+    x_dtype, wen_alpha, update_centers, backend, deterministic, gate = ctx.meta
     want_gx, want_gc = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     # d(row loss)/dx = 2 diff: each row's weight is twice its upstream gradient
     grad_x, grad_c = _op_backward(diff, labels, (grad_row_loss * 2.0).to(diff.dtype), centers, wen_alpha,
-                                  update_centers, want_gx, want_gc, x_dtype, backend, deterministic)
-    return (grad_x if want_gx else None), None, (grad_c if want_gc else None), None, None, None, None
+                                  update_centers, want_gx, want_gc, x_dtype, backend, deterministic,
+                                  ok if gate else None)
+    return (grad_x if want_gx else None), None, (grad_c if want_gc else None), None, None, None, None, None
 
 
 _op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
@@ -414,31 +487,40 @@ _op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
 
 def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
                 reduction: str = "mean", wen_alpha: Optional[float] = None, backend: str = "auto",
-                deterministic: bool = False, process_group=None, validate: bool = True) -> torch.Tensor:
+                deterministic: bool = False, process_group=None, validate="eager",
+                bad_batches: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fused center loss (functional form behind `fastser.nn.CenterLoss`).
 
     features (B, D) float; labels (B,) integer class indices; centers (C, D).
     wen_alpha: if given, the centers are updated in place by the Wen et al. rule when the
         backward runs (once per backward); the forward never changes them.
     centers.requires_grad: the centers receive their gradient (the usual module's).
-    validate: check shapes, devices, label range and, when the centers will be written (Wen update
-        or centers.requires_grad), finiteness, raising a clear
-        error before anything is written. On CUDA the label check costs one host sync.
+    validate: "eager" (or True): check shapes, devices, label range and, when the centers will be
+        written (Wen update or centers.requires_grad), finiteness, raising a clear error before
+        anything is written; on CUDA this costs a host sync. "deferred": the same checks on the
+        device, no sync: a bad batch leaves the centers untouched (zero center gradient), its loss
+        is NaN, and it is counted into `bad_batches` (an integer tensor on the device, optional).
+        "off" (or False): shapes only (a bad label's row is left out of the update).
     """
+    validate = validate_mode(validate)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if centers.dim() != 2:
         raise ValueError(f"centers must be 2-D (num_classes, feat_dim), got shape {tuple(centers.shape)}")
     compiling = torch.compiler.is_compiling()
-    if validate:  # under torch.compile only the checks that need no host sync (shapes, dtypes, devices)
-        check_inputs(features, labels, centers, label_range=not compiling)
+    if validate != "off":  # deferred, or compiling: only the checks that need no host read (shapes, dtypes, devices)
+        check_inputs(features, labels, centers, label_range=validate == "eager" and not compiling)
     name = resolve_backend(backend, features, centers)
     if compiling and _distributed_world(process_group) == 1:
-        row_loss, _ = _op_forward(features, labels, centers, float(wen_alpha or 0.0), wen_alpha is not None, name,
-                                  deterministic)
+        # the eager checks would read the host, so a compiled step validates on the device
+        gate = validate != "off" and (wen_alpha is not None or centers.requires_grad)
+        row_loss, _, ok = _op_forward(features, labels, centers, float(wen_alpha or 0.0), wen_alpha is not None,
+                                      name, deterministic, gate)
+        if gate and bad_batches is not None:
+            bad_batches.add_(~ok)
         row_loss = row_loss.to(torch.promote_types(features.dtype, centers.dtype))
         if reduction == "none":
             return row_loss
         return row_loss.sum() / max(features.shape[0], 1) if reduction == "mean" else row_loss.sum()
     return CenterLossFunction.apply(features, labels, centers, reduction, wen_alpha, name, deterministic,
-                                    process_group, validate)
+                                    process_group, validate, bad_batches)

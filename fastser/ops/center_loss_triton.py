@@ -4,10 +4,13 @@ forward : per block of rows, diff = x - c_y (fp32) and the row's squared distanc
 backward: per block of rows, grad_x = g_i * diff_i and, in the same pass, the Wen update or the
           center gradient scattered with fp32 atomics; or, deterministic, one program per
           (class, column block) summing its rows in label-sorted order, no atomics.
+          GATE (deferred validation): a device flag OK (0-d bool, every row loss finite) is read by
+          each program; where it is False no center is written, with no host round trip.
 
 Each kernel has a `*_launch` function (tensors -> a TritonLaunch with every argument by name) and
 a plain function that runs it; tests/ops/test_gpu_compile.py compiles the launches for sm_80/sm_90.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -44,14 +47,16 @@ def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, B, D
 
 @triton.jit
 def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_stride, GRAD_X_ptr,
-                     CENTERS_ptr, GRAD_C_ptr, alpha, B, D, C,
-                     HAS_GRAD_X: tl.constexpr, SCATTER: tl.constexpr,
+                     CENTERS_ptr, GRAD_C_ptr, OK_ptr, alpha, B, D, C,
+                     HAS_GRAD_X: tl.constexpr, SCATTER: tl.constexpr, GATE: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # SCATTER: 0 nothing, 1 Wen update into CENTERS, 2 gradient into GRAD_C
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     labels = tl.load(LABELS_ptr + rows, mask=row_ok, other=0)
     valid = row_ok & (labels >= 0) & (labels < C)
+    if GATE:  # the scalar flag is broadcast as an integer (the interpreter rejects a scalar bool in a mask)
+        valid = valid & ((tl.zeros((ROWS,), tl.int32) + tl.load(OK_ptr)) != 0)
     labels = tl.where(valid, labels, 0)
     g = tl.load(ROW_SCALE_ptr + rows * row_scale_stride, mask=row_ok, other=0.0)
     if SCATTER == 1:
@@ -72,12 +77,14 @@ def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_
 
 
 @triton.jit
-def _segment_kernel(DIFF_ptr, ORDER_ptr, OFFSETS_ptr, ROW_SCALE_ptr, row_scale_stride, OUT_ptr, alpha, D,
-                    WEN: tl.constexpr, BLOCK_D: tl.constexpr):
+def _segment_kernel(DIFF_ptr, ORDER_ptr, OFFSETS_ptr, ROW_SCALE_ptr, row_scale_stride, OUT_ptr, OK_ptr, alpha, D,
+                    WEN: tl.constexpr, GATE: tl.constexpr, BLOCK_D: tl.constexpr):
     # OUT is the centers (WEN: c_j += alpha * sum / (1 + n_j)) or the center gradient (written)
     cls = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = cols < D
+    if GATE:
+        m = m & ((tl.zeros((BLOCK_D,), tl.int32) + tl.load(OK_ptr)) != 0)
     begin = tl.load(OFFSETS_ptr + cls)
     end = tl.load(OFFSETS_ptr + cls + 1)
     acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -100,6 +107,11 @@ def _row_scale_stride(row_scale) -> int:
     return 0 if row_scale.numel() == 1 else 1
 
 
+def _flag(ok, unused):
+    """The gate as a byte (a bool tensor viewed, no copy: the kernels read it as uint8)."""
+    return ok.view(torch.uint8) if ok is not None else unused
+
+
 def forward_launch(x, labels, centers, row_loss, diff) -> TritonLaunch:
     """x (B, D) any float; labels (B,) int64; centers (C, D) fp32; row_loss (B,), diff (B, D) fp32."""
     B, D = x.shape
@@ -109,8 +121,9 @@ def forward_launch(x, labels, centers, row_loss, diff) -> TritonLaunch:
 
 
 def backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha,
-                    grad_centers) -> TritonLaunch:
-    """grad_x (optional) and at most one of centers (Wen update, needs counts) and grad_centers."""
+                    grad_centers, ok=None) -> TritonLaunch:
+    """grad_x (optional) and at most one of centers (Wen update, needs counts) and grad_centers;
+    ok (optional 0-d bool): no center is written unless it is True."""
     B, D = diff.shape
     scatter = SCATTER_WEN if centers is not None else (SCATTER_GRAD if grad_centers is not None else SCATTER_NONE)
     unused = diff  # stands in for pointers that a constexpr branch never touches
@@ -120,28 +133,29 @@ def backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, center
         GRAD_X_ptr=grad_x if grad_x is not None else unused,
         CENTERS_ptr=centers if centers is not None else unused,
         GRAD_C_ptr=grad_centers if grad_centers is not None else unused,
-        alpha=float(alpha), B=B, D=D, C=num_classes,
-        HAS_GRAD_X=grad_x is not None, SCATTER=scatter, ROWS=ROWS, BLOCK_D=block_d(D)))
+        OK_ptr=_flag(ok, labels), alpha=float(alpha), B=B, D=D, C=num_classes,
+        HAS_GRAD_X=grad_x is not None, SCATTER=scatter, GATE=ok is not None, ROWS=ROWS, BLOCK_D=block_d(D)))
 
 
-def segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers) -> TritonLaunch:
-    """Exactly one of centers (Wen update) and grad_centers (written)."""
+def segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, ok=None) -> TritonLaunch:
+    """Exactly one of centers (Wen update) and grad_centers (written); ok as in backward_launch."""
     D = diff.shape[1]
     C = offsets.numel() - 1
     BLOCK_D = block_d(D, cap=256)
     return TritonLaunch(_segment_kernel, (triton.cdiv(D, BLOCK_D), C), dict(
         DIFF_ptr=diff, ORDER_ptr=order, OFFSETS_ptr=offsets, ROW_SCALE_ptr=row_scale,
         row_scale_stride=_row_scale_stride(row_scale), OUT_ptr=centers if centers is not None else grad_centers,
-        alpha=float(alpha), D=D, WEN=centers is not None, BLOCK_D=BLOCK_D))
+        OK_ptr=_flag(ok, offsets), alpha=float(alpha), D=D, WEN=centers is not None,
+        GATE=ok is not None, BLOCK_D=BLOCK_D))
 
 
 def forward(x, labels, centers, row_loss, diff) -> None:
     forward_launch(x, labels, centers, row_loss, diff).launch()
 
 
-def backward(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers) -> None:
-    backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers).launch()
+def backward(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, ok=None) -> None:
+    backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, ok).launch()
 
 
-def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers) -> None:
-    segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers).launch()
+def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, ok=None) -> None:
+    segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, ok).launch()

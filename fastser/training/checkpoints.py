@@ -31,6 +31,7 @@ class ModelSpec:
     train_seconds: float = 3.0  # the training crop (predict's window)
     max_seconds: float = 8.0    # longer utterances were cut (predict scores up to this length whole)
     normalize: str = "corpus"   # input statistics: "corpus" (the training fold's), "speaker" or "utterance"
+    bin_stats: bool = False     # spectral bins' utterance mean/std beside the CNN's pooled features
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -44,7 +45,7 @@ class ModelSpec:
 
 def build_model(spec: ModelSpec) -> SERModel:
     return SERModel(spec.features.n_bins, len(spec.classes), width=spec.width, embed_dim=spec.embed_dim,
-                    reconstruct=spec.reconstruct)
+                    reconstruct=spec.reconstruct, bin_stats=spec.bin_stats)
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -28,6 +29,10 @@ from fastser.models import SERModel, SERObjective
 from fastser.ops import backends_in_use
 from fastser.training.batches import Batcher, Normalizer, spec_augment
 from fastser.training.checkpoints import ModelSpec, build_model, save_checkpoint
+
+# input statistics a speaker-normalised model is also scored with, as predict would use them without
+# enrollment audio: each utterance's own, or the training speakers' pooled ones (saved with the model)
+FALLBACKS = ("utterance", "training")
 
 
 def train_step(model, objective, opt, feats: dict, targets: dict, frames, labels, amp: bool = False,
@@ -111,7 +116,8 @@ class Run:
         self.normalize = getattr(args, "normalize", "corpus")
         self.spec = ModelSpec(features, tuple(self.classes), width=args.width, embed_dim=args.embed_dim,
                               reconstruct=lambda_recon > 0, train_seconds=args.train_seconds,
-                              max_seconds=args.max_seconds, normalize=self.normalize)
+                              max_seconds=args.max_seconds, normalize=self.normalize,
+                              bin_stats=getattr(args, "bin_stats", False))
         self.device = info.device
         self.ckpt_path = out / "checkpoint.pt"
         self.history: list[dict] = []
@@ -119,6 +125,9 @@ class Run:
         self.state: Optional[dict] = None  # an in-progress fold's state from a checkpoint
         self.last_test: Optional[dict] = None
         self._group_norms: dict = {}
+        # on a GPU the feature table is moved there once and every batch is gathered on the device
+        self.resident = self.device.type == "cuda"
+        self.feats = {k: x.to(self.device) for k, x in table.feats.items()} if self.resident else table.feats
 
     # -- normalisation --------------------------------------------------------------------
     def group_norm(self, level: str) -> tuple:
@@ -141,12 +150,16 @@ class Run:
         """Batches normalised per `level` (default: the run's --normalize): "corpus" with the
         training rows' statistics, "speaker"/"utterance" with each row's own group's."""
         level = level or self.normalize
-        frames = int(self.args.train_seconds * 100)
         if level == "corpus":
             norm, groups = Normalizer.fit(self.table.feats, self.table.frames, train_rows), None
         else:
             norm, groups = self.group_norm(level)
-        return Batcher(self.table.feats, self.table.frames, self.table.labels, norm, self.device, frames, groups)
+        return self.new_batcher(norm, groups)
+
+    def new_batcher(self, norm: Normalizer, groups: Optional[torch.Tensor] = None) -> Batcher:
+        return Batcher(self.feats, self.table.frames, self.table.labels, norm, self.device,
+                       int(self.args.train_seconds * 100), groups, resident=self.resident,
+                       eval_bucket=64 if self.resident else 1)  # static evaluation shapes on a GPU
 
     # -- checkpoint ---------------------------------------------------------------------
     def config(self) -> dict:
@@ -159,8 +172,8 @@ class Run:
 
     def resume_from(self, ckpt: dict) -> None:
         old, new = ckpt["config"], self.config()
-        for key in ("corpus", "split", "features", "prosody", "normalize", "seed", "lambda_center", "lambda_recon", "world_size", "batch_size"):
-            made = old.get(key, {"normalize": "corpus", "prosody": False}.get(key))  # older runs: their settings
+        for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "validation", "seed", "lambda_center", "lambda_recon", "world_size", "batch_size"):
+            made = old.get(key, {"normalize": "corpus", "prosody": False, "bin_stats": False, "validation": True}.get(key))  # older runs: their settings
             if made != new.get(key):
                 raise ValueError(f"--resume: the checkpoint was made with {key}={made!r}, "
                                  f"this run has {new.get(key)!r}")
@@ -182,17 +195,27 @@ class Run:
     def new_model(self) -> SERModel:
         return build_model(self.spec).to(self.device, memory_format=torch.channels_last)  # oneDNN/cuDNN layout
 
+    def validating(self) -> bool:
+        """Early stopping on the fold's validation speakers (default), or (--no-validation) the
+        validation speakers trained on too and the last epoch's model kept."""
+        return getattr(self.args, "validation", True)
+
+    def train_rows(self, fold) -> torch.Tensor:
+        rows = fold.train if self.validating() else np.concatenate([fold.train, fold.val])
+        return torch.from_numpy(np.sort(rows))
+
     def build(self, fold_index: int, fold):
         a = self.args
         torch.manual_seed(seed_for(a.seed, fold_index, 0))  # same initial weights on every rank
         model = self.new_model()
-        counts = torch.bincount(self.table.labels[torch.from_numpy(fold.train)], minlength=len(self.classes)).float()
+        train_rows = self.train_rows(fold)
+        counts = torch.bincount(self.table.labels[train_rows], minlength=len(self.classes)).float()
         weights = counts.sum() / (len(self.classes) * counts.clamp(min=1))  # balanced CE: UA matters
         objective = SERObjective(len(self.classes), a.embed_dim, lambda_center=self.lambda_center,
                                  lambda_recon=self.lambda_recon, center_alpha=a.center_alpha,
                                  class_weights=weights, deterministic=a.deterministic).to(self.device)
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-        total = a.epochs * self.steps_per_epoch(len(fold.train))
+        total = a.epochs * self.steps_per_epoch(len(train_rows))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=total, pct_start=0.15)
         return model, objective, opt, sched
 
@@ -203,7 +226,7 @@ class Run:
             if len(getattr(fold, part)) == 0:
                 raise CorpusError(f"{self.table.corpus.name}: fold {fold.name} has no {part} utterances "
                                   f"(too few usable files for --split {self.split})")
-        train_rows = torch.from_numpy(fold.train)
+        train_rows = self.train_rows(fold)
         batcher = self.batcher(train_rows)
         # the training rows' statistics, saved with the model at every level: predict's own for
         # --normalize corpus; for the others a reference to compare fallbacks against
@@ -232,20 +255,24 @@ class Run:
             t0 = time.perf_counter()
             totals = self.train_epoch(fold_index, epoch, train_rows, batcher, train_model, model, objective, opt,
                                       sched)
-            val = self.evaluate(model, batcher, torch.from_numpy(fold.val))
-            vm = summarize(val["y_true"], val["y_pred"], self.classes)
+            vm = {"ua": None, "wa": None}
+            if self.validating():
+                val = self.evaluate(model, batcher, torch.from_numpy(fold.val))
+                vm = summarize(val["y_true"], val["y_pred"], self.classes)
             row = {"fold": fold_index, "fold_name": fold.name, "epoch": epoch + 1, **totals, "val_ua": vm["ua"],
                    "val_wa": vm["wa"], "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
             self.history.append(row)
-            if vm["ua"] > best["val_ua"]:
-                best = {"val_ua": vm["ua"], "epoch": epoch + 1, "model": cpu_state(model),
-                        "objective": cpu_state(objective)}
+            # without validation speakers every epoch is the best so far: the last one is kept
+            if vm["ua"] is None or vm["ua"] > best["val_ua"]:
+                best = {"val_ua": vm["ua"] if vm["ua"] is not None else -1.0, "epoch": epoch + 1,
+                        "model": cpu_state(model), "objective": cpu_state(objective)}
                 bad_epochs = 0
             else:
                 bad_epochs += 1
             if info.is_main:
+                val_text = f" val UA {vm['ua']:.3f}" if vm["ua"] is not None else ""
                 log(f"fold {fold_index + 1} epoch {epoch + 1}: ce {row['ce']:.3f} center {row['center']:.2f} "
-                    f"recon {row['recon']:.3f} train acc {row['train_acc']:.3f} val UA {vm['ua']:.3f} "
+                    f"recon {row['recon']:.3f} train acc {row['train_acc']:.3f}{val_text} "
                     f"({row['seconds']:.1f}s)", a.no_progress)
             self.save({"fold": fold_index, "epoch": epoch + 1, "model": cpu_state(model),
                        "objective": cpu_state(objective), "optimizer": opt.state_dict(),
@@ -259,11 +286,15 @@ class Run:
         order = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(
             seed_for(a.seed, fold_index, epoch + 1)))]
         mine = fdist.shard(order, info, pad=True)
+        per_rank = max(1, a.batch_size // info.world_size)
+        steps = self.steps_per_epoch(len(train_rows))
+        if self.resident and len(mine) < steps * per_rank:
+            # on a GPU every step has the same shape (no new cuDNN plan or graph for a short last
+            # batch): the last batch is filled up with the epoch's first rows
+            mine = torch.cat([mine, mine[: steps * per_rank - len(mine)]])
         gen = torch.Generator().manual_seed(seed_for(a.seed, fold_index, epoch + 1, info.rank, 7))
         train_model.train()
         objective.train()
-        per_rank = max(1, a.batch_size // info.world_size)
-        steps = self.steps_per_epoch(len(train_rows))
         totals = EpochTotals(self.device)
         bar = None
         if info.is_main and not a.no_progress:
@@ -284,6 +315,8 @@ class Run:
                     bar.set_postfix(ce=f"{m['ce']:.3f}", center=f"{m['center']:.2f}", recon=f"{m['recon']:.3f}")
         if bar is not None:
             bar.close()
+        if objective.center_loss is not None:  # deferred input checks (GPU): one host read per epoch
+            objective.center_loss.raise_on_bad_batches()
         if info.enabled:
             totals.all_reduce()
         return totals.means()
@@ -297,16 +330,20 @@ class Run:
         objective.load_state_dict(best["objective"])
         test = self.evaluate(model, batcher, torch.from_numpy(fold.test), embeddings=True)
         tm = summarize(test["y_true"], test["y_pred"], self.classes)
-        result = {"fold": fold_index, "name": fold.name, "best_epoch": best["epoch"], "val_ua": best["val_ua"],
+        val_ua = best["val_ua"] if self.validating() else None
+        result = {"fold": fold_index, "name": fold.name, "best_epoch": best["epoch"], "val_ua": val_ua,
                   "val_speaker_disjoint": fold.val_speaker_disjoint,
                   "test_speakers": sorted(set(self.table.corpus.speakers[fold.test].tolist())),
                   "test_rows": test["rows"].tolist(), "y_true": test["y_true"].tolist(),
                   "y_pred": test["y_pred"].tolist(), "wa": tm["wa"], "ua": tm["ua"], "macro_f1": tm["macro_f1"],
                   "n_test": tm["n"]}
         if self.normalize == "speaker":
-            # what a user without enrollment audio gets: the same model on utterance-level statistics
-            alone = self.evaluate(model, self.batcher(None, "utterance"), torch.from_numpy(fold.test))
-            result["y_pred_utterance_norm"] = alone["y_pred"].tolist()
+            # what a user without enrollment audio could get from the same model (FALLBACKS)
+            fallbacks = {"utterance": self.batcher(None, "utterance"),
+                         "training": self.new_batcher(norm)}
+            for level in FALLBACKS:
+                alone = self.evaluate(model, fallbacks[level], torch.from_numpy(fold.test))
+                result[f"y_pred_{level}_norm"] = alone["y_pred"].tolist()
         self.fold_results.append(result)
         self.last_test = {"embeddings": test["embeddings"], "labels": test["y_true"],
                           "centers": objective.center_loss.centers.detach().cpu().numpy()
@@ -315,7 +352,8 @@ class Run:
                                "fold": fold_index})
         if self.info.is_main:
             log(f"fold {fold_index + 1}/{len(self.folds)} {fold.name}: test WA {tm['wa']:.3f} UA {tm['ua']:.3f} "
-                f"(best epoch {best['epoch']}, val UA {best['val_ua']:.3f})", self.args.no_progress)
+                + (f"(best epoch {best['epoch']}, val UA {val_ua:.3f})" if val_ua is not None
+                   else f"(last epoch {best['epoch']}, no validation)"), self.args.no_progress)
         return result
 
     @torch.no_grad()
@@ -363,8 +401,7 @@ class Run:
         fin = ckpt["final"]
         model = self.new_model()
         model.load_state_dict(fin["model"])
-        batcher = self.batcher(None) if self.normalize != "corpus" else Batcher(
-            self.table.feats, self.table.frames, self.table.labels, Normalizer(**fin["norm"]), self.device, 300)
+        batcher = self.batcher(None) if self.normalize != "corpus" else self.new_batcher(Normalizer(**fin["norm"]))
         test = self.evaluate(model, batcher, torch.from_numpy(self.folds[fin["fold"]].test), embeddings=True)
         centers = fin["objective"].get("center_loss.centers")
         return {"embeddings": test["embeddings"], "labels": test["y_true"],

@@ -10,7 +10,7 @@ import numpy as np
 from fastser import __version__
 from fastser.metrics import summarize
 from fastser.ops import backends_in_use
-from fastser.training.loop import Run, log
+from fastser.training.loop import FALLBACKS, Run, log
 
 
 def metrics_of(run: Run, seconds: float) -> dict:
@@ -21,9 +21,11 @@ def metrics_of(run: Run, seconds: float) -> dict:
     m = summarize(y_true, y_pred, run.classes)
     corpus = run.table.corpus
     extra = {}
-    if run.normalize == "speaker":  # the same models on utterance-level statistics (no enrollment audio)
-        alone = summarize(y_true, np.concatenate([r["y_pred_utterance_norm"] for r in run.fold_results]), run.classes)
-        extra["utterance_norm"] = {k: alone[k] for k in ("wa", "ua", "macro_f1")}
+    for level in FALLBACKS:  # speaker-normalised runs: the same models without enrollment audio
+        key = f"y_pred_{level}_norm"
+        if run.fold_results and all(key in r for r in run.fold_results):
+            alone = summarize(y_true, np.concatenate([r[key] for r in run.fold_results]), run.classes)
+            extra[f"{level}_norm"] = {k: alone[k] for k in ("wa", "ua", "macro_f1")}
     return {
         "corpus": a.corpus, "split": run.split, "features": a.features, "kinds": run.spec.features.kinds,
         "classes": run.classes,

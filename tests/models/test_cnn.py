@@ -75,3 +75,31 @@ def test_prosody_branch_is_fused_before_the_embedding_and_pads_cleanly():
     a = model(alone, torch.tensor([n]))
     b = model(batch, torch.tensor([T, 50, n]))
     torch.testing.assert_close(b.embedding[2:], a.embedding, rtol=1e-4, atol=1e-4)
+
+
+def test_bin_stats_hand_each_bins_utterance_mean_and_std_to_the_embedding():
+    """bin_stats: the pooled vector ends with every input bin's mean and std over the valid frames
+    (padding ignored), the same alone or padded, and the embedding layer reads them."""
+    torch.manual_seed(3)
+    kinds = {"logmel": 64, "mfcc": 40}
+    model = SERModel(kinds, 4, width=4, embed_dim=16, bin_stats=True).eval()
+    plain = SERModel(kinds, 4, width=4, embed_dim=16)
+    enc = model.encoders["mfcc"]
+    assert enc.out_dim == plain.encoders["mfcc"].out_dim + 2 * 40
+    n, T = 90, 160
+    x = 1e3 * torch.randn(2, 40, T)
+    x[1, :, :n] = torch.randn(40, n) * 3 + 2
+    _, vec = enc(x, torch.tensor([T, n]))
+    valid = x[1, :, :n]
+    torch.testing.assert_close(vec[1, -80:-40], valid.mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vec[1, -40:], valid.std(1, unbiased=False), rtol=1e-4, atol=1e-4)
+    alone = {k: torch.randn(1, b, n) for k, b in kinds.items()}
+    batch = {k: 1e3 * torch.randn(3, b, T) for k, b in kinds.items()}
+    for k in batch:
+        batch[k][0, :, :n] = alone[k][0]
+    torch.testing.assert_close(model(batch, torch.tensor([n, T, 40])).embedding[:1],
+                               model(alone, torch.tensor([n])).embedding, rtol=1e-4, atol=1e-4)
+    # the statistics change the embedding: shift one bin's level and the output moves
+    shifted = {k: v.clone() for k, v in alone.items()}
+    shifted["mfcc"][0, 5] += 1.0
+    assert not torch.allclose(model(shifted, torch.tensor([n])).embedding, model(alone, torch.tensor([n])).embedding)

@@ -48,14 +48,15 @@ def center_loss_launches():
     for dtype, D in itertools.product((torch.float32, torch.float16, torch.bfloat16), (1, 17, 33, 65, 129, 257, 513)):
         x, diff, centers = empty(B, D, dtype=dtype), empty(B, D), empty(C, D)
         yield center_loss_triton.forward_launch(x, labels, centers, empty(B), diff)
-        for with_grad_x, mode, scale_rows in itertools.product((True, False), ("none", "wen", "grad"), (1, B)):
+        for with_grad_x, mode, scale_rows, ok in itertools.product((True, False), ("none", "wen", "grad"), (1, B),
+                                                                   (None, empty((), dtype=torch.bool))):
             yield center_loss_triton.backward_launch(
                 diff, labels, counts if mode == "wen" else None, C, empty(scale_rows),
                 empty(B, D, dtype=dtype) if with_grad_x else None,
-                centers if mode == "wen" else None, 0.5, centers if mode == "grad" else None)
-        for wen in (True, False):
+                centers if mode == "wen" else None, 0.5, centers if mode == "grad" else None, ok)
+        for wen, ok in itertools.product((True, False), (None, empty((), dtype=torch.bool))):
             yield center_loss_triton.segment_update_launch(diff, order, offsets, empty(1), centers if wen else None,
-                                                           0.5, None if wen else centers)
+                                                           0.5, None if wen else centers, ok)
 
 
 def mel_chain_launches():

@@ -377,9 +377,9 @@ def test_class_counts():
 @pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_unvalidated_bad_label_never_writes_out_of_bounds(backend, deterministic):
-    """validate=False (the GPU hot path): a label out of range either raises before any write
-    (torch, C++) or its row is left out of the Wen update (the GPU kernels); the other rows'
-    update is exact and nothing outside the centers is touched."""
+    """validate=False: a label out of range either raises before any write (C++) or its row is
+    left out of the Wen update (torch, the GPU kernels); the other rows' update is exact and
+    nothing outside the centers is touched."""
     x, labels, centers = make_batch(12, 4, 20)
     labels[3] = 4  # == num_classes
     keep = torch.arange(12, device=labels.device) != 3
@@ -393,5 +393,109 @@ def test_unvalidated_bad_label_never_writes_out_of_bounds(backend, deterministic
     except (IndexError, ValueError, RuntimeError):
         torch.testing.assert_close(centers, before, rtol=0, atol=0)
         return
-    assert backend in ("triton", "cuda")
+    assert backend in ("triton", "cuda", "torch")  # the C++ kernel raises instead
     torch.testing.assert_close(centers, expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- deferred validation
+
+DEFERRED_BAD = [
+    ("label == C", lambda x, l: (x, torch.tensor([0, 1, 3, 2], device=DEVICE))),
+    ("negative label", lambda x, l: (x, torch.tensor([0, -2, 1, 2], device=DEVICE))),
+    ("NaN features", lambda x, l: (x.index_fill(0, torch.tensor([1], device=DEVICE), float("nan")), l)),
+    ("Inf feature", lambda x, l: (x.index_put((torch.tensor([3], device=DEVICE), torch.tensor([2], device=DEVICE)),
+                                              torch.tensor(float("inf"), device=DEVICE)), l)),
+]
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("update", ["wen", "gradient"])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("name,mutate", DEFERRED_BAD, ids=[b[0] for b in DEFERRED_BAD])
+def test_deferred_validation_skips_a_bad_batch_on_the_device(backend, update, deterministic, name, mutate):
+    """validate="deferred": no error at the call; the loss is NaN, no center moves (zero center
+    gradient), the batch is counted, raise_on_bad_batches() reports it once; the next good batch
+    updates exactly as the oracle."""
+    loss_fn = CenterLoss(3, 6, backend=backend, update=update, validate="deferred",
+                         deterministic=deterministic).to(DEVICE)
+    before = loss_fn.centers.detach().clone()
+    x, _, _ = make_batch(4, 3, 6)
+    labels = torch.tensor([0, 1, 2, 1], device=DEVICE)
+    bad_x, bad_labels = mutate(x, labels)
+    xr = bad_x.clone().requires_grad_()
+    loss = loss_fn(xr, bad_labels)
+    loss.backward()
+    assert not torch.isfinite(loss)  # NaN for a bad label or a NaN feature, Inf for an Inf feature
+    assert torch.equal(loss_fn.centers.detach(), before)
+    if update == "gradient":
+        assert torch.equal(loss_fn.centers.grad, torch.zeros_like(before))
+        loss_fn.centers.grad = None
+    assert int(loss_fn.bad_batches) == 1
+    with pytest.raises(ValueError, match=r"1 batch had non-finite features or labels outside \[0, 3\)"):
+        loss_fn.raise_on_bad_batches()
+    loss_fn.raise_on_bad_batches()  # reported once, then reset
+    # a good batch afterwards: exactly the eager result
+    xg = x.clone().requires_grad_()
+    loss_fn(xg, labels).backward()
+    assert int(loss_fn.bad_batches) == 0
+    if update == "wen":
+        torch.testing.assert_close(loss_fn.centers.detach(), wen_update_loop(x, labels, before, 0.5).float(),
+                                   rtol=1e-5, atol=1e-5)
+    else:
+        expected = -2.0 / 4 * torch.stack([(x[labels == j] - before[j]).sum(0) for j in range(3)])
+        torch.testing.assert_close(loss_fn.centers.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("update", ["wen", "gradient"])
+def test_deferred_validation_equals_eager_on_good_batches(backend, update):
+    torch.manual_seed(5)
+    eager = CenterLoss(10, 33, backend=backend, update=update).to(DEVICE)
+    deferred = copy.deepcopy(eager)
+    deferred.validate = "deferred"
+    for _ in range(3):
+        x, labels, _ = make_batch(40, 10, 33)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        la, lb = eager(xa, labels), deferred(xb, labels)
+        la.backward()
+        lb.backward()
+        torch.testing.assert_close(lb, la, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(deferred.centers.detach(), eager.centers.detach(), rtol=1e-6, atol=1e-6)
+    assert int(deferred.bad_batches) == 0
+
+
+@pytest.mark.parametrize("backend", [b for b in FLOAT32_BACKENDS if b in ("cpp", "torch")])
+def test_deferred_validation_reads_nothing_back_to_the_host(backend, monkeypatch):
+    """The point of "deferred": no value goes device -> host in the step, bad batch or not. Every
+    Tensor method that would read one is made to fail (CPU backends; on a GPU the suite's sync-debug
+    test below checks the same for every backend)."""
+    loss_fn = CenterLoss(4, 8, backend=backend, validate="deferred").to(DEVICE)
+    x, labels, _ = make_batch(16, 4, 8)
+    batches = [(x, labels), (x, torch.where(labels == 2, 7, labels)), (x.index_fill(0, labels[:1] * 0, float("nan")), labels)]
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("a value was read back to the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, no_host_read)
+    for xb, lb in batches:
+        loss_fn(xb.clone().requires_grad_(), lb).backward()
+    monkeypatch.undo()
+    assert int(loss_fn.bad_batches) == 2
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's sync debug mode needs a GPU (the CPU test above covers cpp/torch)")
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_deferred_validation_never_syncs_the_stream(backend):
+    loss_fn = CenterLoss(4, 8, backend=backend, validate="deferred").to(DEVICE)
+    x, labels, _ = make_batch(16, 4, 8)
+    loss_fn(x.clone().requires_grad_(), labels).backward()  # warm-up: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for lb in (labels, torch.where(labels == 2, 7, labels)):
+            loss_fn(x.clone().requires_grad_(), lb).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(loss_fn.bad_batches) == 1

@@ -64,3 +64,39 @@ def test_the_ops_pass_torch_library_opcheck():
     diff = torch.randn(8, 6, device=DEVICE)
     torch.library.opcheck(_op_backward, (diff, y, torch.ones(8, device=DEVICE), c.clone(), 0.5, True, True, False,
                                          torch.float32, "torch", False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("update", ["wen", "gradient"])
+def test_compiled_step_validates_on_the_device(backend, update):
+    """Under torch.compile the host-side checks cannot run (they would break the graph), so the
+    compiled step validates on the device, as validate="deferred" does eagerly: a batch with a NaN
+    feature or a label outside [0, C) moves no center and is counted; a good batch then matches eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    eager, compiled = Head(update, backend).to(DEVICE), Head(update, backend).to(DEVICE)
+    compiled.load_state_dict(eager.state_dict())
+    step = torch.compile(compiled, fullgraph=True)
+    x = torch.randn(32, 12, device=DEVICE)
+    y = torch.randint(0, 5, (32,), device=DEVICE)
+    before = compiled.loss.centers.detach().clone()
+    bad_x = x.clone()
+    bad_x[4, 0] = float("nan")
+    for bx, by in ((bad_x, y), (x, torch.where(y == 3, 5, y))):
+        compiled.zero_grad()
+        loss = step(bx, by)
+        loss.backward()
+        assert not torch.isfinite(loss)
+        assert torch.equal(compiled.loss.centers.detach(), before)
+        if update == "gradient":
+            assert torch.equal(compiled.loss.centers.grad, torch.zeros_like(before))
+    with pytest.raises(ValueError, match="2 batches had non-finite features"):
+        compiled.loss.raise_on_bad_batches()
+    compiled.zero_grad()
+    eager.zero_grad()
+    a, b = eager(x, y), step(x, y)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.loss.centers.detach(), eager.loss.centers.detach(), rtol=1e-5, atol=1e-6)
+    assert int(compiled.loss.bad_batches) == 0
