@@ -162,7 +162,7 @@ def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch
     if backend == "torch":
         # a label outside [0, C) gathers row 0 and gets a NaN loss, as in the kernels: never an
         # out-of-bounds read, whatever the validation mode
-        valid = (labels >= 0) & (labels < centers.shape[0])
+        valid = _in_range(labels, centers.shape[0])
         diff = x.to(compute) - centers.to(compute).index_select(0, torch.where(valid, labels, 0))
         return diff.pow(2).sum(1).masked_fill(~valid, float("nan")), diff
     row_loss = torch.empty(B, dtype=compute, device=x.device)
@@ -174,7 +174,7 @@ def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch
         if _native.center_loss_forward_cpu(xc, labels, cc, row_loss, diff) >= 0:
             if not bad_label_is_nan:
                 _raise_bad_label(labels, cc.shape[0])
-            valid = (labels >= 0) & (labels < cc.shape[0])  # the kernels' convention, on the error path only
+            valid = _in_range(labels, cc.shape[0])  # the kernels' convention, on the error path only
             _native.center_loss_forward_cpu(xc, torch.where(valid, labels, 0), cc, row_loss, diff)
             row_loss.masked_fill_(~valid, float("nan"))
         return row_loss, diff
@@ -211,7 +211,12 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def _slots(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Each label, or num_classes (a spare slot after every class) where it is out of range."""
-    return torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+    return torch.where(_in_range(labels, num_classes), labels, num_classes)
+
+
+def _in_range(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B,) bool: the label is a class index in [0, num_classes)."""
+    return (labels >= 0) & (labels < num_classes)
 
 
 def _segments(labels: torch.Tensor, num_classes: int):
@@ -303,7 +308,7 @@ def _wen_update_global(diff, labels, centers, alpha, process_group, ok=None):
     C, D = centers.shape
     buffer = _sync_buffer(centers)
     sums = buffer[: C * D].view(C, D)
-    keep = (labels >= 0) & (labels < C)  # a bad label's row, or (ok False) every row, adds nothing
+    keep = _in_range(labels, C)  # a bad label's row, or (ok False) every row, adds nothing
     if ok is not None:
         keep = keep & ok
     labels = torch.where(keep, labels, 0)
@@ -344,7 +349,7 @@ class CenterLossFunction(torch.autograd.Function):
         elif validate == "deferred" and writes:
             ok = _batch_ok(row_loss, bad_batches)
         if backend == "cpp" and validate == "deferred":  # its backward reads the labels unchecked (the
-            labels = torch.where((labels >= 0) & (labels < num_classes), labels, 0)  # batch is dropped anyway)
+            labels = torch.where(_in_range(labels, num_classes), labels, 0)  # batch is dropped anyway)
         B = x.shape[0]
         scale = 1.0 / max(B, 1) if reduction == "mean" else 1.0
         ctx.save_for_backward(diff, labels)
@@ -431,7 +436,7 @@ def _op_forward(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     labels = labels.long().contiguous()
     row_loss, diff = _forward(backend, features.contiguous(), labels, centers.detach().contiguous(),
                               bad_label_is_nan=gate)
-    return row_loss, diff, torch.isfinite(row_loss.sum())
+    return row_loss, diff, _batch_ok(row_loss, None)
 
 
 @_op_forward.register_fake
@@ -449,7 +454,7 @@ def _op_backward(diff: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tens
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     labels = labels.long()
     if backend == "cpp" and ok is not None:  # its backward reads the labels unchecked (the batch is dropped)
-        labels = torch.where((labels >= 0) & (labels < centers.shape[0]), labels, 0)
+        labels = torch.where(_in_range(labels, centers.shape[0]), labels, 0)
     grad_x, grad_c = _backward_step(diff, labels.contiguous(), centers.shape[0], row_scale.contiguous(),
                                     x_dtype, want_grad_x, want_grad_centers, centers if update_centers else None,
                                     wen_alpha, backend, deterministic, centers.dtype, ok=ok)

@@ -25,6 +25,19 @@ class Head(torch.nn.Module):
         return out if out.dim() == 0 else out.sum()
 
 
+def step_both_and_compare(eager, compiled, step, x, y):
+    """One step of the eager and the compiled model on the same batch: loss, weight gradient and
+    centers agree."""
+    eager.zero_grad()
+    compiled.zero_grad()
+    a, b = eager(x, y), step(x, y)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.lin.weight.grad, eager.lin.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.loss.centers.detach(), eager.loss.centers.detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("update", ["wen", "gradient"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -37,14 +50,7 @@ def test_compiled_fullgraph_matches_eager(backend, update, reduction):
     for i in range(3):
         x = torch.randn(32, 12, device=DEVICE)
         y = torch.randint(0, 5, (32,), device=DEVICE)
-        eager.zero_grad()
-        compiled.zero_grad()
-        a, b = eager(x, y), step(x, y)
-        a.backward()
-        b.backward()
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(compiled.lin.weight.grad, eager.lin.weight.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(compiled.loss.centers.detach(), eager.loss.centers.detach(), rtol=1e-5, atol=1e-6)
+        step_both_and_compare(eager, compiled, step, x, y)
         if update == "gradient":
             torch.testing.assert_close(compiled.loss.centers.grad, eager.loss.centers.grad, rtol=1e-5, atol=1e-6)
     if update == "wen":  # the Wen update moved them (in "gradient" mode an optimizer would, from their grad)
@@ -92,11 +98,5 @@ def test_compiled_step_validates_on_the_device(backend, update):
             assert torch.equal(compiled.loss.centers.grad, torch.zeros_like(before))
     with pytest.raises(ValueError, match="2 batches had non-finite features"):
         compiled.loss.raise_on_bad_batches()
-    compiled.zero_grad()
-    eager.zero_grad()
-    a, b = eager(x, y), step(x, y)
-    a.backward()
-    b.backward()
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(compiled.loss.centers.detach(), eager.loss.centers.detach(), rtol=1e-5, atol=1e-6)
+    step_both_and_compare(eager, compiled, step, x, y)
     assert int(compiled.loss.bad_batches) == 0
