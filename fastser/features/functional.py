@@ -15,7 +15,7 @@ beyond `frames[b]` are zero. top_db and ref=max act per utterance, over its vali
 Backends (one dispatch point, `extract_many`):
     "torch"   torch.stft and torch ops after it, any device; the only one that keeps gradients
     "cpp"     CPU: torch's FFT, then power -> mel -> dB -> top_db -> DCT in one fused C++ kernel
-    "triton"  CUDA: torch.stft (cuFFT), then the same chain in one fused Triton kernel
+    "triton"  CUDA: torch.stft (cuFFT), then the same chain in two fused Triton kernels (no host sync)
               (CPU tensors only under TRITON_INTERPRET=1, for the tests)
     "cupy"    CUDA: cupy.fft, shared with torch by DLPack, then the Triton kernel
     "dali"    an NVIDIA DALI pipeline;  "librosa": the reference, one utterance at a time
@@ -115,14 +115,26 @@ def _normalise_ref(ref: Ref) -> Union[float, str]:
 
 # ----------------------------------------------------------------------------- framing
 
-def frame_count(lengths: torch.Tensor, n_fft: int, hop_length: int, center: bool) -> torch.Tensor:
-    """Frames librosa produces for signals of these lengths."""
+def frame_count(lengths: Union[torch.Tensor, int], n_fft: int, hop_length: int, center: bool):
+    """Frames librosa produces for signals of these lengths (a tensor, or one length as an int)."""
     if center:
         return 1 + lengths // hop_length
-    if (lengths < n_fft).any():
+    shortest = lengths if isinstance(lengths, int) else (lengths.min() if len(lengths) else n_fft)
+    if shortest < n_fft:
         raise ValueError(f"with center=False every signal needs at least n_fft={n_fft} samples; "
-                         f"the shortest has {int(lengths.min())}")
+                         f"the shortest has {int(shortest)}")
     return 1 + (lengths - n_fft) // hop_length
+
+
+def _frames_of(y: torch.Tensor, lengths: torch.Tensor, cfg: "FeatureConfig", uniform: bool):
+    """(frame counts (B,), the largest as a Python int). `uniform`: every item has the padded length
+    (no `lengths` given), so both come from the shape without reading the device — on a GPU a host
+    synchronisation costs more than the fused kernels."""
+    if not uniform:
+        frames = frame_count(lengths, cfg.n_fft, cfg.hop_length, cfg.center)
+        return frames, int(frames.max()) if len(frames) else 0
+    n = frame_count(int(y.shape[-1]), cfg.n_fft, cfg.hop_length, cfg.center)
+    return torch.full((y.shape[0],), n, dtype=torch.int64, device=y.device), n
 
 
 def _source_index(pos: torch.Tensor, L: torch.Tensor, pad_mode: str):
@@ -146,14 +158,14 @@ def _source_index(pos: torch.Tensor, L: torch.Tensor, pad_mode: str):
     return idx.clamp(min=0), keep
 
 
-def _padded_signal(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig):
+def _padded_signal(y: torch.Tensor, lengths: torch.Tensor, max_frames: int, cfg: FeatureConfig):
     """(B, (max_frames - 1) * hop + n_fft) signals, each padded from its own samples only.
 
     Valid frames of item b read padded positions [0, L_b + 2 * pad): its left pad, its samples and
     its right pad. Only those two pads (B x pad values) are written here; whatever lies further
     right (another length's padding, garbage) only reaches frames that are zeroed afterwards."""
     B, T = y.shape
-    n_out = (int(frames.max()) - 1) * cfg.hop_length + cfg.n_fft
+    n_out = (max_frames - 1) * cfg.hop_length + cfg.n_fft
     pad = cfg.n_fft // 2 if cfg.center else 0
     out = torch.nn.functional.pad(y, (pad, max(0, n_out + pad - T - pad)))[:, : n_out + pad]
     if pad == 0:
@@ -182,7 +194,10 @@ def _constants_cpu(cfg: FeatureConfig):
     return const
 
 
+@functools.lru_cache(maxsize=64)
 def constants(cfg: FeatureConfig, device: torch.device) -> dict:
+    """The config's window, filters and DCT on `device`, copied there once (a host-to-device copy per
+    call would cost more than the fused kernels on a GPU). Shared: callers must not modify them."""
     return {k: v.to(device) for k, v in _constants_cpu(cfg).items()}
 
 
@@ -261,21 +276,22 @@ STFT_FIELDS = ("n_fft", "hop_length", "win_length", "window", "center", "pad_mod
 
 
 def _extract(y: torch.Tensor, lengths: torch.Tensor, cfg: FeatureConfig, backend: str,
-             const: Optional[dict] = None):
+             const: Optional[dict] = None, uniform: bool = False):
     """(B, T) float signals + lengths -> ((B, bins, frames) features, frames (B,)). The one dispatch point."""
-    outs, frames = extract_many(y, lengths, [cfg], backend, [const] if const is not None else None)
+    outs, frames = extract_many(y, lengths, [cfg], backend, [const] if const is not None else None, uniform)
     return outs[0], frames
 
 
 def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: str = "auto",
-                 consts: Optional[list] = None):
-    """Several features of the same audio; configs that share the STFT settings share one STFT."""
+                 consts: Optional[list] = None, uniform: bool = False):
+    """Several features of the same audio; configs that share the STFT settings share one STFT.
+    uniform: every length is the padded length (the caller passed none), known without a device read."""
     stft = {tuple(getattr(c, f) for f in STFT_FIELDS) for c in cfgs}
     if len(stft) != 1:
         raise ValueError("extract_many needs configs with the same STFT settings "
                          f"({', '.join(STFT_FIELDS)}); call it once per setting")
     cfg0 = cfgs[0]
-    frames = frame_count(lengths, cfg0.n_fft, cfg0.hop_length, cfg0.center)
+    frames, max_frames = _frames_of(y, lengths, cfg0, uniform)
     backend = resolve_backend(backend, y.device, y.requires_grad)
     if backend in ("librosa", "dali"):
         from fastser.features import backends
@@ -284,7 +300,7 @@ def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: st
     consts = consts if consts is not None else [constants(c, y.device) for c in cfgs]
     if backend == "cpp" and all(_cpu_fused_ok(y, c) for c in cfgs):
         return _extract_cpu_fused(y, lengths, frames, cfgs, consts), frames
-    signal = _padded_signal(y, lengths, frames, cfg0)
+    signal = _padded_signal(y, lengths, max_frames, cfg0)
     spec = (_stft_cupy if backend == "cupy" else _stft_torch)(signal, consts[0]["window"].to(signal.dtype), cfg0)
     post = _post_triton if backend == "triton" or (backend == "cupy" and _triton_ok()) else _post_torch
     return [post(spec, frames, c, k) for c, k in zip(cfgs, consts)], frames
@@ -315,7 +331,7 @@ def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Ten
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
         # every chunk is padded to the batch's frame count, so its frames line up with the output
-        signal = _padded_signal(y[b0:b1], lengths[b0:b1], frames.new_full((1,), T), cfg0)
+        signal = _padded_signal(y[b0:b1], lengths[b0:b1], T, cfg0)
         spec = torch.fft.rfft(signal.unfold(1, cfg0.n_fft, cfg0.hop_length) * window)
         for cfg, f32, (mel, ceps) in zip(cfgs, consts_f32, outs):
             mel_chain.cpp(spec, frames[b0:b1], cfg, f32, mel_out=mel[b0:b1],
@@ -323,9 +339,13 @@ def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Ten
     return [ceps if ceps is not None else mel for mel, ceps in outs]
 
 
-def prepare(y, lengths=None):
+def prepare(y, lengths=None, defer_finite_check: bool = False):
     """-> (float (B, T) tensor, lengths (B,) int64 tensor, restore) where restore(out) undoes the
-    batching/NumPy conversion on an output (…, bins, frames)."""
+    batching/NumPy conversion on an output (…, bins, frames).
+
+    defer_finite_check: on a GPU, the NaN/Inf check of the audio is read back in `restore` instead
+    of here, so the host queues every kernel before it waits (same error, raised before any output
+    is returned). The caller must then call `restore`."""
     was_numpy = isinstance(y, np.ndarray)
     if not isinstance(y, (torch.Tensor, np.ndarray)):
         raise TypeError(f"audio must be a torch tensor or a NumPy array, got {type(y).__name__}")
@@ -340,28 +360,39 @@ def prepare(y, lengths=None):
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float()
     B, T = t.shape
-    if lengths is None:
+    if lengths is None:  # checked on the host: no device read for the usual fixed-length batch
+        if B and T < 1:
+            raise ValueError("empty signal: item 0 has length 0")
         lengths = torch.full((B,), T, dtype=torch.int64, device=t.device)
     else:
         lengths = torch.as_tensor(lengths, dtype=torch.int64).to(t.device)
         if lengths.shape != (B,):
             raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-        if (lengths > T).any():
-            raise ValueError(f"lengths exceed the padded length {T}: {lengths.max().item()}")
-    if B and (lengths < 1).any():
-        raise ValueError(f"empty signal: item {int((lengths < 1).nonzero()[0, 0])} has length 0")
-    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():  # the sum is one pass, no temporary
-        raise ValueError("audio contains NaN or Inf")
+        if B and not bool(((lengths >= 1) & (lengths <= T)).all()):  # one device read for both checks
+            if (lengths > T).any():
+                raise ValueError(f"lengths exceed the padded length {T}: {lengths.max().item()}")
+            raise ValueError(f"empty signal: item {int((lengths < 1).nonzero()[0, 0])} has length 0")
+    finite_sum = torch.isfinite(t.sum())  # one pass, no temporary; the full scan only if it fails
+
+    def check_finite():
+        if not finite_sum and not torch.isfinite(t).all():
+            raise ValueError("audio contains NaN or Inf")
+
+    deferred = defer_finite_check and t.device.type != "cpu"
+    if not deferred:
+        check_finite()
 
     def restore(out: torch.Tensor):
+        if deferred:
+            check_finite()
         out = out[0] if single else out
         return out.cpu().numpy() if was_numpy else out
     return t, lengths, restore
 
 
 def _run(y, lengths, cfg: FeatureConfig, backend: str):
-    t, lens, restore = prepare(y, lengths)
-    out, frames = _extract(t, lens, cfg, backend)
+    t, lens, restore = prepare(y, lengths, defer_finite_check=True)
+    out, frames = _extract(t, lens, cfg, backend, uniform=lengths is None)
     if lengths is None:
         return restore(out)
     return restore(out), (frames.cpu().numpy() if isinstance(y, np.ndarray) else frames)

@@ -23,12 +23,12 @@ class _Feature(nn.Module):
         self.cfg = cfg
         self.backend = backend
         for name, value in F.constants(cfg, torch.device("cpu")).items():
-            self.register_buffer(name, value, persistent=False)
+            self.register_buffer(name, value.clone(), persistent=False)  # the cached copy stays pristine
 
     def forward(self, waveform: torch.Tensor, lengths: Optional[torch.Tensor] = None):
-        y, lens, restore = F.prepare(waveform, lengths)
+        y, lens, restore = F.prepare(waveform, lengths, defer_finite_check=True)
         const = {name: buf for name, buf in self.named_buffers()}
-        out, frames = F._extract(y, lens, self.cfg, self.backend, const)
+        out, frames = F._extract(y, lens, self.cfg, self.backend, const, uniform=lengths is None)
         return restore(out) if lengths is None else (restore(out), frames)
 
     def frames(self, lengths: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The fused post-FFT chain — |X|^p -> mel -> dB (amin, ref) -> per-utterance top_db -> DCT -> lifter —
-and the one place that calls its kernels: Triton on CUDA (mel_chain_triton.py), C++ on the CPU
-(csrc/mel_chain_cpu.cpp through _native). Both compute what fastser.features.post computes in
-plain torch ops, reading the spectrum once. No autograd: fastser.features.functional refuses
+and the one place that calls its kernels: Triton on CUDA (mel_chain_triton.py: two launches, no
+host synchronisation), C++ on the CPU (csrc/mel_chain_cpu.cpp through _native). Both compute what
+fastser.features.post computes in plain torch ops, reading the spectrum once. No autograd: fastser.features.functional refuses
 audio that requires grad on these backends.
 """
 from __future__ import annotations
@@ -17,25 +17,34 @@ def _to_db(cfg) -> bool:
     return cfg.kind in ("logmel", "mfcc")
 
 
-def triton_launch(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict):
-    """spec (B, F, T) complex STFT, frames (B,), a mel/logmel/mfcc FeatureConfig and its "fb", "dct",
-    "lift" -> (the TritonLaunch, its output (B, bins, T) float32). The GPU compile gate compiles
-    exactly these launches."""
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The kernels compute in float32 (a transform moved to float64 keeps float64 buffers); a no-op,
+    no launch, for the usual float32 constants."""
+    return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.float().contiguous()
+
+
+def triton_launches(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict):
+    """spec (B, F, T) complex STFT, frames (B,), a mel/logmel/mfcc FeatureConfig and its float32 "fb",
+    "dct", "lift" -> (the TritonLaunches in order, their output (B, bins, T) float32). The GPU compile
+    gate compiles exactly these launches."""
     from fastser.ops import mel_chain_triton
     B, _, T = spec.shape
     mel = torch.empty(B, cfg.n_mels, T, dtype=torch.float32, device=spec.device)
     mfcc_out = torch.empty(B, cfg.n_mfcc, T, dtype=torch.float32, device=spec.device) if cfg.kind == "mfcc" else None
-    f32 = {k: v.to(torch.float32).contiguous() for k, v in const.items() if k != "window"}
-    launch = mel_chain_triton.mel_chain_launch(
-        torch.view_as_real(spec.to(torch.complex64)), f32["fb"], frames.to(torch.int32), mel, power=cfg.power,
-        to_db=_to_db(cfg), amin=cfg.amin, log_ref=cfg.log_ref, ref_max=_to_db(cfg) and cfg.ref == "max",
-        top_db=cfg.top_db if _to_db(cfg) else None, dct=f32.get("dct"), lift=f32.get("lift"), mfcc_out=mfcc_out)
-    return launch, (mfcc_out if mfcc_out is not None else mel)
+    tile_max = torch.empty(B, mel_chain_triton.n_tiles(T), dtype=torch.float32, device=spec.device)
+    launches = mel_chain_triton.mel_chain_launches(
+        torch.view_as_real(spec.to(torch.complex64)), _f32(const["fb"]), frames.to(torch.int32), mel, tile_max,
+        power=cfg.power, to_db=_to_db(cfg), amin=cfg.amin, log_ref=cfg.log_ref,
+        ref_max=_to_db(cfg) and cfg.ref == "max", top_db=cfg.top_db if _to_db(cfg) else None,
+        dct=_f32(const["dct"]) if mfcc_out is not None else None,
+        lift=_f32(const["lift"]) if mfcc_out is not None else None, mfcc_out=mfcc_out)
+    return launches, (mfcc_out if mfcc_out is not None else mel)
 
 
 def triton(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict) -> torch.Tensor:
-    launch, out = triton_launch(spec, frames, cfg, const)
-    launch.launch()
+    launches, out = triton_launches(spec, frames, cfg, const)
+    for launch in launches:
+        launch.launch()
     return out
 
 

@@ -239,3 +239,60 @@ def test_bad_input_raises_clear_error(bad, match):
     y = bad.pop("y")
     with pytest.raises((ValueError, TypeError), match=match):
         F.mfcc(y, sr=SR, n_fft=512, **bad)
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy")
+
+
+@pytest.mark.parametrize("fn", ["log_melspectrogram", "mfcc"])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_features_read_the_device_once_without_lengths(fn, with_lengths, monkeypatch):
+    """On a GPU every value read back to the host stalls the stream. A fixed-length batch needs one
+    read (the NaN/Inf check); lengths add one for their range check and one for the longest frame
+    count, which sizes the output. Counted on the torch backend's path, which shares everything but
+    the fused kernels (their launchers read shapes only); the GPU test below checks the real stream."""
+    x = torch.from_numpy(np.stack([SIGNALS["chirp"][:8000], SIGNALS["white"][:8000]]))
+    lengths = torch.tensor([8000, 6001]) if with_lengths else None
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    getattr(F, fn)(x, sr=SR, n_fft=512, hop_length=160, n_mels=40, lengths=lengths, backend="torch")
+    monkeypatch.undo()
+    assert len(reads) == (3 if with_lengths else 1), reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU (the CPU test above "
+                                                            "counts the reads of the shared path)")
+@pytest.mark.parametrize("fn", ["log_melspectrogram", "mfcc"])
+def test_gpu_features_synchronise_once(fn):
+    x = torch.from_numpy(np.stack([SIGNALS["chirp"][:8000]] * 4)).cuda()
+    getattr(F, fn)(x, sr=SR, n_fft=512, hop_length=160, n_mels=40)  # warm-up: compilation and caches may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            getattr(F, fn)(x, sr=SR, n_fft=512, hop_length=160, n_mels=40)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]  # the NaN/Inf check, read after every launch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the check is deferred on a GPU only (on the CPU it "
+                                                            "runs first; test_bad_input_raises_clear_error)")
+def test_gpu_nan_audio_still_raises_after_the_deferred_check():
+    x = torch.from_numpy(np.stack([SIGNALS["chirp"][:8000]] * 2)).cuda()
+    x[1, 100] = float("nan")
+    for fn in (F.log_melspectrogram, F.mfcc):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            fn(x, sr=SR, n_fft=512, hop_length=160, n_mels=40)

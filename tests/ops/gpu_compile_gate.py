@@ -2,14 +2,18 @@
 specialisation its launchers produce, ahead of time to cubin for sm_80 and sm_90, with no GPU.
 
 `python -m tests.ops.gpu_compile_gate FAMILY [ARCH ...]` prints one JSON line per architecture: how many
-specialisations compiled and which failed. It must run with TRITON_INTERPRET unset (Triton set
+specialisations compiled, which failed, which spill registers to local memory, and each kernel's
+most registers per thread. It must run with TRITON_INTERPRET unset (Triton set
 to interpret cannot also compile), so tests/ops/test_gpu_compile.py starts it as a subprocess.
 The launches come from the same `*_launch` functions the package runs (on meta tensors), so what
 is compiled is what is launched.
 """
 import itertools
 import json
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -75,8 +79,8 @@ def mel_chain_launches():
     spec = torch.empty(B, 1 + base["n_fft"] // 2, T, dtype=torch.complex64, device=META)
     frames = empty(B, dtype=torch.int64)
     for cfg in configs:
-        launch, _ = mel_chain.triton_launch(spec, frames, cfg, F.constants(cfg, META))
-        yield launch
+        launches, _ = mel_chain.triton_launches(spec, frames, cfg, F.constants(cfg, META))
+        yield from launches
 
 
 # ----------------------------------------------------------------------------- a kernel the gate must refuse
@@ -98,6 +102,21 @@ def planted_launches():
 LAUNCHES = {"center_loss": center_loss_launches, "mel_chain": mel_chain_launches, "planted": planted_launches}
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and stack bytes per thread of a compiled kernel, as cuobjdump -res-usage reports
+    them. A stack frame in a Triton kernel (which has no local arrays or calls) is spilled registers:
+    local-memory traffic that made the first fused mel kernel several times slower than it should be."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if usage is None:
+        raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK line:\n{out}")
+    return {"registers": int(usage.group(1)), "stack": int(usage.group(2))}
+
+
 def unique(launches):
     return list({launch.key(): launch for launch in launches}.values())
 
@@ -105,7 +124,7 @@ def unique(launches):
 def main(family: str, archs) -> None:
     launches = unique(LAUNCHES[family]())
     for arch in archs:
-        failures = []
+        failures, spills, max_registers = [], [], {}
         for launch in launches:
             try:
                 compiled = compile_for(launch, arch)
@@ -113,8 +132,14 @@ def main(family: str, archs) -> None:
                     raise RuntimeError("no cubin produced")
             except Exception as e:  # noqa: BLE001 - report every failing specialisation
                 failures.append(f"{launch.name} {launch.signature()[1]}: {type(e).__name__}: {str(e).strip()[-600:]}")
+                continue
+            usage = resource_usage(compiled.asm["cubin"])
+            max_registers[launch.name] = max(max_registers.get(launch.name, 0), usage["registers"])
+            if usage["stack"]:
+                spills.append(f"{launch.name} {launch.signature()[1]} {launch.options}: {usage}")
         print(json.dumps({"family": family, "arch": arch, "compiled": len(launches) - len(failures),
-                          "launches": len(launches), "failures": failures}), flush=True)
+                          "launches": len(launches), "failures": failures, "spills": spills,
+                          "max_registers": max_registers}), flush=True)
 
 
 if __name__ == "__main__":

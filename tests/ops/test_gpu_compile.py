@@ -40,13 +40,18 @@ def run_gate(family: str) -> dict:
     return reports
 
 
-@pytest.mark.parametrize("family,at_least", [("center_loss", 100), ("mel_chain", 30)])
+@pytest.mark.parametrize("family,at_least", [("center_loss", 100), ("mel_chain", 25)])
 def test_every_launched_triton_kernel_compiles_for_sm80_and_sm90(family, at_least):
     for arch, report in run_gate(family).items():
         assert report["launches"] >= at_least  # the enumeration really enumerates
         assert not report["failures"], (f"{len(report['failures'])} of {report['launches']} specialisations do not "
                                         f"compile for sm_{arch}:\n" + "\n".join(report["failures"][:5]))
         assert report["compiled"] == report["launches"]
+        # a spill is local-memory traffic on every access: the first fused mel kernel spilled 1.3 KB
+        # (log-mel) and 6.5 KB (MFCC) per thread on sm_90 and ran 3-12x slower than torchaudio
+        assert not report["spills"], (f"{len(report['spills'])} specialisations spill registers on sm_{arch}:\n"
+                                      + "\n".join(report["spills"][:5]))
+        assert all(0 < n <= 255 for n in report["max_registers"].values()), report["max_registers"]
 
 
 def test_the_gate_fails_on_a_kernel_that_reads_a_non_constexpr_global():

@@ -1,0 +1,101 @@
+"""The fused post-FFT Triton kernels against the plain-torch chain (fastser.features.post), flag by
+flag and at tile edges, under the CPU interpreter here (tests/conftest.py sets TRITON_INTERPRET=1)
+and compiled on a GPU. Parity with librosa itself is tests/features/test_functional.py's job."""
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastser.features import functional as F  # noqa: E402
+from fastser.features import post  # noqa: E402
+from fastser.ops import mel_chain, mel_chain_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BASE = dict(sr=16000, n_fft=512, hop_length=160)
+
+
+def spectrum(frames, T, seed=0, garbage=1e6):
+    """A (B, 257, T) complex STFT with a 60 dB spread of levels over frames and bins, and `garbage`
+    in every padded frame: a kernel that reads past frames[b] gets a wrong maximum and wrong values."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(frames)
+    level = 10 ** (torch.rand(B, 257, T, generator=g) * 6 - 3)
+    spec = torch.polar(level.sqrt(), torch.rand(B, 257, T, generator=g) * 6.283)
+    padded = torch.arange(T)[None, None, :] >= torch.as_tensor(frames)[:, None, None]
+    spec = torch.where(padded, torch.full_like(spec, garbage), spec)
+    return spec.to(DEVICE), torch.as_tensor(frames, device=DEVICE)
+
+
+def check(cfg, frames, T, seed=0):
+    spec, frames = spectrum(frames, T, seed)
+    const = F.constants(cfg, torch.device(DEVICE))
+    ours = mel_chain.triton(spec, frames, cfg, const)
+    ref = post.post_chain(spec, frames, cfg, const).float()
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    if cfg.kind == "mel":  # power: relative error, dB: absolute, MFCCs: relative to their range
+        torch.testing.assert_close(ours, ref, rtol=2e-5, atol=1e-12)
+    elif cfg.kind == "logmel":
+        torch.testing.assert_close(ours, ref, rtol=0, atol=2e-4)
+    else:
+        torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
+    padded = torch.arange(T, device=DEVICE)[None, None, :] >= frames[:, None, None]
+    assert not ours.masked_select(padded).any(), "padded frames must be zero"
+    return ours
+
+
+# every flag combination at the paper's size (ref and top_db do not apply to a mel power spectrogram);
+# one utterance shorter than a tile, one ending mid-tile, one filling the batch
+FLAGS = [("mel", power, 1.0, None) for power in (2.0, 1.0, 1.5)] + list(itertools.product(
+    ("logmel", "mfcc"), (2.0, 1.0, 1.5), (1.0, "max"), (80.0, None)))
+
+
+@pytest.mark.parametrize("kind,power,ref,top_db", FLAGS)
+def test_fused_chain_matches_the_torch_chain(kind, power, ref, top_db):
+    cfg = F.FeatureConfig(kind, **BASE, n_mels=40, n_mfcc=20, power=power, ref=ref, top_db=top_db)
+    check(cfg, frames=[7, 37, 45], T=45)
+
+
+# tile edges: n_mels around the 16/32/64 tiles, n_mfcc around the 32-row DCT step, T around the
+# 16-frame tile and below it
+@pytest.mark.parametrize("n_mels,n_mfcc,T", [(16, 1, 16), (40, 13, 17), (65, 33, 31), (128, 64, 48), (256, 97, 9)])
+def test_fused_chain_at_tile_edges(n_mels, n_mfcc, T):
+    for kind in ("logmel", "mfcc"):
+        cfg = F.FeatureConfig(kind, **BASE, n_mels=n_mels, n_mfcc=n_mfcc, ref="max", top_db=60.0)
+        check(cfg, frames=[T, max(1, T - 5)], T=T, seed=n_mels)
+
+
+def test_top_db_uses_each_utterances_own_maximum_across_tiles():
+    """The loudest frame of the first utterance sits in its last tile, the second utterance is 50 dB
+    quieter: the clamp must follow each one's own maximum, gathered across the tiles."""
+    cfg = F.FeatureConfig("logmel", **BASE, n_mels=40, ref=1.0, top_db=30.0)
+    spec, frames = spectrum([60, 60], 60, garbage=0.0)
+    spec[1] *= 10 ** (-50 / 20)
+    spec[0, :, 55] *= 100.0
+    out = mel_chain.triton(spec, frames, cfg, F.constants(cfg, torch.device(DEVICE)))
+    for b in range(2):
+        top = out[b].max()
+        assert torch.isclose(out[b].min(), top - 30.0, atol=1e-4), (b, float(top), float(out[b].min()))
+    assert out[0].max() > out[1].max() + 40.0
+
+
+def test_the_launches_are_two_at_most_and_the_first_alone_when_nothing_needs_the_maximum():
+    spec, frames = spectrum([20], 20)
+    const = F.constants(F.FeatureConfig("mfcc", **BASE, n_mels=40), torch.device(DEVICE))
+    count = {}
+    for kind, ref, top_db in (("mel", 1.0, None), ("logmel", 1.0, None), ("logmel", "max", None),
+                              ("logmel", 1.0, 80.0), ("mfcc", 1.0, None)):
+        cfg = F.FeatureConfig(kind, **BASE, n_mels=40, ref=ref, top_db=top_db)
+        launches, _ = mel_chain.triton_launches(spec, frames, cfg, const)
+        count[(kind, ref, top_db)] = [launch.name for launch in launches]
+    assert count[("mel", 1.0, None)] == count[("logmel", 1.0, None)] == ["_mel_db_kernel"]
+    assert all(names == ["_mel_db_kernel", "_db_finish_kernel"] for key, names in count.items()
+               if key not in (("mel", 1.0, None), ("logmel", 1.0, None)))
+
+
+def test_too_many_mels_is_a_clear_error():
+    cfg = F.FeatureConfig("logmel", **BASE, n_mels=mel_chain_triton.MAX_MELS + 1)
+    spec, frames = spectrum([5], 5)
+    with pytest.raises(ValueError, match="n_mels <= 256"):
+        mel_chain.triton(spec, frames, cfg, F.constants(cfg, torch.device(DEVICE)))
