@@ -299,7 +299,7 @@ def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: st
         return [fn(y, lengths, frames, c) for c in cfgs], frames
     consts = consts if consts is not None else [constants(c, y.device) for c in cfgs]
     if backend == "cpp" and all(_cpu_fused_ok(y, c) for c in cfgs):
-        return _extract_cpu_fused(y, lengths, frames, cfgs, consts), frames
+        return _extract_cpu_fused(y, lengths, frames, max_frames, cfgs, consts), frames
     signal = _padded_signal(y, lengths, max_frames, cfg0)
     spec = (_stft_cupy if backend == "cupy" else _stft_torch)(signal, consts[0]["window"].to(signal.dtype), cfg0)
     post = _post_triton if backend == "triton" or (backend == "cupy" and _triton_ok()) else _post_torch
@@ -312,12 +312,12 @@ def _cpu_fused_ok(signal: torch.Tensor, cfg: FeatureConfig) -> bool:
     return cfg.kind != "spectrogram" and cfg.power is not None and signal.dtype == torch.float32
 
 
-def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, cfgs: list, consts: list):
+def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, T: int, cfgs: list,
+                       consts: list):
     """CPU: pad -> frames -> rfft -> the fused C++ post kernel (once per config), a few utterances at a
     time, so that a chunk's signal and complex spectrum stay in cache and no batch-sized temporary is
-    ever built."""
+    ever built. T: the batch's largest frame count (the output's length)."""
     B = y.shape[0]
-    T = int(frames.max())
     cfg0 = cfgs[0]
     window = consts[0]["window"].to(torch.float32)
     # the C++ kernel computes in float32 (a module moved to float64 keeps float64 buffers)

@@ -1,8 +1,8 @@
 """The fused post-FFT chain — |X|^p -> mel -> dB (amin, ref) -> per-utterance top_db -> DCT -> lifter —
 and the one place that calls its kernels: Triton on CUDA (mel_chain_triton.py: two launches, no
-host synchronisation), C++ on the CPU (csrc/mel_chain_cpu.cpp through _native). Both compute what
-fastser.features.post computes in plain torch ops, reading the spectrum once. No autograd: fastser.features.functional refuses
-audio that requires grad on these backends.
+host synchronisation), C++ on the CPU (csrc/mel_chain_cpu.cpp through _native). Both compute
+what fastser.features.post computes in plain torch ops, reading the spectrum once. No autograd:
+fastser.features.functional refuses audio that requires grad on these backends.
 """
 from __future__ import annotations
 
