@@ -64,6 +64,16 @@ def _seed_list(text: str) -> list:
     return seeds
 
 
+def _tempo(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a relative rate change in [0, 1), e.g. 0.1; got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0],
                                 formatter_class=_DefaultsOnce)
@@ -121,6 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay")
     opt.add_argument("--train-seconds", type=float, default=3.0,
                      help="random crop length for training (also predict's window)")
+    opt.add_argument("--tempo", type=_tempo, default=0.0,
+                     help="tempo perturbation: each training crop played at a random rate in [1-x, 1+x] "
+                          "(frames dropped or repeated; default 0: off)")
     opt.add_argument("--specaugment", action="store_true",
                      help="time/frequency masks in training (off by default: they lowered UA in the sweep)")
     opt.add_argument("--seed", type=int, default=0, help="seeds the folds, the weights, the batches and dropout")

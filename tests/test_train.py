@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastser.train as train
-from fastser.training import Batcher, Normalizer, loop, train_step
+from fastser.training import Batcher, Normalizer, loop, tempo_crop, train_step
 from fastser._io import atomic_torch_save
 from fastser.data.synthetic import make_corpus
 
@@ -307,3 +307,48 @@ def test_resident_batches_equal_host_batches(grouped):
     for kind in a.feats:
         torch.testing.assert_close(b.feats[kind][..., :T], a.feats[kind], rtol=0, atol=0)
         assert not b.feats[kind][..., T:].any()  # the bucket's padding is exactly zero
+
+
+def test_tempo_zero_is_the_plain_crop():
+    """--tempo 0 (the default) draws and crops exactly as the plain crop always did, so earlier
+    runs, checkpoints and resumes reproduce."""
+    frames = torch.tensor([50, 300, 120, 80])
+    got_frames, got_idx = tempo_crop(frames, 100, torch.Generator().manual_seed(3), tempo=0.0)
+    start = (torch.rand(4, generator=torch.Generator().manual_seed(3)) * (frames - 100).clamp(min=0).add(1)).long()
+    assert torch.equal(got_idx, start[:, None] + torch.arange(100)[None, :])
+    assert torch.equal(got_frames, (frames - start).clamp(max=100))
+
+
+def test_tempo_reads_each_crop_at_its_own_rate_within_the_utterance():
+    """With tempo x each item reads source frames start + floor(j * r), r in [1-x, 1+x]: indices
+    never decrease, advance by r on average, and exactly the output frames whose source frame
+    lies inside the utterance are counted valid."""
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(20, 400, (256,))
+    T = 100
+    out_frames, idx = tempo_crop(frames, T, gen, tempo=0.2)
+    steps = idx.diff(dim=1)
+    assert (steps >= 0).all() and (steps <= 2).all()  # rates 0.8..1.2: a frame repeated or skipped
+    rates = (idx[:, -1] - idx[:, 0]).double() / (T - 1)
+    assert rates.min() > 0.78 and rates.max() < 1.22 and rates.std() > 0.05  # really varies per item
+    for i in range(256):
+        inside = idx[i] < frames[i]
+        assert int(inside.sum()) == int(out_frames[i])  # the valid prefix is exactly the in-range frames
+        assert inside[: out_frames[i]].all()
+    long = frames > 130  # long enough for the whole stretched crop: all T frames valid
+    assert (out_frames[long] == T).all()
+    with pytest.raises(ValueError, match="tempo"):
+        tempo_crop(frames, T, gen, tempo=1.0)
+
+
+def test_tempo_trains_and_guards_resume(tmp_path):
+    """--tempo is validated, trains, is stored in the checkpoint's config, and a resume with another
+    tempo is refused (the epochs would mix two augmentations)."""
+    for bad in ("1.5", "-0.1", "fast"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--tempo", bad])
+    metrics, out = run(tmp_path, "tempo", "--epochs", "1", "--tempo", "0.15")
+    assert metrics["n_test"] > 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["tempo"] == 0.15
+    with pytest.raises(ValueError, match="tempo=0.15"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])

@@ -22,6 +22,11 @@ losses, its Wen update is skipped as a whole (and its center gradient is zero), 
 counter records it, to be read when the caller chooses (CenterLoss.raise_on_bad_batches());
 "off" (False) checks shapes only (a bad label's row is left out of the update, never written
 out of bounds).
+
+The Triton backend's forward also counts each class's rows and the batch's bad rows into one small
+int32 buffer (`stats`), so a step is: zero the buffer, the forward kernel, the loss sum, the
+backward kernel (grad_x + Wen update, gated on the bad-row count) — no class-count or
+finiteness ops between them, and nothing read back to the host.
 """
 from __future__ import annotations
 
@@ -153,10 +158,17 @@ def _raise_if_not_finite(features: torch.Tensor, row_loss: torch.Tensor) -> None
 
 # ----------------------------------------------------------------------------- backends
 
+def new_stats(num_classes: int, device) -> torch.Tensor:
+    """(num_classes + 1,) int32 zeros for the Triton forward to fill: each class's row count, then
+    the number of bad rows (label outside [0, C) or a non-finite feature)."""
+    return torch.zeros(num_classes + 1, dtype=torch.int32, device=device)
+
+
 def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
-             bad_label_is_nan: bool = False):
+             bad_label_is_nan: bool = False, stats: Optional[torch.Tensor] = None):
     """-> (row_loss (B,), diff (B, D)), both in the compute dtype. A label outside [0, C) gives a
-    NaN row loss (the C++ backend raises instead unless bad_label_is_nan)."""
+    NaN row loss (the C++ backend raises instead unless bad_label_is_nan). stats (Triton only, from
+    `new_stats`): the kernel adds the class counts and the bad-row count into it."""
     compute = _compute_dtype(x, centers)
     B, D = x.shape
     if backend == "torch":
@@ -183,7 +195,7 @@ def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch
     if backend == "cuda":
         _native.center_loss_forward_cuda(x, labels, cc, row_loss, diff)
     else:
-        _triton.forward(x, labels, cc, row_loss, diff)
+        _triton.forward(x, labels, cc, row_loss, diff, stats)
     return row_loss, diff
 
 
@@ -228,10 +240,11 @@ def _segments(labels: torch.Tensor, num_classes: int):
 
 
 def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, alpha, grad_centers,
-              deterministic, ok=None):
+              deterministic, bad=None, counts=None):
     """Writes grad_x (if given) and either updates `centers` (Wen) or fills `grad_centers`.
-    ok: a 0-d bool device tensor; where it is False the Triton kernels write no center (only
-    backend "triton" takes it: the others are gated by the caller)."""
+    bad: a 0-d device tensor (int32 count or bool); where it is nonzero the Triton kernels write no
+    center (only backend "triton" takes it: the others are gated by the caller). counts (Triton
+    only): the class counts the forward kernel made; without them they are computed here."""
     B, D = diff.shape
     if backend == "torch":
         if grad_x is not None:
@@ -260,20 +273,23 @@ def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, al
         return
     scatter = centers is not None or grad_centers is not None
     fused_scatter = scatter and not deterministic
-    counts = class_counts(labels, num_classes) if (fused_scatter and centers is not None) else None
+    if not (fused_scatter and centers is not None):
+        counts = None
+    elif counts is None or backend != "triton":
+        counts = class_counts(labels, num_classes)
     if backend == "cuda":
         _native.center_loss_backward_cuda(diff, labels, counts, num_classes, row_scale, grad_x,
                                           centers if fused_scatter else None, alpha,
                                           grad_centers if fused_scatter else None)
     else:
         _triton.backward(diff, labels, counts, num_classes, row_scale, grad_x,
-                         centers if fused_scatter else None, alpha, grad_centers if fused_scatter else None, ok)
+                         centers if fused_scatter else None, alpha, grad_centers if fused_scatter else None, bad)
     if scatter and deterministic:
         order, offsets = _segments(labels, num_classes)
         if backend == "cuda":
             _native.center_loss_segment_update_cuda(diff, order, offsets, row_scale, centers, alpha, grad_centers)
         else:
-            _triton.segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, ok)
+            _triton.segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad)
 
 
 # ----------------------------------------------------------------------------- distributed Wen update
@@ -298,7 +314,7 @@ def _sync_buffer(centers: torch.Tensor) -> torch.Tensor:
     return buffer.zero_()
 
 
-def _wen_update_global(diff, labels, centers, alpha, process_group, ok=None):
+def _wen_update_global(diff, labels, centers, alpha, process_group, bad=None):
     """All-reduce the per-class sums and counts (one fp32 buffer of C*D + C), then update every
     rank alike, so the centers stay bit-identical across ranks.
 
@@ -308,9 +324,9 @@ def _wen_update_global(diff, labels, centers, alpha, process_group, ok=None):
     C, D = centers.shape
     buffer = _sync_buffer(centers)
     sums = buffer[: C * D].view(C, D)
-    keep = _in_range(labels, C)  # a bad label's row, or (ok False) every row, adds nothing
-    if ok is not None:
-        keep = keep & ok
+    keep = _in_range(labels, C)  # a bad label's row, or (bad batch) every row, adds nothing
+    if bad is not None:
+        keep = keep & (bad == 0)
     labels = torch.where(keep, labels, 0)
     sums.index_put_((labels,), torch.where(keep[:, None], diff.float(), 0.0), accumulate=True)
     buffer[C * D:].index_put_((labels,), keep.to(torch.float32), accumulate=True)
@@ -338,29 +354,32 @@ class CenterLossFunction(torch.autograd.Function):
         num_classes = centers.shape[0]
         labels = labels.long().contiguous()
         x = features.contiguous()
-        row_loss, diff = _forward(backend, x, labels, centers.detach().contiguous(),
-                                  bad_label_is_nan=validate == "deferred")
         writes = wen_alpha is not None or centers.requires_grad
-        ok = None
+        # the Triton forward counts classes and bad rows as it goes (nothing to compute for them later)
+        stats = new_stats(num_classes, x.device) if backend == "triton" and writes else None
+        row_loss, diff = _forward(backend, x, labels, centers.detach().contiguous(),
+                                  bad_label_is_nan=validate == "deferred", stats=stats)
+        bad = None
         if validate == "eager" and writes:
             # something will write the centers (the Wen update, or an optimizer from their gradient):
             # non-finite features must stop it here, before any center can become NaN
             _raise_if_not_finite(x, row_loss)
         elif validate == "deferred" and writes:
-            ok = _batch_ok(row_loss, bad_batches)
+            bad = _batch_bad(row_loss, bad_batches, stats)
         if backend == "cpp" and validate == "deferred":  # its backward reads the labels unchecked (the
             labels = torch.where(_in_range(labels, num_classes), labels, 0)  # batch is dropped anyway)
         B = x.shape[0]
         scale = 1.0 / max(B, 1) if reduction == "mean" else 1.0
         ctx.save_for_backward(diff, labels)
-        ctx.ok = ok
+        ctx.bad, ctx.stats = bad, stats
         ctx.meta = (num_classes, reduction, scale, wen_alpha, backend, deterministic, process_group, x.dtype)
         ctx.centers = centers if wen_alpha is not None else None  # updated in place by the backward
         ctx.centers_dtype = centers.dtype
         out_dtype = torch.promote_types(features.dtype, centers.dtype)
         if reduction == "none":
             return row_loss.to(out_dtype)
-        return (row_loss.sum() * scale).to(out_dtype)
+        total = row_loss.mean() if reduction == "mean" and B > 0 else row_loss.sum()  # one op, not sum * scale
+        return total.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -370,53 +389,57 @@ class CenterLossFunction(torch.autograd.Function):
         row_scale = (grad_output.to(diff.dtype) * (2.0 * scale)).reshape(-1).contiguous()
         grad_x, grad_c = _backward_step(diff, labels, num_classes, row_scale, x_dtype, ctx.needs_input_grad[0],
                                         ctx.needs_input_grad[2], ctx.centers, wen_alpha, backend, deterministic,
-                                        ctx.centers_dtype, process_group, ctx.ok)
-        ctx.centers = ctx.ok = None
+                                        ctx.centers_dtype, process_group, ctx.bad,
+                                        ctx.stats[:num_classes] if ctx.stats is not None else None)
+        ctx.centers = ctx.bad = ctx.stats = None
         return grad_x, None, grad_c, None, None, None, None, None, None, None
 
 
-def _batch_ok(row_loss: torch.Tensor, bad_batches: Optional[torch.Tensor]) -> torch.Tensor:
-    """0-d bool on the device: every row loss finite (a non-finite feature or a label outside [0, C)
-    makes its row's loss NaN). Counts a bad batch into `bad_batches`; reads nothing to the host."""
-    ok = torch.isfinite(row_loss.sum())
+def _batch_bad(row_loss: torch.Tensor, bad_batches: Optional[torch.Tensor],
+               stats: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """0-d device tensor, nonzero when the batch has a bad row (a non-finite feature or a label
+    outside [0, C) makes its row's loss NaN or Inf): the forward kernel's bad-row count when it kept
+    `stats`, else a bool computed here. Counts a bad batch into `bad_batches`; reads nothing to the host."""
+    bad = stats[-1] if stats is not None else ~torch.isfinite(row_loss.sum())
     if bad_batches is not None:
-        bad_batches.add_(~ok)
-    return ok
+        bad_batches.add_(bad.bool())
+    return bad
 
 
 def _backward_step(diff, labels, num_classes, row_scale, x_dtype, want_gx, want_gc, centers, wen_alpha, backend,
-                   deterministic, centers_dtype, process_group=None, ok=None):
+                   deterministic, centers_dtype, process_group=None, bad=None, counts=None):
     """-> (grad_x or None, grad_centers or None); moves `centers` by Wen's rule when it is given.
-    ok (0-d bool device tensor, deferred validation): where False, no center moves and the center
-    gradient is zero — decided on the device, in the Triton kernels themselves or by a select here."""
+    bad (0-d device tensor, deferred validation): where nonzero, no center moves and the center
+    gradient is zero — decided on the device, in the Triton kernels themselves or by a select here.
+    counts: the Triton forward's class counts, if it made them."""
     grad_x = torch.empty(diff.shape, dtype=x_dtype, device=diff.device) if want_gx else None
     grad_c = torch.zeros(num_classes, diff.shape[1], dtype=diff.dtype, device=diff.device) if want_gc else None
     update_here, work_centers = None, None
-    gated_in_kernel = ok is not None and backend == "triton"
+    gated_in_kernel = bad is not None and backend == "triton"
     if centers is not None:
         if _distributed_world(process_group) > 1:
-            _wen_update_global(diff, labels, centers, wen_alpha, process_group, ok)
+            _wen_update_global(diff, labels, centers, wen_alpha, process_group, bad)
         else:
             # the kernels update fp32/fp64 contiguous centers in place; anything else via a copy
-            # (so is an update gated by `ok` outside a kernel: it is kept or dropped as a whole)
-            direct = centers.dtype == diff.dtype and centers.is_contiguous() and (ok is None or gated_in_kernel)
+            # (so is an update gated by `bad` outside a kernel: it is kept or dropped as a whole)
+            direct = centers.dtype == diff.dtype and centers.is_contiguous() and (bad is None or gated_in_kernel)
             work_centers = centers.data if direct else centers.detach().to(diff.dtype, copy=True).contiguous()
             update_here = work_centers
-    kernel_ok = ok if gated_in_kernel else None
+    kernel_bad = bad if gated_in_kernel else None
     if update_here is not None and grad_c is not None:
         # both wanted (unusual): two passes, the update first would change nothing the gradient reads
         _backward(backend, diff, labels, num_classes, row_scale, grad_x, None, 0.0, grad_c, deterministic)
         _backward(backend, diff, labels, num_classes, row_scale, None, update_here, wen_alpha, None, deterministic,
-                  kernel_ok)
+                  kernel_bad, counts)
     else:
         _backward(backend, diff, labels, num_classes, row_scale, grad_x, update_here, wen_alpha or 0.0, grad_c,
-                  deterministic, kernel_ok)
+                  deterministic, kernel_bad, counts)
     if work_centers is not None and not direct:
-        if ok is not None and not gated_in_kernel:
-            work_centers = torch.where(ok, work_centers, centers.data.to(work_centers.dtype))
+        if bad is not None and not gated_in_kernel:
+            work_centers = torch.where(bad.bool(), centers.data.to(work_centers.dtype), work_centers)
         centers.data.copy_(work_centers)
-    if grad_c is not None and ok is not None:
-        grad_c = torch.where(ok, grad_c, 0.0)
+    if grad_c is not None and bad is not None:
+        grad_c = torch.where(bad.bool(), 0.0, grad_c)
     return grad_x, (grad_c.to(centers_dtype) if grad_c is not None else None)
 
 
@@ -431,12 +454,17 @@ def _backward_step(diff, labels, num_classes, row_scale, x_dtype, want_gx, want_
 def _op_forward(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, wen_alpha: float,
                 update_centers: bool, backend: str, deterministic: bool,
                 gate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (row_loss (B,), diff (B, D), ok ()); wen_alpha/update_centers/deterministic/gate are for
-    the backward (gate: deferred validation, no center moves for a batch whose `ok` is False)."""
+    """-> (row_loss (B,), diff (B, D), stats (C + 1,) int32: class counts, then bad rows);
+    wen_alpha/update_centers/deterministic/gate are for the backward (gate: deferred validation, no
+    center moves for a batch with a bad row)."""
     labels = labels.long().contiguous()
+    C = centers.shape[0]
+    stats = new_stats(C, features.device) if backend == "triton" else None
     row_loss, diff = _forward(backend, features.contiguous(), labels, centers.detach().contiguous(),
-                              bad_label_is_nan=gate)
-    return row_loss, diff, _batch_ok(row_loss, None)
+                              bad_label_is_nan=gate, stats=stats)
+    if stats is None:  # the other backends' forwards count nothing: the same numbers from torch ops
+        stats = torch.cat((class_counts(labels, C), (~torch.isfinite(row_loss)).sum().reshape(1))).to(torch.int32)
+    return row_loss, diff, stats
 
 
 @_op_forward.register_fake
@@ -444,20 +472,24 @@ def _(features, labels, centers, wen_alpha, update_centers, backend, determinist
     compute = _compute_dtype(features, centers)
     B, D = features.shape
     return (features.new_empty(B, dtype=compute), features.new_empty(B, D, dtype=compute),
-            features.new_empty((), dtype=torch.bool))
+            features.new_empty(centers.shape[0] + 1, dtype=torch.int32))
 
 
 @torch.library.custom_op("fastser::center_loss_backward", mutates_args=("centers",))
 def _op_backward(diff: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, centers: torch.Tensor,
                  wen_alpha: float, update_centers: bool, want_grad_x: bool, want_grad_centers: bool,
-                 x_dtype: torch.dtype, backend: str, deterministic: bool, ok: Optional[torch.Tensor] = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 x_dtype: torch.dtype, backend: str, deterministic: bool, stats: torch.Tensor,
+                 gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """stats: the forward's (C + 1,) class counts and bad-row count; gate: no center moves for a
+    batch with a bad row."""
     labels = labels.long()
-    if backend == "cpp" and ok is not None:  # its backward reads the labels unchecked (the batch is dropped)
-        labels = torch.where(_in_range(labels, centers.shape[0]), labels, 0)
-    grad_x, grad_c = _backward_step(diff, labels.contiguous(), centers.shape[0], row_scale.contiguous(),
+    C = centers.shape[0]
+    if backend == "cpp" and gate:  # its backward reads the labels unchecked (the batch is dropped)
+        labels = torch.where(_in_range(labels, C), labels, 0)
+    grad_x, grad_c = _backward_step(diff, labels.contiguous(), C, row_scale.contiguous(),
                                     x_dtype, want_grad_x, want_grad_centers, centers if update_centers else None,
-                                    wen_alpha, backend, deterministic, centers.dtype, ok=ok)
+                                    wen_alpha, backend, deterministic, centers.dtype,
+                                    bad=stats[C] if gate else None, counts=stats[:C] if backend == "triton" else None)
     # a custom op returns tensors, never None: unwanted gradients are empty
     return (grad_x if grad_x is not None else diff.new_empty(0, dtype=x_dtype),
             grad_c if grad_c is not None else diff.new_empty(0, dtype=centers.dtype))
@@ -465,7 +497,7 @@ def _op_backward(diff: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tens
 
 @_op_backward.register_fake
 def _(diff, labels, row_scale, centers, wen_alpha, update_centers, want_grad_x, want_grad_centers, x_dtype,
-      backend, deterministic, ok=None):
+      backend, deterministic, stats, gate):
     return (diff.new_empty(diff.shape if want_grad_x else (0,), dtype=x_dtype),
             diff.new_empty(centers.shape if want_grad_centers else (0,), dtype=centers.dtype))
 
@@ -476,14 +508,13 @@ def _op_setup_context(ctx, inputs, output):
     ctx.meta = (features.dtype, wen_alpha, update_centers, backend, deterministic, gate)
 
 
-def _op_autograd(ctx, grad_row_loss, grad_diff, grad_ok):
-    diff, labels, centers, ok = ctx.saved_tensors
+def _op_autograd(ctx, grad_row_loss, grad_diff, grad_stats):
+    diff, labels, centers, stats = ctx.saved_tensors
     x_dtype, wen_alpha, update_centers, backend, deterministic, gate = ctx.meta
     want_gx, want_gc = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     # d(row loss)/dx = 2 diff: each row's weight is twice its upstream gradient
     grad_x, grad_c = _op_backward(diff, labels, (grad_row_loss * 2.0).to(diff.dtype), centers, wen_alpha,
-                                  update_centers, want_gx, want_gc, x_dtype, backend, deterministic,
-                                  ok if gate else None)
+                                  update_centers, want_gx, want_gc, x_dtype, backend, deterministic, stats, gate)
     return (grad_x if want_gx else None), None, (grad_c if want_gc else None), None, None, None, None, None
 
 
@@ -519,10 +550,10 @@ def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     if compiling and _distributed_world(process_group) == 1:
         # the eager checks would read the host, so a compiled step validates on the device
         gate = validate != "off" and (wen_alpha is not None or centers.requires_grad)
-        row_loss, _, ok = _op_forward(features, labels, centers, float(wen_alpha or 0.0), wen_alpha is not None,
-                                      name, deterministic, gate)
+        row_loss, _, stats = _op_forward(features, labels, centers, float(wen_alpha or 0.0), wen_alpha is not None,
+                                         name, deterministic, gate)
         if gate and bad_batches is not None:
-            bad_batches.add_(~ok)
+            bad_batches.add_(stats[-1] > 0)
         row_loss = row_loss.to(torch.promote_types(features.dtype, centers.dtype))
         if reduction == "none":
             return row_loss

@@ -1,11 +1,15 @@
 """Triton kernels for the fused center loss (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
-forward : per block of rows, diff = x - c_y (fp32) and the row's squared distance, one pass.
+forward : per block of rows, diff = x - c_y (fp32) and the row's squared distance, one pass;
+          with STATS, also each class's row count (for the Wen update) and the batch's number of
+          bad rows (label out of range or a non-finite feature), with integer atomics into one
+          (C + 1,) int32 buffer — the counts and the validity flag cost no launch of their own.
 backward: per block of rows, grad_x = g_i * diff_i and, in the same pass, the Wen update or the
           center gradient scattered with fp32 atomics; or, deterministic, one program per
           (class, column block) summing its rows in label-sorted order, no atomics.
-          GATE (deferred validation): a device flag OK (0-d bool, every row loss finite) is read by
-          each program; where it is False no center is written, with no host round trip.
+          GATE (deferred validation): a device counter BAD (the forward's bad-row count, or a
+          bool) is read by each program; where it is nonzero no center is written, with no host
+          round trip.
 
 Each kernel has a `*_launch` function (tensors -> a TritonLaunch with every argument by name) and
 a plain function that runs it; tests/ops/test_gpu_compile.py compiles the launches for sm_80/sm_90.
@@ -25,8 +29,8 @@ def block_d(D: int, cap: int = 512) -> int:
 
 
 @triton.jit
-def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, B, D, C,
-                    ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, STATS_ptr, B, D, C,
+                    STATS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     labels = tl.load(LABELS_ptr + rows, mask=row_ok, other=0)
@@ -43,11 +47,17 @@ def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, B, D
         acc += v * v
     loss = tl.sum(acc, axis=1)
     tl.store(ROW_LOSS_ptr + rows, tl.where(valid, loss, float("nan")), mask=row_ok)
+    if STATS:  # STATS_ptr: C class counts, then the bad-row count; zeroed by the caller
+        one = tl.full((ROWS,), 1, tl.int32)
+        tl.atomic_add(STATS_ptr + labels, one, mask=valid)
+        # a sum of squares is finite iff it is below inf (NaN compares False)
+        bad = row_ok & ((valid & (loss < float("inf"))) == 0)
+        tl.atomic_add(STATS_ptr + C + tl.zeros((ROWS,), tl.int32), one, mask=bad)
 
 
 @triton.jit
 def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_stride, GRAD_X_ptr,
-                     CENTERS_ptr, GRAD_C_ptr, OK_ptr, alpha, B, D, C,
+                     CENTERS_ptr, GRAD_C_ptr, BAD_ptr, alpha, B, D, C,
                      HAS_GRAD_X: tl.constexpr, SCATTER: tl.constexpr, GATE: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # SCATTER: 0 nothing, 1 Wen update into CENTERS, 2 gradient into GRAD_C
@@ -56,7 +66,7 @@ def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_
     labels = tl.load(LABELS_ptr + rows, mask=row_ok, other=0)
     valid = row_ok & (labels >= 0) & (labels < C)
     if GATE:  # the scalar flag is broadcast as an integer (the interpreter rejects a scalar bool in a mask)
-        valid = valid & ((tl.zeros((ROWS,), tl.int32) + tl.load(OK_ptr)) != 0)
+        valid = valid & ((tl.zeros((ROWS,), tl.int32) + tl.load(BAD_ptr).to(tl.int32)) == 0)
     labels = tl.where(valid, labels, 0)
     g = tl.load(ROW_SCALE_ptr + rows * row_scale_stride, mask=row_ok, other=0.0)
     if SCATTER == 1:
@@ -77,14 +87,14 @@ def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_
 
 
 @triton.jit
-def _segment_kernel(DIFF_ptr, ORDER_ptr, OFFSETS_ptr, ROW_SCALE_ptr, row_scale_stride, OUT_ptr, OK_ptr, alpha, D,
+def _segment_kernel(DIFF_ptr, ORDER_ptr, OFFSETS_ptr, ROW_SCALE_ptr, row_scale_stride, OUT_ptr, BAD_ptr, alpha, D,
                     WEN: tl.constexpr, GATE: tl.constexpr, BLOCK_D: tl.constexpr):
     # OUT is the centers (WEN: c_j += alpha * sum / (1 + n_j)) or the center gradient (written)
     cls = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     m = cols < D
     if GATE:
-        m = m & ((tl.zeros((BLOCK_D,), tl.int32) + tl.load(OK_ptr)) != 0)
+        m = m & ((tl.zeros((BLOCK_D,), tl.int32) + tl.load(BAD_ptr).to(tl.int32)) == 0)
     begin = tl.load(OFFSETS_ptr + cls)
     end = tl.load(OFFSETS_ptr + cls + 1)
     acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -107,23 +117,27 @@ def _row_scale_stride(row_scale) -> int:
     return 0 if row_scale.numel() == 1 else 1
 
 
-def _flag(ok, unused):
-    """The gate as a byte (a bool tensor viewed, no copy: the kernels read it as uint8)."""
-    return ok.view(torch.uint8) if ok is not None else unused
+def _flag(bad, unused):
+    """The gate: an int32 counter as is, a bool viewed as a byte (no copy); nonzero = bad batch."""
+    if bad is None:
+        return unused
+    return bad.view(torch.uint8) if bad.dtype == torch.bool else bad
 
 
-def forward_launch(x, labels, centers, row_loss, diff) -> TritonLaunch:
-    """x (B, D) any float; labels (B,) int64; centers (C, D) fp32; row_loss (B,), diff (B, D) fp32."""
+def forward_launch(x, labels, centers, row_loss, diff, stats=None) -> TritonLaunch:
+    """x (B, D) any float; labels (B,) int64; centers (C, D) fp32; row_loss (B,), diff (B, D) fp32;
+    stats (optional, (C + 1,) int32 zeros): gets the class counts and the bad-row count added."""
     B, D = x.shape
     return TritonLaunch(_forward_kernel, (triton.cdiv(B, ROWS),), dict(
         X_ptr=x, LABELS_ptr=labels, CENTERS_ptr=centers, ROW_LOSS_ptr=row_loss, DIFF_ptr=diff,
-        B=B, D=D, C=centers.shape[0], ROWS=ROWS, BLOCK_D=block_d(D)))
+        STATS_ptr=stats if stats is not None else labels, B=B, D=D, C=centers.shape[0],
+        STATS=stats is not None, ROWS=ROWS, BLOCK_D=block_d(D)))
 
 
 def backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha,
-                    grad_centers, ok=None) -> TritonLaunch:
-    """grad_x (optional) and at most one of centers (Wen update, needs counts) and grad_centers;
-    ok (optional 0-d bool): no center is written unless it is True."""
+                    grad_centers, bad=None) -> TritonLaunch:
+    """grad_x (optional) and at most one of centers (Wen update, needs counts: int32 or int64) and
+    grad_centers; bad (optional 0-d int32 or bool on the device): no center is written unless it is 0."""
     B, D = diff.shape
     scatter = SCATTER_WEN if centers is not None else (SCATTER_GRAD if grad_centers is not None else SCATTER_NONE)
     unused = diff  # stands in for pointers that a constexpr branch never touches
@@ -133,29 +147,29 @@ def backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, center
         GRAD_X_ptr=grad_x if grad_x is not None else unused,
         CENTERS_ptr=centers if centers is not None else unused,
         GRAD_C_ptr=grad_centers if grad_centers is not None else unused,
-        OK_ptr=_flag(ok, labels), alpha=float(alpha), B=B, D=D, C=num_classes,
-        HAS_GRAD_X=grad_x is not None, SCATTER=scatter, GATE=ok is not None, ROWS=ROWS, BLOCK_D=block_d(D)))
+        BAD_ptr=_flag(bad, labels), alpha=float(alpha), B=B, D=D, C=num_classes,
+        HAS_GRAD_X=grad_x is not None, SCATTER=scatter, GATE=bad is not None, ROWS=ROWS, BLOCK_D=block_d(D)))
 
 
-def segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, ok=None) -> TritonLaunch:
-    """Exactly one of centers (Wen update) and grad_centers (written); ok as in backward_launch."""
+def segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None) -> TritonLaunch:
+    """Exactly one of centers (Wen update) and grad_centers (written); bad as in backward_launch."""
     D = diff.shape[1]
     C = offsets.numel() - 1
     BLOCK_D = block_d(D, cap=256)
     return TritonLaunch(_segment_kernel, (triton.cdiv(D, BLOCK_D), C), dict(
         DIFF_ptr=diff, ORDER_ptr=order, OFFSETS_ptr=offsets, ROW_SCALE_ptr=row_scale,
         row_scale_stride=_row_scale_stride(row_scale), OUT_ptr=centers if centers is not None else grad_centers,
-        OK_ptr=_flag(ok, offsets), alpha=float(alpha), D=D, WEN=centers is not None,
-        GATE=ok is not None, BLOCK_D=BLOCK_D))
+        BAD_ptr=_flag(bad, offsets), alpha=float(alpha), D=D, WEN=centers is not None,
+        GATE=bad is not None, BLOCK_D=BLOCK_D))
 
 
-def forward(x, labels, centers, row_loss, diff) -> None:
-    forward_launch(x, labels, centers, row_loss, diff).launch()
+def forward(x, labels, centers, row_loss, diff, stats=None) -> None:
+    forward_launch(x, labels, centers, row_loss, diff, stats).launch()
 
 
-def backward(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, ok=None) -> None:
-    backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, ok).launch()
+def backward(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad=None) -> None:
+    backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad).launch()
 
 
-def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, ok=None) -> None:
-    segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, ok).launch()
+def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None) -> None:
+    segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad).launch()

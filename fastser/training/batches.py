@@ -144,13 +144,15 @@ class Batcher:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def batch(self, rows: torch.Tensor, gen: Optional[torch.Generator] = None) -> Batch:
+    def batch(self, rows: torch.Tensor, gen: Optional[torch.Generator] = None, tempo: float = 0.0) -> Batch:
+        """rows (B,) of the table -> a Batch. With `gen` (training): a random crop of train_frames
+        per utterance; `tempo` > 0 also plays each crop at a random rate in [1 - tempo, 1 + tempo]
+        (frames dropped or repeated, see `tempo_crop`). Without `gen`: whole utterances."""
         frames = self.frames[rows]
-        if gen is not None:  # training: a random crop of train_frames from each utterance
+        if gen is not None:
+            frames, t_idx = tempo_crop(frames, self.train_frames, gen, tempo)
+            t_idx = t_idx.clamp(max=self.width - 1)
             T = self.train_frames
-            start = (torch.rand(len(rows), generator=gen) * (frames - T).clamp(min=0).add(1)).long()
-            frames = (frames - start).clamp(max=T)
-            t_idx = (start[:, None] + torch.arange(T)[None, :]).clamp(max=self.width - 1)
         else:
             T = min(self.width, -(-int(frames.max()) // self.eval_bucket) * self.eval_bucket)
             t_idx = None
@@ -178,6 +180,33 @@ class Batcher:
                    for k, x in self.feats.items()}
         groups = self.groups_dev.index_select(0, rows_dev) if self.groups_dev is not None else None
         return raw, self.labels_dev.index_select(0, rows_dev), groups
+
+
+def tempo_crop(frames: torch.Tensor, T: int, gen: torch.Generator, tempo: float = 0.0) -> tuple:
+    """A random crop of T output frames from each utterance, at a random playback rate.
+
+    frames (B,) valid frames per utterance (host). Returns (frames_out (B,), t_idx (B, T)): output
+    frame j of item i reads source frame t_idx[i, j]; frames_out[i] of them are valid.
+    With tempo = 0 this is a plain crop (start + j); with tempo > 0 each item draws a rate r in
+    [1 - tempo, 1 + tempo] and reads start + floor(j * r): r > 1 drops frames (faster speech),
+    r < 1 repeats them (slower). Tempo changes the duration of phones and pauses but not the
+    spectrum, pitch or level, so the labels stay true. Draws come from the host generator `gen` (a
+    run reproduces on any device); tempo = 0 draws exactly what the plain crop always drew."""
+    B = frames.shape[0]
+    if tempo > 0:
+        if not tempo < 1:
+            raise ValueError(f"tempo must be in [0, 1), got {tempo}")
+        rate = 1 + tempo * (2 * torch.rand(B, generator=gen, dtype=torch.float64) - 1)
+        span = (T * rate).ceil().long()  # source frames a full crop covers
+    else:
+        rate, span = None, torch.full((B,), T, dtype=torch.long)
+    start = (torch.rand(B, generator=gen) * (frames - span).clamp(min=0).add(1)).long()
+    j = torch.arange(T)
+    if rate is None:
+        return (frames - start).clamp(max=T), start[:, None] + j[None, :]
+    t_idx = start[:, None] + (j[None, :] * rate[:, None]).floor().long()
+    # output frame j is valid while its source frame is: j * r < frames - start
+    return ((frames - start) / rate).ceil().long().clamp(max=T), t_idx
 
 
 def spec_augment(feats: dict, frames_host: torch.Tensor, gen: torch.Generator, n_masks: int = 2) -> dict:

@@ -172,8 +172,9 @@ class Run:
 
     def resume_from(self, ckpt: dict) -> None:
         old, new = ckpt["config"], self.config()
-        for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "validation", "seed", "lambda_center", "lambda_recon", "world_size", "batch_size"):
-            made = old.get(key, {"normalize": "corpus", "prosody": False, "bin_stats": False, "validation": True}.get(key))  # older runs: their settings
+        for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "validation", "seed", "lambda_center", "lambda_recon", "world_size", "batch_size", "tempo"):
+            made = old.get(key, {"normalize": "corpus", "prosody": False, "bin_stats": False, "validation": True,
+                                 "tempo": 0.0}.get(key))  # older runs: their settings
             if made != new.get(key):
                 raise ValueError(f"--resume: the checkpoint was made with {key}={made!r}, "
                                  f"this run has {new.get(key)!r}")
@@ -302,7 +303,7 @@ class Run:
             bar = tqdm(total=steps, desc=f"fold {fold_index + 1}/{len(self.folds)} epoch {epoch + 1}/{a.epochs}",
                        leave=False, dynamic_ncols=True, file=sys.stderr)
         for step in range(steps):
-            batch = batcher.batch(mine[step * per_rank: (step + 1) * per_rank], gen)
+            batch = batcher.batch(mine[step * per_rank: (step + 1) * per_rank], gen, tempo=a.tempo)
             feats = spec_augment(batch.feats, batch.frames_host, gen) if a.specaugment else batch.feats
             out, terms = train_step(train_model, objective, opt, feats, batch.feats, batch.frames, batch.labels,
                                     a.amp, clip_params=model.parameters())

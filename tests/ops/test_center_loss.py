@@ -499,3 +499,89 @@ def test_deferred_validation_never_syncs_the_stream(backend):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert int(loss_fn.bad_batches) == 1
+
+
+# --------------------------------------------------------------------------- launches per step
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
+def test_triton_forward_counts_classes_and_bad_rows():
+    """With `stats` the forward kernel adds each class's row count and the number of bad rows (label
+    outside [0, C), NaN or Inf feature) into one int32 buffer — what the Wen update and the
+    deferred gate need, with no op of their own — across several programs of rows."""
+    import importlib
+    ops = importlib.import_module("fastser.ops.center_loss")  # the module, not the function of that name
+    from fastser.ops import center_loss_triton
+    C, D = 5, 24
+    x, labels, centers = make_batch(41, C, D)
+    labels[3], labels[10] = -1, C  # two bad labels
+    x[20, 5], x[33, 0] = float("nan"), float("-inf")  # two bad features, and one row with both:
+    labels[33] = 7
+    stats = ops.new_stats(C, x.device)
+    row_loss, diff = torch.empty(41, device=x.device), torch.empty(41, D, device=x.device)
+    center_loss_triton.forward(x, labels, centers, row_loss, diff, stats)
+    in_range = (labels >= 0) & (labels < C)
+    assert stats.dtype == torch.int32 and stats.shape == (C + 1,)
+    assert torch.equal(stats[:C].long(), torch.bincount(labels[in_range], minlength=C))
+    assert int(stats[C]) == 4  # rows 3, 10, 20, 33
+    good = torch.ones(41, dtype=torch.bool, device=x.device)
+    good[[3, 10, 20, 33]] = False
+    ref_loss, ref_diff = ops._forward("torch", x[good], labels[good], centers)
+    torch.testing.assert_close(row_loss[good], ref_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(diff[good], ref_diff, rtol=0, atol=0)
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops a step dispatches; Triton launches are recorded by name instead of the
+    interpreter's own tensor traffic."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# ops that launch no device kernel: allocation, views, metadata
+_NO_KERNEL = {"empty", "new_empty", "detach", "view", "slice", "select", "alias", "expand", "reshape",
+              "_reshape_alias", "as_strided", "unsqueeze", "squeeze", "t", "promote_types"}
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("validate", ["deferred", "eager"])
+def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatch):
+    """One Wen training step with the Triton backend: exactly two Triton kernels (forward; backward
+    with the center update) and, besides them, only: zeroing the (C + 1,) stats buffer, the loss
+    reduction, the row scale, and (deferred) adding the batch's flag into the bad-batch counter.
+    No class-count or finiteness ops: the forward kernel made those numbers."""
+    import importlib
+    from torch.utils._python_dispatch import _disable_current_modes
+    ops = importlib.import_module("fastser.ops.center_loss")
+    rec = _AtenOps()
+    for name in ("forward", "backward", "segment_update"):
+        real = getattr(ops._triton, name)
+
+        def launch(*args, _real=real, _name=name, **kwargs):
+            rec.ops.append("triton." + _name)
+            with _disable_current_modes():
+                _real(*args, **kwargs)
+        monkeypatch.setattr(ops._triton, name, launch)
+    loss_fn = CenterLoss(4, 16, backend="triton", validate=validate).to(DEVICE)
+    x, labels, _ = make_batch(32, 4, 16)
+    x.requires_grad_()
+    grad = torch.ones((), device=DEVICE)
+    before = loss_fn.centers.detach().clone()
+    with rec:
+        loss = loss_fn(x, labels)
+        torch.autograd.backward(loss, grad)
+    launched = [op for op in rec.ops if op not in _NO_KERNEL]
+    step = ["zeros", "triton.forward"]  # the stats buffer, then the forward kernel that fills it
+    if validate == "deferred":
+        step += ["_to_copy", "add_"]  # the batch's flag into the bad-batch counter, on the device
+    else:  # eager: the label range and the loss's finiteness, read on the host (isfinite is abs/ne/eq/mul)
+        step = ["aminmax", "_local_scalar_dense", "_local_scalar_dense"] + step
+        step += ["sum", "abs", "ne", "eq", "mul", "_local_scalar_dense"]
+    step += ["mean", "mul", "triton.backward"]  # the loss; the row scale; grad_x + Wen update
+    assert launched == step
+    assert not torch.equal(loss_fn.centers, before)  # the update really ran

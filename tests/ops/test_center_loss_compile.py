@@ -67,9 +67,13 @@ def test_the_ops_pass_torch_library_opcheck():
     c = torch.randn(4, 6, device=DEVICE)
     for args in ((x, y, c, 0.0, False, "torch", False), (x, y, c.clone().requires_grad_(), 0.0, False, "torch", False)):
         torch.library.opcheck(_op_forward, args)
+    torch.library.opcheck(_op_forward, (x, y, c, 0.5, True, "torch", False, True))
+    _, _, stats = _op_forward(x, y, c, 0.5, True, "torch", False, True)
+    assert torch.equal(stats, torch.cat((torch.bincount(y, minlength=4), torch.zeros(1, dtype=torch.int64))).int())
     diff = torch.randn(8, 6, device=DEVICE)
-    torch.library.opcheck(_op_backward, (diff, y, torch.ones(8, device=DEVICE), c.clone(), 0.5, True, True, False,
-                                         torch.float32, "torch", False))
+    for gate in (False, True):
+        torch.library.opcheck(_op_backward, (diff, y, torch.ones(8, device=DEVICE), c.clone(), 0.5, True, True, False,
+                                             torch.float32, "torch", False, stats, gate))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
