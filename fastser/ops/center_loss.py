@@ -165,10 +165,12 @@ def new_stats(num_classes: int, device) -> torch.Tensor:
 
 
 def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
-             bad_label_is_nan: bool = False, stats: Optional[torch.Tensor] = None):
+             bad_label_is_nan: bool = False, stats: Optional[torch.Tensor] = None,
+             bad_batches: Optional[torch.Tensor] = None):
     """-> (row_loss (B,), diff (B, D)), both in the compute dtype. A label outside [0, C) gives a
     NaN row loss (the C++ backend raises instead unless bad_label_is_nan). stats (Triton only, from
-    `new_stats`): the kernel adds the class counts and the bad-row count into it."""
+    `new_stats`): the kernel adds the class counts and the bad-row count into it, and 1 into
+    `bad_batches` (if given) for a batch with a bad row."""
     compute = _compute_dtype(x, centers)
     B, D = x.shape
     if backend == "torch":
@@ -195,7 +197,7 @@ def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch
     if backend == "cuda":
         _native.center_loss_forward_cuda(x, labels, cc, row_loss, diff)
     else:
-        _triton.forward(x, labels, cc, row_loss, diff, stats)
+        _triton.forward(x, labels, cc, row_loss, diff, stats, bad_batches if stats is not None else None)
     return row_loss, diff
 
 
@@ -240,12 +242,16 @@ def _segments(labels: torch.Tensor, num_classes: int):
 
 
 def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, alpha, grad_centers,
-              deterministic, bad=None, counts=None):
+              deterministic, bad=None, counts=None, row_mult=1.0):
     """Writes grad_x (if given) and either updates `centers` (Wen) or fills `grad_centers`.
+    Row i's weight is row_scale[i] * row_mult (row_scale (1,) or (B,), any float dtype): the Triton
+    kernels read the upstream gradient as it is; the other backends get it multiplied out here.
     bad: a 0-d device tensor (int32 count or bool); where it is nonzero the Triton kernels write no
     center (only backend "triton" takes it: the others are gated by the caller). counts (Triton
     only): the class counts the forward kernel made; without them they are computed here."""
     B, D = diff.shape
+    if backend != "triton":
+        row_scale = (row_scale.to(diff.dtype) * row_mult).contiguous()
     if backend == "torch":
         if grad_x is not None:
             grad_x.copy_(row_scale[:, None] * diff if row_scale.numel() == B else row_scale * diff)
@@ -283,13 +289,14 @@ def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, al
                                           grad_centers if fused_scatter else None)
     else:
         _triton.backward(diff, labels, counts, num_classes, row_scale, grad_x,
-                         centers if fused_scatter else None, alpha, grad_centers if fused_scatter else None, bad)
+                         centers if fused_scatter else None, alpha, grad_centers if fused_scatter else None, bad,
+                         row_mult)
     if scatter and deterministic:
         order, offsets = _segments(labels, num_classes)
         if backend == "cuda":
             _native.center_loss_segment_update_cuda(diff, order, offsets, row_scale, centers, alpha, grad_centers)
         else:
-            _triton.segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad)
+            _triton.segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad, row_mult)
 
 
 # ----------------------------------------------------------------------------- distributed Wen update
@@ -358,14 +365,16 @@ class CenterLossFunction(torch.autograd.Function):
         # the Triton forward counts classes and bad rows as it goes (nothing to compute for them later)
         stats = new_stats(num_classes, x.device) if backend == "triton" and writes else None
         row_loss, diff = _forward(backend, x, labels, centers.detach().contiguous(),
-                                  bad_label_is_nan=validate == "deferred", stats=stats)
+                                  bad_label_is_nan=validate == "deferred", stats=stats,
+                                  bad_batches=bad_batches if validate == "deferred" else None)
         bad = None
+        counted = stats is not None and bad_batches is not None and validate == "deferred"
         if validate == "eager" and writes:
             # something will write the centers (the Wen update, or an optimizer from their gradient):
             # non-finite features must stop it here, before any center can become NaN
             _raise_if_not_finite(x, row_loss)
         elif validate == "deferred" and writes:
-            bad = _batch_bad(row_loss, bad_batches, stats)
+            bad = _batch_bad(row_loss, None if counted else bad_batches, stats)
         if backend == "cpp" and validate == "deferred":  # its backward reads the labels unchecked (the
             labels = torch.where(_in_range(labels, num_classes), labels, 0)  # batch is dropped anyway)
         B = x.shape[0]
@@ -386,11 +395,11 @@ class CenterLossFunction(torch.autograd.Function):
         diff, labels = ctx.saved_tensors
         num_classes, reduction, scale, wen_alpha, backend, deterministic, process_group, x_dtype = ctx.meta
         # d(row loss)/dx = 2 diff, so each row's weight is 2 * scale * upstream gradient
-        row_scale = (grad_output.to(diff.dtype) * (2.0 * scale)).reshape(-1).contiguous()
-        grad_x, grad_c = _backward_step(diff, labels, num_classes, row_scale, x_dtype, ctx.needs_input_grad[0],
-                                        ctx.needs_input_grad[2], ctx.centers, wen_alpha, backend, deterministic,
-                                        ctx.centers_dtype, process_group, ctx.bad,
-                                        ctx.stats[:num_classes] if ctx.stats is not None else None)
+        grad_x, grad_c = _backward_step(diff, labels, num_classes, grad_output.reshape(-1), x_dtype,
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.centers, wen_alpha,
+                                        backend, deterministic, ctx.centers_dtype, process_group, ctx.bad,
+                                        ctx.stats[:num_classes] if ctx.stats is not None else None,
+                                        row_mult=2.0 * scale)
         ctx.centers = ctx.bad = ctx.stats = None
         return grad_x, None, grad_c, None, None, None, None, None, None, None
 
@@ -407,8 +416,9 @@ def _batch_bad(row_loss: torch.Tensor, bad_batches: Optional[torch.Tensor],
 
 
 def _backward_step(diff, labels, num_classes, row_scale, x_dtype, want_gx, want_gc, centers, wen_alpha, backend,
-                   deterministic, centers_dtype, process_group=None, bad=None, counts=None):
+                   deterministic, centers_dtype, process_group=None, bad=None, counts=None, row_mult=1.0):
     """-> (grad_x or None, grad_centers or None); moves `centers` by Wen's rule when it is given.
+    Row i's weight is row_scale[i] * row_mult (row_scale: the upstream gradient, (1,) or (B,)).
     bad (0-d device tensor, deferred validation): where nonzero, no center moves and the center
     gradient is zero — decided on the device, in the Triton kernels themselves or by a select here.
     counts: the Triton forward's class counts, if it made them."""
@@ -428,12 +438,13 @@ def _backward_step(diff, labels, num_classes, row_scale, x_dtype, want_gx, want_
     kernel_bad = bad if gated_in_kernel else None
     if update_here is not None and grad_c is not None:
         # both wanted (unusual): two passes, the update first would change nothing the gradient reads
-        _backward(backend, diff, labels, num_classes, row_scale, grad_x, None, 0.0, grad_c, deterministic)
+        _backward(backend, diff, labels, num_classes, row_scale, grad_x, None, 0.0, grad_c, deterministic,
+                  row_mult=row_mult)
         _backward(backend, diff, labels, num_classes, row_scale, None, update_here, wen_alpha, None, deterministic,
-                  kernel_bad, counts)
+                  kernel_bad, counts, row_mult)
     else:
         _backward(backend, diff, labels, num_classes, row_scale, grad_x, update_here, wen_alpha or 0.0, grad_c,
-                  deterministic, kernel_bad, counts)
+                  deterministic, kernel_bad, counts, row_mult)
     if work_centers is not None and not direct:
         if bad is not None and not gated_in_kernel:
             work_centers = torch.where(bad.bool(), centers.data.to(work_centers.dtype), work_centers)

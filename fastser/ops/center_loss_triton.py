@@ -3,8 +3,10 @@
 forward : per block of rows, diff = x - c_y (fp32) and the row's squared distance, one pass;
           with STATS, also each class's row count (for the Wen update) and the batch's number of
           bad rows (label out of range or a non-finite feature), with integer atomics into one
-          (C + 1,) int32 buffer — the counts and the validity flag cost no launch of their own.
-backward: per block of rows, grad_x = g_i * diff_i and, in the same pass, the Wen update or the
+          (C + 1,) int32 buffer — the counts and the validity flag cost no launch of their own —
+          and, given a bad-batch counter, adds 1 to it when the batch has a bad row.
+backward: per block of rows, grad_x = g_i * diff_i (g_i = the upstream gradient, read in place,
+          times 2 * scale) and, in the same pass, the Wen update or the
           center gradient scattered with fp32 atomics; or, deterministic, one program per
           (class, column block) summing its rows in label-sorted order, no atomics.
           GATE (deferred validation): a device counter BAD (the forward's bad-row count, or a
@@ -29,8 +31,8 @@ def block_d(D: int, cap: int = 512) -> int:
 
 
 @triton.jit
-def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, STATS_ptr, B, D, C,
-                    STATS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, STATS_ptr, BAD_BATCHES_ptr, B, D, C,
+                    STATS: tl.constexpr, COUNT_BAD_BATCHES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     labels = tl.load(LABELS_ptr + rows, mask=row_ok, other=0)
@@ -52,11 +54,14 @@ def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, STAT
         tl.atomic_add(STATS_ptr + labels, one, mask=valid)
         # a sum of squares is finite iff it is below inf (NaN compares False)
         bad = row_ok & ((valid & (loss < float("inf"))) == 0)
-        tl.atomic_add(STATS_ptr + C + tl.zeros((ROWS,), tl.int32), one, mask=bad)
+        n_bad = tl.sum(bad.to(tl.int32), axis=0)
+        old = tl.atomic_add(STATS_ptr + C, n_bad, mask=n_bad > 0)
+        if COUNT_BAD_BATCHES:  # the program whose bad rows arrive first counts the batch, exactly once
+            tl.atomic_add(BAD_BATCHES_ptr, 1, mask=(n_bad > 0) & (old == 0))
 
 
 @triton.jit
-def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_stride, GRAD_X_ptr,
+def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_stride, row_scale_mult, GRAD_X_ptr,
                      CENTERS_ptr, GRAD_C_ptr, BAD_ptr, alpha, B, D, C,
                      HAS_GRAD_X: tl.constexpr, SCATTER: tl.constexpr, GATE: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -68,7 +73,8 @@ def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_
     if GATE:  # the scalar flag is broadcast as an integer (the interpreter rejects a scalar bool in a mask)
         valid = valid & ((tl.zeros((ROWS,), tl.int32) + tl.load(BAD_ptr).to(tl.int32)) == 0)
     labels = tl.where(valid, labels, 0)
-    g = tl.load(ROW_SCALE_ptr + rows * row_scale_stride, mask=row_ok, other=0.0)
+    # each row's weight: its upstream gradient (read in place, any float dtype, stride 0 when shared) x 2 scale
+    g = tl.load(ROW_SCALE_ptr + rows * row_scale_stride, mask=row_ok, other=0.0).to(tl.float32) * row_scale_mult
     if SCATTER == 1:
         n = tl.load(COUNTS_ptr + labels, mask=valid, other=0).to(tl.float32)
         coef = alpha / (1.0 + n)
@@ -87,7 +93,8 @@ def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_
 
 
 @triton.jit
-def _segment_kernel(DIFF_ptr, ORDER_ptr, OFFSETS_ptr, ROW_SCALE_ptr, row_scale_stride, OUT_ptr, BAD_ptr, alpha, D,
+def _segment_kernel(DIFF_ptr, ORDER_ptr, OFFSETS_ptr, ROW_SCALE_ptr, row_scale_stride, row_scale_mult, OUT_ptr,
+                    BAD_ptr, alpha, D,
                     WEN: tl.constexpr, GATE: tl.constexpr, BLOCK_D: tl.constexpr):
     # OUT is the centers (WEN: c_j += alpha * sum / (1 + n_j)) or the center gradient (written)
     cls = tl.program_id(1).to(tl.int64)
@@ -104,7 +111,7 @@ def _segment_kernel(DIFF_ptr, ORDER_ptr, OFFSETS_ptr, ROW_SCALE_ptr, row_scale_s
         if WEN:
             acc += v
         else:
-            acc += tl.load(ROW_SCALE_ptr + i * row_scale_stride) * v
+            acc += (tl.load(ROW_SCALE_ptr + i * row_scale_stride).to(tl.float32) * row_scale_mult) * v
     if end > begin:
         if WEN:
             c = tl.load(OUT_ptr + cls * D + cols, mask=m, other=0.0)
@@ -114,7 +121,8 @@ def _segment_kernel(DIFF_ptr, ORDER_ptr, OFFSETS_ptr, ROW_SCALE_ptr, row_scale_s
 
 
 def _row_scale_stride(row_scale) -> int:
-    return 0 if row_scale.numel() == 1 else 1
+    """row_scale: (1,) one weight for every row, or (B,) (possibly a stride-0 expanded view)."""
+    return 0 if row_scale.numel() == 1 else row_scale.stride(0)
 
 
 def _flag(bad, unused):
@@ -124,18 +132,21 @@ def _flag(bad, unused):
     return bad.view(torch.uint8) if bad.dtype == torch.bool else bad
 
 
-def forward_launch(x, labels, centers, row_loss, diff, stats=None) -> TritonLaunch:
+def forward_launch(x, labels, centers, row_loss, diff, stats=None, bad_batches=None) -> TritonLaunch:
     """x (B, D) any float; labels (B,) int64; centers (C, D) fp32; row_loss (B,), diff (B, D) fp32;
-    stats (optional, (C + 1,) int32 zeros): gets the class counts and the bad-row count added."""
+    stats (optional, (C + 1,) int32 zeros): gets the class counts and the bad-row count added;
+    bad_batches (optional, 0-d integer, needs stats): + 1 if the batch has a bad row."""
     B, D = x.shape
     return TritonLaunch(_forward_kernel, (triton.cdiv(B, ROWS),), dict(
         X_ptr=x, LABELS_ptr=labels, CENTERS_ptr=centers, ROW_LOSS_ptr=row_loss, DIFF_ptr=diff,
-        STATS_ptr=stats if stats is not None else labels, B=B, D=D, C=centers.shape[0],
-        STATS=stats is not None, ROWS=ROWS, BLOCK_D=block_d(D)))
+        STATS_ptr=stats if stats is not None else labels,
+        BAD_BATCHES_ptr=bad_batches if bad_batches is not None else labels, B=B, D=D, C=centers.shape[0],
+        STATS=stats is not None, COUNT_BAD_BATCHES=stats is not None and bad_batches is not None,
+        ROWS=ROWS, BLOCK_D=block_d(D)))
 
 
 def backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha,
-                    grad_centers, bad=None) -> TritonLaunch:
+                    grad_centers, bad=None, row_scale_mult=1.0) -> TritonLaunch:
     """grad_x (optional) and at most one of centers (Wen update, needs counts: int32 or int64) and
     grad_centers; bad (optional 0-d int32 or bool on the device): no center is written unless it is 0."""
     B, D = diff.shape
@@ -143,7 +154,7 @@ def backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, center
     unused = diff  # stands in for pointers that a constexpr branch never touches
     return TritonLaunch(_backward_kernel, (triton.cdiv(B, ROWS),), dict(
         DIFF_ptr=diff, LABELS_ptr=labels, COUNTS_ptr=counts if counts is not None else labels,
-        ROW_SCALE_ptr=row_scale, row_scale_stride=_row_scale_stride(row_scale),
+        ROW_SCALE_ptr=row_scale, row_scale_stride=_row_scale_stride(row_scale), row_scale_mult=float(row_scale_mult),
         GRAD_X_ptr=grad_x if grad_x is not None else unused,
         CENTERS_ptr=centers if centers is not None else unused,
         GRAD_C_ptr=grad_centers if grad_centers is not None else unused,
@@ -151,25 +162,31 @@ def backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, center
         HAS_GRAD_X=grad_x is not None, SCATTER=scatter, GATE=bad is not None, ROWS=ROWS, BLOCK_D=block_d(D)))
 
 
-def segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None) -> TritonLaunch:
+def segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None,
+                          row_scale_mult=1.0) -> TritonLaunch:
     """Exactly one of centers (Wen update) and grad_centers (written); bad as in backward_launch."""
     D = diff.shape[1]
     C = offsets.numel() - 1
     BLOCK_D = block_d(D, cap=256)
     return TritonLaunch(_segment_kernel, (triton.cdiv(D, BLOCK_D), C), dict(
         DIFF_ptr=diff, ORDER_ptr=order, OFFSETS_ptr=offsets, ROW_SCALE_ptr=row_scale,
-        row_scale_stride=_row_scale_stride(row_scale), OUT_ptr=centers if centers is not None else grad_centers,
+        row_scale_stride=_row_scale_stride(row_scale), row_scale_mult=float(row_scale_mult),
+        OUT_ptr=centers if centers is not None else grad_centers,
         BAD_ptr=_flag(bad, offsets), alpha=float(alpha), D=D, WEN=centers is not None,
         GATE=bad is not None, BLOCK_D=BLOCK_D))
 
 
-def forward(x, labels, centers, row_loss, diff, stats=None) -> None:
-    forward_launch(x, labels, centers, row_loss, diff, stats).launch()
+def forward(x, labels, centers, row_loss, diff, stats=None, bad_batches=None) -> None:
+    forward_launch(x, labels, centers, row_loss, diff, stats, bad_batches).launch()
 
 
-def backward(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad=None) -> None:
-    backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad).launch()
+def backward(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad=None,
+             row_scale_mult=1.0) -> None:
+    backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad,
+                    row_scale_mult).launch()
 
 
-def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None) -> None:
-    segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad).launch()
+def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None,
+                   row_scale_mult=1.0) -> None:
+    segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad,
+                          row_scale_mult).launch()

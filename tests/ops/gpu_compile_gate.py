@@ -46,25 +46,30 @@ def center_loss_launches():
     in the features' dtype), every tile width (D from 1 to 513 covers BLOCK_D 16..512), every
     backward mode (grad_x or not x nothing / Wen update / center gradient), both row-scale forms,
     both gate forms (the forward's int32 bad-row count, a bool), the forward with and without its
-    class/bad-row counts, and the deterministic segment kernel in both modes."""
+    class/bad-row counts and bad-batch counter (int64 or int32), and the deterministic segment
+    kernel in both modes."""
     B, C = 8, 5
     labels, counts = empty(B, dtype=torch.int64), empty(C, dtype=torch.int64)
     order, offsets = empty(B, dtype=torch.int64), empty(C + 1, dtype=torch.int64)
     for dtype, D in itertools.product((torch.float32, torch.float16, torch.bfloat16), (1, 17, 33, 65, 129, 257, 513)):
         x, diff, centers = empty(B, D, dtype=dtype), empty(B, D), empty(C, D)
-        for stats in (None, empty(C + 1, dtype=torch.int32)):
-            yield center_loss_triton.forward_launch(x, labels, centers, empty(B), diff, stats)
+        stats = empty(C + 1, dtype=torch.int32)
+        for stats, bad_batches in ((None, None), (stats, None), (stats, empty((), dtype=torch.int64)),
+                                   (stats, empty((), dtype=torch.int32))):
+            yield center_loss_triton.forward_launch(x, labels, centers, empty(B), diff, stats, bad_batches)
         gates = (None, empty((), dtype=torch.int32), empty((), dtype=torch.bool))
         modes = (("none", None), ("grad", None), ("wen", counts), ("wen", empty(C, dtype=torch.int32)))
         for with_grad_x, (mode, mode_counts), scale_rows, bad in itertools.product((True, False), modes, (1, B),
                                                                                    gates):
+            # the row scale is the upstream gradient as it comes: fp32, or the features' dtype when
+            # the loss is half precision (half centers)
             yield center_loss_triton.backward_launch(
-                diff, labels, mode_counts, C, empty(scale_rows),
+                diff, labels, mode_counts, C, empty(scale_rows, dtype=dtype if scale_rows == 1 else torch.float32),
                 empty(B, D, dtype=dtype) if with_grad_x else None,
                 centers if mode == "wen" else None, 0.5, centers if mode == "grad" else None, bad)
-        for wen, bad in itertools.product((True, False), gates):
-            yield center_loss_triton.segment_update_launch(diff, order, offsets, empty(1), centers if wen else None,
-                                                           0.5, None if wen else centers, bad)
+        for wen, bad, scale_dtype in itertools.product((True, False), gates, (torch.float32, dtype)):
+            yield center_loss_triton.segment_update_launch(diff, order, offsets, empty(1, dtype=scale_dtype),
+                                                           centers if wen else None, 0.5, None if wen else centers, bad)
 
 
 def mel_chain_launches():

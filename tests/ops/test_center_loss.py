@@ -113,6 +113,27 @@ def test_reduction_none_matches_per_row(backend):
 
 
 @pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("update", ["wen", "gradient"])
+def test_upstream_gradient_read_in_place(backend, update):
+    """reduction="none" then .sum(): the upstream gradient arrives as a stride-0 expanded view, which
+    the Triton kernels read in place with its stride (half-precision ones: the half-centers test):
+    gradients and the Wen update equal the oracle's."""
+    x, labels, centers = make_batch(37, 5, 24)
+    fused = CenterLoss(5, 24, update=update, reduction="none", backend=backend).to(DEVICE)
+    oracle = CenterLoss(5, 24, update=update, reduction="none", backend="torch").to(DEVICE)
+    grads = []
+    for m in (fused, oracle):
+        m.centers.data.copy_(centers)
+        xr = x.clone().requires_grad_()
+        m(xr, labels).sum().backward()
+        grads.append(xr.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.centers.detach(), oracle.centers.detach(), rtol=1e-5, atol=1e-5)
+    if update == "gradient":
+        torch.testing.assert_close(fused.centers.grad, oracle.centers.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_half_precision_features(backend, dtype, tol):
     x, labels, centers = make_batch(48, 6, 96, dtype=dtype)
@@ -525,6 +546,14 @@ def test_triton_forward_counts_classes_and_bad_rows():
     assert int(stats[C]) == 4  # rows 3, 10, 20, 33
     good = torch.ones(41, dtype=torch.bool, device=x.device)
     good[[3, 10, 20, 33]] = False
+    # a bad-batch counter: + 1 for this batch, however many of its programs hold bad rows
+    bad_batches = torch.full((), 5, dtype=torch.int64, device=x.device)
+    stats2 = ops.new_stats(C, x.device)
+    center_loss_triton.forward(x, labels, centers, row_loss, diff, stats2, bad_batches)
+    assert torch.equal(stats2, stats) and int(bad_batches) == 6
+    center_loss_triton.forward(x[good], labels[good], centers, row_loss[good], diff[good], ops.new_stats(C, x.device),
+                               bad_batches)
+    assert int(bad_batches) == 6  # a good batch counts nothing
     ref_loss, ref_diff = ops._forward("torch", x[good], labels[good], centers)
     torch.testing.assert_close(row_loss[good], ref_loss, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(diff[good], ref_diff, rtol=0, atol=0)
@@ -551,10 +580,10 @@ _NO_KERNEL = {"empty", "new_empty", "detach", "view", "slice", "select", "alias"
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("validate", ["deferred", "eager"])
 def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatch):
-    """One Wen training step with the Triton backend: exactly two Triton kernels (forward; backward
-    with the center update) and, besides them, only: zeroing the (C + 1,) stats buffer, the loss
-    reduction, the row scale, and (deferred) adding the batch's flag into the bad-batch counter.
-    No class-count or finiteness ops: the forward kernel made those numbers."""
+    """One Wen training step with the Triton backend: exactly two Triton kernels (forward, which
+    also counts the classes, the bad rows and a bad batch; backward with the center update, reading
+    the upstream gradient in place) and, besides them, only zeroing the (C + 1,) stats buffer and
+    the loss reduction (deferred); eager adds its host-side checks."""
     import importlib
     from torch.utils._python_dispatch import _disable_current_modes
     ops = importlib.import_module("fastser.ops.center_loss")
@@ -577,11 +606,9 @@ def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatc
         torch.autograd.backward(loss, grad)
     launched = [op for op in rec.ops if op not in _NO_KERNEL]
     step = ["zeros", "triton.forward"]  # the stats buffer, then the forward kernel that fills it
-    if validate == "deferred":
-        step += ["_to_copy", "add_"]  # the batch's flag into the bad-batch counter, on the device
-    else:  # eager: the label range and the loss's finiteness, read on the host (isfinite is abs/ne/eq/mul)
+    if validate == "eager":  # the label range and the loss's finiteness, read on the host (isfinite is abs/ne/eq/mul)
         step = ["aminmax", "_local_scalar_dense", "_local_scalar_dense"] + step
         step += ["sum", "abs", "ne", "eq", "mul", "_local_scalar_dense"]
-    step += ["mean", "mul", "triton.backward"]  # the loss; the row scale; grad_x + Wen update
+    step += ["mean", "triton.backward"]  # the loss; grad_x + Wen update (the row scale is read in the kernel)
     assert launched == step
     assert not torch.equal(loss_fn.centers, before)  # the update really ran
