@@ -24,7 +24,7 @@ import torch.distributed as dist
 from fastser import distributed as fdist
 from fastser.cli import prog_name, run_cli
 from fastser.data import SPLITS, load_corpus, make_folds
-from fastser.data.cache import build_feature_table
+from fastser.data.cache import build_feature_table, with_speed_copies
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
 from fastser.training.batches import NORMALIZE
 from fastser.training.checkpoints import load_checkpoint
@@ -72,6 +72,16 @@ def _tempo(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a relative rate change in [0, 1), e.g. 0.1; got {text!r}")
     return value
+
+
+def _speeds(text: str) -> tuple:
+    try:
+        speeds = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        speeds = ()
+    if not speeds or len(set(speeds)) != len(speeds) or not all(0.5 <= s <= 2.0 and s != 1.0 for s in speeds):
+        raise argparse.ArgumentTypeError(f"expected distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1; got {text!r}")
+    return speeds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -134,6 +144,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--tempo", type=_tempo, default=0.0,
                      help="tempo perturbation: each training crop played at a random rate in [1-x, 1+x] "
                           "(frames dropped or repeated; default 0: off)")
+    opt.add_argument("--speed-perturb", type=_speeds, default=None, metavar="S,S",
+                     help="speed perturbation: a copy of every utterance played at each of these speeds, e.g. "
+                          "0.9,1.1 (pitch, formants and tempo change together, as by another speaker); each "
+                          "training step draws an original or a copy, so an epoch costs the same (default: off)")
     opt.add_argument("--specaugment", action="store_true",
                      help="time/frequency masks in training (off by default: they lowered UA in the sweep)")
     opt.add_argument("--seed", type=int, default=0, help="seeds the folds, the weights, the batches and dropout")
@@ -196,14 +210,16 @@ def load_table(args, info):
         cache_dir = args.cache_dir or os.path.join(args.data_dir, ".fastser-cache")
         if not os.access(os.path.dirname(os.path.abspath(cache_dir)) or ".", os.W_OK):
             cache_dir = os.path.join(tempfile.gettempdir(), "fastser-cache")
-    table = build_feature_table(corpus, FeatureSet.paper(kinds), info.device, cache_dir=cache_dir, strict=args.strict,
-                                max_seconds=args.max_seconds, progress=info.is_main and not args.no_progress,
-                                is_builder=info.is_main, wait=info.barrier)
+    build = dict(cache_dir=cache_dir, strict=args.strict, max_seconds=args.max_seconds,
+                 progress=info.is_main and not args.no_progress, is_builder=info.is_main, wait=info.barrier)
+    table = build_feature_table(corpus, FeatureSet.paper(kinds), info.device, **build)
     if table.corpus.skipped and info.is_main:
         listing = "\n  ".join(f"{p}: {r}" for p, r in table.corpus.skipped[:50])
         more = f"\n  ... and {len(table.corpus.skipped) - 50} more" if len(table.corpus.skipped) > 50 else ""
         print(f"warning: skipped {len(table.corpus.skipped)} bad files (listed in metrics.json; --strict makes "
               f"them an error):\n  {listing}{more}", file=sys.stderr)
+    if args.speed_perturb:  # training-only copies, appended after the originals (folds index only those)
+        table = with_speed_copies(table, FeatureSet.paper(kinds), info.device, args.speed_perturb, **build)
     return table
 
 

@@ -352,3 +352,33 @@ def test_tempo_trains_and_guards_resume(tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["tempo"] == 0.15
     with pytest.raises(ValueError, match="tempo=0.15"):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
+
+
+def test_speed_perturbation_trains_on_copies_and_tests_on_originals(tmp_path, monkeypatch):
+    """--speed-perturb 0.9,1.1: training batches draw originals and copies (the same number of
+    steps per epoch), while validation and test rows are only originals; the flag is checked and
+    recorded, and a resume with other speeds is refused."""
+    for bad in ("1.0", "0.9,0.9", "3", "fast"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--speed-perturb", bad])
+    seen = {"train": [], "eval": []}
+    real = Batcher.batch
+
+    def spy(self, rows, gen=None, **kwargs):
+        seen["train" if gen is not None else "eval"].append(rows.clone())
+        return real(self, rows, gen, **kwargs)
+
+    monkeypatch.setattr(Batcher, "batch", spy)
+    metrics, out = run(tmp_path, "speed", "--epochs", "2", "--speed-perturb", "0.9,1.1")
+    n = metrics["n_utterances"]
+    train_rows = torch.cat(seen["train"])
+    assert (train_rows >= n).any() and (train_rows < n).any() and train_rows.max() < 3 * n
+    assert all((rows < n).all() for rows in seen["eval"])
+    plain_steps = len(seen["train"])
+    seen["train"].clear()
+    run(tmp_path, "plain", "--epochs", "2")
+    assert len(seen["train"]) == plain_steps  # an epoch costs the same
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert tuple(ckpt["config"]["speed_perturb"]) == (0.9, 1.1)
+    with pytest.raises(ValueError, match="speed_perturb"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "2", "--resume", str(out)])

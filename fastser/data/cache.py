@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+import soxr
 import torch
 
 from fastser._io import atomic_torch_save
@@ -28,24 +30,43 @@ FEATURE_VERSION = 2  # 2: the log-mel branch is called "logmel" (was "spectrogra
 
 @dataclasses.dataclass
 class FeatureTable:
-    feats: dict[str, torch.Tensor]  # kind -> (N, bins, T) float16, zero beyond frames[i]
-    frames: torch.Tensor  # (N,) valid frames
-    corpus: Corpus  # utterances aligned with the rows (bad files removed, listed in corpus.skipped)
+    """The features of every utterance, row i = corpus.utterances[i]. With speed-perturbed copies
+    (`with_speed_copies`), rows [k*N, (k+1)*N) are copy k of the N utterances (copy 0 the originals),
+    at speed copy_speeds[k-1]: same labels, each copy its own "speaker" for input statistics."""
+    feats: dict[str, torch.Tensor]  # kind -> (rows, bins, T) float16, zero beyond frames[i]
+    frames: torch.Tensor  # (rows,) valid frames
+    corpus: Corpus  # the original utterances (bad files removed, listed in corpus.skipped)
+    copy_speeds: tuple = ()  # speed of each perturbed copy after the originals
+
+    @property
+    def n_utterances(self) -> int:
+        return len(self.corpus.utterances)
 
     @property
     def labels(self) -> torch.Tensor:
-        return torch.from_numpy(self.corpus.labels)
+        """(rows,) the class of every row, copies included."""
+        return torch.from_numpy(self.corpus.labels).repeat(1 + len(self.copy_speeds))
+
+    @property
+    def speakers(self) -> np.ndarray:
+        """(rows,) each row's speaker; a copy at speed s is speaker "<name>@speed<s>" (its pitch and
+        formants moved: it gets its own input statistics, from its own audio)."""
+        names = self.corpus.speakers
+        return np.concatenate([names] + [np.char.add(names, f"@speed{s:g}") for s in self.copy_speeds])
 
 
-def cache_key(corpus: Corpus, features: FeatureSet, max_seconds: float) -> str:
+def cache_key(corpus: Corpus, features: FeatureSet, max_seconds: float, speed: float = 1.0) -> str:
     files = []
     for u in corpus.utterances:
         if u.path is None:
             raise ValueError("only corpora read from disk are cached")
         st = os.stat(u.path)
         files.append([u.uid, u.path, st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"version": FEATURE_VERSION, "corpus": corpus.name, "files": files, "max_seconds": max_seconds,
-                       "features": features.to_dict()}, sort_keys=True)
+    key = {"version": FEATURE_VERSION, "corpus": corpus.name, "files": files, "max_seconds": max_seconds,
+           "features": features.to_dict()}
+    if speed != 1.0:  # (the originals keep the key they always had)
+        key["speed"] = speed
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -115,27 +136,62 @@ def compute_features(audio: list, features: FeatureSet, device: torch.device, ba
 
 def build_feature_table(corpus: Corpus, features: FeatureSet, device: torch.device, *, max_seconds: float = 8.0,
                         cache_dir: Optional[os.PathLike] = None, strict: bool = False, progress: bool = False,
-                        is_builder: bool = True, wait: Callable[[], None] = lambda: None) -> FeatureTable:
+                        is_builder: bool = True, wait: Callable[[], None] = lambda: None,
+                        speed: float = 1.0) -> FeatureTable:
     """Features for every utterance, from the cache when it holds this exact corpus and config.
-    Under torch.distributed only rank 0 (`is_builder`) builds; the others `wait` and then read."""
+    Under torch.distributed only rank 0 (`is_builder`) builds; the others `wait` and then read.
+    speed != 1: of the audio played that much faster (`speed_perturb`), cut to max_seconds after."""
     if not isinstance(features, FeatureSet):  # a list of kinds: the paper's settings for them
         features = FeatureSet.paper(features)
     path = None
     if cache_dir is not None and all(u.path is not None for u in corpus.utterances):
-        path = Path(cache_dir) / f"{corpus.name}-{cache_key(corpus, features, max_seconds)}.pt"
+        path = Path(cache_dir) / f"{corpus.name}-{cache_key(corpus, features, max_seconds, speed)}.pt"
     if path is not None and not path.exists() and is_builder:
-        table = _build(corpus, features, device, max_seconds, strict, progress)
+        table = _build(corpus, features, device, max_seconds, strict, progress, speed)
         _save_atomic(path, table)
     wait()
     if path is not None and path.exists():
         return _load(path, corpus, strict)
-    return _build(corpus, features, device, max_seconds, strict, progress)
+    return _build(corpus, features, device, max_seconds, strict, progress, speed)
 
 
-def _build(corpus, features, device, max_seconds, strict, progress) -> FeatureTable:
-    audio, corpus = load_audio(corpus, features.sr, max_seconds=max_seconds, strict=strict, progress=progress)
+def _build(corpus, features, device, max_seconds, strict, progress, speed=1.0) -> FeatureTable:
+    # a copy played faster is cut after the change, so it may start from up to max_seconds * speed
+    audio, corpus = load_audio(corpus, features.sr, max_seconds=max_seconds * max(speed, 1.0), strict=strict,
+                               progress=progress)
+    if speed != 1.0:
+        audio = [speed_perturb(y, features.sr, speed)[: int(max_seconds * features.sr)] for y in audio]
     feats, frames = compute_features(audio, features, device)
     return FeatureTable(feats, frames, corpus)
+
+
+def speed_perturb(y: np.ndarray, sr: int, speed: float) -> np.ndarray:
+    """The signal played `speed` times faster (Kaldi's / sox's "speed"): duration / speed, pitch and
+    formants x speed — as if another, higher- or lower-voiced speaker said it faster or slower. soxr
+    resamples from a nominal rate of sr * speed to sr."""
+    if not 0.5 <= speed <= 2.0:
+        raise ValueError(f"speed must be in [0.5, 2], got {speed}")
+    return soxr.resample(y, sr * speed, sr, quality="HQ").astype(np.float32, copy=False)
+
+
+def with_speed_copies(table: FeatureTable, features: FeatureSet, device: torch.device, speeds, **build) -> FeatureTable:
+    """`table` plus one speed-perturbed copy of every utterance per speed (rows appended, see
+    FeatureTable), each built (or read from the cache) like the originals; `build`: the keyword
+    arguments of build_feature_table. Every table is padded to the widest."""
+    speeds = tuple(float(s) for s in speeds)
+    if not speeds:
+        return table
+    if table.copy_speeds:
+        raise ValueError("this table already has speed copies")
+    copies = [build_feature_table(table.corpus, features, device, speed=s, **build) for s in speeds]
+    for s, c in zip(speeds, copies):
+        if [u.uid for u in c.corpus.utterances] != [u.uid for u in table.corpus.utterances]:
+            raise CorpusError(f"{table.corpus.name}: the speed {s:g} copy lost files the originals kept")
+    parts = [table] + copies
+    width = max(t.feats[k].shape[-1] for t in parts for k in t.feats)
+    feats = {k: torch.cat([torch.nn.functional.pad(t.feats[k], (0, width - t.feats[k].shape[-1])) for t in parts])
+             for k in table.feats}
+    return FeatureTable(feats, torch.cat([t.frames for t in parts]), table.corpus, speeds)
 
 
 def _save_atomic(path: Path, table: FeatureTable) -> None:

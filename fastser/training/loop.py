@@ -137,7 +137,7 @@ class Run:
         if level not in self._group_norms:
             n = self.table.frames.shape[0]
             if level == "speaker":
-                names = self.table.corpus.speakers
+                names = self.table.speakers  # a speed-perturbed copy is its own speaker
                 index = {s: i for i, s in enumerate(sorted(set(names.tolist())))}
                 groups = torch.tensor([index[s] for s in names.tolist()], dtype=torch.long)
             else:
@@ -172,9 +172,11 @@ class Run:
 
     def resume_from(self, ckpt: dict) -> None:
         old, new = ckpt["config"], self.config()
-        for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "validation", "seed", "lambda_center", "lambda_recon", "world_size", "batch_size", "tempo"):
+        for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "validation", "seed", "lambda_center", "lambda_recon", "world_size", "batch_size", "tempo", "speed_perturb"):
             made = old.get(key, {"normalize": "corpus", "prosody": False, "bin_stats": False, "validation": True,
-                                 "tempo": 0.0}.get(key))  # older runs: their settings
+                                 "tempo": 0.0}.get(key))
+            if key == "speed_perturb" and made is not None:
+                made = tuple(made)  # JSON/pickle may give a list  # older runs: their settings
             if made != new.get(key):
                 raise ValueError(f"--resume: the checkpoint was made with {key}={made!r}, "
                                  f"this run has {new.get(key)!r}")
@@ -287,6 +289,10 @@ class Run:
         order = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(
             seed_for(a.seed, fold_index, epoch + 1)))]
         mine = fdist.shard(order, info, pad=True)
+        if self.table.copy_speeds:  # each row read as the original or one of its speed copies, uniformly
+            version = torch.randint(0, 1 + len(self.table.copy_speeds), (len(mine),), generator=torch.Generator()
+                                    .manual_seed(seed_for(a.seed, fold_index, epoch + 1, info.rank, 11)))
+            mine = mine + version * self.table.n_utterances
         per_rank = max(1, a.batch_size // info.world_size)
         steps = self.steps_per_epoch(len(train_rows))
         if self.resident and len(mine) < steps * per_rank:
