@@ -41,6 +41,15 @@ def load(path, sr: Optional[int] = 16000, mono: bool = True, dtype=np.float32) -
     return np.ascontiguousarray(y, dtype=dtype), (sr if sr is not None else file_sr)
 
 
+def speed_perturb(y: np.ndarray, sr: int, speed: float) -> np.ndarray:
+    """The signal played `speed` times faster (Kaldi's / sox's "speed"): duration / speed, pitch and
+    formants x speed — as if another, higher- or lower-voiced speaker said it faster or slower. soxr
+    resamples from a nominal rate of sr * speed to sr."""
+    if not 0.5 <= speed <= 2.0:
+        raise ValueError(f"speed must be in [0.5, 2], got {speed}")
+    return soxr.resample(y, sr * speed, sr, quality="HQ").astype(np.float32, copy=False)
+
+
 def info(path) -> tuple[float, int]:
     """(duration in seconds, sample rate) from the header, without reading the samples."""
     path = _check_file(path)

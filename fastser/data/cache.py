@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import soxr
 import torch
 
 from fastser._io import atomic_torch_save
-from fastser.audio import AudioError, load
+from fastser.audio import AudioError, load, speed_perturb
 from fastser.data.base import Corpus, CorpusError
 from fastser.features.featureset import FeatureSet
 
@@ -163,15 +162,6 @@ def _build(corpus, features, device, max_seconds, strict, progress, speed=1.0) -
         audio = [speed_perturb(y, features.sr, speed)[: int(max_seconds * features.sr)] for y in audio]
     feats, frames = compute_features(audio, features, device)
     return FeatureTable(feats, frames, corpus)
-
-
-def speed_perturb(y: np.ndarray, sr: int, speed: float) -> np.ndarray:
-    """The signal played `speed` times faster (Kaldi's / sox's "speed"): duration / speed, pitch and
-    formants x speed — as if another, higher- or lower-voiced speaker said it faster or slower. soxr
-    resamples from a nominal rate of sr * speed to sr."""
-    if not 0.5 <= speed <= 2.0:
-        raise ValueError(f"speed must be in [0.5, 2], got {speed}")
-    return soxr.resample(y, sr * speed, sr, quality="HQ").astype(np.float32, copy=False)
 
 
 def with_speed_copies(table: FeatureTable, features: FeatureSet, device: torch.device, speeds, **build) -> FeatureTable:

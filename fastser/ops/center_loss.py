@@ -24,7 +24,7 @@ counter records it, to be read when the caller chooses (CenterLoss.raise_on_bad_
 out of bounds).
 
 The Triton backend's forward also counts each class's rows and the batch's bad rows into one small
-int32 buffer (`stats`), so a step is: zero the buffer, the forward kernel, the loss sum, the
+int32 buffer (`stats`), so a step is: zero the buffer, the forward kernel, the loss mean, the
 backward kernel (grad_x + Wen update, gated on the bad-row count) — no class-count or
 finiteness ops between them, and nothing read back to the host.
 """
@@ -368,13 +368,13 @@ class CenterLossFunction(torch.autograd.Function):
                                   bad_label_is_nan=validate == "deferred", stats=stats,
                                   bad_batches=bad_batches if validate == "deferred" else None)
         bad = None
-        counted = stats is not None and bad_batches is not None and validate == "deferred"
         if validate == "eager" and writes:
             # something will write the centers (the Wen update, or an optimizer from their gradient):
             # non-finite features must stop it here, before any center can become NaN
             _raise_if_not_finite(x, row_loss)
         elif validate == "deferred" and writes:
-            bad = _batch_bad(row_loss, None if counted else bad_batches, stats)
+            # the Triton forward counted the bad rows (and the bad batch) itself
+            bad = stats[-1] if stats is not None else _batch_bad(row_loss, bad_batches)
         if backend == "cpp" and validate == "deferred":  # its backward reads the labels unchecked (the
             labels = torch.where(_in_range(labels, num_classes), labels, 0)  # batch is dropped anyway)
         B = x.shape[0]
@@ -404,14 +404,13 @@ class CenterLossFunction(torch.autograd.Function):
         return grad_x, None, grad_c, None, None, None, None, None, None, None
 
 
-def _batch_bad(row_loss: torch.Tensor, bad_batches: Optional[torch.Tensor],
-               stats: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """0-d device tensor, nonzero when the batch has a bad row (a non-finite feature or a label
-    outside [0, C) makes its row's loss NaN or Inf): the forward kernel's bad-row count when it kept
-    `stats`, else a bool computed here. Counts a bad batch into `bad_batches`; reads nothing to the host."""
-    bad = stats[-1] if stats is not None else ~torch.isfinite(row_loss.sum())
+def _batch_bad(row_loss: torch.Tensor, bad_batches: Optional[torch.Tensor]) -> torch.Tensor:
+    """0-d bool on the device: the batch has a bad row (a non-finite feature or a label outside
+    [0, C) makes its row's loss NaN or Inf) — for the backends whose forward counts nothing. Counts a
+    bad batch into `bad_batches`; reads nothing to the host."""
+    bad = ~torch.isfinite(row_loss.sum())
     if bad_batches is not None:
-        bad_batches.add_(bad.bool())
+        bad_batches.add_(bad)
     return bad
 
 

@@ -53,7 +53,7 @@ def test_interrupted_cache_write_leaves_no_cache_file(tmp_path, monkeypatch):
 def test_speed_perturb_moves_pitch_and_duration_together():
     """speed 1.1: 1/1.1 of the duration and 1.1 x the frequency (Kaldi's / sox's speed)."""
     import numpy as np
-    from fastser.data.cache import speed_perturb
+    from fastser.audio import speed_perturb
     sr = 16000
     t = np.arange(sr) / sr
     y = np.sin(2 * np.pi * 200 * t).astype(np.float32)
