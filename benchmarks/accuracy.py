@@ -4,6 +4,7 @@
     python -m benchmarks.accuracy --name "speaker norm + prosody" runs/loso        # a --seeds run folder
     python -m benchmarks.accuracy --baseline runs/baseline-ravdess                 # fastser.baseline output
     python -m benchmarks.accuracy --name "..." --max-folds 3 RUNS ...              # the first 3 folds only
+    python -m benchmarks.accuracy --name "..." --weights trained RUNS ...          # an --ema run's trained weights
 
 Writes benchmarks/results/accuracy/<corpus>-<split>-<slug>.json: per seed WA/UA/macro-F1 and
 run time, mean and std over seeds, the settings that differ between rows, the machine and the
@@ -26,7 +27,7 @@ from fastser.training.loop import FALLBACKS
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"
 SETTINGS = ("features", "prosody", "bin_stats", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
-            "lambda_center", "lambda_recon", "specaugment", "train_seconds")
+            "lambda_center", "lambda_recon", "specaugment", "train_seconds", "ema")
 
 
 def _machine() -> str:
@@ -58,6 +59,7 @@ def _first_folds(d: Path, n: int) -> dict:
     y_true = np.concatenate([r["y_true"] for r in folds])
     m = summarize(y_true, np.concatenate([r["y_pred"] for r in folds]), ckpt["classes"])
     out = {"wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"], "n_test": m["n"], "folds": [r["name"] for r in folds],
+           "fold_ua": [r["ua"] for r in folds],
            "seconds": None}  # the run's time covers all its folds
     for level in FALLBACKS:
         if all(f"y_pred_{level}_norm" in r for r in folds):
@@ -66,7 +68,7 @@ def _first_folds(d: Path, n: int) -> dict:
     return out
 
 
-def collect_runs(paths: list, name: str, max_folds=None) -> dict:
+def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
     seeds, config = {}, None
     for d in _seed_dirs(paths):
         if max_folds is not None and not (d / "metrics.json").exists():
@@ -75,6 +77,7 @@ def collect_runs(paths: list, name: str, max_folds=None) -> dict:
             m, c = _first_folds(d, max_folds), torch.load(d / "checkpoint.pt", weights_only=True)["config"]
         else:
             m = json.loads((d / "metrics.json").read_text())
+            m["fold_ua"] = [f["ua"] for f in m["folds"]]  # per test speaker, to pair rows fold by fold
             m["folds"] = [f["name"] for f in m["folds"]]
             if max_folds is not None:
                 m = {**m, **_first_folds(d, max_folds)}
@@ -83,7 +86,14 @@ def collect_runs(paths: list, name: str, max_folds=None) -> dict:
         differing = [k for k in SETTINGS if c.get(k) != config.get(k)]
         if differing or c["corpus"] != config["corpus"] or c["split"] != config["split"]:
             raise SystemExit(f"{d}: not the same experiment as the first folder (differs in {differing or 'corpus/split'})")
+        if weights is not None:  # another set of weights of the same run (--ema: "trained", "ema_<d>")
+            if weights not in m.get("weights", {}) or max_folds is not None:
+                raise SystemExit(f"{d}: no finished scores of weights {weights!r} (have {sorted(m.get('weights', {}))})")
+            # (pooled scores only: the per-fold figures and the fallbacks are the kept model's)
+            m = {**{k: v for k, v in m.items() if not k.endswith("_norm") and k != "fold_ua"}, **m["weights"][weights]}
         seeds[str(c["seed"])] = {k: m[k] for k in ("wa", "ua", "macro_f1", "seconds", "n_test", "folds")}
+        if "fold_ua" in m:
+            seeds[str(c["seed"])]["fold_ua"] = m["fold_ua"]
         for level in FALLBACKS:
             if f"{level}_norm" in m:
                 seeds[str(c["seed"])][f"{level}_norm"] = m[f"{level}_norm"]
@@ -133,9 +143,10 @@ def main(argv=None) -> None:
     ap.add_argument("--name", help="the row's name in the table")
     ap.add_argument("--baseline", action="store_true", help="the paths are fastser.baseline output folders")
     ap.add_argument("--max-folds", type=int, default=None, help="only the first N folds of each run")
+    ap.add_argument("--weights", default=None, help="score another set of weights of --ema runs: trained, ema_<decay>")
     args = ap.parse_args(argv)
     rows = [r for p in args.paths for r in collect_baseline(p)] if args.baseline else \
-        [collect_runs(args.paths, args.name, args.max_folds)]
+        [collect_runs(args.paths, args.name, args.max_folds, args.weights)]
     for row in rows:
         print(write(row))
 

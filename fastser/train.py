@@ -84,6 +84,16 @@ def _speeds(text: str) -> tuple:
     return speeds
 
 
+def _decays(text: str) -> tuple:
+    try:
+        decays = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        decays = ()
+    if not decays or len(set(decays)) != len(decays) or not all(0 < d < 1 for d in decays):
+        raise argparse.ArgumentTypeError(f"expected distinct decays in (0, 1), e.g. 0.998; got {text!r}")
+    return decays
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0],
                                 formatter_class=_DefaultsOnce)
@@ -148,6 +158,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="speed perturbation: a copy of every utterance played at each of these speeds, e.g. "
                           "0.9,1.1 (pitch, formants and tempo change together, as by another speaker); each "
                           "training step draws an original or a copy, so an epoch costs the same (default: off)")
+    opt.add_argument("--ema", type=_decays, default=None, metavar="D[,D]",
+                     help="keep an exponential moving average of the weights (bias-corrected, per step) and "
+                          "test and save it instead of the last weights, e.g. 0.998; further decays and the "
+                          "trained weights are scored beside it (metrics.json: weights) (default: off)")
     opt.add_argument("--specaugment", action="store_true",
                      help="time/frequency masks in training (off by default: they lowered UA in the sweep)")
     opt.add_argument("--seed", type=int, default=0, help="seeds the folds, the weights, the batches and dropout")

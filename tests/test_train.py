@@ -382,3 +382,60 @@ def test_speed_perturbation_trains_on_copies_and_tests_on_originals(tmp_path, mo
     assert tuple(ckpt["config"]["speed_perturb"]) == (0.9, 1.1)
     with pytest.raises(ValueError, match="speed_perturb"):
         train.main(SMALL + ["--out", str(out), "--epochs", "2", "--resume", str(out)])
+
+
+def test_weight_average_is_the_bias_corrected_ema_of_every_step():
+    """WeightAverages after T steps equals sum_s (1-d) d^(T-s) w_s / (1-d^T) for every float parameter
+    and BatchNorm buffer, computed plainly here; integer buffers follow the model."""
+    from fastser.training.averaging import WeightAverages
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
+    averages = WeightAverages(model, (0.9, 0.99))
+    history = []
+    for _ in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(8, 5))  # moves the running statistics and num_batches_tracked
+        averages.update(model)
+        history.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert set(averages.models()) == {"ema_0.9", "ema_0.99"}
+    for decay in (0.9, 0.99):
+        got = averages.models()[f"ema_{decay:g}"].state_dict()
+        T = len(history)
+        for key, value in history[-1].items():
+            if not value.is_floating_point():
+                assert torch.equal(got[key], value), key
+                continue
+            expected = sum((1 - decay) * decay ** (T - 1 - s) * h[key].double() for s, h in enumerate(history))
+            expected = expected / (1 - decay ** T)
+            torch.testing.assert_close(got[key].double(), expected, rtol=1e-5, atol=1e-6, msg=key)
+        assert not torch.allclose(got["0.weight"], history[-1]["0.weight"])  # really an average
+
+
+def test_ema_keeps_the_average_scores_the_trained_weights_and_resumes(tmp_path, monkeypatch):
+    """--ema D1,D2: training itself is unchanged (the last trained weights score exactly as a run
+    without --ema), the kept model is the first average, the others are scored beside it; the averages
+    are checkpointed, so an interrupted run resumes to the same result; another --ema is refused."""
+    for bad in ("1", "0", "0.9,0.9", "slow"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--ema", bad])
+    args = ("--epochs", "3", "--split", "kfold", "--folds", "2", "--no-validation")  # both keep the last epoch
+    plain, plain_out = run(tmp_path, "plain", *args)
+    full, resumed, h_full, h_res = _cut_and_resume(tmp_path, monkeypatch, *args, "--ema", "0.9,0.95")
+    assert set(full["weights"]) == {"trained", "ema_0.95"}
+    assert full["weights"]["trained"]["ua"] == plain["ua"] and full["weights"]["trained"]["wa"] == plain["wa"]
+    assert h_full == h_res and resumed["weights"] == full["weights"] and resumed["confusion"] == full["confusion"]
+    kept = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["final"]["model"]
+    last = torch.load(plain_out / "checkpoint.pt", weights_only=True)["final"]["model"]
+    assert kept.keys() == last.keys()
+    assert not all(torch.equal(kept[k], last[k]) for k in kept)  # the average, not the last weights
+    with pytest.raises(ValueError, match="ema"):
+        train.main(SMALL + [*args, "--ema", "0.99", "--resume", str(tmp_path / "full")])
+    # the accuracy table's collector reads either set of weights of the same run
+    from benchmarks.accuracy import collect_runs
+    kept_row = collect_runs([tmp_path / "full"], "kept")
+    trained_row = collect_runs([tmp_path / "full"], "trained", weights="trained")
+    assert kept_row["ua_mean"] == full["ua"] and kept_row["seeds"]["0"]["fold_ua"] == [f["ua"] for f in full["folds"]]
+    assert trained_row["ua_mean"] == full["weights"]["trained"]["ua"] and "fold_ua" not in trained_row["seeds"]["0"]
+    assert kept_row["settings"]["ema"] == [0.9, 0.95]

@@ -27,6 +27,7 @@ from fastser.data import CorpusError
 from fastser.metrics import summarize
 from fastser.models import SERModel, SERObjective
 from fastser.ops import backends_in_use
+from fastser.training.averaging import WeightAverages
 from fastser.training.batches import Batcher, Normalizer, spec_augment
 from fastser.training.checkpoints import ModelSpec, build_model, save_checkpoint
 
@@ -114,6 +115,7 @@ class Run:
         self.lambda_center, self.lambda_recon = lambda_center, lambda_recon
         self.classes = table.corpus.classes
         self.normalize = getattr(args, "normalize", "corpus")
+        self.ema_decays = tuple(getattr(args, "ema", None) or ())  # the first average is the model kept
         self.spec = ModelSpec(features, tuple(self.classes), width=args.width, embed_dim=args.embed_dim,
                               reconstruct=lambda_recon > 0, train_seconds=args.train_seconds,
                               max_seconds=args.max_seconds, normalize=self.normalize,
@@ -172,11 +174,13 @@ class Run:
 
     def resume_from(self, ckpt: dict) -> None:
         old, new = ckpt["config"], self.config()
-        for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "validation", "seed", "lambda_center", "lambda_recon", "world_size", "batch_size", "tempo", "speed_perturb"):
+        for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "validation", "seed",
+                    "lambda_center", "lambda_recon", "world_size", "batch_size", "tempo", "speed_perturb", "ema"):
+            # older runs: the settings they were made with
             made = old.get(key, {"normalize": "corpus", "prosody": False, "bin_stats": False, "validation": True,
                                  "tempo": 0.0}.get(key))
-            if key == "speed_perturb" and made is not None:
-                made = tuple(made)  # JSON/pickle may give a list  # older runs: their settings
+            if key in ("speed_perturb", "ema") and made is not None:
+                made = tuple(made)  # JSON/pickle may give a list
             if made != new.get(key):
                 raise ValueError(f"--resume: the checkpoint was made with {key}={made!r}, "
                                  f"this run has {new.get(key)!r}")
@@ -236,6 +240,10 @@ class Run:
         norm = batcher.norm if batcher.groups is None else Normalizer.fit(self.table.feats, self.table.frames,
                                                                           train_rows)
         model, objective, opt, sched = self.build(fold_index, fold)
+        averages = WeightAverages(model, self.ema_decays)
+        # with --ema the first average is validated, tested and saved; the trained weights and any
+        # other average are tested beside it (metrics.json: "weights")
+        kept = next(iter(averages.models().values())) if averages else model
         train_model = model
         if info.enabled:
             train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda"
@@ -249,6 +257,7 @@ class Run:
             objective.load_state_dict(st["objective"])
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
+            averages.load_state_dict(st.get("averages", {}))
             start_epoch, best, bad_epochs = st["epoch"], st["best"], st["bad_epochs"]
         self.state = None
 
@@ -257,10 +266,10 @@ class Run:
                 break
             t0 = time.perf_counter()
             totals = self.train_epoch(fold_index, epoch, train_rows, batcher, train_model, model, objective, opt,
-                                      sched)
+                                      sched, averages)
             vm = {"ua": None, "wa": None}
             if self.validating():
-                val = self.evaluate(model, batcher, torch.from_numpy(fold.val))
+                val = self.evaluate(kept, batcher, torch.from_numpy(fold.val))
                 vm = summarize(val["y_true"], val["y_pred"], self.classes)
             row = {"fold": fold_index, "fold_name": fold.name, "epoch": epoch + 1, **totals, "val_ua": vm["ua"],
                    "val_wa": vm["wa"], "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
@@ -268,7 +277,10 @@ class Run:
             # without validation speakers every epoch is the best so far: the last one is kept
             if vm["ua"] is None or vm["ua"] > best["val_ua"]:
                 best = {"val_ua": vm["ua"] if vm["ua"] is not None else -1.0, "epoch": epoch + 1,
-                        "model": cpu_state(model), "objective": cpu_state(objective)}
+                        "model": cpu_state(kept), "objective": cpu_state(objective)}
+                if averages:
+                    others = {"trained": model, **averages.models()}
+                    best["others"] = {name: cpu_state(m) for name, m in others.items() if m is not kept}
                 bad_epochs = 0
             else:
                 bad_epochs += 1
@@ -279,11 +291,13 @@ class Run:
                     f"({row['seconds']:.1f}s)", a.no_progress)
             self.save({"fold": fold_index, "epoch": epoch + 1, "model": cpu_state(model),
                        "objective": cpu_state(objective), "optimizer": opt.state_dict(),
-                       "scheduler": sched.state_dict(), "best": best, "bad_epochs": bad_epochs})
+                       "scheduler": sched.state_dict(), "best": best, "bad_epochs": bad_epochs,
+                       "averages": averages.state_dict()})
             maybe_interrupt()
         return self.test_fold(fold_index, fold, model, objective, batcher, norm, best)
 
-    def train_epoch(self, fold_index, epoch, train_rows, batcher, train_model, model, objective, opt, sched) -> dict:
+    def train_epoch(self, fold_index, epoch, train_rows, batcher, train_model, model, objective, opt, sched,
+                    averages: WeightAverages) -> dict:
         a, info = self.args, self.info
         torch.manual_seed(seed_for(a.seed, fold_index, epoch + 1, info.rank))  # dropout of this epoch
         order = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(
@@ -314,6 +328,7 @@ class Run:
             out, terms = train_step(train_model, objective, opt, feats, batch.feats, batch.frames, batch.labels,
                                     a.amp, clip_params=model.parameters())
             sched.step()
+            averages.update(model)
             totals.add(terms, out.logits, batch.labels)
             if bar is not None:
                 bar.update(1)
@@ -351,6 +366,12 @@ class Run:
             for level in FALLBACKS:
                 alone = self.evaluate(model, fallbacks[level], torch.from_numpy(fold.test))
                 result[f"y_pred_{level}_norm"] = alone["y_pred"].tolist()
+        if best.get("others"):  # --ema: the weights not kept, scored on the same test speakers
+            result["y_pred_weights"] = {}
+            for name, state in best["others"].items():
+                model.load_state_dict(state)
+                result["y_pred_weights"][name] = self.evaluate(model, batcher, torch.from_numpy(fold.test))["y_pred"].tolist()
+            model.load_state_dict(best["model"])
         self.fold_results.append(result)
         self.last_test = {"embeddings": test["embeddings"], "labels": test["y_true"],
                           "centers": objective.center_loss.centers.detach().cpu().numpy()

@@ -26,6 +26,12 @@ def metrics_of(run: Run, seconds: float) -> dict:
         if run.fold_results and all(key in r for r in run.fold_results):
             alone = summarize(y_true, np.concatenate([r[key] for r in run.fold_results]), run.classes)
             extra[f"{level}_norm"] = {k: alone[k] for k in ("wa", "ua", "macro_f1")}
+    if run.fold_results and all("y_pred_weights" in r for r in run.fold_results):  # --ema: the weights not kept
+        extra["weights"] = {}
+        for name in run.fold_results[0]["y_pred_weights"]:
+            other = summarize(y_true, np.concatenate([r["y_pred_weights"][name] for r in run.fold_results]),
+                              run.classes)
+            extra["weights"][name] = {k: other[k] for k in ("wa", "ua", "macro_f1")}
     return {
         "corpus": a.corpus, "split": run.split, "features": a.features, "kinds": run.spec.features.kinds,
         "classes": run.classes,
