@@ -52,6 +52,7 @@ def _first_folds(d: Path, n: int) -> dict:
     (to compare a run with a shorter one on the same folds)."""
     import torch
     from fastser.metrics import summarize
+    from fastser.training.reports import other_scores
     ckpt = torch.load(d / "checkpoint.pt", weights_only=True)
     folds = sorted(ckpt["fold_results"], key=lambda r: r["fold"])[:n]
     if len(folds) < n:
@@ -60,11 +61,8 @@ def _first_folds(d: Path, n: int) -> dict:
     m = summarize(y_true, np.concatenate([r["y_pred"] for r in folds]), ckpt["classes"])
     out = {"wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"], "n_test": m["n"], "folds": [r["name"] for r in folds],
            "fold_ua": [r["ua"] for r in folds],
-           "seconds": None}  # the run's time covers all its folds
-    for level in FALLBACKS:
-        if all(f"y_pred_{level}_norm" in r for r in folds):
-            alone = summarize(y_true, np.concatenate([r[f"y_pred_{level}_norm"] for r in folds]), ckpt["classes"])
-            out[f"{level}_norm"] = {k: alone[k] for k in ("wa", "ua", "macro_f1")}
+           "seconds": None,  # the run's time covers all its folds
+           **other_scores(folds, ckpt["classes"])}
     return out
 
 
@@ -87,7 +85,7 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
         if differing or c["corpus"] != config["corpus"] or c["split"] != config["split"]:
             raise SystemExit(f"{d}: not the same experiment as the first folder (differs in {differing or 'corpus/split'})")
         if weights is not None:  # another set of weights of the same run (--ema: "trained", "ema_<d>")
-            if weights not in m.get("weights", {}) or max_folds is not None:
+            if weights not in m.get("weights", {}):
                 raise SystemExit(f"{d}: no finished scores of weights {weights!r} (have {sorted(m.get('weights', {}))})")
             # (pooled scores only: the per-fold figures and the fallbacks are the kept model's)
             m = {**{k: v for k, v in m.items() if not k.endswith("_norm") and k != "fold_ua"}, **m["weights"][weights]}

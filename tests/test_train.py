@@ -439,3 +439,5 @@ def test_ema_keeps_the_average_scores_the_trained_weights_and_resumes(tmp_path, 
     assert kept_row["ua_mean"] == full["ua"] and kept_row["seeds"]["0"]["fold_ua"] == [f["ua"] for f in full["folds"]]
     assert trained_row["ua_mean"] == full["weights"]["trained"]["ua"] and "fold_ua" not in trained_row["seeds"]["0"]
     assert kept_row["settings"]["ema"] == [0.9, 0.95]
+    first = collect_runs([tmp_path / "full"], "first fold", max_folds=1, weights="trained")["seeds"]["0"]
+    assert first["n_test"] == full["folds"][0]["n_test"] and "fold_ua" not in first

@@ -24,9 +24,8 @@ def bias_corrected_ema(decay: float):
         if not torch.is_floating_point(averaged[0]):  # e.g. BatchNorm's num_batches_tracked
             torch._foreach_copy_(averaged, current)
             return
-        # a 0-d tensor on the device: the weight is computed there, no host read
-        weight = (1.0 - decay) / (1.0 - torch.pow(torch.tensor(decay, dtype=torch.float64,
-                                                               device=n_averaged.device), n_averaged + 1))
+        # a 0-d tensor computed on the device from the device-side count: no host read, no copy
+        weight = (1.0 - decay) / (1.0 - decay ** (n_averaged + 1).to(torch.float32))
         torch._foreach_lerp_(averaged, current, weight.to(averaged[0].dtype))
 
     return update

@@ -20,18 +20,7 @@ def metrics_of(run: Run, seconds: float) -> dict:
     y_pred = np.concatenate([r["y_pred"] for r in run.fold_results])
     m = summarize(y_true, y_pred, run.classes)
     corpus = run.table.corpus
-    extra = {}
-    for level in FALLBACKS:  # speaker-normalised runs: the same models without enrollment audio
-        key = f"y_pred_{level}_norm"
-        if run.fold_results and all(key in r for r in run.fold_results):
-            alone = summarize(y_true, np.concatenate([r[key] for r in run.fold_results]), run.classes)
-            extra[f"{level}_norm"] = {k: alone[k] for k in ("wa", "ua", "macro_f1")}
-    if run.fold_results and all("y_pred_weights" in r for r in run.fold_results):  # --ema: the weights not kept
-        extra["weights"] = {}
-        for name in run.fold_results[0]["y_pred_weights"]:
-            other = summarize(y_true, np.concatenate([r["y_pred_weights"][name] for r in run.fold_results]),
-                              run.classes)
-            extra["weights"][name] = {k: other[k] for k in ("wa", "ua", "macro_f1")}
+    extra = other_scores(run.fold_results, run.classes)
     return {
         "corpus": a.corpus, "split": run.split, "features": a.features, "kinds": run.spec.features.kinds,
         "classes": run.classes,
@@ -46,6 +35,27 @@ def metrics_of(run: Run, seconds: float) -> dict:
         "backends": backends_in_use(run.device), "fastser_version": __version__,
         "normalize": run.normalize, **extra,
     }
+
+
+def other_scores(fold_results: list, classes: list) -> dict:
+    """The same test utterances scored otherwise, pooled over folds when every fold has them:
+    "<level>_norm" (a speaker-normalised model with another level's input statistics, as predict
+    without enrollment audio) and "weights" (--ema: the trained weights and the other averages)."""
+    if not fold_results:
+        return {}
+    y_true = np.concatenate([r["y_true"] for r in fold_results])
+
+    def pooled(preds: list) -> dict:
+        m = summarize(y_true, np.concatenate(preds), classes)
+        return {k: m[k] for k in ("wa", "ua", "macro_f1")}
+    out = {}
+    for level in FALLBACKS:
+        if all(f"y_pred_{level}_norm" in r for r in fold_results):
+            out[f"{level}_norm"] = pooled([r[f"y_pred_{level}_norm"] for r in fold_results])
+    if all("y_pred_weights" in r for r in fold_results):
+        out["weights"] = {name: pooled([r["y_pred_weights"][name] for r in fold_results])
+                          for name in fold_results[0]["y_pred_weights"]}
+    return out
 
 
 def write_reports(run: Run, metrics: dict) -> None:
