@@ -522,6 +522,57 @@ def test_deferred_validation_never_syncs_the_stream(backend):
     assert int(loss_fn.bad_batches) == 1
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("update", ["wen", "gradient"])
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_a_step_captured_in_a_cuda_graph_replays_like_eager_steps(backend, update):
+    """A whole step (forward, backward with the Wen update, the deferred checks) captured once in a
+    CUDA graph and replayed on new batches copied into its static inputs gives, step after step, the
+    loss, the feature gradient and the centers (or their gradient) of the same steps run eagerly; a
+    bad batch replayed is counted and moves nothing."""
+    torch.manual_seed(0)
+    C, D = 10, 32
+    batches = [make_batch(64, C, D)[:2] for _ in range(6)]
+    batches[3] = (batches[3][0], torch.where(batches[3][1] == 2, C + 5, batches[3][1]))  # a bad label
+    eager = CenterLoss(C, D, backend=backend, update=update, validate="deferred").to(DEVICE)
+    graphed = copy.deepcopy(eager)
+    start = graphed.centers.detach().clone()
+    static_x, static_y = batches[0][0].clone().requires_grad_(), batches[0][1].clone()
+    # warm-up on a side stream (kernel compilation, lazy workspaces), as torch.cuda.graph asks;
+    # then the module is put back to where the eager one starts
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed(static_x, static_y).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        graphed.centers.copy_(start)
+        graphed.bad_batches.zero_()
+    static_x.grad, graphed.centers.grad = None, None  # the graph's backward writes them, not adds
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = graphed(static_x, static_y)
+        static_loss.backward()
+    for step, (x, y) in enumerate(batches):
+        with torch.no_grad():
+            static_x.copy_(x)
+            static_y.copy_(y)
+        graph.replay()
+        ex = x.clone().requires_grad_()
+        eager.centers.grad = None
+        loss = eager(ex, y)
+        loss.backward()
+        torch.testing.assert_close(static_loss, loss, rtol=1e-5, atol=1e-5, equal_nan=True, msg=f"loss, step {step}")
+        torch.testing.assert_close(static_x.grad, ex.grad, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=f"x.grad, step {step}")
+        torch.testing.assert_close(graphed.centers, eager.centers, rtol=1e-5, atol=1e-6, msg=f"centers, step {step}")
+        if update == "gradient":
+            torch.testing.assert_close(graphed.centers.grad, eager.centers.grad, rtol=1e-5, atol=1e-6)
+    assert int(graphed.bad_batches) == int(eager.bad_batches) == 1
+    if update == "wen":
+        assert not torch.equal(graphed.centers, start)  # the replays really moved the centers
+
+
 # --------------------------------------------------------------------------- launches per step
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
