@@ -18,6 +18,7 @@ from fastser.features.featureset import FeatureSet
 from fastser.models import SERModel, SERObjective
 from fastser.reference.pipeline import LibrosaDataset, ReferenceTrainer, reference_loader
 from fastser.training import train_step
+from fastser.training.graphed import GraphedTrainStep
 
 BATCH, SR, SECONDS, CLASSES, STEPS = 64, 16000, 3.0, 4, 4
 FEATURES = FeatureSet.paper()
@@ -33,11 +34,12 @@ def audio_batch():
     return y.astype(np.float32), rng.integers(0, CLASSES, BATCH)
 
 
-def fastser_step(audio, labels, device, amp=False):
+def fastser_step(audio, labels, device, amp=False, graph=False):
     torch.manual_seed(0)
     model = SERModel(BINS, CLASSES).to(device, memory_format=torch.channels_last)
     objective = SERObjective(CLASSES, model.embed_dim).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True if device.type == "cuda" else None)  # as the loop
+    graphed = GraphedTrainStep(model, objective, opt, amp=amp) if graph else None  # warms up in the first call
     host = torch.from_numpy(audio)
     host = host.pin_memory() if device.type == "cuda" else host
     y = torch.from_numpy(labels).to(device)
@@ -49,7 +51,10 @@ def fastser_step(audio, labels, device, amp=False):
             batch = host.to(device, non_blocking=True)
             feats, frames = FEATURES.extract(batch, lengths)
             feats = {k: (v - stats[k][0]) / stats[k][1] for k, v in feats.items()}
-            train_step(model, objective, opt, feats, feats, frames, y, amp=amp)
+            if graphed is not None:
+                graphed(feats, feats, frames, y)
+            else:
+                train_step(model, objective, opt, feats, feats, frames, y, amp=amp)
     return steps
 
 
@@ -65,12 +70,15 @@ def reference_step(audio, labels, device):
     return steps
 
 
-@pytest.mark.parametrize("impl", ["reference", "fastser", "fastser-amp"])
+@pytest.mark.parametrize("impl", ["reference", "fastser", "fastser-amp", "fastser-graph", "fastser-graph-amp"])
 def test_train_step(benchmark, device, audio_batch, impl):
-    """fastser: fp32 like the reference (the target applies to it); fastser-amp: with --amp (bf16 autocast)."""
+    """fastser: fp32 like the reference (the target applies to it); -amp: with --amp (bf16 autocast);
+    -graph: with --cuda-graph (the step's forward and backward replayed from a CUDA graph; GPU only)."""
+    if "graph" in impl and device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
     audio, labels = audio_batch
-    fn = reference_step(audio, labels, device) if impl == "reference" else fastser_step(audio, labels, device,
-                                                                                         amp=impl == "fastser-amp")
+    fn = reference_step(audio, labels, device) if impl == "reference" else fastser_step(
+        audio, labels, device, amp=impl.endswith("amp"), graph="graph" in impl)
     target = (10.0 if device.type == "cuda" else 2.0) if impl == "fastser" else None
     _harness.run(benchmark, fn, device, suite="train_step", group=f"B{BATCH}_{SECONDS:g}s", impl=impl,
                  baseline="reference", target=target, budget_s=8.0,

@@ -172,6 +172,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--amp", action="store_true", help="bf16 autocast")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--cuda-graph", action="store_true",
+                     help="capture each training step's forward, loss and backward in a CUDA graph once and "
+                          "replay it (GPU only; not with --compile or torchrun)")
     run.add_argument("--deterministic", action="store_true",
                      help="bit-identical runs for a seed on one device (deterministic kernels and center "
                           "update, torch.use_deterministic_algorithms; slower on a GPU)")
@@ -294,6 +297,9 @@ def _main(args, info) -> dict:
 
 def _train(args, info, out: Path) -> dict:
     t0 = time.perf_counter()
+    if args.cuda_graph and (info.device.type != "cuda" or info.enabled or args.compile):
+        why = "torchrun" if info.enabled else "--compile" if args.compile else f"device {info.device}"
+        raise ValueError(f"--cuda-graph needs one CUDA device without torchrun or --compile (this run: {why})")
     table = load_table(args, info)
     split = args.split or table.corpus.default_split
     folds = make_folds(table.corpus, split, n_folds=args.folds, seed=args.seed)

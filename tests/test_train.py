@@ -441,3 +441,60 @@ def test_ema_keeps_the_average_scores_the_trained_weights_and_resumes(tmp_path, 
     assert kept_row["settings"]["ema"] == [0.9, 0.95]
     first = collect_runs([tmp_path / "full"], "first fold", max_folds=1, weights="trained")["seeds"]["0"]
     assert first["n_test"] == full["folds"][0]["n_test"] and "fold_ua" not in first
+
+
+def test_cuda_graph_is_refused_without_a_gpu(tmp_path):
+    """--cuda-graph on the CPU (or with --compile, or under torchrun) is one clear error, before any
+    work, and leaves no run folder behind."""
+    from fastser.training.graphed import GraphedTrainStep
+    with pytest.raises(ValueError, match="--cuda-graph needs one CUDA device .*device cpu"):
+        train.main(SMALL + ["--out", str(tmp_path / "g"), "--epochs", "1", "--cuda-graph", "--device", "cpu"])
+    assert not (tmp_path / "g").exists()
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedTrainStep(model, None, torch.optim.AdamW(model.parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("amp", [False, True])
+def test_graphed_steps_train_like_eager_steps(amp):
+    """GraphedTrainStep (two eager warm-up steps, then capture and replays) against train_step on the
+    same batches from the same initial weights: the same losses and logits at every step, the same
+    weights and centers at the end. Dropout off (a graph draws its random numbers differently) and
+    deterministic cuDNN and center update, so what remains are rounding differences."""
+    from fastser.models import SERModel, SERObjective
+    from fastser.training.graphed import GraphedTrainStep
+    dev = torch.device("cuda")
+    bins = {"logmel": 64, "mfcc": 40, "prosody": 6}
+
+    def make():
+        torch.manual_seed(0)
+        model = SERModel(bins, 4, width=4, embed_dim=16, dropout=0.0).to(dev, memory_format=torch.channels_last)
+        objective = SERObjective(4, 16, deterministic=True).to(dev)
+        return model, objective, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+
+    gen = torch.Generator(device=dev).manual_seed(1)
+    batches = [({k: torch.randn(8, n, 100, device=dev, generator=gen) for k, n in bins.items()},
+                torch.randint(40, 101, (8,), device=dev, generator=gen),
+                torch.randint(0, 4, (8,), device=dev, generator=gen)) for _ in range(7)]
+    eager, graphed_parts = make(), make()
+    graphed = GraphedTrainStep(*graphed_parts, amp=amp, warmup=2)
+    tol = dict(rtol=2e-2, atol=2e-2) if amp else dict(rtol=1e-4, atol=1e-5)
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        for step, (feats, frames, labels) in enumerate(batches):
+            out_e, terms_e = train_step(*eager, feats, feats, frames, labels, amp,
+                                        clip_params=list(eager[0].parameters()))
+            out_g, terms_g = graphed(feats, feats, frames, labels)
+            for name in ("total", "ce", "center", "recon"):
+                torch.testing.assert_close(getattr(terms_g, name), getattr(terms_e, name), **tol,
+                                           msg=f"{name}, step {step}")
+            torch.testing.assert_close(out_g.logits, out_e.logits, **tol, msg=f"logits, step {step}")
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+    assert graphed.graph is not None and graphed.steps == len(batches)
+    for (name, pe), pg in zip(eager[0].named_parameters(), graphed_parts[0].parameters()):
+        torch.testing.assert_close(pg, pe, **tol, msg=name)
+    torch.testing.assert_close(graphed_parts[1].center_loss.centers, eager[1].center_loss.centers, **tol)
+    assert int(graphed_parts[1].center_loss.bad_batches) == 0
