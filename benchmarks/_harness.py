@@ -143,6 +143,11 @@ def with_ratios(records: list[dict]) -> list[dict]:
             r[f"speedup_vs_{other}"] = o["median_s"] / r["median_s"] if o else None
         if r["target"] is not None and r["speedup_vs_baseline"] is not None:
             r["target_met"] = r["speedup_vs_baseline"] >= r["target"]
+        if r.get("min_bytes") and r.get("peak_bytes_per_s"):  # memory-bound kernels: % of the HBM roofline
+            r["achieved_bytes_per_s"] = r["min_bytes"] / r["median_s"]
+            r["roofline_pct"] = 100.0 * r["achieved_bytes_per_s"] / r["peak_bytes_per_s"]
+            if r.get("roofline_target_pct") is not None:
+                r["roofline_target_met"] = r["roofline_pct"] >= r["roofline_target_pct"]
         out.append(r)
     return out
 

@@ -75,6 +75,11 @@ def table() -> str:
                 extra = f" ({r['utterances'] / r['median_s']:,.0f} utt/s)"
             if "sync_bytes_per_step" in r:
                 extra = f" ({r['sync_bytes_per_step'] / 2**20:.2f} MiB all-reduced)"
+            if r.get("roofline_pct") is not None:
+                extra = f" ({r['achieved_bytes_per_s'] / 1e9:,.0f} GB/s, {r['roofline_pct']:.0f}% of HBM"
+                if r.get("roofline_target_pct") is not None:
+                    extra += f"; target {r['roofline_target_pct']:g}%: {'met' if r['roofline_target_met'] else 'missed'}"
+                extra += ")"
             per_step = r["median_s"] / r.get("steps_per_call", 1)  # train_step times several steps per call
             lines.append(f"| {r['group']} | {r['impl']} | {per_step * 1e3:,.2f} ms{extra} | "
                          f"{r['peak_extra_bytes'] / 2**20:,.1f} MiB | {_ratio(r)} |")
