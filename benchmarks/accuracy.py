@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fastser.training.loop import FALLBACKS
+from fastser.training.reports import seed_ensemble
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"
 SETTINGS = ("features", "prosody", "bin_stats", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
@@ -66,6 +67,12 @@ def _first_folds(d: Path, n: int) -> dict:
     return out
 
 
+def _fold_results(d: Path, max_folds=None) -> list:
+    import torch
+    results = sorted(torch.load(d / "checkpoint.pt", weights_only=True)["fold_results"], key=lambda r: r["fold"])
+    return results[:max_folds] if max_folds is not None else results
+
+
 def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
     seeds, config = {}, None
     for d in _seed_dirs(paths):
@@ -99,7 +106,11 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
         raise SystemExit("no run folders given")
     out = {"name": name, "kind": "fastser", "corpus": config["corpus"], "split": config["split"],
            "folds": len(next(iter(seeds.values()))["folds"]),
-           "settings": {k: config.get(k) for k in SETTINGS}, "seeds": seeds}
+           "settings": {k: config.get(k) for k in SETTINGS}, "weights": weights, "seeds": seeds}
+    if weights is None and len(seeds) > 1:  # the seeds' models averaged, from their stored probabilities
+        ensemble = seed_ensemble([_fold_results(d, max_folds) for d in _seed_dirs(paths)], config["classes_list"])
+        if ensemble:
+            out["seed_ensemble"] = ensemble
     for key in ("wa", "ua", "macro_f1"):
         v = np.array([s[key] for s in seeds.values()])
         out[f"{key}_mean"], out[f"{key}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0

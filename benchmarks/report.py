@@ -97,6 +97,8 @@ def _setting_text(row: dict) -> str:
              f"epochs {s['epochs']} (patience {s['patience']})" if s.get("validation") is not False
              else f"epochs {s['epochs']}, last epoch kept (no validation speakers)",
              f"lr {s['lr']:g}"]
+    if s.get("ema"):
+        parts.append(f"weights {row.get('weights') or 'ema_%g' % s['ema'][0]}")
     return ", ".join(parts)
 
 
@@ -121,6 +123,11 @@ def accuracy_table() -> str:
             seeds = ", ".join(r["seeds"]) if r["kind"] != "baseline" else "-"
             lines.append(f"| {r['name']} | {_setting_text(r)} | {r['folds']} | {seeds} | {pm('ua')} | {pm('wa')} | {pm('macro_f1')} | "
                          f"{alone} | {_minutes(r['seconds_per_seed'])} | {r['machine']}, {r['date'][:10]} |")
+            if r.get("seed_ensemble"):
+                e = r["seed_ensemble"]
+                lines.append(f"| {r['name']}: the {e['n_seeds']} seeds' models averaged (soft vote) | as above | "
+                             f"{r['folds']} | {seeds} | {100 * e['ua']:.1f} | {100 * e['wa']:.1f} | "
+                             f"{100 * e['macro_f1']:.1f} | | | {e['n_seeds']} x the time | {r['machine']}, {r['date'][:10]} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

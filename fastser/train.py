@@ -29,7 +29,7 @@ from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
 from fastser.training.batches import NORMALIZE
 from fastser.training.checkpoints import load_checkpoint
 from fastser.training.loop import Run, log
-from fastser.training.reports import metrics_of, write_ablation, write_reports
+from fastser.training.reports import metrics_of, seed_ensemble, write_ablation, write_reports
 
 CORPORA = ("synthetic", "iemocap", "emodb", "ravdess", "cremad", "tess")
 ABLATION = {"ce_only": (False, False), "center": (True, False), "recon": (False, True), "center+recon": (True, True)}
@@ -315,6 +315,7 @@ def _train(args, info, out: Path) -> dict:
             f" x{info.world_size} | out {out}", args.no_progress)
 
     features = FeatureSet.paper(table.feats)
+    fold_results = {}  # run folder -> its folds' test results (for the seed ensemble)
 
     def experiment(sub: Path, use_center: bool, use_recon: bool, run_args=args, run_folds=folds) -> dict:
         if info.is_main:
@@ -330,6 +331,7 @@ def _train(args, info, out: Path) -> dict:
                 raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         metrics = metrics_of(run, run.run())
         write_reports(run, metrics)
+        fold_results[sub] = run.fold_results
         return metrics
 
     if args.seeds:
@@ -341,10 +343,14 @@ def _train(args, info, out: Path) -> dict:
             per_seed[seed] = experiment(out / f"seed-{seed}", not args.no_center, not args.no_recon, seed_args,
                                         seed_folds)
         metrics = seed_summary(per_seed, time.perf_counter() - t0)
+        ensemble = seed_ensemble([fold_results[out / f"seed-{seed}"] for seed in args.seeds], table.corpus.classes)
+        if ensemble:
+            metrics["seed_ensemble"] = ensemble
         if info.is_main:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             log(f"{len(per_seed)} seeds: " + "  ".join(
-                f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1")), args.no_progress)
+                f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1"))
+                + (f"; their models averaged (soft vote): UA {ensemble['ua']:.3f}" if ensemble else ""), args.no_progress)
     elif args.ablation:
         results = {name: experiment(out / name, c, r) for name, (c, r) in ABLATION.items()}
         if info.is_main:

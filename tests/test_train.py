@@ -54,7 +54,8 @@ def test_one_epoch_reduces_the_loss():
 
 def test_cli_writes_every_artifact(tmp_path):
     metrics, out = run(tmp_path, "a", "--epochs", "2")
-    for name in ("metrics.json", "history.jsonl", "confusion.png", "embeddings.png", "config.json", "checkpoint.pt"):
+    for name in ("metrics.json", "history.jsonl", "confusion.png", "embeddings.png", "config.json", "checkpoint.pt",
+                 "predictions.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     m = json.loads((out / "metrics.json").read_text())
     for key in ("wa", "ua", "macro_f1", "per_class_recall", "confusion", "folds", "skipped"):
@@ -498,3 +499,40 @@ def test_graphed_steps_train_like_eager_steps(amp):
         torch.testing.assert_close(pg, pe, **tol, msg=name)
     torch.testing.assert_close(graphed_parts[1].center_loss.centers, eager[1].center_loss.centers, **tol)
     assert int(graphed_parts[1].center_loss.bad_batches) == 0
+
+
+def _predictions(path):
+    import csv
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    return rows, classes, probs
+
+
+def test_predictions_file_and_seed_ensemble(tmp_path):
+    """Every run writes predictions.csv (one line per test utterance: fold, id, speaker, label,
+    prediction, class probabilities) agreeing with metrics.json; a --seeds run also scores the
+    seeds' models averaged (mean probability per utterance), recomputed here from the files."""
+    from fastser.metrics import summarize
+    metrics, out = run(tmp_path, "multi", "--epochs", "1", "--seeds", "0,1", "--split", "kfold", "--folds", "2")
+    per_seed = {}
+    for seed in (0, 1):
+        m = json.loads((out / f"seed-{seed}" / "metrics.json").read_text())
+        rows, classes, probs = _predictions(out / f"seed-{seed}" / "predictions.csv")
+        assert len(rows) == m["n_test"] == len({r["uid"] for r in rows})  # each utterance tested once
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+        assert [r["predicted"] for r in rows] == [classes[i] for i in probs.argmax(1)]
+        y_true = np.array([classes.index(r["label"]) for r in rows])
+        assert summarize(y_true, probs.argmax(1), classes)["confusion"] == m["confusion"]
+        per_seed[seed] = {r["uid"]: (classes.index(r["label"]), p) for r, p in zip(rows, probs)}
+    uids = sorted(per_seed[0])
+    assert uids == sorted(per_seed[1])
+    mean = np.array([(per_seed[0][u][1] + per_seed[1][u][1]) / 2 for u in uids])
+    expected = summarize(np.array([per_seed[0][u][0] for u in uids]), mean.argmax(1), classes)
+    saved = json.loads((out / "metrics.json").read_text())["seed_ensemble"]
+    assert saved["n_seeds"] == 2 and saved["ua"] == pytest.approx(expected["ua"], abs=1e-9)
+    assert saved["wa"] == pytest.approx(expected["wa"], abs=1e-9) and metrics["seed_ensemble"] == saved
+    from benchmarks.accuracy import collect_runs
+    row = collect_runs([out / "seed-0", out / "seed-1"], "two seeds")  # seeds run as separate processes
+    assert row["seed_ensemble"] == saved

@@ -366,7 +366,7 @@ class Run:
                   "val_speaker_disjoint": fold.val_speaker_disjoint,
                   "test_speakers": sorted(set(self.table.corpus.speakers[fold.test].tolist())),
                   "test_rows": test["rows"].tolist(), "y_true": test["y_true"].tolist(),
-                  "y_pred": test["y_pred"].tolist(), "wa": tm["wa"], "ua": tm["ua"], "macro_f1": tm["macro_f1"],
+                  "y_pred": test["y_pred"].tolist(), "probs": test["probs"].round(6).tolist(), "wa": tm["wa"], "ua": tm["ua"], "macro_f1": tm["macro_f1"],
                   "n_test": tm["n"]}
         if self.normalize == "speaker":
             # what a user without enrollment audio could get from the same model (FALLBACKS)
@@ -399,22 +399,25 @@ class Run:
         model.eval()
         rows = rows[torch.argsort(self.table.frames[rows], stable=True)]  # similar lengths batch together
         mine = fdist.shard(rows, self.info, pad=False)
-        preds, embs = [], []
+        preds, probs, embs = [], [], []
         for start in range(0, len(mine), 64):
             batch = batcher.batch(mine[start: start + 64])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
                 out = model(batch.feats, batch.frames)
             preds.append(out.logits.argmax(1))
+            probs.append(out.logits.float().softmax(1))
             embs.append(out.embedding.float())
         pred = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
+        prob = torch.cat(probs).cpu() if probs else torch.zeros(0, len(self.classes))
         emb = torch.cat(embs).cpu() if embs else torch.zeros(0, model.embed_dim)
         all_rows = fdist.gather_cat(mine, self.info)
-        pred = fdist.gather_cat(pred, self.info)
+        pred, prob = fdist.gather_cat(pred, self.info), fdist.gather_cat(prob, self.info)
         if embeddings:
             emb = fdist.gather_cat(emb, self.info)
         order = torch.argsort(all_rows)
         all_rows, pred = all_rows[order], pred[order]
         return {"rows": all_rows.numpy(), "y_true": self.table.labels[all_rows].numpy(), "y_pred": pred.numpy(),
+                "probs": prob[order].numpy(),
                 "embeddings": emb[order].numpy() if embeddings else None}
 
     # -- every fold -----------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""What a finished experiment writes: metrics.json, history.jsonl, config.json, the confusion
-matrix and embedding plots, and the ablation table."""
+"""What a finished experiment writes: metrics.json, history.jsonl, config.json, predictions.csv,
+the confusion matrix and embedding plots, and the ablation table; the ensemble of several seeds."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -69,12 +70,44 @@ def write_reports(run: Run, metrics: dict) -> None:
         for row in run.history:
             f.write(json.dumps(row) + "\n")
     (out / "config.json").write_text(json.dumps(run.config(), indent=2, default=str) + "\n")
+    write_predictions(out / "predictions.csv", run.fold_results, run.table.corpus, run.classes)
     plot_confusion(np.array(metrics["confusion"]), run.classes, out / "confusion.png",
                    f"{run.args.corpus} {run.split}: WA {metrics['wa']:.1%}  UA {metrics['ua']:.1%}")
     last = run.last_fold_embeddings()
     if last is not None and last["embeddings"] is not None and len(last["embeddings"]) > 2:
         plot_embeddings(last["embeddings"], last["labels"], last["centers"], run.classes, out / "embeddings.png",
                         f"test embeddings, {run.fold_results[-1]['name']}")
+
+
+def write_predictions(path: Path, fold_results: list, corpus, classes: list) -> None:
+    """One line per test utterance: its fold, id, speaker, label, prediction and class probabilities."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["fold", "uid", "speaker", "label", "predicted", *[f"p_{c}" for c in classes]])
+        for r in fold_results:
+            for row, y, pred, prob in zip(r["test_rows"], r["y_true"], r["y_pred"], r.get("probs", [])):
+                u = corpus.utterances[row]
+                w.writerow([r["name"], u.uid, u.speaker, classes[y], classes[pred], *[f"{p:.6f}" for p in prob]])
+
+
+def seed_ensemble(fold_results_per_seed: list, classes: list) -> dict:
+    """The seeds' models averaged at prediction time: each test utterance's class probabilities
+    averaged over the seeds (a soft vote), pooled over folds into WA/UA/macro-F1. Empty when the
+    seeds did not test the same utterances or stored no probabilities (runs of older versions)."""
+    per_seed = []
+    for results in fold_results_per_seed:
+        if not results or not all("probs" in r for r in results):
+            return {}
+        rows = np.concatenate([r["test_rows"] for r in results])
+        order = np.argsort(rows)
+        per_seed.append((rows[order], np.concatenate([r["y_true"] for r in results])[order],
+                         np.concatenate([np.asarray(r["probs"]) for r in results])[order]))
+    rows, y_true, _ = per_seed[0]
+    if len(per_seed) < 2 or any(not np.array_equal(r, rows) for r, _, _ in per_seed):
+        return {}
+    mean_probs = np.mean([p for _, _, p in per_seed], axis=0)
+    m = summarize(y_true, mean_probs.argmax(1), classes)
+    return {"wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"], "n_seeds": len(per_seed)}
 
 
 def write_ablation(out: Path, results: dict, args) -> None:
