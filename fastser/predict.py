@@ -89,6 +89,9 @@ class Predictor:
     """A trained model ready to score audio.
 
     Predictor(checkpoint, device="cpu", batch_size=32, enroll=None)
+    `checkpoint` may be a list: the models (e.g. one per --seeds run) are averaged, each window's
+    class probabilities the mean of theirs (a soft-vote ensemble); they must share their classes,
+    features, input normalisation and windows.
     predict_file(path) -> Prediction; predict_waveform(samples at `sr`) -> Prediction;
     probabilities(samples) -> (classes,) tensor. Inference only (no autograd).
 
@@ -101,7 +104,18 @@ class Predictor:
     """
 
     def __init__(self, checkpoint, device: str = "cpu", batch_size: int = 32, enroll=None):
-        self.spec, final = finished_model(load_checkpoint(checkpoint))
+        paths = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+        if not paths:
+            raise UserError("no checkpoint given")
+        loaded = [finished_model(load_checkpoint(p)) for p in paths]
+        self.spec, final = loaded[0]
+        for path, (spec, _) in zip(paths[1:], loaded[1:]):
+            for what in ("classes", "normalize", "train_seconds", "max_seconds"):
+                if getattr(spec, what) != getattr(self.spec, what):
+                    raise UserError(f"--checkpoint: {path} has {what} {getattr(spec, what)!r}, {paths[0]} has "
+                                    f"{getattr(self.spec, what)!r}: an ensemble needs models of the same setting")
+            if spec.features.to_dict() != self.spec.features.to_dict():
+                raise UserError(f"--checkpoint: {path} was trained on other features than {paths[0]}")
         self.classes = list(self.spec.classes)
         self.features = self.spec.features
         self.sr = self.features.sr
@@ -110,10 +124,12 @@ class Predictor:
         self.hop_seconds = self.window_seconds / 2
         self.batch_size = batch_size
         self.device = parse_device(device)
-        self.model = build_model(self.spec)
-        self.model.load_state_dict(final["model"])
-        self.model.to(self.device).eval()
-        self.norm = Normalizer(**final["norm"]).to(self.device) if self.spec.normalize != "utterance" else None
+        self.models, self.norms = [], []  # one per checkpoint, each with its training statistics
+        for spec, fin in loaded:
+            model = build_model(spec)
+            model.load_state_dict(fin["model"])
+            self.models.append(model.to(self.device).eval())
+            self.norms.append(Normalizer(**fin["norm"]).to(self.device) if spec.normalize != "utterance" else None)
         if enroll:
             self.enroll_speaker(enroll)
 
@@ -131,7 +147,8 @@ class Predictor:
             items.append({k: x[0, :, : int(frames[0])].cpu() for k, x in feats.items()})
         if not items:
             raise UserError("--enroll: no audio files")
-        self.norm = Normalizer.fit_items(items).to(self.device)
+        speaker = Normalizer.fit_items(items).to(self.device)
+        self.norms = [speaker] * len(self.models)
 
     # -- scoring ------------------------------------------------------------------------
     @torch.no_grad()
@@ -141,13 +158,18 @@ class Predictor:
         batch = torch.zeros(len(clips), int(lengths.max()))
         for i, c in enumerate(clips):
             batch[i, : len(c)] = torch.from_numpy(c)
-        feats, frames = self.features.extract(batch.to(self.device), lengths.to(self.device))
-        if self.norm is not None:
-            feats = self.norm.apply(feats, frames)
-        else:  # each window's own statistics
-            feats = utterance_stats(feats, frames).apply(feats, frames, torch.arange(len(clips), device=self.device))
-        logits = self.model(feats, frames).logits
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        raw, frames = self.features.extract(batch.to(self.device), lengths.to(self.device))
+        own = None
+        probs = 0.0
+        for model, norm in zip(self.models, self.norms):
+            if norm is not None:
+                feats = norm.apply(raw, frames)
+            else:  # each window's own statistics
+                if own is None:  # the same for every model: computed once
+                    own = utterance_stats(raw, frames).apply(raw, frames, torch.arange(len(clips), device=self.device))
+                feats = own
+            probs = probs + torch.softmax(model(feats, frames).logits.float(), dim=1)
+        return (probs / len(self.models)).cpu().numpy()
 
     def _windows(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple]:
         """(start sample, samples) windows over a stream of blocks: full windows every hop, then
@@ -275,7 +297,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("inputs", nargs="+", metavar="AUDIO",
                     help="audio files (any format soundfile reads), folders (searched recursively) or glob patterns")
-    ap.add_argument("--checkpoint", required=True, help="a training run's folder or its checkpoint.pt")
+    ap.add_argument("--checkpoint", required=True, nargs="+",
+                    help="a training run's folder or its checkpoint.pt; several (e.g. the seed-N folders of a "
+                         "--seeds run): their probabilities are averaged")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     ap.add_argument("--format", choices=("text", "json", "csv"), default="text",
                     help="text: a line per file; json: one list; csv: a row per file or segment (default: text)")

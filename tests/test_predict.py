@@ -165,18 +165,18 @@ def test_speaker_enrollment(run_dir, corpus_run_dir, clips, tmp_path, capsys):
     folder, files, _ = clips
     p = predict.Predictor(run_dir)
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["final"]["norm"]
-    torch.testing.assert_close(p.norm.mean["mfcc"], saved["mean"]["mfcc"], rtol=0, atol=0)
-    torch.testing.assert_close(p.norm.std["logmel"], saved["std"]["logmel"], rtol=0, atol=0)
+    torch.testing.assert_close(p.norms[0].mean["mfcc"], saved["mean"]["mfcc"], rtol=0, atol=0)
+    torch.testing.assert_close(p.norms[0].std["logmel"], saved["std"]["logmel"], rtol=0, atol=0)
     alone = p.predict_file(files[0]).probabilities
     enrolled = predict.Predictor(run_dir, enroll=[str(f) for f in files])
-    assert enrolled.norm is not None and enrolled.norm.mean["logmel"].shape == (64,)
+    assert enrolled.norms[0] is not None and enrolled.norms[0].mean["logmel"].shape == (64,)
     assert not np.allclose(enrolled.predict_file(files[0]).probabilities, alone)
     # the enrollment statistics are the speaker's valid frames, as training computes them
     from fastser.audio import load
     audio = [load(str(f), sr=16000)[0] for f in files]  # as written to disk (16-bit PCM)
     feats = [enrolled.features.extract(torch.from_numpy(a)[None], torch.tensor([len(a)])) for a in audio]
     cols = torch.cat([f[0]["mfcc"][0] for f in feats], dim=1).double()
-    torch.testing.assert_close(enrolled.norm.mean["mfcc"], cols.mean(1).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(enrolled.norms[0].mean["mfcc"], cols.mean(1).float(), atol=1e-4, rtol=1e-4)
     capsys.readouterr()
     assert predict.main([str(files[0]), "--checkpoint", str(run_dir), "--enroll", str(folder)]) == 0
     assert "no --enroll" not in capsys.readouterr().err
@@ -197,3 +197,25 @@ def test_bad_enrollment_audio_is_one_clear_error(run_dir, clips, tmp_path, capsy
         err = captured.err.strip().splitlines()
         assert len(err) == 1 and "error" in err[0] and expected in err[0], err
         assert captured.out == ""
+
+
+def test_several_checkpoints_average_their_probabilities(run_dir, corpus_run_dir, clips, tmp_path, capsys):
+    """--checkpoint A B: each file's probabilities are the mean of the two models' (a soft vote),
+    with enrollment statistics applied to both; models of other settings are refused in one line."""
+    _, files, _ = clips
+    other = tmp_path / "seed-1"
+    train.main(SMALL + ["--epochs", "1", "--seed", "1", "--out", str(other)])
+    alone = [predict.Predictor(d).predict_file(files[0]).probabilities for d in (run_dir, other)]
+    both = predict.Predictor([run_dir, other])
+    np.testing.assert_allclose(both.predict_file(files[0]).probabilities, (alone[0] + alone[1]) / 2, atol=1e-6)
+    enrolled = [predict.Predictor(d, enroll=files).predict_file(files[0]).probabilities for d in (run_dir, other)]
+    np.testing.assert_allclose(predict.Predictor([run_dir, other], enroll=files).predict_file(files[0]).probabilities,
+                               (enrolled[0] + enrolled[1]) / 2, atol=1e-6)
+    assert not np.allclose(alone[0], alone[1])  # really two different models
+    capsys.readouterr()
+    assert predict.main([str(files[0]), "--checkpoint", str(run_dir), str(other), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)[0]["probabilities"]
+    np.testing.assert_allclose([shown[c] for c in both.classes], (alone[0] + alone[1]) / 2, atol=1e-3)
+    assert predict.cli([str(files[0]), "--checkpoint", str(run_dir), str(corpus_run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "normalize" in err[0] and "same setting" in err[0]
