@@ -74,24 +74,21 @@ def _tempo(text: str) -> float:
     return value
 
 
-def _speeds(text: str) -> tuple:
-    try:
-        speeds = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        speeds = ()
-    if not speeds or len(set(speeds)) != len(speeds) or not all(0.5 <= s <= 2.0 and s != 1.0 for s in speeds):
-        raise argparse.ArgumentTypeError(f"expected distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1; got {text!r}")
-    return speeds
+def _distinct_floats(ok, expected: str):
+    """An argparse type: comma-separated distinct numbers, each passing `ok`."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(float(s) for s in text.split(",") if s.strip())
+        except ValueError:
+            values = ()
+        if not values or len(set(values)) != len(values) or not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return values
+    return parse
 
 
-def _decays(text: str) -> tuple:
-    try:
-        decays = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        decays = ()
-    if not decays or len(set(decays)) != len(decays) or not all(0 < d < 1 for d in decays):
-        raise argparse.ArgumentTypeError(f"expected distinct decays in (0, 1), e.g. 0.998; got {text!r}")
-    return decays
+_speeds = _distinct_floats(lambda s: 0.5 <= s <= 2.0 and s != 1.0, "distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1")
+_decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g. 0.998")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
