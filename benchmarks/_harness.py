@@ -18,6 +18,7 @@ import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
 RECORDS: list[dict] = []
+_SESSION_STAMP = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def bench_device() -> torch.device:
@@ -92,6 +93,7 @@ def run(benchmark, fn, device, *, suite, group, impl, baseline, target=None, ext
         "median_s": stats.median, "mean_s": stats.mean, "stddev_s": stats.stddev, "rounds": rounds,
         "peak_extra_bytes": peak, "also_vs": list(also_vs), **(extra or {}),
     })
+    write_results(device)  # after every case: a session stopped by a time limit keeps what it measured
 
 
 def _cpu_model() -> dict:
@@ -152,17 +154,26 @@ def with_ratios(records: list[dict]) -> list[dict]:
     return out
 
 
+_WRITTEN: list = []  # the file this session last wrote (renamed as suites are added)
+
+
 def write_results(device: torch.device) -> Path | None:
+    """Writes every record so far to one results file per session (atomically: a reader, or a run
+    killed mid-write, never sees half a file), named by the session's start, device and suites."""
     if not RECORDS:
         return None
     records = with_ratios(RECORDS)
     env = environment(device)
     suites = "-".join(sorted({r["suite"] for r in records}))
     RESULTS_DIR.mkdir(exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = env["device_name"].replace(" ", "_").replace("(", "").replace(")", "")
-    path = RESULTS_DIR / f"{stamp}_{tag}_{suites}.json"
-    path.write_text(json.dumps({"environment": env, "results": records}, indent=2) + "\n")
+    path = RESULTS_DIR / f"{_SESSION_STAMP}_{tag}_{suites}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"environment": env, "results": records}, indent=2) + "\n")
+    os.replace(tmp, path)
+    if _WRITTEN and _WRITTEN[-1] != path:
+        _WRITTEN[-1].unlink(missing_ok=True)  # the same session's file under its earlier suite list
+    _WRITTEN[:] = [path]
     return path
 
 

@@ -94,6 +94,8 @@ def test_center_loss_step(benchmark, device, impl, B, C, D, dtype, mode):
         pytest.skip(f"{impl} does not run on {device} here")
     if device.type != "cuda" and ((B, C, D) in GPU_ONLY_SHAPES or dtype != "fp32" or mode != "eager"):
         pytest.skip("GPU-only case (bf16 features, CUDA graphs, 65536 rows)")
+    if dtype == "bf16" and B < 4096:
+        pytest.skip("bf16 features are timed where bytes matter (B >= 4096); small steps are launch-bound")
     fused = impl not in ("reference", "torch-gather")
     plain = (dtype, mode) == ("fp32", "eager")  # the targets apply to the step as users run it
     targets = GPU_TARGETS if device.type == "cuda" else CPU_TARGETS
