@@ -8,7 +8,8 @@ DIR/profile.txt; DIR/<case>.json is the Chrome trace. The GPU issues ask for exa
 before and after a change; the numbers mean something on a GPU only (here they test the script).
 
 Cases: features-logmel, features-mfcc, torchaudio-logmel, torchaudio-mfcc (256 clips), center-loss-fused and
-center-loss-usual (B, C, D = 256, 4, 256), train-step (batch 64, fp32).
+center-loss-usual (B, C, D = 256, 4, 256), train-step (batch 64, fp32; train-step-graph: with the step
+replayed from a CUDA graph, GPU only). On a GPU each case also reports the GPU's busy fraction.
 """
 from __future__ import annotations
 
@@ -43,18 +44,20 @@ def _cases(device: torch.device) -> dict:
             return make_step(name, 256, 4, 256, device)
         return build
 
-    def train_step():
-        from benchmarks import test_train_step as ts
-        import numpy as np
-        rng = np.random.default_rng(0)
-        audio = (0.1 * rng.standard_normal((ts.BATCH, int(ts.SR * ts.SECONDS)))).astype(np.float32)
-        return ts.fastser_step(audio, rng.integers(0, ts.CLASSES, ts.BATCH), device)
+    def train_step(graph=False):
+        def build():
+            from benchmarks import test_train_step as ts
+            import numpy as np
+            rng = np.random.default_rng(0)
+            audio = (0.1 * rng.standard_normal((ts.BATCH, int(ts.SR * ts.SECONDS)))).astype(np.float32)
+            return ts.fastser_step(audio, rng.integers(0, ts.CLASSES, ts.BATCH), device, graph=graph)
+        return build
 
     cases = {"features-logmel": features("fastser", "logmel"), "features-mfcc": features("fastser", "mfcc"),
              "center-loss-fused": center_loss("fused"), "center-loss-usual": center_loss("usual"),
-             "train-step": train_step}
+             "train-step": train_step()}
     if device.type == "cuda":
-        cases.update({"torchaudio-logmel": features("torchaudio", "logmel"),
+        cases.update({"train-step-graph": train_step(graph=True),"torchaudio-logmel": features("torchaudio", "logmel"),
                       "torchaudio-mfcc": features("torchaudio", "mfcc")})
     return cases
 
@@ -70,6 +73,8 @@ def summarise(prof, calls: int, wall_s: float, on_gpu: bool) -> dict:
         "wall_ms_per_call": 1e3 * wall_s / calls,
         "kernels_per_call": sum(e.count for e in kernels) / calls,
         "kernel_ms_per_call": sum(e.self_device_time_total for e in kernels) / 1e3 / calls,
+        # the share of the wall time the GPU spends in kernels (overlapping kernels counted twice)
+        "gpu_busy_fraction": (sum(e.self_device_time_total for e in kernels) / 1e3 / (1e3 * wall_s)) if on_gpu else None,
         "syncs_per_call": sum(runtime.get(name, 0) for name in SYNC_EVENTS) / calls,
         # a value read back to the host: .item()/bool()/int() (_local_scalar_dense) or a device-to-host copy
         "device_to_host_reads_per_call": sum(e.count for e in events
@@ -115,7 +120,8 @@ def main(argv=None) -> None:
         report["cases"][name] = summary
         lines.append(f"{name}: {summary['wall_ms_per_call']:.3f} ms wall, {summary['kernels_per_call']:.0f} kernels "
                      f"({summary['kernel_ms_per_call']:.3f} ms), {summary['syncs_per_call']:.0f} syncs, "
-                     f"{summary['device_to_host_reads_per_call']:.0f} device-to-host reads per call")
+                     f"{summary['device_to_host_reads_per_call']:.0f} device-to-host reads per call"
+                     + (f", GPU busy {summary['gpu_busy_fraction']:.0%}" if summary["gpu_busy_fraction"] is not None else ""))
         lines += [f"    {t['ms_per_call']:8.3f} ms  x{t['count_per_call']:g}  {t['op']}" for t in summary["top_ops"]]
     (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "profile.txt").write_text("\n".join(lines) + "\n")
