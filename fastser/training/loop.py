@@ -366,8 +366,8 @@ class Run:
                   "val_speaker_disjoint": fold.val_speaker_disjoint,
                   "test_speakers": sorted(set(self.table.corpus.speakers[fold.test].tolist())),
                   "test_rows": test["rows"].tolist(), "y_true": test["y_true"].tolist(),
-                  "y_pred": test["y_pred"].tolist(), "probs": test["probs"].round(6).tolist(), "wa": tm["wa"], "ua": tm["ua"], "macro_f1": tm["macro_f1"],
-                  "n_test": tm["n"]}
+                  "y_pred": test["y_pred"].tolist(), "probs": test["probs"].round(6).tolist(),
+                  "wa": tm["wa"], "ua": tm["ua"], "macro_f1": tm["macro_f1"], "n_test": tm["n"]}
         if self.normalize == "speaker":
             # what a user without enrollment audio could get from the same model (FALLBACKS)
             fallbacks = {"utterance": self.batcher(None, "utterance"),
@@ -379,7 +379,8 @@ class Run:
             result["y_pred_weights"] = {}
             for name, state in best["others"].items():
                 model.load_state_dict(state)
-                result["y_pred_weights"][name] = self.evaluate(model, batcher, torch.from_numpy(fold.test))["y_pred"].tolist()
+                scored = self.evaluate(model, batcher, torch.from_numpy(fold.test))
+                result["y_pred_weights"][name] = scored["y_pred"].tolist()
             model.load_state_dict(best["model"])
         self.fold_results.append(result)
         self.last_test = {"embeddings": test["embeddings"], "labels": test["y_true"],
