@@ -1,7 +1,9 @@
 """torch.distributed plumbing for `torchrun ... -m fastser.train` (and a no-op in one process).
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; we use NCCL on CUDA and gloo on CPU, one device
-per local rank. Every collective has a timeout, so one rank's error cannot hang the others forever.
+per local rank. Under torchrun the run is distributed even with one process (a process group, DDP,
+the center sync), so `--nproc_per_node=1` runs the code of N ranks on one device: the way to test
+it, and to measure what DDP costs against a plain run. Every collective has a timeout, so one rank's error cannot hang the others forever.
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launched: bool = False  # started by torchrun (one process included)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -55,16 +58,17 @@ def parse_device(device_arg: Optional[str] = None) -> torch.device:
 
 def setup(device_arg: Optional[str] = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, with one process too
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = parse_device(device_arg)
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or launched) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
-    return DistInfo(rank, world, local, device)
+    return DistInfo(rank, world, local, device, launched)
 
 
 def teardown(info: DistInfo) -> None:

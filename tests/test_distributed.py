@@ -137,4 +137,32 @@ def test_torchrun_train_writes_one_set_of_artifacts(tmp_path):
     assert total == metrics["n_test"] == 96  # the default corpus's 2 test speakers x 48, each counted once
     assert len((out / "history.jsonl").read_text().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "confusion.png",
-                                                     "embeddings.png", "history.jsonl", "metrics.json"]
+                                                     "embeddings.png", "history.jsonl", "metrics.json", "predictions.csv"]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torchrun_with_one_process_is_ddp_and_gives_the_plain_runs_metrics(tmp_path, device):
+    """torchrun --nproc_per_node=1 runs the distributed code (process group: gloo on the CPU, NCCL on
+    a GPU; DDP; the center sync) and ends with exactly the plain run's metrics. The DDP overhead (the
+    same epochs' seconds, utterances per second) is printed for the GPU session's log."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("NCCL needs a GPU")
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = ["-m", "fastser.train", "--epochs", "2", "--no-progress", "--device", device, "--deterministic",
+            "--synthetic-speakers", "6", "--synthetic-per-class", "4", "--width", "4", "--embed-dim", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("plain", [sys.executable]), ("ddp", [torchrun, "--standalone", "--nproc_per_node=1"])):
+        proc = subprocess.run([*launcher, *args, "--out", str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=900, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = (json.loads((tmp_path / name / "metrics.json").read_text()),
+                      [json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()])
+    (plain, plain_hist), (ddp, ddp_hist) = runs["plain"], runs["ddp"]
+    assert ddp["ddp"] and not plain["ddp"] and ddp["world_size"] == plain["world_size"] == 1
+    assert ddp["confusion"] == plain["confusion"] and ddp["ua"] == plain["ua"]
+    for a, b in zip(plain_hist, ddp_hist):
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-6) and a["center"] == pytest.approx(b["center"], rel=1e-6)
+    seconds = {name: sum(h["seconds"] for h in hist) for name, (_, hist) in runs.items()}
+    print(f"\n{device}: 2 epochs plain {seconds['plain']:.2f} s, torchrun 1 rank (DDP) {seconds['ddp']:.2f} s "
+          f"({seconds['ddp'] / seconds['plain']:.2f}x)")
