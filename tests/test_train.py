@@ -252,7 +252,7 @@ def test_bin_stats_train_predict_and_guard_resume(tmp_path):
     assert ckpt["spec"]["bin_stats"] is True and ckpt["config"]["bin_stats"] is True
     from fastser.predict import Predictor
     predictor = Predictor(out)
-    assert predictor.model.encoders["mfcc"].bin_stats
+    assert predictor.models[0].encoders["mfcc"].bin_stats
     pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
     assert abs(pred.probabilities.sum() - 1) < 1e-5
     with pytest.raises(ValueError, match="bin_stats=True"):
