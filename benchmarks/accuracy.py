@@ -27,7 +27,7 @@ from fastser.training.loop import FALLBACKS
 from fastser.training.reports import seed_ensemble
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"
-SETTINGS = ("features", "prosody", "bin_stats", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
+SETTINGS = ("features", "prosody", "bin_stats", "pooling", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
             "lambda_center", "lambda_recon", "specaugment", "train_seconds", "ema")
 
 

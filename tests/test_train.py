@@ -259,6 +259,21 @@ def test_bin_stats_train_predict_and_guard_resume(tmp_path):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--no-bin-stats", "--resume", str(out)])
 
 
+def test_time_pooling_train_predict_and_guard_resume(tmp_path):
+    """--pooling time is stored in the checkpoint's spec (predict rebuilds the same model, strict
+    weight loading would fail otherwise) and a resume with the other pooling is refused."""
+    metrics, out = run(tmp_path, "pool", "--epochs", "1", "--pooling", "time")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["spec"]["pooling"] == "time" and ckpt["config"]["pooling"] == "time"
+    from fastser.predict import Predictor
+    predictor = Predictor(out)
+    assert predictor.models[0].encoders["logmel"].pooling == "time"
+    pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
+    assert abs(pred.probabilities.sum() - 1) < 1e-5
+    with pytest.raises(ValueError, match="pooling='time'"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--pooling", "global", "--resume", str(out)])
+
+
 def test_no_validation_trains_on_the_validation_speakers_and_keeps_the_last_epoch(tmp_path):
     """--no-validation: the fold's validation speakers join the training rows (never the test
     speakers), every epoch runs (no early stopping), and the model tested is the last epoch's."""

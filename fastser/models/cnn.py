@@ -67,24 +67,30 @@ def _valid_frames(x: torch.Tensor, frames: torch.Tensor):
 class FeatureEncoder(nn.Module):
     """(B, bins, T) -> conv map (B, C, bins/8, T/8) and pooled vector (B, out_dim) over valid frames.
 
-    The pooled vector is the conv map's mean and max (2C), and with `bin_stats` each input bin's own
-    mean and std over the utterance (2 bins): the functionals a classic SVM baseline lives on, handed
-    to the embedding directly, so the CNN has to learn only what they miss.
+    The pooled vector is the conv map's mean and max over the valid frames: with `pooling="global"`
+    over frequency too (2C values), with `pooling="time"` per frequency band (2C * bins/8 values), so
+    the embedding knows *where* in the spectrum a pattern is (more energy high up when angry) rather
+    than only that it occurred somewhere, as the paper's flattened CNN output does. With `bin_stats`
+    each input bin's own mean and std over the utterance (2 bins) are appended: the functionals a
+    classic SVM baseline lives on, handed to the embedding directly.
 
     Every map is multiplied by its valid-time mask (frames // stride, at least 1), so an utterance
     gives the same result alone or padded inside a batch: batch norm's shift never turns padding
     into signal that the next convolution would read."""
 
-    def __init__(self, n_bins: int, width: int = 16, bin_stats: bool = False):
+    def __init__(self, n_bins: int, width: int = 16, bin_stats: bool = False, pooling: str = "global"):
         super().__init__()
-        self.n_bins = n_bins
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.n_bins, self.pooling = n_bins, pooling
         self.stem = ParallelStem(width)
         self.blocks = nn.ModuleList([_block(self.stem.out_channels, 2 * width, (3, 3), pool=True),
                                      _block(2 * width, 4 * width, (3, 3), pool=True)])
         self.out_channels = 4 * width
         self.bin_stats = bin_stats
-        self.out_dim = 2 * self.out_channels + (2 * n_bins if bin_stats else 0)
         self.stride = 8
+        bands = n_bins // self.stride if pooling == "time" else 1  # the three 2x2 max-pools floor the bins
+        self.out_dim = 2 * self.out_channels * bands + (2 * n_bins if bin_stats else 0)
 
     @staticmethod
     def _mask(x: torch.Tensor, frames: torch.Tensor, stride: int) -> torch.Tensor:
@@ -113,9 +119,11 @@ class FeatureEncoder(nn.Module):
             stride *= 2
             h = self._masked(block(h), frames, stride, full)
         v = self._mask(h, frames, stride)
-        mean = h.sum(dim=(2, 3)) / (v.sum(dim=(2, 3)) * h.shape[2]).clamp(min=1)
-        peak = h.masked_fill(~v, float("-inf")).amax(dim=(2, 3))
-        return h, torch.cat([mean, peak, *stats], dim=1)
+        mean = h.sum(dim=3) / v.sum(dim=3).clamp(min=1)  # (B, C, bands) over the valid frames
+        peak = h.masked_fill(~v, float("-inf")).amax(dim=3)
+        if self.pooling == "global":  # every band has the same valid frames: the mean of means is the mean
+            mean, peak = mean.mean(dim=2), peak.amax(dim=2)
+        return h, torch.cat([mean.flatten(1), peak.flatten(1), *stats], dim=1)
 
 
 class ContourEncoder(nn.Module):
@@ -164,6 +172,7 @@ class FeatureDecoder(nn.Module):
         return out[:, :bins, :t]
 
 
+POOLINGS = ("global", "time")
 CONTOUR_KINDS = ("prosody",)  # 1-D inputs: a ContourEncoder, no decoder (the CNN branches reconstruct)
 
 
@@ -173,11 +182,12 @@ class SERModel(nn.Module):
     embedding), an embedding layer, a classifier, and one decoder per spectral kind."""
 
     def __init__(self, input_bins: dict, num_classes: int, *, width: int = 16, embed_dim: int = 128,
-                 dropout: float = 0.3, reconstruct: bool = True, bin_stats: bool = False):
+                 dropout: float = 0.3, reconstruct: bool = True, bin_stats: bool = False,
+                 pooling: str = "global"):
         super().__init__()
         self.kinds = list(input_bins)
         self.encoders = nn.ModuleDict({k: ContourEncoder(b, width) if k in CONTOUR_KINDS
-                                       else FeatureEncoder(b, width, bin_stats) for k, b in input_bins.items()})
+                                       else FeatureEncoder(b, width, bin_stats, pooling) for k, b in input_bins.items()})
         pooled = sum(e.out_dim for e in self.encoders.values())
         self.embed = nn.Sequential(nn.Dropout(dropout), nn.Linear(pooled, embed_dim), nn.BatchNorm1d(embed_dim),
                                    nn.ReLU(inplace=True))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from fastser.training.checkpoints import cpu_state
+
 
 def bias_corrected_ema(decay: float):
     """A `multi_avg_fn` for AveragedModel: ema += (1 - d) / (1 - d^t) * (w - ema) for float tensors
@@ -50,8 +52,7 @@ class WeightAverages:
         return {name: average.module for name, average in self.averages.items()}
 
     def state_dict(self) -> dict:
-        return {name: {k: v.detach().to("cpu", copy=True) for k, v in average.state_dict().items()}
-                for name, average in self.averages.items()}
+        return {name: cpu_state(average) for name, average in self.averages.items()}
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != set(self.averages):

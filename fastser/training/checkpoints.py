@@ -32,6 +32,7 @@ class ModelSpec:
     max_seconds: float = 8.0    # longer utterances were cut (predict scores up to this length whole)
     normalize: str = "corpus"   # input statistics: "corpus" (the training fold's), "speaker" or "utterance"
     bin_stats: bool = False     # spectral bins' utterance mean/std beside the CNN's pooled features
+    pooling: str = "global"     # the CNN map pooled over time and frequency ("global") or time only ("time")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -45,7 +46,12 @@ class ModelSpec:
 
 def build_model(spec: ModelSpec) -> SERModel:
     return SERModel(spec.features.n_bins, len(spec.classes), width=spec.width, embed_dim=spec.embed_dim,
-                    reconstruct=spec.reconstruct, bin_stats=spec.bin_stats)
+                    reconstruct=spec.reconstruct, bin_stats=spec.bin_stats, pooling=spec.pooling)
+
+
+def cpu_state(module) -> dict:
+    """A copy of module's state on the CPU (a checkpoint must not alias weights that train on)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:

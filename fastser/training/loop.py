@@ -29,7 +29,7 @@ from fastser.models import SERModel, SERObjective
 from fastser.ops import backends_in_use
 from fastser.training.averaging import WeightAverages
 from fastser.training.batches import Batcher, Normalizer, spec_augment
-from fastser.training.checkpoints import ModelSpec, build_model, save_checkpoint
+from fastser.training.checkpoints import ModelSpec, build_model, cpu_state, save_checkpoint
 
 # input statistics a speaker-normalised model is also scored with, as predict would use them without
 # enrollment audio: each utterance's own, or the training speakers' pooled ones (saved with the model)
@@ -98,10 +98,6 @@ def maybe_interrupt() -> None:
         raise KeyboardInterrupt(f"interrupted after {limit} epochs (FASTSER_INTERRUPT_AFTER_EPOCHS)")
 
 
-def cpu_state(module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
 class Run:
     """One experiment: every fold of one objective setting, resumable from its checkpoint.
 
@@ -119,7 +115,8 @@ class Run:
         self.spec = ModelSpec(features, tuple(self.classes), width=args.width, embed_dim=args.embed_dim,
                               reconstruct=lambda_recon > 0, train_seconds=args.train_seconds,
                               max_seconds=args.max_seconds, normalize=self.normalize,
-                              bin_stats=getattr(args, "bin_stats", False))
+                              bin_stats=getattr(args, "bin_stats", False),
+                              pooling=getattr(args, "pooling", "global"))
         self.device = info.device
         self.ckpt_path = out / "checkpoint.pt"
         self.history: list[dict] = []
@@ -174,10 +171,11 @@ class Run:
 
     def resume_from(self, ckpt: dict) -> None:
         old, new = ckpt["config"], self.config()
-        for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "validation", "seed",
+        for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "pooling", "validation", "seed",
                     "lambda_center", "lambda_recon", "world_size", "batch_size", "tempo", "speed_perturb", "ema"):
             # older runs: the settings they were made with
-            made = old.get(key, {"normalize": "corpus", "prosody": False, "bin_stats": False, "validation": True,
+            made = old.get(key, {"normalize": "corpus", "prosody": False, "bin_stats": False, "pooling": "global",
+                                 "validation": True,
                                  "tempo": 0.0}.get(key))
             if key in ("speed_perturb", "ema") and made is not None:
                 made = tuple(made)  # JSON/pickle may give a list

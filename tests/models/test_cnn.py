@@ -103,3 +103,29 @@ def test_bin_stats_hand_each_bins_utterance_mean_and_std_to_the_embedding():
     shifted = {k: v.clone() for k, v in alone.items()}
     shifted["mfcc"][0, 5] += 1.0
     assert not torch.allclose(model(shifted, torch.tensor([n])).embedding, model(alone, torch.tensor([n])).embedding)
+
+
+def test_time_pooling_keeps_one_mean_and_max_per_frequency_band():
+    """pooling="time": the pooled vector is the last map's mean and max over the valid frames for
+    each (channel, frequency band), 2 * C * bins/8 values; "global" is their mean and max over the
+    bands; both are the same for an utterance alone or padded in a batch."""
+    torch.manual_seed(4)
+    enc_time = SERModel({"logmel": 64}, 4, width=4, pooling="time").eval().encoders["logmel"]
+    enc_global = SERModel({"logmel": 64}, 4, width=4).eval().encoders["logmel"]
+    enc_global.load_state_dict(enc_time.state_dict())
+    C = enc_time.out_channels
+    assert enc_time.out_dim == 2 * C * 8 and enc_global.out_dim == 2 * C
+    n, T = 75, 160
+    x = 1e3 * torch.randn(2, 64, T)
+    x[1, :, :n] = torch.randn(64, n)
+    fmap, vec = enc_time(x, torch.tensor([T, n]))
+    valid = fmap[1, :, :, : n // 8]  # (C, 8 bands, valid frames of the map)
+    torch.testing.assert_close(vec[1, : C * 8], valid.mean(-1).flatten(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vec[1, C * 8:], valid.amax(-1).flatten())
+    _, vec_global = enc_global(x, torch.tensor([T, n]))
+    torch.testing.assert_close(vec_global[1, :C], valid.mean(dim=(1, 2)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vec_global[1, C:], valid.amax(dim=(1, 2)))
+    _, alone = enc_time(x[1:, :, :n], torch.tensor([n]))
+    torch.testing.assert_close(vec[1:], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        SERModel({"logmel": 64}, 4, pooling="freq")
