@@ -92,8 +92,8 @@ def _setting_text(row: dict) -> str:
     if row["kind"] == "baseline":
         return f"openSMILE {s['features']} functionals, {s['svm']} SVM" + (", per-speaker z-norm" if s["speaker_norm"] else "")
     parts = [f"features {s['features']}" + (" + prosody" if s.get("prosody") else "")
-             + (" + bin stats" if s.get("bin_stats") else "")
-             + (f", pooling {s['pooling']}" if s.get("pooling", "global") != "global" else ""),
+             + (" + bin stats" if s.get("bin_stats") else ""),
+             f"pooling {s.get('pooling') or 'global'}",  # runs from before the option pooled globally
              f"normalize {s.get('normalize') or 'corpus'}",
              f"epochs {s['epochs']} (patience {s['patience']})" if s.get("validation") is not False
              else f"epochs {s['epochs']}, last epoch kept (no validation speakers)",

@@ -125,9 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--bin-stats", action=argparse.BooleanOptionalAction, default=False,
                        help="feed each spectral bin's mean and std over the utterance to the embedding, "
                             "beside the CNN's pooled features")
-    model.add_argument("--pooling", choices=("global", "time"), default="global",
-                       help="how each CNN's last map becomes a vector: mean and max over time and frequency "
-                            "('global'), or over time per frequency band ('time': keeps where in the spectrum)")
+    model.add_argument("--pooling", choices=("time", "global"), default="time",
+                       help="how each CNN's last map becomes a vector: mean and max over time per frequency band "
+                            "('time', default: keeps where in the spectrum), or over time and frequency ('global', "
+                            "the earlier default)")
     model.add_argument("--width", type=int, default=16, help="channels per stem branch (model size)")
     model.add_argument("--embed-dim", type=int, default=128, help="size of the embedding the center loss acts on")
     model.add_argument("--lambda-center", type=float, default=0.003, help="weight of the center loss")

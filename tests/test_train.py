@@ -259,19 +259,26 @@ def test_bin_stats_train_predict_and_guard_resume(tmp_path):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--no-bin-stats", "--resume", str(out)])
 
 
-def test_time_pooling_train_predict_and_guard_resume(tmp_path):
-    """--pooling time is stored in the checkpoint's spec (predict rebuilds the same model, strict
-    weight loading would fail otherwise) and a resume with the other pooling is refused."""
-    metrics, out = run(tmp_path, "pool", "--epochs", "1", "--pooling", "time")
+def test_global_pooling_train_predict_and_guard_resume(tmp_path):
+    """--pooling global (the earlier model) is stored in the checkpoint's spec (predict rebuilds the
+    same model: strict weight loading would fail otherwise) and a resume with the default pooling is
+    refused rather than mixing two models."""
+    metrics, out = run(tmp_path, "pool", "--epochs", "1", "--pooling", "global")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["spec"]["pooling"] == "time" and ckpt["config"]["pooling"] == "time"
+    assert ckpt["spec"]["pooling"] == "global" and ckpt["config"]["pooling"] == "global"
     from fastser.predict import Predictor
     predictor = Predictor(out)
-    assert predictor.models[0].encoders["logmel"].pooling == "time"
+    assert predictor.models[0].encoders["logmel"].pooling == "global"
     pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
     assert abs(pred.probabilities.sum() - 1) < 1e-5
-    with pytest.raises(ValueError, match="pooling='time'"):
-        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--pooling", "global", "--resume", str(out)])
+    with pytest.raises(ValueError, match="pooling='global'"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
+    # a checkpoint from before the option (no "pooling" anywhere) is the global model it was made as
+    del ckpt["spec"]["pooling"], ckpt["config"]["pooling"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert Predictor(out).models[0].encoders["logmel"].pooling == "global"
+    with pytest.raises(ValueError, match="pooling='global'"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
 
 
 def test_no_validation_trains_on_the_validation_speakers_and_keeps_the_last_epoch(tmp_path):

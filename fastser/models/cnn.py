@@ -78,7 +78,7 @@ class FeatureEncoder(nn.Module):
     gives the same result alone or padded inside a batch: batch norm's shift never turns padding
     into signal that the next convolution would read."""
 
-    def __init__(self, n_bins: int, width: int = 16, bin_stats: bool = False, pooling: str = "global"):
+    def __init__(self, n_bins: int, width: int = 16, bin_stats: bool = False, pooling: str = "time"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -183,7 +183,7 @@ class SERModel(nn.Module):
 
     def __init__(self, input_bins: dict, num_classes: int, *, width: int = 16, embed_dim: int = 128,
                  dropout: float = 0.3, reconstruct: bool = True, bin_stats: bool = False,
-                 pooling: str = "global"):
+                 pooling: str = "time"):
         super().__init__()
         self.kinds = list(input_bins)
         self.encoders = nn.ModuleDict({k: ContourEncoder(b, width) if k in CONTOUR_KINDS
