@@ -127,8 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "beside the CNN's pooled features")
     model.add_argument("--pooling", choices=("time", "global"), default="time",
                        help="how each CNN's last map becomes a vector: mean and max over time per frequency band "
-                            "('time', default: keeps where in the spectrum), or over time and frequency ('global', "
-                            "the earlier default)")
+                            "('time': keeps where in the spectrum), or over time and frequency ('global': the model "
+                            "before 2026-11-29)")
     model.add_argument("--width", type=int, default=16, help="channels per stem branch (model size)")
     model.add_argument("--embed-dim", type=int, default=128, help="size of the embedding the center loss acts on")
     model.add_argument("--lambda-center", type=float, default=0.003, help="weight of the center loss")

@@ -155,6 +155,10 @@ def test_checkpoints_of_fastser_0_1_still_load(corpus_run_dir, clips, tmp_path):
     new_p = predict.Predictor(run_dir).predict_file(files[0]).probabilities
     old_p = predict.Predictor(tmp_path / "old.pt").predict_file(files[0]).probabilities
     np.testing.assert_array_equal(new_p, old_p)
+    # 0.1 pooled the CNN maps globally and its config does not say so
+    from fastser.training.checkpoints import finished_model
+    del old["config"]["pooling"]
+    assert finished_model(old)[0].pooling == "global"
 
 
 def test_speaker_enrollment(run_dir, corpus_run_dir, clips, tmp_path, capsys):
