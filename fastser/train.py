@@ -26,6 +26,7 @@ from fastser.cli import prog_name, run_cli
 from fastser.data import SPLITS, load_corpus, make_folds
 from fastser.data.cache import build_feature_table, with_speed_copies
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
+from fastser.models.cnn import POOLINGS
 from fastser.training.batches import NORMALIZE
 from fastser.training.checkpoints import load_checkpoint
 from fastser.training.loop import Run, log
@@ -125,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--bin-stats", action=argparse.BooleanOptionalAction, default=False,
                        help="feed each spectral bin's mean and std over the utterance to the embedding, "
                             "beside the CNN's pooled features")
-    model.add_argument("--pooling", choices=("time", "global"), default="time",
+    model.add_argument("--pooling", choices=POOLINGS, default="time",
                        help="how each CNN's last map becomes a vector: mean and max over time per frequency band "
                             "('time': keeps where in the spectrum), or over time and frequency ('global': the model "
                             "before 2026-11-29)")

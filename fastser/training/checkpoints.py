@@ -32,7 +32,8 @@ class ModelSpec:
     max_seconds: float = 8.0    # longer utterances were cut (predict scores up to this length whole)
     normalize: str = "corpus"   # input statistics: "corpus" (the training fold's), "speaker" or "utterance"
     bin_stats: bool = False     # spectral bins' utterance mean/std beside the CNN's pooled features
-    pooling: str = "global"     # the CNN map pooled over time and frequency ("global") or time only ("time")
+    pooling: str = "global"     # CNN maps pooled over time and frequency ("global") or time only ("time");
+    #                             the default is what a checkpoint written before the field holds
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

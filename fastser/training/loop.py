@@ -116,7 +116,7 @@ class Run:
                               reconstruct=lambda_recon > 0, train_seconds=args.train_seconds,
                               max_seconds=args.max_seconds, normalize=self.normalize,
                               bin_stats=getattr(args, "bin_stats", False),
-                              pooling=getattr(args, "pooling", "global"))
+                              pooling=args.pooling)
         self.device = info.device
         self.ckpt_path = out / "checkpoint.pt"
         self.history: list[dict] = []
