@@ -5,6 +5,7 @@
     python -m benchmarks.accuracy --baseline runs/baseline-ravdess                 # fastser.baseline output
     python -m benchmarks.accuracy --name "..." --max-folds 3 RUNS ...              # the first 3 folds only
     python -m benchmarks.accuracy --name "..." --weights trained RUNS ...          # an --ema run's trained weights
+    python -m benchmarks.accuracy --add-to benchmarks/results/accuracy/ROW.json runs/loso/seed-2  # a later seed
 
 Writes benchmarks/results/accuracy/<corpus>-<split>-<slug>.json: per seed WA/UA/macro-F1 and
 run time, mean and std over seeds, the settings that differ between rows, the machine and the
@@ -82,6 +83,8 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
             m, c = _first_folds(d, max_folds), torch.load(d / "checkpoint.pt", weights_only=True)["config"]
         else:
             m = json.loads((d / "metrics.json").read_text())
+            if m.get("resumed"):  # its wall time is only the last session's: every epoch's time instead
+                m["seconds"] = m["epoch_seconds"]
             m["fold_ua"] = [f["ua"] for f in m["folds"]]  # per test speaker, to pair rows fold by fold
             m["folds"] = [f["name"] for f in m["folds"]]
             if max_folds is not None:
@@ -111,6 +114,12 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
         ensemble = seed_ensemble([_fold_results(d, max_folds) for d in _seed_dirs(paths)], config["classes_list"])
         if ensemble:
             out["seed_ensemble"] = ensemble
+    return _summarise(out)
+
+
+def _summarise(out: dict) -> dict:
+    """The row's means and stds over its seeds (from out["seeds"])."""
+    seeds = out["seeds"]
     for key in ("wa", "ua", "macro_f1"):
         v = np.array([s[key] for s in seeds.values()])
         out[f"{key}_mean"], out[f"{key}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
@@ -122,6 +131,32 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
     times = [s["seconds"] for s in seeds.values() if s["seconds"] is not None]
     out["seconds_per_seed"] = float(np.mean(times)) if times else None
     return out
+
+
+def add_seeds(path, run_paths: list, max_folds=None) -> dict:
+    """A kept row with seeds run later added (another session, another machine): the same
+    experiment (corpus, split, settings, test folds) is required, a seed already in the row is refused,
+    and the means and stds are recomputed over all seeds. The seeds' soft vote cannot be extended (the
+    row keeps no probabilities), so an existing one stays what it was and says which seeds it averaged."""
+    row = json.loads(Path(path).read_text())
+    new = collect_runs(run_paths, row["name"], max_folds, row.get("weights"))
+    differing = [k for k in SETTINGS if new["settings"].get(k) != row["settings"].get(k)]
+    if differing or (new["corpus"], new["split"]) != (row["corpus"], row["split"]):
+        raise SystemExit(f"{path}: the runs are not the same experiment (differ in {differing or 'corpus/split'})")
+    folds = next(iter(row["seeds"].values()))["folds"]
+    for seed, s in new["seeds"].items():
+        if seed in row["seeds"]:
+            raise SystemExit(f"{path}: already has seed {seed}")
+        if s["folds"] != folds:
+            raise SystemExit(f"{path}: seed {seed} was tested on other folds ({len(s['folds'])} instead of {len(folds)})")
+    if "seed_ensemble" in row:
+        row["seed_ensemble"].setdefault("seeds", sorted(row["seeds"]))
+    row["seeds"] = {**row["seeds"], **new["seeds"]}
+    for level in FALLBACKS:  # recomputed, or dropped where a new seed lacks it
+        row.pop(f"{level}_norm_ua_mean", None), row.pop(f"{level}_norm_ua_std", None)
+    if row.get("machine") not in (None, _machine()):
+        row["machine"] = f"{row['machine']}; {_machine()}"
+    return _summarise(row)
 
 
 def collect_baseline(path: str) -> list:
@@ -139,7 +174,7 @@ def collect_baseline(path: str) -> list:
 
 def write(row: dict) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
-    row = {**row, "machine": _machine(), "date": dt.datetime.now().isoformat(timespec="seconds")}
+    row = {"machine": _machine(), **row, "date": dt.datetime.now().isoformat(timespec="seconds")}
     slug = re.sub(r"[^a-z0-9]+", "-", row["name"].lower()).strip("-")
     path = OUT / f"{row['corpus']}-{row['split']}-{slug}.json"
     path.write_text(json.dumps(row, indent=2) + "\n")
@@ -153,9 +188,14 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", action="store_true", help="the paths are fastser.baseline output folders")
     ap.add_argument("--max-folds", type=int, default=None, help="only the first N folds of each run")
     ap.add_argument("--weights", default=None, help="score another set of weights of --ema runs: trained, ema_<decay>")
+    ap.add_argument("--add-to", metavar="JSON", help="add the runs' seeds to this kept row (seeds run in another session)")
     args = ap.parse_args(argv)
-    rows = [r for p in args.paths for r in collect_baseline(p)] if args.baseline else \
-        [collect_runs(args.paths, args.name, args.max_folds, args.weights)]
+    if args.add_to:
+        rows = [add_seeds(args.add_to, args.paths, args.max_folds)]
+    elif args.baseline:
+        rows = [r for p in args.paths for r in collect_baseline(p)]
+    else:
+        rows = [collect_runs(args.paths, args.name, args.max_folds, args.weights)]
     for row in rows:
         print(write(row))
 

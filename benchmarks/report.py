@@ -126,8 +126,9 @@ def accuracy_table() -> str:
                          f"{alone} | {_minutes(r['seconds_per_seed'])} | {r['machine']}, {r['date'][:10]} |")
             if r.get("seed_ensemble"):
                 e = r["seed_ensemble"]
+                voters = ", ".join(e.get("seeds", r["seeds"]))  # a row with seeds added later keeps its first vote
                 lines.append(f"| {r['name']}: the {e['n_seeds']} seeds' models averaged (soft vote) | as above | "
-                             f"{r['folds']} | {seeds} | {100 * e['ua']:.1f} | {100 * e['wa']:.1f} | "
+                             f"{r['folds']} | {voters} | {100 * e['ua']:.1f} | {100 * e['wa']:.1f} | "
                              f"{100 * e['macro_f1']:.1f} | | | {e['n_seeds']} x the time | {r['machine']}, {r['date'][:10]} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

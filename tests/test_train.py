@@ -97,6 +97,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
         assert resumed[key] == full[key], key
     assert h_full == h_res
     assert not torch.are_deterministic_algorithms_enabled()  # main() restored the global setting
+    # the run's cost counts the epochs trained before the resume too (seconds: this session's only)
+    assert full["resumed"] is False and resumed["resumed"] is True
+    every_epoch = [json.loads(r)["seconds"] for r in (tmp_path / "cut" / "history.jsonl").read_text().splitlines()]
+    assert len(every_epoch) == 6 and resumed["epoch_seconds"] == pytest.approx(sum(every_epoch))
+    from benchmarks.accuracy import collect_runs
+    assert collect_runs([tmp_path / "cut"], "resumed")["seeds"]["0"]["seconds"] == resumed["epoch_seconds"]
 
 
 def test_resume_without_deterministic_mode(tmp_path, monkeypatch):
@@ -532,7 +538,7 @@ def _predictions(path):
     return rows, classes, probs
 
 
-def test_predictions_file_and_seed_ensemble(tmp_path):
+def test_predictions_file_and_seed_ensemble(tmp_path, monkeypatch):
     """Every run writes predictions.csv (one line per test utterance: fold, id, speaker, label,
     prediction, class probabilities) agreeing with metrics.json; a --seeds run also scores the
     seeds' models averaged (mean probability per utterance), recomputed here from the files."""
@@ -558,3 +564,26 @@ def test_predictions_file_and_seed_ensemble(tmp_path):
     from benchmarks.accuracy import collect_runs
     row = collect_runs([out / "seed-0", out / "seed-1"], "two seeds")  # seeds run as separate processes
     assert row["seed_ensemble"] == saved
+    # a seed run in a later session is added to the kept row: the same row as collecting both at once
+    import shutil
+    import benchmarks.accuracy as accuracy
+    monkeypatch.setattr(accuracy, "OUT", tmp_path / "rows")
+    kept = accuracy.write(collect_runs([out / "seed-0"], "two seeds"))
+    merged = accuracy.add_seeds(kept, [out / "seed-1"])
+    assert merged["seeds"] == row["seeds"] and "seed_ensemble" not in merged
+    for key in ("ua_mean", "ua_std", "wa_mean", "wa_std", "macro_f1_mean", "macro_f1_std", "seconds_per_seed"):
+        assert merged[key] == pytest.approx(row[key], abs=1e-12), key
+    with pytest.raises(SystemExit, match="already has seed 1"):
+        accuracy.add_seeds(accuracy.write(merged), [out / "seed-1"])
+    # a third seed (seed 1's folder relabelled): the soft vote stays the two seeds' and says so
+    third = tmp_path / "seed-2"
+    shutil.copytree(out / "seed-1", third)
+    config = json.loads((third / "config.json").read_text())
+    (third / "config.json").write_text(json.dumps({**config, "seed": 2}))
+    three = accuracy.add_seeds(accuracy.write(row), [third])
+    assert sorted(three["seeds"]) == ["0", "1", "2"] and three["seed_ensemble"] == {**saved, "seeds": ["0", "1"]}
+    assert three["ua_mean"] == pytest.approx(np.mean([row["seeds"][s]["ua"] for s in ("0", "1", "1")]), abs=1e-12)
+    # another experiment is refused, naming the setting
+    (third / "config.json").write_text(json.dumps({**config, "seed": 2, "epochs": 99}))
+    with pytest.raises(SystemExit, match="epochs"):
+        accuracy.add_seeds(kept, [third])

@@ -120,6 +120,7 @@ class Run:
         self.device = info.device
         self.ckpt_path = out / "checkpoint.pt"
         self.history: list[dict] = []
+        self.resumed = False  # continued from a checkpoint: this process's wall time covers only a part
         self.fold_results: list[dict] = []
         self.state: Optional[dict] = None  # an in-progress fold's state from a checkpoint
         self.last_test: Optional[dict] = None
@@ -183,6 +184,7 @@ class Run:
                 raise ValueError(f"--resume: the checkpoint was made with {key}={made!r}, "
                                  f"this run has {new.get(key)!r}")
         self.history = ckpt["history"]
+        self.resumed = True
         self.fold_results = ckpt["fold_results"]
         self.state = ckpt.get("fold_state")
 

@@ -32,7 +32,10 @@ def metrics_of(run: Run, seconds: float) -> dict:
                                      "val_speaker_disjoint", "test_speakers")} for r in run.fold_results],
         "n_utterances": len(corpus.utterances), "n_speakers": len(set(corpus.speakers.tolist())),
         "skipped": {"count": len(corpus.skipped), "files": [{"path": p, "reason": r} for p, r in corpus.skipped]},
-        "world_size": run.info.world_size, "ddp": run.info.enabled, "device": str(run.device), "seconds": seconds,
+        "world_size": run.info.world_size, "ddp": run.info.enabled, "device": str(run.device),
+        # seconds: this process's wall time (after a --resume, only what it trained); epoch_seconds: every
+        # epoch's training and validation, the sessions before a resume included (the run's cost)
+        "seconds": seconds, "resumed": run.resumed, "epoch_seconds": float(sum(h["seconds"] for h in run.history)),
         "backends": backends_in_use(run.device), "fastser_version": __version__,
         "normalize": run.normalize, **extra,
     }
