@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fastser.training.loop import FALLBACKS
-from fastser.training.reports import seed_ensemble
+from fastser.training.reports import run_cost, seed_ensemble
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"
 SETTINGS = ("features", "prosody", "bin_stats", "pooling", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
@@ -83,8 +83,7 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
             m, c = _first_folds(d, max_folds), torch.load(d / "checkpoint.pt", weights_only=True)["config"]
         else:
             m = json.loads((d / "metrics.json").read_text())
-            if m.get("resumed"):  # its wall time is only the last session's: every epoch's time instead
-                m["seconds"] = m["epoch_seconds"]
+            m["seconds"] = run_cost(m)
             m["fold_ua"] = [f["ua"] for f in m["folds"]]  # per test speaker, to pair rows fold by fold
             m["folds"] = [f["name"] for f in m["folds"]]
             if max_folds is not None:

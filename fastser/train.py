@@ -30,7 +30,7 @@ from fastser.models.cnn import POOLINGS
 from fastser.training.batches import NORMALIZE
 from fastser.training.checkpoints import load_checkpoint
 from fastser.training.loop import Run, log
-from fastser.training.reports import metrics_of, seed_ensemble, write_ablation, write_reports
+from fastser.training.reports import metrics_of, run_cost, seed_ensemble, write_ablation, write_reports
 
 CORPORA = ("synthetic", "iemocap", "emodb", "ravdess", "cremad", "tess")
 ABLATION = {"ce_only": (False, False), "center": (True, False), "recon": (False, True), "center+recon": (True, True)}
@@ -373,7 +373,8 @@ def seed_summary(per_seed: dict, seconds: float) -> dict:
     first = next(iter(per_seed.values()))
     out = {k: first[k] for k in ("corpus", "split", "features", "classes", "lambda_center", "lambda_recon",
                                  "n_test", "skipped", "device", "backends", "fastser_version")}
-    out["seeds"] = {str(s): {k: m[k] for k in ("wa", "ua", "macro_f1", "seconds")} for s, m in per_seed.items()}
+    out["seeds"] = {str(s): {**{k: m[k] for k in ("wa", "ua", "macro_f1")}, "seconds": run_cost(m)}
+                    for s, m in per_seed.items()}
     for key in ("wa", "ua", "macro_f1"):
         values = np.array([m[key] for m in per_seed.values()])
         out[f"{key}_mean"], out[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1) if len(values) > 1 else 0.0)

@@ -103,6 +103,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     assert len(every_epoch) == 6 and resumed["epoch_seconds"] == pytest.approx(sum(every_epoch))
     from benchmarks.accuracy import collect_runs
     assert collect_runs([tmp_path / "cut"], "resumed")["seeds"]["0"]["seconds"] == resumed["epoch_seconds"]
+    seeds = train.seed_summary({0: full, 1: resumed}, 1.0)["seeds"]  # a --seeds run with a resumed seed
+    assert seeds["0"]["seconds"] == full["seconds"] and seeds["1"]["seconds"] == resumed["epoch_seconds"]
 
 
 def test_resume_without_deterministic_mode(tmp_path, monkeypatch):

@@ -41,6 +41,12 @@ def metrics_of(run: Run, seconds: float) -> dict:
     }
 
 
+def run_cost(metrics: dict) -> float:
+    """A run's cost in seconds: its wall time, or for a resumed run (whose wall time is only its last
+    session's) every epoch's time over all its sessions."""
+    return metrics["epoch_seconds"] if metrics.get("resumed") else metrics["seconds"]
+
+
 def other_scores(fold_results: list, classes: list) -> dict:
     """The same test utterances scored otherwise, pooled over folds when every fold has them:
     "<level>_norm" (a speaker-normalised model with another level's input statistics, as predict
