@@ -29,7 +29,7 @@ from fastser.training.reports import run_cost, seed_ensemble
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"
 SETTINGS = ("features", "prosody", "bin_stats", "pooling", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
-            "lambda_center", "lambda_recon", "specaugment", "train_seconds", "ema")
+            "lambda_center", "lambda_recon", "specaugment", "tempo", "speed_perturb", "train_seconds", "ema")
 
 
 def _machine() -> str:
@@ -89,6 +89,7 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
             if max_folds is not None:
                 m = {**m, **_first_folds(d, max_folds)}
             c = json.loads((d / "config.json").read_text())
+        c = {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}  # a checkpoint's tuples read as JSON's lists
         config = config or c
         differing = [k for k in SETTINGS if c.get(k) != config.get(k)]
         if differing or c["corpus"] != config["corpus"] or c["split"] != config["split"]:
@@ -139,7 +140,9 @@ def add_seeds(path, run_paths: list, max_folds=None) -> dict:
     row keeps no probabilities), so an existing one stays what it was and says which seeds it averaged."""
     row = json.loads(Path(path).read_text())
     new = collect_runs(run_paths, row["name"], max_folds, row.get("weights"))
-    differing = [k for k in SETTINGS if new["settings"].get(k) != row["settings"].get(k)]
+    # a setting the row does not record was added to SETTINGS later, when the row's runs had it off
+    differing = [k for k in SETTINGS if new["settings"].get(k) != row["settings"].get(k)
+                 and (k in row["settings"] or new["settings"].get(k))]
     if differing or (new["corpus"], new["split"]) != (row["corpus"], row["split"]):
         raise SystemExit(f"{path}: the runs are not the same experiment (differ in {differing or 'corpus/split'})")
     folds = next(iter(row["seeds"].values()))["folds"]

@@ -98,6 +98,12 @@ def _setting_text(row: dict) -> str:
              f"epochs {s['epochs']} (patience {s['patience']})" if s.get("validation") is not False
              else f"epochs {s['epochs']}, last epoch kept (no validation speakers)",
              f"lr {s['lr']:g}"]
+    if s.get("specaugment"):
+        parts.append("SpecAugment")
+    if s.get("tempo"):
+        parts.append(f"tempo ±{s['tempo']:g}")
+    if s.get("speed_perturb"):
+        parts.append("speed perturbation " + ",".join(f"{v:g}" for v in s["speed_perturb"]))
     if s.get("ema"):
         parts.append(f"weights {row.get('weights') or 'ema_%g' % s['ema'][0]}")
     return ", ".join(parts)

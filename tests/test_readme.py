@@ -16,3 +16,15 @@ def test_performance_table_is_the_generated_one():
 
 def test_accuracy_table_is_the_generated_one():
     assert between(report.ACC_START, report.ACC_END) == "\n" + report.accuracy_table()
+
+
+def test_accuracy_rows_name_the_augmentations_they_were_made_with():
+    """A row's settings column says which training options differ from the defaults, so two rows that
+    differ only in an augmentation never read the same."""
+    plain = {"features": "both", "prosody": True, "pooling": "time", "normalize": "speaker", "validation": False,
+             "epochs": 24, "patience": 5, "lr": 0.002}
+    text = report._setting_text({"kind": "fastser", "settings": plain})
+    assert "SpecAugment" not in text and "tempo" not in text and "speed" not in text
+    augmented = {**plain, "specaugment": True, "tempo": 0.1, "speed_perturb": [0.9, 1.1]}
+    text = report._setting_text({"kind": "fastser", "settings": augmented})
+    assert "SpecAugment" in text and "tempo ±0.1" in text and "speed perturbation 0.9,1.1" in text

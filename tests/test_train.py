@@ -589,3 +589,11 @@ def test_predictions_file_and_seed_ensemble(tmp_path, monkeypatch):
     (third / "config.json").write_text(json.dumps({**config, "seed": 2, "epochs": 99}))
     with pytest.raises(SystemExit, match="epochs"):
         accuracy.add_seeds(kept, [third])
+    # a row kept before a setting was recorded takes seeds that had it off, and refuses one that had it on
+    older = collect_runs([out / "seed-0"], "older row")
+    del older["settings"]["speed_perturb"]
+    older = accuracy.write(older)
+    assert sorted(accuracy.add_seeds(older, [out / "seed-1"])["seeds"]) == ["0", "1"]
+    (third / "config.json").write_text(json.dumps({**config, "seed": 2, "speed_perturb": [0.9, 1.1]}))
+    with pytest.raises(SystemExit, match="speed_perturb"):
+        accuracy.add_seeds(older, [third])
