@@ -118,12 +118,13 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
 
 
 def _summarise(out: dict) -> dict:
-    """The row's means and stds over its seeds (from out["seeds"])."""
+    """The row's means and stds, derived from its seeds (out["seeds"]) whether or not it had them before."""
     seeds = out["seeds"]
     for key in ("wa", "ua", "macro_f1"):
         v = np.array([s[key] for s in seeds.values()])
         out[f"{key}_mean"], out[f"{key}_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
     for level in FALLBACKS:  # only when every seed has it: a mean over fewer seeds would mislead
+        out.pop(f"{level}_norm_ua_mean", None), out.pop(f"{level}_norm_ua_std", None)
         alone = [s[f"{level}_norm"]["ua"] for s in seeds.values() if f"{level}_norm" in s]
         if alone and len(alone) == len(seeds):
             out[f"{level}_norm_ua_mean"] = float(np.mean(alone))
@@ -154,8 +155,6 @@ def add_seeds(path, run_paths: list, max_folds=None) -> dict:
     if "seed_ensemble" in row:
         row["seed_ensemble"].setdefault("seeds", sorted(row["seeds"]))
     row["seeds"] = {**row["seeds"], **new["seeds"]}
-    for level in FALLBACKS:  # recomputed, or dropped where a new seed lacks it
-        row.pop(f"{level}_norm_ua_mean", None), row.pop(f"{level}_norm_ua_std", None)
     if row.get("machine") not in (None, _machine()):
         row["machine"] = f"{row['machine']}; {_machine()}"
     return _summarise(row)
