@@ -102,6 +102,8 @@ def _setting_text(row: dict) -> str:
         parts.append("SpecAugment")
     if s.get("tempo"):
         parts.append(f"tempo ±{s['tempo']:g}")
+    if s.get("mixup"):
+        parts.append(f"mixup alpha {s['mixup']:g}")
     if s.get("speed_perturb"):
         parts.append("speed perturbation " + ",".join(f"{v:g}" for v in s["speed_perturb"]))
     if s.get("ema"):

@@ -88,6 +88,16 @@ def _distinct_floats(ok, expected: str):
     return parse
 
 
+def _mixup_alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 10:
+        raise argparse.ArgumentTypeError(f"expected a Beta(alpha, alpha) parameter in (0, 10], e.g. 0.2; got {text!r}")
+    return value
+
+
 _speeds = _distinct_floats(lambda s: 0.5 <= s <= 2.0 and s != 1.0, "distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1")
 _decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g. 0.998")
 
@@ -164,6 +174,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="keep an exponential moving average of the weights (bias-corrected, per step) and "
                           "test and save it instead of the last weights, e.g. 0.998; further decays and the "
                           "trained weights are scored beside it (metrics.json: weights) (default: off)")
+    opt.add_argument("--mixup", type=_mixup_alpha, default=0.0, metavar="ALPHA",
+                     help="mixup: each training item mixed with another of its batch, weight ~ Beta(ALPHA, "
+                          "ALPHA) folded to [0.5, 1], cross-entropy on both labels, center loss on the "
+                          "dominant one, e.g. 0.2 (default: off)")
     opt.add_argument("--specaugment", action="store_true",
                      help="time/frequency masks in training (off by default: they lowered UA in the sweep)")
     opt.add_argument("--seed", type=int, default=0, help="seeds the folds, the weights, the batches and dropout")

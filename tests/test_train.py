@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastser.train as train
-from fastser.training import Batcher, Normalizer, loop, tempo_crop, train_step
+from fastser.training import Batch, Batcher, Normalizer, loop, mixup, tempo_crop, train_step
 from fastser._io import atomic_torch_save
 from fastser.data.synthetic import make_corpus
 
@@ -385,6 +385,56 @@ def test_tempo_trains_and_guards_resume(tmp_path):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
 
 
+def test_mixup_mixes_each_item_with_one_partner_of_the_batch():
+    """Every item becomes lam * itself + (1 - lam) * one other item of the batch, the same partner in
+    every feature kind, lam in [0.5, 1]; Mix names the partner's label; the mixed item is valid as
+    far as the longer of the two and exactly 0 past it. Items here are constants (item i is i + 1 in
+    'a', 10 (i + 1) in 'b' over its valid frames), so each partner can be read back from the values."""
+    B, T = 12, 30
+    frames = torch.randint(5, T + 1, (B,), generator=torch.Generator().manual_seed(0))
+    valid = (torch.arange(T)[None, :] < frames[:, None]).float()
+    ids = torch.arange(1, B + 1, dtype=torch.float32)
+    feats = {"a": ids[:, None, None] * valid[:, None, :].expand(B, 3, T).clone(),
+             "b": 10 * ids[:, None, None] * valid[:, None, :].expand(B, 2, T).clone()}
+    labels = torch.arange(B) % 4
+    batch = Batch(feats, frames, labels, frames.clone())
+    mixed, mix = mixup(batch, torch.Generator().manual_seed(3), alpha=1.0)
+    assert mix.lam.shape == (B,) and bool(((mix.lam >= 0.5) & (mix.lam <= 1)).all())
+    assert bool((mix.lam < 0.99).any())  # alpha 1: lam uniform on [0.5, 1], so some items really mix
+    torch.testing.assert_close(mixed.labels, labels)
+    for i in range(B):
+        lam = float(mix.lam[i])
+        head_a = float(mixed.feats["a"][i, 0, 0])  # both items are valid at frame 0
+        if lam > 0.999:
+            torch.testing.assert_close(mixed.feats["a"][i], feats["a"][i], rtol=1e-2, atol=1e-2)
+            continue
+        j = round((head_a - lam * (i + 1)) / (1 - lam)) - 1
+        assert 0 <= j < B
+        assert int(mix.partner[i]) == int(labels[j])
+        torch.testing.assert_close(mixed.feats["a"][i], lam * feats["a"][i] + (1 - lam) * feats["a"][j])
+        torch.testing.assert_close(mixed.feats["b"][i], lam * feats["b"][i] + (1 - lam) * feats["b"][j])
+        assert int(mixed.frames[i]) == int(mixed.frames_host[i]) == max(int(frames[i]), int(frames[j]))
+        assert float(mixed.feats["a"][i, :, int(mixed.frames[i]):].abs().sum()) == 0.0
+    again, mix_again = mixup(batch, torch.Generator().manual_seed(3), alpha=1.0)  # the CPU generator decides
+    torch.testing.assert_close(again.feats["a"], mixed.feats["a"])
+    torch.testing.assert_close(mix_again.lam, mix.lam)
+    with pytest.raises(ValueError, match="alpha"):
+        mixup(batch, torch.Generator(), alpha=0.0)
+
+
+def test_mixup_trains_and_guards_resume(tmp_path):
+    """--mixup is validated, trains, is stored in the checkpoint's config, and a resume with another
+    setting is refused."""
+    for bad in ("0", "-0.2", "11", "much"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--mixup", bad])
+    metrics, out = run(tmp_path, "mixup", "--epochs", "1", "--mixup", "0.4")
+    assert metrics["n_test"] > 0 and np.isfinite(metrics["ua"])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["mixup"] == 0.4
+    with pytest.raises(ValueError, match="mixup=0.4"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
+
+
 def test_speed_perturbation_trains_on_copies_and_tests_on_originals(tmp_path, monkeypatch):
     """--speed-perturb 0.9,1.1: training batches draw originals and copies (the same number of
     steps per epoch), while validation and test rows are only originals; the flag is checked and
@@ -487,11 +537,11 @@ def test_cuda_graph_is_refused_without_a_gpu(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("amp", [False, True])
-def test_graphed_steps_train_like_eager_steps(amp):
+@pytest.mark.parametrize("amp,mixed", [(False, False), (True, False), (False, True)])
+def test_graphed_steps_train_like_eager_steps(amp, mixed):
     """GraphedTrainStep (two eager warm-up steps, then capture and replays) against train_step on the
     same batches from the same initial weights: the same losses and logits at every step, the same
-    weights and centers at the end. Dropout off (a graph draws its random numbers differently) and
+    weights and centers at the end (`mixed`: mixup batches, each step's Mix copied into the graph). Dropout off (a graph draws its random numbers differently) and
     deterministic cuDNN and center update, so what remains are rounding differences."""
     from fastser.models import SERModel, SERObjective
     from fastser.training.graphed import GraphedTrainStep
@@ -515,9 +565,13 @@ def test_graphed_steps_train_like_eager_steps(amp):
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         for step, (feats, frames, labels) in enumerate(batches):
+            mix = None
+            if mixed:
+                batch, mix = mixup(Batch(feats, frames, labels, frames.cpu()), torch.Generator().manual_seed(step), 0.4)
+                feats, frames = batch.feats, batch.frames
             out_e, terms_e = train_step(*eager, feats, feats, frames, labels, amp,
-                                        clip_params=list(eager[0].parameters()))
-            out_g, terms_g = graphed(feats, feats, frames, labels)
+                                        clip_params=list(eager[0].parameters()), mix=mix)
+            out_g, terms_g = graphed(feats, feats, frames, labels, mix)
             for name in ("total", "ce", "center", "recon"):
                 torch.testing.assert_close(getattr(terms_g, name), getattr(terms_e, name), **tol,
                                            msg=f"{name}, step {step}")

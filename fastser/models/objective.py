@@ -12,6 +12,12 @@ from fastser.models.cnn import SERResult
 from fastser.nn import CenterLoss
 
 
+class Mix(NamedTuple):
+    """What `fastser.training.mixup` mixed into each item: the objective's cross-entropy needs both labels."""
+    partner: torch.Tensor  # (B,) label of the item mixed in, on the device
+    lam: torch.Tensor      # (B,) weight of the item's own features and label, in [0.5, 1], on the device
+
+
 class LossTerms(NamedTuple):
     total: torch.Tensor
     ce: torch.Tensor
@@ -30,8 +36,12 @@ class SERObjective(nn.Module):
     """The paper's joint loss: CE + lambda_center * CenterLoss(embedding) + lambda_recon * masked MSE.
 
     forward(out: SERResult (logits (B, C), embedding (B, E), reconstruction {kind: (B, bins, T)}),
-            labels (B,), feats {kind: (B, bins, T)} (the reconstruction targets), frames (B,))
+            labels (B,), feats {kind: (B, bins, T)} (the reconstruction targets), frames (B,),
+            mix: optional Mix (partner (B,), lam (B,)) of a mixup batch)
     -> LossTerms(total, ce, center, recon), scalars. CE is class-weighted (class_weights) in fp32;
+    with `mix` it is lam * CE(labels) + (1 - lam) * CE(partner) per item, normalised by the mixed
+    class weights (with lam = 1, exactly the plain weighted mean), and the center loss takes the
+    dominant `labels`;
     the center loss is fastser's fused one with Wen's update (its centers move inside backward);
     the MSE counts only each utterance's valid frames. Autograd through all three terms.
     """
@@ -51,9 +61,17 @@ class SERObjective(nn.Module):
                                       process_group=process_group, deterministic=deterministic) \
             if lambda_center > 0 else None
 
-    def forward(self, out: SERResult, labels: torch.Tensor, feats: dict, frames: torch.Tensor) -> LossTerms:
-        ce = F.cross_entropy(out.logits.float(), labels, weight=self.class_weights,
-                             label_smoothing=self.label_smoothing)
+    def forward(self, out: SERResult, labels: torch.Tensor, feats: dict, frames: torch.Tensor,
+                mix: Optional[Mix] = None) -> LossTerms:
+        logits = out.logits.float()
+        if mix is None:
+            ce = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
+        else:  # per item w[y] * nll(y); the weighted mean divides by the (mixed) weights, as F.cross_entropy does
+            w = self.class_weights
+            per_label = [F.cross_entropy(logits, y, weight=w, label_smoothing=self.label_smoothing, reduction="none")
+                         for y in (labels, mix.partner)]
+            ce = (mix.lam * per_label[0] + (1 - mix.lam) * per_label[1]).sum() \
+                / (mix.lam * w[labels] + (1 - mix.lam) * w[mix.partner]).sum()
         zero = ce.new_zeros(())
         if self.center_loss is not None:
             self.center_loss.validate = "eager" if labels.device.type == "cpu" else "deferred"

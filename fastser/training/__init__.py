@@ -1,9 +1,9 @@
 """Training, in four parts: batches (normaliser, batcher, augmentation), loop (the step, one fold,
 an experiment), checkpoints (the model spec, save, load, old formats) and reports (metrics, plots,
 ablation). The command line is fastser.train."""
-from fastser.training.batches import Batch, Batcher, Normalizer, spec_augment, tempo_crop, valid_mask
+from fastser.training.batches import Batch, Batcher, Mix, Normalizer, mixup, spec_augment, tempo_crop, valid_mask
 from fastser.training.checkpoints import ModelSpec, build_model, finished_model, load_checkpoint
 from fastser.training.loop import EpochTotals, Run, train_step
 
-__all__ = ["Batch", "Batcher", "EpochTotals", "ModelSpec", "Normalizer", "Run", "build_model", "finished_model",
-           "load_checkpoint", "spec_augment", "tempo_crop", "train_step", "valid_mask"]
+__all__ = ["Batch", "Batcher", "EpochTotals", "Mix", "ModelSpec", "Normalizer", "Run", "build_model", "finished_model",
+           "load_checkpoint", "mixup", "spec_augment", "tempo_crop", "train_step", "valid_mask"]

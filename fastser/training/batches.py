@@ -7,15 +7,18 @@
     batcher = Batcher(feats, frames, labels, norm, device, train_frames, groups=speaker_of_row)
     batch = batcher.batch(rows, generator)                # a random crop per utterance (training)
     batch = batcher.batch(rows)                           # whole utterances (evaluation)
+    batch, mix = mixup(batch, generator, alpha=0.2)       # training items mixed in pairs (--mixup)
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from fastser.features.post import valid_mask
+from fastser.models.objective import Mix
 
 
 NORMALIZE = ("speaker", "utterance", "corpus")
@@ -207,6 +210,29 @@ def tempo_crop(frames: torch.Tensor, T: int, gen: torch.Generator, tempo: float 
     t_idx = start[:, None] + (j[None, :] * rate[:, None]).floor().long()
     # output frame j is valid while its source frame is: j * r < frames - start
     return ((frames - start) / rate).ceil().long().clamp(max=T), t_idx
+
+
+def mixup(batch: Batch, gen: torch.Generator, alpha: float) -> tuple:
+    """Mixup (Zhang et al., 2018) within a training batch: item i becomes lam_i * item i +
+    (1 - lam_i) * item perm(i), every feature kind alike, lam ~ Beta(alpha, alpha) folded to
+    [0.5, 1] (the item keeps the larger share, so its own label stays the dominant one: the center
+    loss and the training accuracy use it, while the cross-entropy weighs both labels, `Mix`).
+    A mixed item is valid as far as the longer of the two (padding is 0, so past the shorter one
+    only the longer one remains). The pairing and the weights are drawn on the CPU generator (a
+    run reproduces on any device, no sync). -> (mixed Batch, Mix)."""
+    if not alpha > 0:
+        raise ValueError(f"mixup alpha must be positive, got {alpha}")
+    B = batch.frames_host.shape[0]
+    perm = torch.randperm(B, generator=gen)
+    lam = np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=gen))).beta(alpha, alpha, size=B)
+    lam = torch.from_numpy(np.maximum(lam, 1 - lam)).float()
+    device = batch.frames.device
+    perm_dev, lam_dev = perm.to(device, non_blocking=True), lam.to(device, non_blocking=True)
+    w = lam_dev[:, None, None]
+    feats = {k: x * w + x[perm_dev] * (1 - w) for k, x in batch.feats.items()}
+    mixed = Batch(feats, torch.maximum(batch.frames, batch.frames[perm_dev]), batch.labels,
+                  torch.maximum(batch.frames_host, batch.frames_host[perm]))
+    return mixed, Mix(batch.labels[perm_dev], lam_dev)
 
 
 def spec_augment(feats: dict, frames_host: torch.Tensor, gen: torch.Generator, n_masks: int = 2) -> dict:

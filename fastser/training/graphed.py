@@ -24,9 +24,10 @@ from fastser.training.loop import train_step
 
 
 class GraphedTrainStep:
-    """`step(feats, targets, frames, labels) -> (out, terms)`: one optimizer step, like
+    """`step(feats, targets, frames, labels, mix=None) -> (out, terms)`: one optimizer step, like
     `train_step(model, objective, opt, ...)`; the returned tensors are the graph's static outputs,
-    valid until the next call. `targets` may be `feats` itself (no SpecAugment)."""
+    valid until the next call. `targets` may be `feats` itself (no SpecAugment); `mix` (mixup) is
+    given at every step or at none, since the graph is captured with or without it."""
 
     def __init__(self, model, objective, opt, amp: bool = False, clip: float = 5.0, warmup: int = 3):
         device = next(model.parameters()).device
@@ -37,25 +38,28 @@ class GraphedTrainStep:
         self.warmup, self.steps = warmup, 0
         self.graph = None
 
-    def __call__(self, feats: dict, targets: dict, frames: torch.Tensor, labels: torch.Tensor):
+    def __call__(self, feats: dict, targets: dict, frames: torch.Tensor, labels: torch.Tensor, mix=None):
         self.steps += 1
         if self.graph is None and self.steps <= self.warmup:
             side, main = torch.cuda.Stream(), torch.cuda.current_stream()
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 result = train_step(self.model, self.objective, self.opt, feats, targets, frames, labels, self.amp,
-                                    clip_params=self.params)
+                                    clip_params=self.params, mix=mix)
             main.wait_stream(side)
             return result
         if self.graph is None:
-            self._capture(feats, targets, frames, labels)
+            self._capture(feats, targets, frames, labels, mix)
         else:
-            self._load(feats, targets, frames, labels)
+            if (mix is None) != (self.mix is None):
+                raise ValueError("the CUDA graph was captured " + ("without" if self.mix is None else "with")
+                                 + " mixup: give `mix` at every step or at none")
+            self._load(feats, targets, frames, labels, mix)
         self.graph.replay()
         self.opt.step()
         return self.out, self.terms
 
-    def _load(self, feats, targets, frames, labels) -> None:
+    def _load(self, feats, targets, frames, labels, mix) -> None:
         for k, x in feats.items():
             self.feats[k].copy_(x, non_blocking=True)
         if self.targets is not self.feats:
@@ -63,17 +67,21 @@ class GraphedTrainStep:
                 self.targets[k].copy_(x, non_blocking=True)
         self.frames.copy_(frames, non_blocking=True)
         self.labels.copy_(labels, non_blocking=True)
+        if mix is not None:
+            for static, x in zip(self.mix, mix):
+                static.copy_(x, non_blocking=True)
 
-    def _capture(self, feats, targets, frames, labels) -> None:
+    def _capture(self, feats, targets, frames, labels, mix) -> None:
         self.feats = {k: x.clone() for k, x in feats.items()}
         self.targets = self.feats if targets is feats else {k: x.clone() for k, x in targets.items()}
         self.frames, self.labels = frames.clone(), labels.clone()
+        self.mix = type(mix)(*(x.clone() for x in mix)) if mix is not None else None
         self.opt.zero_grad(set_to_none=True)  # the captured backward then writes the gradients
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             # autocast's weight cache would hold casts made during capture: off, as the CUDA graph docs ask
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
                 self.out = self.model(self.feats, self.frames)
-            self.terms = self.objective(self.out, self.labels, self.targets, self.frames)
+            self.terms = self.objective(self.out, self.labels, self.targets, self.frames, self.mix)
             self.terms.total.backward()
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)

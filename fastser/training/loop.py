@@ -28,7 +28,7 @@ from fastser.metrics import summarize
 from fastser.models import SERModel, SERObjective
 from fastser.ops import backends_in_use
 from fastser.training.averaging import WeightAverages
-from fastser.training.batches import Batcher, Normalizer, spec_augment
+from fastser.training.batches import Batcher, Normalizer, mixup, spec_augment
 from fastser.training.checkpoints import ModelSpec, build_model, cpu_state, save_checkpoint
 
 # input statistics a speaker-normalised model is also scored with, as predict would use them without
@@ -37,13 +37,14 @@ FALLBACKS = ("utterance", "training")
 
 
 def train_step(model, objective, opt, feats: dict, targets: dict, frames, labels, amp: bool = False,
-               clip_params=None):
-    """One optimizer step: forward (bf16 autocast with amp), joint loss in fp32, backward (the fused
-    center loss updates its centers inside it), clip, step. No host synchronisation."""
+               clip_params=None, mix=None):
+    """One optimizer step: forward (bf16 autocast with amp), joint loss in fp32 (`mix`: the Mix of a
+    mixup batch), backward (the fused center loss updates its centers inside it), clip, step. No host
+    synchronisation."""
     device_type = frames.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
         out = model(feats, frames)
-    terms = objective(out, labels, targets, frames)
+    terms = objective(out, labels, targets, frames, mix)
     opt.zero_grad(set_to_none=True)
     terms.total.backward()
     if clip_params is not None:
@@ -173,11 +174,12 @@ class Run:
     def resume_from(self, ckpt: dict) -> None:
         old, new = ckpt["config"], self.config()
         for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "pooling", "validation", "seed",
-                    "lambda_center", "lambda_recon", "world_size", "batch_size", "tempo", "speed_perturb", "ema"):
+                    "lambda_center", "lambda_recon", "world_size", "batch_size", "tempo", "speed_perturb", "ema",
+                    "mixup"):
             # older runs: the settings they were made with
             made = old.get(key, {"normalize": "corpus", "prosody": False, "bin_stats": False, "pooling": "global",
                                  "validation": True,
-                                 "tempo": 0.0}.get(key))
+                                 "tempo": 0.0, "mixup": 0.0}.get(key))
             if key in ("speed_perturb", "ema") and made is not None:
                 made = tuple(made)  # JSON/pickle may give a list
             if made != new.get(key):
@@ -330,12 +332,15 @@ class Run:
                        leave=False, dynamic_ncols=True, file=sys.stderr)
         for step in range(steps):
             batch = batcher.batch(mine[step * per_rank: (step + 1) * per_rank], gen, tempo=a.tempo)
+            mix = None
+            if getattr(a, "mixup", 0.0):  # before SpecAugment: the decoder reconstructs the mixed input
+                batch, mix = mixup(batch, gen, a.mixup)
             feats = spec_augment(batch.feats, batch.frames_host, gen) if a.specaugment else batch.feats
             if graphed is not None:
-                out, terms = graphed(feats, batch.feats, batch.frames, batch.labels)
+                out, terms = graphed(feats, batch.feats, batch.frames, batch.labels, mix)
             else:
                 out, terms = train_step(train_model, objective, opt, feats, batch.feats, batch.frames, batch.labels,
-                                        a.amp, clip_params=model.parameters())
+                                        a.amp, clip_params=model.parameters(), mix=mix)
             sched.step()
             averages.update(model)
             totals.add(terms, out.logits, batch.labels)
