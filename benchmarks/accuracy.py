@@ -29,7 +29,7 @@ from fastser.training.reports import run_cost, seed_ensemble
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"
 SETTINGS = ("features", "prosody", "bin_stats", "pooling", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
-            "lambda_center", "lambda_recon", "specaugment", "tempo", "speed_perturb", "train_seconds", "ema", "mixup")
+            "lambda_center", "lambda_recon", "specaugment", "tempo", "speed_perturb", "train_seconds", "ema", "mixup", "noise")
 
 
 def _machine() -> str:

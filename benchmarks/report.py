@@ -106,6 +106,8 @@ def _setting_text(row: dict) -> str:
         parts.append(f"mixup alpha {s['mixup']:g}")
     if s.get("speed_perturb"):
         parts.append("speed perturbation " + ",".join(f"{v:g}" for v in s["speed_perturb"]))
+    if s.get("noise"):
+        parts.append("noise copies at " + ",".join(f"{v:g}" for v in s["noise"]) + " dB SNR")
     if s.get("ema"):
         parts.append(f"weights {row.get('weights') or 'ema_%g' % s['ema'][0]}")
     return ", ".join(parts)

@@ -2,6 +2,7 @@
 
     load(path, sr)                 -> (samples, sr): the whole file in memory
     stream(path, sr, block_seconds) -> blocks of mono samples at sr, for files of any length
+    speed_perturb(y, sr, speed), add_noise(y, snr_db, rng) -> perturbed copies for training
 """
 from __future__ import annotations
 
@@ -48,6 +49,26 @@ def speed_perturb(y: np.ndarray, sr: int, speed: float) -> np.ndarray:
     if not 0.5 <= speed <= 2.0:
         raise ValueError(f"speed must be in [0.5, 2], got {speed}")
     return soxr.resample(y, sr * speed, sr, quality="HQ").astype(np.float32, copy=False)
+
+
+NOISE_COLOURS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f^exponent
+
+
+def add_noise(y: np.ndarray, snr_db: float, rng: np.random.Generator, colour: Optional[str] = None) -> np.ndarray:
+    """y plus Gaussian noise at `snr_db` dB below the signal's mean power (over the whole clip,
+    pauses included, so the speech itself sits a little above that SNR). The noise is white, pink
+    or brown (`colour`, or drawn from `rng`): without a recorded noise corpus, coloured noise
+    covers the broadband hiss and rumble of real recordings. A silent clip stays silent."""
+    name = colour if colour is not None else list(NOISE_COLOURS)[int(rng.integers(len(NOISE_COLOURS)))]
+    if name not in NOISE_COLOURS:
+        raise ValueError(f"noise colour must be one of {sorted(NOISE_COLOURS)}, got {colour!r}")
+    spectrum = np.fft.rfft(rng.standard_normal(len(y)))
+    freqs = np.arange(len(spectrum), dtype=np.float64)
+    spectrum *= np.where(freqs > 0, np.maximum(freqs, 1.0) ** (-NOISE_COLOURS[name] / 2), 0.0)  # no DC
+    noise = np.fft.irfft(spectrum, n=len(y))
+    power = float(np.mean(np.square(y, dtype=np.float64)))
+    noise *= np.sqrt(power / 10 ** (snr_db / 10) / max(float(np.mean(noise ** 2)), 1e-30))
+    return (y + noise).astype(np.float32)
 
 
 def info(path) -> tuple[float, int]:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from fastser import distributed as fdist
 from fastser.cli import prog_name, run_cli
 from fastser.data import SPLITS, load_corpus, make_folds
-from fastser.data.cache import build_feature_table, with_speed_copies
+from fastser.data.cache import Perturbation, build_feature_table, with_copies
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
 from fastser.models.cnn import POOLINGS
 from fastser.training.batches import NORMALIZE
@@ -99,6 +99,7 @@ def _mixup_alpha(text: str) -> float:
 
 
 _speeds = _distinct_floats(lambda s: 0.5 <= s <= 2.0 and s != 1.0, "distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1")
+_snrs = _distinct_floats(lambda s: -5 <= s <= 60, "distinct signal-to-noise ratios in dB in [-5, 60], e.g. 20,10")
 _decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g. 0.998")
 
 
@@ -170,6 +171,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="speed perturbation: a copy of every utterance played at each of these speeds, e.g. "
                           "0.9,1.1 (pitch, formants and tempo change together, as by another speaker); each "
                           "training step draws an original or a copy, so an epoch costs the same (default: off)")
+    opt.add_argument("--noise", type=_snrs, default=None, metavar="SNR,SNR",
+                     help="additive noise: a copy of every utterance with white, pink or brown noise at each "
+                          "of these SNRs in dB, e.g. 20,10 (fixed per utterance, so cached); drawn like "
+                          "--speed-perturb copies, which it combines with (default: off)")
     opt.add_argument("--ema", type=_decays, default=None, metavar="D[,D]",
                      help="keep an exponential moving average of the weights (bias-corrected, per step) and "
                           "test and save it instead of the last weights, e.g. 0.998; further decays and the "
@@ -251,8 +256,10 @@ def load_table(args, info):
         more = f"\n  ... and {len(table.corpus.skipped) - 50} more" if len(table.corpus.skipped) > 50 else ""
         print(f"warning: skipped {len(table.corpus.skipped)} bad files (listed in metrics.json; --strict makes "
               f"them an error):\n  {listing}{more}", file=sys.stderr)
-    if args.speed_perturb:  # training-only copies, appended after the originals (folds index only those)
-        table = with_speed_copies(table, FeatureSet.paper(kinds), info.device, args.speed_perturb, **build)
+    # training-only copies, appended after the originals (folds index only those)
+    copies = [Perturbation("speed", s) for s in args.speed_perturb or ()] \
+        + [Perturbation("noise", snr) for snr in getattr(args, "noise", None) or ()]
+    table = with_copies(table, FeatureSet.paper(kinds), info.device, copies, **build)
     return table
 
 

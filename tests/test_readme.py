@@ -24,8 +24,9 @@ def test_accuracy_rows_name_the_augmentations_they_were_made_with():
     plain = {"features": "both", "prosody": True, "pooling": "time", "normalize": "speaker", "validation": False,
              "epochs": 24, "patience": 5, "lr": 0.002}
     text = report._setting_text({"kind": "fastser", "settings": plain})
-    assert "SpecAugment" not in text and "tempo" not in text and "speed" not in text and "mixup" not in text
-    augmented = {**plain, "specaugment": True, "tempo": 0.1, "speed_perturb": [0.9, 1.1], "mixup": 0.2}
+    assert "SpecAugment" not in text and "tempo" not in text and "speed" not in text and "mixup" not in text and "noise" not in text
+    augmented = {**plain, "specaugment": True, "tempo": 0.1, "speed_perturb": [0.9, 1.1], "mixup": 0.2,
+                 "noise": [20.0, 10.0]}
     text = report._setting_text({"kind": "fastser", "settings": augmented})
     assert "SpecAugment" in text and "tempo ±0.1" in text and "speed perturbation 0.9,1.1" in text
-    assert "mixup alpha 0.2" in text
+    assert "mixup alpha 0.2" in text and "noise copies at 20,10 dB SNR" in text

@@ -435,6 +435,19 @@ def test_mixup_trains_and_guards_resume(tmp_path):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
 
 
+def test_noise_copies_train_and_guard_resume(tmp_path):
+    """--noise is validated, adds one training copy per SNR (the originals and the copies drawn like
+    speed copies), is stored in the checkpoint's config, and a resume with other SNRs is refused."""
+    for bad in ("100", "20,20", "-10", "loud"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--noise", bad])
+    metrics, out = run(tmp_path, "noise", "--epochs", "1", "--noise", "20,10")
+    assert metrics["n_test"] > 0 and np.isfinite(metrics["ua"])
+    assert tuple(torch.load(out / "checkpoint.pt", weights_only=True)["config"]["noise"]) == (20.0, 10.0)
+    with pytest.raises(ValueError, match="noise"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
+
+
 def test_speed_perturbation_trains_on_copies_and_tests_on_originals(tmp_path, monkeypatch):
     """--speed-perturb 0.9,1.1: training batches draw originals and copies (the same number of
     steps per epoch), while validation and test rows are only originals; the flag is checked and

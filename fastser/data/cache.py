@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,22 +21,46 @@ import numpy as np
 import torch
 
 from fastser._io import atomic_torch_save
-from fastser.audio import AudioError, load, speed_perturb
+from fastser.audio import AudioError, add_noise, load, speed_perturb
 from fastser.data.base import Corpus, CorpusError
 from fastser.features.featureset import FeatureSet
 
 FEATURE_VERSION = 2  # 2: the log-mel branch is called "logmel" (was "spectrogram")
+NOISE_VERSION = 1  # of add_noise and its seeding: a change there must not reuse cached noisy copies
+
+
+@dataclasses.dataclass(frozen=True)
+class Perturbation:
+    """How a training copy of every utterance is made: kind "speed" (played `value` times faster,
+    `speed_perturb`) or "noise" (coloured noise at `value` dB SNR, `add_noise`; each utterance's
+    noise is seeded by its id, so a copy is the same in every run and its cache stays valid)."""
+    kind: str
+    value: float
+
+    def __post_init__(self):
+        if self.kind not in ("speed", "noise"):
+            raise ValueError(f"a perturbation is 'speed' or 'noise', not {self.kind!r}")
+
+    @property
+    def name(self) -> str:
+        return f"speed{self.value:g}" if self.kind == "speed" else f"snr{self.value:g}"
+
+    def apply(self, y: np.ndarray, sr: int, uid: str, max_seconds: float) -> np.ndarray:
+        if self.kind == "speed":
+            return speed_perturb(y, sr, self.value)[: int(max_seconds * sr)]
+        rng = np.random.default_rng(zlib.crc32(f"{uid}|{self.name}".encode()))
+        return add_noise(y, self.value, rng)
 
 
 @dataclasses.dataclass
 class FeatureTable:
-    """The features of every utterance, row i = corpus.utterances[i]. With speed-perturbed copies
-    (`with_speed_copies`), rows [k*N, (k+1)*N) are copy k of the N utterances (copy 0 the originals),
-    at speed copy_speeds[k-1]: same labels, each copy its own "speaker" for input statistics."""
+    """The features of every utterance, row i = corpus.utterances[i]. With perturbed copies
+    (`with_copies`), rows [k*N, (k+1)*N) are copy k of the N utterances (copy 0 the originals),
+    made by copies[k-1]: same labels, each copy its own "speaker" for input statistics."""
     feats: dict[str, torch.Tensor]  # kind -> (rows, bins, T) float16, zero beyond frames[i]
     frames: torch.Tensor  # (rows,) valid frames
     corpus: Corpus  # the original utterances (bad files removed, listed in corpus.skipped)
-    copy_speeds: tuple = ()  # speed of each perturbed copy after the originals
+    copies: tuple = ()  # the Perturbation of each copy after the originals
 
     @property
     def n_utterances(self) -> int:
@@ -44,17 +69,19 @@ class FeatureTable:
     @property
     def labels(self) -> torch.Tensor:
         """(rows,) the class of every row, copies included."""
-        return torch.from_numpy(self.corpus.labels).repeat(1 + len(self.copy_speeds))
+        return torch.from_numpy(self.corpus.labels).repeat(1 + len(self.copies))
 
     @property
     def speakers(self) -> np.ndarray:
-        """(rows,) each row's speaker; a copy at speed s is speaker "<name>@speed<s>" (its pitch and
-        formants moved: it gets its own input statistics, from its own audio)."""
+        """(rows,) each row's speaker; a copy is speaker "<name>@<copy>", e.g. "03@speed1.1" or
+        "03@snr20" (its pitch and formants moved, or its background changed: it gets its own input
+        statistics, from its own audio, as a test speaker recorded that way would)."""
         names = self.corpus.speakers
-        return np.concatenate([names] + [np.char.add(names, f"@speed{s:g}") for s in self.copy_speeds])
+        return np.concatenate([names] + [np.char.add(names, f"@{c.name}") for c in self.copies])
 
 
-def cache_key(corpus: Corpus, features: FeatureSet, max_seconds: float, speed: float = 1.0) -> str:
+def cache_key(corpus: Corpus, features: FeatureSet, max_seconds: float,
+              perturbation: Optional[Perturbation] = None) -> str:
     files = []
     for u in corpus.utterances:
         if u.path is None:
@@ -63,8 +90,11 @@ def cache_key(corpus: Corpus, features: FeatureSet, max_seconds: float, speed: f
         files.append([u.uid, u.path, st.st_size, st.st_mtime_ns])
     key = {"version": FEATURE_VERSION, "corpus": corpus.name, "files": files, "max_seconds": max_seconds,
            "features": features.to_dict()}
-    if speed != 1.0:  # (the originals keep the key they always had)
-        key["speed"] = speed
+    if perturbation is not None:  # (the originals and speed copies keep the keys they always had)
+        if perturbation.kind == "speed":
+            key["speed"] = perturbation.value
+        else:
+            key["noise"] = {"snr_db": perturbation.value, "version": NOISE_VERSION}
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -136,52 +166,54 @@ def compute_features(audio: list, features: FeatureSet, device: torch.device, ba
 def build_feature_table(corpus: Corpus, features: FeatureSet, device: torch.device, *, max_seconds: float = 8.0,
                         cache_dir: Optional[os.PathLike] = None, strict: bool = False, progress: bool = False,
                         is_builder: bool = True, wait: Callable[[], None] = lambda: None,
-                        speed: float = 1.0) -> FeatureTable:
+                        perturbation: Optional[Perturbation] = None) -> FeatureTable:
     """Features for every utterance, from the cache when it holds this exact corpus and config.
     Under torch.distributed only rank 0 (`is_builder`) builds; the others `wait` and then read.
-    speed != 1: of the audio played that much faster (`speed_perturb`), cut to max_seconds after."""
+    With a `perturbation`: of the perturbed audio (cut to max_seconds after a speed change)."""
     if not isinstance(features, FeatureSet):  # a list of kinds: the paper's settings for them
         features = FeatureSet.paper(features)
     path = None
     if cache_dir is not None and all(u.path is not None for u in corpus.utterances):
-        path = Path(cache_dir) / f"{corpus.name}-{cache_key(corpus, features, max_seconds, speed)}.pt"
+        path = Path(cache_dir) / f"{corpus.name}-{cache_key(corpus, features, max_seconds, perturbation)}.pt"
     if path is not None and not path.exists() and is_builder:
-        table = _build(corpus, features, device, max_seconds, strict, progress, speed)
+        table = _build(corpus, features, device, max_seconds, strict, progress, perturbation)
         _save_atomic(path, table)
     wait()
     if path is not None and path.exists():
         return _load(path, corpus, strict)
-    return _build(corpus, features, device, max_seconds, strict, progress, speed)
+    return _build(corpus, features, device, max_seconds, strict, progress, perturbation)
 
 
-def _build(corpus, features, device, max_seconds, strict, progress, speed=1.0) -> FeatureTable:
+def _build(corpus, features, device, max_seconds, strict, progress, perturbation=None) -> FeatureTable:
     # a copy played faster is cut after the change, so it may start from up to max_seconds * speed
+    speed = perturbation.value if perturbation is not None and perturbation.kind == "speed" else 1.0
     audio, corpus = load_audio(corpus, features.sr, max_seconds=max_seconds * max(speed, 1.0), strict=strict,
                                progress=progress)
-    if speed != 1.0:
-        audio = [speed_perturb(y, features.sr, speed)[: int(max_seconds * features.sr)] for y in audio]
+    if perturbation is not None:
+        audio = [perturbation.apply(y, features.sr, u.uid, max_seconds) for y, u in zip(audio, corpus.utterances)]
     feats, frames = compute_features(audio, features, device)
     return FeatureTable(feats, frames, corpus)
 
 
-def with_speed_copies(table: FeatureTable, features: FeatureSet, device: torch.device, speeds, **build) -> FeatureTable:
-    """`table` plus one speed-perturbed copy of every utterance per speed (rows appended, see
+def with_copies(table: FeatureTable, features: FeatureSet, device: torch.device, perturbations,
+                **build) -> FeatureTable:
+    """`table` plus one perturbed copy of every utterance per Perturbation (rows appended, see
     FeatureTable), each built (or read from the cache) like the originals; `build`: the keyword
     arguments of build_feature_table. Every table is padded to the widest."""
-    speeds = tuple(float(s) for s in speeds)
-    if not speeds:
+    perturbations = tuple(perturbations)
+    if not perturbations:
         return table
-    if table.copy_speeds:
-        raise ValueError("this table already has speed copies")
-    copies = [build_feature_table(table.corpus, features, device, speed=s, **build) for s in speeds]
-    for s, c in zip(speeds, copies):
+    if table.copies:
+        raise ValueError("this table already has perturbed copies")
+    copies = [build_feature_table(table.corpus, features, device, perturbation=p, **build) for p in perturbations]
+    for p, c in zip(perturbations, copies):
         if [u.uid for u in c.corpus.utterances] != [u.uid for u in table.corpus.utterances]:
-            raise CorpusError(f"{table.corpus.name}: the speed {s:g} copy lost files the originals kept")
+            raise CorpusError(f"{table.corpus.name}: the {p.name} copy lost files the originals kept")
     parts = [table] + copies
     width = max(t.feats[k].shape[-1] for t in parts for k in t.feats)
     feats = {k: torch.cat([torch.nn.functional.pad(t.feats[k], (0, width - t.feats[k].shape[-1])) for t in parts])
              for k in table.feats}
-    return FeatureTable(feats, torch.cat([t.frames for t in parts]), table.corpus, speeds)
+    return FeatureTable(feats, torch.cat([t.frames for t in parts]), table.corpus, perturbations)
 
 
 def _save_atomic(path: Path, table: FeatureTable) -> None:

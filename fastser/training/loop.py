@@ -175,12 +175,12 @@ class Run:
         old, new = ckpt["config"], self.config()
         for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "pooling", "validation", "seed",
                     "lambda_center", "lambda_recon", "world_size", "batch_size", "tempo", "speed_perturb", "ema",
-                    "mixup"):
+                    "mixup", "noise"):
             # older runs: the settings they were made with
             made = old.get(key, {"normalize": "corpus", "prosody": False, "bin_stats": False, "pooling": "global",
                                  "validation": True,
                                  "tempo": 0.0, "mixup": 0.0}.get(key))
-            if key in ("speed_perturb", "ema") and made is not None:
+            if key in ("speed_perturb", "ema", "noise") and made is not None:
                 made = tuple(made)  # JSON/pickle may give a list
             if made != new.get(key):
                 raise ValueError(f"--resume: the checkpoint was made with {key}={made!r}, "
@@ -311,8 +311,8 @@ class Run:
         order = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(
             seed_for(a.seed, fold_index, epoch + 1)))]
         mine = fdist.shard(order, info, pad=True)
-        if self.table.copy_speeds:  # each row read as the original or one of its speed copies, uniformly
-            version = torch.randint(0, 1 + len(self.table.copy_speeds), (len(mine),), generator=torch.Generator()
+        if self.table.copies:  # each row read as the original or one of its perturbed copies, uniformly
+            version = torch.randint(0, 1 + len(self.table.copies), (len(mine),), generator=torch.Generator()
                                     .manual_seed(seed_for(a.seed, fold_index, epoch + 1, info.rank, 11)))
             mine = mine + version * self.table.n_utterances
         per_rank = max(1, a.batch_size // info.world_size)
