@@ -31,6 +31,9 @@ OUT = Path(__file__).resolve().parent / "results" / "accuracy"
 SETTINGS = ("features", "prosody", "bin_stats", "pooling", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
             "lambda_center", "lambda_recon", "specaugment", "tempo", "speed_perturb", "train_seconds", "ema", "mixup", "noise")
 
+# settings recorded only since they exist: a run from before has them off
+LATER_SETTINGS = {"mixup": 0.0, "noise": None}
+
 
 def _machine() -> str:
     model = ""
@@ -90,6 +93,7 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
                 m = {**m, **_first_folds(d, max_folds)}
             c = json.loads((d / "config.json").read_text())
         c = {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}  # a checkpoint's tuples read as JSON's lists
+        c = {**LATER_SETTINGS, **c}
         config = config or c
         differing = [k for k in SETTINGS if c.get(k) != config.get(k)]
         if differing or c["corpus"] != config["corpus"] or c["split"] != config["split"]:
@@ -139,6 +143,8 @@ def add_seeds(path, run_paths: list, max_folds=None) -> dict:
     experiment (corpus, split, settings, test folds) is required, a seed already in the row is refused,
     and the means and stds are recomputed over all seeds. The seeds' soft vote cannot be extended (the
     row keeps no probabilities), so an existing one stays what it was and says which seeds it averaged."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no such results row (the rows are in {OUT})")
     row = json.loads(Path(path).read_text())
     new = collect_runs(run_paths, row["name"], max_folds, row.get("weights"))
     # a setting the row does not record was added to SETTINGS later, when the row's runs had it off

@@ -664,3 +664,18 @@ def test_predictions_file_and_seed_ensemble(tmp_path, monkeypatch):
     (third / "config.json").write_text(json.dumps({**config, "seed": 2, "speed_perturb": [0.9, 1.1]}))
     with pytest.raises(SystemExit, match="speed_perturb"):
         accuracy.add_seeds(older, [third])
+    # a seed tested on other folds (here only the first) is refused; so is a row that is not there
+    (third / "config.json").write_text(json.dumps({**config, "seed": 2}))
+    (third / "metrics.json").unlink()  # a run stopped early: read from its checkpoint
+    ckpt = torch.load(third / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["seed"] = 2
+    torch.save(ckpt, third / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="other folds"):
+        accuracy.add_seeds(older, [third], max_folds=1)
+    with pytest.raises(SystemExit, match="no such results row"):
+        accuracy.add_seeds(tmp_path / "rows" / "missing.json", [third])
+    # a run from before mixup and noise were recorded joins a row collected since
+    for key in ("mixup", "noise"):
+        del ckpt["config"][key]
+    torch.save(ckpt, third / "checkpoint.pt")
+    assert sorted(accuracy.add_seeds(older, [third], max_folds=2)["seeds"]) == ["0", "2"]
