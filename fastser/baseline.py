@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fastser.audio import AudioError, load
-from fastser.cli import UserError, prog_name, run_cli
+from fastser.cli import ArgumentParser, UserError, prog_name, run_cli
 from fastser.data import SPLITS, load_corpus, make_folds
 from fastser.metrics import summarize
 
@@ -66,7 +66,7 @@ def evaluate(x: np.ndarray, labels: np.ndarray, folds, svm: str) -> tuple[np.nda
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=prog_name("fastser.baseline"), description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(prog=prog_name("fastser.baseline"), description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--corpus", required=True, help="emodb, ravdess, cremad, tess, iemocap (as fastser.train)")
     ap.add_argument("--data-dir", required=True, help="corpus root, in the layout the corpus ships in")

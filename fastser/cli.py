@@ -7,6 +7,7 @@ exits 130. Programming errors still show their traceback: they are bugs to repor
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Optional, Sequence
@@ -14,6 +15,15 @@ from typing import Callable, Optional, Sequence
 
 class UserError(Exception):
     """An input the user can fix; its message is printed as the single error line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the commands' one error line: a bad flag or value prints
+    "<prog>: error: <what>; --help lists the options" and exits 2, without argparse's usage block
+    (a screen of flags that buries the one line that matters)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; --help lists the options\n")
 
 
 def input_errors() -> tuple:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fastser.audio import AudioError, info, load, stream
-from fastser.cli import UserError, prog_name, run_cli
+from fastser.cli import ArgumentParser, UserError, prog_name, run_cli
 from fastser.distributed import parse_device
 from fastser.training.batches import Normalizer, utterance_stats
 from fastser.training.checkpoints import build_model, finished_model, load_checkpoint
@@ -293,7 +293,7 @@ def _text(pred: Prediction, segments: bool) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=prog_name("fastser.predict"), description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(prog=prog_name("fastser.predict"), description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("inputs", nargs="+", metavar="AUDIO",
                     help="audio files (any format soundfile reads), folders (searched recursively) or glob patterns")

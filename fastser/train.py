@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fastser import distributed as fdist
-from fastser.cli import prog_name, run_cli
+from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.data import SPLITS, load_corpus, make_folds
 from fastser.data.cache import Perturbation, build_feature_table, with_copies
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
@@ -104,7 +104,7 @@ _decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0],
                                 formatter_class=_DefaultsOnce)
     corpus = p.add_argument_group("corpus and folds")
     corpus.add_argument("--corpus", choices=CORPORA, default="synthetic",

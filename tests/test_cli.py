@@ -98,6 +98,10 @@ def test_train_bad_input_exits_2_with_one_line(tmp_path, way):
     assert not (tmp_path / "o").exists()  # no empty run folder left behind
     bad_device = run(command("train", way), "--device", "gpu", "--out", tmp_path / "o")
     assert bad_device.returncode == 2 and "--device 'gpu'" in one_error_line(bad_device, prog)
+    bad_value = run(command("train", way), "--noise", "100", "--out", tmp_path / "o")  # argparse's own errors too
+    assert bad_value.returncode == 2 and "argument --noise" in one_error_line(bad_value, prog)
+    unknown = run(command("train", way), "--learning-rate", "3", "--out", tmp_path / "o")
+    assert unknown.returncode == 2 and "--learning-rate" in one_error_line(unknown, prog)
     if not torch.cuda.is_available():
         no_cuda = run(command("train", way), "--device", "cuda", "--out", tmp_path / "o")
         assert no_cuda.returncode == 2 and "CUDA is not available" in one_error_line(no_cuda, prog)
