@@ -6,6 +6,7 @@
     python -m benchmarks.accuracy --name "..." --max-folds 3 RUNS ...              # the first 3 folds only
     python -m benchmarks.accuracy --name "..." --weights trained RUNS ...          # an --ema run's trained weights
     python -m benchmarks.accuracy --add-to benchmarks/results/accuracy/ROW.json runs/loso/seed-2  # a later seed
+    python -m benchmarks.accuracy --compare CHANGED.json BASE.json                  # paired, fold by fold
 
 Writes benchmarks/results/accuracy/<corpus>-<split>-<slug>.json: per seed WA/UA/macro-F1 and
 run time, mean and std over seeds, the settings that differ between rows, the machine and the
@@ -188,6 +189,26 @@ def write(row: dict) -> Path:
     return path
 
 
+def compare(changed: dict, base: dict) -> dict:
+    """Two kept rows paired on what they share: the same seed tested on the same speakers (fold
+    names). -> the pairs' mean fold UA in each row, the mean difference (changed - base), and how
+    many pairs the change made better / worse / left equal: on a few hundred utterances a paired
+    count says more than two pooled means whose seeds spread by several points."""
+    pairs = []
+    for seed, s in changed["seeds"].items():
+        other = base["seeds"].get(seed)
+        if other is None or "fold_ua" not in s or "fold_ua" not in other:
+            continue
+        base_ua = dict(zip(other["folds"], other["fold_ua"]))
+        pairs += [(ua, base_ua[fold]) for fold, ua in zip(s["folds"], s["fold_ua"]) if fold in base_ua]
+    if not pairs:
+        raise SystemExit(f"{changed['name']!r} and {base['name']!r} share no seed tested on the same speakers")
+    a, b = np.array(pairs).T * 100
+    return {"pairs": len(pairs), "changed_fold_ua": float(a.mean()), "base_fold_ua": float(b.mean()),
+            "difference": float((a - b).mean()), "better": int((a > b).sum()), "worse": int((a < b).sum()),
+            "equal": int((a == b).sum())}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="run folders (one per seed, or one --seeds folder)")
@@ -196,7 +217,17 @@ def main(argv=None) -> None:
     ap.add_argument("--max-folds", type=int, default=None, help="only the first N folds of each run")
     ap.add_argument("--weights", default=None, help="score another set of weights of --ema runs: trained, ema_<decay>")
     ap.add_argument("--add-to", metavar="JSON", help="add the runs' seeds to this kept row (seeds run in another session)")
+    ap.add_argument("--compare", action="store_true",
+                    help="the two paths are kept rows (changed, base): print them paired fold by fold")
     args = ap.parse_args(argv)
+    if args.compare:
+        if len(args.paths) != 2:
+            ap.error("--compare takes two rows: CHANGED.json BASE.json")
+        changed, base = (json.loads(Path(p).read_text()) for p in args.paths)
+        c = compare(changed, base)
+        print(f"{c['pairs']} seed-fold pairs: mean fold UA {c['changed_fold_ua']:.1f} against {c['base_fold_ua']:.1f} "
+              f"({c['difference']:+.1f}); {c['better']} better, {c['worse']} worse, {c['equal']} equal")
+        return
     if args.add_to:
         rows = [add_seeds(args.add_to, args.paths, args.max_folds)]
     elif args.baseline:

@@ -679,3 +679,21 @@ def test_predictions_file_and_seed_ensemble(tmp_path, monkeypatch):
         del ckpt["config"][key]
     torch.save(ckpt, third / "checkpoint.pt")
     assert sorted(accuracy.add_seeds(older, [third], max_folds=2)["seeds"]) == ["0", "2"]
+
+
+def test_compare_pairs_rows_on_shared_seeds_and_test_speakers():
+    """benchmarks.accuracy.compare pairs only the same seed on the same test speakers (other seeds and
+    folds are left out) and counts better / worse / equal pairs."""
+    from benchmarks.accuracy import compare
+    base = {"name": "base", "seeds": {"0": {"folds": ["A", "B", "C"], "fold_ua": [0.5, 0.6, 0.7]},
+                                      "1": {"folds": ["A", "B", "C"], "fold_ua": [0.4, 0.5, 0.6]},
+                                      "2": {"folds": ["A"], "fold_ua": [0.9]}}}
+    changed = {"name": "changed", "seeds": {"0": {"folds": ["A", "B"], "fold_ua": [0.6, 0.6]},
+                                            "1": {"folds": ["B", "C", "D"], "fold_ua": [0.3, 0.8, 1.0]},
+                                            "3": {"folds": ["A"], "fold_ua": [0.0]}}}
+    c = compare(changed, base)  # pairs: (0.6, 0.5), (0.6, 0.6), (0.3, 0.5), (0.8, 0.6)
+    assert (c["pairs"], c["better"], c["worse"], c["equal"]) == (4, 2, 1, 1)
+    assert c["changed_fold_ua"] == pytest.approx(57.5) and c["base_fold_ua"] == pytest.approx(55.0)
+    assert c["difference"] == pytest.approx(2.5)
+    with pytest.raises(SystemExit, match="share no seed"):
+        compare({"name": "x", "seeds": {"5": {"folds": ["A"], "fold_ua": [0.1]}}}, base)
