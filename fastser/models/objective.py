@@ -40,10 +40,10 @@ class SERObjective(nn.Module):
             mix: optional Mix (partner (B,), lam (B,)) of a mixup batch)
     -> LossTerms(total, ce, center, recon), scalars. CE is class-weighted (class_weights) in fp32;
     with `mix` it is lam * CE(labels) + (1 - lam) * CE(partner) per item, normalised by the mixed
-    class weights (with lam = 1, exactly the plain weighted mean), and the center loss takes the
-    dominant `labels`;
-    the center loss is fastser's fused one with Wen's update (its centers move inside backward);
-    the MSE counts only each utterance's valid frames. Autograd through all three terms.
+    class weights (with lam = 1, exactly the plain weighted mean). The center loss is fastser's
+    fused one with Wen's update (its centers move inside backward), on `labels` (with `mix`, each
+    item's dominant label); the MSE counts only each utterance's valid frames. Autograd through all
+    three terms.
     """
 
     def __init__(self, num_classes: int, embed_dim: int, *, lambda_center: float = 0.003, lambda_recon: float = 0.1,
