@@ -65,16 +65,6 @@ def _seed_list(text: str) -> list:
     return seeds
 
 
-def _tempo(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a relative rate change in [0, 1), e.g. 0.1; got {text!r}")
-    return value
-
-
 def _distinct_floats(ok, expected: str):
     """An argparse type: comma-separated distinct numbers, each passing `ok`."""
     def parse(text: str) -> tuple:
@@ -88,16 +78,21 @@ def _distinct_floats(ok, expected: str):
     return parse
 
 
-def _mixup_alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 10:
-        raise argparse.ArgumentTypeError(f"expected a Beta(alpha, alpha) parameter in (0, 10], e.g. 0.2; got {text!r}")
-    return value
+def _float_in(ok, expected: str):
+    """An argparse type: one number passing `ok`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+    return parse
 
 
+_tempo = _float_in(lambda t: 0 <= t < 1, "a relative rate change in [0, 1), e.g. 0.1")
+_mixup_alpha = _float_in(lambda a: 0 < a <= 10, "a Beta(alpha, alpha) parameter in (0, 10], e.g. 0.2")
 _speeds = _distinct_floats(lambda s: 0.5 <= s <= 2.0 and s != 1.0, "distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1")
 _snrs = _distinct_floats(lambda s: -5 <= s <= 60, "distinct signal-to-noise ratios in dB in [-5, 60], e.g. 20,10")
 _decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g. 0.998")
