@@ -67,7 +67,7 @@ def evaluate(x: np.ndarray, labels: np.ndarray, folds, svm: str) -> tuple[np.nda
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = ArgumentParser(prog=prog_name("fastser.baseline"), description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1])
+                        epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--corpus", required=True, help="emodb, ravdess, cremad, tess, iemocap (as fastser.train)")
     ap.add_argument("--data-dir", required=True, help="corpus root, in the layout the corpus ships in")
     ap.add_argument("--split", choices=SPLITS, default="loso", help="speaker-independent folds (default: loso)")

@@ -294,7 +294,7 @@ def _text(pred: Prediction, segments: bool) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = ArgumentParser(prog=prog_name("fastser.predict"), description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1])
+                        epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("inputs", nargs="+", metavar="AUDIO",
                     help="audio files (any format soundfile reads), folders (searched recursively) or glob patterns")
     ap.add_argument("--checkpoint", required=True, nargs="+",

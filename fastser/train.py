@@ -100,7 +100,7 @@ _decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g.
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0],
-                                formatter_class=_DefaultsOnce)
+                       formatter_class=_DefaultsOnce)
     corpus = p.add_argument_group("corpus and folds")
     corpus.add_argument("--corpus", choices=CORPORA, default="synthetic",
                         help="which corpus; 'synthetic' is generated, the others are read from --data-dir")
@@ -253,7 +253,7 @@ def load_table(args, info):
               f"them an error):\n  {listing}{more}", file=sys.stderr)
     # training-only copies, appended after the originals (folds index only those)
     copies = [Perturbation("speed", s) for s in args.speed_perturb or ()] \
-        + [Perturbation("noise", snr) for snr in getattr(args, "noise", None) or ()]
+        + [Perturbation("noise", snr) for snr in args.noise or ()]
     table = with_copies(table, FeatureSet.paper(kinds), info.device, copies, **build)
     return table
 

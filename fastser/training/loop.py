@@ -333,7 +333,7 @@ class Run:
         for step in range(steps):
             batch = batcher.batch(mine[step * per_rank: (step + 1) * per_rank], gen, tempo=a.tempo)
             mix = None
-            if getattr(a, "mixup", 0.0):  # before SpecAugment: the decoder reconstructs the mixed input
+            if a.mixup:  # before SpecAugment: the decoder reconstructs the mixed input
                 batch, mix = mixup(batch, gen, a.mixup)
             feats = spec_augment(batch.feats, batch.frames_host, gen) if a.specaugment else batch.feats
             if graphed is not None:
