@@ -25,15 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fastser.training.checkpoints import BEFORE_RECORDED
 from fastser.training.loop import FALLBACKS
 from fastser.training.reports import run_cost, seed_ensemble
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"
 SETTINGS = ("features", "prosody", "bin_stats", "pooling", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
             "lambda_center", "lambda_recon", "specaugment", "tempo", "speed_perturb", "train_seconds", "ema", "mixup", "noise")
-
-# settings recorded only since they exist: a run from before has them off
-LATER_SETTINGS = {"mixup": 0.0, "noise": None}
 
 
 def _machine() -> str:
@@ -94,7 +92,7 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
                 m = {**m, **_first_folds(d, max_folds)}
             c = json.loads((d / "config.json").read_text())
         c = {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}  # a checkpoint's tuples read as JSON's lists
-        c = {**LATER_SETTINGS, **c}
+        c = {**BEFORE_RECORDED, **c}  # a run made before a setting was recorded
         config = config or c
         differing = [k for k in SETTINGS if c.get(k) != config.get(k)]
         if differing or c["corpus"] != config["corpus"] or c["split"] != config["split"]:

@@ -5,6 +5,7 @@
     save_checkpoint(payload, path)                    # atomic; payload["spec"] = spec.to_dict()
     ckpt = load_checkpoint(path_or_run_folder)        # a finished run, or a UserError naming the problem
     spec, final = finished_model(ckpt)                # works for checkpoints of fastser 0.1 too
+    run_setting(ckpt["config"], "pooling")            # a setting, also from runs made before it was recorded
 """
 from __future__ import annotations
 
@@ -95,6 +96,20 @@ def finished_model(ckpt: dict) -> tuple[ModelSpec, dict]:
                      pooling=cfg.get("pooling", "global"))  # 0.1 had no choice: global
     return spec, {**final, "model": _renamed(final["model"]),
                   "norm": {s: _renamed_keys(v) for s, v in final["norm"].items()}}
+
+
+# A run made before a setting was recorded (its checkpoint and config.json lack the key) was made
+# with what fastser did then: --resume and the accuracy collector read older runs by this one table.
+BEFORE_RECORDED = {"normalize": "corpus", "prosody": False, "bin_stats": False, "pooling": "global",
+                   "validation": True, "tempo": 0.0, "speed_perturb": None, "ema": None, "mixup": 0.0,
+                   "noise": None}
+
+
+def run_setting(config: dict, key: str):
+    """The setting `key` a run was made with, from its config (checkpoint or config.json); a list
+    (what JSON gives back for a tuple) reads as a tuple, so it compares equal to the parsed argument."""
+    value = config.get(key, BEFORE_RECORDED.get(key))
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _renamed_keys(d: dict) -> dict:

@@ -29,7 +29,7 @@ from fastser.models import SERModel, SERObjective
 from fastser.ops import backends_in_use
 from fastser.training.averaging import WeightAverages
 from fastser.training.batches import Batcher, Normalizer, mixup, spec_augment
-from fastser.training.checkpoints import ModelSpec, build_model, cpu_state, save_checkpoint
+from fastser.training.checkpoints import ModelSpec, build_model, cpu_state, run_setting, save_checkpoint
 
 # input statistics a speaker-normalised model is also scored with, as predict would use them without
 # enrollment audio: each utterance's own, or the training speakers' pooled ones (saved with the model)
@@ -176,12 +176,7 @@ class Run:
         for key in ("corpus", "split", "features", "prosody", "normalize", "bin_stats", "pooling", "validation", "seed",
                     "lambda_center", "lambda_recon", "world_size", "batch_size", "tempo", "speed_perturb", "ema",
                     "mixup", "noise"):
-            # older runs: the settings they were made with
-            made = old.get(key, {"normalize": "corpus", "prosody": False, "bin_stats": False, "pooling": "global",
-                                 "validation": True,
-                                 "tempo": 0.0, "mixup": 0.0}.get(key))
-            if key in ("speed_perturb", "ema", "noise") and made is not None:
-                made = tuple(made)  # JSON/pickle may give a list
+            made = run_setting(old, key)
             if made != new.get(key):
                 raise ValueError(f"--resume: the checkpoint was made with {key}={made!r}, "
                                  f"this run has {new.get(key)!r}")
