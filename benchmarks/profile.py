@@ -49,15 +49,16 @@ def _cases(device: torch.device) -> dict:
             from benchmarks import test_train_step as ts
             import numpy as np
             rng = np.random.default_rng(0)
-            audio = (0.1 * rng.standard_normal((ts.BATCH, int(ts.SR * ts.SECONDS)))).astype(np.float32)
-            return ts.fastser_step(audio, rng.integers(0, ts.CLASSES, ts.BATCH), device, graph=graph)
+            batch = ts.BATCHES[0]
+            audio = (0.1 * rng.standard_normal((batch, int(ts.SR * ts.SECONDS)))).astype(np.float32)
+            return ts.fastser_step(audio, rng.integers(0, ts.CLASSES, batch), device, graph=graph)
         return build
 
     cases = {"features-logmel": features("fastser", "logmel"), "features-mfcc": features("fastser", "mfcc"),
              "center-loss-fused": center_loss("fused"), "center-loss-usual": center_loss("usual"),
              "train-step": train_step()}
     if device.type == "cuda":
-        cases.update({"train-step-graph": train_step(graph=True),"torchaudio-logmel": features("torchaudio", "logmel"),
+        cases.update({"train-step-graph": train_step(graph=True), "torchaudio-logmel": features("torchaudio", "logmel"),
                       "torchaudio-mfcc": features("torchaudio", "mfcc")})
     return cases
 

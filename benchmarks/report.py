@@ -26,7 +26,8 @@ SUITE_TITLES = {
     "center_loss": "Center loss, one training step (forward + backward + center update), B x C x D",
     "features": "Features, 256 clips x 3 s at 16 kHz (n_fft 512, hop 160, 40 mels / 40 MFCCs; -lengths: 1.5-3 s "
                 "clips with lengths, -2048: 2048 clips)",
-    "train_step": "End-to-end training step from raw audio, batch 64 x 3 s (time per step)",
+    "train_step": "End-to-end training step from raw audio, 3 s clips, the batch size in the case's name "
+                  "(time per step)",
     "center_sync": "Center sync across 2 ranks (gloo), D = 512, B = 256 per rank",
 }
 
