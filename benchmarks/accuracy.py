@@ -190,8 +190,9 @@ def write(row: dict) -> Path:
 def compare(changed: dict, base: dict) -> dict:
     """Two kept rows paired on what they share: the same seed tested on the same speakers (fold
     names). -> the pairs' mean fold UA in each row, the mean difference (changed - base), and how
-    many pairs the change made better / worse / left equal: on a few hundred utterances a paired
-    count says more than two pooled means whose seeds spread by several points."""
+    many pairs the change made better / worse / left equal, and the paired t-test's two-sided p: on a
+    few hundred utterances a paired count says more than two pooled means whose seeds spread by
+    several points."""
     pairs = []
     for seed, s in changed["seeds"].items():
         other = base["seeds"].get(seed)
@@ -202,9 +203,11 @@ def compare(changed: dict, base: dict) -> dict:
     if not pairs:
         raise SystemExit(f"{changed['name']!r} and {base['name']!r} share no seed tested on the same speakers")
     a, b = np.array(pairs).T * 100
+    from scipy.stats import ttest_rel
+    p = float(ttest_rel(a, b).pvalue) if len(pairs) > 1 and np.any(a != b) else None
     return {"pairs": len(pairs), "changed_fold_ua": float(a.mean()), "base_fold_ua": float(b.mean()),
             "difference": float((a - b).mean()), "better": int((a > b).sum()), "worse": int((a < b).sum()),
-            "equal": int((a == b).sum())}
+            "equal": int((a == b).sum()), "p_paired_t": p}
 
 
 def main(argv=None) -> None:
@@ -224,7 +227,8 @@ def main(argv=None) -> None:
         changed, base = (json.loads(Path(p).read_text()) for p in args.paths)
         c = compare(changed, base)
         print(f"{c['pairs']} seed-fold pairs: mean fold UA {c['changed_fold_ua']:.1f} against {c['base_fold_ua']:.1f} "
-              f"({c['difference']:+.1f}); {c['better']} better, {c['worse']} worse, {c['equal']} equal")
+              f"({c['difference']:+.1f}); {c['better']} better, {c['worse']} worse, {c['equal']} equal"
+              + ("" if c["p_paired_t"] is None else f"; paired t-test p = {c['p_paired_t']:.2f}"))
         return
     if args.add_to:
         rows = [add_seeds(args.add_to, args.paths, args.max_folds)]

@@ -98,7 +98,7 @@ def _setting_text(row: dict) -> str:
              f"normalize {s.get('normalize') or 'corpus'}",
              f"epochs {s['epochs']} (patience {s['patience']})" if s.get("validation") is not False
              else f"epochs {s['epochs']}, last epoch kept (no validation speakers)",
-             f"lr {s['lr']:g}"]
+             f"batch {s['batch_size']}, lr {s['lr']:g}"]
     if s.get("specaugment"):
         parts.append("SpecAugment")
     if s.get("tempo"):

@@ -22,8 +22,11 @@ def test_accuracy_rows_name_the_augmentations_they_were_made_with():
     """A row's settings column says which training options differ from the defaults, so two rows that
     differ only in an augmentation never read the same."""
     plain = {"features": "both", "prosody": True, "pooling": "time", "normalize": "speaker", "validation": False,
-             "epochs": 24, "patience": 5, "lr": 0.002}
+             "epochs": 24, "patience": 5, "batch_size": 16, "lr": 0.002}
     text = report._setting_text({"kind": "fastser", "settings": plain})
+    assert "batch 16, lr 0.002" in text
+    assert "batch 64, lr 0.004" in report._setting_text({"kind": "fastser", "settings": {**plain, "batch_size": 64,
+                                                                                         "lr": 0.004}})
     assert "SpecAugment" not in text and "tempo" not in text and "speed" not in text and "mixup" not in text and "noise" not in text
     augmented = {**plain, "specaugment": True, "tempo": 0.1, "speed_perturb": [0.9, 1.1], "mixup": 0.2,
                  "noise": [20.0, 10.0]}

@@ -695,5 +695,10 @@ def test_compare_pairs_rows_on_shared_seeds_and_test_speakers():
     assert (c["pairs"], c["better"], c["worse"], c["equal"]) == (4, 2, 1, 1)
     assert c["changed_fold_ua"] == pytest.approx(57.5) and c["base_fold_ua"] == pytest.approx(55.0)
     assert c["difference"] == pytest.approx(2.5)
+    # paired t-test on the differences (10, 0, -20, 20): t = mean / (sd / sqrt(4)), 3 degrees of freedom
+    from scipy.stats import t as student
+    d = np.array([10.0, 0.0, -20.0, 20.0])
+    t = d.mean() / (d.std(ddof=1) / 2)
+    assert c["p_paired_t"] == pytest.approx(2 * student.sf(t, 3), rel=1e-9) and 0.7 < c["p_paired_t"] < 0.9
     with pytest.raises(SystemExit, match="share no seed"):
         compare({"name": "x", "seeds": {"5": {"folds": ["A"], "fold_ua": [0.1]}}}, base)
