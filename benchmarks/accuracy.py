@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import ttest_rel
 
 from fastser.training.checkpoints import BEFORE_RECORDED
 from fastser.training.loop import FALLBACKS
@@ -203,7 +204,6 @@ def compare(changed: dict, base: dict) -> dict:
     if not pairs:
         raise SystemExit(f"{changed['name']!r} and {base['name']!r} share no seed tested on the same speakers")
     a, b = np.array(pairs).T * 100
-    from scipy.stats import ttest_rel
     p = float(ttest_rel(a, b).pvalue) if len(pairs) > 1 and np.any(a != b) else None
     return {"pairs": len(pairs), "changed_fold_ua": float(a.mean()), "base_fold_ua": float(b.mean()),
             "difference": float((a - b).mean()), "better": int((a > b).sum()), "worse": int((a < b).sum()),
