@@ -1,7 +1,7 @@
 """End-to-end training step, raw audio batch -> optimizer step: fastser vs fastser.reference.
 
-Batches of 64 and 256 x 3 s at 16 kHz, the paper's two-branch model with the reconstruction head, the joint
-objective. fastser: audio to the device once, batched features there (fused post kernels), the
+Batches of 64 and 256 x 3 s at 16 kHz, the paper's two-branch model with the reconstruction head,
+the joint objective. fastser: audio to the device once, batched features there (fused post kernels), the
 model in channels-last, the fused center loss updating its centers inside backward. Reference,
 run as its users run it: librosa per utterance in DataLoader workers (one per core, persistent,
 pinned memory on a GPU), the same model in fp32 on the same device as fastser's (`model_device`
@@ -84,7 +84,7 @@ def test_train_step(benchmark, device, audio_batch, impl):
         pytest.skip(f"batch {batch} is a GPU figure (on a few CPU cores one call of the reference takes minutes)")
     fn = reference_step(audio, labels, device) if impl == "reference" else fastser_step(
         audio, labels, device, amp=impl.endswith("amp"), graph="graph" in impl)
-    target = (10.0 if device.type == "cuda" else 2.0) if impl == "fastser" and batch == 64 else None
+    target = (10.0 if device.type == "cuda" else 2.0) if impl == "fastser" and batch == BATCHES[0] else None
     _harness.run(benchmark, fn, device, suite="train_step", group=f"B{batch}_{SECONDS:g}s", impl=impl,
                  baseline="reference", target=target, budget_s=8.0,
                  extra={"utterances": batch * STEPS, "steps_per_call": STEPS, "model_device": str(device)})
