@@ -1,14 +1,14 @@
 """End-to-end training step, raw audio batch -> optimizer step: fastser vs fastser.reference.
 
 Batches of 64 and 256 x 3 s at 16 kHz, the paper's two-branch model with the reconstruction head,
-the joint objective. fastser: audio to the device once, batched features there (fused post kernels), the
-model in channels-last, the fused center loss updating its centers inside backward. Reference,
+the joint objective. fastser: audio to the device once, batched features there (fused post kernels),
+the model in channels-last, the fused center loss updating its centers inside backward. Reference,
 run as its users run it: librosa per utterance in DataLoader workers (one per core, persistent,
-pinned memory on a GPU), the same model in fp32 on the same device as fastser's (`model_device`
-in the results), the usual center-loss module with its second SGD optimizer, the loss read back
-every step. One timed call is STEPS steps for both (so the workers' prefetching overlaps with
-training as in an epoch). Targets at batch 64, ratios from one run: CPU >= 2x; GPU >= 10x. Batch 256
-shows what a larger batch buys on a GPU (where a step of 64 is mostly launch overhead).
+pinned memory on a GPU), the same model in fp32 on the same device as fastser's (`model_device` in
+the results), the usual center-loss module with its second SGD optimizer, the loss read back every
+step. One timed call is STEPS steps for both (so the workers' prefetching overlaps with training as
+in an epoch). Targets at batch 64, ratios from one run: CPU >= 2x; GPU >= 10x. Batch 256 shows what
+a larger batch buys on a GPU (where a step of 64 is mostly launch overhead).
 """
 import numpy as np
 import pytest
