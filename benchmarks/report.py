@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fastser.training.checkpoints import run_setting
 from fastser.training.loop import FALLBACKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,10 +93,10 @@ def _setting_text(row: dict) -> str:
     s = row["settings"]
     if row["kind"] == "baseline":
         return f"openSMILE {s['features']} functionals, {s['svm']} SVM" + (", per-speaker z-norm" if s["speaker_norm"] else "")
+    recorded = {k: v for k, v in s.items() if v is not None}  # a row keeps a setting recorded after its runs as null
     parts = [f"features {s['features']}" + (" + prosody" if s.get("prosody") else "")
              + (" + bin stats" if s.get("bin_stats") else ""),
-             f"pooling {s.get('pooling') or 'global'}",  # runs from before the option pooled globally
-             f"normalize {s.get('normalize') or 'corpus'}",
+             f"pooling {run_setting(recorded, 'pooling')}", f"normalize {run_setting(recorded, 'normalize')}",
              f"epochs {s['epochs']} (patience {s['patience']})" if s.get("validation") is not False
              else f"epochs {s['epochs']}, last epoch kept (no validation speakers)",
              f"batch {s['batch_size']}, lr {s['lr']:g}"]

@@ -93,7 +93,7 @@ def finished_model(ckpt: dict) -> tuple[ModelSpec, dict]:
     spec = ModelSpec(FeatureSet.from_dict(cfg["feature_configs"]), tuple(cfg["classes_list"]), width=cfg["width"],
                      embed_dim=cfg["embed_dim"], reconstruct=cfg["lambda_recon"] > 0,
                      train_seconds=cfg.get("train_seconds", 3.0), max_seconds=cfg["max_seconds"],
-                     pooling=cfg.get("pooling", "global"))  # 0.1 had no choice: global
+                     pooling=run_setting(cfg, "pooling"))  # 0.1 had no choice: global
     return spec, {**final, "model": _renamed(final["model"]),
                   "norm": {s: _renamed_keys(v) for s, v in final["norm"].items()}}
 
