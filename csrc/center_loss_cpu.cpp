@@ -7,6 +7,9 @@
 //           the center gradient. Class sums are taken per class segment (counting sort by
 //           label), so no atomics, no per-thread C x D scratch, and the result is bit-identical
 //           for any thread count.
+// Threads: the caller passes torch's intra-op thread count (one OpenMP team size for the whole
+// process), and work is handed out in dynamic chunks: on a loaded machine a descheduled thread
+// then delays the step by one chunk, not by its static share of the batch.
 #include "center_loss_cpu.h"
 
 #include <cmath>
@@ -22,14 +25,17 @@ namespace {
 
 constexpr int64_t kParallelMinWork = 1 << 18;  // below this, waking the OpenMP team costs more than it saves
 constexpr int64_t kChunkD = 256;                // columns handled by one work item of the class-sum loop
+constexpr int64_t kRowChunk = 16;               // rows handed to a thread at a time
+
+inline int team(int64_t work, int num_threads) { return work >= kParallelMinWork && num_threads > 1 ? num_threads : 1; }
 
 template <typename T>
 int64_t forward_impl(const T* x, const int64_t* labels, const T* centers, int64_t B, int64_t D,
-                     int64_t C, T* row_loss, T* diff) {
+                     int64_t C, T* row_loss, T* diff, int num_threads) {
   for (int64_t i = 0; i < B; ++i) {
     if (labels[i] < 0 || labels[i] >= C) return i;  // checked before anything is written
   }
-#pragma omp parallel for schedule(static) if (B * D >= kParallelMinWork)
+#pragma omp parallel for schedule(dynamic, kRowChunk) num_threads(team(B * D, num_threads))
   for (int64_t i = 0; i < B; ++i) {
     const T* xi = x + i * D;
     const T* ci = centers + labels[i] * D;
@@ -49,10 +55,11 @@ int64_t forward_impl(const T* x, const int64_t* labels, const T* centers, int64_
 template <typename T>
 void backward_impl(const T* diff, const int64_t* labels, int64_t B, int64_t D, int64_t C,
                    const T* row_scale, int64_t row_scale_stride, T* grad_x, T* centers, T alpha,
-                   T* grad_centers) {
+                   T* grad_centers, int num_threads) {
+  const int threads = team(B * D, num_threads);
   // grad_x = g_i * diff_i
   if (grad_x != nullptr) {
-#pragma omp parallel for schedule(static) if (B * D >= kParallelMinWork)
+#pragma omp parallel for schedule(dynamic, kRowChunk) num_threads(threads)
     for (int64_t i = 0; i < B; ++i) {
       const T g = row_scale[i * row_scale_stride];
       const T* di = diff + i * D;
@@ -77,7 +84,7 @@ void backward_impl(const T* diff, const int64_t* labels, int64_t B, int64_t D, i
 
   const int64_t n_chunks = (D + kChunkD - 1) / kChunkD;
   const int64_t n_items = static_cast<int64_t>(present.size()) * n_chunks;
-#pragma omp parallel if (B * D >= kParallelMinWork)
+#pragma omp parallel num_threads(threads)
   {
     std::vector<T> sum(kChunkD);
 #pragma omp for schedule(dynamic, 4)
@@ -113,27 +120,28 @@ void backward_impl(const T* diff, const int64_t* labels, int64_t B, int64_t D, i
 
 int64_t center_loss_forward_cpu(int dtype, const void* x, const int64_t* labels,
                                 const void* centers, int64_t B, int64_t D, int64_t C,
-                                void* row_loss, void* diff) {
+                                void* row_loss, void* diff, int num_threads) {
   if (dtype == kFloat64)
     return forward_impl(static_cast<const double*>(x), labels, static_cast<const double*>(centers),
-                        B, D, C, static_cast<double*>(row_loss), static_cast<double*>(diff));
+                        B, D, C, static_cast<double*>(row_loss), static_cast<double*>(diff), num_threads);
   return forward_impl(static_cast<const float*>(x), labels, static_cast<const float*>(centers), B,
-                      D, C, static_cast<float*>(row_loss), static_cast<float*>(diff));
+                      D, C, static_cast<float*>(row_loss), static_cast<float*>(diff), num_threads);
 }
 
 void center_loss_backward_cpu(int dtype, const void* diff, const int64_t* labels, int64_t B,
                               int64_t D, int64_t C, const void* row_scale, int64_t row_scale_stride,
-                              void* grad_x, void* centers, double alpha, void* grad_centers) {
+                              void* grad_x, void* centers, double alpha, void* grad_centers,
+                              int num_threads) {
   if (dtype == kFloat64) {
     backward_impl(static_cast<const double*>(diff), labels, B, D, C,
                   static_cast<const double*>(row_scale), row_scale_stride,
                   static_cast<double*>(grad_x), static_cast<double*>(centers), alpha,
-                  static_cast<double*>(grad_centers));
+                  static_cast<double*>(grad_centers), num_threads);
   } else {
     backward_impl(static_cast<const float*>(diff), labels, B, D, C,
                   static_cast<const float*>(row_scale), row_scale_stride,
                   static_cast<float*>(grad_x), static_cast<float*>(centers),
-                  static_cast<float>(alpha), static_cast<float*>(grad_centers));
+                  static_cast<float>(alpha), static_cast<float*>(grad_centers), num_threads);
   }
 }
 

@@ -40,10 +40,10 @@ inline float power_of(float re, float im, double power) {
 void mel_chain_cpu(const float* spec, int64_t B, int64_t T, int64_t F, const int64_t* frames,
                    const float* fb, int64_t M, double power, bool to_db, double amin, double log_ref,
                    bool ref_max, bool use_top_db, double top_db, const float* dct, const float* lift,
-                   int64_t K, float* mel_out, float* mfcc_out) {
+                   int64_t K, float* mel_out, float* mfcc_out, int num_threads) {
   const std::vector<Band> bands = filter_bands(fb, M, F);
   const bool second_pass = to_db && (ref_max || use_top_db || dct != nullptr);
-#pragma omp parallel
+#pragma omp parallel num_threads(std::max(1, std::min<int>(num_threads, static_cast<int>(B))))
   {
     std::vector<float> p(F), v(M);
 #pragma omp for schedule(dynamic, 1)

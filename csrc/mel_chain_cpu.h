@@ -11,9 +11,10 @@ namespace fastser {
 //   frames   (B,) valid frames; output frames t >= frames[b] are written as 0
 //   fb       (M, F) mel filters;  dct (K, M) and lift (K,) or null
 //   mel_out  (B, M, T);  mfcc_out (B, K, T) or null
+//   num_threads  the OpenMP team (the caller passes torch.get_num_threads())
 void mel_chain_cpu(const float* spec, int64_t B, int64_t T, int64_t F, const int64_t* frames,
                    const float* fb, int64_t M, double power, bool to_db, double amin, double log_ref,
                    bool ref_max, bool use_top_db, double top_db, const float* dct, const float* lift,
-                   int64_t K, float* mel_out, float* mfcc_out);
+                   int64_t K, float* mel_out, float* mfcc_out, int num_threads);
 
 }  // namespace fastser

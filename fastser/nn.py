@@ -76,10 +76,12 @@ class CenterLoss(nn.Module):
         self._centers_synced = False
 
     def _broadcast_centers_once(self) -> None:
-        """Start every rank from rank 0's centers, even when their seeds differ."""
-        if self._centers_synced:
+        """Start every rank from rank 0's centers, even when their seeds differ. Outside
+        torch.distributed the flag is never read, so torch.compile does not guard on it (a flag
+        that flips after the first call would cost a recompilation)."""
+        if not (dist.is_available() and dist.is_initialized()) or self._centers_synced:
             return
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+        if dist.get_world_size(self.process_group) > 1:
             src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
             with torch.no_grad():
                 dist.broadcast(self.centers.data, src=src, group=self.process_group)

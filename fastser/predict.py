@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -32,6 +33,12 @@ from fastser.training.checkpoints import build_model, finished_model, load_check
 
 MIN_SECONDS = 0.5       # below this a clip holds less than a syllable: the prediction is flagged unreliable
 SILENT_DBFS = -60.0     # RMS level (dB re full scale) below which a recording is flagged near-silent
+MIN_ENROLL_SECONDS = 1.0  # usable enrollment audio below this: too few frames for a speaker's statistics
+
+
+class PredictWarning(UserWarning):
+    """Something that makes predictions doubtful (enrollment audio left out, a model that never heard
+    speech); the command line prints each as one "warning:" line."""
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64", ".rf64"}
 
 
@@ -64,14 +71,18 @@ class Prediction:
     def near_silent(self) -> bool:
         return self.rms_dbfs < SILENT_DBFS
 
-    def warnings(self) -> list:
+    def problems(self) -> list:
+        """What makes this audio a poor sample of speech: too short, near-silent."""
         out = []
         if self.too_short:
-            out.append(f"{self.duration:.3g} s is shorter than {MIN_SECONDS} s: the prediction is unreliable")
+            out.append(f"{self.duration:.3g} s is shorter than {MIN_SECONDS} s")
         if self.near_silent:
             level = "digital silence" if math.isinf(self.rms_dbfs) else f"RMS {self.rms_dbfs:.0f} dBFS"
-            out.append(f"near-silent ({level}; below {SILENT_DBFS:.0f} dBFS): the prediction is unreliable")
+            out.append(f"near-silent ({level}; below {SILENT_DBFS:.0f} dBFS)")
         return out
+
+    def warnings(self) -> list:
+        return [f"{p}: the prediction is unreliable" for p in self.problems()]
 
     def to_dict(self, segments: bool = False) -> dict:
         probs = lambda p: {c: round(float(v), 4) for c, v in zip(self.classes, p)}  # noqa: E731
@@ -107,7 +118,9 @@ class Predictor:
         paths = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
         if not paths:
             raise UserError("no checkpoint given")
-        loaded = [finished_model(load_checkpoint(p)) for p in paths]
+        checkpoints = [load_checkpoint(p) for p in paths]
+        loaded = [finished_model(c) for c in checkpoints]
+        configs = [c.get("config", {}) for c in checkpoints]
         self.spec, final = loaded[0]
         for path, (spec, _) in zip(paths[1:], loaded[1:]):
             for what in ("classes", "normalize", "train_seconds", "max_seconds"):
@@ -124,6 +137,11 @@ class Predictor:
         self.hop_seconds = self.window_seconds / 2
         self.batch_size = batch_size
         self.device = parse_device(device)
+        self.trained_on = sorted({c.get("corpus") for c in configs if c.get("corpus")})
+        if "synthetic" in self.trained_on:
+            warnings.warn("the model was trained on fastser's synthetic corpus (generated voiced tones, not "
+                          "speech): its predictions on real recordings mean nothing; train on a real corpus "
+                          "(README: Train)", PredictWarning, stacklevel=2)
         self.models, self.norms = [], []  # one per checkpoint, each with its training statistics
         for spec, fin in loaded:
             model = build_model(spec)
@@ -133,22 +151,46 @@ class Predictor:
         if enroll:
             self.enroll_speaker(enroll)
 
-    def enroll_speaker(self, paths) -> None:
+    def enroll_speaker(self, paths) -> bool:
         """Speaker statistics from unlabelled audio files of the speaker to be scored (runs trained
-        with --normalize speaker); replaces the training statistics for every later prediction."""
+        with --normalize speaker); they replace the training statistics for every later prediction.
+
+        Each file goes through the input's checks: an unreadable one is a UserError naming --enroll
+        and the file; one shorter than MIN_SECONDS or near-silent is left out (a PredictWarning).
+        With less than MIN_ENROLL_SECONDS of usable audio in all, the training speakers' statistics
+        stay (a PredictWarning). Returns whether the speaker's statistics are in use."""
         if self.spec.normalize != "speaker":
             raise UserError(f"--enroll needs a model trained with --normalize speaker; this one used "
                             f"--normalize {self.spec.normalize}")
-        items = []
+        paths = list(paths)
+        if not paths:
+            raise UserError("--enroll: no audio files")
+        items, usable = [], 0.0
         for path in paths:
-            y, _ = load(path, sr=self.sr)
-            y = torch.from_numpy(y[: int(self.whole_seconds * self.sr)]).to(self.device)
+            try:
+                y, _ = load(path, sr=self.sr)
+            except AudioError as e:
+                raise UserError(f"--enroll: {e}") from None
+            y = y[: int(self.whole_seconds * self.sr)]
+            level = _Level()
+            level.add(y)
+            clip = Prediction(str(path), self.classes, np.zeros(0), [], level.seconds(self.sr), level.dbfs())
+            if clip.problems():
+                warnings.warn(f"--enroll: {path}: {'; '.join(clip.problems())}: left out of the speaker's "
+                              f"statistics", PredictWarning, stacklevel=2)
+                continue
+            y = torch.from_numpy(y).to(self.device)
             feats, frames = self.features.extract(y[None], torch.tensor([y.shape[0]], device=self.device))
             items.append({k: x[0, :, : int(frames[0])].cpu() for k, x in feats.items()})
-        if not items:
-            raise UserError("--enroll: no audio files")
+            usable += clip.duration
+        if usable < MIN_ENROLL_SECONDS:
+            warnings.warn(f"--enroll: {usable:.2g} s of usable audio is less than {MIN_ENROLL_SECONDS:g} s, too "
+                          f"little for a speaker's statistics: the training speakers' statistics are used instead",
+                          PredictWarning, stacklevel=2)
+            return False
         speaker = Normalizer.fit_items(items).to(self.device)
         self.norms = [speaker] * len(self.models)
+        return True
 
     # -- scoring ------------------------------------------------------------------------
     @torch.no_grad()
@@ -322,12 +364,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     prog = prog_name("fastser.predict")
-    predictor = Predictor(args.checkpoint, args.device, batch_size=args.batch_size)
-    if args.enroll:
-        enroll, enroll_errors = expand_inputs(args.enroll)
-        if enroll_errors:
-            raise UserError("--enroll: " + "; ".join(enroll_errors))
-        predictor.enroll_speaker(enroll)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PredictWarning)
+        predictor = Predictor(args.checkpoint, args.device, batch_size=args.batch_size)
+        if args.enroll:
+            enroll, enroll_errors = expand_inputs(args.enroll)
+            if enroll_errors:
+                raise UserError("--enroll: " + "; ".join(enroll_errors))
+            predictor.enroll_speaker(enroll)
+    for w in caught:
+        if issubclass(w.category, PredictWarning):
+            print(f"{prog}: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     # said once, with the first prediction (a run that only fails keeps its one error line)
     enroll_hint = not args.enroll and predictor.spec.normalize == "speaker"
     files, errors = expand_inputs(args.inputs)

@@ -11,7 +11,10 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import math
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -23,12 +26,12 @@ import torch.distributed as dist
 
 from fastser import distributed as fdist
 from fastser.cli import ArgumentParser, prog_name, run_cli
-from fastser.data import SPLITS, load_corpus, make_folds
+from fastser.data import SPLITS, check_classes, load_corpus, make_folds
 from fastser.data.cache import Perturbation, build_feature_table, with_copies
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
 from fastser.models.cnn import POOLINGS
 from fastser.training.batches import NORMALIZE
-from fastser.training.checkpoints import load_checkpoint
+from fastser.training.checkpoints import SETTINGS_FILE, load_checkpoint, write_settings
 from fastser.training.loop import Run, log
 from fastser.training.reports import metrics_of, run_cost, seed_ensemble, write_ablation, write_reports
 
@@ -98,7 +101,7 @@ _snrs = _distinct_floats(lambda s: -5 <= s <= 60, "distinct signal-to-noise rati
 _decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g. 0.998")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0],
                        formatter_class=_DefaultsOnce)
     corpus = p.add_argument_group("corpus and folds")
@@ -186,6 +189,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "and std over seeds (the protocol for judging a change on a small corpus)")
     run = p.add_argument_group("running")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch and fastser's kernels (default: torch's choice, one per core); "
+                          "a CPU run's result is decided by the seed, the processor and this count")
     run.add_argument("--amp", action="store_true", help="bf16 autocast")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--cuda-graph", action="store_true",
@@ -195,9 +201,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="bit-identical runs for a seed on one device (deterministic kernels and center "
                           "update, torch.use_deterministic_algorithms; slower on a GPU)")
     run.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>/)")
-    run.add_argument("--resume", default=None, help="checkpoint.pt (or its folder) to continue from")
+    run.add_argument("--resume", default=None,
+                     help="a run folder (or its checkpoint.pt) to continue with the settings it was started "
+                          "with; a flag given beside it must agree with them, except where and how the run goes "
+                          "on (--out, --device, --threads, --max-folds, --data-dir, --cache-dir, ...)")
     run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    return p
+
+
+# --resume: flags that may differ from the run's own settings — where and how it goes on, not what
+# it computes (--max-folds: a larger value trains the further folds) — and those never taken from
+# the run (where this process runs and how it reports)
+RUN_OPTIONS = frozenset({"out", "resume", "no_progress", "device", "cache_dir", "no_cache", "data_dir", "strict",
+                         "compile", "cuda_graph", "deterministic", "max_folds", "threads"})
+NOT_RESTORED = frozenset({"out", "resume", "no_progress", "device"})
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.resume is not None:
+        restore_settings(args, p, given_flags(argv))
     if args.seeds and args.ablation:
         p.error("--seeds and --ablation do not combine yet: run the ablation once per seed")
     if args.epochs is None:
@@ -206,17 +230,82 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.patience = DEFAULT_PATIENCE.get(args.corpus, 5)
     if args.validation is None:
         args.validation = DEFAULT_VALIDATION.get(args.corpus, False)
-    if args.epochs < 1 or args.batch_size < 1:
-        p.error("--epochs and --batch-size must be positive")
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--folds", args.folds),
+                        ("--width", args.width), ("--embed-dim", args.embed_dim)):
+        if value < 1:
+            p.error(f"{flag} must be a positive integer, got {value}")
+    for flag, value in (("--max-folds", args.max_folds), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be a positive integer, got {value}")
+    for flag, value in (("--lr", args.lr), ("--train-seconds", args.train_seconds),
+                        ("--max-seconds", args.max_seconds)):
+        if not math.isfinite(value) or value <= 0:
+            p.error(f"{flag} must be a positive number, got {value}")
+    for flag, value in (("--weight-decay", args.weight_decay), ("--lambda-center", args.lambda_center),
+                        ("--lambda-recon", args.lambda_recon), ("--center-alpha", args.center_alpha)):
+        if not math.isfinite(value) or value < 0:
+            p.error(f"{flag} must be a number >= 0, got {value}")
     return args
+
+
+def given_flags(argv) -> set:
+    """The dests of the flags on the command line itself (not their defaults)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def _flag_text(p: argparse.ArgumentParser, dest: str, value) -> str:
+    """How the command line says dest=value: --epochs 3, --no-prosody, --speed-perturb 0.9,1.1."""
+    action = next(a for a in p._actions if a.dest == dest)
+    name = max(action.option_strings, key=len)
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return name if value else "--no-" + name[2:]
+    if action.nargs == 0:
+        return name if value else f"no {name}"
+    if value is None:
+        return f"no {name}"
+    if isinstance(value, (tuple, list)):
+        value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{name} {value}"
+
+
+def restore_settings(args: argparse.Namespace, p: argparse.ArgumentParser, given: set) -> None:
+    """--resume RUN: every setting the run was started with comes back from the run folder, so the
+    folder alone continues it. A flag given beside --resume must agree with the run's setting
+    (outside RUN_OPTIONS): a resumed run never mixes two settings, it says which flag differs."""
+    from fastser.training.checkpoints import saved_settings
+    found = saved_settings(args.resume)
+    if found is None:
+        return  # no checkpoint there: _train says so, naming the path
+    saved, complete = found
+    dests = {a.dest for a in p._actions if a.option_strings and a.dest != "help"}
+    skip = NOT_RESTORED | ({"lambda_center", "lambda_recon"} if not complete and saved.get("ablation") else set())
+    norm = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+    for dest in sorted(dests & set(saved) - skip):
+        value = saved[dest]
+        if dest not in given:
+            setattr(args, dest, value)
+        elif dest not in RUN_OPTIONS and norm(getattr(args, dest)) != value:
+            raise ValueError(f"--resume {args.resume}: the run was made with {_flag_text(p, dest, value)}; "
+                             f"{_flag_text(p, dest, getattr(args, dest))} would change "
+                             f"what it computes — drop the flag to continue the run as it was, or start a new "
+                             f"run (without --resume)")
 
 
 # ----------------------------------------------------------------------------- entry point
 
 def _out_dir(args, info) -> Path:
-    if args.out is None and args.resume is not None:
+    if args.resume is not None:
         res = Path(args.resume)
-        args.out = str(res if res.is_dir() else res.parent)
+        folder = res if res.is_dir() else res.parent
+        if args.out is None:
+            args.out = str(folder)
+        elif Path(args.out).resolve() != folder.resolve() and info.is_main:
+            _fork_run(folder, Path(args.out))
+        if Path(args.out).resolve() != folder.resolve():
+            args.resume = args.out  # continued in the new folder; the original stays as it was
     if args.out is None:
         stamp = [dt.datetime.now().strftime("%Y%m%d-%H%M%S")]
         if info.enabled:
@@ -227,6 +316,23 @@ def _out_dir(args, info) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     _LAST_OUT.append(out)
     return out
+
+
+def _fork_run(source: Path, target: Path) -> None:
+    """--resume A --out B: B starts as a copy of A's checkpoints and settings (A is left untouched),
+    so the continued run and everything it writes, checkpoint.pt included, are in B."""
+    if target.exists() and any(target.rglob("checkpoint.pt")):
+        raise ValueError(f"--out {target}: already holds a run's checkpoint; give an empty or new folder to "
+                         f"continue {source} in")
+    copied = 0
+    for name in ("checkpoint.pt", SETTINGS_FILE):
+        for path in sorted(source.rglob(name)):
+            dest = target / path.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+            copied += 1
+    if not copied:
+        raise FileNotFoundError(f"--resume: no checkpoint in {source}")
 
 
 def load_table(args, info):
@@ -261,12 +367,18 @@ def load_table(args, info):
 def main(argv=None) -> dict:
     """Train as the command line would and return the metrics (the CLI itself is `cli`)."""
     args = parse_args(argv)
-    with deterministic_mode(args.deterministic):
-        info = fdist.setup(args.device)
-        try:
-            return _main(args, info)
-        finally:
-            fdist.teardown(info)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        with deterministic_mode(args.deterministic):
+            info = fdist.setup(args.device)
+            try:
+                return _main(args, info)
+            finally:
+                fdist.teardown(info)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called from a notebook or a test
 
 
 @contextlib.contextmanager
@@ -295,7 +407,10 @@ _LAST_OUT: list = []  # the run folder, for the one-line Ctrl-C message
 
 
 def _resume_hint() -> str:
-    return f"continue with --resume {_LAST_OUT[-1]}" if _LAST_OUT else ""
+    """The exact command that continues the interrupted run (its settings come from the folder)."""
+    if not _LAST_OUT or not (_LAST_OUT[-1] / SETTINGS_FILE).is_file():
+        return ""
+    return f"continue it with:\n  {prog_name('fastser.train')} --resume {shlex.quote(str(_LAST_OUT[-1]))}"
 
 
 def cli(argv=None) -> int:
@@ -323,13 +438,19 @@ def _train(args, info, out: Path) -> dict:
     folds = make_folds(table.corpus, split, n_folds=args.folds, seed=args.seed)
     if args.max_folds:
         folds = folds[: args.max_folds]
+    warnings = check_classes(table.corpus, folds, args.validation)
     shared = [f.name for f in folds if not f.val_speaker_disjoint]
-    if shared and info.is_main:
-        print(f"warning: {table.corpus.name} has too few speakers for a speaker-disjoint validation set in "
-              f"{len(shared)} of {len(folds)} folds: early stopping there uses held-out utterances of training "
-              f"speakers (flagged per fold in metrics.json)", file=sys.stderr)
+    if shared and args.validation:
+        warnings.append(f"{table.corpus.name} has too few speakers for a speaker-disjoint validation set in "
+                        f"{len(shared)} of {len(folds)} folds: early stopping there uses held-out utterances of "
+                        f"training speakers (flagged per fold in metrics.json)")
     if info.is_main:
-        log(f"{table.corpus.summary()} | split {split}: {len(folds)} folds | device {info.device}"
+        for w in warnings:
+            print(f"{prog_name('fastser.train')}: warning: {w}", file=sys.stderr)
+    if info.is_main and not (args.resume and (out / SETTINGS_FILE).is_file()):
+        write_settings(out, {k: v for k, v in vars(args).items() if k not in ("out", "resume")})
+    if info.is_main:
+        log(f"{table.corpus.summary()} | split {split}: {_count(len(folds), 'fold')} | device {info.device}"
             f" x{info.world_size} | out {out}", args.no_progress)
 
     features = FeatureSet.paper(table.feats)
@@ -378,9 +499,13 @@ def _train(args, info, out: Path) -> dict:
         metrics = experiment(out, not args.no_center, not args.no_recon)
     if info.is_main:
         log(f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
-            f"{metrics['n_test']} test utterances ({len(folds)} folds); skipped files: {metrics['skipped']['count']}; "
+            f"{metrics['n_test']} test utterances ({_count(len(folds), 'fold')}); skipped files: {metrics['skipped']['count']}; "
             f"{time.perf_counter() - t0:.0f}s; artifacts in {out}", args.no_progress)
     return metrics
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def seed_summary(per_seed: dict, seconds: float) -> dict:

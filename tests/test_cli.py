@@ -3,7 +3,9 @@
 Exit status 0 on success, 2 with exactly one stderr line naming the problem on bad input, 130 with
 one line saying how to resume on Ctrl-C; the same from either way of running a command.
 """
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -140,12 +142,24 @@ def test_help_names_the_program_that_was_run(way):
         assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {shows(name, way)} "), proc.stdout[:200]
 
 
-def test_interrupt_prints_one_line_with_the_resume_command(tmp_path):
-    proc = run(command("train", "script"), *SMALL, "--epochs", "3", "--out", tmp_path / "cut",
+def test_interrupt_prints_the_command_that_continues_the_run(tmp_path):
+    """Ctrl-C: the message, then the exact command on a line of its own; that command alone (the run's
+    settings come from its folder) finishes the run as if it had never stopped."""
+    settings = [*SMALL, "--epochs", "3", "--seed", "4", "--synthetic-speakers", "5"]
+    proc = run(command("train", "script"), *settings, "--out", tmp_path / "cut",
                env={"FASTSER_INTERRUPT_AFTER_EPOCHS": "1"})
     assert proc.returncode == 130
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0] == f"fastser-train: interrupted; continue with --resume {tmp_path / 'cut'}"
+    assert lines[-2:] == ["fastser-train: interrupted; continue it with:", f"  fastser-train --resume {tmp_path / 'cut'}"]
+    words = shlex.split(lines[-1])
+    assert words[0] == "fastser-train"
+    resumed = run(command("train", "script"), *words[1:])  # the installed script the hint names
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full = run(command("train", "script"), *settings, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    history = lambda d: [{k: v for k, v in json.loads(r).items() if k != "seconds"}  # noqa: E731
+                         for r in (tmp_path / d / "history.jsonl").read_text().splitlines()]
+    assert len(history("cut")) == 3 and history("cut") == history("full")
 
 
 def test_predict_without_cuda_and_json_checkpoint(trained, tmp_path):

@@ -110,8 +110,9 @@ def test_doubtful_clips_are_flagged(run_dir, clips, tmp_path, capsys):
     assert not out["short.wav"]["near_silent"]
     assert out["silence.wav"]["near_silent"] and not out["silence.wav"]["too_short"]
     warnings = [line for line in captured.err.splitlines() if ": warning: " in line]
-    assert "no --enroll" in warnings[0]  # once, for a speaker-normalised model without enrollment
-    assert len(warnings) == 4 and all("unreliable" in w for w in warnings[1:])
+    assert "synthetic corpus" in warnings[0]  # the tests' model never heard speech
+    assert "no --enroll" in warnings[1]  # once, for a speaker-normalised model without enrollment
+    assert len(warnings) == 5 and all("unreliable" in w for w in warnings[2:])
 
 
 def test_folders_globs_and_csv_segments(run_dir, clips, capsys):
@@ -223,3 +224,51 @@ def test_several_checkpoints_average_their_probabilities(run_dir, corpus_run_dir
     assert predict.cli([str(files[0]), "--checkpoint", str(run_dir), str(corpus_run_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "normalize" in err[0] and "same setting" in err[0]
+
+
+def test_enrollment_audio_is_checked_like_the_input(run_dir, clips, tmp_path, capsys):
+    """Near-silent or too-short enrollment files are left out with a warning naming --enroll and the
+    file; with too little usable audio the training statistics stay (the scores of no enrollment);
+    an unreadable one is one error line that says it was the enrollment file."""
+    _, files, _ = clips
+    silence, blip, text = tmp_path / "silence.wav", tmp_path / "blip.wav", tmp_path / "notes.txt"
+    sf.write(silence, np.zeros(32000, np.float32), 16000)
+    sf.write(blip, np.full(1, 0.1, np.float32), 16000)
+    text.write_text("the speaker's notes")
+    alone = predict.Predictor(run_dir).predict_file(files[0]).probabilities
+    for bad, why in ((silence, "near-silent (digital silence"), (blip, "is shorter than 0.5 s")):
+        with pytest.warns(predict.PredictWarning) as record:
+            fallback = predict.Predictor(run_dir, enroll=[str(bad)])
+        messages = [str(w.message) for w in record]
+        assert any(m.startswith(f"--enroll: {bad}: ") and why in m and "left out" in m for m in messages), messages
+        assert any("the training speakers' statistics are used instead" in m for m in messages), messages
+        np.testing.assert_allclose(fallback.predict_file(files[0]).probabilities, alone, atol=1e-6)
+    with pytest.warns(predict.PredictWarning, match="silence.wav"):
+        mixed = predict.Predictor(run_dir, enroll=[str(silence), str(files[1])])
+    good = predict.Predictor(run_dir, enroll=[str(files[1])])
+    np.testing.assert_allclose(mixed.predict_file(files[0]).probabilities, good.predict_file(files[0]).probabilities)
+    assert not np.allclose(good.predict_file(files[0]).probabilities, alone)
+    capsys.readouterr()
+    assert predict.main([str(files[0]), "--checkpoint", str(run_dir), "--enroll", str(silence)]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: --enroll: {silence}: near-silent" in captured.err and str(files[0]) in captured.out
+    assert predict.cli([str(files[0]), "--checkpoint", str(run_dir), "--enroll", str(text)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and f"error: --enroll: {text}: not a readable audio file" in err[0], err
+    assert captured.out == ""
+
+
+def test_a_model_trained_on_the_synthetic_corpus_says_so(run_dir, clips, capsys):
+    _, files, _ = clips
+    with pytest.warns(predict.PredictWarning, match="synthetic corpus"):
+        predict.Predictor(run_dir)
+    capsys.readouterr()
+    assert predict.main([str(files[0]), "--checkpoint", str(run_dir)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "synthetic corpus" in line]
+    assert len(lines) == 1 and "warning:" in lines[0] and "mean nothing" in lines[0]
+
+
+def test_a_folder_without_a_checkpoint_says_what_it_lacks(tmp_path):
+    (tmp_path / "empty-run").mkdir()
+    assert predict.cli(["x.wav", "--checkpoint", str(tmp_path / "empty-run")]) == 2

@@ -263,7 +263,7 @@ def test_bin_stats_train_predict_and_guard_resume(tmp_path):
     assert predictor.models[0].encoders["mfcc"].bin_stats
     pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
     assert abs(pred.probabilities.sum() - 1) < 1e-5
-    with pytest.raises(ValueError, match="bin_stats=True"):
+    with pytest.raises(ValueError, match="made with --bin-stats; --no-bin-stats would change"):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--no-bin-stats", "--resume", str(out)])
 
 
@@ -279,11 +279,13 @@ def test_global_pooling_train_predict_and_guard_resume(tmp_path):
     assert predictor.models[0].encoders["logmel"].pooling == "global"
     pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
     assert abs(pred.probabilities.sum() - 1) < 1e-5
-    with pytest.raises(ValueError, match="pooling='global'"):
-        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
-    # a checkpoint from before the option (no "pooling" anywhere) is the global model it was made as
-    del ckpt["spec"]["pooling"], ckpt["config"]["pooling"]
+    with pytest.raises(ValueError, match="made with --pooling global; --pooling time would change"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--pooling", "time", "--resume", str(out)])
+    # a checkpoint from before the option (no "pooling" anywhere, nor the run's settings) is the
+    # global model it was made as
+    del ckpt["spec"]["pooling"], ckpt["config"]["pooling"], ckpt["settings"]
     torch.save(ckpt, out / "checkpoint.pt")
+    (out / "settings.json").unlink()
     assert Predictor(out).models[0].encoders["logmel"].pooling == "global"
     with pytest.raises(ValueError, match="pooling='global'"):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
@@ -381,8 +383,8 @@ def test_tempo_trains_and_guards_resume(tmp_path):
     metrics, out = run(tmp_path, "tempo", "--epochs", "1", "--tempo", "0.15")
     assert metrics["n_test"] > 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["tempo"] == 0.15
-    with pytest.raises(ValueError, match="tempo=0.15"):
-        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
+    with pytest.raises(ValueError, match="made with --tempo 0.15; --tempo 0.0 would change"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--tempo", "0", "--resume", str(out)])
 
 
 def test_mixup_mixes_each_item_with_one_partner_of_the_batch():
@@ -431,8 +433,8 @@ def test_mixup_trains_and_guards_resume(tmp_path):
     metrics, out = run(tmp_path, "mixup", "--epochs", "1", "--mixup", "0.4")
     assert metrics["n_test"] > 0 and np.isfinite(metrics["ua"])
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["mixup"] == 0.4
-    with pytest.raises(ValueError, match="mixup=0.4"):
-        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
+    with pytest.raises(ValueError, match="made with --mixup 0.4; --mixup 0.2 would change"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--mixup", "0.2", "--resume", str(out)])
 
 
 def test_noise_copies_train_and_guard_resume(tmp_path):
@@ -444,8 +446,8 @@ def test_noise_copies_train_and_guard_resume(tmp_path):
     metrics, out = run(tmp_path, "noise", "--epochs", "1", "--noise", "20,10")
     assert metrics["n_test"] > 0 and np.isfinite(metrics["ua"])
     assert tuple(torch.load(out / "checkpoint.pt", weights_only=True)["config"]["noise"]) == (20.0, 10.0)
-    with pytest.raises(ValueError, match="noise"):
-        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
+    with pytest.raises(ValueError, match="made with --noise 20,10; --noise 20 would change"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--noise", "20", "--resume", str(out)])
 
 
 def test_speed_perturbation_trains_on_copies_and_tests_on_originals(tmp_path, monkeypatch):
@@ -474,8 +476,8 @@ def test_speed_perturbation_trains_on_copies_and_tests_on_originals(tmp_path, mo
     assert len(seen["train"]) == plain_steps  # an epoch costs the same
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert tuple(ckpt["config"]["speed_perturb"]) == (0.9, 1.1)
-    with pytest.raises(ValueError, match="speed_perturb"):
-        train.main(SMALL + ["--out", str(out), "--epochs", "2", "--resume", str(out)])
+    with pytest.raises(ValueError, match="made with --speed-perturb 0.9,1.1; --speed-perturb 0.9 would change"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "2", "--speed-perturb", "0.9", "--resume", str(out)])
 
 
 def test_weight_average_is_the_bias_corrected_ema_of_every_step():
@@ -702,3 +704,51 @@ def test_compare_pairs_rows_on_shared_seeds_and_test_speakers():
     assert c["p_paired_t"] == pytest.approx(2 * student.sf(t, 3), rel=1e-9) and 0.7 < c["p_paired_t"] < 0.9
     with pytest.raises(SystemExit, match="share no seed"):
         compare({"name": "x", "seeds": {"5": {"folds": ["A"], "fold_ua": [0.1]}}}, base)
+
+
+def test_resume_of_a_finished_run_refuses_new_epochs_and_continues_into_another_folder(tmp_path):
+    """A finished run resumed with another --epochs is refused in one line naming the flag (the
+    one-cycle schedule of every fold was laid out for the epochs it was made with), not silently
+    ignored; --resume RUN --out NEW continues in NEW, which gets its own checkpoint.pt (so predict
+    works on it), and RUN is left untouched."""
+    metrics, out = run(tmp_path, "done", "--epochs", "2", "--seed", "3")
+    before = (out / "checkpoint.pt").stat().st_mtime_ns
+    new = tmp_path / "new"
+    with pytest.raises(ValueError, match="made with --epochs 2; --epochs 3 would change what it computes"):
+        train.main(["--resume", str(out), "--epochs", "3", "--out", str(new)])
+    assert not (new / "checkpoint.pt").exists()
+    again = train.main(["--resume", str(out), "--out", str(new), "--no-progress"])
+    assert (new / "checkpoint.pt").is_file() and (new / "settings.json").is_file()
+    assert again["confusion"] == metrics["confusion"] and again["ua"] == metrics["ua"]
+    assert json.loads((new / "config.json").read_text())["epochs"] == 2
+    assert (out / "checkpoint.pt").stat().st_mtime_ns == before
+    from fastser.predict import Predictor
+    clip = make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio
+    np.testing.assert_allclose(Predictor(new).predict_waveform(clip).probabilities,
+                               Predictor(out).predict_waveform(clip).probabilities)
+    with pytest.raises(ValueError, match="already holds a run's checkpoint"):
+        train.main(["--resume", str(out), "--out", str(new)])
+
+
+def test_bad_numbers_name_their_flag_before_any_work(capsys):
+    for argv, flag in ((["--epochs", "0"], "--epochs"), (["--batch-size", "-1"], "--batch-size"),
+                       (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"), (["--threads", "0"], "--threads"),
+                       (["--weight-decay", "-1"], "--weight-decay"), (["--train-seconds", "inf"], "--train-seconds")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"error: {flag} must be" in err[0], err
+
+
+def test_threads_are_recorded_and_a_run_repeats_bit_for_bit_at_a_thread_count(tmp_path):
+    """--threads sets torch's (and so fastser's kernels') thread count for the run and is restored
+    afterwards; metrics.json records it. At one thread count a CPU run repeats exactly. Across thread
+    counts it need not: oneDNN's convolutions and torch's reductions split their sums by thread, so
+    the float rounding differs and training carries the difference on."""
+    before = torch.get_num_threads()
+    a, _ = run(tmp_path, "a", "--epochs", "2", "--threads", "1")
+    b, _ = run(tmp_path, "b", "--epochs", "2", "--threads", "1")
+    assert torch.get_num_threads() == before
+    assert a["threads"] == b["threads"] == 1
+    assert a["confusion"] == b["confusion"] and a["folds"] == b["folds"]

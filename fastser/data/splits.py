@@ -78,3 +78,29 @@ def make_folds(corpus: Corpus, split: str, *, n_folds: int = 5, val_fraction: fl
         return [_fold(f"fold{i + 1}", corpus, set(g), val_fraction, seed) for i, g in enumerate(groups)]
     n_test = max(1, int(round(test_fraction * len(order))))
     return [_fold("holdout", corpus, set(order[:n_test]), val_fraction, seed)]
+
+
+def check_classes(corpus: Corpus, folds: list[Fold], validating: bool) -> list[str]:
+    """What makes a run's scores misleading, found before any training: a CorpusError for a corpus
+    with fewer than two classes (every prediction would be right); warnings (returned) for a class
+    that a fold's training speakers never show (that class cannot be learnt there) and for a test
+    fold of one class (its UA is that class's recall alone)."""
+    labels = corpus.labels
+    present = sorted(set(labels.tolist()))
+    if len(present) < 2:
+        only = corpus.classes[present[0]] if present else "none"
+        raise CorpusError(f"{corpus.name}: every usable utterance has the same emotion ({only}); emotion "
+                          f"recognition needs at least two classes (check the corpus folder or --classes)")
+    warnings = []
+    for fold in folds:
+        train = np.concatenate([fold.train, fold.val]) if not validating else fold.train
+        missing = [corpus.classes[c] for c in present if c not in set(labels[train].tolist())]
+        if missing:
+            warnings.append(f"fold {fold.name}: the training speakers have no {', '.join(missing)} utterances, "
+                            f"so the model cannot learn {'that class' if len(missing) == 1 else 'those classes'} "
+                            f"there")
+        test_classes = sorted(set(labels[fold.test].tolist()))
+        if len(test_classes) == 1:
+            warnings.append(f"fold {fold.name}: every test utterance is {corpus.classes[test_classes[0]]}, so "
+                            f"its UA is that one class's recall")
+    return warnings

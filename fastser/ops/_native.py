@@ -1,5 +1,8 @@
 """Typed wrappers around the compiled kernels (fastser._C for the CPU, fastser._C_cuda for CUDA).
 
+The CPU kernels run their OpenMP loops with torch.get_num_threads() threads (passed on every
+call), so `torch.set_num_threads` governs them as it governs torch's own ops.
+
 The extensions take raw pointers, so they never link libtorch and a plain `pip install .` needs no
 torch to build. That makes them easy to misuse, so nothing else in fastser calls them: each
 wrapper below takes tensors, checks dtype, device, contiguity and shape (a TypeError/ValueError
@@ -136,7 +139,7 @@ def center_loss_forward_cpu(x: torch.Tensor, labels: torch.Tensor, centers: torc
     lib = _need(cpu, "CPU", CPU_IMPORT_ERROR)
     B, D, C, args = _forward_args(x, labels, centers, row_loss, diff, "cpu", CPU_CENTER_DTYPES, x.dtype)
     return lib.center_loss_forward(DTYPE_CODES[x.dtype], args["x"], args["labels"], args["centers"], B, D, C,
-                                   args["row_loss"], args["diff"])
+                                   args["row_loss"], args["diff"], torch.get_num_threads())
 
 
 def center_loss_backward_cpu(diff: torch.Tensor, labels: torch.Tensor, num_classes: int, row_scale: torch.Tensor,
@@ -149,7 +152,7 @@ def center_loss_backward_cpu(diff: torch.Tensor, labels: torch.Tensor, num_class
                                    CPU_CENTER_DTYPES, (diff.dtype,))
     lib.center_loss_backward(DTYPE_CODES[diff.dtype], args["diff"], args["labels"], B, D, C, args["row_scale"],
                              _stride(row_scale, B), args["grad_x"], args["centers"], float(alpha),
-                             args["grad_centers"])
+                             args["grad_centers"], torch.get_num_threads())
 
 
 def mel_chain_cpu(spec: torch.Tensor, frames: torch.Tensor, fb: torch.Tensor, *, power: float, to_db: bool,
@@ -180,7 +183,7 @@ def mel_chain_cpu(spec: torch.Tensor, frames: torch.Tensor, fb: torch.Tensor, *,
         mfcc_out=_check(mfcc_out, "mfcc_out", dtypes=f32, device_type="cpu", shape=(B, K, T), optional=True))
     lib.mel_chain(args["spec"], B, T, F, args["frames"], args["fb"], M, float(power), bool(to_db), float(amin),
                   float(log_ref), bool(ref_max), top_db is not None, float(top_db or 0.0), args["dct"], args["lift"],
-                  K, args["mel_out"], args["mfcc_out"])
+                  K, args["mel_out"], args["mfcc_out"], torch.get_num_threads())
 
 
 def cpu_has_mel_chain() -> bool:

@@ -6,10 +6,12 @@
     ckpt = load_checkpoint(path_or_run_folder)        # a finished run, or a UserError naming the problem
     spec, final = finished_model(ckpt)                # works for checkpoints of fastser 0.1 too
     run_setting(ckpt["config"], "pooling")            # a setting, also from runs made before it was recorded
+    saved_settings(run_folder_or_checkpoint)          # the settings a run was started with (resume)
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import zipfile
 from pathlib import Path
 
@@ -65,6 +67,9 @@ def load_checkpoint(path, *, finished: bool = True) -> dict:
     is instead. Loads with weights_only=True only: a checkpoint never runs code."""
     p = Path(path)
     if p.is_dir():
+        if not (p / "checkpoint.pt").exists():
+            raise UserError(f"{path}: a folder without checkpoint.pt, so not a fastser run folder (a training "
+                            f"run writes its checkpoint.pt there at the end of its first epoch)")
         p = p / "checkpoint.pt"
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
@@ -123,3 +128,39 @@ def _renamed(state: dict) -> dict:
             key = key.replace(f".{old}.", f".{new}.")
         out[key] = value
     return out
+
+
+SETTINGS_FILE = "settings.json"  # a run folder's start-up settings, written before its first epoch
+
+
+def write_settings(folder: Path, settings: dict) -> None:
+    """The settings a run starts with, so `--resume FOLDER` alone can continue it (tuples as lists)."""
+    text = json.dumps(settings, indent=2, default=str) + "\n"
+    tmp = Path(folder) / f".{SETTINGS_FILE}.tmp"
+    tmp.write_text(text)
+    tmp.replace(Path(folder) / SETTINGS_FILE)
+
+
+def saved_settings(path) -> "tuple[dict, bool] | None":
+    """(settings, complete) of the run at `path` (its folder or a checkpoint.pt), or None if it has none.
+
+    complete=True: the run's own start-up settings (settings.json, or a checkpoint's "settings").
+    complete=False: a run made before those were saved; its checkpoint's config stands in, which
+    holds the parsed settings too, except that an --ablation run's config holds each part's own
+    center and reconstruction weights (the caller leaves those out). Lists read back as tuples."""
+    p = Path(path)
+    if p.is_dir() and (p / SETTINGS_FILE).is_file():
+        try:
+            found, complete = json.loads((p / SETTINGS_FILE).read_text()), True
+        except (OSError, ValueError) as e:
+            raise UserError(f"{p / SETTINGS_FILE}: unreadable run settings ({e})") from None
+    else:
+        ckpt_path = p / "checkpoint.pt" if p.is_dir() else p
+        if not ckpt_path.is_file():
+            return None
+        ckpt = load_checkpoint(ckpt_path, finished=False)
+        complete = "settings" in ckpt
+        found = ckpt["settings"] if complete else ckpt["config"]
+    if not isinstance(found, dict):
+        raise UserError(f"{p}: unreadable run settings")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items()}, complete

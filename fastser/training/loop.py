@@ -188,7 +188,8 @@ class Run:
     def save(self, fold_state: Optional[dict], final: Optional[dict] = None) -> None:
         if not self.info.is_main:
             return
-        payload = {"config": self.config(), "spec": self.spec.to_dict(), "history": self.history,
+        payload = {"config": self.config(), "settings": dict(vars(self.args)), "spec": self.spec.to_dict(),
+                   "history": self.history,
                    "fold_results": self.fold_results, "fold_state": fold_state, "classes": self.classes,
                    "kinds": self.spec.features.kinds, "version": __version__}
         if final is not None:
@@ -325,27 +326,29 @@ class Run:
             from tqdm.auto import tqdm
             bar = tqdm(total=steps, desc=f"fold {fold_index + 1}/{len(self.folds)} epoch {epoch + 1}/{a.epochs}",
                        leave=False, dynamic_ncols=True, file=sys.stderr)
-        for step in range(steps):
-            batch = batcher.batch(mine[step * per_rank: (step + 1) * per_rank], gen, tempo=a.tempo)
-            mix = None
-            if a.mixup:  # before SpecAugment: the decoder reconstructs the mixed input
-                batch, mix = mixup(batch, gen, a.mixup)
-            feats = spec_augment(batch.feats, batch.frames_host, gen) if a.specaugment else batch.feats
-            if graphed is not None:
-                out, terms = graphed(feats, batch.feats, batch.frames, batch.labels, mix)
-            else:
-                out, terms = train_step(train_model, objective, opt, feats, batch.feats, batch.frames, batch.labels,
-                                        a.amp, clip_params=model.parameters(), mix=mix)
-            sched.step()
-            averages.update(model)
-            totals.add(terms, out.logits, batch.labels)
+        try:  # an interrupt clears the bar, so the message after it starts on a line of its own
+            for step in range(steps):
+                batch = batcher.batch(mine[step * per_rank: (step + 1) * per_rank], gen, tempo=a.tempo)
+                mix = None
+                if a.mixup:  # before SpecAugment: the decoder reconstructs the mixed input
+                    batch, mix = mixup(batch, gen, a.mixup)
+                feats = spec_augment(batch.feats, batch.frames_host, gen) if a.specaugment else batch.feats
+                if graphed is not None:
+                    out, terms = graphed(feats, batch.feats, batch.frames, batch.labels, mix)
+                else:
+                    out, terms = train_step(train_model, objective, opt, feats, batch.feats, batch.frames, batch.labels,
+                                            a.amp, clip_params=model.parameters(), mix=mix)
+                sched.step()
+                averages.update(model)
+                totals.add(terms, out.logits, batch.labels)
+                if bar is not None:
+                    bar.update(1)
+                    if step % 20 == 19 or step == steps - 1:  # a host read every 20 steps, not every step
+                        m = totals.means()
+                        bar.set_postfix(ce=f"{m['ce']:.3f}", center=f"{m['center']:.2f}", recon=f"{m['recon']:.3f}")
+        finally:
             if bar is not None:
-                bar.update(1)
-                if step % 20 == 19 or step == steps - 1:  # a host read every 20 steps, not every step
-                    m = totals.means()
-                    bar.set_postfix(ce=f"{m['ce']:.3f}", center=f"{m['center']:.2f}", recon=f"{m['recon']:.3f}")
-        if bar is not None:
-            bar.close()
+                bar.close()
         if objective.center_loss is not None:  # deferred input checks (GPU): one host read per epoch
             objective.center_loss.raise_on_bad_batches()
         if info.enabled:
@@ -426,6 +429,9 @@ class Run:
         """Trains the folds not done yet; returns the seconds it took."""
         t0 = time.perf_counter()
         done = {r["fold"] for r in self.fold_results}
+        if self.resumed and all(i in done for i in range(len(self.folds))) and self.info.is_main:
+            log(f"{self.out}: every fold was already trained; the results are rebuilt from its checkpoint",
+                self.args.no_progress)
         for i, fold in enumerate(self.folds):
             if i not in done:
                 self.run_fold(i, fold)

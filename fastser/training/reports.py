@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fastser import __version__
 from fastser.metrics import summarize
@@ -33,6 +34,7 @@ def metrics_of(run: Run, seconds: float) -> dict:
         "n_utterances": len(corpus.utterances), "n_speakers": len(set(corpus.speakers.tolist())),
         "skipped": {"count": len(corpus.skipped), "files": [{"path": p, "reason": r} for p, r in corpus.skipped]},
         "world_size": run.info.world_size, "ddp": run.info.enabled, "device": str(run.device),
+        "threads": torch.get_num_threads(),
         # seconds: this process's wall time (after a --resume, only what it trained); epoch_seconds: every
         # epoch's training and validation, the sessions before a resume included (the run's cost)
         "seconds": seconds, "resumed": run.resumed, "epoch_seconds": float(sum(h["seconds"] for h in run.history)),

@@ -108,3 +108,41 @@ def test_missing_or_empty_data_dir_says_which_layout(tmp_path, name):
         load_corpus(name, tmp_path)
     with pytest.raises(CorpusError, match="--data-dir is required"):
         load_corpus(name, None)
+
+
+def test_degenerate_class_sets_are_found_before_training(tmp_path):
+    """One class only: a clear error before any training (every prediction would score 100%); a class
+    missing from a fold's training speakers, or a test fold of one class: a warning naming the fold."""
+    from fastser.data import Corpus, CorpusError, Utterance, check_classes, make_folds
+
+    def corpus(rows):
+        return Corpus("toy", sorted({label for _, label in rows}),
+                      [Utterance(f"u{i}", label, spk) for i, (spk, label) in enumerate(rows)])
+    with pytest.raises(CorpusError, match="same emotion \\(angry\\).*at least two classes"):
+        one = corpus([(s, "angry") for s in "abcde"])
+        check_classes(one, make_folds(one, "loso"), validating=False)
+    rows = [(s, label) for s in "abcd" for label in ("angry", "sad")] + [("e", "happy"), ("e", "angry")]
+    toy = corpus(rows)
+    folds = make_folds(toy, "loso")
+    warnings = check_classes(toy, folds, validating=False)
+    assert any("fold test=e: the training speakers have no happy utterances" in w for w in warnings)
+    assert not any("test=a: the training speakers" in w for w in warnings)
+    assert sum("every test utterance is" in w for w in warnings) == 0
+    single = corpus([(s, "angry") for s in "abc"] + [(s, "sad") for s in "abc"] + [("d", "sad")])
+    assert any("fold test=d: every test utterance is sad" in w
+               for w in check_classes(single, make_folds(single, "loso"), validating=False))
+
+
+def test_a_one_class_corpus_fails_in_one_line(tmp_path):
+    """Ten EmoDB-named files of one emotion: exit 2 and one line, no run folder, no 100% score."""
+    import subprocess
+    import sys
+    for i, speaker in enumerate(["03", "08", "09", "10", "11"] * 2):
+        fixtures.write_wav(tmp_path / "emodb" / "wav" / f"{speaker}a0{i // 5 + 1}Wa.wav", seed=i)
+    proc = subprocess.run([sys.executable, "-m", "fastser.train", "--corpus", "emodb", "--data-dir",
+                           str(tmp_path / "emodb"), "--out", str(tmp_path / "run"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert "same emotion (angry)" in err[0] and "at least two classes" in err[0]
+    assert not (tmp_path / "run").exists()

@@ -104,3 +104,21 @@ def test_compiled_step_validates_on_the_device(backend, update):
         compiled.loss.raise_on_bad_batches()
     step_both_and_compare(eager, compiled, step, x, y)
     assert int(compiled.loss.bad_batches) == 0
+
+
+@pytest.mark.parametrize("order", [("wen", "gradient"), ("gradient", "wen")])
+def test_both_update_modes_compile_in_one_process(order):
+    """Models with a Wen-mode and a gradient-mode CenterLoss (a buffer, a Parameter) compiled one
+    after the other in one process, without resetting dynamo in between: each compiles and matches
+    eager, and calling a compiled model again reuses its graph (no recompilation)."""
+    torch._dynamo.reset()
+    for update in order:
+        torch.manual_seed(0)
+        eager, compiled = Head(update, BACKENDS[0]).to(DEVICE), Head(update, BACKENDS[0]).to(DEVICE)
+        compiled.load_state_dict(eager.state_dict())
+        step = torch.compile(compiled, fullgraph=True)
+        x, y = torch.randn(32, 12, device=DEVICE), torch.randint(0, 5, (32,), device=DEVICE)
+        step_both_and_compare(eager, compiled, step, x, y)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):
+                step_both_and_compare(eager, compiled, step, x, y)
