@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
+# FASTSER_BENCH_RESULTS_DIR: write this session's results file elsewhere (the GPU run's archive)
+RESULTS_DIR = Path(os.environ.get("FASTSER_BENCH_RESULTS_DIR") or Path(__file__).parent / "results")
 RECORDS: list[dict] = []
 _SESSION_STAMP = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 

@@ -7,9 +7,10 @@ with the most device time (CPU time on a CPU-only machine). Written to DIR/profi
 DIR/profile.txt; DIR/<case>.json is the Chrome trace. The GPU issues ask for exactly this breakdown
 before and after a change; the numbers mean something on a GPU only (here they test the script).
 
-Cases: features-logmel, features-mfcc, torchaudio-logmel, torchaudio-mfcc (256 clips), center-loss-fused and
-center-loss-usual (B, C, D = 256, 4, 256), train-step (batch 64, fp32; train-step-graph: with the step
-replayed from a CUDA graph, GPU only). On a GPU each case also reports the GPU's busy fraction.
+Cases: center-loss-fused and center-loss-usual (B, C, D = 256, 4, 256; on a GPU also -4096x10000x512 and
+-65536x10000x512), features-logmel and features-mfcc (256 clips; on a GPU also -2048 and torchaudio-logmel /
+torchaudio-mfcc beside each), train-step (batch 64, fp32; train-step-graph: the step replayed from a CUDA
+graph, GPU only). On a GPU each case also reports the GPU's busy fraction.
 """
 from __future__ import annotations
 
@@ -27,21 +28,26 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
 CALLS = 5
 
 
+CENTER_LOSS_SHAPES = ((256, 4, 256), (4096, 10000, 512), (65536, 10000, 512))  # the targets' (B, C, D)
+FEATURE_CLIPS = (256, 2048)
+
+
 def _cases(device: torch.device) -> dict:
-    """name -> a zero-argument callable, built lazily (each imports what it needs)."""
-    def features(impl, kind):
+    """name -> a zero-argument callable, built lazily (each imports what it needs). The unsuffixed
+    names are the smallest target sizes; on a GPU every target size is a case of its own."""
+    def features(impl, kind, n_clips):
         def build():
             from benchmarks import test_features as tf
-            clips, _ = tf.make_clips(tf.N_CLIPS)
+            clips, _ = tf.make_clips(n_clips)
             return tf._impl_fn(impl, kind, clips, None, device)
         return build
 
-    def center_loss(impl):
+    def center_loss(impl, shape):
         def build():
             from benchmarks.test_center_loss import impls, make_step
             name = next(b for b in impls(device) if b not in ("reference", "torch-gather")) if impl == "fused" \
                 else "reference"
-            return make_step(name, 256, 4, 256, device)
+            return make_step(name, *shape, device)
         return build
 
     def train_step(graph=False):
@@ -54,12 +60,21 @@ def _cases(device: torch.device) -> dict:
             return ts.fastser_step(audio, rng.integers(0, ts.CLASSES, batch), device, graph=graph)
         return build
 
-    cases = {"features-logmel": features("fastser", "logmel"), "features-mfcc": features("fastser", "mfcc"),
-             "center-loss-fused": center_loss("fused"), "center-loss-usual": center_loss("usual"),
-             "train-step": train_step()}
-    if device.type == "cuda":
-        cases.update({"train-step-graph": train_step(graph=True), "torchaudio-logmel": features("torchaudio", "logmel"),
-                      "torchaudio-mfcc": features("torchaudio", "mfcc")})
+    on_gpu = device.type == "cuda"
+    cases = {}
+    for shape in CENTER_LOSS_SHAPES[: None if on_gpu else 1]:
+        tag = "" if shape == CENTER_LOSS_SHAPES[0] else "-" + "x".join(map(str, shape))
+        cases[f"center-loss-fused{tag}"] = center_loss("fused", shape)
+        cases[f"center-loss-usual{tag}"] = center_loss("usual", shape)
+    for n_clips in FEATURE_CLIPS[: None if on_gpu else 1]:
+        tag = "" if n_clips == FEATURE_CLIPS[0] else f"-{n_clips}"
+        for kind in ("logmel", "mfcc"):
+            cases[f"features-{kind}{tag}"] = features("fastser", kind, n_clips)
+            if on_gpu:
+                cases[f"torchaudio-{kind}{tag}"] = features("torchaudio", kind, n_clips)
+    cases["train-step"] = train_step()
+    if on_gpu:
+        cases["train-step-graph"] = train_step(graph=True)
     return cases
 
 
@@ -118,6 +133,8 @@ def main(argv=None) -> None:
     lines = []
     for name in args.cases or list(cases):
         summary = profile_case(cases[name](), device, out / f"{name}.json")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the large center-loss cases hold gigabytes
         report["cases"][name] = summary
         lines.append(f"{name}: {summary['wall_ms_per_call']:.3f} ms wall, {summary['kernels_per_call']:.0f} kernels "
                      f"({summary['kernel_ms_per_call']:.3f} ms), {summary['syncs_per_call']:.0f} syncs, "

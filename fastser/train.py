@@ -259,13 +259,12 @@ def given_flags(argv) -> set:
 def _flag_text(p: argparse.ArgumentParser, dest: str, value) -> str:
     """How the command line says dest=value: --epochs 3, --no-prosody, --speed-perturb 0.9,1.1."""
     action = next(a for a in p._actions if a.dest == dest)
-    name = max(action.option_strings, key=len)
+    name = action.option_strings[0] if isinstance(action, argparse.BooleanOptionalAction) else \
+        max(action.option_strings, key=len)
     if isinstance(action, argparse.BooleanOptionalAction):
         return name if value else "--no-" + name[2:]
-    if action.nargs == 0:
-        return name if value else f"no {name}"
-    if value is None:
-        return f"no {name}"
+    if action.nargs == 0 or value is None:
+        return name if value else f"without {name}"
     if isinstance(value, (tuple, list)):
         value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return f"{name} {value}"
@@ -335,7 +334,11 @@ def _fork_run(source: Path, target: Path) -> None:
         raise FileNotFoundError(f"--resume: no checkpoint in {source}")
 
 
+PHASES: dict = {}  # seconds of the last load_table's phases: corpus (read or generated), features
+
+
 def load_table(args, info):
+    t0 = time.perf_counter()
     kinds = list(KINDS) if args.features == "both" else [canonical_kind(args.features)]
     if args.prosody:
         kinds.append("prosody")
@@ -344,6 +347,7 @@ def load_table(args, info):
         options = {"seed": args.seed, "n_speakers": args.synthetic_speakers, "per_class": args.synthetic_per_class}
     corpus = load_corpus(args.corpus, args.data_dir, **options)
     corpus = corpus.with_classes(args.classes)
+    PHASES["corpus"] = time.perf_counter() - t0
     cache_dir = None
     if args.corpus != "synthetic" and not args.no_cache:
         cache_dir = args.cache_dir or os.path.join(args.data_dir, ".fastser-cache")
@@ -361,6 +365,7 @@ def load_table(args, info):
     copies = [Perturbation("speed", s) for s in args.speed_perturb or ()] \
         + [Perturbation("noise", snr) for snr in args.noise or ()]
     table = with_copies(table, FeatureSet.paper(kinds), info.device, copies, **build)
+    PHASES["features"] = time.perf_counter() - t0 - PHASES["corpus"]
     return table
 
 
@@ -497,10 +502,16 @@ def _train(args, info, out: Path) -> dict:
         metrics = results["center+recon"]
     else:
         metrics = experiment(out, not args.no_center, not args.no_recon)
+    total = time.perf_counter() - t0
+    metrics["phase_seconds"] = {**{k: round(v, 3) for k, v in PHASES.items()},
+                                "training": round(total - sum(PHASES.values()), 3), "total": round(total, 3)}
+    if info.is_main and not args.ablation:  # an ablation's parts each have their own metrics.json
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if info.is_main:
         log(f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
             f"{metrics['n_test']} test utterances ({_count(len(folds), 'fold')}); skipped files: {metrics['skipped']['count']}; "
-            f"{time.perf_counter() - t0:.0f}s; artifacts in {out}", args.no_progress)
+            f"{total:.1f} s (corpus {PHASES['corpus']:.1f}, features {PHASES['features']:.1f}, training and "
+            f"testing {metrics['phase_seconds']['training']:.1f}); artifacts in {out}", args.no_progress)
     return metrics
 
 
