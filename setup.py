@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import warnings
 
@@ -129,7 +128,8 @@ def cuda_extension():
     )]
 
 
-extensions = [Pybind11Extension("fastser._C", ["csrc/bindings.cpp", "csrc/center_loss_cpu.cpp", "csrc/mel_chain_cpu.cpp"],
+extensions = [Pybind11Extension("fastser._C",
+                                ["csrc/bindings.cpp", "csrc/center_loss_cpu.cpp", "csrc/mel_chain_cpu.cpp"],
                                 include_dirs=["csrc"])]
 extensions += cuda_extension()
 

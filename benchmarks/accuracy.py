@@ -31,8 +31,9 @@ from fastser.training.loop import FALLBACKS
 from fastser.training.reports import run_cost, seed_ensemble
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"
-SETTINGS = ("features", "prosody", "bin_stats", "pooling", "normalize", "validation", "epochs", "patience", "batch_size", "lr", "width", "embed_dim",
-            "lambda_center", "lambda_recon", "specaugment", "tempo", "speed_perturb", "train_seconds", "ema", "mixup", "noise")
+SETTINGS = ("features", "prosody", "bin_stats", "pooling", "normalize", "validation", "epochs", "patience",
+            "batch_size", "lr", "width", "embed_dim", "lambda_center", "lambda_recon", "specaugment", "tempo",
+            "speed_perturb", "train_seconds", "ema", "mixup", "noise")
 
 
 def _machine() -> str:
@@ -64,7 +65,8 @@ def _first_folds(d: Path, n: int) -> dict:
         raise SystemExit(f"{d}: only {len(folds)} folds finished, asked for {n}")
     y_true = np.concatenate([r["y_true"] for r in folds])
     m = summarize(y_true, np.concatenate([r["y_pred"] for r in folds]), ckpt["classes"])
-    out = {"wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"], "n_test": m["n"], "folds": [r["name"] for r in folds],
+    out = {"wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"], "n_test": m["n"],
+           "folds": [r["name"] for r in folds],
            "fold_ua": [r["ua"] for r in folds],
            "seconds": None,  # the run's time covers all its folds
            **other_scores(folds, ckpt["classes"])}
@@ -92,15 +94,18 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
             if max_folds is not None:
                 m = {**m, **_first_folds(d, max_folds)}
             c = json.loads((d / "config.json").read_text())
-        c = {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}  # a checkpoint's tuples read as JSON's lists
+        # a checkpoint's tuples read as JSON's lists
+        c = {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}
         c = {**BEFORE_RECORDED, **c}  # a run made before a setting was recorded
         config = config or c
         differing = [k for k in SETTINGS if c.get(k) != config.get(k)]
         if differing or c["corpus"] != config["corpus"] or c["split"] != config["split"]:
-            raise SystemExit(f"{d}: not the same experiment as the first folder (differs in {differing or 'corpus/split'})")
+            raise SystemExit(f"{d}: not the same experiment as the first folder "
+                             f"(differs in {differing or 'corpus/split'})")
         if weights is not None:  # another set of weights of the same run (--ema: "trained", "ema_<d>")
             if weights not in m.get("weights", {}):
-                raise SystemExit(f"{d}: no finished scores of weights {weights!r} (have {sorted(m.get('weights', {}))})")
+                raise SystemExit(f"{d}: no finished scores of weights {weights!r} "
+                                 f"(have {sorted(m.get('weights', {}))})")
             # (pooled scores only: the per-fold figures and the fallbacks are the kept model's)
             m = {**{k: v for k, v in m.items() if not k.endswith("_norm") and k != "fold_ua"}, **m["weights"][weights]}
         seeds[str(c["seed"])] = {k: m[k] for k in ("wa", "ua", "macro_f1", "seconds", "n_test", "folds")}
@@ -157,7 +162,8 @@ def add_seeds(path, run_paths: list, max_folds=None) -> dict:
         if seed in row["seeds"]:
             raise SystemExit(f"{path}: already has seed {seed}")
         if s["folds"] != folds:
-            raise SystemExit(f"{path}: seed {seed} was tested on other folds ({len(s['folds'])} instead of {len(folds)})")
+            raise SystemExit(f"{path}: seed {seed} was tested on other folds "
+                             f"({len(s['folds'])} instead of {len(folds)})")
     if "seed_ensemble" in row:
         row["seed_ensemble"].setdefault("seeds", sorted(row["seeds"]))
     row["seeds"] = {**row["seeds"], **new["seeds"]}
@@ -217,7 +223,8 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", action="store_true", help="the paths are fastser.baseline output folders")
     ap.add_argument("--max-folds", type=int, default=None, help="only the first N folds of each run")
     ap.add_argument("--weights", default=None, help="score another set of weights of --ema runs: trained, ema_<decay>")
-    ap.add_argument("--add-to", metavar="JSON", help="add the runs' seeds to this kept row (seeds run in another session)")
+    ap.add_argument("--add-to", metavar="JSON",
+                    help="add the runs' seeds to this kept row (seeds run in another session)")
     ap.add_argument("--compare", action="store_true",
                     help="the two paths are kept rows (changed, base): print them paired fold by fold")
     args = ap.parse_args(argv)

@@ -61,7 +61,8 @@ CENTER_LOSS_CASES = [f"benchmarks/test_center_loss.py::test_center_loss_step[{im
                      for k in ("torch-add-1-element", "empty-cuda-kernel")]
 FEATURE_CASES = [f"benchmarks/test_features.py::test_feature_throughput[{impl}-{kind}-{case}]"
                  for kind in ("mfcc", "logmel") for case in ("", "-2048") for impl in ("fastser", "torchaudio")] + \
-                [f"benchmarks/test_features.py::test_feature_throughput[librosa-loop-{kind}-]" for kind in ("mfcc", "logmel")]
+                [f"benchmarks/test_features.py::test_feature_throughput[librosa-loop-{kind}-]"
+                 for kind in ("mfcc", "logmel")]
 TRAIN_STEP_CASES = [f"benchmarks/test_train_step.py::test_train_step[B64-{impl}]"
                     for impl in ("reference", "fastser", "fastser-graph", "fastser-amp")]
 TARGET_CASES = CENTER_LOSS_CASES + FEATURE_CASES + TRAIN_STEP_CASES
@@ -97,7 +98,8 @@ def steps() -> list:
         Step("profile", 60, ["{python}", "-m", "benchmarks.profile", "--out", "{arch}/profile"],
              ["{python}", "-m", "benchmarks.profile", "--out", "{arch}/profile", "center-loss-fused", "features-mfcc"]),
         Step("benchmarks", 120, bench + TARGET_CASES, bench + DRY_CASES, results_env),
-        Step("train", 40, train + ["--out", "{arch}/train-default"], train + TINY_RUN + ["--out", "{arch}/train-default"]),
+        Step("train", 40, train + ["--out", "{arch}/train-default"],
+             train + TINY_RUN + ["--out", "{arch}/train-default"]),
         Step("train-graph", 40, train + ["--cuda-graph", "--out", "{arch}/train-graph"], None),
         Step("tests", 90, ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS],
              ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops/test_native.py"]),

@@ -90,7 +90,8 @@ def summarise(prof, calls: int, wall_s: float, on_gpu: bool) -> dict:
         "kernels_per_call": sum(e.count for e in kernels) / calls,
         "kernel_ms_per_call": sum(e.self_device_time_total for e in kernels) / 1e3 / calls,
         # the share of the wall time the GPU spends in kernels (overlapping kernels counted twice)
-        "gpu_busy_fraction": (sum(e.self_device_time_total for e in kernels) / 1e3 / (1e3 * wall_s)) if on_gpu else None,
+        "gpu_busy_fraction": (sum(e.self_device_time_total for e in kernels) / 1e3 / (1e3 * wall_s))
+        if on_gpu else None,
         "syncs_per_call": sum(runtime.get(name, 0) for name in SYNC_EVENTS) / calls,
         # a value read back to the host: .item()/bool()/int() (_local_scalar_dense) or a device-to-host copy
         "device_to_host_reads_per_call": sum(e.count for e in events
@@ -139,7 +140,8 @@ def main(argv=None) -> None:
         lines.append(f"{name}: {summary['wall_ms_per_call']:.3f} ms wall, {summary['kernels_per_call']:.0f} kernels "
                      f"({summary['kernel_ms_per_call']:.3f} ms), {summary['syncs_per_call']:.0f} syncs, "
                      f"{summary['device_to_host_reads_per_call']:.0f} device-to-host reads per call"
-                     + (f", GPU busy {summary['gpu_busy_fraction']:.0%}" if summary["gpu_busy_fraction"] is not None else ""))
+                     + (f", GPU busy {summary['gpu_busy_fraction']:.0%}"
+                        if summary["gpu_busy_fraction"] is not None else ""))
         lines += [f"    {t['ms_per_call']:8.3f} ms  x{t['count_per_call']:g}  {t['op']}" for t in summary["top_ops"]]
     (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "profile.txt").write_text("\n".join(lines) + "\n")

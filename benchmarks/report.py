@@ -80,7 +80,8 @@ def table() -> str:
             if r.get("roofline_pct") is not None:
                 extra = f" ({r['achieved_bytes_per_s'] / 1e9:,.0f} GB/s, {r['roofline_pct']:.0f}% of HBM"
                 if r.get("roofline_target_pct") is not None:
-                    extra += f"; target {r['roofline_target_pct']:g}%: {'met' if r['roofline_target_met'] else 'missed'}"
+                    met = "met" if r["roofline_target_met"] else "missed"
+                    extra += f"; target {r['roofline_target_pct']:g}%: {met}"
                 extra += ")"
             per_step = r["median_s"] / r.get("steps_per_call", 1)  # train_step times several steps per call
             lines.append(f"| {r['group']} | {r['impl']} | {per_step * 1e3:,.2f} ms{extra} | "
@@ -92,7 +93,8 @@ def table() -> str:
 def _setting_text(row: dict) -> str:
     s = row["settings"]
     if row["kind"] == "baseline":
-        return f"openSMILE {s['features']} functionals, {s['svm']} SVM" + (", per-speaker z-norm" if s["speaker_norm"] else "")
+        return (f"openSMILE {s['features']} functionals, {s['svm']} SVM"
+                + (", per-speaker z-norm" if s["speaker_norm"] else ""))
     recorded = {k: v for k, v in s.items() if v is not None}  # a row keeps a setting recorded after its runs as null
     parts = [f"features {s['features']}" + (" + prosody" if s.get("prosody") else "")
              + (" + bin stats" if s.get("bin_stats") else ""),
@@ -134,14 +136,16 @@ def accuracy_table() -> str:
             pm = lambda k: f"{100 * r[k + '_mean']:.1f}" + (f" ± {100 * r[k + '_std']:.1f}" if spread else "")  # noqa: E731
             alone = " | ".join(pm(f"{level}_norm_ua") if f"{level}_norm_ua_mean" in r else "" for level in FALLBACKS)
             seeds = ", ".join(r["seeds"]) if r["kind"] != "baseline" else "-"
-            lines.append(f"| {r['name']} | {_setting_text(r)} | {r['folds']} | {seeds} | {pm('ua')} | {pm('wa')} | {pm('macro_f1')} | "
-                         f"{alone} | {_minutes(r['seconds_per_seed'])} | {r['machine']}, {r['date'][:10]} |")
+            lines.append(f"| {r['name']} | {_setting_text(r)} | {r['folds']} | {seeds} | {pm('ua')} | {pm('wa')} | "
+                         f"{pm('macro_f1')} | {alone} | {_minutes(r['seconds_per_seed'])} | "
+                         f"{r['machine']}, {r['date'][:10]} |")
             if r.get("seed_ensemble"):
                 e = r["seed_ensemble"]
                 voters = ", ".join(e.get("seeds", r["seeds"]))  # a row with seeds added later keeps its first vote
                 lines.append(f"| {r['name']}: the {e['n_seeds']} seeds' models averaged (soft vote) | as above | "
                              f"{r['folds']} | {voters} | {100 * e['ua']:.1f} | {100 * e['wa']:.1f} | "
-                             f"{100 * e['macro_f1']:.1f} | | | {e['n_seeds']} x the time | {r['machine']}, {r['date'][:10]} |")
+                             f"{100 * e['macro_f1']:.1f} | | | {e['n_seeds']} x the time | "
+                             f"{r['machine']}, {r['date'][:10]} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -3,7 +3,8 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; we use NCCL on CUDA and gloo on CPU, one device
 per local rank. Under torchrun the run is distributed even with one process (a process group, DDP,
 the center sync), so `--nproc_per_node=1` runs the code of N ranks on one device: the way to test
-it, and to measure what DDP costs against a plain run. Every collective has a timeout, so one rank's error cannot hang the others forever.
+it, and to measure what DDP costs against a plain run. Every collective has a timeout, so one rank's
+error cannot hang the others forever.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def parse_device(device_arg: Optional[str] = None) -> torch.device:
         raise ValueError(f"--device {want!r}: fastser runs on cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {want}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+            raise ValueError(f"--device {want}: CUDA is not available here (torch {torch.__version__}); "
+                             f"use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

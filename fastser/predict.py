@@ -1,4 +1,4 @@
-"""Predict emotions: `python -m fastser.predict FILE|FOLDER|GLOB ... --checkpoint runs/<ts>/ [--segments] [--format json|csv]`.
+"""Predict emotions: `python -m fastser.predict AUDIO... --checkpoint runs/<ts>/ [--segments] [--format json|csv]`.
 
 Uses the model a training run kept last (the best epoch of its last fold), with that run's
 feature configuration and normalisation. A recording up to the run's --max-seconds (8 s by
@@ -352,7 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="unlabelled audio of the speaker being scored (files, folders or globs): speaker-level "
                          "input statistics for models trained with --normalize speaker (the default)")
     ap.add_argument("--batch-size", type=int, default=32, help="windows scored per batch (default: 32)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (shown for several files on a terminal)")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (shown for several files on a terminal)")
     args = ap.parse_args(argv)
     if args.json:
         args.format = "json"
@@ -372,13 +373,17 @@ def main(argv=None) -> int:
             if enroll_errors:
                 raise UserError("--enroll: " + "; ".join(enroll_errors))
             predictor.enroll_speaker(enroll)
+    # said once, with the first prediction (a run that only fails keeps its one error line)
+    notes = []
     for w in caught:
         if issubclass(w.category, PredictWarning):
-            print(f"{prog}: warning: {w.message}", file=sys.stderr)
+            notes.append(str(w.message))
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    # said once, with the first prediction (a run that only fails keeps its one error line)
-    enroll_hint = not args.enroll and predictor.spec.normalize == "speaker"
+    if not args.enroll and predictor.spec.normalize == "speaker":
+        notes.append("no --enroll audio: the training speakers' statistics stand in for this speaker's, which "
+                     "costs this kind of model much of its accuracy (README, accuracy table); give --enroll with "
+                     "unlabelled audio of the speaker")
     files, errors = expand_inputs(args.inputs)
     if not files:
         raise UserError("; ".join(errors) if errors else "no audio files given")
@@ -401,11 +406,9 @@ def main(argv=None) -> int:
             print(f"{prog}: error: {e}", file=sys.stderr)
             status = 2
             continue
-        if enroll_hint:
-            print(f"{prog}: warning: no --enroll audio: the training speakers' statistics stand in for this "
-                  f"speaker's, which costs this kind of model much of its accuracy (README, accuracy table); "
-                  f"give --enroll with unlabelled audio of the speaker", file=sys.stderr)
-            enroll_hint = False
+        for note in notes:
+            print(f"{prog}: warning: {note}", file=sys.stderr)
+        notes.clear()
         for w in pred.warnings():
             print(f"{prog}: warning: {path}: {w}", file=sys.stderr)
         if args.format == "json":

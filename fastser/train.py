@@ -96,7 +96,8 @@ def _float_in(ok, expected: str):
 
 _tempo = _float_in(lambda t: 0 <= t < 1, "a relative rate change in [0, 1), e.g. 0.1")
 _mixup_alpha = _float_in(lambda a: 0 < a <= 10, "a Beta(alpha, alpha) parameter in (0, 10], e.g. 0.2")
-_speeds = _distinct_floats(lambda s: 0.5 <= s <= 2.0 and s != 1.0, "distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1")
+_speeds = _distinct_floats(lambda s: 0.5 <= s <= 2.0 and s != 1.0,
+                           "distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1")
 _snrs = _distinct_floats(lambda s: -5 <= s <= 60, "distinct signal-to-noise ratios in dB in [-5, 60], e.g. 20,10")
 _decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g. 0.998")
 
@@ -152,7 +153,8 @@ def build_parser() -> ArgumentParser:
                      help="maximum epochs per fold: the one-cycle schedule's length (default: 12 synthetic, "
                           "24 real corpora)")
     opt.add_argument("--patience", type=int, default=None,
-                     help="early stopping: epochs without a better validation UA (default: 8 synthetic, 5 real corpora)")
+                     help="early stopping: epochs without a better validation UA (default: 8 synthetic, "
+                          "5 real corpora)")
     opt.add_argument("--validation", action=argparse.BooleanOptionalAction, default=None,
                      help="early stopping on each fold's validation speakers; --no-validation trains on them "
                           "too and keeps the last epoch (default: --no-validation on real corpora, "
@@ -468,7 +470,8 @@ def _train(args, info, out: Path) -> dict:
                   args.lambda_recon if use_recon else 0.0, features)
         resume = Path(args.resume) if args.resume else None
         if resume is not None:
-            path = resume if resume.is_file() else resume / (sub.relative_to(out) if sub != out else "") / "checkpoint.pt"
+            inside = sub.relative_to(out) if sub != out else ""
+            path = resume if resume.is_file() else resume / inside / "checkpoint.pt"
             if path.exists():
                 run.resume_from(load_checkpoint(path, finished=False))
             elif sub == out:
@@ -494,7 +497,8 @@ def _train(args, info, out: Path) -> dict:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             log(f"{len(per_seed)} seeds: " + "  ".join(
                 f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1"))
-                + (f"; their models averaged (soft vote): UA {ensemble['ua']:.3f}" if ensemble else ""), args.no_progress)
+                + (f"; their models averaged (soft vote): UA {ensemble['ua']:.3f}" if ensemble else ""),
+                args.no_progress)
     elif args.ablation:
         results = {name: experiment(out / name, c, r) for name, (c, r) in ABLATION.items()}
         if info.is_main:
@@ -509,7 +513,8 @@ def _train(args, info, out: Path) -> dict:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if info.is_main:
         log(f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
-            f"{metrics['n_test']} test utterances ({_count(len(folds), 'fold')}); skipped files: {metrics['skipped']['count']}; "
+            f"{metrics['n_test']} test utterances ({_count(len(folds), 'fold')}); "
+            f"skipped files: {metrics['skipped']['count']}; "
             f"{total:.1f} s (corpus {PHASES['corpus']:.1f}, features {PHASES['features']:.1f}, training and "
             f"testing {metrics['phase_seconds']['training']:.1f}); artifacts in {out}", args.no_progress)
     return metrics
@@ -529,7 +534,8 @@ def seed_summary(per_seed: dict, seconds: float) -> dict:
                     for s, m in per_seed.items()}
     for key in ("wa", "ua", "macro_f1"):
         values = np.array([m[key] for m in per_seed.values()])
-        out[f"{key}_mean"], out[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1) if len(values) > 1 else 0.0)
+        out[f"{key}_mean"] = float(values.mean())
+        out[f"{key}_std"] = float(values.std(ddof=1) if len(values) > 1 else 0.0)
         out[key] = out[f"{key}_mean"]
     out["seconds"] = seconds
     return out

@@ -137,7 +137,8 @@ def test_torchrun_train_writes_one_set_of_artifacts(tmp_path):
     assert total == metrics["n_test"] == 96  # the default corpus's 2 test speakers x 48, each counted once
     assert len((out / "history.jsonl").read_text().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "confusion.png",
-                                                     "embeddings.png", "history.jsonl", "metrics.json", "predictions.csv"]
+                                                     "embeddings.png", "history.jsonl", "metrics.json",
+                                                     "predictions.csv", "settings.json"]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -556,7 +556,8 @@ def test_cuda_graph_is_refused_without_a_gpu(tmp_path):
 def test_graphed_steps_train_like_eager_steps(amp, mixed):
     """GraphedTrainStep (two eager warm-up steps, then capture and replays) against train_step on the
     same batches from the same initial weights: the same losses and logits at every step, the same
-    weights and centers at the end (`mixed`: mixup batches, each step's Mix copied into the graph). Dropout off (a graph draws its random numbers differently) and
+    weights and centers at the end (`mixed`: mixup batches, each step's Mix copied into the graph).
+    Dropout off (a graph draws its random numbers differently) and
     deterministic cuDNN and center update, so what remains are rounding differences."""
     from fastser.models import SERModel, SERObjective
     from fastser.training.graphed import GraphedTrainStep

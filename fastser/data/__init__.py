@@ -3,4 +3,5 @@ from fastser.data.base import Corpus, CorpusError, Utterance
 from fastser.data.corpora import LAYOUTS, load_corpus
 from fastser.data.splits import SPLITS, Fold, check_classes, make_folds
 
-__all__ = ["Corpus", "CorpusError", "Utterance", "load_corpus", "LAYOUTS", "SPLITS", "Fold", "check_classes", "make_folds"]
+__all__ = ["Corpus", "CorpusError", "Utterance", "load_corpus", "LAYOUTS", "SPLITS", "Fold", "check_classes",
+           "make_folds"]

@@ -59,7 +59,8 @@ def make_folds(corpus: Corpus, split: str, *, n_folds: int = 5, val_fraction: fl
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     speakers = sorted(set(corpus.speakers.tolist()))
     if len(speakers) < 2:
-        raise CorpusError(f"{corpus.name}: a speaker-independent split needs at least 2 speakers, found {len(speakers)}")
+        raise CorpusError(f"{corpus.name}: a speaker-independent split needs at least 2 speakers, "
+                          f"found {len(speakers)}")
     if split == "loso":
         return [_fold(f"test={s}", corpus, {s}, val_fraction, seed) for s in speakers]
     if split == "session":

@@ -187,7 +187,8 @@ class SERModel(nn.Module):
         super().__init__()
         self.kinds = list(input_bins)
         self.encoders = nn.ModuleDict({k: ContourEncoder(b, width) if k in CONTOUR_KINDS
-                                       else FeatureEncoder(b, width, bin_stats, pooling) for k, b in input_bins.items()})
+                                       else FeatureEncoder(b, width, bin_stats, pooling)
+                                       for k, b in input_bins.items()})
         pooled = sum(e.out_dim for e in self.encoders.values())
         self.embed = nn.Sequential(nn.Dropout(dropout), nn.Linear(pooled, embed_dim), nn.BatchNorm1d(embed_dim),
                                    nn.ReLU(inplace=True))

@@ -78,5 +78,6 @@ class SERObjective(nn.Module):
         center = self.center_loss(out.embedding.float(), labels) if self.center_loss is not None else zero
         recon = zero
         if self.lambda_recon > 0 and out.reconstruction:
-            recon = sum(masked_mse(r, feats[k], frames) for k, r in out.reconstruction.items()) / len(out.reconstruction)
+            recon = sum(masked_mse(r, feats[k], frames)
+                        for k, r in out.reconstruction.items()) / len(out.reconstruction)
         return LossTerms(ce + self.lambda_center * center + self.lambda_recon * recon, ce, center, recon)

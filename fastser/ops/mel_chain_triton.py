@@ -120,7 +120,8 @@ def _db_finish_kernel(DB_ptr, TILE_MAX_ptr, FRAMES_ptr, DCT_ptr, LIFT_ptr, MFCC_
             lift = tl.load(LIFT_ptr + k_idx, mask=k_ok, other=0.0)
             c = tl.dot(dct, v, input_precision="ieee") * lift[:, None]
             c = tl.where(t_idx[None, :] < n_frames, c, 0.0)
-            tl.store(MFCC_OUT_ptr + b * K * T + k_idx[:, None] * T + t_idx[None, :], c, mask=k_ok[:, None] & t_ok[None, :])
+            tl.store(MFCC_OUT_ptr + b * K * T + k_idx[:, None] * T + t_idx[None, :], c,
+                     mask=k_ok[:, None] & t_ok[None, :])
 
 
 def _pow2(n: int, lo: int = 16) -> int:

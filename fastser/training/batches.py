@@ -85,7 +85,8 @@ class Normalizer:
         return {"mean": self.mean, "std": self.std}
 
     def to(self, device) -> "Normalizer":
-        return Normalizer({k: v.to(device) for k, v in self.mean.items()}, {k: v.to(device) for k, v in self.std.items()})
+        return Normalizer({k: v.to(device) for k, v in self.mean.items()},
+                          {k: v.to(device) for k, v in self.std.items()})
 
     def apply(self, feats: dict, frames: torch.Tensor, groups: Optional[torch.Tensor] = None) -> dict:
         """{kind: (B, bins, T)} -> normalised float32; frames past each item's own are exactly 0.

@@ -240,16 +240,16 @@ def test_int32_labels_work():
 # --------------------------------------------------------------------------- bad input
 
 BAD_INPUTS = [
-    ("label out of range", lambda x, l, c: (x, torch.tensor([0, 1, 5, 2], device=DEVICE), c),
+    ("label out of range", lambda x, y, c: (x, torch.tensor([0, 1, 5, 2], device=DEVICE), c),
      ValueError, r"label 5 at index 2 is out of range \(num_classes=3\)"),
-    ("negative label", lambda x, l, c: (x, torch.tensor([0, -1, 1, 2], device=DEVICE), c),
+    ("negative label", lambda x, y, c: (x, torch.tensor([0, -1, 1, 2], device=DEVICE), c),
      ValueError, r"label -1 at index 1"),
-    ("float labels", lambda x, l, c: (x, l.float(), c), TypeError, "integer tensor"),
-    ("3-D features", lambda x, l, c: (x[None], l, c), ValueError, "features must be 2-D"),
-    ("wrong feat_dim", lambda x, l, c: (x[:, :3], l, c), ValueError, "feat_dim=6"),
-    ("batch mismatch", lambda x, l, c: (x, l[:3], c), ValueError, "4 feature rows but 3 labels"),
-    ("int features", lambda x, l, c: (x.long(), l, c), TypeError, "floating point"),
-    ("NaN features", lambda x, l, c: (x.index_fill(0, torch.tensor([2], device=DEVICE), float("nan")), l, c),
+    ("float labels", lambda x, y, c: (x, y.float(), c), TypeError, "integer tensor"),
+    ("3-D features", lambda x, y, c: (x[None], y, c), ValueError, "features must be 2-D"),
+    ("wrong feat_dim", lambda x, y, c: (x[:, :3], y, c), ValueError, "feat_dim=6"),
+    ("batch mismatch", lambda x, y, c: (x, y[:3], c), ValueError, "4 feature rows but 3 labels"),
+    ("int features", lambda x, y, c: (x.long(), y, c), TypeError, "floating point"),
+    ("NaN features", lambda x, y, c: (x.index_fill(0, torch.tensor([2], device=DEVICE), float("nan")), y, c),
      ValueError, r"NaN or Inf \(first in row 2\)"),
 ]
 
@@ -392,7 +392,8 @@ def test_class_counts():
     labels = torch.tensor([3, 0, 3, 3, 1], device=DEVICE)
     assert class_counts(labels, 6).tolist() == [1, 1, 0, 3, 0, 0]
     assert class_counts(labels[:0], 2).tolist() == [0, 0]
-    assert class_counts(torch.tensor([-1, 2, 7, 1], device=DEVICE), 3).tolist() == [0, 1, 1]  # out of range: not counted
+    # out of range: not counted
+    assert class_counts(torch.tensor([-1, 2, 7, 1], device=DEVICE), 3).tolist() == [0, 1, 1]
 
 
 @pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
@@ -421,11 +422,11 @@ def test_unvalidated_bad_label_never_writes_out_of_bounds(backend, deterministic
 # --------------------------------------------------------------------------- deferred validation
 
 DEFERRED_BAD = [
-    ("label == C", lambda x, l: (x, torch.tensor([0, 1, 3, 2], device=DEVICE))),
-    ("negative label", lambda x, l: (x, torch.tensor([0, -2, 1, 2], device=DEVICE))),
-    ("NaN features", lambda x, l: (x.index_fill(0, torch.tensor([1], device=DEVICE), float("nan")), l)),
-    ("Inf feature", lambda x, l: (x.index_put((torch.tensor([3], device=DEVICE), torch.tensor([2], device=DEVICE)),
-                                              torch.tensor(float("inf"), device=DEVICE)), l)),
+    ("label == C", lambda x, y: (x, torch.tensor([0, 1, 3, 2], device=DEVICE))),
+    ("negative label", lambda x, y: (x, torch.tensor([0, -2, 1, 2], device=DEVICE))),
+    ("NaN features", lambda x, y: (x.index_fill(0, torch.tensor([1], device=DEVICE), float("nan")), y)),
+    ("Inf feature", lambda x, y: (x.index_put((torch.tensor([3], device=DEVICE), torch.tensor([2], device=DEVICE)),
+                                              torch.tensor(float("inf"), device=DEVICE)), y)),
 ]
 
 
@@ -493,7 +494,8 @@ def test_deferred_validation_reads_nothing_back_to_the_host(backend, monkeypatch
     test below checks the same for every backend)."""
     loss_fn = CenterLoss(4, 8, backend=backend, validate="deferred").to(DEVICE)
     x, labels, _ = make_batch(16, 4, 8)
-    batches = [(x, labels), (x, torch.where(labels == 2, 7, labels)), (x.index_fill(0, labels[:1] * 0, float("nan")), labels)]
+    batches = [(x, labels), (x, torch.where(labels == 2, 7, labels)),
+               (x.index_fill(0, labels[:1] * 0, float("nan")), labels)]
 
     def no_host_read(*args, **kwargs):
         raise AssertionError("a value was read back to the host")
