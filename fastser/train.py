@@ -119,9 +119,12 @@ def build_parser() -> ArgumentParser:
                         help="IEMOCAP sessions to use")
     corpus.add_argument("--strict", action="store_true", help="a bad audio file is an error, not a skip")
     corpus.add_argument("--max-seconds", type=float, default=8.0, help="longer utterances are cut")
-    corpus.add_argument("--cache-dir", default=None, help="feature cache (default: <data-dir>/.fastser-cache)")
-    corpus.add_argument("--no-cache", action="store_true", help="compute the features without reading or "
-                                                                 "writing the cache")
+    corpus.add_argument("--cache-dir", default=None,
+                        help="feature cache (default: <data-dir>/.fastser-cache; the synthetic corpus's audio: "
+                             "~/.cache/fastser)")
+    corpus.add_argument("--no-cache", action="store_true",
+                        help="compute the features (and generate the synthetic corpus) without reading or "
+                             "writing a cache")
     corpus.add_argument("--synthetic-speakers", type=int, default=16, help="speakers of the synthetic corpus")
     corpus.add_argument("--synthetic-per-class", type=int, default=8,
                         help="synthetic utterances per speaker and class")
@@ -336,6 +339,11 @@ def _fork_run(source: Path, target: Path) -> None:
         raise FileNotFoundError(f"--resume: no checkpoint in {source}")
 
 
+def default_cache_dir() -> str:
+    """Where generated corpora are kept between runs: $XDG_CACHE_HOME/fastser (~/.cache/fastser)."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastser")
+
+
 PHASES: dict = {}  # seconds of the last load_table's phases: corpus (read or generated), features
 
 
@@ -346,7 +354,8 @@ def load_table(args, info):
         kinds.append("prosody")
     options = {"subset": args.iemocap_subset} if args.corpus == "iemocap" else {}
     if args.corpus == "synthetic":
-        options = {"seed": args.seed, "n_speakers": args.synthetic_speakers, "per_class": args.synthetic_per_class}
+        options = {"seed": args.seed, "n_speakers": args.synthetic_speakers, "per_class": args.synthetic_per_class,
+                   "cache_dir": None if args.no_cache else args.cache_dir or default_cache_dir()}
     corpus = load_corpus(args.corpus, args.data_dir, **options)
     corpus = corpus.with_classes(args.classes)
     PHASES["corpus"] = time.perf_counter() - t0

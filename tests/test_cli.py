@@ -19,6 +19,9 @@ import torch
 from fastser.data.synthetic import make_corpus
 from tests.test_train import SMALL
 
+pytestmark = pytest.mark.slow  # every test here runs a command end to end
+
+
 def installed_script(name: str) -> str:
     """Where pip put the console script: beside this Python (a venv), in this scheme's scripts folder
     (a system or --user install), or on PATH."""

@@ -23,6 +23,9 @@ from fastser.ops import available_backends
 C, D, B, STEPS = 5, 8, 12, 20
 CPU_BACKENDS = [b for b in available_backends("cpu") if b in ("cpp", "torch", "triton")]
 
+# every test here trains a model or runs a command end to end
+pytestmark = pytest.mark.slow
+
 
 def batches():
     gen = torch.Generator().manual_seed(0)
@@ -141,13 +144,11 @@ def test_torchrun_train_writes_one_set_of_artifacts(tmp_path):
                                                      "predictions.csv", "settings.json"]
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu(reason="NCCL needs a GPU"))])
 def test_torchrun_with_one_process_is_ddp_and_gives_the_plain_runs_metrics(tmp_path, device):
     """torchrun --nproc_per_node=1 runs the distributed code (process group: gloo on the CPU, NCCL on
     a GPU; DDP; the center sync) and ends with exactly the plain run's metrics. The DDP overhead (the
     same epochs' seconds, utterances per second) is printed for the GPU session's log."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("NCCL needs a GPU")
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     args = ["-m", "fastser.train", "--epochs", "2", "--no-progress", "--device", device, "--deterministic",
             "--synthetic-speakers", "6", "--synthetic-per-class", "4", "--width", "4", "--embed-dim", "16"]

@@ -13,6 +13,9 @@ import fastser.train as train
 from fastser.data.synthetic import make_corpus
 from tests.test_train import SMALL
 
+# every test here trains a model or runs a command end to end
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

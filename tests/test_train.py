@@ -52,6 +52,7 @@ def test_one_epoch_reduces_the_loss():
     assert loss() < before
 
 
+@pytest.mark.slow
 def test_cli_writes_every_artifact(tmp_path):
     metrics, out = run(tmp_path, "a", "--epochs", "2")
     for name in ("metrics.json", "history.jsonl", "confusion.png", "embeddings.png", "config.json", "checkpoint.pt",
@@ -89,6 +90,7 @@ def _cut_and_resume(tmp_path, monkeypatch, *args):
     return full, resumed, _history(full_out / "history.jsonl"), _history(tmp_path / "cut" / "history.jsonl")
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     """--deterministic: bit-identical on any device (on a GPU too: deterministic kernels and center update)."""
     full, resumed, h_full, h_res = _cut_and_resume(tmp_path, monkeypatch, "--epochs", "3", "--split", "kfold",
@@ -107,6 +109,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     assert seeds["0"]["seconds"] == full["seconds"] and seeds["1"]["seconds"] == resumed["epoch_seconds"]
 
 
+@pytest.mark.slow
 def test_resume_without_deterministic_mode(tmp_path, monkeypatch):
     """Without --deterministic a GPU run may differ in the last bits (float atomics, cuDNN's choice of
     algorithm), so what is guaranteed is the schedule: the same folds, epochs, learning rates and test
@@ -121,6 +124,7 @@ def test_resume_without_deterministic_mode(tmp_path, monkeypatch):
         assert h_full == h_res and resumed["confusion"] == full["confusion"]
 
 
+@pytest.mark.slow
 def test_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     _, out = run(tmp_path, "a", "--epochs", "1")
     before = (out / "checkpoint.pt").read_bytes()
@@ -137,6 +141,7 @@ def test_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, mon
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_ablation_writes_table(tmp_path):
     _, out = run(tmp_path, "abl", "--epochs", "1", "--ablation")
     table = json.loads((out / "ablation.json").read_text())["results"]
@@ -147,6 +152,7 @@ def test_ablation_writes_table(tmp_path):
         assert (out / name / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_bad_arguments_fail_clearly(tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--epochs", "0"])
@@ -165,6 +171,7 @@ def test_default_run_completes(tmp_path):
     assert m["n_test"] > 0 and m["ua"] > 0.35  # chance is 0.25
 
 
+@pytest.mark.slow
 def test_seeds_protocol_aggregates_mean_and_std(tmp_path):
     """--seeds 0,1: one experiment per seed (each equal to a run with that --seed), mean +- std over seeds."""
     metrics, out = run(tmp_path, "multi", "--epochs", "1", "--seeds", "0,1")
@@ -207,6 +214,7 @@ def test_group_statistics_match_a_plain_computation():
     torch.testing.assert_close(whole.std["mfcc"][0], flat.std["mfcc"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["speaker", "utterance", "corpus"])
 def test_normalize_levels(tmp_path, level):
     """--normalize: speaker statistics by default (and the fallbacks without enrollment audio,
@@ -243,6 +251,7 @@ def test_speaker_statistics_come_from_each_rows_own_speaker(tmp_path):
         torch.testing.assert_close(valid.std(1, unbiased=False), torch.ones(x.shape[1]), atol=2e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_prosody_branch_trains_and_predicts(tmp_path):
     metrics, out = run(tmp_path, "pro", "--epochs", "1", "--prosody")
     assert metrics["kinds"] == ["logmel", "mfcc", "prosody"]
@@ -252,6 +261,7 @@ def test_prosody_branch_trains_and_predicts(tmp_path):
     assert abs(pred.probabilities.sum() - 1) < 1e-5
 
 
+@pytest.mark.slow
 def test_bin_stats_train_predict_and_guard_resume(tmp_path):
     """--bin-stats is stored in the checkpoint's spec (predict rebuilds the same model) and a resume
     with the other setting is refused rather than mixing two models."""
@@ -267,6 +277,7 @@ def test_bin_stats_train_predict_and_guard_resume(tmp_path):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--no-bin-stats", "--resume", str(out)])
 
 
+@pytest.mark.slow
 def test_global_pooling_train_predict_and_guard_resume(tmp_path):
     """--pooling global (the earlier model) is stored in the checkpoint's spec (predict rebuilds the
     same model: strict weight loading would fail otherwise) and a resume with the default pooling is
@@ -291,6 +302,7 @@ def test_global_pooling_train_predict_and_guard_resume(tmp_path):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
 
 
+@pytest.mark.slow
 def test_no_validation_trains_on_the_validation_speakers_and_keeps_the_last_epoch(tmp_path):
     """--no-validation: the fold's validation speakers join the training rows (never the test
     speakers), every epoch runs (no early stopping), and the model tested is the last epoch's."""
@@ -374,6 +386,7 @@ def test_tempo_reads_each_crop_at_its_own_rate_within_the_utterance():
         tempo_crop(frames, T, gen, tempo=1.0)
 
 
+@pytest.mark.slow
 def test_tempo_trains_and_guards_resume(tmp_path):
     """--tempo is validated, trains, is stored in the checkpoint's config, and a resume with another
     tempo is refused (the epochs would mix two augmentations)."""
@@ -424,6 +437,7 @@ def test_mixup_mixes_each_item_with_one_partner_of_the_batch():
         mixup(batch, torch.Generator(), alpha=0.0)
 
 
+@pytest.mark.slow
 def test_mixup_trains_and_guards_resume(tmp_path):
     """--mixup is validated, trains, is stored in the checkpoint's config, and a resume with another
     setting is refused."""
@@ -437,6 +451,7 @@ def test_mixup_trains_and_guards_resume(tmp_path):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--mixup", "0.2", "--resume", str(out)])
 
 
+@pytest.mark.slow
 def test_noise_copies_train_and_guard_resume(tmp_path):
     """--noise is validated, adds one training copy per SNR (the originals and the copies drawn like
     speed copies), is stored in the checkpoint's config, and a resume with other SNRs is refused."""
@@ -450,6 +465,7 @@ def test_noise_copies_train_and_guard_resume(tmp_path):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--noise", "20", "--resume", str(out)])
 
 
+@pytest.mark.slow
 def test_speed_perturbation_trains_on_copies_and_tests_on_originals(tmp_path, monkeypatch):
     """--speed-perturb 0.9,1.1: training batches draw originals and copies (the same number of
     steps per epoch), while validation and test rows are only originals; the flag is checked and
@@ -509,6 +525,7 @@ def test_weight_average_is_the_bias_corrected_ema_of_every_step():
         assert not torch.allclose(got["0.weight"], history[-1]["0.weight"])  # really an average
 
 
+@pytest.mark.slow
 def test_ema_keeps_the_average_scores_the_trained_weights_and_resumes(tmp_path, monkeypatch):
     """--ema D1,D2: training itself is unchanged (the last trained weights score exactly as a run
     without --ema), the kept model is the first average, the others are scored beside it; the averages
@@ -539,6 +556,7 @@ def test_ema_keeps_the_average_scores_the_trained_weights_and_resumes(tmp_path, 
     assert first["n_test"] == full["folds"][0]["n_test"] and "fold_ua" not in first
 
 
+@pytest.mark.slow
 def test_cuda_graph_is_refused_without_a_gpu(tmp_path):
     """--cuda-graph on the CPU (or with --compile, or under torchrun) is one clear error, before any
     work, and leaves no run folder behind."""
@@ -551,7 +569,7 @@ def test_cuda_graph_is_refused_without_a_gpu(tmp_path):
         GraphedTrainStep(model, None, torch.optim.AdamW(model.parameters()))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu(reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("amp,mixed", [(False, False), (True, False), (False, True)])
 def test_graphed_steps_train_like_eager_steps(amp, mixed):
     """GraphedTrainStep (two eager warm-up steps, then capture and replays) against train_step on the
@@ -610,6 +628,7 @@ def _predictions(path):
     return rows, classes, probs
 
 
+@pytest.mark.slow
 def test_predictions_file_and_seed_ensemble(tmp_path, monkeypatch):
     """Every run writes predictions.csv (one line per test utterance: fold, id, speaker, label,
     prediction, class probabilities) agreeing with metrics.json; a --seeds run also scores the
@@ -707,6 +726,7 @@ def test_compare_pairs_rows_on_shared_seeds_and_test_speakers():
         compare({"name": "x", "seeds": {"5": {"folds": ["A"], "fold_ua": [0.1]}}}, base)
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_refuses_new_epochs_and_continues_into_another_folder(tmp_path):
     """A finished run resumed with another --epochs is refused in one line naming the flag (the
     one-cycle schedule of every fold was laid out for the epochs it was made with), not silently
@@ -742,6 +762,7 @@ def test_bad_numbers_name_their_flag_before_any_work(capsys):
         assert len(err) == 1 and f"error: {flag} must be" in err[0], err
 
 
+@pytest.mark.slow
 def test_threads_are_recorded_and_a_run_repeats_bit_for_bit_at_a_thread_count(tmp_path):
     """--threads sets torch's (and so fastser's kernels') thread count for the run and is restored
     afterwards; metrics.json records it. At one thread count a CPU run repeats exactly. Across thread

@@ -194,9 +194,9 @@ LOADERS = {"iemocap": load_iemocap, "emodb": load_emodb, "ravdess": load_ravdess
 
 
 def load_corpus(name: str, data_dir: Optional[os.PathLike] = None, **options) -> Corpus:
-    if name == "synthetic":
-        from fastser.data.synthetic import make_corpus
-        return make_corpus(**options)
+    if name == "synthetic":  # options: seed, n_speakers, per_class; cache_dir (None: generate every time)
+        from fastser.data.synthetic import cached_corpus
+        return cached_corpus(options.pop("cache_dir", None), **options)
     if name not in LOADERS:
         raise ValueError(f"unknown corpus {name!r}; choose from {['synthetic', *LOADERS]}")
     return LOADERS[name](data_dir, **options)

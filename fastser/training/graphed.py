@@ -1,13 +1,13 @@
 """A training step captured once in a CUDA graph and replayed (`--cuda-graph`, GPU only).
 
 At SER sizes one step is a few hundred small kernels (a 184k-parameter model at batch 16), so the
-GPU waits on the host launching them (issue 15 measured ~23 ms a step on an H100). A replayed graph
-launches them all at once. Captured: the forward (bf16 autocast with --amp), the joint loss with the
-fused center loss (its Wen update and its device-side input checks), the backward and the gradient
-clipping. Not captured: the optimizer step (fused AdamW on CUDA: a few launches), so the one-cycle
-schedule's learning rate and momentum change every step exactly as in eager training (a captured
-optimizer would bake in the values of the capture step); and the batch gather, whose result is
-copied into the graph's static inputs.
+GPU waits on the host launching them (about 23 ms a step at batch 16 on an H100). A replayed graph
+launches them all at once. Captured: `step_body`, the function eager steps run too — the forward
+(bf16 autocast with --amp), the joint loss with the fused center loss (its Wen update and its
+device-side input checks), the backward and the gradient clipping. Not captured: the optimizer step
+(fused AdamW on CUDA: a few launches), so the one-cycle schedule's learning rate and momentum change
+every step exactly as in eager training (a captured optimizer would bake in the values of the
+capture step); and the batch gather, whose result is copied into the graph's static inputs.
 
 What the training loop guarantees so that a replay is the same step as an eager one: one shape
 for every training batch (static crops; on a GPU the last batch is filled up), no host read inside
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fastser.training.loop import train_step
+from fastser.training.step import step_body, train_step
 
 
 class GraphedTrainStep:
@@ -29,11 +29,11 @@ class GraphedTrainStep:
     valid until the next call. `targets` may be `feats` itself (no SpecAugment); `mix` (mixup) is
     given at every step or at none, since the graph is captured with or without it."""
 
-    def __init__(self, model, objective, opt, amp: bool = False, clip: float = 5.0, warmup: int = 3):
+    def __init__(self, model, objective, opt, amp: bool = False, warmup: int = 3):
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"--cuda-graph needs the model on a CUDA device, not {device}")
-        self.model, self.objective, self.opt, self.amp, self.clip = model, objective, opt, amp, clip
+        self.model, self.objective, self.opt, self.amp = model, objective, opt, amp
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.warmup, self.steps = warmup, 0
         self.graph = None
@@ -79,9 +79,5 @@ class GraphedTrainStep:
         self.opt.zero_grad(set_to_none=True)  # the captured backward then writes the gradients
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            # autocast's weight cache would hold casts made during capture: off, as the CUDA graph docs ask
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-                self.out = self.model(self.feats, self.frames)
-            self.terms = self.objective(self.out, self.labels, self.targets, self.frames, self.mix)
-            self.terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+            self.out, self.terms = step_body(self.model, self.objective, self.feats, self.targets, self.frames,
+                                             self.labels, self.amp, self.params, self.mix, autocast_cache=False)

@@ -30,27 +30,11 @@ from fastser.ops import backends_in_use
 from fastser.training.averaging import WeightAverages
 from fastser.training.batches import Batcher, Normalizer, mixup, spec_augment
 from fastser.training.checkpoints import ModelSpec, build_model, cpu_state, run_setting, save_checkpoint
+from fastser.training.step import train_step
 
 # input statistics a speaker-normalised model is also scored with, as predict would use them without
 # enrollment audio: each utterance's own, or the training speakers' pooled ones (saved with the model)
 FALLBACKS = ("utterance", "training")
-
-
-def train_step(model, objective, opt, feats: dict, targets: dict, frames, labels, amp: bool = False,
-               clip_params=None, mix=None):
-    """One optimizer step: forward (bf16 autocast with amp), joint loss in fp32 (`mix`: the Mix of a
-    mixup batch), backward (the fused center loss updates its centers inside it), clip, step. No host
-    synchronisation."""
-    device_type = frames.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-        out = model(feats, frames)
-    terms = objective(out, labels, targets, frames, mix)
-    opt.zero_grad(set_to_none=True)
-    terms.total.backward()
-    if clip_params is not None:
-        torch.nn.utils.clip_grad_norm_(clip_params, 5.0)
-    opt.step()
-    return out, terms
 
 
 class EpochTotals:

@@ -146,3 +146,28 @@ def test_a_one_class_corpus_fails_in_one_line(tmp_path):
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert "same emotion (angry)" in err[0] and "at least two classes" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_synthetic_corpus_is_generated_once_then_read_back_unchanged(tmp_path, monkeypatch):
+    """The generated corpus is cached by its arguments and the generator's code: the second load reads
+    the file (the generator is not called) and gives the same utterances, bit for bit; other
+    arguments are another file; a damaged file is rebuilt."""
+    import numpy as np
+
+    from fastser.data import synthetic
+    first = load_corpus("synthetic", seed=3, n_speakers=2, per_class=1, cache_dir=tmp_path)
+    files = list(tmp_path.glob("synthetic-*.npz"))
+    assert len(files) == 1
+    monkeypatch.setattr(synthetic, "make_corpus", lambda **kw: pytest.fail("generated again"))
+    again = load_corpus("synthetic", seed=3, n_speakers=2, per_class=1, cache_dir=tmp_path)
+    assert [(u.uid, u.label, u.speaker, u.gender) for u in again.utterances] == \
+        [(u.uid, u.label, u.speaker, u.gender) for u in first.utterances]
+    assert all(np.array_equal(a.audio, b.audio) and a.audio.dtype == b.audio.dtype
+               for a, b in zip(first.utterances, again.utterances))
+    assert again.classes == first.classes and again.default_split == "holdout"
+    monkeypatch.undo()
+    load_corpus("synthetic", seed=4, n_speakers=2, per_class=1, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("synthetic-*.npz"))) == 2
+    files[0].write_bytes(b"not an npz")
+    rebuilt = load_corpus("synthetic", seed=3, n_speakers=2, per_class=1, cache_dir=tmp_path)
+    assert np.array_equal(rebuilt.utterances[0].audio, first.utterances[0].audio)

@@ -270,8 +270,7 @@ def test_features_read_the_device_once_without_lengths(fn, with_lengths, monkeyp
     assert len(reads) == (3 if with_lengths else 1), reads
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU (the CPU test above "
-                                                            "counts the reads of the shared path)")
+@pytest.mark.gpu(reason="CUDA's sync debug mode needs a GPU (the CPU test above counts the reads of the shared path)")
 @pytest.mark.parametrize("fn", ["log_melspectrogram", "mfcc"])
 def test_gpu_features_synchronise_once(fn):
     x = torch.from_numpy(np.stack([SIGNALS["chirp"][:8000]] * 4)).cuda()
@@ -288,8 +287,8 @@ def test_gpu_features_synchronise_once(fn):
     assert len(syncs) == 1, [str(w.message) for w in syncs]  # the NaN/Inf check, read after every launch
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the check is deferred on a GPU only (on the CPU it "
-                                                            "runs first; test_bad_input_raises_clear_error)")
+@pytest.mark.gpu(reason="the check is deferred on a GPU only (on the CPU it runs first; "
+                        "test_bad_input_raises_clear_error)")
 def test_gpu_nan_audio_still_raises_after_the_deferred_check():
     x = torch.from_numpy(np.stack([SIGNALS["chirp"][:8000]] * 2)).cuda()
     x[1, 100] = float("nan")

@@ -508,7 +508,7 @@ def test_deferred_validation_reads_nothing_back_to_the_host(backend, monkeypatch
     assert int(loss_fn.bad_batches) == 2
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's sync debug mode needs a GPU (the CPU test above covers cpp/torch)")
+@pytest.mark.gpu(reason="CUDA's sync debug mode needs a GPU (the CPU test above covers cpp/torch)")
 @pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 def test_deferred_validation_never_syncs_the_stream(backend):
     loss_fn = CenterLoss(4, 8, backend=backend, validate="deferred").to(DEVICE)
@@ -524,7 +524,7 @@ def test_deferred_validation_never_syncs_the_stream(backend):
     assert int(loss_fn.bad_batches) == 1
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.gpu(reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("update", ["wen", "gradient"])
 @pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 def test_a_step_captured_in_a_cuda_graph_replays_like_eager_steps(backend, update):
