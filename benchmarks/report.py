@@ -1,7 +1,7 @@
-"""Build the README's performance and accuracy tables from benchmarks/results/ (never typed by hand).
+"""Build the README's and docs/accuracy.md's tables from benchmarks/results/ (never typed by hand).
 
     python -m benchmarks.report            # print the markdown
-    python -m benchmarks.report --write    # replace the tables between their markers in README.md
+    python -m benchmarks.report --write    # replace the tables between their markers (README.md, docs/)
 
 Performance: benchmarks/results/*.json (pytest-benchmark runs, `benchmarks/_harness.py`).
 Accuracy: benchmarks/results/accuracy/*.json (`python -m benchmarks.accuracy`), one table per
@@ -23,6 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ACC_START, ACC_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"
+ACCURACY_DOC = ROOT / "docs" / "accuracy.md"
+# the README's results: per corpus and split, the default's row and the strongest classic baselines
+HEADLINE = {("ravdess", "loso"): ("fastser-default-time-pooling-per-frequency-band-24-epochs-speaker-norm-prosody-"
+                                  "no-validation-speakers", "compare-linear-svm-speaker-znorm",
+                                  "egemaps-linear-svm-speaker-znorm")}
 SUITE_TITLES = {
     "center_loss": "Center loss, one training step (forward + backward + center update), B x C x D",
     "features": "Features, 256 clips x 3 s at 16 kHz (n_fft 512, hop 160, 40 mels / 40 MFCCs; -lengths: 1.5-3 s "
@@ -150,9 +156,31 @@ def accuracy_table() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def headline_table() -> str:
+    """The README's results table per corpus: the default model (with and without enrollment audio)
+    beside the classic baselines on the same folds."""
+    lines = []
+    for (corpus, split), names in HEADLINE.items():
+        rows = [json.loads((RESULTS / "accuracy" / f"{corpus}-{split}-{n}.json").read_text()) for n in names]
+        lines += ["| model | UA % | WA % | UA % without enrollment audio | time per seed (2 CPU cores) | "
+                  "folds, seeds |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in rows:
+            spread = r["kind"] != "baseline" and len(r["seeds"]) > 1
+            pm = lambda k: f"{100 * r[k + '_mean']:.1f}" + (f" ± {100 * r[k + '_std']:.1f}" if spread else "")  # noqa: E731
+            name = "fastser (defaults)" if r["kind"] != "baseline" else _setting_text(r)
+            alone = pm("training_norm_ua") if "training_norm_ua_mean" in r else "(per-speaker z-norm needs the speaker)"
+            seeds = f"{r['folds']} folds, seeds {', '.join(r['seeds'])}" if r["kind"] != "baseline" else \
+                f"{r['folds']} folds"
+            lines.append(f"| {name} | {pm('ua')} | {pm('wa')} | {alone} | {_minutes(r['seconds_per_seed'])} | "
+                         f"{seeds} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def _replace(content: str, start: str, end: str, text: str) -> str:
     if start not in content or end not in content:
-        raise SystemExit(f"README.md has no {start} ... {end} markers")
+        raise SystemExit(f"no {start} ... {end} markers")
     head, rest = content.split(start, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{start}\n{text}{end}{tail}"
@@ -160,15 +188,16 @@ def _replace(content: str, start: str, end: str, text: str) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--write", action="store_true", help="update README.md in place")
+    ap.add_argument("--write", action="store_true", help="update README.md and docs/accuracy.md in place")
     args = ap.parse_args(argv)
-    text, accuracy = table(), accuracy_table()
+    text, accuracy, headline = table(), accuracy_table(), headline_table()
     if not args.write:
-        print(text + "\n" + accuracy)
+        print(headline + "\n" + text + "\n" + accuracy)
         return
     readme = ROOT / "README.md"
     content = _replace(readme.read_text(), START, END, text)
-    readme.write_text(_replace(content, ACC_START, ACC_END, accuracy))
+    readme.write_text(_replace(content, HEAD_START, HEAD_END, headline))
+    ACCURACY_DOC.write_text(_replace(ACCURACY_DOC.read_text(), ACC_START, ACC_END, accuracy))
 
 
 if __name__ == "__main__":

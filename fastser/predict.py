@@ -382,7 +382,7 @@ def main(argv=None) -> int:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if not args.enroll and predictor.spec.normalize == "speaker":
         notes.append("no --enroll audio: the training speakers' statistics stand in for this speaker's, which "
-                     "costs this kind of model much of its accuracy (README, accuracy table); give --enroll with "
+                     "costs this kind of model much of its accuracy (README: Results); give --enroll with "
                      "unlabelled audio of the speaker")
     files, errors = expand_inputs(args.inputs)
     if not files:

@@ -37,13 +37,13 @@ from fastser.training.reports import metrics_of, run_cost, seed_ensemble, write_
 
 CORPORA = ("synthetic", "iemocap", "emodb", "ravdess", "cremad", "tess")
 ABLATION = {"ce_only": (False, False), "center": (True, False), "recon": (False, True), "center+recon": (True, True)}
-# one-cycle schedule length. Real corpora: 24, measured in LOSO on ravdess-dev against 12 (README,
-# accuracy table: the model still underfits at 12, with every epoch kept now that nothing early-stops);
+# one-cycle schedule length. Real corpora: 24, measured in LOSO on ravdess-dev against 12 (docs/accuracy.md:
+# the model still underfits at 12, with every epoch kept now that nothing early-stops);
 # the synthetic default run keeps its small setting
 DEFAULT_EPOCHS = {"synthetic": 12}  # real corpora: 24
 DEFAULT_PATIENCE = {"synthetic": 8}  # real corpora: 5
 # real corpora: the validation speakers are trained on and the last epoch kept — measured better
-# in LOSO than early stopping on two speakers (README, accuracy table); the synthetic run keeps them
+# in LOSO than early stopping on two speakers (docs/accuracy.md); the synthetic run keeps them
 DEFAULT_VALIDATION = {"synthetic": True}
 
 
@@ -108,9 +108,10 @@ def build_parser() -> ArgumentParser:
     corpus = p.add_argument_group("corpus and folds")
     corpus.add_argument("--corpus", choices=CORPORA, default="synthetic",
                         help="which corpus; 'synthetic' is generated, the others are read from --data-dir")
-    corpus.add_argument("--data-dir", default=None, help="corpus root, in the layout the corpus ships in (README)")
+    corpus.add_argument("--data-dir", default=None,
+                        help="corpus root, in the layout the corpus ships in (docs/guide.md)")
     corpus.add_argument("--split", choices=SPLITS, default=None,
-                        help="speaker-independent folds (default: the corpus's own, see README)")
+                        help="speaker-independent folds (default: the corpus's own, see docs/guide.md)")
     corpus.add_argument("--folds", type=int, default=5, help="number of folds for --split kfold")
     corpus.add_argument("--max-folds", type=int, default=None, help="run only the first N folds (smoke runs)")
     corpus.add_argument("--classes", default=None,

@@ -1,21 +1,38 @@
-"""The README's results tables are generated from benchmarks/results/, never typed by hand."""
+"""The README's and docs' results tables are generated from benchmarks/results/, never typed by hand,
+and the README stays a user's page."""
 from pathlib import Path
 
 from benchmarks import report
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+ACCURACY = (ROOT / "docs" / "accuracy.md").read_text()
 
 
-def between(start: str, end: str) -> str:
-    return README.split(start, 1)[1].split(end, 1)[0]
+def between(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0]
 
 
 def test_performance_table_is_the_generated_one():
-    assert between(report.START, report.END) == "\n" + report.table()
+    assert between(README, report.START, report.END) == "\n" + report.table()
+
+
+def test_headline_table_is_the_generated_one():
+    assert between(README, report.HEAD_START, report.HEAD_END) == "\n" + report.headline_table()
 
 
 def test_accuracy_table_is_the_generated_one():
-    assert between(report.ACC_START, report.ACC_END) == "\n" + report.accuracy_table()
+    assert between(ACCURACY, report.ACC_START, report.ACC_END) == "\n" + report.accuracy_table()
+
+
+def test_readme_first_screen_shows_install_run_and_results():
+    """What it is, install and run come first; the docs it links exist; every local link resolves."""
+    import re
+    head = README[: README.index("## Results")]
+    assert "pip install torch==2.13.0" in head and "python -m fastser.train" in head
+    assert README.index("## Results") < README.index("## Speed")
+    for target in re.findall(r"\]\(((?:docs/|LICENSE|CITATION)[^)#]*)", README):
+        assert (ROOT / target).exists(), target
 
 
 def test_accuracy_rows_name_the_augmentations_they_were_made_with():
