@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -103,8 +103,11 @@ class Predictor:
     `checkpoint` may be a list: the models (e.g. one per --seeds run) are averaged, each window's
     class probabilities the mean of theirs (a soft-vote ensemble); they must share their classes,
     features, input normalisation and windows.
-    predict_file(path) -> Prediction; predict_waveform(samples at `sr`) -> Prediction;
-    probabilities(samples) -> (classes,) tensor. Inference only (no autograd).
+    predict(x, sr=None) -> Prediction, or a list of them for a list: `x` a path, a 1-D array or
+    tensor of mono samples (at `sr`, default the model's `self.sr`; resampled with soxr otherwise),
+    or a list of those (short clips are scored together, `batch_size` at a time);
+    predict_file(path) -> Prediction; predict_waveform(samples, sr=None) -> Prediction;
+    probabilities(samples, sr=None) -> (classes,) tensor. Inference only (no autograd).
 
     Input statistics follow the run's --normalize: "corpus" uses the training statistics stored in
     the checkpoint; "speaker" uses the speaker's statistics from `enroll` (audio files of the same
@@ -245,11 +248,21 @@ class Predictor:
         probs = (np.stack([s.probabilities for s in segments]) * weights[:, None]).sum(0) / weights.sum()
         return Prediction(name, self.classes, probs, segments, level.seconds(self.sr), level.dbfs())
 
-    def predict_waveform(self, samples, name: str = "<waveform>") -> Prediction:
-        """Mono samples at `self.sr` (NumPy or torch, 1-D)."""
-        y = np.ascontiguousarray(torch.as_tensor(samples).detach().cpu().numpy(), dtype=np.float32).reshape(-1)
+    def _waveform(self, samples, sr) -> np.ndarray:
+        y = np.ascontiguousarray(torch.as_tensor(samples).detach().cpu().numpy(), dtype=np.float32)
+        if y.ndim != 1 and not (y.ndim == 2 and 1 in y.shape):
+            raise ValueError(f"expected mono samples (1-D), got an array of shape {tuple(y.shape)}")
+        y = y.reshape(-1)
         if y.size == 0:
             raise ValueError("empty waveform")
+        if sr is not None and sr != self.sr:
+            import soxr
+            y = soxr.resample(y, sr, self.sr, quality="HQ").astype(np.float32, copy=False)
+        return y
+
+    def predict_waveform(self, samples, sr: Optional[int] = None, name: str = "<waveform>") -> Prediction:
+        """Mono samples (NumPy or torch, 1-D) at `sr` (default: the model's rate, `self.sr`)."""
+        y = self._waveform(samples, sr)
         level = _Level()
         level.add(y)
         if y.size <= self.whole_seconds * self.sr:
@@ -270,9 +283,34 @@ class Predictor:
                 yield block
         return self._predict(path, self._windows(blocks()), level)
 
-    def probabilities(self, samples) -> torch.Tensor:
-        """(classes,) probabilities for mono samples at `self.sr`."""
-        return torch.from_numpy(self.predict_waveform(samples).probabilities)
+    def probabilities(self, samples, sr: Optional[int] = None) -> torch.Tensor:
+        """(classes,) probabilities for mono samples at `sr` (default `self.sr`)."""
+        return torch.from_numpy(self.predict_waveform(samples, sr).probabilities)
+
+    def predict(self, x, sr: Optional[int] = None):
+        """A path or mono samples (at `sr`) -> Prediction; a list of them -> a list of Predictions, in
+        order. Clips up to the model's whole-clip length are scored together in batches (each exactly
+        as alone: features and pooling use each clip's own frames); files and longer clips one by one."""
+        if not isinstance(x, (list, tuple)):
+            return self.predict_file(x) if isinstance(x, (str, os.PathLike)) else self.predict_waveform(x, sr)
+        results, short = [None] * len(x), []
+        for i, item in enumerate(x):
+            if isinstance(item, (str, os.PathLike)):
+                results[i] = self.predict_file(item)
+                continue
+            y = self._waveform(item, sr)
+            if y.size > self.whole_seconds * self.sr:
+                results[i] = self.predict_waveform(y)
+            else:
+                short.append((i, y))
+        for start in range(0, len(short), self.batch_size):
+            chunk = short[start: start + self.batch_size]
+            for (i, y), probs in zip(chunk, self._score([y for _, y in chunk])):
+                level = _Level()
+                level.add(y)
+                results[i] = Prediction(f"<waveform {i}>", self.classes, probs,
+                                        [Segment(0.0, y.size / self.sr, probs)], level.seconds(self.sr), level.dbfs())
+        return results
 
 
 class _Level:

@@ -139,7 +139,7 @@ def test_torchrun_train_writes_one_set_of_artifacts(tmp_path):
     total = sum(map(sum, metrics["confusion"]))
     assert total == metrics["n_test"] == 96  # the default corpus's 2 test speakers x 48, each counted once
     assert len((out / "history.jsonl").read_text().splitlines()) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "confusion.png",
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL.md", "checkpoint.pt", "config.json", "confusion.png",
                                                      "embeddings.png", "history.jsonl", "metrics.json",
                                                      "predictions.csv", "settings.json"]
 

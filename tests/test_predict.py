@@ -275,3 +275,24 @@ def test_a_model_trained_on_the_synthetic_corpus_says_so(run_dir, clips, capsys)
 def test_a_folder_without_a_checkpoint_says_what_it_lacks(tmp_path):
     (tmp_path / "empty-run").mkdir()
     assert predict.cli(["x.wav", "--checkpoint", str(tmp_path / "empty-run")]) == 2
+
+
+def test_the_python_api_takes_paths_arrays_at_their_rate_and_batches(run_dir, clips, tmp_path):
+    """Predictor.predict: a path, an array at its own sample rate (resampled), or a list of both; the
+    batched short clips score as each does alone, in order."""
+    import soxr
+    _, files, utts = clips
+    predictor = predict.Predictor(run_dir, batch_size=2)
+    audio = [u.audio for u in utts[:3]]
+    alone = [predictor.predict_waveform(y).probabilities for y in audio]
+    together = predictor.predict([audio[0], str(files[1]), audio[1], audio[2]])
+    assert [p.file for p in together][1] == str(files[1])
+    for got, want in zip([together[0], together[2], together[3]], alone):
+        np.testing.assert_allclose(got.probabilities, want, atol=1e-5)
+    np.testing.assert_allclose(together[1].probabilities, predictor.predict(files[1]).probabilities, atol=1e-6)
+    at_48k = soxr.resample(audio[0], 16000, 48000, quality="HQ").astype(np.float32)
+    np.testing.assert_allclose(predictor.predict(at_48k, sr=48000).probabilities, alone[0], atol=0.02)
+    np.testing.assert_allclose(predictor.probabilities(at_48k, sr=48000).numpy(),
+                               predictor.predict(at_48k, sr=48000).probabilities)
+    with pytest.raises(ValueError, match="mono"):
+        predictor.predict(np.stack([audio[0][:8000], audio[1][:8000]]))

@@ -56,8 +56,12 @@ def test_one_epoch_reduces_the_loss():
 def test_cli_writes_every_artifact(tmp_path):
     metrics, out = run(tmp_path, "a", "--epochs", "2")
     for name in ("metrics.json", "history.jsonl", "confusion.png", "embeddings.png", "config.json", "checkpoint.pt",
-                 "predictions.csv"):
+                 "predictions.csv", "settings.json", "MODEL.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    card = (out / "MODEL.md").read_text()  # the model card: what it was trained and measured on, what it needs
+    assert "corpus `synthetic`" in card and "speaker-independent fold" in card and "never heard" not in card
+    assert f"UA {100 * metrics['ua']:.1f}%" in card and "without enrollment audio" in card
+    assert "--enroll" in card and "real speech" in card
     m = json.loads((out / "metrics.json").read_text())
     for key in ("wa", "ua", "macro_f1", "per_class_recall", "confusion", "folds", "skipped"):
         assert key in m

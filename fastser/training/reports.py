@@ -1,5 +1,6 @@
 """What a finished experiment writes: metrics.json, history.jsonl, config.json, predictions.csv,
-the confusion matrix and embedding plots, and the ablation table; the ensemble of several seeds."""
+MODEL.md (the model card), the confusion matrix and embedding plots, and the ablation table; the
+ensemble of several seeds."""
 from __future__ import annotations
 
 import csv
@@ -82,12 +83,65 @@ def write_reports(run: Run, metrics: dict) -> None:
             f.write(json.dumps(row) + "\n")
     (out / "config.json").write_text(json.dumps(run.config(), indent=2, default=str) + "\n")
     write_predictions(out / "predictions.csv", run.fold_results, run.table.corpus, run.classes)
+    (out / "MODEL.md").write_text(model_card(run, metrics))
     plot_confusion(np.array(metrics["confusion"]), run.classes, out / "confusion.png",
                    f"{run.args.corpus} {run.split}: WA {metrics['wa']:.1%}  UA {metrics['ua']:.1%}")
     last = run.last_fold_embeddings()
     if last is not None and last["embeddings"] is not None and len(last["embeddings"]) > 2:
         plot_embeddings(last["embeddings"], last["labels"], last["centers"], run.classes, out / "embeddings.png",
                         f"test embeddings, {run.fold_results[-1]['name']}")
+
+
+NORMALIZE_NEEDS = {
+    "speaker": "each speaker's own feature statistics: give predict unlabelled audio of the speaker (`--enroll`, "
+               "or `Predictor(..., enroll=[...])`); without it the training speakers' statistics stand in, at the "
+               "cost shown above",
+    "corpus": "the training fold's statistics, saved with the model: nothing to give",
+    "utterance": "each clip's own statistics: nothing to give",
+}
+
+
+def model_card(run: Run, metrics: dict) -> str:
+    """MODEL.md: what the run's model is, what it was trained and measured on, what it expects at
+    prediction time, and what it has never seen."""
+    corpus, a = run.table.corpus, run.args
+    pct = lambda m: f"UA {100 * m['ua']:.1f}%, WA {100 * m['wa']:.1f}%, macro-F1 {100 * m['macro_f1']:.1f}%"  # noqa: E731
+    speakers = sorted(set(corpus.speakers.tolist()))
+    lines = [f"# Model card: {run.out.name}", "",
+             f"fastser {__version__}: the CNN + center loss + reconstruction model of Tripathi et al. (2020), "
+             f"inputs {' + '.join(run.spec.features.kinds)} at {run.spec.features.sr} Hz.", "",
+             "## Trained on", "",
+             f"- corpus `{a.corpus}`: {len(corpus.utterances)} utterances, {len(speakers)} speakers; classes "
+             + ", ".join(f"{c} ({n})" for c, n in zip(run.classes, np.bincount(corpus.labels,
+                                                                                minlength=len(run.classes)))),
+             f"- protocol: split `{run.split}`, {len(run.fold_results)} speaker-independent fold"
+             f"{'s' if len(run.fold_results) != 1 else ''} (no test speaker is ever trained on); the model saved "
+             f"is the last fold's ({run.fold_results[-1]['name'] if run.fold_results else '-'})",
+             f"- {a.epochs} epoch{'s' if a.epochs != 1 else ''}, batch {a.batch_size}, lr {a.lr:g}, seed {a.seed}, "
+             f"center loss weight {run.lambda_center:g}, reconstruction weight {run.lambda_recon:g}", "",
+             "## Measured (test speakers, pooled over the folds)", "",
+             f"- with the speaker's statistics (enrollment audio): {pct(metrics)} on {metrics['n_test']} utterances"
+             if run.normalize == "speaker" else f"- {pct(metrics)} on {metrics['n_test']} utterances"]
+    if "training_norm" in metrics:
+        lines.append(f"- without enrollment audio (the training speakers' statistics): {pct(metrics['training_norm'])}")
+    if "utterance_norm" in metrics:
+        lines.append(f"- with each clip's own statistics: {pct(metrics['utterance_norm'])}")
+    lines.append(f"- chance: UA {100 / len(run.classes):.1f}%" + ("" if a.corpus == "synthetic" else
+                 f"; the classic baseline on the same folds: `python -m fastser.baseline --corpus {a.corpus} "
+                 f"--data-dir ... --split {run.split}` (openSMILE functionals + SVM)"))
+    lines += ["",
+              "## At prediction time", "",
+              f"- input statistics (`--normalize {run.normalize}`): {NORMALIZE_NEEDS[run.normalize]}",
+              f"- mono audio, resampled to {run.spec.features.sr} Hz; clips up to {run.spec.max_seconds:g} s are "
+              f"scored whole, longer ones in {run.spec.train_seconds:g} s windows", "",
+              "## Never trained on", ""]
+    if a.corpus == "synthetic":
+        lines.append("- real speech: the synthetic corpus is generated voiced tones; this model's predictions on "
+                     "recordings mean nothing")
+    else:
+        lines.append(f"- speech other than {a.corpus}'s: other languages, speakers, microphones, rooms, noise and "
+                     f"spontaneous (not acted) emotion; emotions other than {', '.join(run.classes)}")
+    return "\n".join(lines) + "\n"
 
 
 def write_predictions(path: Path, fold_results: list, corpus, classes: list) -> None:
