@@ -51,13 +51,13 @@ def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, STAT
     tl.store(ROW_LOSS_ptr + rows, tl.where(valid, loss, float("nan")), mask=row_ok)
     if STATS:  # STATS_ptr: C class counts, then the bad-row count; zeroed by the caller
         one = tl.full((ROWS,), 1, tl.int32)
-        tl.atomic_add(STATS_ptr + labels, one, mask=valid)
+        tl.atomic_add(STATS_ptr + labels, one, mask=valid, sem="relaxed")
         # a sum of squares is finite iff it is below inf (NaN compares False)
         bad = row_ok & ((valid & (loss < float("inf"))) == 0)
         n_bad = tl.sum(bad.to(tl.int32), axis=0)
-        old = tl.atomic_add(STATS_ptr + C, n_bad, mask=n_bad > 0)
+        old = tl.atomic_add(STATS_ptr + C, n_bad, mask=n_bad > 0, sem="relaxed")
         if COUNT_BAD_BATCHES:  # the program whose bad rows arrive first counts the batch, exactly once
-            tl.atomic_add(BAD_BATCHES_ptr, 1, mask=(n_bad > 0) & (old == 0))
+            tl.atomic_add(BAD_BATCHES_ptr, 1, mask=(n_bad > 0) & (old == 0), sem="relaxed")
 
 
 @triton.jit
@@ -87,9 +87,9 @@ def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_
             tl.store(GRAD_X_ptr + rows[:, None] * D + cols[None, :], gx.to(GRAD_X_ptr.dtype.element_ty), mask=m)
         mv = valid[:, None] & (cols[None, :] < D)
         if SCATTER == 1:
-            tl.atomic_add(CENTERS_ptr + labels[:, None] * D + cols[None, :], coef[:, None] * v, mask=mv)
+            tl.atomic_add(CENTERS_ptr + labels[:, None] * D + cols[None, :], coef[:, None] * v, mask=mv, sem="relaxed")
         if SCATTER == 2:
-            tl.atomic_add(GRAD_C_ptr + labels[:, None] * D + cols[None, :], -g[:, None] * v, mask=mv)
+            tl.atomic_add(GRAD_C_ptr + labels[:, None] * D + cols[None, :], -g[:, None] * v, mask=mv, sem="relaxed")
 
 
 @triton.jit

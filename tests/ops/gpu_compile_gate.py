@@ -126,6 +126,21 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": int(usage.group(1)), "stack": int(usage.group(2))}
 
 
+TILE_CONSTEXPRS = ("BLOCK_D", "ROWS", "BLOCK", "BLOCK_T", "BLOCK_M", "BLOCK_K")
+ATOMIC_SASS = re.compile(r"\b(?:RED|REDG|REDUX|ATOM|ATOMG|ATOMS)\.")
+FENCE_SASS = re.compile(r"\b(?:MEMBAR|CCTL\.IVALL|FENCE)\b")
+
+
+def atomics_and_fences(cubin: bytes) -> tuple:
+    """(atomic instructions, memory fences and L1 invalidations) in a kernel's SASS. Triton's default
+    atomic order (acq_rel) puts a full fence and an L1 invalidate beside every atomic; the center
+    loss's atomics only accumulate (nothing in the same launch reads what they write), so they are
+    relaxed and the SASS must hold no fence."""
+    from triton.tools.disasm import get_sass
+    sass = get_sass(cubin)
+    return len(ATOMIC_SASS.findall(sass)), len(FENCE_SASS.findall(sass))
+
+
 def unique(launches):
     return list({launch.key(): launch for launch in launches}.values())
 
@@ -133,7 +148,7 @@ def unique(launches):
 def main(family: str, archs) -> None:
     launches = unique(LAUNCHES[family]())
     for arch in archs:
-        failures, spills, max_registers = [], [], {}
+        failures, spills, max_registers, fenced, atomics, read_sass = [], [], {}, [], 0, set()
         for launch in launches:
             try:
                 compiled = compile_for(launch, arch)
@@ -146,9 +161,20 @@ def main(family: str, archs) -> None:
             max_registers[launch.name] = max(max_registers.get(launch.name, 0), usage["registers"])
             if usage["stack"]:
                 spills.append(f"{launch.name} {launch.signature()[1]} {launch.options}: {usage}")
+            # the atomics' order is the same at every tile size and dtype, and reading SASS takes about
+            # half a second a kernel: once per kernel and choice of code (its constexpr flags)
+            flags = (launch.name, tuple(sorted((k, v) for k, v in launch.signature()[1].items()
+                                               if k not in TILE_CONSTEXPRS)))
+            if "atomic_" in launch.jit_function().src and flags not in read_sass:
+                read_sass.add(flags)
+                n_atomics, n_fences = atomics_and_fences(compiled.asm["cubin"])
+                atomics += n_atomics
+                if n_fences:
+                    fenced.append(f"{launch.name} {flags[1]}: {n_fences} fences beside {n_atomics} atomics")
         print(json.dumps({"family": family, "arch": arch, "compiled": len(launches) - len(failures),
                           "launches": len(launches), "failures": failures, "spills": spills,
-                          "max_registers": max_registers}), flush=True)
+                          "max_registers": max_registers, "sass_read": len(read_sass), "atomics": atomics,
+                          "fenced": fenced}), flush=True)
 
 
 if __name__ == "__main__":
