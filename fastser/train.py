@@ -307,9 +307,10 @@ def _out_dir(args, info) -> Path:
         folder = res if res.is_dir() else res.parent
         if args.out is None:
             args.out = str(folder)
-        elif Path(args.out).resolve() != folder.resolve() and info.is_main:
-            _fork_run(folder, Path(args.out))
         if Path(args.out).resolve() != folder.resolve():
+            if info.is_main:
+                _fork_run(folder, Path(args.out))
+            info.barrier()  # under torchrun the other ranks read the copy
             args.resume = args.out  # continued in the new folder; the original stays as it was
     if args.out is None:
         stamp = [dt.datetime.now().strftime("%Y%m%d-%H%M%S")]
