@@ -42,6 +42,18 @@ class PredictWarning(UserWarning):
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64", ".rf64"}
 
 
+def audio_problems(seconds: float, rms_dbfs: float) -> list:
+    """What makes audio a poor sample of speech (for a prediction or for enrollment): too short,
+    near-silent."""
+    out = []
+    if seconds < MIN_SECONDS:
+        out.append(f"{seconds:.3g} s is shorter than {MIN_SECONDS} s")
+    if rms_dbfs < SILENT_DBFS:
+        level = "digital silence" if math.isinf(rms_dbfs) else f"RMS {rms_dbfs:.0f} dBFS"
+        out.append(f"near-silent ({level}; below {SILENT_DBFS:.0f} dBFS)")
+    return out
+
+
 @dataclasses.dataclass
 class Segment:
     start: float  # seconds
@@ -72,14 +84,7 @@ class Prediction:
         return self.rms_dbfs < SILENT_DBFS
 
     def problems(self) -> list:
-        """What makes this audio a poor sample of speech: too short, near-silent."""
-        out = []
-        if self.too_short:
-            out.append(f"{self.duration:.3g} s is shorter than {MIN_SECONDS} s")
-        if self.near_silent:
-            level = "digital silence" if math.isinf(self.rms_dbfs) else f"RMS {self.rms_dbfs:.0f} dBFS"
-            out.append(f"near-silent ({level}; below {SILENT_DBFS:.0f} dBFS)")
-        return out
+        return audio_problems(self.duration, self.rms_dbfs)
 
     def warnings(self) -> list:
         return [f"{p}: the prediction is unreliable" for p in self.problems()]
@@ -177,15 +182,15 @@ class Predictor:
             y = y[: int(self.whole_seconds * self.sr)]
             level = _Level()
             level.add(y)
-            clip = Prediction(str(path), self.classes, np.zeros(0), [], level.seconds(self.sr), level.dbfs())
-            if clip.problems():
-                warnings.warn(f"--enroll: {path}: {'; '.join(clip.problems())}: left out of the speaker's "
-                              f"statistics", PredictWarning, stacklevel=2)
+            problems = audio_problems(level.seconds(self.sr), level.dbfs())
+            if problems:
+                warnings.warn(f"--enroll: {path}: {'; '.join(problems)}: left out of the speaker's statistics",
+                              PredictWarning, stacklevel=2)
                 continue
             y = torch.from_numpy(y).to(self.device)
             feats, frames = self.features.extract(y[None], torch.tensor([y.shape[0]], device=self.device))
             items.append({k: x[0, :, : int(frames[0])].cpu() for k, x in feats.items()})
-            usable += clip.duration
+            usable += level.seconds(self.sr)
         if usable < MIN_ENROLL_SECONDS:
             warnings.warn(f"--enroll: {usable:.2g} s of usable audio is less than {MIN_ENROLL_SECONDS:g} s, too "
                           f"little for a speaker's statistics: the training speakers' statistics are used instead",

@@ -95,7 +95,8 @@ def check_classes(corpus: Corpus, folds: list[Fold], validating: bool) -> list[s
     warnings = []
     for fold in folds:
         train = np.concatenate([fold.train, fold.val]) if not validating else fold.train
-        missing = [corpus.classes[c] for c in present if c not in set(labels[train].tolist())]
+        trained = set(labels[train].tolist())
+        missing = [corpus.classes[c] for c in present if c not in trained]
         if missing:
             warnings.append(f"fold {fold.name}: the training speakers have no {', '.join(missing)} utterances, "
                             f"so the model cannot learn {'that class' if len(missing) == 1 else 'those classes'} "
