@@ -90,6 +90,7 @@ def steps() -> list:
     bench = ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only"]
     train = ["{python}", "-m", "fastser.train", "--no-progress"]
     results_env = {"FASTSER_BENCH_RESULTS_DIR": "{arch}/results"}
+    not_targets = [arg for case in TARGET_CASES for arg in ("--deselect", case)]
     return [
         Step("wheels", 30, ["{python}", "-c", _WHEELS_STEP], ["{python}", "-c", "import soundfile, soxr, librosa"]),
         Step("build", 100, ["{python}", "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "-e", "."],
@@ -103,17 +104,10 @@ def steps() -> list:
         Step("train-graph", 40, train + ["--cuda-graph", "--out", "{arch}/train-graph"], None),
         Step("tests", 90, ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS],
              ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops/test_native.py"]),
-        Step("benchmarks-rest", 600, bench + ["benchmarks", "--deselect", *_join(TARGET_CASES, "--deselect")],
+        Step("benchmarks-rest", 600, bench + ["benchmarks"] + not_targets,
              ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *TARGET_CASES],
              {"FASTSER_BENCH_RESULTS_DIR": "{arch}/results-rest"}),
     ]
-
-
-def _join(items, flag):
-    out = []
-    for i, item in enumerate(items):
-        out += [item] if i == 0 else [flag, item]
-    return out
 
 
 # The wheels step on the GPU machine: install the carried wheels into a clean target, import them.
@@ -144,18 +138,16 @@ def run_step(step: Step, argv: list, env: dict, log: Path, box_s: float) -> dict
                                 start_new_session=True)
         timed_out = False
         try:
-            rc = proc.wait(timeout=box_s)
+            proc.wait(timeout=box_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc.pid, signal.SIGTERM)
+            _kill_group(proc.pid, signal.SIGTERM)  # a chance to write what it has
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-            rc = proc.wait() if proc.poll() is not None else None
         _kill_group(proc.pid, signal.SIGKILL)
-        if rc is None:
-            rc = proc.wait()
+        rc = proc.wait()
     seconds = time.perf_counter() - t0
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
     return {"step": step.name, "rc": rc, "timed_out": timed_out, "seconds": round(seconds, 1),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
+import soxr
 import torch
 
 from fastser.audio import AudioError, info, load, stream
@@ -261,7 +262,6 @@ class Predictor:
         if y.size == 0:
             raise ValueError("empty waveform")
         if sr is not None and sr != self.sr:
-            import soxr
             y = soxr.resample(y, sr, self.sr, quality="HQ").astype(np.float32, copy=False)
         return y
 

@@ -31,7 +31,7 @@ from fastser.data.cache import Perturbation, build_feature_table, with_copies
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
 from fastser.models.cnn import POOLINGS
 from fastser.training.batches import NORMALIZE
-from fastser.training.checkpoints import SETTINGS_FILE, load_checkpoint, write_settings
+from fastser.training.checkpoints import SETTINGS_FILE, load_checkpoint, saved_settings, write_settings
 from fastser.training.loop import Run, log
 from fastser.training.reports import metrics_of, run_cost, seed_ensemble, write_ablation, write_reports
 
@@ -280,7 +280,6 @@ def restore_settings(args: argparse.Namespace, p: argparse.ArgumentParser, given
     """--resume RUN: every setting the run was started with comes back from the run folder, so the
     folder alone continues it. A flag given beside --resume must agree with the run's setting
     (outside RUN_OPTIONS): a resumed run never mixes two settings, it says which flag differs."""
-    from fastser.training.checkpoints import saved_settings
     found = saved_settings(args.resume)
     if found is None:
         return  # no checkpoint there: _train says so, naming the path

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import scipy.signal
 
+from fastser._io import atomic_write
 from fastser.data.base import Corpus, Utterance
 
 CLASSES = ["neutral", "happy", "sad", "angry"]
@@ -140,17 +139,13 @@ def cached_corpus(cache_dir, seed: int = 0, n_speakers: int = 16, per_class: int
         pass
     corpus = make_corpus(**args)
     meta = [{"uid": u.uid, "label": u.label, "speaker": u.speaker, "gender": u.gender} for u in corpus.utterances]
+    audio = {f"a{i}": u.audio for i, u in enumerate(corpus.utterances)}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+            np.savez(f, meta=np.array(json.dumps(meta)), **audio)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".npz")
-        os.close(fd)
-        try:
-            audio = {f"a{i}": u.audio for i, u in enumerate(corpus.utterances)}
-            np.savez(tmp, meta=np.array(json.dumps(meta)), **audio)
-            os.replace(tmp, path)  # readers see the whole file or none
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, write)
     except OSError:  # a read-only or full cache folder costs the next run the generation, nothing else
         pass
     return corpus

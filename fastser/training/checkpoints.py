@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastser._io import atomic_torch_save
+from fastser._io import atomic_torch_save, atomic_write
 from fastser.cli import UserError
 from fastser.features.featureset import ALIASES, FeatureSet
 from fastser.models import SERModel
@@ -136,9 +136,7 @@ SETTINGS_FILE = "settings.json"  # a run folder's start-up settings, written bef
 def write_settings(folder: Path, settings: dict) -> None:
     """The settings a run starts with, so `--resume FOLDER` alone can continue it (tuples as lists)."""
     text = json.dumps(settings, indent=2, default=str) + "\n"
-    tmp = Path(folder) / f".{SETTINGS_FILE}.tmp"
-    tmp.write_text(text)
-    tmp.replace(Path(folder) / SETTINGS_FILE)
+    atomic_write(Path(folder) / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
 def saved_settings(path) -> "tuple[dict, bool] | None":
