@@ -36,6 +36,9 @@ SUITE_TITLES = {
     "train_step": "End-to-end training step from raw audio, 3 s clips, the batch size in the case's name "
                   "(time per step)",
     "center_sync": "Center sync across 2 ranks (gloo), D = 512, B = 256 per rank",
+    "inference": "Inference, audio in, probabilities out: 3 s clips at 16 kHz, the default model, batch 1 and 32 "
+                 "(predict: fastser.Predictor; the exported files in onnxruntime and torch.export; "
+                 "memory: peak resident)",
 }
 
 

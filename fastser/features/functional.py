@@ -126,15 +126,20 @@ def frame_count(lengths: Union[torch.Tensor, int], n_fft: int, hop_length: int, 
     return 1 + (lengths - n_fft) // hop_length
 
 
-def _frames_of(y: torch.Tensor, lengths: torch.Tensor, cfg: "FeatureConfig", uniform: bool):
-    """(frame counts (B,), the largest as a Python int). `uniform`: every item has the padded length
+def _frames_of(y: torch.Tensor, lengths: torch.Tensor, cfg: "FeatureConfig", uniform: bool,
+               span_padding: bool = False):
+    """(frame counts (B,), the output's frame count). `uniform`: every item has the padded length
     (no `lengths` given), so both come from the shape without reading the device — on a GPU a host
-    synchronisation costs more than the fused kernels."""
-    if not uniform:
-        frames = frame_count(lengths, cfg.n_fft, cfg.hop_length, cfg.center)
-        return frames, int(frames.max()) if len(frames) else 0
-    n = frame_count(int(y.shape[-1]), cfg.n_fft, cfg.hop_length, cfg.center)
-    return torch.full((y.shape[0],), n, dtype=torch.int64, device=y.device), n
+    synchronisation costs more than the fused kernels. `span_padding`: the output spans the padded
+    length (its frames past the longest item are zeros), also without a device read — what a graph
+    traced for any batch and length (torch.export, ONNX) needs."""
+    if uniform or span_padding:
+        n = frame_count(y.shape[-1], cfg.n_fft, cfg.hop_length, cfg.center)
+        if uniform:
+            return torch.full((y.shape[0],), n, dtype=torch.int64, device=y.device), n
+        return frame_count(lengths, cfg.n_fft, cfg.hop_length, cfg.center), n
+    frames = frame_count(lengths, cfg.n_fft, cfg.hop_length, cfg.center)
+    return frames, int(frames.max()) if len(frames) else 0
 
 
 def _source_index(pos: torch.Tensor, L: torch.Tensor, pad_mode: str):
@@ -158,26 +163,30 @@ def _source_index(pos: torch.Tensor, L: torch.Tensor, pad_mode: str):
     return idx.clamp(min=0), keep
 
 
-def _padded_signal(y: torch.Tensor, lengths: torch.Tensor, max_frames: int, cfg: FeatureConfig):
-    """(B, (max_frames - 1) * hop + n_fft) signals, each padded from its own samples only.
+def _padded_signal(y: torch.Tensor, lengths: torch.Tensor, max_frames: Optional[int], cfg: FeatureConfig):
+    """(B, (max_frames - 1) * hop + n_fft) signals, each padded from its own samples only;
+    max_frames None (centred frames only): the padded batch with `pad` more samples on each side,
+    its length a function of the input's alone (no slicing a traced graph would have to prove).
 
     Valid frames of item b read padded positions [0, L_b + 2 * pad): its left pad, its samples and
     its right pad. Only those two pads (B x pad values) are written here; whatever lies further
     right (another length's padding, garbage) only reaches frames that are zeroed afterwards."""
     B, T = y.shape
-    n_out = (max_frames - 1) * cfg.hop_length + cfg.n_fft
     pad = cfg.n_fft // 2 if cfg.center else 0
-    out = torch.nn.functional.pad(y, (pad, max(0, n_out + pad - T - pad)))[:, : n_out + pad]
-    if pad == 0:
-        return out[:, :n_out]
-    out = out.clone() if out.data_ptr() == y.data_ptr() else out
+    if max_frames is None:
+        out = torch.nn.functional.pad(y, (pad, pad))
+    else:
+        n_out = (max_frames - 1) * cfg.hop_length + cfg.n_fft
+        out = torch.nn.functional.pad(y, (pad, max(0, n_out + pad - T - pad)))[:, : n_out + pad]
+        if pad == 0:
+            return out[:, :n_out]
     L = lengths[:, None]
     j = torch.arange(pad, device=y.device)[None, :]
     for pos, dest in ((j - pad, j.expand(B, pad)), (L + j, L + pad + j)):
         idx, keep = _source_index(pos.expand(B, pad), L, cfg.pad_mode)
         values = torch.where(keep, y.gather(1, idx.clamp(max=T - 1)), y.new_zeros(()))
         out.scatter_(1, dest, values)
-    return out[:, :n_out]
+    return out if max_frames is None else out[:, :n_out]
 
 
 # ----------------------------------------------------------------------------- constant tensors
@@ -283,15 +292,16 @@ def _extract(y: torch.Tensor, lengths: torch.Tensor, cfg: FeatureConfig, backend
 
 
 def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: str = "auto",
-                 consts: Optional[list] = None, uniform: bool = False):
+                 consts: Optional[list] = None, uniform: bool = False, span_padding: bool = False):
     """Several features of the same audio; configs that share the STFT settings share one STFT.
-    uniform: every length is the padded length (the caller passed none), known without a device read."""
+    uniform: every length is the padded length (the caller passed none), known without a device read.
+    span_padding: the output spans the padded length rather than the longest item (see _frames_of)."""
     stft = {tuple(getattr(c, f) for f in STFT_FIELDS) for c in cfgs}
     if len(stft) != 1:
         raise ValueError("extract_many needs configs with the same STFT settings "
                          f"({', '.join(STFT_FIELDS)}); call it once per setting")
     cfg0 = cfgs[0]
-    frames, max_frames = _frames_of(y, lengths, cfg0, uniform)
+    frames, max_frames = _frames_of(y, lengths, cfg0, uniform, span_padding)
     backend = resolve_backend(backend, y.device, y.requires_grad)
     if backend in ("librosa", "dali"):
         from fastser.features import backends
@@ -300,7 +310,7 @@ def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: st
     consts = consts if consts is not None else [constants(c, y.device) for c in cfgs]
     if backend == "cpp" and all(_cpu_fused_ok(y, c) for c in cfgs):
         return _extract_cpu_fused(y, lengths, frames, max_frames, cfgs, consts), frames
-    signal = _padded_signal(y, lengths, max_frames, cfg0)
+    signal = _padded_signal(y, lengths, None if span_padding and cfg0.center else max_frames, cfg0)
     spec = (_stft_cupy if backend == "cupy" else _stft_torch)(signal, consts[0]["window"].to(signal.dtype), cfg0)
     post = _post_triton if backend == "triton" or (backend == "cupy" and _triton_ok()) else _post_torch
     return [post(spec, frames, c, k) for c, k in zip(cfgs, consts)], frames

@@ -87,7 +87,7 @@ def prosody(y: torch.Tensor, lengths: torch.Tensor, cfg: ProsodyConfig = Prosody
     lag_lo, lag_hi = cfg.lags
     n_fft = 1 << (2 * win - 1).bit_length()  # linear (not circular) correlation up to win lags
     frames = frame_count(lengths, win, hop, center=True)
-    T = int(y.shape[1] // hop + 1)
+    T = y.shape[1] // hop + 1
     # centred frames: frame t covers samples [t*hop - win/2, t*hop + win/2); zeros outside the signal
     pos = torch.arange(y.shape[1], device=y.device)
     y = y * (pos[None, :] < lengths[:, None])

@@ -110,8 +110,10 @@ class FeatureEncoder(nn.Module):
         x = F.pad(x, (0, max(0, self.stride - T))).unsqueeze(1)  # pooling needs 8 frames; longer tails are floored
         # Position j at stride s is valid iff j < frames // s, which with floor pooling is every position
         # when frames == T: a batch without padding (the usual training crop) needs no masks. Checked on
-        # the CPU only, where the check is free and the multiplications are not (on a GPU, the reverse).
-        full = x.device.type == "cpu" and x.shape[-1] == T and bool((frames >= T).all())
+        # the CPU only, where the check is free and the multiplications are not (on a GPU, the reverse);
+        # never in an exported graph, which must serve padded batches too.
+        full = x.device.type == "cpu" and x.shape[-1] == T and not torch.compiler.is_exporting() \
+            and bool((frames >= T).all())
         h = self.stem(self._masked(x, frames, 1, full))
         h = self._masked(h, frames, 2, full)
         stride = 2

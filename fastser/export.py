@@ -1,0 +1,263 @@
+"""Export a trained model as one file, audio in, emotions out: `python -m fastser.export RUN [--format onnx|torch]`.
+
+The file takes mono audio at the model's sample rate, `audio` (batch, samples) float32 zero-padded
+with `lengths` (batch,) int64, and returns the class probabilities of each clip scored whole, as
+`fastser.predict` scores a clip up to the run's --max-seconds: features (STFT, mel, dB, DCT,
+prosody), the run's input normalisation, the CNN and the softmax are all inside. Batch and length
+are dynamic. It needs nothing of fastser to run: onnxruntime for `--format onnx` (model.onnx),
+PyTorch's `torch.export.load` for `--format torch` (model.pt2).
+
+Outputs: probabilities (B, classes); feature_sum and feature_sq_sum (B, D), each clip's raw
+feature sums over its valid frames, and frames (B,) — what a speaker's statistics are made of.
+Inputs speaker_mean / speaker_std (D,) are the statistics the features are normalised with
+(runs trained with --normalize speaker or corpus); they default to the training statistics, or
+to a speaker's own with --enroll. Left outside: windowing a recording longer than --max-seconds
+(the file scores what it is given whole; predict's windows and their hop are in the metadata),
+reading and resampling audio, and enrollment's checks of short or silent files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import fastser
+from fastser.cli import ArgumentParser, UserError, prog_name, run_cli
+from fastser.features.post import valid_mask
+
+FORMATS = {"onnx": "model.onnx", "torch": "model.pt2"}
+INPUTS = ("audio", "lengths")
+STATISTICS = ("speaker_mean", "speaker_std")
+OUTPUTS = ("probabilities", "feature_sum", "feature_sq_sum", "frames")
+OPSET = 18
+MIN_PAD_HOPS = 16  # the three 2x2 poolings need 8 frames, the traced graph 16: padding past `lengths` is ignored
+
+
+class AudioClassifier(nn.Module):
+    """A trained model with its features and normalisation, as one traceable module.
+
+    AudioClassifier(spec, model, norm, windows)  — from a Predictor: `AudioClassifier.from_predictor(p)`.
+    forward(audio (B, samples) float32, lengths (B,) int64)
+        -> (probabilities (B, classes), feature_sum (B, D), feature_sq_sum (B, D), frames (B,))
+    D = sum of the feature kinds' bins, in `kinds` order; the buffers speaker_mean and speaker_std
+    (D,) hold the statistics the features are normalised with (unused with --normalize utterance,
+    where each clip's own are). CPU, inference only. A clip's result does not depend on the padding
+    beside it (features and pooling use each clip's own frames)."""
+
+    def __init__(self, spec, model: nn.Module, norm, windows: dict):
+        super().__init__()
+        self.windows = windows
+        self.features, self.normalize = spec.features, spec.normalize
+        self.kinds, self.classes = list(spec.features.kinds), list(spec.classes)
+        self.bins = [spec.features.n_bins[k] for k in self.kinds]
+        self.model = model.eval()
+        self.pad = MIN_PAD_HOPS * spec.features.configs[0][1].hop_length
+        if spec.normalize == "utterance":
+            mean, std = torch.zeros(sum(self.bins)), torch.ones(sum(self.bins))
+        else:
+            mean = torch.cat([norm.mean[k].float().cpu() for k in self.kinds])
+            std = torch.cat([norm.std[k].float().cpu() for k in self.kinds])
+        self.register_buffer("speaker_mean", mean)
+        self.register_buffer("speaker_std", std)
+
+    @classmethod
+    def from_predictor(cls, predictor) -> "AudioClassifier":
+        if len(predictor.models) != 1:
+            raise UserError(f"export takes one model; this predictor holds an ensemble of {len(predictor.models)} "
+                            f"(export each checkpoint on its own)")
+        windows = {"whole_seconds": predictor.whole_seconds, "window_seconds": predictor.window_seconds,
+                   "hop_seconds": predictor.hop_seconds}
+        return cls(predictor.spec, predictor.models[0], predictor.norms[0], windows)
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
+        audio = torch.nn.functional.pad(audio, (0, self.pad))
+        feats, frames = self.features.extract(audio, lengths, backend="torch", span_padding=True)
+        keep = valid_mask(frames, next(iter(feats.values())).shape[-1])
+        n = frames.clamp(min=1)[:, None].double()
+        raw = torch.cat([feats[k] for k in self.kinds], dim=1).double()  # (B, D, T), zero past frames
+        total, sq_total = raw.sum(-1), raw.square().sum(-1)
+        if self.normalize == "utterance":  # each clip's own statistics, as predict computes them
+            m = total / n
+            mean, std = m.float(), (sq_total / n - m.square()).clamp(min=1e-8).sqrt().float()
+            x = (raw.float() - mean[:, :, None]) / std[:, :, None] * keep
+        else:
+            x = (raw.float() - self.speaker_mean[None, :, None]) / self.speaker_std[None, :, None] * keep
+        normed = dict(zip(self.kinds, x.split(self.bins, dim=1)))
+        probabilities = torch.softmax(self.model(normed, frames).logits.float(), dim=1)
+        return probabilities, total.float(), sq_total.float(), frames
+
+    def metadata(self) -> dict:
+        """What a program needs to feed the file and read its outputs (stored inside it)."""
+        return {"fastser_version": fastser.__version__, "classes": self.classes, "sample_rate": self.features.sr,
+                "kinds": self.kinds, "bins": self.bins, "normalize": self.normalize,
+                "inputs": list(INPUTS), "optional_inputs": list(STATISTICS) if self.normalize != "utterance" else [],
+                "outputs": list(OUTPUTS), **self.windows}
+
+
+def speaker_statistics(feature_sum, feature_sq_sum, frames):
+    """Speaker statistics from the outputs for some of the speaker's clips (NumPy or torch; (N, D),
+    (N, D), (N,)) -> (speaker_mean (D,), speaker_std (D,)) float32, as fastser's enrollment
+    computes them; any program can do the same three lines."""
+    s, ss, n = (np.asarray(v, dtype=np.float64) for v in (feature_sum, feature_sq_sum, frames))
+    count = max(n.sum(), 1.0)
+    mean = s.sum(0) / count
+    std = np.sqrt(np.maximum(ss.sum(0) / count - mean ** 2, 1e-8))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- writing the file
+
+def _example(module: AudioClassifier):
+    sr = module.features.sr
+    audio = torch.randn(2, 2 * sr, generator=torch.Generator().manual_seed(0)) * 0.1
+    return audio, torch.tensor([2 * sr, sr + sr // 3])
+
+
+def _dynamic_shapes():
+    batch, samples = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("samples", min=1, max=2 ** 31 - 1)
+    return {"audio": {0: batch, 1: samples}, "lengths": {0: batch}}
+
+
+def _traced(module: AudioClassifier, trace):
+    """trace(module, example inputs) after one eager call, which builds the cached windows and filters
+    outside the trace (so they enter the graph as constants, and no traced tensor is ever cached)."""
+    example = _example(module)
+    with torch.no_grad():
+        module(*example)
+        return trace(module, example)
+
+
+def export_torch(module: AudioClassifier, path: Path) -> None:
+    """model.pt2: program = torch.export.load(path); program.module()(audio, lengths); the statistics
+    are the module's buffers speaker_mean / speaker_std (assign them to score another speaker)."""
+    program = _traced(module, lambda m, x: torch.export.export(m, x, dynamic_shapes=_dynamic_shapes()))
+    torch.export.save(program, str(path), extra_files={"fastser.json": json.dumps(module.metadata())})
+
+
+def export_onnx(module: AudioClassifier, path: Path) -> None:
+    """model.onnx: inputs audio and lengths, and speaker_mean / speaker_std, which default to the
+    statistics stored in the file; outputs OUTPUTS; the metadata in its metadata_props."""
+    try:
+        import onnx
+        import onnxscript
+        from onnxscript import ir
+    except ImportError:
+        raise UserError("--format onnx needs onnx and onnxscript: pip install 'fastser[export]'") from None
+
+    def trace(m, example):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on torchvision ops it does not need
+            # optimize=False: onnxscript's rewriter takes `x + 1e-10` for `x + 0` (it matches constants
+            # within an absolute 1e-8) and drops it, which turns a silent frame's level into -inf; the
+            # constants are folded below without the rewriter
+            return torch.onnx.export(m, example, dynamic_shapes=_dynamic_shapes(), dynamo=True,
+                                     input_names=list(INPUTS), output_names=list(OUTPUTS), opset_version=OPSET,
+                                     optimize=False, verbose=False, report=False)
+    graph = _traced(module, trace).model
+    if module.normalize != "utterance":  # an initializer that is also an input: fed, or its stored value
+        graph.graph.inputs.extend(graph.graph.initializers[n] for n in STATISTICS)
+    onnxscript.optimizer.fold_constants_ir(graph)
+    ir.passes.common.RemoveUnusedNodesPass()(graph)
+    proto = ir.to_proto(graph)
+    for key, value in module.metadata().items():
+        proto.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.save(proto, str(path))
+
+
+def export(checkpoint, fmt: str = "onnx", out=None, enroll=None) -> Path:
+    """Write the run's model as one file; returns its path (default: beside the checkpoint)."""
+    from fastser.predict import Predictor
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    predictor = Predictor(checkpoint, device="cpu", enroll=enroll)
+    module = AudioClassifier.from_predictor(predictor)
+    module.windows.update(enrolled=bool(enroll), trained_on=predictor.trained_on)
+    src = Path(checkpoint)
+    path = Path(out) if out else (src if src.is_dir() else src.parent) / FORMATS[fmt]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (export_onnx if fmt == "onnx" else export_torch)(module, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- loading what was written
+
+def load_onnx(path, arena: bool = True):
+    """(onnxruntime.InferenceSession, metadata dict) for a model.onnx, on the CPU; arena=False: no
+    memory arena (buffers are freed after each call rather than kept for the next)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # not the notice that speaker_mean / speaker_std may be fed (they are meant to)
+    options.enable_cpu_mem_arena = arena
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    return session, meta
+
+
+def load_torch(path):
+    """(torch.export.ExportedProgram, metadata dict) for a model.pt2."""
+    extra = {"fastser.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    return program, json.loads(extra["fastser.json"])
+
+
+def run_file(path, audio: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Probabilities (B, classes) from an exported file, with its default statistics."""
+    audio, lengths = np.ascontiguousarray(audio, np.float32), np.ascontiguousarray(lengths, np.int64)
+    if str(path).endswith(".onnx"):
+        session, _ = load_onnx(path)
+        return session.run(["probabilities"], {"audio": audio, "lengths": lengths})[0]
+    program, _ = load_torch(path)
+    with torch.no_grad():
+        return program.module()(torch.from_numpy(audio), torch.from_numpy(lengths))[0].numpy()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = ArgumentParser(prog=prog_name("fastser.export"), description=__doc__.split("\n\n")[0],
+                        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", metavar="RUN", help="a training run's folder or its checkpoint.pt")
+    ap.add_argument("--format", choices=sorted(FORMATS), default="onnx",
+                    help="onnx (onnxruntime; needs fastser[export]) or torch (torch.export) (default: onnx)")
+    ap.add_argument("--out", default=None, help="the file to write (default: RUN/model.onnx or RUN/model.pt2)")
+    ap.add_argument("--enroll", nargs="+", metavar="AUDIO", default=None,
+                    help="audio of the one speaker the file will score: their statistics become its defaults")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    prog = prog_name("fastser.export")
+    enroll = None
+    if args.enroll:
+        from fastser.predict import expand_inputs
+        enroll, errors = expand_inputs(args.enroll)
+        if errors:
+            raise UserError("--enroll: " + "; ".join(errors))
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export(args.checkpoint, args.format, args.out, enroll)
+    from fastser.predict import PredictWarning
+    for w in caught:
+        if issubclass(w.category, PredictWarning):
+            print(f"{prog}: warning: {w.message}", file=sys.stderr)
+    size = path.stat().st_size / 2 ** 20
+    print(f"wrote {path} ({size:.1f} MiB, {args.format}) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def cli(argv=None) -> int:
+    """`fastser-export` / `python -m fastser.export`: exit 0, or 2 with one line naming a bad input."""
+    return run_cli(main, "fastser.export", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
