@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import ttest_rel
 
-from fastser.training.checkpoints import BEFORE_RECORDED
-from fastser.training.loop import FALLBACKS
+from fastser.config import BEFORE_RECORDED
+from fastser.training.fold import FALLBACKS
 from fastser.training.reports import run_cost, seed_ensemble
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"

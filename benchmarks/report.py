@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from fastser.training.checkpoints import run_setting
-from fastser.training.loop import FALLBACKS
+from fastser.checkpoints import run_setting
+from fastser.training.fold import FALLBACKS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

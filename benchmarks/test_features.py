@@ -9,7 +9,7 @@ GPU transforms (the loop would take minutes and is not the comparison that matte
 measured: librosa given the whole batch as one 2-D array; fastser's default backend ("fastser": on
 the CPU torch's FFT + the fused C++ post kernel, on a GPU torch.stft + the fused Triton kernels),
 its plain-torch backend (the one with autograd), and on a GPU the explicit Triton and CuPy backends.
-Targets (issues 4, 14), on "fastser": CPU >= 2x the loop and faster than librosa-batch; GPU >= 1000x
+Targets, on "fastser": CPU >= 2x the loop and faster than librosa-batch; GPU >= 1000x
 the loop and >= 1.5x torchaudio at 256 and 2048 clips, peak extra memory no more than torchaudio's.
 """
 import numpy as np

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from fastser.audio import AudioError, load
-from fastser.cli import ArgumentParser, UserError, prog_name, run_cli
+from fastser.cli import ArgumentParser, prog_name, run_cli
+from fastser.errors import UserError
 from fastser.data import SPLITS, load_corpus, make_folds
 from fastser.metrics import summarize
 

@@ -12,9 +12,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-
-class UserError(Exception):
-    """An input the user can fix; its message is printed as the single error line."""
+from fastser.errors import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -31,7 +29,7 @@ def input_errors() -> tuple:
     from fastser.audio import AudioError
     from fastser.data import CorpusError
     return (UserError, CorpusError, AudioError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, ValueError)
+            PermissionError)
 
 
 def prog_name(module: str) -> str:

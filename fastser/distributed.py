@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from fastser.errors import UserError
+
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("FASTSER_DIST_TIMEOUT", "300")))
 
 
@@ -46,15 +48,15 @@ def parse_device(device_arg: Optional[str] = None) -> torch.device:
     try:
         device = torch.device(want)
     except RuntimeError:
-        raise ValueError(f"--device {want!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise UserError(f"--device {want!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {want!r}: fastser runs on cpu or cuda")
+        raise UserError(f"--device {want!r}: fastser runs on cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {want}: CUDA is not available here (torch {torch.__version__}); "
+            raise UserError(f"--device {want}: CUDA is not available here (torch {torch.__version__}); "
                              f"use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

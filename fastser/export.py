@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 import fastser
-from fastser.cli import ArgumentParser, UserError, prog_name, run_cli
+from fastser.cli import ArgumentParser, prog_name, run_cli
+from fastser.errors import UserError
 from fastser.features.post import valid_mask
 
 FORMATS = {"onnx": "model.onnx", "torch": "model.pt2"}

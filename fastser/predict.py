@@ -27,10 +27,11 @@ import soxr
 import torch
 
 from fastser.audio import AudioError, info, load, stream
-from fastser.cli import ArgumentParser, UserError, prog_name, run_cli
+from fastser.cli import ArgumentParser, prog_name, run_cli
+from fastser.errors import UserError
 from fastser.distributed import parse_device
-from fastser.training.batches import Normalizer, utterance_stats
-from fastser.training.checkpoints import build_model, finished_model, load_checkpoint
+from fastser.normalization import Normalizer, utterance_stats
+from fastser.checkpoints import build_model, finished_model, load_checkpoint
 
 MIN_SECONDS = 0.5       # below this a clip holds less than a syllable: the prediction is flagged unreliable
 SILENT_DBFS = -60.0     # RMS level (dB re full scale) below which a recording is flagged near-silent

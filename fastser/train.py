@@ -3,7 +3,7 @@
 
 The command line only: the corpus and its features are loaded here (computed once on the
 training device, cached on disk for real corpora), then fastser.training does the work — see
-fastser/training/loop.py for what happens in a fold and an epoch.
+fastser/training/fold.py for what happens in a fold and an epoch.
 """
 from __future__ import annotations
 
@@ -25,26 +25,21 @@ import torch
 import torch.distributed as dist
 
 from fastser import distributed as fdist
+from fastser.config import RUN_OPTIONS, SCHEMA_VERSION, TrainConfig
 from fastser.cli import ArgumentParser, prog_name, run_cli
+from fastser.errors import UserError
 from fastser.data import SPLITS, check_classes, load_corpus, make_folds
 from fastser.data.cache import Perturbation, build_feature_table, with_copies
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
 from fastser.models.cnn import POOLINGS
-from fastser.training.batches import NORMALIZE
-from fastser.training.checkpoints import SETTINGS_FILE, load_checkpoint, saved_settings, write_settings
-from fastser.training.loop import Run, log
+from fastser.normalization import NORMALIZE
+from fastser.checkpoints import SETTINGS_FILE, load_checkpoint, saved_settings, write_settings
+from fastser.training.console import log
+from fastser.training.experiment import Experiment
 from fastser.training.reports import metrics_of, run_cost, seed_ensemble, write_ablation, write_reports
 
 CORPORA = ("synthetic", "iemocap", "emodb", "ravdess", "cremad", "tess")
 ABLATION = {"ce_only": (False, False), "center": (True, False), "recon": (False, True), "center+recon": (True, True)}
-# one-cycle schedule length. Real corpora: 24, measured in LOSO on ravdess-dev against 12 (docs/accuracy.md:
-# the model still underfits at 12, with every epoch kept now that nothing early-stops);
-# the synthetic default run keeps its small setting
-DEFAULT_EPOCHS = {"synthetic": 12}  # real corpora: 24
-DEFAULT_PATIENCE = {"synthetic": 8}  # real corpora: 5
-# real corpora: the validation speakers are trained on and the last epoch kept — measured better
-# in LOSO than early stopping on two speakers (docs/accuracy.md); the synthetic run keeps them
-DEFAULT_VALIDATION = {"synthetic": True}
 
 
 class _DefaultsOnce(argparse.HelpFormatter):
@@ -106,96 +101,96 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0],
                        formatter_class=_DefaultsOnce)
     corpus = p.add_argument_group("corpus and folds")
-    corpus.add_argument("--corpus", choices=CORPORA, default="synthetic",
+    corpus.add_argument("--corpus", choices=CORPORA,
                         help="which corpus; 'synthetic' is generated, the others are read from --data-dir")
-    corpus.add_argument("--data-dir", default=None,
+    corpus.add_argument("--data-dir",
                         help="corpus root, in the layout the corpus ships in (docs/guide.md)")
-    corpus.add_argument("--split", choices=SPLITS, default=None,
+    corpus.add_argument("--split", choices=SPLITS,
                         help="speaker-independent folds (default: the corpus's own, see docs/guide.md)")
-    corpus.add_argument("--folds", type=int, default=5, help="number of folds for --split kfold")
-    corpus.add_argument("--max-folds", type=int, default=None, help="run only the first N folds (smoke runs)")
-    corpus.add_argument("--classes", default=None,
+    corpus.add_argument("--folds", type=int, help="number of folds for --split kfold")
+    corpus.add_argument("--max-folds", type=int, help="run only the first N folds (smoke runs)")
+    corpus.add_argument("--classes",
                         help='restrict/map labels, e.g. "neutral,happy=happy+excited,sad,angry"')
-    corpus.add_argument("--iemocap-subset", choices=("all", "improvised", "scripted"), default="all",
+    corpus.add_argument("--iemocap-subset", choices=("all", "improvised", "scripted"),
                         help="IEMOCAP sessions to use")
     corpus.add_argument("--strict", action="store_true", help="a bad audio file is an error, not a skip")
-    corpus.add_argument("--max-seconds", type=float, default=8.0, help="longer utterances are cut")
-    corpus.add_argument("--cache-dir", default=None,
+    corpus.add_argument("--max-seconds", type=float, help="longer utterances are cut")
+    corpus.add_argument("--cache-dir",
                         help="feature cache (default: <data-dir>/.fastser-cache; the synthetic corpus's audio: "
                              "~/.cache/fastser)")
     corpus.add_argument("--no-cache", action="store_true",
                         help="compute the features (and generate the synthetic corpus) without reading or "
                              "writing a cache")
-    corpus.add_argument("--synthetic-speakers", type=int, default=16, help="speakers of the synthetic corpus")
-    corpus.add_argument("--synthetic-per-class", type=int, default=8,
+    corpus.add_argument("--synthetic-speakers", type=int, help="speakers of the synthetic corpus")
+    corpus.add_argument("--synthetic-per-class", type=int,
                         help="synthetic utterances per speaker and class")
-    corpus.add_argument("--normalize", choices=NORMALIZE, default="speaker",
+    corpus.add_argument("--normalize", choices=NORMALIZE,
                         help="input statistics: each speaker's own (from its unlabelled audio; predict takes "
                              "enrollment audio), each utterance's own, or the training fold's")
     model = p.add_argument_group("model and objective")
-    model.add_argument("--features", choices=("logmel", "spectrogram", "mfcc", "both"), default="both",
+    model.add_argument("--features", choices=("logmel", "spectrogram", "mfcc", "both"),
                        help="input branches: the log-mel CNN ('spectrogram' is its old name), the MFCC CNN, or both")
-    model.add_argument("--prosody", action=argparse.BooleanOptionalAction, default=True,
+    model.add_argument("--prosody", action=argparse.BooleanOptionalAction,
                        help="the prosody branch (F0, voicing, HNR, level contours) fused before the embedding")
-    model.add_argument("--bin-stats", action=argparse.BooleanOptionalAction, default=False,
+    model.add_argument("--bin-stats", action=argparse.BooleanOptionalAction,
                        help="feed each spectral bin's mean and std over the utterance to the embedding, "
                             "beside the CNN's pooled features")
-    model.add_argument("--pooling", choices=POOLINGS, default="time",
+    model.add_argument("--pooling", choices=POOLINGS,
                        help="how each CNN's last map becomes a vector: mean and max over time per frequency band "
-                            "('time': keeps where in the spectrum), or over time and frequency ('global': the model "
-                            "before 2026-11-29)")
-    model.add_argument("--width", type=int, default=16, help="channels per stem branch (model size)")
-    model.add_argument("--embed-dim", type=int, default=128, help="size of the embedding the center loss acts on")
-    model.add_argument("--lambda-center", type=float, default=0.003, help="weight of the center loss")
-    model.add_argument("--lambda-recon", type=float, default=0.1, help="weight of the reconstruction loss")
-    model.add_argument("--center-alpha", type=float, default=0.5, help="Wen et al.'s center update rate")
+                            "('time': keeps where in the spectrum), or over time and frequency ('global': what "
+                            "checkpoints that predate the choice hold)")
+    model.add_argument("--width", type=int, help="channels per stem branch (model size)")
+    model.add_argument("--embed-dim", type=int, help="size of the embedding the center loss acts on")
+    model.add_argument("--lambda-center", type=float, help="weight of the center loss")
+    model.add_argument("--lambda-recon", type=float, help="weight of the reconstruction loss")
+    model.add_argument("--center-alpha", type=float, help="Wen et al.'s center update rate")
     model.add_argument("--no-center", action="store_true", help="train without the center loss")
     model.add_argument("--no-recon", action="store_true", help="train without the reconstruction decoder")
     model.add_argument("--ablation", action="store_true", help="CE only, +center, +recon, both on the same folds")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=None,
+    opt.add_argument("--epochs", type=int,
                      help="maximum epochs per fold: the one-cycle schedule's length (default: 12 synthetic, "
                           "24 real corpora)")
-    opt.add_argument("--patience", type=int, default=None,
+    opt.add_argument("--patience", type=int,
                      help="early stopping: epochs without a better validation UA (default: 8 synthetic, "
                           "5 real corpora)")
-    opt.add_argument("--validation", action=argparse.BooleanOptionalAction, default=None,
+    opt.add_argument("--validation", action=argparse.BooleanOptionalAction,
                      help="early stopping on each fold's validation speakers; --no-validation trains on them "
                           "too and keeps the last epoch (default: --no-validation on real corpora, "
                           "--validation on synthetic)")
-    opt.add_argument("--batch-size", type=int, default=16, help="global batch (split across ranks under torchrun)")
-    opt.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle AdamW schedule")
-    opt.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay")
-    opt.add_argument("--train-seconds", type=float, default=3.0,
+    opt.add_argument("--batch-size", type=int, help="global batch (split across ranks under torchrun)")
+    opt.add_argument("--lr", type=float, help="peak learning rate of the one-cycle AdamW schedule")
+    opt.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    opt.add_argument("--train-seconds", type=float,
                      help="random crop length for training (also predict's window)")
-    opt.add_argument("--tempo", type=_tempo, default=0.0,
+    opt.add_argument("--tempo", type=_tempo,
                      help="tempo perturbation: each training crop played at a random rate in [1-x, 1+x] "
                           "(frames dropped or repeated; default 0: off)")
-    opt.add_argument("--speed-perturb", type=_speeds, default=None, metavar="S,S",
+    opt.add_argument("--speed-perturb", type=_speeds, metavar="S,S",
                      help="speed perturbation: a copy of every utterance played at each of these speeds, e.g. "
                           "0.9,1.1 (pitch, formants and tempo change together, as by another speaker); each "
                           "training step draws an original or a copy, so an epoch costs the same (default: off)")
-    opt.add_argument("--noise", type=_snrs, default=None, metavar="SNR,SNR",
+    opt.add_argument("--noise", type=_snrs, metavar="SNR,SNR",
                      help="additive noise: a copy of every utterance with white, pink or brown noise at each "
                           "of these SNRs in dB, e.g. 20,10 (fixed per utterance, so cached); drawn like "
                           "--speed-perturb copies, which it combines with (default: off)")
-    opt.add_argument("--ema", type=_decays, default=None, metavar="D[,D]",
+    opt.add_argument("--ema", type=_decays, metavar="D[,D]",
                      help="keep an exponential moving average of the weights (bias-corrected, per step) and "
                           "test and save it instead of the last weights, e.g. 0.998; further decays and the "
                           "trained weights are scored beside it (metrics.json: weights) (default: off)")
-    opt.add_argument("--mixup", type=_mixup_alpha, default=0.0, metavar="ALPHA",
+    opt.add_argument("--mixup", type=_mixup_alpha, metavar="ALPHA",
                      help="mixup: each training item mixed with another of its batch, weight ~ Beta(ALPHA, "
                           "ALPHA) folded to [0.5, 1], cross-entropy on both labels, center loss on the "
                           "dominant one, e.g. 0.2 (default: off)")
     opt.add_argument("--specaugment", action="store_true",
                      help="time/frequency masks in training (off by default: they lowered UA in the sweep)")
-    opt.add_argument("--seed", type=int, default=0, help="seeds the folds, the weights, the batches and dropout")
-    opt.add_argument("--seeds", type=_seed_list, default=None,
+    opt.add_argument("--seed", type=int, help="seeds the folds, the weights, the batches and dropout")
+    opt.add_argument("--seeds", type=_seed_list,
                      help="several seeds, e.g. 0,1,2: one experiment each in seed-N/, metrics.json with mean "
                           "and std over seeds (the protocol for judging a change on a small corpus)")
     run = p.add_argument_group("running")
-    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    run.add_argument("--threads", type=int, default=None,
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    run.add_argument("--threads", type=int,
                      help="CPU threads for torch and fastser's kernels (default: torch's choice, one per core); "
                           "a CPU run's result is decided by the seed, the processor and this count")
     run.add_argument("--amp", action="store_true", help="bf16 autocast")
@@ -206,21 +201,25 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--deterministic", action="store_true",
                      help="bit-identical runs for a seed on one device (deterministic kernels and center "
                           "update, torch.use_deterministic_algorithms; slower on a GPU)")
-    run.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>/)")
-    run.add_argument("--resume", default=None,
+    run.add_argument("--out", help="output folder (default: runs/<timestamp>/)")
+    run.add_argument("--resume",
                      help="a run folder (or its checkpoint.pt) to continue with the settings it was started "
                           "with; a flag given beside it must agree with them, except where and how the run goes "
                           "on (--out, --device, --threads, --max-folds, --data-dir, --cache-dir, ...)")
     run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.set_defaults(**TrainConfig().settings())  # every default is fastser.config's
     return p
 
 
-# --resume: flags that may differ from the run's own settings — where and how it goes on, not what
-# it computes (--max-folds: a larger value trains the further folds) — and those never taken from
-# the run (where this process runs and how it reports)
-RUN_OPTIONS = frozenset({"out", "resume", "no_progress", "device", "cache_dir", "no_cache", "data_dir", "strict",
-                         "compile", "cuda_graph", "deterministic", "max_folds", "threads"})
+# --resume: the flags that may differ from the run's own settings are fastser.config's RUN_OPTIONS
+# (where and how it goes on, not what it computes); these are never taken from the run (where this
+# process runs and how it reports)
 NOT_RESTORED = frozenset({"out", "resume", "no_progress", "device"})
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """The command line as a TrainConfig (--resume's settings restored, the corpus's defaults in)."""
+    return TrainConfig.from_settings(vars(parse_args(argv)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -230,12 +229,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         restore_settings(args, p, given_flags(argv))
     if args.seeds and args.ablation:
         p.error("--seeds and --ablation do not combine yet: run the ablation once per seed")
-    if args.epochs is None:
-        args.epochs = DEFAULT_EPOCHS.get(args.corpus, 24)
-    if args.patience is None:
-        args.patience = DEFAULT_PATIENCE.get(args.corpus, 5)
-    if args.validation is None:
-        args.validation = DEFAULT_VALIDATION.get(args.corpus, False)
+    resolved = TrainConfig.from_settings(vars(args)).resolved().optim
+    args.epochs, args.patience, args.validation = resolved.epochs, resolved.patience, resolved.validation
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--folds", args.folds),
                         ("--width", args.width), ("--embed-dim", args.embed_dim)):
         if value < 1:
@@ -257,6 +252,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def given_flags(argv) -> set:
     """The dests of the flags on the command line itself (not their defaults)."""
     p = build_parser()
+    p._defaults.clear()  # the parser-level defaults (set_defaults) would count as given
     for action in p._actions:
         action.default = argparse.SUPPRESS
     return set(vars(p.parse_args(argv)))
@@ -292,7 +288,7 @@ def restore_settings(args: argparse.Namespace, p: argparse.ArgumentParser, given
         if dest not in given:
             setattr(args, dest, value)
         elif dest not in RUN_OPTIONS and norm(getattr(args, dest)) != value:
-            raise ValueError(f"--resume {args.resume}: the run was made with {_flag_text(p, dest, value)}; "
+            raise UserError(f"--resume {args.resume}: the run was made with {_flag_text(p, dest, value)}; "
                              f"{_flag_text(p, dest, getattr(args, dest))} would change "
                              f"what it computes — drop the flag to continue the run as it was, or start a new "
                              f"run (without --resume)")
@@ -300,34 +296,35 @@ def restore_settings(args: argparse.Namespace, p: argparse.ArgumentParser, given
 
 # ----------------------------------------------------------------------------- entry point
 
-def _out_dir(args, info) -> Path:
-    if args.resume is not None:
-        res = Path(args.resume)
+def _with_out_dir(config: TrainConfig, info) -> TrainConfig:
+    """The config with its run folder decided (and made): --out, the resumed run's folder, or
+    runs/<timestamp>/; --resume A --out B continues A's copy in B."""
+    out, resume = config.run.out, config.run.resume
+    if resume is not None:
+        res = Path(resume)
         folder = res if res.is_dir() else res.parent
-        if args.out is None:
-            args.out = str(folder)
-        if Path(args.out).resolve() != folder.resolve():
+        out = out or str(folder)
+        if Path(out).resolve() != folder.resolve():
             if info.is_main:
-                _fork_run(folder, Path(args.out))
+                _fork_run(folder, Path(out))
             info.barrier()  # under torchrun the other ranks read the copy
-            args.resume = args.out  # continued in the new folder; the original stays as it was
-    if args.out is None:
+            resume = out  # continued in the new folder; the original stays as it was
+    if out is None:
         stamp = [dt.datetime.now().strftime("%Y%m%d-%H%M%S")]
         if info.enabled:
             dist.broadcast_object_list(stamp, src=0)  # one folder for all ranks
-        args.out = str(Path("runs") / stamp[0])
-    out = Path(args.out)
+        out = str(Path("runs") / stamp[0])
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    _LAST_OUT.append(out)
-    return out
+        Path(out).mkdir(parents=True, exist_ok=True)
+    _LAST_OUT.append(Path(out))
+    return config.replace(out=out, resume=resume)
 
 
 def _fork_run(source: Path, target: Path) -> None:
     """--resume A --out B: B starts as a copy of A's checkpoints and settings (A is left untouched),
     so the continued run and everything it writes, checkpoint.pt included, are in B."""
     if target.exists() and any(target.rglob("checkpoint.pt")):
-        raise ValueError(f"--out {target}: already holds a run's checkpoint; give an empty or new folder to "
+        raise UserError(f"--out {target}: already holds a run's checkpoint; give an empty or new folder to "
                          f"continue {source} in")
     copied = 0
     for name in ("checkpoint.pt", SETTINGS_FILE):
@@ -348,25 +345,27 @@ def default_cache_dir() -> str:
 PHASES: dict = {}  # seconds of the last load_table's phases: corpus (read or generated), features
 
 
-def load_table(args, info):
+def load_table(config: TrainConfig, info):
     t0 = time.perf_counter()
-    kinds = list(KINDS) if args.features == "both" else [canonical_kind(args.features)]
-    if args.prosody:
+    data, model = config.data, config.model
+    kinds = list(KINDS) if model.features == "both" else [canonical_kind(model.features)]
+    if model.prosody:
         kinds.append("prosody")
-    options = {"subset": args.iemocap_subset} if args.corpus == "iemocap" else {}
-    if args.corpus == "synthetic":
-        options = {"seed": args.seed, "n_speakers": args.synthetic_speakers, "per_class": args.synthetic_per_class,
-                   "cache_dir": None if args.no_cache else args.cache_dir or default_cache_dir()}
-    corpus = load_corpus(args.corpus, args.data_dir, **options)
-    corpus = corpus.with_classes(args.classes)
+    options = {"subset": data.iemocap_subset} if data.corpus == "iemocap" else {}
+    if data.corpus == "synthetic":
+        options = {"seed": config.optim.seed, "n_speakers": data.synthetic_speakers,
+                   "per_class": data.synthetic_per_class,
+                   "cache_dir": None if data.no_cache else data.cache_dir or default_cache_dir()}
+    corpus = load_corpus(data.corpus, data.data_dir, **options)
+    corpus = corpus.with_classes(data.classes)
     PHASES["corpus"] = time.perf_counter() - t0
     cache_dir = None
-    if args.corpus != "synthetic" and not args.no_cache:
-        cache_dir = args.cache_dir or os.path.join(args.data_dir, ".fastser-cache")
+    if data.corpus != "synthetic" and not data.no_cache:
+        cache_dir = data.cache_dir or os.path.join(data.data_dir, ".fastser-cache")
         if not os.access(os.path.dirname(os.path.abspath(cache_dir)) or ".", os.W_OK):
             cache_dir = os.path.join(tempfile.gettempdir(), "fastser-cache")
-    build = dict(cache_dir=cache_dir, strict=args.strict, max_seconds=args.max_seconds,
-                 progress=info.is_main and not args.no_progress, is_builder=info.is_main, wait=info.barrier)
+    build = dict(cache_dir=cache_dir, strict=data.strict, max_seconds=data.max_seconds,
+                 progress=info.is_main and not config.run.no_progress, is_builder=info.is_main, wait=info.barrier)
     table = build_feature_table(corpus, FeatureSet.paper(kinds), info.device, **build)
     if table.corpus.skipped and info.is_main:
         listing = "\n  ".join(f"{p}: {r}" for p, r in table.corpus.skipped[:50])
@@ -374,8 +373,8 @@ def load_table(args, info):
         print(f"warning: skipped {len(table.corpus.skipped)} bad files (listed in metrics.json; --strict makes "
               f"them an error):\n  {listing}{more}", file=sys.stderr)
     # training-only copies, appended after the originals (folds index only those)
-    copies = [Perturbation("speed", s) for s in args.speed_perturb or ()] \
-        + [Perturbation("noise", snr) for snr in args.noise or ()]
+    copies = [Perturbation("speed", s) for s in config.augment.speed_perturb or ()] \
+        + [Perturbation("noise", snr) for snr in config.augment.noise or ()]
     table = with_copies(table, FeatureSet.paper(kinds), info.device, copies, **build)
     PHASES["features"] = time.perf_counter() - t0 - PHASES["corpus"]
     return table
@@ -383,15 +382,20 @@ def load_table(args, info):
 
 def main(argv=None) -> dict:
     """Train as the command line would and return the metrics (the CLI itself is `cli`)."""
-    args = parse_args(argv)
+    return train(parse_config(argv))
+
+
+def train(config: TrainConfig) -> dict:
+    """Run the experiment `config` describes (folds, seeds or the ablation) and return its metrics."""
+    config = config.resolved()
     threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
     try:
-        with deterministic_mode(args.deterministic):
-            info = fdist.setup(args.device)
+        with deterministic_mode(config.run.deterministic):
+            info = fdist.setup(config.run.device)
             try:
-                return _main(args, info)
+                return _main(config, info)
             finally:
                 fdist.teardown(info)
     finally:
@@ -435,50 +439,54 @@ def cli(argv=None) -> int:
     return run_cli(main, "fastser.train", argv, interrupted_hint=_resume_hint)
 
 
-def _main(args, info) -> dict:
-    out = _out_dir(args, info)
+def _main(config: TrainConfig, info) -> dict:
+    config = _with_out_dir(config, info)
+    out = Path(config.run.out)
     try:
-        return _train(args, info, out)
+        return _train(config, info, out)
     except BaseException:
         if info.is_main and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
         raise
 
 
-def _train(args, info, out: Path) -> dict:
+def _train(config: TrainConfig, info, out: Path) -> dict:
     t0 = time.perf_counter()
-    if args.cuda_graph and (info.device.type != "cuda" or info.enabled or args.compile):
-        why = "torchrun" if info.enabled else "--compile" if args.compile else f"device {info.device}"
-        raise ValueError(f"--cuda-graph needs one CUDA device without torchrun or --compile (this run: {why})")
-    table = load_table(args, info)
-    split = args.split or table.corpus.default_split
-    folds = make_folds(table.corpus, split, n_folds=args.folds, seed=args.seed)
-    if args.max_folds:
-        folds = folds[: args.max_folds]
-    warnings = check_classes(table.corpus, folds, args.validation)
+    data, optim, objective, run_opts = config.data, config.optim, config.objective, config.run
+    if run_opts.cuda_graph and (info.device.type != "cuda" or info.enabled or run_opts.compile):
+        why = "torchrun" if info.enabled else "--compile" if run_opts.compile else f"device {info.device}"
+        raise UserError(f"--cuda-graph needs one CUDA device without torchrun or --compile (this run: {why})")
+    table = load_table(config, info)
+    split = data.split or table.corpus.default_split
+    folds = make_folds(table.corpus, split, n_folds=data.folds, seed=optim.seed)
+    if data.max_folds:
+        folds = folds[: data.max_folds]
+    warnings = check_classes(table.corpus, folds, optim.validation)
     shared = [f.name for f in folds if not f.val_speaker_disjoint]
-    if shared and args.validation:
+    if shared and optim.validation:
         warnings.append(f"{table.corpus.name} has too few speakers for a speaker-disjoint validation set in "
                         f"{len(shared)} of {len(folds)} folds: early stopping there uses held-out utterances of "
                         f"training speakers (flagged per fold in metrics.json)")
     if info.is_main:
         for w in warnings:
             print(f"{prog_name('fastser.train')}: warning: {w}", file=sys.stderr)
-    if info.is_main and not (args.resume and (out / SETTINGS_FILE).is_file()):
-        write_settings(out, {k: v for k, v in vars(args).items() if k not in ("out", "resume")})
+    if info.is_main and not (run_opts.resume and (out / SETTINGS_FILE).is_file()):
+        write_settings(out, {**{k: v for k, v in config.settings().items() if k not in ("out", "resume")},
+                             "schema": SCHEMA_VERSION})
     if info.is_main:
         log(f"{table.corpus.summary()} | split {split}: {_count(len(folds), 'fold')} | device {info.device}"
-            f" x{info.world_size} | out {out}", args.no_progress)
+            f" x{info.world_size} | out {out}", run_opts.no_progress)
 
     features = FeatureSet.paper(table.feats)
     fold_results = {}  # run folder -> its folds' test results (for the seed ensemble)
 
-    def experiment(sub: Path, use_center: bool, use_recon: bool, run_args=args, run_folds=folds) -> dict:
+    def experiment(sub: Path, use_center: bool, use_recon: bool, run_config=config, run_folds=folds) -> dict:
         if info.is_main:
             sub.mkdir(parents=True, exist_ok=True)
-        run = Run(run_args, info, table, run_folds, split, sub, args.lambda_center if use_center else 0.0,
-                  args.lambda_recon if use_recon else 0.0, features)
-        resume = Path(args.resume) if args.resume else None
+        run = Experiment(run_config, info, table, run_folds, split, sub,
+                         objective.lambda_center if use_center else 0.0, objective.lambda_recon if use_recon else 0.0,
+                         features)
+        resume = Path(run_opts.resume) if run_opts.resume else None
         if resume is not None:
             inside = sub.relative_to(out) if sub != out else ""
             path = resume if resume.is_file() else resume / inside / "checkpoint.pt"
@@ -491,16 +499,15 @@ def _train(args, info, out: Path) -> dict:
         fold_results[sub] = run.fold_results
         return metrics
 
-    if args.seeds:
+    if optim.seeds:
         # one whole experiment per seed (its own folds' order, weights and batches), then mean +- std
         per_seed = {}
-        for seed in args.seeds:
-            seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
-            seed_folds = make_folds(table.corpus, split, n_folds=args.folds, seed=seed)[: args.max_folds or None]
-            per_seed[seed] = experiment(out / f"seed-{seed}", not args.no_center, not args.no_recon, seed_args,
-                                        seed_folds)
+        for seed in optim.seeds:
+            seed_folds = make_folds(table.corpus, split, n_folds=data.folds, seed=seed)[: data.max_folds or None]
+            per_seed[seed] = experiment(out / f"seed-{seed}", not objective.no_center, not objective.no_recon,
+                                        config.replace(seed=seed), seed_folds)
         metrics = seed_summary(per_seed, time.perf_counter() - t0)
-        ensemble = seed_ensemble([fold_results[out / f"seed-{seed}"] for seed in args.seeds], table.corpus.classes)
+        ensemble = seed_ensemble([fold_results[out / f"seed-{seed}"] for seed in optim.seeds], table.corpus.classes)
         if ensemble:
             metrics["seed_ensemble"] = ensemble
         if info.is_main:
@@ -508,25 +515,25 @@ def _train(args, info, out: Path) -> dict:
             log(f"{len(per_seed)} seeds: " + "  ".join(
                 f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1"))
                 + (f"; their models averaged (soft vote): UA {ensemble['ua']:.3f}" if ensemble else ""),
-                args.no_progress)
-    elif args.ablation:
+                run_opts.no_progress)
+    elif objective.ablation:
         results = {name: experiment(out / name, c, r) for name, (c, r) in ABLATION.items()}
         if info.is_main:
-            write_ablation(out, results, args)
+            write_ablation(out, results, config)
         metrics = results["center+recon"]
     else:
-        metrics = experiment(out, not args.no_center, not args.no_recon)
+        metrics = experiment(out, not objective.no_center, not objective.no_recon)
     total = time.perf_counter() - t0
     metrics["phase_seconds"] = {**{k: round(v, 3) for k, v in PHASES.items()},
                                 "training": round(total - sum(PHASES.values()), 3), "total": round(total, 3)}
-    if info.is_main and not args.ablation:  # an ablation's parts each have their own metrics.json
+    if info.is_main and not objective.ablation:  # an ablation's parts each have their own metrics.json
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if info.is_main:
         log(f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
             f"{metrics['n_test']} test utterances ({_count(len(folds), 'fold')}); "
             f"skipped files: {metrics['skipped']['count']}; "
             f"{total:.1f} s (corpus {PHASES['corpus']:.1f}, features {PHASES['features']:.1f}, training and "
-            f"testing {metrics['phase_seconds']['training']:.1f}); artifacts in {out}", args.no_progress)
+            f"testing {metrics['phase_seconds']['training']:.1f}); artifacts in {out}", run_opts.no_progress)
     return metrics
 
 

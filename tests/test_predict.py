@@ -26,7 +26,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus_run_dir(tmp_path_factory):
-    """A run with the training fold's statistics (--normalize corpus), as every fastser 0.1 run."""
+    """A run with the training fold's statistics (--normalize corpus), as every run of the first checkpoint format."""
     out = tmp_path_factory.mktemp("predict") / "corpus-run"
     train.main(SMALL + ["--epochs", "1", "--normalize", "corpus", "--out", str(out)])
     return out
@@ -160,7 +160,7 @@ def test_checkpoints_of_fastser_0_1_still_load(corpus_run_dir, clips, tmp_path):
     old_p = predict.Predictor(tmp_path / "old.pt").predict_file(files[0]).probabilities
     np.testing.assert_array_equal(new_p, old_p)
     # 0.1 pooled the CNN maps globally and its config does not say so
-    from fastser.training.checkpoints import finished_model
+    from fastser.checkpoints import finished_model
     del old["config"]["pooling"]
     assert finished_model(old)[0].pooling == "global"
 

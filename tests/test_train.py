@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import fastser.train as train
-from fastser.training import Batch, Batcher, Normalizer, loop, mixup, tempo_crop, train_step
+from fastser.errors import UserError
+from fastser.training import Batch, Batcher, Experiment, Normalizer, mixup, tempo_crop, train_step
+from fastser.training import fold as fold_training
 from fastser._io import atomic_torch_save
 from fastser.data.synthetic import make_corpus
 
@@ -84,7 +86,7 @@ def _cut_and_resume(tmp_path, monkeypatch, *args):
     """Run to the end ("full"), run again but stop mid-way through the second fold ("cut"), resume it."""
     full, full_out = run(tmp_path, "full", *args)
     monkeypatch.setenv("FASTSER_INTERRUPT_AFTER_EPOCHS", "4")  # mid-way through the second fold
-    monkeypatch.setattr(loop.maybe_interrupt, "count", 0, raising=False)
+    monkeypatch.setattr(fold_training.maybe_interrupt, "count", 0, raising=False)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "cut", *args)
     monkeypatch.delenv("FASTSER_INTERRUPT_AFTER_EPOCHS")
@@ -226,7 +228,7 @@ def test_normalize_levels(tmp_path, level):
     fold's; the checkpoint records the choice."""
     metrics, out = run(tmp_path, level, "--epochs", "1", "--normalize", level)
     assert metrics["normalize"] == level
-    for fallback in loop.FALLBACKS:
+    for fallback in fold_training.FALLBACKS:
         assert (f"{fallback}_norm" in metrics) == (level == "speaker")
         if level == "speaker":
             assert 0 <= metrics[f"{fallback}_norm"]["ua"] <= 1
@@ -238,12 +240,12 @@ def test_normalize_levels(tmp_path, level):
 def test_speaker_statistics_come_from_each_rows_own_speaker(tmp_path):
     """In speaker mode a batch is normalised with its rows' speakers' statistics, computed from
     every utterance of that speaker (labels unused): a test speaker's rows are standardised."""
-    args = train.parse_args(SMALL + ["--out", str(tmp_path / "x")])
+    config = train.parse_config(SMALL + ["--out", str(tmp_path / "x")]).resolved()
     info = train.fdist.setup("cpu")
-    table = train.load_table(args, info)
+    table = train.load_table(config, info)
     from fastser.data.splits import make_folds
     folds = make_folds(table.corpus, "holdout")
-    r = loop.Run(args, info, table, folds, "holdout", tmp_path, 0.003, 0.1,
+    r = Experiment(config, info, table, folds, "holdout", tmp_path, 0.003, 0.1,
                  train.FeatureSet.paper(table.feats))
     test_rows = torch.from_numpy(folds[0].test)
     speaker = table.corpus.speakers[folds[0].test[0]]
@@ -277,7 +279,7 @@ def test_bin_stats_train_predict_and_guard_resume(tmp_path):
     assert predictor.models[0].encoders["mfcc"].bin_stats
     pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
     assert abs(pred.probabilities.sum() - 1) < 1e-5
-    with pytest.raises(ValueError, match="made with --bin-stats; --no-bin-stats would change"):
+    with pytest.raises(UserError, match="made with --bin-stats; --no-bin-stats would change"):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--no-bin-stats", "--resume", str(out)])
 
 
@@ -294,7 +296,7 @@ def test_global_pooling_train_predict_and_guard_resume(tmp_path):
     assert predictor.models[0].encoders["logmel"].pooling == "global"
     pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
     assert abs(pred.probabilities.sum() - 1) < 1e-5
-    with pytest.raises(ValueError, match="made with --pooling global; --pooling time would change"):
+    with pytest.raises(UserError, match="made with --pooling global; --pooling time would change"):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--pooling", "time", "--resume", str(out)])
     # a checkpoint from before the option (no "pooling" anywhere, nor the run's settings) is the
     # global model it was made as
@@ -302,7 +304,7 @@ def test_global_pooling_train_predict_and_guard_resume(tmp_path):
     torch.save(ckpt, out / "checkpoint.pt")
     (out / "settings.json").unlink()
     assert Predictor(out).models[0].encoders["logmel"].pooling == "global"
-    with pytest.raises(ValueError, match="pooling='global'"):
+    with pytest.raises(UserError, match="pooling='global'"):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--resume", str(out)])
 
 
@@ -310,12 +312,12 @@ def test_global_pooling_train_predict_and_guard_resume(tmp_path):
 def test_no_validation_trains_on_the_validation_speakers_and_keeps_the_last_epoch(tmp_path):
     """--no-validation: the fold's validation speakers join the training rows (never the test
     speakers), every epoch runs (no early stopping), and the model tested is the last epoch's."""
-    args = train.parse_args(SMALL + ["--out", str(tmp_path / "x"), "--no-validation"])
+    config = train.parse_config(SMALL + ["--out", str(tmp_path / "x"), "--no-validation"]).resolved()
     info = train.fdist.setup("cpu")
-    table = train.load_table(args, info)
+    table = train.load_table(config, info)
     from fastser.data.splits import make_folds
     fold = make_folds(table.corpus, "holdout")[0]
-    r = loop.Run(args, info, table, [fold], "holdout", tmp_path, 0.003, 0.1, train.FeatureSet.paper(table.feats))
+    r = Experiment(config, info, table, [fold], "holdout", tmp_path, 0.003, 0.1, train.FeatureSet.paper(table.feats))
     rows = set(r.train_rows(fold).tolist())
     assert rows == set(fold.train.tolist()) | set(fold.val.tolist()) and not rows & set(fold.test.tolist())
     metrics, out = run(tmp_path, "noval", "--epochs", "3", "--patience", "1", "--no-validation")
@@ -400,7 +402,7 @@ def test_tempo_trains_and_guards_resume(tmp_path):
     metrics, out = run(tmp_path, "tempo", "--epochs", "1", "--tempo", "0.15")
     assert metrics["n_test"] > 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["tempo"] == 0.15
-    with pytest.raises(ValueError, match="made with --tempo 0.15; --tempo 0.0 would change"):
+    with pytest.raises(UserError, match="made with --tempo 0.15; --tempo 0.0 would change"):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--tempo", "0", "--resume", str(out)])
 
 
@@ -451,7 +453,7 @@ def test_mixup_trains_and_guards_resume(tmp_path):
     metrics, out = run(tmp_path, "mixup", "--epochs", "1", "--mixup", "0.4")
     assert metrics["n_test"] > 0 and np.isfinite(metrics["ua"])
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["mixup"] == 0.4
-    with pytest.raises(ValueError, match="made with --mixup 0.4; --mixup 0.2 would change"):
+    with pytest.raises(UserError, match="made with --mixup 0.4; --mixup 0.2 would change"):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--mixup", "0.2", "--resume", str(out)])
 
 
@@ -465,7 +467,7 @@ def test_noise_copies_train_and_guard_resume(tmp_path):
     metrics, out = run(tmp_path, "noise", "--epochs", "1", "--noise", "20,10")
     assert metrics["n_test"] > 0 and np.isfinite(metrics["ua"])
     assert tuple(torch.load(out / "checkpoint.pt", weights_only=True)["config"]["noise"]) == (20.0, 10.0)
-    with pytest.raises(ValueError, match="made with --noise 20,10; --noise 20 would change"):
+    with pytest.raises(UserError, match="made with --noise 20,10; --noise 20 would change"):
         train.main(SMALL + ["--out", str(out), "--epochs", "1", "--noise", "20", "--resume", str(out)])
 
 
@@ -496,7 +498,7 @@ def test_speed_perturbation_trains_on_copies_and_tests_on_originals(tmp_path, mo
     assert len(seen["train"]) == plain_steps  # an epoch costs the same
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert tuple(ckpt["config"]["speed_perturb"]) == (0.9, 1.1)
-    with pytest.raises(ValueError, match="made with --speed-perturb 0.9,1.1; --speed-perturb 0.9 would change"):
+    with pytest.raises(UserError, match="made with --speed-perturb 0.9,1.1; --speed-perturb 0.9 would change"):
         train.main(SMALL + ["--out", str(out), "--epochs", "2", "--speed-perturb", "0.9", "--resume", str(out)])
 
 
@@ -547,7 +549,7 @@ def test_ema_keeps_the_average_scores_the_trained_weights_and_resumes(tmp_path, 
     last = torch.load(plain_out / "checkpoint.pt", weights_only=True)["final"]["model"]
     assert kept.keys() == last.keys()
     assert not all(torch.equal(kept[k], last[k]) for k in kept)  # the average, not the last weights
-    with pytest.raises(ValueError, match="ema"):
+    with pytest.raises(UserError, match="made with --ema 0.9,0.95; --ema 0.99 would change"):
         train.main(SMALL + [*args, "--ema", "0.99", "--resume", str(tmp_path / "full")])
     # the accuracy table's collector reads either set of weights of the same run
     from benchmarks.accuracy import collect_runs
@@ -565,7 +567,7 @@ def test_cuda_graph_is_refused_without_a_gpu(tmp_path):
     """--cuda-graph on the CPU (or with --compile, or under torchrun) is one clear error, before any
     work, and leaves no run folder behind."""
     from fastser.training.graphed import GraphedTrainStep
-    with pytest.raises(ValueError, match="--cuda-graph needs one CUDA device .*device cpu"):
+    with pytest.raises(UserError, match="--cuda-graph needs one CUDA device .*device cpu"):
         train.main(SMALL + ["--out", str(tmp_path / "g"), "--epochs", "1", "--cuda-graph", "--device", "cpu"])
     assert not (tmp_path / "g").exists()
     model = torch.nn.Linear(2, 2)
@@ -739,7 +741,7 @@ def test_resume_of_a_finished_run_refuses_new_epochs_and_continues_into_another_
     metrics, out = run(tmp_path, "done", "--epochs", "2", "--seed", "3")
     before = (out / "checkpoint.pt").stat().st_mtime_ns
     new = tmp_path / "new"
-    with pytest.raises(ValueError, match="made with --epochs 2; --epochs 3 would change what it computes"):
+    with pytest.raises(UserError, match="made with --epochs 2; --epochs 3 would change what it computes"):
         train.main(["--resume", str(out), "--epochs", "3", "--out", str(new)])
     assert not (new / "checkpoint.pt").exists()
     again = train.main(["--resume", str(out), "--out", str(new), "--no-progress"])
@@ -751,7 +753,7 @@ def test_resume_of_a_finished_run_refuses_new_epochs_and_continues_into_another_
     clip = make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio
     np.testing.assert_allclose(Predictor(new).predict_waveform(clip).probabilities,
                                Predictor(out).predict_waveform(clip).probabilities)
-    with pytest.raises(ValueError, match="already holds a run's checkpoint"):
+    with pytest.raises(UserError, match="already holds a run's checkpoint"):
         train.main(["--resume", str(out), "--out", str(new)])
 
 

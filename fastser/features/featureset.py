@@ -21,7 +21,7 @@ from fastser.features.functional import FeatureConfig, extract_many, frame_count
 from fastser.features.prosody import ProsodyConfig, prosody
 
 KINDS = ("logmel", "mfcc")  # the paper's two CNN branches; "prosody" (contours, a 1-D branch) is optional
-ALIASES = {"spectrogram": "logmel"}  # the name fastser <= 0.1 gave the log-mel branch (old checkpoints, caches)
+ALIASES = {"spectrogram": "logmel"}  # the log-mel branch's first name, still in older checkpoints and caches
 
 
 def canonical_kind(kind: str) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 
 from fastser.features import post
 from fastser.features.filters import analysis_window, dct_matrix, lifter_weights, mel_filterbank
-from fastser.ops import _native, mel_chain
+from fastser.ops import mel_chain, registry
 
 __all__ = ["spectrogram", "melspectrogram", "log_melspectrogram", "mfcc", "power_to_db",
            "mel_filterbank", "dct_matrix", "frame_count", "BACKENDS", "FeatureConfig"]
@@ -244,41 +243,22 @@ def _post_triton(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, c
 # ----------------------------------------------------------------------------- dispatch
 
 def resolve_backend(backend: str, device: torch.device, requires_grad: bool = False) -> str:
-    """The feature backend that `backend` means on `device`. "auto": with autograd "torch" (the only
-    one that keeps gradients); else the fused post kernel of the device, "triton" on CUDA and
-    "cpp" on the CPU (each when available), "torch" otherwise."""
+    """The feature backend that `backend` means on `device`: "torch", "cpp" and "triton" are the
+    post-FFT chain's implementations, chosen by fastser.ops.registry ("auto": with autograd "torch",
+    else the device's fused kernel where it is usable); "cupy", "dali" and "librosa" are whole
+    pipelines of their own, never chosen by "auto"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    if backend in ("cupy", "dali", "librosa"):
         if requires_grad:
-            return "torch"
-        if device.type == "cuda":
-            return "triton" if _triton_ok() else "torch"
-        return "cpp" if _native.cpu_has_mel_chain() else "torch"
-    if requires_grad and backend != "torch":
-        raise ValueError(f"backend {backend!r} does not propagate gradients; the audio requires grad, so use "
-                         f"backend='torch' (or 'auto', which picks it)")
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"backend 'cpp' runs on the CPU, the audio is on {device}")
-        if not _native.cpu_has_mel_chain():
-            raise RuntimeError("backend 'cpp' needs fastser's compiled CPU kernels, which are not importable here")
-    if backend == "triton":
-        if not _triton_ok():
-            raise RuntimeError("backend 'triton' needs Triton: pip install triton")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"backend 'triton' runs on CUDA (or interpreted with TRITON_INTERPRET=1), "
-                             f"the audio is on {device}")
-    return backend
+            raise ValueError(f"backend {backend!r} does not propagate gradients; the audio requires grad, so use "
+                             f"backend='torch' (or 'auto', which picks it)")
+        return backend
+    return registry.choose("mel_chain", backend, device, requires_grad=requires_grad)
 
 
-@functools.lru_cache(maxsize=1)
 def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return registry.triton_importable()
 
 
 STFT_FIELDS = ("n_fft", "hop_length", "win_length", "window", "center", "pad_mode")

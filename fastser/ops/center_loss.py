@@ -31,15 +31,14 @@ finiteness ops between them, and nothing read back to the host.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from fastser.ops import _native
+from fastser.ops import _native, registry
 
-BACKENDS = ("triton", "cuda", "cpp", "torch")
+BACKENDS = registry.names("center_loss")
 REDUCTIONS = ("mean", "sum", "none")
 VALIDATE = ("eager", "deferred", "off")
 
@@ -49,53 +48,13 @@ except ImportError:  # pragma: no cover - depends on the environment
     _triton = None
 
 
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def available_backends(device: Optional[torch.device | str] = None) -> list[str]:
     """Backends built and usable here, fastest first; with `device`, those that run on it."""
-    names = []
-    cuda_ok = torch.cuda.is_available()
-    if _triton is not None and (cuda_ok or triton_interpreted()):
-        names.append("triton")
-    if _native.cuda is not None and cuda_ok:
-        names.append("cuda")
-    if _native.cpu is not None:
-        names.append("cpp")
-    names.append("torch")
-    if device is None:
-        return names
-    device = torch.device(device)
-    if device.type == "cuda":
-        return [n for n in names if n in ("triton", "cuda", "torch")]
-    runs_on_cpu = ["cpp", "torch"] + (["triton"] if triton_interpreted() and _triton is not None else [])
-    return [n for n in names if n in runs_on_cpu and (device.type == "cpu" or n == "torch")]
+    return registry.available("center_loss", device)
 
 
 def resolve_backend(backend: str, x: torch.Tensor, centers: torch.Tensor) -> str:
-    if backend not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    compute = _compute_dtype(x, centers)
-    if backend == "auto":
-        if x.is_cuda:
-            order = ("triton", "cuda", "torch") if compute == torch.float32 else ("torch",)
-        else:
-            order = ("cpp", "torch")
-        usable = available_backends(x.device)
-        return next(name for name in order if name in usable)
-    if backend not in available_backends():
-        raise RuntimeError(f"center-loss backend {backend!r} is not available here; "
-                           f"available: {available_backends()}")
-    if backend in ("cuda",) and not x.is_cuda:
-        raise ValueError(f"backend 'cuda' needs CUDA tensors, got features on {x.device}")
-    if backend == "triton" and not x.is_cuda and not triton_interpreted():
-        raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    if backend == "cpp" and x.device.type != "cpu":
-        raise ValueError(f"backend 'cpp' needs CPU tensors, got features on {x.device}")
-    if backend in ("triton", "cuda") and compute != torch.float32:
-        raise TypeError(f"backend {backend!r} computes in float32; use 'cpp' or 'torch' for float64")
-    return backend
+    return registry.choose("center_loss", backend, x.device, _compute_dtype(x, centers))
 
 
 def _compute_dtype(x: torch.Tensor, centers: torch.Tensor) -> torch.dtype:

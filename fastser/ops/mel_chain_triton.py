@@ -2,9 +2,9 @@
 top_db clamp -> DCT -> lifter.
 
 The grid is (utterance, tile of BLOCK_T frames) for both, so a batch of 256 three-second clips is
-4,864 programs rather than 256 (one per utterance, the first design, kept each SM busy with one
-long serial loop and held a whole DCT matrix in registers across it: 255 registers and 1.3 KB of
-spills per thread for log-mel, 6.5 KB for MFCC on sm_90 — the GPU compile gate now refuses spills).
+4,864 programs rather than 256: one program per utterance would keep each SM busy with one long
+serial loop and hold a whole DCT matrix in registers across it (255 registers and 1.3 KB of spills
+per thread for log-mel, 6.5 KB for MFCC on sm_90; the GPU compile gate refuses spills).
 
 `_mel_db_kernel` reads its tile of the complex STFT once (padded frames are masked out of the
 loads, so they cost no memory traffic), projects it onto the mel filters with tl.dot, converts to

@@ -27,8 +27,8 @@ from fastser.features.featureset import FeatureSet
 from fastser.metrics import summarize
 from fastser.models import masked_mse
 from fastser.reference.center_loss import ReferenceCenterLoss
-from fastser.training.batches import Normalizer
-from fastser.training.checkpoints import ModelSpec, build_model
+from fastser.normalization import Normalizer
+from fastser.checkpoints import ModelSpec, build_model
 
 
 FEATURES = FeatureSet.paper()  # the same settings as fastser's, computed by librosa

@@ -1,11 +1,15 @@
-"""Training, in five parts: batches (normaliser, batcher, augmentation), step (one optimizer step),
-loop (one fold, an experiment), checkpoints (the model spec, save, load, old formats) and reports (metrics, plots,
-ablation). The command line is fastser.train."""
-from fastser.training.batches import Batch, Batcher, Mix, Normalizer, mixup, spec_augment, tempo_crop, valid_mask
-from fastser.training.checkpoints import ModelSpec, build_model, finished_model, load_checkpoint
-from fastser.training.loop import EpochTotals, Run
+"""Training, in five parts: batches (batcher, augmentation), step (one optimizer step), fold (one
+fold's epochs and test), experiment (every fold, the checkpoint) and reports (metrics, plots,
+ablation). What they share with inference lives outside: fastser.checkpoints (the model spec,
+save, load, old formats), fastser.normalization (the input statistics), fastser.config (the
+settings). The command line is fastser.train."""
+from fastser.features.post import valid_mask
+from fastser.training.batches import Batch, Batcher, Mix, Normalizer, mixup, spec_augment, tempo_crop
+from fastser.checkpoints import ModelSpec, build_model, finished_model, load_checkpoint
+from fastser.training.experiment import Experiment
+from fastser.training.fold import EpochTotals, FoldTraining
 from fastser.training.step import step_body, train_step
 
-__all__ = ["Batch", "Batcher", "EpochTotals", "Mix", "ModelSpec", "Normalizer", "Run", "build_model", "finished_model",
-           "load_checkpoint", "mixup", "spec_augment", "step_body", "tempo_crop", "train_step",
-           "valid_mask"]
+__all__ = ["Batch", "Batcher", "EpochTotals", "Experiment", "FoldTraining", "Mix", "ModelSpec", "Normalizer",
+           "build_model", "finished_model", "load_checkpoint", "mixup", "spec_augment", "step_body", "tempo_crop",
+           "train_step", "valid_mask"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from fastser.training.checkpoints import cpu_state
+from fastser.checkpoints import cpu_state
 
 
 def bias_corrected_ema(decay: float):

@@ -1,9 +1,6 @@
 """Batches for training and evaluation, from the in-memory feature table, on the device.
 
-    norm = Normalizer.fit(feats, frames, train_rows)      # per-bin mean/std over the fold's valid frames
-    feats = norm.apply(feats, frames)                     # (B, bins, T) -> normalised, padding exactly 0
-    norm = Normalizer.fit_groups(feats, frames, speaker_of_row, n_speakers)   # or per speaker
-    feats = norm.apply(feats, frames, groups)             # groups (B,): each item's speaker
+    norm = Normalizer.fit(feats, frames, train_rows)      # fastser.normalization: the fold's statistics
     batcher = Batcher(feats, frames, labels, norm, device, train_frames, groups=speaker_of_row)
     batch = batcher.batch(rows, generator)                # a random crop per utterance (training)
     batch = batcher.batch(rows)                           # whole utterances (evaluation)
@@ -11,104 +8,13 @@
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from fastser.features.post import valid_mask
 from fastser.models.objective import Mix
-
-
-NORMALIZE = ("speaker", "utterance", "corpus")
-
-
-@dataclasses.dataclass
-class Normalizer:
-    """Per-bin mean/std of each feature kind, for one group of frames or for many.
-
-    mean[kind], std[kind]: (bins,) — one set for every item (`fit`: the training fold's frames) —
-    or (G, bins), one set per group (`fit_groups`: per speaker or per utterance), where `apply`
-    takes each item's group index. Statistics never use labels, so a test speaker's own
-    (unlabelled) audio may give its statistics."""
-    mean: dict
-    std: dict
-
-    @classmethod
-    def fit(cls, feats: dict, frames: torch.Tensor, rows: torch.Tensor) -> "Normalizer":
-        """From the feature table: the rows' valid frames."""
-        return cls.fit_items({k: x[i, :, : frames[i]] for k, x in feats.items()} for i in rows.tolist())
-
-    @classmethod
-    def fit_items(cls, items) -> "Normalizer":
-        """From an iterable of per-utterance {kind: (bins, frames)} features (accumulated in float64)."""
-        sums: dict = {}
-        for item in items:
-            for kind, v in item.items():
-                s, ss, n = sums.get(kind, (0.0, 0.0, 0))
-                v = v.double()
-                sums[kind] = (s + v.sum(1), ss + v.square().sum(1), n + v.shape[1])
-        return cls._from_sums({k: s for k, (s, _, _) in sums.items()}, {k: ss for k, (_, ss, _) in sums.items()},
-                              {k: torch.tensor(float(n), dtype=torch.float64) for k, (_, _, n) in sums.items()})
-
-    @classmethod
-    def fit_groups(cls, feats: dict, frames: torch.Tensor, groups: torch.Tensor, n_groups: int,
-                   chunk: int = 64) -> "Normalizer":
-        """From the feature table ({kind: (N, bins, T)}, zero past frames[i]): one set of statistics
-        per group, groups (N,) in [0, n_groups) — e.g. each row's speaker, or arange(N) for
-        utterance-level statistics. Float64 sums, `chunk` rows at a time."""
-        sums, sqs = {}, {}
-        count = torch.zeros(n_groups, dtype=torch.float64, device=frames.device).index_add_(0, groups, frames.double())
-        for kind, x in feats.items():
-            s = torch.zeros(n_groups, x.shape[1], dtype=torch.float64, device=x.device)
-            ss = torch.zeros_like(s)
-            for start in range(0, x.shape[0], chunk):
-                v = x[start: start + chunk].double()  # padding is exactly 0: it adds nothing to the sums
-                g = groups[start: start + chunk]
-                s.index_add_(0, g, v.sum(-1))
-                ss.index_add_(0, g, v.square().sum(-1))
-            sums[kind], sqs[kind] = s, ss
-        return cls._from_sums(sums, sqs, {k: count[:, None] for k in feats})
-
-    @classmethod
-    def _from_sums(cls, sums: dict, sqs: dict, counts: dict) -> "Normalizer":
-        mean, std = {}, {}
-        for k in sums:
-            n = counts[k].clamp(min=1)
-            m = sums[k] / n
-            mean[k] = m.float()
-            std[k] = (sqs[k] / n - m.square()).clamp(min=1e-8).sqrt().float()
-        return cls(mean, std)
-
-    def state(self) -> dict:
-        return {"mean": self.mean, "std": self.std}
-
-    def to(self, device) -> "Normalizer":
-        return Normalizer({k: v.to(device) for k, v in self.mean.items()},
-                          {k: v.to(device) for k, v in self.std.items()})
-
-    def apply(self, feats: dict, frames: torch.Tensor, groups: Optional[torch.Tensor] = None) -> dict:
-        """{kind: (B, bins, T)} -> normalised float32; frames past each item's own are exactly 0.
-        groups (B,): each item's row of per-group statistics (required when there are several)."""
-        valid = valid_mask(frames, next(iter(feats.values())).shape[-1])
-        out = {}
-        for k, x in feats.items():
-            mean, std = self.mean[k], self.std[k]
-            if mean.dim() == 1:
-                mean, std = mean[None, :, None], std[None, :, None]
-            elif groups is None:
-                raise ValueError(f"this Normalizer has {mean.shape[0]} groups of statistics: pass each item's group")
-            else:
-                mean, std = mean[groups][:, :, None], std[groups][:, :, None]
-            out[k] = ((x.float() - mean) / std) * valid
-        return out
-
-
-def utterance_stats(feats: dict, frames: torch.Tensor) -> Normalizer:
-    """Each item's own per-bin statistics ({kind: (B, bins, T)} zero past frames) -> Normalizer with
-    B groups; apply it with groups=arange(B). The fallback when no speaker audio is at hand."""
-    return Normalizer.fit_groups(feats, frames, torch.arange(frames.shape[0], device=frames.device), frames.shape[0])
+from fastser.normalization import NORMALIZE, Normalizer, utterance_stats  # noqa: F401 - re-exported
 
 
 class Batch(NamedTuple):

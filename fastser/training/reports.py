@@ -13,21 +13,23 @@ import torch
 from fastser import __version__
 from fastser.metrics import summarize
 from fastser.ops import backends_in_use
-from fastser.training.loop import FALLBACKS, Run, log
+from fastser.training.console import log
+from fastser.training.experiment import Experiment
+from fastser.training.fold import FALLBACKS
 
 
-def metrics_of(run: Run, seconds: float) -> dict:
+def metrics_of(run: Experiment, seconds: float) -> dict:
     """Test predictions of every fold pooled into WA, UA, macro-F1, per-class recall and the confusion."""
-    a = run.args
+    a = run.config
     y_true = np.concatenate([r["y_true"] for r in run.fold_results])
     y_pred = np.concatenate([r["y_pred"] for r in run.fold_results])
     m = summarize(y_true, y_pred, run.classes)
     corpus = run.table.corpus
     extra = other_scores(run.fold_results, run.classes)
     return {
-        "corpus": a.corpus, "split": run.split, "features": a.features, "kinds": run.spec.features.kinds,
+        "corpus": a.data.corpus, "split": run.split, "features": a.model.features, "kinds": run.spec.features.kinds,
         "classes": run.classes,
-        "lambda_center": run.lambda_center, "lambda_recon": run.lambda_recon, "center_alpha": a.center_alpha,
+        "lambda_center": run.lambda_center, "lambda_recon": run.lambda_recon, "center_alpha": a.objective.center_alpha,
         "n_test": m["n"], "wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"],
         "per_class_recall": m["per_class_recall"], "confusion": m["confusion"],
         "folds": [{k: r[k] for k in ("name", "n_test", "wa", "ua", "macro_f1", "best_epoch", "val_ua",
@@ -71,7 +73,7 @@ def other_scores(fold_results: list, classes: list) -> dict:
     return out
 
 
-def write_reports(run: Run, metrics: dict) -> None:
+def write_reports(run: Experiment, metrics: dict) -> None:
     """Rank 0 only: the run folder's artifacts."""
     if not run.info.is_main:
         return
@@ -81,11 +83,11 @@ def write_reports(run: Run, metrics: dict) -> None:
     with open(out / "history.jsonl", "w") as f:
         for row in run.history:
             f.write(json.dumps(row) + "\n")
-    (out / "config.json").write_text(json.dumps(run.config(), indent=2, default=str) + "\n")
+    (out / "config.json").write_text(json.dumps(run.checkpoint_config(), indent=2, default=str) + "\n")
     write_predictions(out / "predictions.csv", run.fold_results, run.table.corpus, run.classes)
     (out / "MODEL.md").write_text(model_card(run, metrics))
     plot_confusion(np.array(metrics["confusion"]), run.classes, out / "confusion.png",
-                   f"{run.args.corpus} {run.split}: WA {metrics['wa']:.1%}  UA {metrics['ua']:.1%}")
+                   f"{run.config.data.corpus} {run.split}: WA {metrics['wa']:.1%}  UA {metrics['ua']:.1%}")
     last = run.last_fold_embeddings()
     if last is not None and last["embeddings"] is not None and len(last["embeddings"]) > 2:
         plot_embeddings(last["embeddings"], last["labels"], last["centers"], run.classes, out / "embeddings.png",
@@ -101,23 +103,24 @@ NORMALIZE_NEEDS = {
 }
 
 
-def model_card(run: Run, metrics: dict) -> str:
+def model_card(run: Experiment, metrics: dict) -> str:
     """MODEL.md: what the run's model is, what it was trained and measured on, what it expects at
     prediction time, and what it has never seen."""
-    corpus, a = run.table.corpus, run.args
+    corpus, a = run.table.corpus, run.config
     pct = lambda m: f"UA {100 * m['ua']:.1f}%, WA {100 * m['wa']:.1f}%, macro-F1 {100 * m['macro_f1']:.1f}%"  # noqa: E731
     speakers = sorted(set(corpus.speakers.tolist()))
     lines = [f"# Model card: {run.out.name}", "",
              f"fastser {__version__}: the CNN + center loss + reconstruction model of Tripathi et al. (2020), "
              f"inputs {' + '.join(run.spec.features.kinds)} at {run.spec.features.sr} Hz.", "",
              "## Trained on", "",
-             f"- corpus `{a.corpus}`: {len(corpus.utterances)} utterances, {len(speakers)} speakers; classes "
+             f"- corpus `{a.data.corpus}`: {len(corpus.utterances)} utterances, {len(speakers)} speakers; classes "
              + ", ".join(f"{c} ({n})" for c, n in zip(run.classes, np.bincount(corpus.labels,
                                                                                 minlength=len(run.classes)))),
              f"- protocol: split `{run.split}`, {len(run.fold_results)} speaker-independent fold"
              f"{'s' if len(run.fold_results) != 1 else ''} (no test speaker is ever trained on); the model saved "
              f"is the last fold's ({run.fold_results[-1]['name'] if run.fold_results else '-'})",
-             f"- {a.epochs} epoch{'s' if a.epochs != 1 else ''}, batch {a.batch_size}, lr {a.lr:g}, seed {a.seed}, "
+             f"- {a.optim.epochs} epoch{'s' if a.optim.epochs != 1 else ''}, batch {a.optim.batch_size}, "
+             f"lr {a.optim.lr:g}, seed {a.optim.seed}, "
              f"center loss weight {run.lambda_center:g}, reconstruction weight {run.lambda_recon:g}", "",
              "## Measured (test speakers, pooled over the folds)", "",
              f"- with the speaker's statistics (enrollment audio): {pct(metrics)} on {metrics['n_test']} utterances"
@@ -126,8 +129,8 @@ def model_card(run: Run, metrics: dict) -> str:
         lines.append(f"- without enrollment audio (the training speakers' statistics): {pct(metrics['training_norm'])}")
     if "utterance_norm" in metrics:
         lines.append(f"- with each clip's own statistics: {pct(metrics['utterance_norm'])}")
-    lines.append(f"- chance: UA {100 / len(run.classes):.1f}%" + ("" if a.corpus == "synthetic" else
-                 f"; the classic baseline on the same folds: `python -m fastser.baseline --corpus {a.corpus} "
+    lines.append(f"- chance: UA {100 / len(run.classes):.1f}%" + ("" if a.data.corpus == "synthetic" else
+                 f"; the classic baseline on the same folds: `python -m fastser.baseline --corpus {a.data.corpus} "
                  f"--data-dir ... --split {run.split}` (openSMILE functionals + SVM)"))
     lines += ["",
               "## At prediction time", "",
@@ -135,11 +138,11 @@ def model_card(run: Run, metrics: dict) -> str:
               f"- mono audio, resampled to {run.spec.features.sr} Hz; clips up to {run.spec.max_seconds:g} s are "
               f"scored whole, longer ones in {run.spec.train_seconds:g} s windows", "",
               "## Never trained on", ""]
-    if a.corpus == "synthetic":
+    if a.data.corpus == "synthetic":
         lines.append("- real speech: the synthetic corpus is generated voiced tones; this model's predictions on "
                      "recordings mean nothing")
     else:
-        lines.append(f"- speech other than {a.corpus}'s: other languages, speakers, microphones, rooms, noise and "
+        lines.append(f"- speech other than {a.data.corpus}'s: other languages, speakers, microphones, rooms, noise and "
                      f"spontaneous (not acted) emotion; emotions other than {', '.join(run.classes)}")
     return "\n".join(lines) + "\n"
 
@@ -175,14 +178,14 @@ def seed_ensemble(fold_results_per_seed: list, classes: list) -> dict:
     return {"wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"], "n_seeds": len(per_seed)}
 
 
-def write_ablation(out: Path, results: dict, args) -> None:
+def write_ablation(out: Path, results: dict, config) -> None:
     rows = {name: {k: m[k] for k in ("wa", "ua", "macro_f1", "n_test", "lambda_center", "lambda_recon")}
             for name, m in results.items()}
-    (out / "ablation.json").write_text(json.dumps({"corpus": args.corpus, "seed": args.seed, "results": rows},
-                                                  indent=2) + "\n")
+    (out / "ablation.json").write_text(json.dumps({"corpus": config.data.corpus, "seed": config.optim.seed,
+                                                   "results": rows}, indent=2) + "\n")
     lines = ["| objective | lambda_center | lambda_recon | WA | UA | macro-F1 |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['lambda_center']} | {r['lambda_recon']} | {r['wa']:.1%} | {r['ua']:.1%} | "
                      f"{r['macro_f1']:.1%} |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
-    log("\n" + "\n".join(lines), args.no_progress)
+    log("\n" + "\n".join(lines), config.run.no_progress)

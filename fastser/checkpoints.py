@@ -4,7 +4,7 @@
     model = build_model(spec)                         # train, predict and the reference build it so
     save_checkpoint(payload, path)                    # atomic; payload["spec"] = spec.to_dict()
     ckpt = load_checkpoint(path_or_run_folder)        # a finished run, or a UserError naming the problem
-    spec, final = finished_model(ckpt)                # works for checkpoints of fastser 0.1 too
+    spec, final = finished_model(ckpt)                # the first checkpoint format (no "spec") too
     run_setting(ckpt["config"], "pooling")            # a setting, also from runs made before it was recorded
     saved_settings(run_folder_or_checkpoint)          # the settings a run was started with (resume)
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from fastser._io import atomic_torch_save, atomic_write
-from fastser.cli import UserError
+from fastser.errors import UserError
+from fastser.config import migrated
 from fastser.features.featureset import ALIASES, FeatureSet
 from fastser.models import SERModel
 
@@ -93,28 +94,20 @@ def finished_model(ckpt: dict) -> tuple[ModelSpec, dict]:
     final = ckpt["final"]
     if "spec" in ckpt:
         return ModelSpec.from_dict(ckpt["spec"]), final
-    # fastser 0.1: the spec lives in the run's config, the log-mel branch is called "spectrogram"
+    # the first format: the spec lives in the run's config, the log-mel branch is called "spectrogram"
     cfg = ckpt["config"]
     spec = ModelSpec(FeatureSet.from_dict(cfg["feature_configs"]), tuple(cfg["classes_list"]), width=cfg["width"],
                      embed_dim=cfg["embed_dim"], reconstruct=cfg["lambda_recon"] > 0,
                      train_seconds=cfg.get("train_seconds", 3.0), max_seconds=cfg["max_seconds"],
-                     pooling=run_setting(cfg, "pooling"))  # 0.1 had no choice: global
+                     pooling=run_setting(cfg, "pooling"))  # that format had no choice: global
     return spec, {**final, "model": _renamed(final["model"]),
                   "norm": {s: _renamed_keys(v) for s, v in final["norm"].items()}}
 
 
-# A run made before a setting was recorded (its checkpoint and config.json lack the key) was made
-# with what fastser did then: --resume and the accuracy collector read older runs by this one table.
-BEFORE_RECORDED = {"normalize": "corpus", "prosody": False, "bin_stats": False, "pooling": "global",
-                   "validation": True, "tempo": 0.0, "speed_perturb": None, "ema": None, "mixup": 0.0,
-                   "noise": None}
-
-
 def run_setting(config: dict, key: str):
-    """The setting `key` a run was made with, from its config (checkpoint or config.json); a list
-    (what JSON gives back for a tuple) reads as a tuple, so it compares equal to the parsed argument."""
-    value = config.get(key, BEFORE_RECORDED.get(key))
-    return tuple(value) if isinstance(value, list) else value
+    """The setting `key` a run was made with, from its config (checkpoint or config.json), read
+    through fastser.config.migrated (a run made before the setting was recorded, lists as tuples)."""
+    return migrated(config).get(key)
 
 
 def _renamed_keys(d: dict) -> dict:

@@ -1,0 +1,176 @@
+"""Every training setting and its default, in one place.
+
+    config = TrainConfig()                                   # the defaults
+    config = TrainConfig.from_settings(settings)             # a run's settings.json (old runs migrated)
+    config.model.width, config.optim.lr, config.augment.mixup
+    config.replace(seed=3)                                   # a copy with some settings changed
+    config.settings()                                        # the flat {name: value} a run folder stores
+
+A setting's name is its command-line flag's (`--embed-dim` is `embed_dim`); `python -m fastser.train`
+takes its defaults from here, and a test holds the flags and these fields to the same set. Three
+defaults depend on the corpus (epochs, patience, validation): None here, `resolved()` fills them.
+Settings marked RUN_OPTION say where and how a run goes, not what it computes: they may differ
+when a run is resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+SCHEMA_VERSION = 1  # of settings(): stored in settings.json and in every checkpoint
+RUN_OPTION = {"run_option": True}
+
+# per corpus, where the default is not the real corpora's: the synthetic run keeps its small setting
+DEFAULT_EPOCHS = {"synthetic": 12}        # real corpora: 24 (LOSO on ravdess-dev underfits at 12)
+DEFAULT_PATIENCE = {"synthetic": 8}       # real corpora: 5
+DEFAULT_VALIDATION = {"synthetic": True}  # real corpora: train on the validation speakers, keep the last epoch
+REAL_CORPUS_DEFAULTS = {"epochs": 24, "patience": 5, "validation": False}
+
+# What fastser did before a setting was recorded: a run whose settings lack the key was made so.
+BEFORE_RECORDED = {"normalize": "corpus", "prosody": False, "bin_stats": False, "pooling": "global",
+                   "validation": True, "tempo": 0.0, "speed_perturb": None, "ema": None, "mixup": 0.0,
+                   "noise": None}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The corpus, its folds and its input statistics."""
+    corpus: str = "synthetic"
+    data_dir: Optional[str] = field(default=None, metadata=RUN_OPTION)
+    split: Optional[str] = None                 # None: the corpus's own protocol
+    folds: int = 5                              # for split "kfold"
+    max_folds: Optional[int] = field(default=None, metadata=RUN_OPTION)  # a larger value trains further folds
+    classes: Optional[str] = None               # e.g. "neutral,happy=happy+excited,sad,angry"
+    iemocap_subset: str = "all"
+    strict: bool = field(default=False, metadata=RUN_OPTION)
+    max_seconds: float = 8.0
+    cache_dir: Optional[str] = field(default=None, metadata=RUN_OPTION)
+    no_cache: bool = field(default=False, metadata=RUN_OPTION)
+    synthetic_speakers: int = 16
+    synthetic_per_class: int = 8
+    normalize: str = "speaker"                  # "speaker", "utterance" or "corpus"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The inputs and the network."""
+    features: str = "both"                      # "logmel", "mfcc" or both CNN branches
+    prosody: bool = True
+    bin_stats: bool = False
+    pooling: str = "time"
+    width: int = 16
+    embed_dim: int = 128
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Cross-entropy plus the center loss and the reconstruction loss."""
+    lambda_center: float = 0.003
+    lambda_recon: float = 0.1
+    center_alpha: float = 0.5
+    no_center: bool = False
+    no_recon: bool = False
+    ablation: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The one-cycle AdamW schedule, early stopping, the crops, weight averaging and the seeds."""
+    epochs: Optional[int] = None                # None: DEFAULT_EPOCHS by corpus
+    patience: Optional[int] = None
+    validation: Optional[bool] = None
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-3
+    train_seconds: float = 3.0
+    ema: Optional[tuple] = None
+    seed: int = 0
+    seeds: Optional[tuple] = None
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-only changes of the input."""
+    tempo: float = 0.0
+    speed_perturb: Optional[tuple] = None
+    noise: Optional[tuple] = None
+    mixup: float = 0.0
+    specaugment: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how the run goes."""
+    device: Optional[str] = field(default=None, metadata=RUN_OPTION)
+    threads: Optional[int] = field(default=None, metadata=RUN_OPTION)
+    amp: bool = False
+    compile: bool = field(default=False, metadata=RUN_OPTION)
+    cuda_graph: bool = field(default=False, metadata=RUN_OPTION)
+    deterministic: bool = field(default=False, metadata=RUN_OPTION)
+    out: Optional[str] = field(default=None, metadata=RUN_OPTION)
+    resume: Optional[str] = field(default=None, metadata=RUN_OPTION)
+    no_progress: bool = field(default=False, metadata=RUN_OPTION)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
+            "augment": AugmentConfig, "run": RunConfig}
+TUPLES = frozenset({"ema", "seeds", "speed_perturb", "noise"})  # JSON gives them back as lists
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # -- the flat view: what the command line, settings.json and checkpoints speak --------
+    def settings(self) -> dict:
+        """{setting: value} over every section, in declaration order."""
+        return {f.name: getattr(getattr(self, s), f.name) for s in SECTIONS for f in _fields(s)}
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "TrainConfig":
+        """From a flat {setting: value} (a stored run's: pass it through `migrated` first); a setting
+        it lacks takes its default, a key that is no setting is an error."""
+        unknown = sorted(set(settings) - set(SETTING_SECTION))
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        values = {k: tuple(v) if k in TUPLES and isinstance(v, list) else v for k, v in settings.items()}
+        return cls(**{s: SECTIONS[s](**{f.name: values[f.name] for f in _fields(s) if f.name in values})
+                      for s in SECTIONS})
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with settings (flat names) changed."""
+        return TrainConfig.from_settings({**self.settings(), **changes})
+
+    def resolved(self) -> "TrainConfig":
+        """The corpus-dependent defaults (epochs, patience, validation) filled in."""
+        corpus = self.data.corpus
+        by_corpus = {"epochs": DEFAULT_EPOCHS, "patience": DEFAULT_PATIENCE, "validation": DEFAULT_VALIDATION}
+        return self.replace(**{k: table.get(corpus, REAL_CORPUS_DEFAULTS[k]) for k, table in by_corpus.items()
+                               if getattr(self.optim, k) is None})
+
+    def computed_settings(self) -> dict:
+        """The settings that decide what a run computes (all but the RUN_OPTIONs)."""
+        return {k: v for k, v in self.settings().items() if k not in RUN_OPTIONS}
+
+
+def _fields(section: str):
+    return dataclasses.fields(SECTIONS[section])
+
+
+SETTING_SECTION = {f.name: s for s in SECTIONS for f in _fields(s)}
+RUN_OPTIONS = frozenset(f.name for s in SECTIONS for f in _fields(s) if f.metadata.get("run_option"))
+
+
+def migrated(stored: dict) -> dict:
+    """The one reading of a stored run's settings (settings.json, a checkpoint's "settings" or, for
+    runs older than those, its "config"): what it lacks that fastser did differently before recording
+    it comes from BEFORE_RECORDED, lists read back as tuples, the schema marker goes. Schema 1 is the
+    first: a later change of names or meanings is translated here, by the stored "schema"."""
+    out = {**BEFORE_RECORDED, **{k: v for k, v in stored.items() if k != "schema"}}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}

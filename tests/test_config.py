@@ -1,0 +1,57 @@
+"""fastser.config: every training setting and default in one place, the command line checked against it."""
+import argparse
+import json
+
+import pytest
+
+import fastser.train as train
+from fastser.config import BEFORE_RECORDED, RUN_OPTIONS, SETTING_SECTION, TrainConfig, migrated
+
+
+def test_the_command_line_has_a_flag_for_every_setting_and_takes_its_defaults_from_the_config():
+    parser = train.build_parser()
+    dests = {a.dest: a.default for a in parser._actions if a.option_strings and a.dest != "help"}
+    assert set(dests) == set(SETTING_SECTION)
+    assert dests == TrainConfig().settings()
+    assert vars(train.parse_args([])) == TrainConfig().resolved().settings()
+
+
+def test_sections_flat_settings_and_replace():
+    config = TrainConfig()
+    assert (config.model.width, config.optim.lr, config.data.normalize) == (16, 2e-3, "speaker")
+    changed = config.replace(width=8, seed=3, ema=[0.99])
+    assert (changed.model.width, changed.optim.seed, changed.optim.ema) == (8, 3, (0.99,))
+    assert config.model.width == 16  # frozen: replace makes a copy
+    assert TrainConfig.from_settings(json.loads(json.dumps(changed.settings()))) == changed
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_settings({"widht": 8})
+
+
+def test_defaults_that_depend_on_the_corpus_are_resolved_once():
+    assert TrainConfig().resolved().optim.epochs == 12
+    real = TrainConfig().replace(corpus="ravdess").resolved().optim
+    assert (real.epochs, real.patience, real.validation) == (24, 5, False)
+    assert TrainConfig().replace(corpus="ravdess", epochs=3).resolved().optim.epochs == 3
+
+
+def test_stored_settings_are_read_through_one_migration():
+    old = {"corpus": "emodb", "epochs": 3, "speed_perturb": [0.9, 1.1], "schema": 1}
+    m = migrated(old)
+    assert m["pooling"] == BEFORE_RECORDED["pooling"] == "global" and m["speed_perturb"] == (0.9, 1.1)
+    assert "schema" not in m
+
+
+def test_run_options_say_where_and_how_not_what():
+    assert {"out", "resume", "device", "threads", "data_dir", "cache_dir", "max_folds"} <= RUN_OPTIONS
+    assert not {"width", "lr", "seed", "epochs", "normalize", "amp"} & RUN_OPTIONS
+    assert not {"out", "device"} & set(TrainConfig().computed_settings())
+
+
+def test_the_library_takes_a_config_not_a_namespace(tmp_path):
+    metrics = train.train(TrainConfig().replace(synthetic_speakers=6, synthetic_per_class=4, width=4, embed_dim=16,
+                                                epochs=1, train_seconds=1.0, no_progress=True,
+                                                out=str(tmp_path / "run")))
+    assert metrics["n_test"] > 0
+    saved = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert saved["schema"] == 1 and TrainConfig.from_settings(migrated(saved)).model.width == 4
+    assert not isinstance(train.parse_config([]), argparse.Namespace)
