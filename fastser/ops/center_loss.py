@@ -16,7 +16,8 @@ Backends: "triton" and "cuda" (CUDA tensors), "cpp" (CPU, OpenMP), "torch" (gath
 any device; the fallback and the test oracle).
 
 Validation (`validate`): "eager" (True) checks labels and finiteness before anything is written and
-raises, at the price of a host read (free on the CPU, a stream stall on a GPU); "deferred" keeps
+raises, at the price of one host read a step, after the forward (free on the CPU, a stream stall
+on a GPU); "deferred" keeps
 every check on the device: a batch with a non-finite feature or a label outside [0, C) has NaN row
 losses, its Wen update is skipped as a whole (and its center gradient is zero), and a device
 counter records it, to be read when the caller chooses (CenterLoss.raise_on_bad_batches());
@@ -105,14 +106,20 @@ def _raise_bad_label(labels: torch.Tensor, num_classes: int) -> None:
                      f"is out of range (num_classes={num_classes}); the centers were not changed")
 
 
-def _raise_if_not_finite(features: torch.Tensor, row_loss: torch.Tensor) -> None:
-    # A finite total proves every feature finite, so the full scan runs only on the bad path.
+def _raise_if_bad(features: torch.Tensor, labels: torch.Tensor, row_loss: torch.Tensor, num_classes: int,
+                  check_features: bool) -> None:
+    """Eager validation after the forward (which gives a bad label's row a NaN loss), in one host
+    read: a finite total proves every label in range and every feature finite, so the scans that
+    name the culprit run only on the bad path. Before the backward: nothing was written yet."""
     if torch.isfinite(row_loss.sum()).item():
         return
-    bad = ~torch.isfinite(features).all(dim=1)
-    if bad.any():
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"features contain NaN or Inf (first in row {row}); the centers were not updated")
+    if not bool(_in_range(labels, num_classes).all()):
+        _raise_bad_label(labels, num_classes)
+    if check_features:
+        bad = ~torch.isfinite(features).all(dim=1)
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"features contain NaN or Inf (first in row {row}); the centers were not updated")
 
 
 # ----------------------------------------------------------------------------- backends
@@ -324,13 +331,13 @@ class CenterLossFunction(torch.autograd.Function):
         # the Triton forward counts classes and bad rows as it goes (nothing to compute for them later)
         stats = new_stats(num_classes, x.device) if backend == "triton" and writes else None
         row_loss, diff = _forward(backend, x, labels, centers.detach().contiguous(),
-                                  bad_label_is_nan=validate == "deferred", stats=stats,
+                                  bad_label_is_nan=validate != "off", stats=stats,
                                   bad_batches=bad_batches if validate == "deferred" else None)
         bad = None
-        if validate == "eager" and writes:
-            # something will write the centers (the Wen update, or an optimizer from their gradient):
-            # non-finite features must stop it here, before any center can become NaN
-            _raise_if_not_finite(x, row_loss)
+        if validate == "eager":
+            # labels out of range, and, when something will write the centers (the Wen update, or an
+            # optimizer from their gradient), non-finite features stop the step here
+            _raise_if_bad(x, labels, row_loss, num_classes, check_features=writes)
         elif validate == "deferred" and writes:
             # the Triton forward counted the bad rows (and the bad batch) itself
             bad = stats[-1] if stats is not None else _batch_bad(row_loss, bad_batches)
@@ -513,8 +520,8 @@ def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     if centers.dim() != 2:
         raise ValueError(f"centers must be 2-D (num_classes, feat_dim), got shape {tuple(centers.shape)}")
     compiling = torch.compiler.is_compiling()
-    if validate != "off":  # deferred, or compiling: only the checks that need no host read (shapes, dtypes, devices)
-        check_inputs(features, labels, centers, label_range=validate == "eager" and not compiling)
+    if validate != "off":  # the checks that need no host read (shapes, dtypes, devices); eager checks the
+        check_inputs(features, labels, centers, label_range=False)  # values after the forward, in one read
     name = resolve_backend(backend, features, centers)
     if compiling and _distributed_world(process_group) == 1:
         # the eager checks would read the host, so a compiled step validates on the device

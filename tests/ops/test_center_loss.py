@@ -636,7 +636,7 @@ def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatc
     """One Wen training step with the Triton backend: exactly two Triton kernels (forward, which
     also counts the classes, the bad rows and a bad batch; backward with the center update, reading
     the upstream gradient in place) and, besides them, only zeroing the (C + 1,) stats buffer and
-    the loss reduction (deferred); eager adds its host-side checks."""
+    the loss reduction (deferred); eager adds its check, one host read."""
     import importlib
     from torch.utils._python_dispatch import _disable_current_modes
     ops = importlib.import_module("fastser.ops.center_loss")
@@ -659,9 +659,31 @@ def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatc
         torch.autograd.backward(loss, grad)
     launched = [op for op in rec.ops if op not in _NO_KERNEL]
     step = ["zeros", "triton.forward"]  # the stats buffer, then the forward kernel that fills it
-    if validate == "eager":  # the label range and the loss's finiteness, read on the host (isfinite is abs/ne/eq/mul)
-        step = ["aminmax", "_local_scalar_dense", "_local_scalar_dense"] + step
+    if validate == "eager":  # labels and features checked at once, by the finiteness of the forward's total
+        # (a bad label's row loss is NaN), read on the host once; isfinite is abs/ne/eq/mul
         step += ["sum", "abs", "ne", "eq", "mul", "_local_scalar_dense"]
+    assert launched.count("_local_scalar_dense") == (validate == "eager")  # the host reads: one, or none
     step += ["mean", "triton.backward"]  # the loss; grad_x + Wen update (the row scale is read in the kernel)
     assert launched == step
     assert not torch.equal(loss_fn.centers, before)  # the update really ran
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("validate", ["eager", "deferred"])
+def test_a_validated_step_reads_the_host_once_or_never(backend, validate):
+    """The drop-in default (eager) checks labels and features with one host read a step, after the
+    forward; deferred reads nothing. On a GPU each read is a stall of the stream."""
+    loss_fn = CenterLoss(4, 16, backend=backend, validate=validate).to(DEVICE)
+    x, labels, _ = make_batch(32, 4, 16)
+    x.requires_grad_()
+    rec = _AtenOps()
+    with rec:
+        loss_fn(x, labels).backward()
+    assert rec.ops.count("_local_scalar_dense") == (validate == "eager")
+    bad = labels.clone()
+    bad[5] = 4
+    before = loss_fn.centers.detach().clone()
+    if validate == "eager":
+        with pytest.raises(ValueError, match="label 4 at index 5 is out of range"):
+            loss_fn(x, bad).backward()
+        assert torch.equal(loss_fn.centers, before)
