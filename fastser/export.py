@@ -79,7 +79,7 @@ class AudioClassifier(nn.Module):
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
         audio = torch.nn.functional.pad(audio, (0, self.pad))
-        feats, frames = self.features.extract(audio, lengths, backend="torch", span_padding=True)
+        feats, frames = self.features.extract(audio, lengths, backend="torch")
         keep = valid_mask(frames, next(iter(feats.values())).shape[-1])
         n = frames.clamp(min=1)[:, None].double()
         raw = torch.cat([feats[k] for k in self.kinds], dim=1).double()  # (B, D, T), zero past frames

@@ -55,7 +55,7 @@ def test_the_exported_file_scores_as_predict_does(run_dir, clips, files, fmt, at
     # dynamic batch and length: one clip alone, exactly its own length
     np.testing.assert_allclose(export.run_file(files[fmt], audio[2][None], lengths[2:3]), want[2:3], atol=atol)
     # the features inside are predict's: their sums over each clip's frames
-    feats, frames = predictor.features.extract(torch.from_numpy(batch), torch.from_numpy(lengths), span_padding=True)
+    feats, frames = predictor.features.extract(torch.from_numpy(batch), torch.from_numpy(lengths))
     raw = torch.cat([feats[k] for k in predictor.features.kinds], dim=1).double()
     if fmt == "onnx":
         session, meta = export.load_onnx(files[fmt])

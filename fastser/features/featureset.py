@@ -86,13 +86,12 @@ class FeatureSet:
         return self.configs[0][1].sr
 
     # -- computing ------------------------------------------------------------------------
-    def extract(self, audio, lengths=None, backend: str = "auto",
-                span_padding: bool = False) -> tuple[dict, torch.Tensor]:
+    def extract(self, audio, lengths=None, backend: str = "auto") -> tuple[dict, torch.Tensor]:
         """audio (B, T) or (T,) float tensor (padded; `lengths` (B,) gives each item's samples)
         -> ({kind: (B, bins, frames) float32}, frames (B,)); frames past each item's own are 0.
-        The output spans the longest item's frames, or with `span_padding` the padded length's
-        (no device read: a graph traced for any length needs that). One STFT for all kinds that
-        share STFT settings (one per setting otherwise)."""
+        Every kind spans the padded length's frames (T // hop + 1), known from the shape, so a
+        call never waits for the device (and a traced graph serves any length). One STFT for all
+        kinds that share STFT settings (one per setting otherwise)."""
         if isinstance(audio, torch.Tensor) and audio.dim() == 2 and audio.is_floating_point() \
                 and isinstance(lengths, torch.Tensor):
             y, lens = audio, lengths  # the hot path (training, predict): no value scan, no host sync
@@ -101,7 +100,7 @@ class FeatureSet:
         out: dict = {}
         frames: Optional[torch.Tensor] = None
         for group in self._stft_groups():
-            feats, frames = extract_many(y, lens, [c for _, c in group], backend, span_padding=span_padding)
+            feats, frames = extract_many(y, lens, [c for _, c in group], backend, span_padding=True)
             out.update({k: f for (k, _), f in zip(group, feats)})
         for kind, cfg in self.configs:
             if isinstance(cfg, ProsodyConfig):
