@@ -14,7 +14,7 @@ decoder reading the last convolutional map rather than the pooled vector (so it 
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +58,26 @@ def masked_mean_std(x: torch.Tensor, keep: torch.Tensor, n: torch.Tensor):
     return mean, (var + 1e-5).sqrt()
 
 
-def _valid_frames(x: torch.Tensor, frames: torch.Tensor):
+class FrameMasks:
+    """The valid-frame masks of one batch, built once per time stride and shared by every branch and
+    stage that needs them: position j of a map at time stride s is valid iff j < frames // s (at
+    least 1). at(s, length) -> (B, 1, 1, length) bool."""
+
+    def __init__(self, frames: torch.Tensor):
+        self.frames, self._masks = frames, {}
+
+    def at(self, stride: int, length: int) -> torch.Tensor:
+        mask = self._masks.get(stride)  # keyed by stride alone: a traced length is no dictionary key
+        if mask is None or mask.shape[-1] != length:
+            valid = (self.frames if stride == 1 else self.frames // stride).clamp(min=1)
+            keep = torch.arange(length, device=self.frames.device)[None, :] < valid[:, None]
+            mask = self._masks[stride] = keep[:, None, None, :]
+        return mask
+
+
+def _valid_frames(x: torch.Tensor, frames: torch.Tensor, masks: Optional[FrameMasks] = None):
     """(keep (B, 1, T) bool, n (B, 1)) for x (B, channels, T) with frames (B,) valid."""
-    keep = (torch.arange(x.shape[-1], device=x.device)[None, :] < frames.clamp(min=1)[:, None])[:, None, :]
+    keep = (masks or FrameMasks(frames)).at(1, x.shape[-1])[:, 0]
     return keep, keep.sum(-1).clamp(min=1)
 
 
@@ -92,35 +109,30 @@ class FeatureEncoder(nn.Module):
         bands = n_bins // self.stride if pooling == "time" else 1  # the three 2x2 max-pools floor the bins
         self.out_dim = 2 * self.out_channels * bands + (2 * n_bins if bin_stats else 0)
 
-    @staticmethod
-    def _mask(x: torch.Tensor, frames: torch.Tensor, stride: int) -> torch.Tensor:
-        valid = (frames // stride).clamp(min=1)
-        keep = torch.arange(x.shape[-1], device=x.device)[None, :] < valid[:, None]
-        return keep[:, None, None, :]
-
-    def _masked(self, h: torch.Tensor, frames: torch.Tensor, stride: int, full: bool) -> torch.Tensor:
-        return h if full else h * self._mask(h, frames, stride)
-
-    def forward(self, x: torch.Tensor, frames: torch.Tensor):
+    def forward(self, x: torch.Tensor, frames: torch.Tensor, masks: Optional[FrameMasks] = None):
+        masks = masks or FrameMasks(frames)
         T = x.shape[-1]
         stats = []
         if self.bin_stats:
-            keep, n = _valid_frames(x, frames)
+            keep, n = _valid_frames(x, frames, masks)
             stats = [t.to(x.dtype) for t in masked_mean_std(x.float(), keep, n)]
-        x = F.pad(x, (0, max(0, self.stride - T))).unsqueeze(1)  # pooling needs 8 frames; longer tails are floored
+        if T < self.stride:  # pooling needs 8 frames; longer tails are floored
+            x = F.pad(x, (0, self.stride - T))
+        x = x.unsqueeze(1)
         # Position j at stride s is valid iff j < frames // s, which with floor pooling is every position
         # when frames == T: a batch without padding (the usual training crop) needs no masks. Checked on
         # the CPU only, where the check is free and the multiplications are not (on a GPU, the reverse);
         # never in an exported graph, which must serve padded batches too.
         full = x.device.type == "cpu" and x.shape[-1] == T and not torch.compiler.is_exporting() \
             and bool((frames >= T).all())
-        h = self.stem(self._masked(x, frames, 1, full))
-        h = self._masked(h, frames, 2, full)
+        masked = (lambda h, stride: h) if full else (lambda h, stride: h * masks.at(stride, h.shape[-1]))
+        h = self.stem(masked(x, 1))
+        h = masked(h, 2)
         stride = 2
         for block in self.blocks:
             stride *= 2
-            h = self._masked(block(h), frames, stride, full)
-        v = self._mask(h, frames, stride)
+            h = masked(block(h), stride)
+        v = masks.at(stride, h.shape[-1])
         mean = h.sum(dim=3) / v.sum(dim=3).clamp(min=1)  # (B, C, bands) over the valid frames
         peak = h.masked_fill(~v, float("-inf")).amax(dim=3)
         if self.pooling == "global":  # every band has the same valid frames: the mean of means is the mean
@@ -145,8 +157,8 @@ class ContourEncoder(nn.Module):
                           nn.ReLU(inplace=True))])
         self.out_dim = 3 * hidden + 2 * n_bins
 
-    def forward(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        keep, n = _valid_frames(x, frames)
+    def forward(self, x: torch.Tensor, frames: torch.Tensor, masks: Optional[FrameMasks] = None) -> torch.Tensor:
+        keep, n = _valid_frames(x, frames, masks)
         h = x * keep
         for layer in self.layers:
             h = layer(h) * keep  # batch norm's shift never turns padding into signal for the next layer
@@ -170,7 +182,8 @@ class FeatureDecoder(nn.Module):
     def forward(self, fmap: torch.Tensor, shape) -> torch.Tensor:
         out = self.net(fmap).squeeze(1)
         bins, t = shape
-        out = F.pad(out, (0, max(0, t - out.shape[-1]), 0, max(0, bins - out.shape[-2])))
+        if out.shape[-1] < t or out.shape[-2] < bins:  # the poolings floored an odd size: zeros to the input's
+            out = F.pad(out, (0, max(0, t - out.shape[-1]), 0, max(0, bins - out.shape[-2])))
         return out[:, :bins, :t]
 
 
@@ -204,15 +217,16 @@ class SERModel(nn.Module):
         if missing:
             raise ValueError(f"model expects features {self.kinds}, missing {sorted(missing)}")
         pooled, recon = [], {}
+        masks = FrameMasks(frames)  # one set for every branch: they share the frame grid
         for kind in self.kinds:
             x = feats[kind]
             if x.dim() != 3 or x.shape[1] != self.encoders[kind].n_bins:
                 raise ValueError(f"{kind} features must be (batch, {self.encoders[kind].n_bins}, frames), "
                                  f"got {tuple(x.shape)}")
             if kind in CONTOUR_KINDS:
-                pooled.append(self.encoders[kind](x, frames))
+                pooled.append(self.encoders[kind](x, frames, masks))
                 continue
-            fmap, vec = self.encoders[kind](x, frames)
+            fmap, vec = self.encoders[kind](x, frames, masks)
             pooled.append(vec)
             if self.decoders is not None and self.training:
                 recon[kind] = self.decoders[kind](fmap, x.shape[1:])
