@@ -4,6 +4,7 @@ Only setuptools and pybind11 are needed to build: the kernels take raw pointers,
 here imports or links torch. FASTSER_BUILD_CUDA=0 skips the CUDA extension, =1 makes a missing
 nvcc an error; unset, the CUDA extension is built whenever nvcc is found.
 """
+
 import os
 import shutil
 import subprocess
@@ -27,8 +28,12 @@ def find_nvcc():
 
 def find_cuda_home(nvcc):
     """The toolkit root holding include/cuda_runtime.h (nvcc on PATH may be a wrapper script)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    candidates = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+        "/usr/local/cuda",
+    ]
     for home in candidates:
         if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
             return home
@@ -92,8 +97,7 @@ class BuildExt(build_ext):
         for arch in archs:
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]  # PTX for newer GPUs
-        cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-               "-Icsrc", *gencode]
+        cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Icsrc", *gencode]
         print(" ".join(cmd))
         subprocess.check_call(cmd)
         return obj
@@ -115,22 +119,32 @@ def cuda_extension():
             raise RuntimeError(f"FASTSER_BUILD_CUDA=1 but no CUDA toolkit headers were found beside {nvcc}")
         warnings.warn(f"fastser: found {nvcc} but no CUDA headers; building without the CUDA kernels")
         return []
-    lib_dirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"),
-                            os.path.join(cuda_home, "targets", f"{os.uname().machine}-linux", "lib"))
-                if os.path.isdir(d)]
-    return [Pybind11Extension(
-        "fastser._C_cuda",
-        ["csrc/bindings_cuda.cpp", "csrc/center_loss_cuda.cu"],
-        include_dirs=["csrc", os.path.join(cuda_home, "include")],
-        library_dirs=lib_dirs,
-        # the static runtime keeps the extension independent of which libcudart torch ships
-        libraries=["cudart_static", "dl", "rt", "pthread"],
-    )]
+    lib_dirs = [
+        d
+        for d in (
+            os.path.join(cuda_home, "lib64"),
+            os.path.join(cuda_home, "lib"),
+            os.path.join(cuda_home, "targets", f"{os.uname().machine}-linux", "lib"),
+        )
+        if os.path.isdir(d)
+    ]
+    return [
+        Pybind11Extension(
+            "fastser._C_cuda",
+            ["csrc/bindings_cuda.cpp", "csrc/center_loss_cuda.cu"],
+            include_dirs=["csrc", os.path.join(cuda_home, "include")],
+            library_dirs=lib_dirs,
+            # the static runtime keeps the extension independent of which libcudart torch ships
+            libraries=["cudart_static", "dl", "rt", "pthread"],
+        )
+    ]
 
 
-extensions = [Pybind11Extension("fastser._C",
-                                ["csrc/bindings.cpp", "csrc/center_loss_cpu.cpp", "csrc/mel_chain_cpu.cpp"],
-                                include_dirs=["csrc"])]
+extensions = [
+    Pybind11Extension(
+        "fastser._C", ["csrc/bindings.cpp", "csrc/center_loss_cpu.cpp", "csrc/mel_chain_cpu.cpp"], include_dirs=["csrc"]
+    )
+]
 extensions += cuda_extension()
 
 setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

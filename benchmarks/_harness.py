@@ -5,6 +5,7 @@ memory; at the end of the session the figures and the ratios against each group'
 are printed and written to benchmarks/results/<date>_<device>_<suites>.json, which the README
 table is generated from (python -m benchmarks.report).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -55,6 +56,7 @@ def peak_rss_extra_bytes(fn) -> int:
     (Linux: writing 5 to clear_refs resets the peak): for libraries with their own allocator, which
     neither torch's profiler nor tracemalloc sees (onnxruntime)."""
     import ctypes
+
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system, so reusing it counts again
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
@@ -86,8 +88,7 @@ def peak_extra_bytes(fn, device: torch.device, rss: bool = False) -> int:
         numpy_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     level = peak = 0
     for _, nbytes in events:
         level += nbytes
@@ -95,12 +96,27 @@ def peak_extra_bytes(fn, device: torch.device, rss: bool = False) -> int:
     return peak + numpy_peak
 
 
-def run(benchmark, fn, device, *, suite, group, impl, baseline, target=None, extra=None, budget_s=1.0,
-        also_vs=(), rss_memory=False, memory_fn=None):
+def run(
+    benchmark,
+    fn,
+    device,
+    *,
+    suite,
+    group,
+    impl,
+    baseline,
+    target=None,
+    extra=None,
+    budget_s=1.0,
+    also_vs=(),
+    rss_memory=False,
+    memory_fn=None,
+):
     """Time fn with pytest-benchmark and record the figures for the results file. rss_memory: the
     peak is the process's resident memory (peak_rss_extra_bytes), for every implementation of a
     group alike when one of them allocates outside torch and NumPy. memory_fn: what the peak is
     measured on instead of fn (the same work, without a cache that would hide it)."""
+
     def call():
         fn()
         sync(device)
@@ -111,12 +127,23 @@ def run(benchmark, fn, device, *, suite, group, impl, baseline, target=None, ext
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
     peak = peak_extra_bytes(memory_fn or fn, device, rss=rss_memory)
     stats = benchmark.stats.stats
-    RECORDS.append({
-        "suite": suite, "group": group, "impl": impl, "baseline": baseline, "target": target,
-        "median_s": stats.median, "mean_s": stats.mean, "stddev_s": stats.stddev, "rounds": rounds,
-        "peak_extra_bytes": peak, "memory": "resident" if rss_memory else "allocated", "also_vs": list(also_vs),
-        **(extra or {}),
-    })
+    RECORDS.append(
+        {
+            "suite": suite,
+            "group": group,
+            "impl": impl,
+            "baseline": baseline,
+            "target": target,
+            "median_s": stats.median,
+            "mean_s": stats.mean,
+            "stddev_s": stats.stddev,
+            "rounds": rounds,
+            "peak_extra_bytes": peak,
+            "memory": "resident" if rss_memory else "allocated",
+            "also_vs": list(also_vs),
+            **(extra or {}),
+        }
+    )
     write_results(device)  # after every case: a session stopped by a time limit keeps what it measured
 
 
@@ -143,8 +170,12 @@ def environment(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(device_name=props.name, cuda=torch.version.cuda, sm_count=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1))
+        info.update(
+            device_name=props.name,
+            cuda=torch.version.cuda,
+            sm_count=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
     else:
         info["device_name"] = f"CPU ({os.cpu_count()} cores)"
         info.update(_cpu_model())
@@ -206,8 +237,13 @@ def summary_lines(records: list[dict]) -> list[str]:
     for r in with_ratios(records):
         sp = r["speedup_vs_baseline"]
         tgt = "" if r["target"] is None else f">={r['target']}x {'met' if r.get('target_met') else 'MISSED'}"
-        tgt += "".join(f"; {r[f'speedup_vs_{o}']:.2f}x vs {o}" for o in r.get("also_vs", [])
-                       if r.get(f"speedup_vs_{o}") is not None)
-        lines.append(f"{r['suite'] + ':' + r['group']:42s} {r['impl']:22s} {r['median_s'] * 1e3:9.3f}ms "
-                     f"{r['peak_extra_bytes'] / 2**20:9.2f}MB {'' if sp is None else f'{sp:7.2f}x'} {tgt}")
+        tgt += "".join(
+            f"; {r[f'speedup_vs_{o}']:.2f}x vs {o}"
+            for o in r.get("also_vs", [])
+            if r.get(f"speedup_vs_{o}") is not None
+        )
+        lines.append(
+            f"{r['suite'] + ':' + r['group']:42s} {r['impl']:22s} {r['median_s'] * 1e3:9.3f}ms "
+            f"{r['peak_extra_bytes'] / 2**20:9.2f}MB {'' if sp is None else f'{sp:7.2f}x'} {tgt}"
+        )
     return lines

@@ -13,6 +13,7 @@ run time, mean and std over seeds, the settings that differ between rows, the ma
 date — small files (no per-utterance predictions) that `python -m benchmarks.report --write`
 turns into the table. Seeds run as separate processes (one per core) are collected the same way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,29 @@ from fastser.training.fold import FALLBACKS
 from fastser.training.reports import run_cost, seed_ensemble
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"
-SETTINGS = ("features", "prosody", "bin_stats", "pooling", "normalize", "validation", "epochs", "patience",
-            "batch_size", "lr", "width", "embed_dim", "lambda_center", "lambda_recon", "specaugment", "tempo",
-            "speed_perturb", "train_seconds", "ema", "mixup", "noise")
+SETTINGS = (
+    "features",
+    "prosody",
+    "bin_stats",
+    "pooling",
+    "normalize",
+    "validation",
+    "epochs",
+    "patience",
+    "batch_size",
+    "lr",
+    "width",
+    "embed_dim",
+    "lambda_center",
+    "lambda_recon",
+    "specaugment",
+    "tempo",
+    "speed_perturb",
+    "train_seconds",
+    "ema",
+    "mixup",
+    "noise",
+)
 
 
 def _machine() -> str:
@@ -59,22 +80,29 @@ def _first_folds(d: Path, n: int) -> dict:
     import torch
     from fastser.metrics import summarize
     from fastser.training.reports import other_scores
+
     ckpt = torch.load(d / "checkpoint.pt", weights_only=True)
     folds = sorted(ckpt["fold_results"], key=lambda r: r["fold"])[:n]
     if len(folds) < n:
         raise SystemExit(f"{d}: only {len(folds)} folds finished, asked for {n}")
     y_true = np.concatenate([r["y_true"] for r in folds])
     m = summarize(y_true, np.concatenate([r["y_pred"] for r in folds]), ckpt["classes"])
-    out = {"wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"], "n_test": m["n"],
-           "folds": [r["name"] for r in folds],
-           "fold_ua": [r["ua"] for r in folds],
-           "seconds": None,  # the run's time covers all its folds
-           **other_scores(folds, ckpt["classes"])}
+    out = {
+        "wa": m["wa"],
+        "ua": m["ua"],
+        "macro_f1": m["macro_f1"],
+        "n_test": m["n"],
+        "folds": [r["name"] for r in folds],
+        "fold_ua": [r["ua"] for r in folds],
+        "seconds": None,  # the run's time covers all its folds
+        **other_scores(folds, ckpt["classes"]),
+    }
     return out
 
 
 def _fold_results(d: Path, max_folds=None) -> list:
     import torch
+
     results = sorted(torch.load(d / "checkpoint.pt", weights_only=True)["fold_results"], key=lambda r: r["fold"])
     return results[:max_folds] if max_folds is not None else results
 
@@ -85,6 +113,7 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
         if max_folds is not None and not (d / "metrics.json").exists():
             # a run stopped early: its finished folds and its settings are in the checkpoint
             import torch
+
             m, c = _first_folds(d, max_folds), torch.load(d / "checkpoint.pt", weights_only=True)["config"]
         else:
             m = json.loads((d / "metrics.json").read_text())
@@ -100,12 +129,14 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
         config = config or c
         differing = [k for k in SETTINGS if c.get(k) != config.get(k)]
         if differing or c["corpus"] != config["corpus"] or c["split"] != config["split"]:
-            raise SystemExit(f"{d}: not the same experiment as the first folder "
-                             f"(differs in {differing or 'corpus/split'})")
+            raise SystemExit(
+                f"{d}: not the same experiment as the first folder (differs in {differing or 'corpus/split'})"
+            )
         if weights is not None:  # another set of weights of the same run (--ema: "trained", "ema_<d>")
             if weights not in m.get("weights", {}):
-                raise SystemExit(f"{d}: no finished scores of weights {weights!r} "
-                                 f"(have {sorted(m.get('weights', {}))})")
+                raise SystemExit(
+                    f"{d}: no finished scores of weights {weights!r} (have {sorted(m.get('weights', {}))})"
+                )
             # (pooled scores only: the per-fold figures and the fallbacks are the kept model's)
             m = {**{k: v for k, v in m.items() if not k.endswith("_norm") and k != "fold_ua"}, **m["weights"][weights]}
         seeds[str(c["seed"])] = {k: m[k] for k in ("wa", "ua", "macro_f1", "seconds", "n_test", "folds")}
@@ -116,9 +147,16 @@ def collect_runs(paths: list, name: str, max_folds=None, weights=None) -> dict:
                 seeds[str(c["seed"])][f"{level}_norm"] = m[f"{level}_norm"]
     if not seeds:
         raise SystemExit("no run folders given")
-    out = {"name": name, "kind": "fastser", "corpus": config["corpus"], "split": config["split"],
-           "folds": len(next(iter(seeds.values()))["folds"]),
-           "settings": {k: config.get(k) for k in SETTINGS}, "weights": weights, "seeds": seeds}
+    out = {
+        "name": name,
+        "kind": "fastser",
+        "corpus": config["corpus"],
+        "split": config["split"],
+        "folds": len(next(iter(seeds.values()))["folds"]),
+        "settings": {k: config.get(k) for k in SETTINGS},
+        "weights": weights,
+        "seeds": seeds,
+    }
     if weights is None and len(seeds) > 1:  # the seeds' models averaged, from their stored probabilities
         ensemble = seed_ensemble([_fold_results(d, max_folds) for d in _seed_dirs(paths)], config["classes_list"])
         if ensemble:
@@ -153,8 +191,11 @@ def add_seeds(path, run_paths: list, max_folds=None) -> dict:
     row = json.loads(Path(path).read_text())
     new = collect_runs(run_paths, row["name"], max_folds, row.get("weights"))
     # a setting the row does not record was added to SETTINGS later, when the row's runs had it off
-    differing = [k for k in SETTINGS if new["settings"].get(k) != row["settings"].get(k)
-                 and (k in row["settings"] or new["settings"].get(k))]
+    differing = [
+        k
+        for k in SETTINGS
+        if new["settings"].get(k) != row["settings"].get(k) and (k in row["settings"] or new["settings"].get(k))
+    ]
     if differing or (new["corpus"], new["split"]) != (row["corpus"], row["split"]):
         raise SystemExit(f"{path}: the runs are not the same experiment (differ in {differing or 'corpus/split'})")
     folds = next(iter(row["seeds"].values()))["folds"]
@@ -162,8 +203,9 @@ def add_seeds(path, run_paths: list, max_folds=None) -> dict:
         if seed in row["seeds"]:
             raise SystemExit(f"{path}: already has seed {seed}")
         if s["folds"] != folds:
-            raise SystemExit(f"{path}: seed {seed} was tested on other folds "
-                             f"({len(s['folds'])} instead of {len(folds)})")
+            raise SystemExit(
+                f"{path}: seed {seed} was tested on other folds ({len(s['folds'])} instead of {len(folds)})"
+            )
     if "seed_ensemble" in row:
         row["seed_ensemble"].setdefault("seeds", sorted(row["seeds"]))
     row["seeds"] = {**row["seeds"], **new["seeds"]}
@@ -176,12 +218,24 @@ def collect_baseline(path: str) -> list:
     m = json.loads((Path(path) / "metrics.json").read_text())
     rows = []
     for name, r in m["baselines"].items():
-        rows.append({"name": name, "kind": "baseline", "corpus": r["corpus"], "split": r["split"],
-                     "settings": {"features": r["features"], "svm": r["svm"], "speaker_norm": r["speaker_norm"]},
-                     "seeds": {"-": {k: r[k] for k in ("wa", "ua", "macro_f1", "n_test")}}, "folds": len(r["folds"]),
-                     "wa_mean": r["wa"], "ua_mean": r["ua"], "macro_f1_mean": r["macro_f1"],
-                     "wa_std": 0.0, "ua_std": 0.0, "macro_f1_std": 0.0,  # deterministic: no seed
-                     "seconds_per_seed": m["seconds"]})
+        rows.append(
+            {
+                "name": name,
+                "kind": "baseline",
+                "corpus": r["corpus"],
+                "split": r["split"],
+                "settings": {"features": r["features"], "svm": r["svm"], "speaker_norm": r["speaker_norm"]},
+                "seeds": {"-": {k: r[k] for k in ("wa", "ua", "macro_f1", "n_test")}},
+                "folds": len(r["folds"]),
+                "wa_mean": r["wa"],
+                "ua_mean": r["ua"],
+                "macro_f1_mean": r["macro_f1"],
+                "wa_std": 0.0,
+                "ua_std": 0.0,
+                "macro_f1_std": 0.0,  # deterministic: no seed
+                "seconds_per_seed": m["seconds"],
+            }
+        )
     return rows
 
 
@@ -211,9 +265,16 @@ def compare(changed: dict, base: dict) -> dict:
         raise SystemExit(f"{changed['name']!r} and {base['name']!r} share no seed tested on the same speakers")
     a, b = np.array(pairs).T * 100
     p = float(ttest_rel(a, b).pvalue) if len(pairs) > 1 and np.any(a != b) else None
-    return {"pairs": len(pairs), "changed_fold_ua": float(a.mean()), "base_fold_ua": float(b.mean()),
-            "difference": float((a - b).mean()), "better": int((a > b).sum()), "worse": int((a < b).sum()),
-            "equal": int((a == b).sum()), "p_paired_t": p}
+    return {
+        "pairs": len(pairs),
+        "changed_fold_ua": float(a.mean()),
+        "base_fold_ua": float(b.mean()),
+        "difference": float((a - b).mean()),
+        "better": int((a > b).sum()),
+        "worse": int((a < b).sum()),
+        "equal": int((a == b).sum()),
+        "p_paired_t": p,
+    }
 
 
 def main(argv=None) -> None:
@@ -223,19 +284,25 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", action="store_true", help="the paths are fastser.baseline output folders")
     ap.add_argument("--max-folds", type=int, default=None, help="only the first N folds of each run")
     ap.add_argument("--weights", default=None, help="score another set of weights of --ema runs: trained, ema_<decay>")
-    ap.add_argument("--add-to", metavar="JSON",
-                    help="add the runs' seeds to this kept row (seeds run in another session)")
-    ap.add_argument("--compare", action="store_true",
-                    help="the two paths are kept rows (changed, base): print them paired fold by fold")
+    ap.add_argument(
+        "--add-to", metavar="JSON", help="add the runs' seeds to this kept row (seeds run in another session)"
+    )
+    ap.add_argument(
+        "--compare",
+        action="store_true",
+        help="the two paths are kept rows (changed, base): print them paired fold by fold",
+    )
     args = ap.parse_args(argv)
     if args.compare:
         if len(args.paths) != 2:
             ap.error("--compare takes two rows: CHANGED.json BASE.json")
         changed, base = (json.loads(Path(p).read_text()) for p in args.paths)
         c = compare(changed, base)
-        print(f"{c['pairs']} seed-fold pairs: mean fold UA {c['changed_fold_ua']:.1f} against {c['base_fold_ua']:.1f} "
-              f"({c['difference']:+.1f}); {c['better']} better, {c['worse']} worse, {c['equal']} equal"
-              + ("" if c["p_paired_t"] is None else f"; paired t-test p = {c['p_paired_t']:.2f}"))
+        print(
+            f"{c['pairs']} seed-fold pairs: mean fold UA {c['changed_fold_ua']:.1f} against {c['base_fold_ua']:.1f} "
+            f"({c['difference']:+.1f}); {c['better']} better, {c['worse']} worse, {c['equal']} equal"
+            + ("" if c["p_paired_t"] is None else f"; paired t-test p = {c['p_paired_t']:.2f}")
+        )
         return
     if args.add_to:
         rows = [add_seeds(args.add_to, args.paths, args.max_folds)]

@@ -14,6 +14,7 @@ each step's exit status, seconds and box), written whatever happened; summary.tx
 After a GPU run: copy the archive's results/*.json into benchmarks/results/ and run
 `python -m benchmarks.report --write`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,48 +38,110 @@ BUDGET_S = 300  # the whole run: start-up, one run, a fix and a second run fit i
 GPU_PYTHON = "3.12"  # the GPU image's python3
 # What the GPU image lacks of fastser's and librosa's needs (it has torch, numpy, scipy, numba,
 # scikit-learn, joblib, lazy-loader, msgpack, tqdm, matplotlib, pytest-benchmark, pytest-xdist, ...).
-WHEELS = ("librosa==0.11.0", "soundfile==0.13.1", "soxr==0.5.0.post1", "audioread==3.0.1", "pooch==1.8.2",
-          "platformdirs==4.3.8", "decorator==5.2.1", "cffi==1.17.1", "pycparser==2.22",
-          "setuptools==80.9.0")  # the build backend pyproject.toml asks for (>= 77), whatever the image has
+WHEELS = (
+    "librosa==0.11.0",
+    "soundfile==0.13.1",
+    "soxr==0.5.0.post1",
+    "audioread==3.0.1",
+    "pooch==1.8.2",
+    "platformdirs==4.3.8",
+    "decorator==5.2.1",
+    "cffi==1.17.1",
+    "pycparser==2.22",
+    "setuptools==80.9.0",
+)  # the build backend pyproject.toml asks for (>= 77), whatever the image has
 # the image's own packages that the carried wheels need: fetched for the import check only, never carried
-IMAGE_STAND_INS = ("numpy<2.6", "scipy", "numba", "llvmlite", "scikit-learn", "joblib", "threadpoolctl",
-                   "lazy_loader", "msgpack", "typing_extensions", "packaging", "requests", "charset-normalizer",
-                   "idna", "urllib3", "certifi", "cloudpickle")
+IMAGE_STAND_INS = (
+    "numpy<2.6",
+    "scipy",
+    "numba",
+    "llvmlite",
+    "scikit-learn",
+    "joblib",
+    "threadpoolctl",
+    "lazy_loader",
+    "msgpack",
+    "typing_extensions",
+    "packaging",
+    "requests",
+    "charset-normalizer",
+    "idna",
+    "urllib3",
+    "certifi",
+    "cloudpickle",
+)
 IMPORTS = ("soundfile", "soxr", "librosa", "audioread", "pooch")
 # librosa imports its parts lazily: the check uses them as the librosa references do
-EXERCISE = ("import io, numpy as np, soundfile as sf, soxr, librosa; y = np.sin(np.arange(16000) / 5.0); "
-            "buf = io.BytesIO(); sf.write(buf, y, 16000, format='WAV'); buf.seek(0); sf.read(buf); "
-            "soxr.resample(y, 16000, 8000); librosa.feature.mfcc(y=y, sr=16000, n_mfcc=13); "
-            "librosa.power_to_db(librosa.feature.melspectrogram(y=y, sr=16000)); print('ok')")
+EXERCISE = (
+    "import io, numpy as np, soundfile as sf, soxr, librosa; y = np.sin(np.arange(16000) / 5.0); "
+    "buf = io.BytesIO(); sf.write(buf, y, 16000, format='WAV'); buf.seek(0); sf.read(buf); "
+    "soxr.resample(y, 16000, 8000); librosa.feature.mfcc(y=y, sr=16000, n_mfcc=13); "
+    "librosa.power_to_db(librosa.feature.melspectrogram(y=y, sr=16000)); print('ok')"
+)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
-CENTER_LOSS_CASES = [f"benchmarks/test_center_loss.py::test_center_loss_step[{impl}-{shape}-fp32-eager]"
-                     for shape in ("256x4x256", "4096x10000x512", "65536x10000x512")
-                     for impl in ("reference", "triton", "cuda")] + \
-                    [f"benchmarks/test_center_loss.py::test_center_loss_step[{impl}-65536x10000x512-bf16-{mode}]"
-                     for impl in ("triton", "cuda") for mode in ("eager", "graph")] + \
-                    [f"benchmarks/test_center_loss.py::test_launch_floor[{k}]"
-                     for k in ("torch-add-1-element", "empty-cuda-kernel")]
-FEATURE_CASES = [f"benchmarks/test_features.py::test_feature_throughput[{impl}-{kind}-{case}]"
-                 for kind in ("mfcc", "logmel") for case in ("", "-2048") for impl in ("fastser", "torchaudio")] + \
-                [f"benchmarks/test_features.py::test_feature_throughput[librosa-loop-{kind}-]"
-                 for kind in ("mfcc", "logmel")]
-TRAIN_STEP_CASES = [f"benchmarks/test_train_step.py::test_train_step[B64-{impl}]"
-                    for impl in ("reference", "fastser", "fastser-graph", "fastser-amp")]
+CENTER_LOSS_CASES = (
+    [
+        f"benchmarks/test_center_loss.py::test_center_loss_step[{impl}-{shape}-fp32-eager]"
+        for shape in ("256x4x256", "4096x10000x512", "65536x10000x512")
+        for impl in ("reference", "triton", "cuda")
+    ]
+    + [
+        f"benchmarks/test_center_loss.py::test_center_loss_step[{impl}-65536x10000x512-bf16-{mode}]"
+        for impl in ("triton", "cuda")
+        for mode in ("eager", "graph")
+    ]
+    + [f"benchmarks/test_center_loss.py::test_launch_floor[{k}]" for k in ("torch-add-1-element", "empty-cuda-kernel")]
+)
+FEATURE_CASES = [
+    f"benchmarks/test_features.py::test_feature_throughput[{impl}-{kind}-{case}]"
+    for kind in ("mfcc", "logmel")
+    for case in ("", "-2048")
+    for impl in ("fastser", "torchaudio")
+] + [f"benchmarks/test_features.py::test_feature_throughput[librosa-loop-{kind}-]" for kind in ("mfcc", "logmel")]
+TRAIN_STEP_CASES = [
+    f"benchmarks/test_train_step.py::test_train_step[B64-{impl}]"
+    for impl in ("reference", "fastser", "fastser-graph", "fastser-amp")
+]
 TARGET_CASES = CENTER_LOSS_CASES + FEATURE_CASES + TRAIN_STEP_CASES
-DRY_CASES = ["benchmarks/test_center_loss.py::test_center_loss_step[cpp-256x4x256-fp32-eager]",
-             "benchmarks/test_center_loss.py::test_center_loss_step[reference-256x4x256-fp32-eager]"]
-TINY_RUN = ["--synthetic-speakers", "4", "--synthetic-per-class", "2", "--epochs", "1", "--width", "4",
-            "--embed-dim", "16", "--batch-size", "8", "--train-seconds", "1.0"]
-GPU_TESTS = ["tests/ops", "tests/features", "tests/test_distributed.py", "tests/models",
-             "tests/test_train.py::test_graphed_steps_train_like_eager_steps", "--deselect",
-             "tests/ops/test_gpu_compile.py", "-n", "4"]
+DRY_CASES = [
+    "benchmarks/test_center_loss.py::test_center_loss_step[cpp-256x4x256-fp32-eager]",
+    "benchmarks/test_center_loss.py::test_center_loss_step[reference-256x4x256-fp32-eager]",
+]
+TINY_RUN = [
+    "--synthetic-speakers",
+    "4",
+    "--synthetic-per-class",
+    "2",
+    "--epochs",
+    "1",
+    "--width",
+    "4",
+    "--embed-dim",
+    "16",
+    "--batch-size",
+    "8",
+    "--train-seconds",
+    "1.0",
+]
+GPU_TESTS = [
+    "tests/ops",
+    "tests/features",
+    "tests/test_distributed.py",
+    "tests/models",
+    "tests/test_train.py::test_graphed_steps_train_like_eager_steps",
+    "--deselect",
+    "tests/ops/test_gpu_compile.py",
+    "-n",
+    "4",
+]
 
 
 @dataclasses.dataclass
 class Step:
     """One step: `command` (on the GPU) or `dry` (at tiny sizes on a CPU; None: skipped there), at
     most `box_s` seconds. Arguments may hold {arch} (the archive folder) and {python}."""
+
     name: str
     box_s: int
     command: list
@@ -93,20 +156,37 @@ def steps() -> list:
     not_targets = [arg for case in TARGET_CASES for arg in ("--deselect", case)]
     return [
         Step("wheels", 30, ["{python}", "-c", _WHEELS_STEP], ["{python}", "-c", "import soundfile, soxr, librosa"]),
-        Step("build", 100, ["{python}", "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "-e", "."],
-             ["{python}", "-c", "import fastser._C, fastser.ops as o; print(o.available_backends())"],
-             {"FASTSER_BUILD_CUDA": "1"}),
-        Step("profile", 60, ["{python}", "-m", "benchmarks.profile", "--out", "{arch}/profile"],
-             ["{python}", "-m", "benchmarks.profile", "--out", "{arch}/profile", "center-loss-fused", "features-mfcc"]),
+        Step(
+            "build",
+            100,
+            ["{python}", "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "-e", "."],
+            ["{python}", "-c", "import fastser._C, fastser.ops as o; print(o.available_backends())"],
+            {"FASTSER_BUILD_CUDA": "1"},
+        ),
+        Step(
+            "profile",
+            60,
+            ["{python}", "-m", "benchmarks.profile", "--out", "{arch}/profile"],
+            ["{python}", "-m", "benchmarks.profile", "--out", "{arch}/profile", "center-loss-fused", "features-mfcc"],
+        ),
         Step("benchmarks", 120, bench + TARGET_CASES, bench + DRY_CASES, results_env),
-        Step("train", 40, train + ["--out", "{arch}/train-default"],
-             train + TINY_RUN + ["--out", "{arch}/train-default"]),
+        Step(
+            "train", 40, train + ["--out", "{arch}/train-default"], train + TINY_RUN + ["--out", "{arch}/train-default"]
+        ),
         Step("train-graph", 40, train + ["--cuda-graph", "--out", "{arch}/train-graph"], None),
-        Step("tests", 90, ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS],
-             ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops/test_native.py"]),
-        Step("benchmarks-rest", 600, bench + ["benchmarks"] + not_targets,
-             ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *TARGET_CASES],
-             {"FASTSER_BENCH_RESULTS_DIR": "{arch}/results-rest"}),
+        Step(
+            "tests",
+            90,
+            ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS],
+            ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops/test_native.py"],
+        ),
+        Step(
+            "benchmarks-rest",
+            600,
+            bench + ["benchmarks"] + not_targets,
+            ["{python}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *TARGET_CASES],
+            {"FASTSER_BENCH_RESULTS_DIR": "{arch}/results-rest"},
+        ),
     ]
 
 
@@ -127,6 +207,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cu
 
 # ----------------------------------------------------------------------------- run
 
+
 def run_step(step: Step, argv: list, env: dict, log: Path, box_s: float) -> dict:
     """Runs argv in a process group of its own, at most box_s seconds; the whole group is killed at
     the end (also after a normal exit: nothing it started outlives its step)."""
@@ -134,8 +215,7 @@ def run_step(step: Step, argv: list, env: dict, log: Path, box_s: float) -> dict
     with open(log, "w") as out:
         out.write("$ " + " ".join(argv) + "\n")
         out.flush()
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         timed_out = False
         try:
             proc.wait(timeout=box_s)
@@ -150,8 +230,14 @@ def run_step(step: Step, argv: list, env: dict, log: Path, box_s: float) -> dict
         rc = proc.wait()
     seconds = time.perf_counter() - t0
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-    return {"step": step.name, "rc": rc, "timed_out": timed_out, "seconds": round(seconds, 1),
-            "box_s": round(box_s, 1), "last_line": tail[0][:300]}
+    return {
+        "step": step.name,
+        "rc": rc,
+        "timed_out": timed_out,
+        "seconds": round(seconds, 1),
+        "box_s": round(box_s, 1),
+        "last_line": tail[0][:300],
+    }
 
 
 def _kill_group(pgid: int, sig) -> None:
@@ -169,8 +255,7 @@ def run(out: Path, dry_run: bool, budget_s: float, only=None) -> Path:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not dry_run:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, ["/tmp/site", env.get("PYTHONPATH")]))
-    summary = {"dry_run": dry_run, "budget_s": budget_s, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "steps": []}
+    summary = {"dry_run": dry_run, "budget_s": budget_s, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": []}
     subst = {"{arch}": str(arch), "{python}": sys.executable}
     for step in steps():
         if only and step.name not in only:
@@ -233,6 +318,7 @@ def summary_text(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------- prepare
 
+
 def prepare(kit: Path, python: str | None) -> list:
     """Downloads WHEELS for the GPU image's Python into kit/whl and checks them: each wheel's
     requirements are carried or the image's own, and with that Python (when it is installed here)
@@ -251,14 +337,32 @@ def prepare(kit: Path, python: str | None) -> list:
 
 def _download(specs, dest: Path) -> None:
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", GPU_PYTHON, "--implementation", "cp", *platforms, "-d", str(dest), *specs],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            GPU_PYTHON,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(dest),
+            *specs,
+        ],
+        check=True,
+    )
 
 
 def _exclude_from_git(kit: Path) -> None:
-    git_dir = subprocess.run(["git", "rev-parse", "--git-path", "info/exclude"], cwd=ROOT, capture_output=True,
-                             text=True)
+    git_dir = subprocess.run(
+        ["git", "rev-parse", "--git-path", "info/exclude"], cwd=ROOT, capture_output=True, text=True
+    )
     if git_dir.returncode:
         return
     exclude = ROOT / git_dir.stdout.strip()
@@ -278,8 +382,15 @@ def check_requirements(wheels: list) -> list:
     CPython GPU_PYTHON) must be carried too or be one of the image's packages."""
     from packaging.markers import default_environment
     from packaging.requirements import Requirement
-    env = {**default_environment(), "python_version": GPU_PYTHON, "python_full_version": GPU_PYTHON + ".0",
-           "sys_platform": "linux", "platform_system": "Linux", "implementation_name": "cpython"}
+
+    env = {
+        **default_environment(),
+        "python_version": GPU_PYTHON,
+        "python_full_version": GPU_PYTHON + ".0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "implementation_name": "cpython",
+    }
     carried = {_canonical(Path(w).name.split("-")[0]) for w in wheels}
     image = {_canonical(Requirement(s).name) for s in IMAGE_STAND_INS} | {"torch", "triton", "tqdm", "matplotlib"}
     problems = []
@@ -306,15 +417,44 @@ def check_imports(wheels: list, python: str) -> list:
     stand_ins = STAND_INS
     _download(IMAGE_STAND_INS, stand_ins / "whl")  # pip keeps what it fetched before
     with tempfile.TemporaryDirectory() as tmp:
-        for source, target in ((wheels, Path(tmp) / "carried"), (sorted((stand_ins / "whl").glob("*.whl")),
-                                                                  Path(tmp) / "image")):
-            subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(target),
-                            *map(str, source)], check=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tmp) / "carried"), str(Path(tmp) / "image")]),
-               "PYTHONNOUSERSITE": "1"}
-        done = subprocess.run([python, "-I", "-c", "import sys; sys.path[:0] = sys.argv[1].split(':'); "
-                               + "; ".join(f"import {m}" for m in IMPORTS) + "; " + EXERCISE,
-                               env["PYTHONPATH"]], capture_output=True, text=True)
+        for source, target in (
+            (wheels, Path(tmp) / "carried"),
+            (sorted((stand_ins / "whl").glob("*.whl")), Path(tmp) / "image"),
+        ):
+            subprocess.run(
+                [
+                    python,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-index",
+                    "--no-deps",
+                    "--target",
+                    str(target),
+                    *map(str, source),
+                ],
+                check=True,
+            )
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(Path(tmp) / "carried"), str(Path(tmp) / "image")]),
+            "PYTHONNOUSERSITE": "1",
+        }
+        done = subprocess.run(
+            [
+                python,
+                "-I",
+                "-c",
+                "import sys; sys.path[:0] = sys.argv[1].split(':'); "
+                + "; ".join(f"import {m}" for m in IMPORTS)
+                + "; "
+                + EXERCISE,
+                env["PYTHONPATH"],
+            ],
+            capture_output=True,
+            text=True,
+        )
     if done.returncode:
         return [f"python{GPU_PYTHON} cannot import the carried wheels: {done.stderr.strip().splitlines()[-1]}"]
     print(f"python{GPU_PYTHON}: {', '.join(IMPORTS)} import from a clean target and compute features")
@@ -347,9 +487,11 @@ def main(argv=None) -> int:
         for problem in problems:
             print(f"problem: {problem}", file=sys.stderr)
         size = sum(f.stat().st_size for f in (Path(args.kit) / "whl").glob("*.whl")) / 2**20
-        print(f"{Path(args.kit) / 'whl'}: {len(list((Path(args.kit) / 'whl').glob('*.whl')))} wheels, {size:.1f} MiB; "
-              f"device call: command 'python3 -m benchmarks.gpu_run run', carry ['{Path(args.kit).name}'], "
-              f"timeout_s {BUDGET_S + 100}")
+        print(
+            f"{Path(args.kit) / 'whl'}: {len(list((Path(args.kit) / 'whl').glob('*.whl')))} wheels, {size:.1f} MiB; "
+            f"device call: command 'python3 -m benchmarks.gpu_run run', carry ['{Path(args.kit).name}'], "
+            f"timeout_s {BUDGET_S + 100}"
+        )
         return 1 if problems else 0
     run(Path(args.out), args.dry_run, args.budget, args.only)
     return 0

@@ -12,6 +12,7 @@ Cases: center-loss-fused and center-loss-usual (B, C, D = 256, 4, 256; on a GPU 
 torchaudio-mfcc beside each), train-step (batch 64, fp32; train-step-graph: the step replayed from a CUDA
 graph, GPU only). On a GPU each case also reports the GPU's busy fraction.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,29 +36,39 @@ FEATURE_CLIPS = (256, 2048)
 def _cases(device: torch.device) -> dict:
     """name -> a zero-argument callable, built lazily (each imports what it needs). The unsuffixed
     names are the smallest target sizes; on a GPU every target size is a case of its own."""
+
     def features(impl, kind, n_clips):
         def build():
             from benchmarks import test_features as tf
+
             clips, _ = tf.make_clips(n_clips)
             return tf._impl_fn(impl, kind, clips, None, device)
+
         return build
 
     def center_loss(impl, shape):
         def build():
             from benchmarks.test_center_loss import impls, make_step
-            name = next(b for b in impls(device) if b not in ("reference", "torch-gather")) if impl == "fused" \
+
+            name = (
+                next(b for b in impls(device) if b not in ("reference", "torch-gather"))
+                if impl == "fused"
                 else "reference"
+            )
             return make_step(name, *shape, device)
+
         return build
 
     def train_step(graph=False):
         def build():
             from benchmarks import test_train_step as ts
             import numpy as np
+
             rng = np.random.default_rng(0)
             batch = ts.BATCHES[0]
             audio = (0.1 * rng.standard_normal((batch, int(ts.SR * ts.SECONDS)))).astype(np.float32)
             return ts.fastser_step(audio, rng.integers(0, ts.CLASSES, batch), device, graph=graph)
+
         return build
 
     on_gpu = device.type == "cuda"
@@ -91,14 +102,19 @@ def summarise(prof, calls: int, wall_s: float, on_gpu: bool) -> dict:
         "kernel_ms_per_call": sum(e.self_device_time_total for e in kernels) / 1e3 / calls,
         # the share of the wall time the GPU spends in kernels (overlapping kernels counted twice)
         "gpu_busy_fraction": (sum(e.self_device_time_total for e in kernels) / 1e3 / (1e3 * wall_s))
-        if on_gpu else None,
+        if on_gpu
+        else None,
         "syncs_per_call": sum(runtime.get(name, 0) for name in SYNC_EVENTS) / calls,
         # a value read back to the host: .item()/bool()/int() (_local_scalar_dense) or a device-to-host copy
-        "device_to_host_reads_per_call": sum(e.count for e in events
-                                             if "DtoH" in e.key or e.key == "aten::_local_scalar_dense") / calls,
+        "device_to_host_reads_per_call": sum(
+            e.count for e in events if "DtoH" in e.key or e.key == "aten::_local_scalar_dense"
+        )
+        / calls,
         "allocator_calls_per_call": sum(e.count for e in events if e.key in ("cudaMalloc", "cudaFree")) / calls,
-        "top_ops": [{"op": e.key, "count_per_call": e.count / calls,
-                     "ms_per_call": getattr(e, time_attr) / 1e3 / calls} for e in top],
+        "top_ops": [
+            {"op": e.key, "count_per_call": e.count / calls, "ms_per_call": getattr(e, time_attr) / 1e3 / calls}
+            for e in top
+        ],
     }
 
 
@@ -137,11 +153,12 @@ def main(argv=None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the large center-loss cases hold gigabytes
         report["cases"][name] = summary
-        lines.append(f"{name}: {summary['wall_ms_per_call']:.3f} ms wall, {summary['kernels_per_call']:.0f} kernels "
-                     f"({summary['kernel_ms_per_call']:.3f} ms), {summary['syncs_per_call']:.0f} syncs, "
-                     f"{summary['device_to_host_reads_per_call']:.0f} device-to-host reads per call"
-                     + (f", GPU busy {summary['gpu_busy_fraction']:.0%}"
-                        if summary["gpu_busy_fraction"] is not None else ""))
+        lines.append(
+            f"{name}: {summary['wall_ms_per_call']:.3f} ms wall, {summary['kernels_per_call']:.0f} kernels "
+            f"({summary['kernel_ms_per_call']:.3f} ms), {summary['syncs_per_call']:.0f} syncs, "
+            f"{summary['device_to_host_reads_per_call']:.0f} device-to-host reads per call"
+            + (f", GPU busy {summary['gpu_busy_fraction']:.0%}" if summary["gpu_busy_fraction"] is not None else "")
+        )
         lines += [f"    {t['ms_per_call']:8.3f} ms  x{t['count_per_call']:g}  {t['op']}" for t in summary["top_ops"]]
     (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "profile.txt").write_text("\n".join(lines) + "\n")

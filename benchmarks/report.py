@@ -10,6 +10,7 @@ corpus and split, fastser rows and the openSMILE + SVM baselines on the same fol
 For each (suite, device) the newest results file is used; every figure in a row comes from that
 one run, ratios included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,19 +27,23 @@ ACC_START, ACC_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"
 ACCURACY_DOC = ROOT / "docs" / "accuracy.md"
 # the README's results: per corpus and split, the default's row and the strongest classic baselines
-HEADLINE = {("ravdess", "loso"): ("fastser-default-time-pooling-per-frequency-band-24-epochs-speaker-norm-prosody-"
-                                  "no-validation-speakers", "compare-linear-svm-speaker-znorm",
-                                  "egemaps-linear-svm-speaker-znorm")}
+HEADLINE = {
+    ("ravdess", "loso"): (
+        "fastser-default-time-pooling-per-frequency-band-24-epochs-speaker-norm-prosody-no-validation-speakers",
+        "compare-linear-svm-speaker-znorm",
+        "egemaps-linear-svm-speaker-znorm",
+    )
+}
 SUITE_TITLES = {
     "center_loss": "Center loss, one training step (forward + backward + center update), B x C x D",
     "features": "Features, 256 clips x 3 s at 16 kHz (n_fft 512, hop 160, 40 mels / 40 MFCCs; -lengths: 1.5-3 s "
-                "clips with lengths, -2048: 2048 clips)",
+    "clips with lengths, -2048: 2048 clips)",
     "train_step": "End-to-end training step from raw audio, 3 s clips, the batch size in the case's name "
-                  "(time per step)",
+    "(time per step)",
     "center_sync": "Center sync across 2 ranks (gloo), D = 512, B = 256 per rank",
     "inference": "Inference, audio in, probabilities out: 3 s clips at 16 kHz, the default model, batch 1 and 32 "
-                 "(predict: fastser.Predictor; the exported files in onnxruntime and torch.export; "
-                 "memory: peak resident)",
+    "(predict: fastser.Predictor; the exported files in onnxruntime and torch.export; "
+    "memory: peak resident)",
 }
 
 
@@ -50,8 +55,11 @@ def latest_runs() -> list[dict]:
         for suite in {r["suite"] for r in data["results"]}:
             key = (suite, env["device_name"])
             if key not in newest or env["date"] >= newest[key]["environment"]["date"]:
-                newest[key] = {"environment": env, "file": path.name,
-                               "results": [r for r in data["results"] if r["suite"] == suite]}
+                newest[key] = {
+                    "environment": env,
+                    "file": path.name,
+                    "results": [r for r in data["results"] if r["suite"] == suite],
+                }
     return [newest[k] for k in sorted(newest)]
 
 
@@ -75,10 +83,13 @@ def table() -> str:
         env = run["environment"]
         suite = run["results"][0]["suite"]
         cpu = f" ({env['cpu_model']}; {', '.join(env['cpu_isa']) or 'no AVX2/AVX-512'})" if env.get("cpu_model") else ""
-        lines += [f"**{SUITE_TITLES.get(suite, suite)}** — {env['device_name']}{cpu}, torch {env['torch']}, "
-                  f"{env['date'][:10]} (`benchmarks/results/{run['file']}`)", "",
-                  "| case | implementation | median time | peak extra memory | speed-up vs baseline |",
-                  "|---|---|---:|---:|---|"]
+        lines += [
+            f"**{SUITE_TITLES.get(suite, suite)}** — {env['device_name']}{cpu}, torch {env['torch']}, "
+            f"{env['date'][:10]} (`benchmarks/results/{run['file']}`)",
+            "",
+            "| case | implementation | median time | peak extra memory | speed-up vs baseline |",
+            "|---|---|---:|---:|---|",
+        ]
         groups = list(dict.fromkeys(r["group"] for r in run["results"]))
         for r in sorted(run["results"], key=lambda r: groups.index(r["group"])):  # stable: impl order kept
             extra = ""
@@ -93,8 +104,10 @@ def table() -> str:
                     extra += f"; target {r['roofline_target_pct']:g}%: {met}"
                 extra += ")"
             per_step = r["median_s"] / r.get("steps_per_call", 1)  # train_step times several steps per call
-            lines.append(f"| {r['group']} | {r['impl']} | {per_step * 1e3:,.2f} ms{extra} | "
-                         f"{r['peak_extra_bytes'] / 2**20:,.1f} MiB | {_ratio(r)} |")
+            lines.append(
+                f"| {r['group']} | {r['impl']} | {per_step * 1e3:,.2f} ms{extra} | "
+                f"{r['peak_extra_bytes'] / 2**20:,.1f} MiB | {_ratio(r)} |"
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -102,15 +115,21 @@ def table() -> str:
 def _setting_text(row: dict) -> str:
     s = row["settings"]
     if row["kind"] == "baseline":
-        return (f"openSMILE {s['features']} functionals, {s['svm']} SVM"
-                + (", per-speaker z-norm" if s["speaker_norm"] else ""))
+        return f"openSMILE {s['features']} functionals, {s['svm']} SVM" + (
+            ", per-speaker z-norm" if s["speaker_norm"] else ""
+        )
     recorded = {k: v for k, v in s.items() if v is not None}  # a row keeps a setting recorded after its runs as null
-    parts = [f"features {s['features']}" + (" + prosody" if s.get("prosody") else "")
-             + (" + bin stats" if s.get("bin_stats") else ""),
-             f"pooling {run_setting(recorded, 'pooling')}", f"normalize {run_setting(recorded, 'normalize')}",
-             f"epochs {s['epochs']} (patience {s['patience']})" if s.get("validation") is not False
-             else f"epochs {s['epochs']}, last epoch kept (no validation speakers)",
-             f"batch {s['batch_size']}, lr {s['lr']:g}"]
+    parts = [
+        f"features {s['features']}"
+        + (" + prosody" if s.get("prosody") else "")
+        + (" + bin stats" if s.get("bin_stats") else ""),
+        f"pooling {run_setting(recorded, 'pooling')}",
+        f"normalize {run_setting(recorded, 'normalize')}",
+        f"epochs {s['epochs']} (patience {s['patience']})"
+        if s.get("validation") is not False
+        else f"epochs {s['epochs']}, last epoch kept (no validation speakers)",
+        f"batch {s['batch_size']}, lr {s['lr']:g}",
+    ]
     if s.get("specaugment"):
         parts.append("SpecAugment")
     if s.get("tempo"):
@@ -136,25 +155,32 @@ def accuracy_table() -> str:
     for corpus, split in sorted({(r["corpus"], r["split"]) for r in rows}):
         group = [r for r in rows if (r["corpus"], r["split"]) == (corpus, split)]
         group.sort(key=lambda r: (-r["folds"], r["kind"] != "baseline", r["date"]))
-        lines += [f"**{corpus}, {split}** (mean ± std over seeds; the baselines are deterministic)", "",
-                  "| row | settings | folds | seeds | UA % | WA % | macro-F1 % | UA %, utterance-level statistics | "
-                  "UA %, training-fold statistics | time per seed | machine, date |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            f"**{corpus}, {split}** (mean ± std over seeds; the baselines are deterministic)",
+            "",
+            "| row | settings | folds | seeds | UA % | WA % | macro-F1 % | UA %, utterance-level statistics | "
+            "UA %, training-fold statistics | time per seed | machine, date |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for r in group:
             spread = r["kind"] != "baseline" and len(r["seeds"]) > 1  # a ± only where there are seeds to vary
             pm = lambda k: f"{100 * r[k + '_mean']:.1f}" + (f" ± {100 * r[k + '_std']:.1f}" if spread else "")  # noqa: E731
             alone = " | ".join(pm(f"{level}_norm_ua") if f"{level}_norm_ua_mean" in r else "" for level in FALLBACKS)
             seeds = ", ".join(r["seeds"]) if r["kind"] != "baseline" else "-"
-            lines.append(f"| {r['name']} | {_setting_text(r)} | {r['folds']} | {seeds} | {pm('ua')} | {pm('wa')} | "
-                         f"{pm('macro_f1')} | {alone} | {_minutes(r['seconds_per_seed'])} | "
-                         f"{r['machine']}, {r['date'][:10]} |")
+            lines.append(
+                f"| {r['name']} | {_setting_text(r)} | {r['folds']} | {seeds} | {pm('ua')} | {pm('wa')} | "
+                f"{pm('macro_f1')} | {alone} | {_minutes(r['seconds_per_seed'])} | "
+                f"{r['machine']}, {r['date'][:10]} |"
+            )
             if r.get("seed_ensemble"):
                 e = r["seed_ensemble"]
                 voters = ", ".join(e.get("seeds", r["seeds"]))  # a row with seeds added later keeps its first vote
-                lines.append(f"| {r['name']}: the {e['n_seeds']} seeds' models averaged (soft vote) | as above | "
-                             f"{r['folds']} | {voters} | {100 * e['ua']:.1f} | {100 * e['wa']:.1f} | "
-                             f"{100 * e['macro_f1']:.1f} | | | {e['n_seeds']} x the time | "
-                             f"{r['machine']}, {r['date'][:10]} |")
+                lines.append(
+                    f"| {r['name']}: the {e['n_seeds']} seeds' models averaged (soft vote) | as above | "
+                    f"{r['folds']} | {voters} | {100 * e['ua']:.1f} | {100 * e['wa']:.1f} | "
+                    f"{100 * e['macro_f1']:.1f} | | | {e['n_seeds']} x the time | "
+                    f"{r['machine']}, {r['date'][:10]} |"
+                )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -165,18 +191,23 @@ def headline_table() -> str:
     lines = []
     for (corpus, split), names in HEADLINE.items():
         rows = [json.loads((RESULTS / "accuracy" / f"{corpus}-{split}-{n}.json").read_text()) for n in names]
-        lines += ["| model | UA % | WA % | UA % without enrollment audio | time per seed (2 CPU cores) | "
-                  "folds, seeds |",
-                  "|---|---:|---:|---:|---:|---|"]
+        lines += [
+            "| model | UA % | WA % | UA % without enrollment audio | time per seed (2 CPU cores) | folds, seeds |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
         for r in rows:
             spread = r["kind"] != "baseline" and len(r["seeds"]) > 1
             pm = lambda k: f"{100 * r[k + '_mean']:.1f}" + (f" ± {100 * r[k + '_std']:.1f}" if spread else "")  # noqa: E731
             name = "fastser (defaults)" if r["kind"] != "baseline" else _setting_text(r)
             alone = pm("training_norm_ua") if "training_norm_ua_mean" in r else "(per-speaker z-norm needs the speaker)"
-            seeds = f"{r['folds']} folds, seeds {', '.join(r['seeds'])}" if r["kind"] != "baseline" else \
-                f"{r['folds']} folds"
-            lines.append(f"| {name} | {pm('ua')} | {pm('wa')} | {alone} | {_minutes(r['seconds_per_seed'])} | "
-                         f"{seeds} |")
+            seeds = (
+                f"{r['folds']} folds, seeds {', '.join(r['seeds'])}"
+                if r["kind"] != "baseline"
+                else f"{r['folds']} folds"
+            )
+            lines.append(
+                f"| {name} | {pm('ua')} | {pm('wa')} | {alone} | {_minutes(r['seconds_per_seed'])} | {seeds} |"
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -12,6 +12,7 @@ way; the fused modules validate their inputs on the device ("deferred"), as fast
 does there. `test_launch_floor` records what one launch and a synchronisation cost on the
 machine, beside which the small shapes are read.
 """
+
 import pytest
 import torch
 
@@ -46,6 +47,7 @@ def make_step(impl, B, C, D, device, dtype=torch.float32):
             x.grad = None
             crit(x.float(), labels).backward()  # its centers are fp32: bf16 features are cast first
             opt.step()
+
         return step
     backend = "torch" if impl == "torch-gather" else impl
     crit = CenterLoss(C, D, backend=backend, validate="deferred" if device.type == "cuda" else False).to(device)
@@ -53,6 +55,7 @@ def make_step(impl, B, C, D, device, dtype=torch.float32):
     def step():
         x.grad = None
         crit(x, labels).backward()  # the Wen update of the centers is fused into this backward
+
     return step
 
 
@@ -103,14 +106,27 @@ def test_center_loss_step(benchmark, device, impl, B, C, D, dtype, mode):
     step = make_step(impl, B, C, D, device, DTYPES[dtype])
     if mode == "graph":
         step = captured(step)
-    extra = {"min_bytes": min_bytes(B, C, D, DTYPES[dtype].itemsize), "dtype": dtype, "mode": mode,
-             "peak_bytes_per_s": hbm_peak_bytes_per_s(device)}
+    extra = {
+        "min_bytes": min_bytes(B, C, D, DTYPES[dtype].itemsize),
+        "dtype": dtype,
+        "mode": mode,
+        "peak_bytes_per_s": hbm_peak_bytes_per_s(device),
+    }
     if fused and device.type == "cuda" and (B, C, D) in ROOFLINE_TARGETS:
         extra["roofline_target_pct"] = ROOFLINE_TARGETS[(B, C, D)]
     group = f"B{B}_C{C}_D{D}" + ("" if plain else f"_{dtype}_{mode}")
-    _harness.run(benchmark, step, device, suite="center_loss", group=group, impl=impl,
-                 baseline="reference", target=target, extra=extra,
-                 budget_s=2.0 if impl == "reference" and B >= 4096 else 1.0)
+    _harness.run(
+        benchmark,
+        step,
+        device,
+        suite="center_loss",
+        group=group,
+        impl=impl,
+        baseline="reference",
+        target=target,
+        extra=extra,
+        budget_s=2.0 if impl == "reference" and B >= 4096 else 1.0,
+    )
 
 
 @pytest.mark.parametrize("kind", ["torch-add-1-element", "empty-cuda-kernel"])
@@ -125,4 +141,5 @@ def test_launch_floor(benchmark, device, kind):
             torch.cuda._sleep(0)  # a kernel that spins for 0 cycles: a launch and nothing else
         else:
             torch.add(x, 1.0, out=x)
+
     _harness.run(benchmark, launch, device, suite="center_loss", group="launch_floor", impl=kind, baseline=kind)

@@ -6,6 +6,7 @@ on 2 ranks; and the same step in one process without communication (baseline). A
 (rank 1) makes the same collective calls in lockstep, case by case in the order of CASES (run the
 file whole: a deselected case would leave the helper waiting until its timeout).
 """
+
 import datetime
 
 import pytest
@@ -29,6 +30,7 @@ def _step_fn(C, rank, group=None):
     def step():
         x.grad = None
         crit(x, y).backward()
+
     return step
 
 
@@ -41,8 +43,9 @@ def _case_fn(C, impl, rank, solo_group):
 
 def _helper(store):
     torch.set_num_threads(1)  # two processes share this machine's cores: no oversubscription
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=1, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=1, world_size=2, timeout=datetime.timedelta(seconds=120)
+    )
     dist.new_group([0])  # collective: every rank takes part in creating every group
     solo = dist.new_group([1])
     for C, impl in CASES:
@@ -62,8 +65,9 @@ def solo_group(tmp_path_factory):
     helper.start()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=0, world_size=2, timeout=datetime.timedelta(seconds=120)
+    )
     solo = dist.new_group([0])
     dist.new_group([1])
     yield solo
@@ -80,9 +84,22 @@ def test_center_sync(benchmark, solo_group, C, impl):
     benchmark.group = f"center_sync:{group}"
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     s = benchmark.stats.stats
-    _harness.RECORDS.append({
-        "suite": "center_sync", "group": group, "impl": impl, "baseline": "step-1process", "target": None,
-        "median_s": s.median, "mean_s": s.mean, "stddev_s": s.stddev, "rounds": ROUNDS,
-        "peak_extra_bytes": (C * D + C) * 4 if impl != "step-1process" else 0, "also_vs": [],
-        "sync_bytes_per_step": (C * D + C) * 4, "world_size": 2, "dist_backend": "gloo",
-        "batch_per_rank": B_PER_RANK})
+    _harness.RECORDS.append(
+        {
+            "suite": "center_sync",
+            "group": group,
+            "impl": impl,
+            "baseline": "step-1process",
+            "target": None,
+            "median_s": s.median,
+            "mean_s": s.mean,
+            "stddev_s": s.stddev,
+            "rounds": ROUNDS,
+            "peak_extra_bytes": (C * D + C) * 4 if impl != "step-1process" else 0,
+            "also_vs": [],
+            "sync_bytes_per_step": (C * D + C) * 4,
+            "world_size": 2,
+            "dist_backend": "gloo",
+            "batch_per_rank": B_PER_RANK,
+        }
+    )

@@ -12,6 +12,7 @@ its plain-torch backend (the one with autograd), and on a GPU the explicit Trito
 Targets, on "fastser": CPU >= 2x the loop and faster than librosa-batch; GPU >= 1000x
 the loop and >= 1.5x torchaudio at 256 and 2048 clips, peak extra memory no more than torchaudio's.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -55,12 +56,15 @@ def _impl_fn(impl, kind, clips, lengths, device):
     lens = torch.from_numpy(lengths).to(device) if lengths is not None else None
     if impl == "torchaudio":
         import torchaudio
+
         mel_kw = dict(n_fft=512, hop_length=160, n_mels=40, norm="slaney", mel_scale="slaney")
         if kind == "mfcc":
             tf = torchaudio.transforms.MFCC(SR, n_mfcc=40, melkwargs=mel_kw).to(device)
         else:
-            tf = torch.nn.Sequential(torchaudio.transforms.MelSpectrogram(SR, **mel_kw),
-                                     torchaudio.transforms.AmplitudeToDB("power", top_db=80)).to(device)
+            tf = torch.nn.Sequential(
+                torchaudio.transforms.MelSpectrogram(SR, **mel_kw),
+                torchaudio.transforms.AmplitudeToDB("power", top_db=80),
+            ).to(device)
         return lambda: tf(x)
     backend = {"fastser": "auto", "fastser-torch": "torch", "fastser-triton": "triton", "fastser-cupy": "cupy"}[impl]
     if kind == "mfcc":
@@ -83,8 +87,10 @@ def _available(impl, device):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kind", ["mfcc", "logmel"])
-@pytest.mark.parametrize("impl", ["librosa-loop", "librosa-batch", "fastser", "fastser-torch", "fastser-triton",
-                                  "fastser-cupy", "torchaudio"])
+@pytest.mark.parametrize(
+    "impl",
+    ["librosa-loop", "librosa-batch", "fastser", "fastser-torch", "fastser-triton", "fastser-cupy", "torchaudio"],
+)
 def test_feature_throughput(benchmark, device, clip_sets, impl, kind, case):
     n_clips, with_lengths = CASES[case]
     large = n_clips > N_CLIPS
@@ -104,6 +110,16 @@ def test_feature_throughput(benchmark, device, clip_sets, impl, kind, case):
         also = () if large else (("torchaudio",) if with_lengths else ("librosa-batch", "torchaudio"))
     elif impl == "fastser":
         target, also = 2.0, (() if with_lengths else ("librosa-batch",))
-    _harness.run(benchmark, fn, device if on_gpu else torch.device("cpu"), suite="features", group=kind + case,
-                 impl=impl, baseline=baseline, target=target, also_vs=also,
-                 extra={"utterances": n_clips, "clip_seconds": SECONDS, "lengths": with_lengths}, budget_s=2.0)
+    _harness.run(
+        benchmark,
+        fn,
+        device if on_gpu else torch.device("cpu"),
+        suite="features",
+        group=kind + case,
+        impl=impl,
+        baseline=baseline,
+        target=target,
+        also_vs=also,
+        extra={"utterances": n_clips, "clip_seconds": SECONDS, "lengths": with_lengths},
+        budget_s=2.0,
+    )

@@ -11,6 +11,7 @@ its resident memory before (onnxruntime allocates outside torch and NumPy), for 
 onnxruntime's is measured on a session without its memory arena, which would keep a call's buffers
 resident between calls and hide them (the time is the default session's).
 """
+
 import warnings
 
 import numpy as np
@@ -29,9 +30,11 @@ def exported(tmp_path_factory):
     pytest.importorskip("onnxruntime", reason="the [export] extra")
     import fastser.train as train
     from fastser import export
+
     run = tmp_path_factory.mktemp("inference") / "run"
-    train.main(["--synthetic-speakers", "6", "--synthetic-per-class", "4", "--epochs", "1", "--no-progress",
-                "--out", str(run)])
+    train.main(
+        ["--synthetic-speakers", "6", "--synthetic-per-class", "4", "--epochs", "1", "--no-progress", "--out", str(run)]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # trained on the synthetic corpus: known
         return run, {fmt: export.export(run, fmt) for fmt in export.FORMATS}
@@ -40,6 +43,7 @@ def exported(tmp_path_factory):
 def _impl_fn(impl, run, files, clips):
     from fastser import export
     from fastser.predict import Predictor
+
     lengths = np.full(len(clips), clips.shape[1], dtype=np.int64)
     if impl == "predict":
         with warnings.catch_warnings():
@@ -58,6 +62,7 @@ def _impl_fn(impl, run, files, clips):
     def call():
         with torch.no_grad():
             return module(audio, lens)
+
     return call, None
 
 
@@ -67,6 +72,16 @@ def test_inference(benchmark, exported, impl, batch):
     run, files = exported
     clips, _ = make_clips(batch)
     fn, memory_fn = _impl_fn(impl, run, files, clips)
-    _harness.run(benchmark, fn, torch.device("cpu"), suite="inference", group=f"3s_B{batch}", impl=impl,
-                 baseline="predict", extra={"utterances": batch}, budget_s=2.0, rss_memory=True,
-                 memory_fn=memory_fn)
+    _harness.run(
+        benchmark,
+        fn,
+        torch.device("cpu"),
+        suite="inference",
+        group=f"3s_B{batch}",
+        impl=impl,
+        baseline="predict",
+        extra={"utterances": batch},
+        budget_s=2.0,
+        rss_memory=True,
+        memory_fn=memory_fn,
+    )

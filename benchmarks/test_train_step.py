@@ -10,6 +10,7 @@ step. One timed call is STEPS steps for both (so the workers' prefetching overla
 in an epoch). Targets at batch 64, ratios from one run: CPU >= 2x; GPU >= 10x. Batch 256 shows what
 a larger batch buys on a GPU (where a step of 64 is mostly launch overhead).
 """
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +58,7 @@ def fastser_step(audio, labels, device, amp=False, graph=False):
                 graphed(feats, feats, frames, y)
             else:
                 train_step(model, objective, opt, feats, feats, frames, y, amp=amp)
+
     return steps
 
 
@@ -69,6 +71,7 @@ def reference_step(audio, labels, device):
     def steps():
         for feats, frames, y in loader:  # STEPS batches; the workers compute librosa features per utterance
             trainer.step(feats, frames, y)
+
     return steps
 
 
@@ -82,9 +85,21 @@ def test_train_step(benchmark, device, audio_batch, impl):
         pytest.skip("CUDA graphs need a GPU")
     if batch != BATCHES[0] and device.type != "cuda":
         pytest.skip(f"batch {batch} is a GPU figure (on a few CPU cores one call of the reference takes minutes)")
-    fn = reference_step(audio, labels, device) if impl == "reference" else fastser_step(
-        audio, labels, device, amp=impl.endswith("amp"), graph="graph" in impl)
+    fn = (
+        reference_step(audio, labels, device)
+        if impl == "reference"
+        else fastser_step(audio, labels, device, amp=impl.endswith("amp"), graph="graph" in impl)
+    )
     target = (10.0 if device.type == "cuda" else 2.0) if impl == "fastser" and batch == BATCHES[0] else None
-    _harness.run(benchmark, fn, device, suite="train_step", group=f"B{batch}_{SECONDS:g}s", impl=impl,
-                 baseline="reference", target=target, budget_s=8.0,
-                 extra={"utterances": batch * STEPS, "steps_per_call": STEPS, "model_device": str(device)})
+    _harness.run(
+        benchmark,
+        fn,
+        device,
+        suite="train_step",
+        group=f"B{batch}_{SECONDS:g}s",
+        impl=impl,
+        baseline="reference",
+        target=target,
+        budget_s=8.0,
+        extra={"utterances": batch * STEPS, "steps_per_call": STEPS, "model_device": str(device)},
+    )

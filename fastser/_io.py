@@ -1,6 +1,7 @@
 """Atomic writes: a temp file in the same folder, then a rename, so readers see the old file or the
 whole new one — never half of one (checkpoints, the feature cache, a run's settings, the synthetic
 corpus)."""
+
 from __future__ import annotations
 
 import os

@@ -1,9 +1,10 @@
 """Audio loading: soundfile for I/O, soxr for resampling, clear errors that name the file.
 
-    load(path, sr)                 -> (samples, sr): the whole file in memory
-    stream(path, sr, block_seconds) -> blocks of mono samples at sr, for files of any length
-    speed_perturb(y, sr, speed), add_noise(y, snr_db, rng) -> perturbed copies for training
+load(path, sr)                 -> (samples, sr): the whole file in memory
+stream(path, sr, block_seconds) -> blocks of mono samples at sr, for files of any length
+speed_perturb(y, sr, speed), add_noise(y, snr_db, rng) -> perturbed copies for training
 """
+
 from __future__ import annotations
 
 import os
@@ -67,7 +68,7 @@ def add_noise(y: np.ndarray, snr_db: float, rng: np.random.Generator, colour: Op
     spectrum *= np.where(freqs > 0, np.maximum(freqs, 1.0) ** (-NOISE_COLOURS[name] / 2), 0.0)  # no DC
     noise = np.fft.irfft(spectrum, n=len(y))
     power = float(np.mean(np.square(y, dtype=np.float64)))
-    noise *= np.sqrt(power / 10 ** (snr_db / 10) / max(float(np.mean(noise ** 2)), 1e-30))
+    noise *= np.sqrt(power / 10 ** (snr_db / 10) / max(float(np.mean(noise**2)), 1e-30))
     return (y + noise).astype(np.float32)
 
 
@@ -91,8 +92,9 @@ def stream(path, sr: int = 16000, block_seconds: float = 60.0) -> Iterator[np.nd
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f"{path}: not a readable audio file ({_libsndfile_reason(e, path)})") from e
     with f:
-        resampler = soxr.ResampleStream(f.samplerate, sr, 1, dtype="float32", quality="HQ") \
-            if f.samplerate != sr else None
+        resampler = (
+            soxr.ResampleStream(f.samplerate, sr, 1, dtype="float32", quality="HQ") if f.samplerate != sr else None
+        )
         got = False
         for block in f.blocks(blocksize=max(1, int(block_seconds * f.samplerate)), dtype="float32", always_2d=True):
             y = np.ascontiguousarray(block.mean(axis=1), dtype=np.float32)

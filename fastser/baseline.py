@@ -8,6 +8,7 @@ tested on its test speakers. The folds are exactly those of `python -m fastser.t
 --corpus/--split/--folds/--seed, and metrics.json has the same format, so every results table can
 show the baseline beside the model. Needs the `[baselines]` extra: pip install "fastser[baselines]".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ def functionals(audio: list, feature_set: str, sr: int = 16000) -> np.ndarray:
         import opensmile
     except ImportError as e:
         raise UserError('the baseline needs openSMILE and scikit-learn: pip install "fastser[baselines]"') from e
-    smile = opensmile.Smile(feature_set=getattr(opensmile.FeatureSet, FEATURE_SETS[feature_set]),
-                            feature_level=opensmile.FeatureLevel.Functionals)
+    smile = opensmile.Smile(
+        feature_set=getattr(opensmile.FeatureSet, FEATURE_SETS[feature_set]),
+        feature_level=opensmile.FeatureLevel.Functionals,
+    )
     return np.stack([smile.process_signal(y, sr).to_numpy()[0] for y in audio]).astype(np.float64)
 
 
@@ -54,6 +57,7 @@ def evaluate(x: np.ndarray, labels: np.ndarray, folds, svm: str) -> tuple[np.nda
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
+
     y_true, y_pred, per_fold = [], [], []
     for fold in folds:
         train = np.concatenate([fold.train, fold.val])
@@ -67,15 +71,20 @@ def evaluate(x: np.ndarray, labels: np.ndarray, folds, svm: str) -> tuple[np.nda
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(prog=prog_name("fastser.baseline"), description=__doc__.split("\n\n")[0],
-                        epilog=__doc__.split("\n\n", 1)[1])
+    ap = ArgumentParser(
+        prog=prog_name("fastser.baseline"), description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1]
+    )
     ap.add_argument("--corpus", required=True, help="emodb, ravdess, cremad, tess, iemocap (as fastser.train)")
     ap.add_argument("--data-dir", required=True, help="corpus root, in the layout the corpus ships in")
     ap.add_argument("--split", choices=SPLITS, default="loso", help="speaker-independent folds (default: loso)")
     ap.add_argument("--folds", type=int, default=5, help="number of folds for --split kfold (default: 5)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the folds, as in fastser.train (default: 0)")
-    ap.add_argument("--features", choices=(*FEATURE_SETS, "both"), default="egemaps",
-                    help="openSMILE functionals (default: egemaps)")
+    ap.add_argument(
+        "--features",
+        choices=(*FEATURE_SETS, "both"),
+        default="egemaps",
+        help="openSMILE functionals (default: egemaps)",
+    )
     ap.add_argument("--svm", choices=(*SVMS, "both"), default="both", help="SVM kernel(s) (default: both)")
     ap.add_argument("--no-speaker-norm", action="store_true", help="skip the per-speaker z-normalisation")
     ap.add_argument("--out", default=None, help="output folder (default: runs/baseline-<corpus>/)")
@@ -99,26 +108,41 @@ def main(argv=None) -> int:
     out = Path(args.out or f"runs/baseline-{args.corpus}")
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for fs in (FEATURE_SETS if args.features == "both" else [args.features]):
+    for fs in FEATURE_SETS if args.features == "both" else [args.features]:
         x = functionals(audio, fs)
         if not args.no_speaker_norm:
             x = speaker_znorm(x, speakers)
-        for svm in (SVMS if args.svm == "both" else [args.svm]):
+        for svm in SVMS if args.svm == "both" else [args.svm]:
             y_true, y_pred, per_fold = evaluate(x, labels, folds, svm)
             m = summarize(y_true, y_pred, corpus.classes)
             name = f"{fs}+{svm}-svm" + ("" if args.no_speaker_norm else "+speaker-znorm")
             folds_m = []
             for fold, yt, yp in per_fold:
                 fm = summarize(yt, yp, corpus.classes)
-                folds_m.append({"name": fold.name, "n_test": fm["n"], "wa": fm["wa"], "ua": fm["ua"],
-                                "macro_f1": fm["macro_f1"]})
-            results[name] = {"corpus": args.corpus, "split": args.split, "features": fs, "svm": svm,
-                             "speaker_norm": not args.no_speaker_norm, "classes": corpus.classes, "n_test": m["n"],
-                             "wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"],
-                             "per_class_recall": m["per_class_recall"], "confusion": m["confusion"],
-                             "folds": folds_m, "skipped": {"count": len(skipped)}}
-            print(f"{name}: WA {m['wa']:.3f}  UA {m['ua']:.3f}  macro-F1 {m['macro_f1']:.3f} "
-                  f"({m['n']} test utterances, {len(folds)} folds)", flush=True)
+                folds_m.append(
+                    {"name": fold.name, "n_test": fm["n"], "wa": fm["wa"], "ua": fm["ua"], "macro_f1": fm["macro_f1"]}
+                )
+            results[name] = {
+                "corpus": args.corpus,
+                "split": args.split,
+                "features": fs,
+                "svm": svm,
+                "speaker_norm": not args.no_speaker_norm,
+                "classes": corpus.classes,
+                "n_test": m["n"],
+                "wa": m["wa"],
+                "ua": m["ua"],
+                "macro_f1": m["macro_f1"],
+                "per_class_recall": m["per_class_recall"],
+                "confusion": m["confusion"],
+                "folds": folds_m,
+                "skipped": {"count": len(skipped)},
+            }
+            print(
+                f"{name}: WA {m['wa']:.3f}  UA {m['ua']:.3f}  macro-F1 {m['macro_f1']:.3f} "
+                f"({m['n']} test utterances, {len(folds)} folds)",
+                flush=True,
+            )
     payload = {"baselines": results, "seconds": time.perf_counter() - t0}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"{time.perf_counter() - t0:.0f}s; metrics in {out / 'metrics.json'}")

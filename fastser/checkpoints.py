@@ -1,13 +1,14 @@
 """What a run saves and how anything loads it back: the model's spec, checkpoints, old formats.
 
-    spec = ModelSpec(features, classes, width=16, embed_dim=128, reconstruct=True)
-    model = build_model(spec)                         # train, predict and the reference build it so
-    save_checkpoint(payload, path)                    # atomic; payload["spec"] = spec.to_dict()
-    ckpt = load_checkpoint(path_or_run_folder)        # a finished run, or a UserError naming the problem
-    spec, final = finished_model(ckpt)                # the first checkpoint format (no "spec") too
-    run_setting(ckpt["config"], "pooling")            # a setting, also from runs made before it was recorded
-    saved_settings(run_folder_or_checkpoint)          # the settings a run was started with (resume)
+spec = ModelSpec(features, classes, width=16, embed_dim=128, reconstruct=True)
+model = build_model(spec)                         # train, predict and the reference build it so
+save_checkpoint(payload, path)                    # atomic; payload["spec"] = spec.to_dict()
+ckpt = load_checkpoint(path_or_run_folder)        # a finished run, or a UserError naming the problem
+spec, final = finished_model(ckpt)                # the first checkpoint format (no "spec") too
+run_setting(ckpt["config"], "pooling")            # a setting, also from runs made before it was recorded
+saved_settings(run_folder_or_checkpoint)          # the settings a run was started with (resume)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,16 +28,17 @@ from fastser.models import SERModel
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild a trained model and feed it: its inputs, classes and size."""
+
     features: FeatureSet
     classes: tuple
     width: int = 16
     embed_dim: int = 128
     reconstruct: bool = True
     train_seconds: float = 3.0  # the training crop (predict's window)
-    max_seconds: float = 8.0    # longer utterances were cut (predict scores up to this length whole)
-    normalize: str = "corpus"   # input statistics: "corpus" (the training fold's), "speaker" or "utterance"
-    bin_stats: bool = False     # spectral bins' utterance mean/std beside the CNN's pooled features
-    pooling: str = "global"     # CNN maps pooled over time and frequency ("global") or time only ("time");
+    max_seconds: float = 8.0  # longer utterances were cut (predict scores up to this length whole)
+    normalize: str = "corpus"  # input statistics: "corpus" (the training fold's), "speaker" or "utterance"
+    bin_stats: bool = False  # spectral bins' utterance mean/std beside the CNN's pooled features
+    pooling: str = "global"  # CNN maps pooled over time and frequency ("global") or time only ("time");
     #                             the default is what a checkpoint written before the field holds
 
     def to_dict(self) -> dict:
@@ -50,8 +52,15 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec) -> SERModel:
-    return SERModel(spec.features.n_bins, len(spec.classes), width=spec.width, embed_dim=spec.embed_dim,
-                    reconstruct=spec.reconstruct, bin_stats=spec.bin_stats, pooling=spec.pooling)
+    return SERModel(
+        spec.features.n_bins,
+        len(spec.classes),
+        width=spec.width,
+        embed_dim=spec.embed_dim,
+        reconstruct=spec.reconstruct,
+        bin_stats=spec.bin_stats,
+        pooling=spec.pooling,
+    )
 
 
 def cpu_state(module) -> dict:
@@ -69,8 +78,10 @@ def load_checkpoint(path, *, finished: bool = True) -> dict:
     p = Path(path)
     if p.is_dir():
         if not (p / "checkpoint.pt").exists():
-            raise UserError(f"{path}: a folder without checkpoint.pt, so not a fastser run folder (a training "
-                            f"run writes its checkpoint.pt there at the end of its first epoch)")
+            raise UserError(
+                f"{path}: a folder without checkpoint.pt, so not a fastser run folder (a training "
+                f"run writes its checkpoint.pt there at the end of its first epoch)"
+            )
         p = p / "checkpoint.pt"
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
@@ -79,13 +90,17 @@ def load_checkpoint(path, *, finished: bool = True) -> dict:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
-        raise UserError(f"{p}: not a fastser checkpoint (damaged, or it holds Python objects rather than "
-                        f"fastser's tensors and metadata)") from None
+        raise UserError(
+            f"{p}: not a fastser checkpoint (damaged, or it holds Python objects rather than "
+            f"fastser's tensors and metadata)"
+        ) from None
     if not isinstance(ckpt, dict) or not {"config", "version"} <= set(ckpt):
         raise UserError(f"{p}: a PyTorch file, but not a fastser checkpoint (no fastser metadata)")
     if finished and "final" not in ckpt:
-        raise UserError(f"{p}: the run stopped before its first fold finished, so there is no model yet; "
-                        f"continue it with: python -m fastser.train --resume {p.parent}")
+        raise UserError(
+            f"{p}: the run stopped before its first fold finished, so there is no model yet; "
+            f"continue it with: python -m fastser.train --resume {p.parent}"
+        )
     return ckpt
 
 
@@ -96,12 +111,21 @@ def finished_model(ckpt: dict) -> tuple[ModelSpec, dict]:
         return ModelSpec.from_dict(ckpt["spec"]), final
     # the first format: the spec lives in the run's config, the log-mel branch is called "spectrogram"
     cfg = ckpt["config"]
-    spec = ModelSpec(FeatureSet.from_dict(cfg["feature_configs"]), tuple(cfg["classes_list"]), width=cfg["width"],
-                     embed_dim=cfg["embed_dim"], reconstruct=cfg["lambda_recon"] > 0,
-                     train_seconds=cfg.get("train_seconds", 3.0), max_seconds=cfg["max_seconds"],
-                     pooling=run_setting(cfg, "pooling"))  # that format had no choice: global
-    return spec, {**final, "model": _renamed(final["model"]),
-                  "norm": {s: _renamed_keys(v) for s, v in final["norm"].items()}}
+    spec = ModelSpec(
+        FeatureSet.from_dict(cfg["feature_configs"]),
+        tuple(cfg["classes_list"]),
+        width=cfg["width"],
+        embed_dim=cfg["embed_dim"],
+        reconstruct=cfg["lambda_recon"] > 0,
+        train_seconds=cfg.get("train_seconds", 3.0),
+        max_seconds=cfg["max_seconds"],
+        pooling=run_setting(cfg, "pooling"),
+    )  # that format had no choice: global
+    return spec, {
+        **final,
+        "model": _renamed(final["model"]),
+        "norm": {s: _renamed_keys(v) for s, v in final["norm"].items()},
+    }
 
 
 def run_setting(config: dict, key: str):

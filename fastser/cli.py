@@ -5,6 +5,7 @@ argument value — ends the command with one line on stderr naming the problem a
 success is exit status 0; Ctrl-C prints one line (and how to continue, where there is a way) and
 exits 130. Programming errors still show their traceback: they are bugs to report, not input to fix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,16 @@ def input_errors() -> tuple:
     """The exception types that mean "bad input" (imported lazily: the corpora pull in soundfile)."""
     from fastser.audio import AudioError
     from fastser.data import CorpusError
-    return (UserError, CorpusError, AudioError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError)
+
+    return (
+        UserError,
+        CorpusError,
+        AudioError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    )
 
 
 def prog_name(module: str) -> str:
@@ -40,8 +49,12 @@ def prog_name(module: str) -> str:
     return name
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], object], module: str, argv: Optional[Sequence[str]] = None,
-        interrupted_hint: Callable[[], str] = lambda: "") -> int:
+def run_cli(
+    main: Callable[[Optional[Sequence[str]]], object],
+    module: str,
+    argv: Optional[Sequence[str]] = None,
+    interrupted_hint: Callable[[], str] = lambda: "",
+) -> int:
     """Run `main(argv)` behind the common error path and return the process exit status."""
     prog = prog_name(module)
     errors = input_errors()

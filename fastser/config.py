@@ -12,6 +12,7 @@ defaults depend on the corpus (epochs, patience, validation): None here, `resolv
 Settings marked RUN_OPTION say where and how a run goes, not what it computes: they may differ
 when a run is resumed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,26 +23,36 @@ SCHEMA_VERSION = 1  # of settings(): stored in settings.json and in every checkp
 RUN_OPTION = {"run_option": True}
 
 # per corpus, where the default is not the real corpora's: the synthetic run keeps its small setting
-DEFAULT_EPOCHS = {"synthetic": 12}        # real corpora: 24 (LOSO on ravdess-dev underfits at 12)
-DEFAULT_PATIENCE = {"synthetic": 8}       # real corpora: 5
+DEFAULT_EPOCHS = {"synthetic": 12}  # real corpora: 24 (LOSO on ravdess-dev underfits at 12)
+DEFAULT_PATIENCE = {"synthetic": 8}  # real corpora: 5
 DEFAULT_VALIDATION = {"synthetic": True}  # real corpora: train on the validation speakers, keep the last epoch
 REAL_CORPUS_DEFAULTS = {"epochs": 24, "patience": 5, "validation": False}
 
 # What fastser did before a setting was recorded: a run whose settings lack the key was made so.
-BEFORE_RECORDED = {"normalize": "corpus", "prosody": False, "bin_stats": False, "pooling": "global",
-                   "validation": True, "tempo": 0.0, "speed_perturb": None, "ema": None, "mixup": 0.0,
-                   "noise": None}
+BEFORE_RECORDED = {
+    "normalize": "corpus",
+    "prosody": False,
+    "bin_stats": False,
+    "pooling": "global",
+    "validation": True,
+    "tempo": 0.0,
+    "speed_perturb": None,
+    "ema": None,
+    "mixup": 0.0,
+    "noise": None,
+}
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """The corpus, its folds and its input statistics."""
+
     corpus: str = "synthetic"
     data_dir: Optional[str] = field(default=None, metadata=RUN_OPTION)
-    split: Optional[str] = None                 # None: the corpus's own protocol
-    folds: int = 5                              # for split "kfold"
+    split: Optional[str] = None  # None: the corpus's own protocol
+    folds: int = 5  # for split "kfold"
     max_folds: Optional[int] = field(default=None, metadata=RUN_OPTION)  # a larger value trains further folds
-    classes: Optional[str] = None               # e.g. "neutral,happy=happy+excited,sad,angry"
+    classes: Optional[str] = None  # e.g. "neutral,happy=happy+excited,sad,angry"
     iemocap_subset: str = "all"
     strict: bool = field(default=False, metadata=RUN_OPTION)
     max_seconds: float = 8.0
@@ -49,13 +60,14 @@ class DataConfig:
     no_cache: bool = field(default=False, metadata=RUN_OPTION)
     synthetic_speakers: int = 16
     synthetic_per_class: int = 8
-    normalize: str = "speaker"                  # "speaker", "utterance" or "corpus"
+    normalize: str = "speaker"  # "speaker", "utterance" or "corpus"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The inputs and the network."""
-    features: str = "both"                      # "logmel", "mfcc" or both CNN branches
+
+    features: str = "both"  # "logmel", "mfcc" or both CNN branches
     prosody: bool = True
     bin_stats: bool = False
     pooling: str = "time"
@@ -66,6 +78,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Cross-entropy plus the center loss and the reconstruction loss."""
+
     lambda_center: float = 0.003
     lambda_recon: float = 0.1
     center_alpha: float = 0.5
@@ -77,7 +90,8 @@ class ObjectiveConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """The one-cycle AdamW schedule, early stopping, the crops, weight averaging and the seeds."""
-    epochs: Optional[int] = None                # None: DEFAULT_EPOCHS by corpus
+
+    epochs: Optional[int] = None  # None: DEFAULT_EPOCHS by corpus
     patience: Optional[int] = None
     validation: Optional[bool] = None
     batch_size: int = 16
@@ -92,6 +106,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class AugmentConfig:
     """Training-only changes of the input."""
+
     tempo: float = 0.0
     speed_perturb: Optional[tuple] = None
     noise: Optional[tuple] = None
@@ -102,6 +117,7 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class RunConfig:
     """Where and how the run goes."""
+
     device: Optional[str] = field(default=None, metadata=RUN_OPTION)
     threads: Optional[int] = field(default=None, metadata=RUN_OPTION)
     amp: bool = False
@@ -113,8 +129,14 @@ class RunConfig:
     no_progress: bool = field(default=False, metadata=RUN_OPTION)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
-            "augment": AugmentConfig, "run": RunConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "objective": ObjectiveConfig,
+    "optim": OptimConfig,
+    "augment": AugmentConfig,
+    "run": RunConfig,
+}
 TUPLES = frozenset({"ema", "seeds", "speed_perturb", "noise"})  # JSON gives them back as lists
 
 
@@ -140,8 +162,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {unknown}")
         values = {k: tuple(v) if k in TUPLES and isinstance(v, list) else v for k, v in settings.items()}
-        return cls(**{s: SECTIONS[s](**{f.name: values[f.name] for f in _fields(s) if f.name in values})
-                      for s in SECTIONS})
+        return cls(
+            **{s: SECTIONS[s](**{f.name: values[f.name] for f in _fields(s) if f.name in values}) for s in SECTIONS}
+        )
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with settings (flat names) changed."""
@@ -151,8 +174,13 @@ class TrainConfig:
         """The corpus-dependent defaults (epochs, patience, validation) filled in."""
         corpus = self.data.corpus
         by_corpus = {"epochs": DEFAULT_EPOCHS, "patience": DEFAULT_PATIENCE, "validation": DEFAULT_VALIDATION}
-        return self.replace(**{k: table.get(corpus, REAL_CORPUS_DEFAULTS[k]) for k, table in by_corpus.items()
-                               if getattr(self.optim, k) is None})
+        return self.replace(
+            **{
+                k: table.get(corpus, REAL_CORPUS_DEFAULTS[k])
+                for k, table in by_corpus.items()
+                if getattr(self.optim, k) is None
+            }
+        )
 
     def computed_settings(self) -> dict:
         """The settings that decide what a run computes (all but the RUN_OPTIONs)."""

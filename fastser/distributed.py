@@ -6,6 +6,7 @@ the center sync), so `--nproc_per_node=1` runs the code of N ranks on one device
 it, and to measure what DDP costs against a plain run. Every collective has a timeout, so one rank's
 error cannot hang the others forever.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,9 @@ def parse_device(device_arg: Optional[str] = None) -> torch.device:
         raise UserError(f"--device {want!r}: fastser runs on cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {want}: CUDA is not available here (torch {torch.__version__}); "
-                             f"use --device cpu")
+            raise UserError(
+                f"--device {want}: CUDA is not available here (torch {torch.__version__}); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
@@ -90,7 +92,7 @@ def shard(indices: torch.Tensor, info: DistInfo, *, pad: bool) -> torch.Tensor:
     if pad and n % info.world_size:
         extra = info.world_size - n % info.world_size
         indices = torch.cat([indices, indices[:extra]])
-    return indices[info.rank::info.world_size]
+    return indices[info.rank :: info.world_size]
 
 
 def gather_cat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

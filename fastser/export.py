@@ -15,6 +15,7 @@ to a speaker's own with --enroll. Left outside: windowing a recording longer tha
 (the file scores what it is given whole; predict's windows and their hop are in the metadata),
 reading and resampling audio, and enrollment's checks of short or silent files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,10 +72,15 @@ class AudioClassifier(nn.Module):
     @classmethod
     def from_predictor(cls, predictor) -> "AudioClassifier":
         if len(predictor.models) != 1:
-            raise UserError(f"export takes one model; this predictor holds an ensemble of {len(predictor.models)} "
-                            f"(export each checkpoint on its own)")
-        windows = {"whole_seconds": predictor.whole_seconds, "window_seconds": predictor.window_seconds,
-                   "hop_seconds": predictor.hop_seconds}
+            raise UserError(
+                f"export takes one model; this predictor holds an ensemble of {len(predictor.models)} "
+                f"(export each checkpoint on its own)"
+            )
+        windows = {
+            "whole_seconds": predictor.whole_seconds,
+            "window_seconds": predictor.window_seconds,
+            "hop_seconds": predictor.hop_seconds,
+        }
         return cls(predictor.spec, predictor.models[0], predictor.norms[0], windows)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
@@ -96,10 +102,18 @@ class AudioClassifier(nn.Module):
 
     def metadata(self) -> dict:
         """What a program needs to feed the file and read its outputs (stored inside it)."""
-        return {"fastser_version": fastser.__version__, "classes": self.classes, "sample_rate": self.features.sr,
-                "kinds": self.kinds, "bins": self.bins, "normalize": self.normalize,
-                "inputs": list(INPUTS), "optional_inputs": list(STATISTICS) if self.normalize != "utterance" else [],
-                "outputs": list(OUTPUTS), **self.windows}
+        return {
+            "fastser_version": fastser.__version__,
+            "classes": self.classes,
+            "sample_rate": self.features.sr,
+            "kinds": self.kinds,
+            "bins": self.bins,
+            "normalize": self.normalize,
+            "inputs": list(INPUTS),
+            "optional_inputs": list(STATISTICS) if self.normalize != "utterance" else [],
+            "outputs": list(OUTPUTS),
+            **self.windows,
+        }
 
 
 def speaker_statistics(feature_sum, feature_sq_sum, frames):
@@ -109,11 +123,12 @@ def speaker_statistics(feature_sum, feature_sq_sum, frames):
     s, ss, n = (np.asarray(v, dtype=np.float64) for v in (feature_sum, feature_sq_sum, frames))
     count = max(n.sum(), 1.0)
     mean = s.sum(0) / count
-    std = np.sqrt(np.maximum(ss.sum(0) / count - mean ** 2, 1e-8))
+    std = np.sqrt(np.maximum(ss.sum(0) / count - mean**2, 1e-8))
     return mean.astype(np.float32), std.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- writing the file
+
 
 def _example(module: AudioClassifier):
     sr = module.features.sr
@@ -122,7 +137,7 @@ def _example(module: AudioClassifier):
 
 
 def _dynamic_shapes():
-    batch, samples = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("samples", min=1, max=2 ** 31 - 1)
+    batch, samples = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("samples", min=1, max=2**31 - 1)
     return {"audio": {0: batch, 1: samples}, "lengths": {0: batch}}
 
 
@@ -158,9 +173,19 @@ def export_onnx(module: AudioClassifier, path: Path) -> None:
             # optimize=False: onnxscript's rewriter takes `x + 1e-10` for `x + 0` (it matches constants
             # within an absolute 1e-8) and drops it, which turns a silent frame's level into -inf; the
             # constants are folded below without the rewriter
-            return torch.onnx.export(m, example, dynamic_shapes=_dynamic_shapes(), dynamo=True,
-                                     input_names=list(INPUTS), output_names=list(OUTPUTS), opset_version=OPSET,
-                                     optimize=False, verbose=False, report=False)
+            return torch.onnx.export(
+                m,
+                example,
+                dynamic_shapes=_dynamic_shapes(),
+                dynamo=True,
+                input_names=list(INPUTS),
+                output_names=list(OUTPUTS),
+                opset_version=OPSET,
+                optimize=False,
+                verbose=False,
+                report=False,
+            )
+
     graph = _traced(module, trace).model
     if module.normalize != "utterance":  # an initializer that is also an input: fed, or its stored value
         graph.graph.inputs.extend(graph.graph.initializers[n] for n in STATISTICS)
@@ -175,6 +200,7 @@ def export_onnx(module: AudioClassifier, path: Path) -> None:
 def export(checkpoint, fmt: str = "onnx", out=None, enroll=None) -> Path:
     """Write the run's model as one file; returns its path (default: beside the checkpoint)."""
     from fastser.predict import Predictor
+
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
     predictor = Predictor(checkpoint, device="cpu", enroll=enroll)
@@ -189,10 +215,12 @@ def export(checkpoint, fmt: str = "onnx", out=None, enroll=None) -> Path:
 
 # ----------------------------------------------------------------------------- loading what was written
 
+
 def load_onnx(path, arena: bool = True):
     """(onnxruntime.InferenceSession, metadata dict) for a model.onnx, on the CPU; arena=False: no
     memory arena (buffers are freed after each call rather than kept for the next)."""
     import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3  # not the notice that speaker_mean / speaker_std may be fed (they are meant to)
     options.enable_cpu_mem_arena = arena
@@ -221,15 +249,29 @@ def run_file(path, audio: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- command line
 
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(prog=prog_name("fastser.export"), description=__doc__.split("\n\n")[0],
-                        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(
+        prog=prog_name("fastser.export"),
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("checkpoint", metavar="RUN", help="a training run's folder or its checkpoint.pt")
-    ap.add_argument("--format", choices=sorted(FORMATS), default="onnx",
-                    help="onnx (onnxruntime; needs fastser[export]) or torch (torch.export) (default: onnx)")
+    ap.add_argument(
+        "--format",
+        choices=sorted(FORMATS),
+        default="onnx",
+        help="onnx (onnxruntime; needs fastser[export]) or torch (torch.export) (default: onnx)",
+    )
     ap.add_argument("--out", default=None, help="the file to write (default: RUN/model.onnx or RUN/model.pt2)")
-    ap.add_argument("--enroll", nargs="+", metavar="AUDIO", default=None,
-                    help="audio of the one speaker the file will score: their statistics become its defaults")
+    ap.add_argument(
+        "--enroll",
+        nargs="+",
+        metavar="AUDIO",
+        default=None,
+        help="audio of the one speaker the file will score: their statistics become its defaults",
+    )
     return ap.parse_args(argv)
 
 
@@ -239,6 +281,7 @@ def main(argv=None) -> int:
     enroll = None
     if args.enroll:
         from fastser.predict import expand_inputs
+
         enroll, errors = expand_inputs(args.enroll)
         if errors:
             raise UserError("--enroll: " + "; ".join(errors))
@@ -247,10 +290,11 @@ def main(argv=None) -> int:
         warnings.simplefilter("always")
         path = export(args.checkpoint, args.format, args.out, enroll)
     from fastser.predict import PredictWarning
+
     for w in caught:
         if issubclass(w.category, PredictWarning):
             print(f"{prog}: warning: {w.message}", file=sys.stderr)
-    size = path.stat().st_size / 2 ** 20
+    size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB, {args.format}) in {time.perf_counter() - start:.0f} s")
     return 0
 

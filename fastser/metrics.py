@@ -1,4 +1,5 @@
 """WA (overall accuracy), UA (mean per-class recall), macro-F1 and the confusion matrix."""
+
 from __future__ import annotations
 
 import numpy as np

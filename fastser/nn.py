@@ -10,6 +10,7 @@ Two ways to move the centers:
   update="gradient": `centers` is an nn.Parameter receiving exactly the usual module's gradient,
       for the common recipe with a second SGD optimizer (grads rescaled by 1/weight).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -49,9 +50,20 @@ class CenterLoss(nn.Module):
     passes torch.autograd.gradcheck.
     """
 
-    def __init__(self, num_classes: int, feat_dim: int, use_gpu: Optional[bool] = None, *,
-                 update: str = "wen", alpha: float = 0.5, reduction: str = "mean", backend: str = "auto",
-                 deterministic: bool = False, process_group=None, validate="eager"):
+    def __init__(
+        self,
+        num_classes: int,
+        feat_dim: int,
+        use_gpu: Optional[bool] = None,
+        *,
+        update: str = "wen",
+        alpha: float = 0.5,
+        reduction: str = "mean",
+        backend: str = "auto",
+        deterministic: bool = False,
+        process_group=None,
+        validate="eager",
+    ):
         super().__init__()
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
@@ -71,8 +83,7 @@ class CenterLoss(nn.Module):
         else:
             self.register_buffer("centers", centers)
         # batches skipped by deferred validation since the last check; not in the state dict
-        self.register_buffer("bad_batches", torch.zeros((), dtype=torch.int64, device=centers.device),
-                             persistent=False)
+        self.register_buffer("bad_batches", torch.zeros((), dtype=torch.int64, device=centers.device), persistent=False)
         self._centers_synced = False
 
     def _broadcast_centers_once(self) -> None:
@@ -90,9 +101,18 @@ class CenterLoss(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._broadcast_centers_once()
         wen_alpha = self.alpha if (self.update == "wen" and self.training and torch.is_grad_enabled()) else None
-        return center_loss(features, labels, self.centers, reduction=self.reduction, wen_alpha=wen_alpha,
-                           backend=self.backend, deterministic=self.deterministic,
-                           process_group=self.process_group, validate=self.validate, bad_batches=self.bad_batches)
+        return center_loss(
+            features,
+            labels,
+            self.centers,
+            reduction=self.reduction,
+            wen_alpha=wen_alpha,
+            backend=self.backend,
+            deterministic=self.deterministic,
+            process_group=self.process_group,
+            validate=self.validate,
+            bad_batches=self.bad_batches,
+        )
 
     def raise_on_bad_batches(self) -> None:
         """Deferred validation's report (one host read): a ValueError if any batch since the last
@@ -100,10 +120,14 @@ class CenterLoss(nn.Module):
         n = int(self.bad_batches)
         if n:
             self.bad_batches.zero_()
-            raise ValueError(f"CenterLoss: {n} batch{'es' if n > 1 else ''} had non-finite features or labels "
-                             f"outside [0, {self.num_classes}); their center updates were skipped "
-                             f"(the centers are unchanged by them)")
+            raise ValueError(
+                f"CenterLoss: {n} batch{'es' if n > 1 else ''} had non-finite features or labels "
+                f"outside [0, {self.num_classes}); their center updates were skipped "
+                f"(the centers are unchanged by them)"
+            )
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, update={self.update!r}, "
-                f"alpha={self.alpha}, reduction={self.reduction!r}, backend={self.backend!r}")
+        return (
+            f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, update={self.update!r}, "
+            f"alpha={self.alpha}, reduction={self.reduction!r}, backend={self.backend!r}"
+        )

@@ -8,6 +8,7 @@
 
 Training, predict, export and the reference pipeline share it; it depends on nothing of training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ class Normalizer:
     or (G, bins), one set per group (`fit_groups`: per speaker or per utterance), where `apply`
     takes each item's group index. Statistics never use labels, so a test speaker's own
     (unlabelled) audio may give its statistics."""
+
     mean: dict
     std: dict
 
@@ -45,12 +47,16 @@ class Normalizer:
                 s, ss, n = sums.get(kind, (0.0, 0.0, 0))
                 v = v.double()
                 sums[kind] = (s + v.sum(1), ss + v.square().sum(1), n + v.shape[1])
-        return cls._from_sums({k: s for k, (s, _, _) in sums.items()}, {k: ss for k, (_, ss, _) in sums.items()},
-                              {k: torch.tensor(float(n), dtype=torch.float64) for k, (_, _, n) in sums.items()})
+        return cls._from_sums(
+            {k: s for k, (s, _, _) in sums.items()},
+            {k: ss for k, (_, ss, _) in sums.items()},
+            {k: torch.tensor(float(n), dtype=torch.float64) for k, (_, _, n) in sums.items()},
+        )
 
     @classmethod
-    def fit_groups(cls, feats: dict, frames: torch.Tensor, groups: torch.Tensor, n_groups: int,
-                   chunk: int = 64) -> "Normalizer":
+    def fit_groups(
+        cls, feats: dict, frames: torch.Tensor, groups: torch.Tensor, n_groups: int, chunk: int = 64
+    ) -> "Normalizer":
         """From the feature table ({kind: (N, bins, T)}, zero past frames[i]): one set of statistics
         per group, groups (N,) in [0, n_groups) — e.g. each row's speaker, or arange(N) for
         utterance-level statistics. Float64 sums, `chunk` rows at a time."""
@@ -60,8 +66,8 @@ class Normalizer:
             s = torch.zeros(n_groups, x.shape[1], dtype=torch.float64, device=x.device)
             ss = torch.zeros_like(s)
             for start in range(0, x.shape[0], chunk):
-                v = x[start: start + chunk].double()  # padding is exactly 0: it adds nothing to the sums
-                g = groups[start: start + chunk]
+                v = x[start : start + chunk].double()  # padding is exactly 0: it adds nothing to the sums
+                g = groups[start : start + chunk]
                 s.index_add_(0, g, v.sum(-1))
                 ss.index_add_(0, g, v.square().sum(-1))
             sums[kind], sqs[kind] = s, ss
@@ -81,8 +87,9 @@ class Normalizer:
         return {"mean": self.mean, "std": self.std}
 
     def to(self, device) -> "Normalizer":
-        return Normalizer({k: v.to(device) for k, v in self.mean.items()},
-                          {k: v.to(device) for k, v in self.std.items()})
+        return Normalizer(
+            {k: v.to(device) for k, v in self.mean.items()}, {k: v.to(device) for k, v in self.std.items()}
+        )
 
     def apply(self, feats: dict, frames: torch.Tensor, groups: Optional[torch.Tensor] = None) -> dict:
         """{kind: (B, bins, T)} -> normalised float32; frames past each item's own are exactly 0.

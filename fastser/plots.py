@@ -1,4 +1,5 @@
 """Confusion matrix and embedding plots (matplotlib, Agg backend: no display needed)."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -15,8 +16,15 @@ def plot_confusion(confusion: np.ndarray, classes, path, title: str = "") -> Non
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, f"{int(cm[i, j])}\n{rates[i, j]:.0%}", ha="center", va="center", fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(cm[i, j])}\n{rates[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
@@ -27,8 +35,9 @@ def plot_confusion(confusion: np.ndarray, classes, path, title: str = "") -> Non
     plt.close(fig)
 
 
-def plot_embeddings(embeddings: np.ndarray, labels: np.ndarray, centers: np.ndarray, classes, path,
-                    title: str = "") -> None:
+def plot_embeddings(
+    embeddings: np.ndarray, labels: np.ndarray, centers: np.ndarray, classes, path, title: str = ""
+) -> None:
     """2-D PCA of the test embeddings (fitted on them), with the learned centers projected alike."""
     mean = embeddings.mean(axis=0)
     _, _, vt = np.linalg.svd(embeddings - mean, full_matrices=False)

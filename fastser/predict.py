@@ -8,6 +8,7 @@ and averaged (weighted by window length) into one prediction for the file; `--se
 prints the per-window timeline. Long recordings are read and resampled block by block, so memory
 stays bounded for files of hours.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,14 +34,16 @@ from fastser.distributed import parse_device
 from fastser.normalization import Normalizer, utterance_stats
 from fastser.checkpoints import build_model, finished_model, load_checkpoint
 
-MIN_SECONDS = 0.5       # below this a clip holds less than a syllable: the prediction is flagged unreliable
-SILENT_DBFS = -60.0     # RMS level (dB re full scale) below which a recording is flagged near-silent
+MIN_SECONDS = 0.5  # below this a clip holds less than a syllable: the prediction is flagged unreliable
+SILENT_DBFS = -60.0  # RMS level (dB re full scale) below which a recording is flagged near-silent
 MIN_ENROLL_SECONDS = 1.0  # usable enrollment audio below this: too few frames for a speaker's statistics
 
 
 class PredictWarning(UserWarning):
     """Something that makes predictions doubtful (enrollment audio left out, a model that never heard
     speech); the command line prints each as one "warning:" line."""
+
+
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64", ".rf64"}
 
 
@@ -66,6 +69,7 @@ class Segment:
 @dataclasses.dataclass
 class Prediction:
     """One file: the aggregated prediction, its windows, and what makes it doubtful."""
+
     file: str
     classes: list
     probabilities: np.ndarray
@@ -93,13 +97,26 @@ class Prediction:
 
     def to_dict(self, segments: bool = False) -> dict:
         probs = lambda p: {c: round(float(v), 4) for c, v in zip(self.classes, p)}  # noqa: E731
-        d = {"file": self.file, "emotion": self.emotion, "probabilities": probs(self.probabilities),
-             "duration": round(self.duration, 3), "windows": len(self.segments), "too_short": self.too_short,
-             "near_silent": self.near_silent, "warnings": self.warnings()}
+        d = {
+            "file": self.file,
+            "emotion": self.emotion,
+            "probabilities": probs(self.probabilities),
+            "duration": round(self.duration, 3),
+            "windows": len(self.segments),
+            "too_short": self.too_short,
+            "near_silent": self.near_silent,
+            "warnings": self.warnings(),
+        }
         if segments:
-            d["segments"] = [{"start": round(s.start, 3), "end": round(s.end, 3),
-                              "emotion": self.classes[int(np.argmax(s.probabilities))],
-                              "probabilities": probs(s.probabilities)} for s in self.segments]
+            d["segments"] = [
+                {
+                    "start": round(s.start, 3),
+                    "end": round(s.end, 3),
+                    "emotion": self.classes[int(np.argmax(s.probabilities))],
+                    "probabilities": probs(s.probabilities),
+                }
+                for s in self.segments
+            ]
         return d
 
 
@@ -135,8 +152,10 @@ class Predictor:
         for path, (spec, _) in zip(paths[1:], loaded[1:]):
             for what in ("classes", "normalize", "train_seconds", "max_seconds"):
                 if getattr(spec, what) != getattr(self.spec, what):
-                    raise UserError(f"--checkpoint: {path} has {what} {getattr(spec, what)!r}, {paths[0]} has "
-                                    f"{getattr(self.spec, what)!r}: an ensemble needs models of the same setting")
+                    raise UserError(
+                        f"--checkpoint: {path} has {what} {getattr(spec, what)!r}, {paths[0]} has "
+                        f"{getattr(self.spec, what)!r}: an ensemble needs models of the same setting"
+                    )
             if spec.features.to_dict() != self.spec.features.to_dict():
                 raise UserError(f"--checkpoint: {path} was trained on other features than {paths[0]}")
         self.classes = list(self.spec.classes)
@@ -149,9 +168,13 @@ class Predictor:
         self.device = parse_device(device)
         self.trained_on = sorted({c.get("corpus") for c in configs if c.get("corpus")})
         if "synthetic" in self.trained_on:
-            warnings.warn("the model was trained on fastser's synthetic corpus (generated voiced tones, not "
-                          "speech): its predictions on real recordings mean nothing; train on a real corpus "
-                          "(README: Train)", PredictWarning, stacklevel=2)
+            warnings.warn(
+                "the model was trained on fastser's synthetic corpus (generated voiced tones, not "
+                "speech): its predictions on real recordings mean nothing; train on a real corpus "
+                "(README: Train)",
+                PredictWarning,
+                stacklevel=2,
+            )
         self.models, self.norms = [], []  # one per checkpoint, each with its training statistics
         for spec, fin in loaded:
             model = build_model(spec)
@@ -170,8 +193,10 @@ class Predictor:
         With less than MIN_ENROLL_SECONDS of usable audio in all, the training speakers' statistics
         stay (a PredictWarning). Returns whether the speaker's statistics are in use."""
         if self.spec.normalize != "speaker":
-            raise UserError(f"--enroll needs a model trained with --normalize speaker; this one used "
-                            f"--normalize {self.spec.normalize}")
+            raise UserError(
+                f"--enroll needs a model trained with --normalize speaker; this one used "
+                f"--normalize {self.spec.normalize}"
+            )
         paths = list(paths)
         if not paths:
             raise UserError("--enroll: no audio files")
@@ -186,17 +211,23 @@ class Predictor:
             level.add(y)
             problems = audio_problems(level.seconds(self.sr), level.dbfs())
             if problems:
-                warnings.warn(f"--enroll: {path}: {'; '.join(problems)}: left out of the speaker's statistics",
-                              PredictWarning, stacklevel=2)
+                warnings.warn(
+                    f"--enroll: {path}: {'; '.join(problems)}: left out of the speaker's statistics",
+                    PredictWarning,
+                    stacklevel=2,
+                )
                 continue
             y = torch.from_numpy(y).to(self.device)
             feats, frames = self.features.extract(y[None], torch.tensor([y.shape[0]], device=self.device))
             items.append({k: x[0, :, : int(frames[0])].cpu() for k, x in feats.items()})
             usable += level.seconds(self.sr)
         if usable < MIN_ENROLL_SECONDS:
-            warnings.warn(f"--enroll: {usable:.2g} s of usable audio is less than {MIN_ENROLL_SECONDS:g} s, too "
-                          f"little for a speaker's statistics: the training speakers' statistics are used instead",
-                          PredictWarning, stacklevel=2)
+            warnings.warn(
+                f"--enroll: {usable:.2g} s of usable audio is less than {MIN_ENROLL_SECONDS:g} s, too "
+                f"little for a speaker's statistics: the training speakers' statistics are used instead",
+                PredictWarning,
+                stacklevel=2,
+            )
             return False
         speaker = Normalizer.fit_items(items).to(self.device)
         self.norms = [speaker] * len(self.models)
@@ -287,6 +318,7 @@ class Predictor:
             for block in stream(path, sr=self.sr, block_seconds=10.0):
                 level.add(block)
                 yield block
+
         return self._predict(path, self._windows(blocks()), level)
 
     def probabilities(self, samples, sr: Optional[int] = None) -> torch.Tensor:
@@ -310,12 +342,18 @@ class Predictor:
             else:
                 short.append((i, y))
         for start in range(0, len(short), self.batch_size):
-            chunk = short[start: start + self.batch_size]
+            chunk = short[start : start + self.batch_size]
             for (i, y), probs in zip(chunk, self._score([y for _, y in chunk])):
                 level = _Level()
                 level.add(y)
-                results[i] = Prediction(f"<waveform {i}>", self.classes, probs,
-                                        [Segment(0.0, y.size / self.sr, probs)], level.seconds(self.sr), level.dbfs())
+                results[i] = Prediction(
+                    f"<waveform {i}>",
+                    self.classes,
+                    probs,
+                    [Segment(0.0, y.size / self.sr, probs)],
+                    level.seconds(self.sr),
+                    level.dbfs(),
+                )
         return results
 
 
@@ -338,6 +376,7 @@ class _Level:
 
 
 # ----------------------------------------------------------------------------- command line
+
 
 def expand_inputs(items) -> tuple[list, list]:
     """Files, folders (searched recursively for audio files) and glob patterns -> (files, errors)."""
@@ -362,42 +401,74 @@ def expand_inputs(items) -> tuple[list, list]:
 
 
 def _csv_rows(pred: Prediction, segments: bool) -> list:
-    rows = [(s.start, s.end, s.probabilities) for s in pred.segments] if segments else \
-        [(0.0, pred.duration, pred.probabilities)]
-    return [[pred.file, f"{a:.3f}", f"{b:.3f}", pred.classes[int(np.argmax(p))], *(f"{v:.4f}" for v in p)]
-            for a, b, p in rows]
+    rows = (
+        [(s.start, s.end, s.probabilities) for s in pred.segments]
+        if segments
+        else [(0.0, pred.duration, pred.probabilities)]
+    )
+    return [
+        [pred.file, f"{a:.3f}", f"{b:.3f}", pred.classes[int(np.argmax(p))], *(f"{v:.4f}" for v in p)]
+        for a, b, p in rows
+    ]
 
 
 def _text(pred: Prediction, segments: bool) -> str:
     order = lambda p: "  ".join(f"{pred.classes[i]} {p[i]:.2f}" for i in np.argsort(-p))  # noqa: E731
-    lines = [f"{pred.file}: {pred.emotion}  ({order(pred.probabilities)})"
-             + (f"  [{len(pred.segments)} windows over {pred.duration:.1f} s]" if len(pred.segments) > 1 else "")]
+    lines = [
+        f"{pred.file}: {pred.emotion}  ({order(pred.probabilities)})"
+        + (f"  [{len(pred.segments)} windows over {pred.duration:.1f} s]" if len(pred.segments) > 1 else "")
+    ]
     if segments:
-        lines += [f"  {s.start:8.2f}-{s.end:8.2f} s  {pred.classes[int(np.argmax(s.probabilities))]:<10} "
-                  f"({order(s.probabilities)})" for s in pred.segments]
+        lines += [
+            f"  {s.start:8.2f}-{s.end:8.2f} s  {pred.classes[int(np.argmax(s.probabilities))]:<10} "
+            f"({order(s.probabilities)})"
+            for s in pred.segments
+        ]
     return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = ArgumentParser(prog=prog_name("fastser.predict"), description=__doc__.split("\n\n")[0],
-                        epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("inputs", nargs="+", metavar="AUDIO",
-                    help="audio files (any format soundfile reads), folders (searched recursively) or glob patterns")
-    ap.add_argument("--checkpoint", required=True, nargs="+",
-                    help="a training run's folder or its checkpoint.pt; several (e.g. the seed-N folders of a "
-                         "--seeds run): their probabilities are averaged")
+    ap = ArgumentParser(
+        prog=prog_name("fastser.predict"), description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1]
+    )
+    ap.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="AUDIO",
+        help="audio files (any format soundfile reads), folders (searched recursively) or glob patterns",
+    )
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        help="a training run's folder or its checkpoint.pt; several (e.g. the seed-N folders of a "
+        "--seeds run): their probabilities are averaged",
+    )
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    ap.add_argument("--format", choices=("text", "json", "csv"), default="text",
-                    help="text: a line per file; json: one list; csv: a row per file or segment (default: text)")
+    ap.add_argument(
+        "--format",
+        choices=("text", "json", "csv"),
+        default="text",
+        help="text: a line per file; json: one list; csv: a row per file or segment (default: text)",
+    )
     ap.add_argument("--json", action="store_true", help="the same as --format json")
-    ap.add_argument("--segments", action="store_true",
-                    help="also the per-window timeline (start, end, emotion, probabilities) of each file")
-    ap.add_argument("--enroll", nargs="+", metavar="AUDIO", default=None,
-                    help="unlabelled audio of the speaker being scored (files, folders or globs): speaker-level "
-                         "input statistics for models trained with --normalize speaker (the default)")
+    ap.add_argument(
+        "--segments",
+        action="store_true",
+        help="also the per-window timeline (start, end, emotion, probabilities) of each file",
+    )
+    ap.add_argument(
+        "--enroll",
+        nargs="+",
+        metavar="AUDIO",
+        default=None,
+        help="unlabelled audio of the speaker being scored (files, folders or globs): speaker-level "
+        "input statistics for models trained with --normalize speaker (the default)",
+    )
     ap.add_argument("--batch-size", type=int, default=32, help="windows scored per batch (default: 32)")
-    ap.add_argument("--no-progress", action="store_true",
-                    help="no progress bar (shown for several files on a terminal)")
+    ap.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown for several files on a terminal)"
+    )
     args = ap.parse_args(argv)
     if args.json:
         args.format = "json"
@@ -425,9 +496,11 @@ def main(argv=None) -> int:
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if not args.enroll and predictor.spec.normalize == "speaker":
-        notes.append("no --enroll audio: the training speakers' statistics stand in for this speaker's, which "
-                     "costs this kind of model much of its accuracy (README: Results); give --enroll with "
-                     "unlabelled audio of the speaker")
+        notes.append(
+            "no --enroll audio: the training speakers' statistics stand in for this speaker's, which "
+            "costs this kind of model much of its accuracy (README: Results); give --enroll with "
+            "unlabelled audio of the speaker"
+        )
     files, errors = expand_inputs(args.inputs)
     if not files:
         raise UserError("; ".join(errors) if errors else "no audio files given")
@@ -442,6 +515,7 @@ def main(argv=None) -> int:
     iterator = files
     if len(files) > 1 and not args.no_progress:
         from tqdm.auto import tqdm
+
         iterator = tqdm(files, desc="predicting", unit="file", file=sys.stderr, disable=None, leave=False)
     for path in iterator:
         try:

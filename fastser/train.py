@@ -5,6 +5,7 @@ The command line only: the corpus and its features are loaded here (computed onc
 training device, cached on disk for real corpora), then fastser.training does the work — see
 fastser/training/fold.py for what happens in a fold and an epoch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,7 @@ def _seed_list(text: str) -> list:
 
 def _distinct_floats(ok, expected: str):
     """An argparse type: comma-separated distinct numbers, each passing `ok`."""
+
     def parse(text: str) -> tuple:
         try:
             values = tuple(float(s) for s in text.split(",") if s.strip())
@@ -73,11 +75,13 @@ def _distinct_floats(ok, expected: str):
         if not values or len(set(values)) != len(values) or not all(ok(v) for v in values):
             raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
         return values
+
     return parse
 
 
 def _float_in(ok, expected: str):
     """An argparse type: one number passing `ok`."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -86,59 +90,78 @@ def _float_in(ok, expected: str):
         if not ok(value):
             raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
         return value
+
     return parse
 
 
 _tempo = _float_in(lambda t: 0 <= t < 1, "a relative rate change in [0, 1), e.g. 0.1")
 _mixup_alpha = _float_in(lambda a: 0 < a <= 10, "a Beta(alpha, alpha) parameter in (0, 10], e.g. 0.2")
-_speeds = _distinct_floats(lambda s: 0.5 <= s <= 2.0 and s != 1.0,
-                           "distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1")
+_speeds = _distinct_floats(
+    lambda s: 0.5 <= s <= 2.0 and s != 1.0, "distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1"
+)
 _snrs = _distinct_floats(lambda s: -5 <= s <= 60, "distinct signal-to-noise ratios in dB in [-5, 60], e.g. 20,10")
 _decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g. 0.998")
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0],
-                       formatter_class=_DefaultsOnce)
+    p = ArgumentParser(
+        prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0], formatter_class=_DefaultsOnce
+    )
     corpus = p.add_argument_group("corpus and folds")
-    corpus.add_argument("--corpus", choices=CORPORA,
-                        help="which corpus; 'synthetic' is generated, the others are read from --data-dir")
-    corpus.add_argument("--data-dir",
-                        help="corpus root, in the layout the corpus ships in (docs/guide.md)")
-    corpus.add_argument("--split", choices=SPLITS,
-                        help="speaker-independent folds (default: the corpus's own, see docs/guide.md)")
+    corpus.add_argument(
+        "--corpus", choices=CORPORA, help="which corpus; 'synthetic' is generated, the others are read from --data-dir"
+    )
+    corpus.add_argument("--data-dir", help="corpus root, in the layout the corpus ships in (docs/guide.md)")
+    corpus.add_argument(
+        "--split", choices=SPLITS, help="speaker-independent folds (default: the corpus's own, see docs/guide.md)"
+    )
     corpus.add_argument("--folds", type=int, help="number of folds for --split kfold")
     corpus.add_argument("--max-folds", type=int, help="run only the first N folds (smoke runs)")
-    corpus.add_argument("--classes",
-                        help='restrict/map labels, e.g. "neutral,happy=happy+excited,sad,angry"')
-    corpus.add_argument("--iemocap-subset", choices=("all", "improvised", "scripted"),
-                        help="IEMOCAP sessions to use")
+    corpus.add_argument("--classes", help='restrict/map labels, e.g. "neutral,happy=happy+excited,sad,angry"')
+    corpus.add_argument("--iemocap-subset", choices=("all", "improvised", "scripted"), help="IEMOCAP sessions to use")
     corpus.add_argument("--strict", action="store_true", help="a bad audio file is an error, not a skip")
     corpus.add_argument("--max-seconds", type=float, help="longer utterances are cut")
-    corpus.add_argument("--cache-dir",
-                        help="feature cache (default: <data-dir>/.fastser-cache; the synthetic corpus's audio: "
-                             "~/.cache/fastser)")
-    corpus.add_argument("--no-cache", action="store_true",
-                        help="compute the features (and generate the synthetic corpus) without reading or "
-                             "writing a cache")
+    corpus.add_argument(
+        "--cache-dir",
+        help="feature cache (default: <data-dir>/.fastser-cache; the synthetic corpus's audio: ~/.cache/fastser)",
+    )
+    corpus.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="compute the features (and generate the synthetic corpus) without reading or writing a cache",
+    )
     corpus.add_argument("--synthetic-speakers", type=int, help="speakers of the synthetic corpus")
-    corpus.add_argument("--synthetic-per-class", type=int,
-                        help="synthetic utterances per speaker and class")
-    corpus.add_argument("--normalize", choices=NORMALIZE,
-                        help="input statistics: each speaker's own (from its unlabelled audio; predict takes "
-                             "enrollment audio), each utterance's own, or the training fold's")
+    corpus.add_argument("--synthetic-per-class", type=int, help="synthetic utterances per speaker and class")
+    corpus.add_argument(
+        "--normalize",
+        choices=NORMALIZE,
+        help="input statistics: each speaker's own (from its unlabelled audio; predict takes "
+        "enrollment audio), each utterance's own, or the training fold's",
+    )
     model = p.add_argument_group("model and objective")
-    model.add_argument("--features", choices=("logmel", "spectrogram", "mfcc", "both"),
-                       help="input branches: the log-mel CNN ('spectrogram' is its old name), the MFCC CNN, or both")
-    model.add_argument("--prosody", action=argparse.BooleanOptionalAction,
-                       help="the prosody branch (F0, voicing, HNR, level contours) fused before the embedding")
-    model.add_argument("--bin-stats", action=argparse.BooleanOptionalAction,
-                       help="feed each spectral bin's mean and std over the utterance to the embedding, "
-                            "beside the CNN's pooled features")
-    model.add_argument("--pooling", choices=POOLINGS,
-                       help="how each CNN's last map becomes a vector: mean and max over time per frequency band "
-                            "('time': keeps where in the spectrum), or over time and frequency ('global': what "
-                            "checkpoints that predate the choice hold)")
+    model.add_argument(
+        "--features",
+        choices=("logmel", "spectrogram", "mfcc", "both"),
+        help="input branches: the log-mel CNN ('spectrogram' is its old name), the MFCC CNN, or both",
+    )
+    model.add_argument(
+        "--prosody",
+        action=argparse.BooleanOptionalAction,
+        help="the prosody branch (F0, voicing, HNR, level contours) fused before the embedding",
+    )
+    model.add_argument(
+        "--bin-stats",
+        action=argparse.BooleanOptionalAction,
+        help="feed each spectral bin's mean and std over the utterance to the embedding, "
+        "beside the CNN's pooled features",
+    )
+    model.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help="how each CNN's last map becomes a vector: mean and max over time per frequency band "
+        "('time': keeps where in the spectrum), or over time and frequency ('global': what "
+        "checkpoints that predate the choice hold)",
+    )
     model.add_argument("--width", type=int, help="channels per stem branch (model size)")
     model.add_argument("--embed-dim", type=int, help="size of the embedding the center loss acts on")
     model.add_argument("--lambda-center", type=float, help="weight of the center loss")
@@ -148,64 +171,106 @@ def build_parser() -> ArgumentParser:
     model.add_argument("--no-recon", action="store_true", help="train without the reconstruction decoder")
     model.add_argument("--ablation", action="store_true", help="CE only, +center, +recon, both on the same folds")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int,
-                     help="maximum epochs per fold: the one-cycle schedule's length (default: 12 synthetic, "
-                          "24 real corpora)")
-    opt.add_argument("--patience", type=int,
-                     help="early stopping: epochs without a better validation UA (default: 8 synthetic, "
-                          "5 real corpora)")
-    opt.add_argument("--validation", action=argparse.BooleanOptionalAction,
-                     help="early stopping on each fold's validation speakers; --no-validation trains on them "
-                          "too and keeps the last epoch (default: --no-validation on real corpora, "
-                          "--validation on synthetic)")
+    opt.add_argument(
+        "--epochs",
+        type=int,
+        help="maximum epochs per fold: the one-cycle schedule's length (default: 12 synthetic, 24 real corpora)",
+    )
+    opt.add_argument(
+        "--patience",
+        type=int,
+        help="early stopping: epochs without a better validation UA (default: 8 synthetic, 5 real corpora)",
+    )
+    opt.add_argument(
+        "--validation",
+        action=argparse.BooleanOptionalAction,
+        help="early stopping on each fold's validation speakers; --no-validation trains on them "
+        "too and keeps the last epoch (default: --no-validation on real corpora, "
+        "--validation on synthetic)",
+    )
     opt.add_argument("--batch-size", type=int, help="global batch (split across ranks under torchrun)")
     opt.add_argument("--lr", type=float, help="peak learning rate of the one-cycle AdamW schedule")
     opt.add_argument("--weight-decay", type=float, help="AdamW weight decay")
-    opt.add_argument("--train-seconds", type=float,
-                     help="random crop length for training (also predict's window)")
-    opt.add_argument("--tempo", type=_tempo,
-                     help="tempo perturbation: each training crop played at a random rate in [1-x, 1+x] "
-                          "(frames dropped or repeated; default 0: off)")
-    opt.add_argument("--speed-perturb", type=_speeds, metavar="S,S",
-                     help="speed perturbation: a copy of every utterance played at each of these speeds, e.g. "
-                          "0.9,1.1 (pitch, formants and tempo change together, as by another speaker); each "
-                          "training step draws an original or a copy, so an epoch costs the same (default: off)")
-    opt.add_argument("--noise", type=_snrs, metavar="SNR,SNR",
-                     help="additive noise: a copy of every utterance with white, pink or brown noise at each "
-                          "of these SNRs in dB, e.g. 20,10 (fixed per utterance, so cached); drawn like "
-                          "--speed-perturb copies, which it combines with (default: off)")
-    opt.add_argument("--ema", type=_decays, metavar="D[,D]",
-                     help="keep an exponential moving average of the weights (bias-corrected, per step) and "
-                          "test and save it instead of the last weights, e.g. 0.998; further decays and the "
-                          "trained weights are scored beside it (metrics.json: weights) (default: off)")
-    opt.add_argument("--mixup", type=_mixup_alpha, metavar="ALPHA",
-                     help="mixup: each training item mixed with another of its batch, weight ~ Beta(ALPHA, "
-                          "ALPHA) folded to [0.5, 1], cross-entropy on both labels, center loss on the "
-                          "dominant one, e.g. 0.2 (default: off)")
-    opt.add_argument("--specaugment", action="store_true",
-                     help="time/frequency masks in training (off by default: they lowered UA in the sweep)")
+    opt.add_argument("--train-seconds", type=float, help="random crop length for training (also predict's window)")
+    opt.add_argument(
+        "--tempo",
+        type=_tempo,
+        help="tempo perturbation: each training crop played at a random rate in [1-x, 1+x] "
+        "(frames dropped or repeated; default 0: off)",
+    )
+    opt.add_argument(
+        "--speed-perturb",
+        type=_speeds,
+        metavar="S,S",
+        help="speed perturbation: a copy of every utterance played at each of these speeds, e.g. "
+        "0.9,1.1 (pitch, formants and tempo change together, as by another speaker); each "
+        "training step draws an original or a copy, so an epoch costs the same (default: off)",
+    )
+    opt.add_argument(
+        "--noise",
+        type=_snrs,
+        metavar="SNR,SNR",
+        help="additive noise: a copy of every utterance with white, pink or brown noise at each "
+        "of these SNRs in dB, e.g. 20,10 (fixed per utterance, so cached); drawn like "
+        "--speed-perturb copies, which it combines with (default: off)",
+    )
+    opt.add_argument(
+        "--ema",
+        type=_decays,
+        metavar="D[,D]",
+        help="keep an exponential moving average of the weights (bias-corrected, per step) and "
+        "test and save it instead of the last weights, e.g. 0.998; further decays and the "
+        "trained weights are scored beside it (metrics.json: weights) (default: off)",
+    )
+    opt.add_argument(
+        "--mixup",
+        type=_mixup_alpha,
+        metavar="ALPHA",
+        help="mixup: each training item mixed with another of its batch, weight ~ Beta(ALPHA, "
+        "ALPHA) folded to [0.5, 1], cross-entropy on both labels, center loss on the "
+        "dominant one, e.g. 0.2 (default: off)",
+    )
+    opt.add_argument(
+        "--specaugment",
+        action="store_true",
+        help="time/frequency masks in training (off by default: they lowered UA in the sweep)",
+    )
     opt.add_argument("--seed", type=int, help="seeds the folds, the weights, the batches and dropout")
-    opt.add_argument("--seeds", type=_seed_list,
-                     help="several seeds, e.g. 0,1,2: one experiment each in seed-N/, metrics.json with mean "
-                          "and std over seeds (the protocol for judging a change on a small corpus)")
+    opt.add_argument(
+        "--seeds",
+        type=_seed_list,
+        help="several seeds, e.g. 0,1,2: one experiment each in seed-N/, metrics.json with mean "
+        "and std over seeds (the protocol for judging a change on a small corpus)",
+    )
     run = p.add_argument_group("running")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    run.add_argument("--threads", type=int,
-                     help="CPU threads for torch and fastser's kernels (default: torch's choice, one per core); "
-                          "a CPU run's result is decided by the seed, the processor and this count")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch and fastser's kernels (default: torch's choice, one per core); "
+        "a CPU run's result is decided by the seed, the processor and this count",
+    )
     run.add_argument("--amp", action="store_true", help="bf16 autocast")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--cuda-graph", action="store_true",
-                     help="capture each training step's forward, loss and backward in a CUDA graph once and "
-                          "replay it (GPU only; not with --compile or torchrun)")
-    run.add_argument("--deterministic", action="store_true",
-                     help="bit-identical runs for a seed on one device (deterministic kernels and center "
-                          "update, torch.use_deterministic_algorithms; slower on a GPU)")
+    run.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture each training step's forward, loss and backward in a CUDA graph once and "
+        "replay it (GPU only; not with --compile or torchrun)",
+    )
+    run.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="bit-identical runs for a seed on one device (deterministic kernels and center "
+        "update, torch.use_deterministic_algorithms; slower on a GPU)",
+    )
     run.add_argument("--out", help="output folder (default: runs/<timestamp>/)")
-    run.add_argument("--resume",
-                     help="a run folder (or its checkpoint.pt) to continue with the settings it was started "
-                          "with; a flag given beside it must agree with them, except where and how the run goes "
-                          "on (--out, --device, --threads, --max-folds, --data-dir, --cache-dir, ...)")
+    run.add_argument(
+        "--resume",
+        help="a run folder (or its checkpoint.pt) to continue with the settings it was started "
+        "with; a flag given beside it must agree with them, except where and how the run goes "
+        "on (--out, --device, --threads, --max-folds, --data-dir, --cache-dir, ...)",
+    )
     run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     p.set_defaults(**TrainConfig().settings())  # every default is fastser.config's
     return p
@@ -231,19 +296,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--seeds and --ablation do not combine yet: run the ablation once per seed")
     resolved = TrainConfig.from_settings(vars(args)).resolved().optim
     args.epochs, args.patience, args.validation = resolved.epochs, resolved.patience, resolved.validation
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--folds", args.folds),
-                        ("--width", args.width), ("--embed-dim", args.embed_dim)):
+    for flag, value in (
+        ("--epochs", args.epochs),
+        ("--batch-size", args.batch_size),
+        ("--folds", args.folds),
+        ("--width", args.width),
+        ("--embed-dim", args.embed_dim),
+    ):
         if value < 1:
             p.error(f"{flag} must be a positive integer, got {value}")
     for flag, value in (("--max-folds", args.max_folds), ("--threads", args.threads)):
         if value is not None and value < 1:
             p.error(f"{flag} must be a positive integer, got {value}")
-    for flag, value in (("--lr", args.lr), ("--train-seconds", args.train_seconds),
-                        ("--max-seconds", args.max_seconds)):
+    for flag, value in (
+        ("--lr", args.lr),
+        ("--train-seconds", args.train_seconds),
+        ("--max-seconds", args.max_seconds),
+    ):
         if not math.isfinite(value) or value <= 0:
             p.error(f"{flag} must be a positive number, got {value}")
-    for flag, value in (("--weight-decay", args.weight_decay), ("--lambda-center", args.lambda_center),
-                        ("--lambda-recon", args.lambda_recon), ("--center-alpha", args.center_alpha)):
+    for flag, value in (
+        ("--weight-decay", args.weight_decay),
+        ("--lambda-center", args.lambda_center),
+        ("--lambda-recon", args.lambda_recon),
+        ("--center-alpha", args.center_alpha),
+    ):
         if not math.isfinite(value) or value < 0:
             p.error(f"{flag} must be a number >= 0, got {value}")
     return args
@@ -261,8 +338,11 @@ def given_flags(argv) -> set:
 def _flag_text(p: argparse.ArgumentParser, dest: str, value) -> str:
     """How the command line says dest=value: --epochs 3, --no-prosody, --speed-perturb 0.9,1.1."""
     action = next(a for a in p._actions if a.dest == dest)
-    name = action.option_strings[0] if isinstance(action, argparse.BooleanOptionalAction) else \
-        max(action.option_strings, key=len)
+    name = (
+        action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction)
+        else max(action.option_strings, key=len)
+    )
     if isinstance(action, argparse.BooleanOptionalAction):
         return name if value else "--no-" + name[2:]
     if action.nargs == 0 or value is None:
@@ -288,13 +368,16 @@ def restore_settings(args: argparse.Namespace, p: argparse.ArgumentParser, given
         if dest not in given:
             setattr(args, dest, value)
         elif dest not in RUN_OPTIONS and norm(getattr(args, dest)) != value:
-            raise UserError(f"--resume {args.resume}: the run was made with {_flag_text(p, dest, value)}; "
-                             f"{_flag_text(p, dest, getattr(args, dest))} would change "
-                             f"what it computes — drop the flag to continue the run as it was, or start a new "
-                             f"run (without --resume)")
+            raise UserError(
+                f"--resume {args.resume}: the run was made with {_flag_text(p, dest, value)}; "
+                f"{_flag_text(p, dest, getattr(args, dest))} would change "
+                f"what it computes — drop the flag to continue the run as it was, or start a new "
+                f"run (without --resume)"
+            )
 
 
 # ----------------------------------------------------------------------------- entry point
+
 
 def _with_out_dir(config: TrainConfig, info) -> TrainConfig:
     """The config with its run folder decided (and made): --out, the resumed run's folder, or
@@ -324,8 +407,9 @@ def _fork_run(source: Path, target: Path) -> None:
     """--resume A --out B: B starts as a copy of A's checkpoints and settings (A is left untouched),
     so the continued run and everything it writes, checkpoint.pt included, are in B."""
     if target.exists() and any(target.rglob("checkpoint.pt")):
-        raise UserError(f"--out {target}: already holds a run's checkpoint; give an empty or new folder to "
-                         f"continue {source} in")
+        raise UserError(
+            f"--out {target}: already holds a run's checkpoint; give an empty or new folder to continue {source} in"
+        )
     copied = 0
     for name in ("checkpoint.pt", SETTINGS_FILE):
         for path in sorted(source.rglob(name)):
@@ -353,9 +437,12 @@ def load_table(config: TrainConfig, info):
         kinds.append("prosody")
     options = {"subset": data.iemocap_subset} if data.corpus == "iemocap" else {}
     if data.corpus == "synthetic":
-        options = {"seed": config.optim.seed, "n_speakers": data.synthetic_speakers,
-                   "per_class": data.synthetic_per_class,
-                   "cache_dir": None if data.no_cache else data.cache_dir or default_cache_dir()}
+        options = {
+            "seed": config.optim.seed,
+            "n_speakers": data.synthetic_speakers,
+            "per_class": data.synthetic_per_class,
+            "cache_dir": None if data.no_cache else data.cache_dir or default_cache_dir(),
+        }
     corpus = load_corpus(data.corpus, data.data_dir, **options)
     corpus = corpus.with_classes(data.classes)
     PHASES["corpus"] = time.perf_counter() - t0
@@ -364,17 +451,27 @@ def load_table(config: TrainConfig, info):
         cache_dir = data.cache_dir or os.path.join(data.data_dir, ".fastser-cache")
         if not os.access(os.path.dirname(os.path.abspath(cache_dir)) or ".", os.W_OK):
             cache_dir = os.path.join(tempfile.gettempdir(), "fastser-cache")
-    build = dict(cache_dir=cache_dir, strict=data.strict, max_seconds=data.max_seconds,
-                 progress=info.is_main and not config.run.no_progress, is_builder=info.is_main, wait=info.barrier)
+    build = dict(
+        cache_dir=cache_dir,
+        strict=data.strict,
+        max_seconds=data.max_seconds,
+        progress=info.is_main and not config.run.no_progress,
+        is_builder=info.is_main,
+        wait=info.barrier,
+    )
     table = build_feature_table(corpus, FeatureSet.paper(kinds), info.device, **build)
     if table.corpus.skipped and info.is_main:
         listing = "\n  ".join(f"{p}: {r}" for p, r in table.corpus.skipped[:50])
         more = f"\n  ... and {len(table.corpus.skipped) - 50} more" if len(table.corpus.skipped) > 50 else ""
-        print(f"warning: skipped {len(table.corpus.skipped)} bad files (listed in metrics.json; --strict makes "
-              f"them an error):\n  {listing}{more}", file=sys.stderr)
+        print(
+            f"warning: skipped {len(table.corpus.skipped)} bad files (listed in metrics.json; --strict makes "
+            f"them an error):\n  {listing}{more}",
+            file=sys.stderr,
+        )
     # training-only copies, appended after the originals (folds index only those)
-    copies = [Perturbation("speed", s) for s in config.augment.speed_perturb or ()] \
-        + [Perturbation("noise", snr) for snr in config.augment.noise or ()]
+    copies = [Perturbation("speed", s) for s in config.augment.speed_perturb or ()] + [
+        Perturbation("noise", snr) for snr in config.augment.noise or ()
+    ]
     table = with_copies(table, FeatureSet.paper(kinds), info.device, copies, **build)
     PHASES["features"] = time.perf_counter() - t0 - PHASES["corpus"]
     return table
@@ -412,8 +509,11 @@ def deterministic_mode(enabled: bool):
     if not enabled:
         yield
         return
-    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-              torch.backends.cudnn.deterministic)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
@@ -464,18 +564,25 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
     warnings = check_classes(table.corpus, folds, optim.validation)
     shared = [f.name for f in folds if not f.val_speaker_disjoint]
     if shared and optim.validation:
-        warnings.append(f"{table.corpus.name} has too few speakers for a speaker-disjoint validation set in "
-                        f"{len(shared)} of {len(folds)} folds: early stopping there uses held-out utterances of "
-                        f"training speakers (flagged per fold in metrics.json)")
+        warnings.append(
+            f"{table.corpus.name} has too few speakers for a speaker-disjoint validation set in "
+            f"{len(shared)} of {len(folds)} folds: early stopping there uses held-out utterances of "
+            f"training speakers (flagged per fold in metrics.json)"
+        )
     if info.is_main:
         for w in warnings:
             print(f"{prog_name('fastser.train')}: warning: {w}", file=sys.stderr)
     if info.is_main and not (run_opts.resume and (out / SETTINGS_FILE).is_file()):
-        write_settings(out, {**{k: v for k, v in config.settings().items() if k not in ("out", "resume")},
-                             "schema": SCHEMA_VERSION})
+        write_settings(
+            out,
+            {**{k: v for k, v in config.settings().items() if k not in ("out", "resume")}, "schema": SCHEMA_VERSION},
+        )
     if info.is_main:
-        log(f"{table.corpus.summary()} | split {split}: {_count(len(folds), 'fold')} | device {info.device}"
-            f" x{info.world_size} | out {out}", run_opts.no_progress)
+        log(
+            f"{table.corpus.summary()} | split {split}: {_count(len(folds), 'fold')} | device {info.device}"
+            f" x{info.world_size} | out {out}",
+            run_opts.no_progress,
+        )
 
     features = FeatureSet.paper(table.feats)
     fold_results = {}  # run folder -> its folds' test results (for the seed ensemble)
@@ -483,9 +590,17 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
     def experiment(sub: Path, use_center: bool, use_recon: bool, run_config=config, run_folds=folds) -> dict:
         if info.is_main:
             sub.mkdir(parents=True, exist_ok=True)
-        run = Experiment(run_config, info, table, run_folds, split, sub,
-                         objective.lambda_center if use_center else 0.0, objective.lambda_recon if use_recon else 0.0,
-                         features)
+        run = Experiment(
+            run_config,
+            info,
+            table,
+            run_folds,
+            split,
+            sub,
+            objective.lambda_center if use_center else 0.0,
+            objective.lambda_recon if use_recon else 0.0,
+            features,
+        )
         resume = Path(run_opts.resume) if run_opts.resume else None
         if resume is not None:
             inside = sub.relative_to(out) if sub != out else ""
@@ -504,18 +619,27 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
         per_seed = {}
         for seed in optim.seeds:
             seed_folds = make_folds(table.corpus, split, n_folds=data.folds, seed=seed)[: data.max_folds or None]
-            per_seed[seed] = experiment(out / f"seed-{seed}", not objective.no_center, not objective.no_recon,
-                                        config.replace(seed=seed), seed_folds)
+            per_seed[seed] = experiment(
+                out / f"seed-{seed}",
+                not objective.no_center,
+                not objective.no_recon,
+                config.replace(seed=seed),
+                seed_folds,
+            )
         metrics = seed_summary(per_seed, time.perf_counter() - t0)
         ensemble = seed_ensemble([fold_results[out / f"seed-{seed}"] for seed in optim.seeds], table.corpus.classes)
         if ensemble:
             metrics["seed_ensemble"] = ensemble
         if info.is_main:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            log(f"{len(per_seed)} seeds: " + "  ".join(
-                f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1"))
+            log(
+                f"{len(per_seed)} seeds: "
+                + "  ".join(
+                    f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1")
+                )
                 + (f"; their models averaged (soft vote): UA {ensemble['ua']:.3f}" if ensemble else ""),
-                run_opts.no_progress)
+                run_opts.no_progress,
+            )
     elif objective.ablation:
         results = {name: experiment(out / name, c, r) for name, (c, r) in ABLATION.items()}
         if info.is_main:
@@ -524,16 +648,22 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
     else:
         metrics = experiment(out, not objective.no_center, not objective.no_recon)
     total = time.perf_counter() - t0
-    metrics["phase_seconds"] = {**{k: round(v, 3) for k, v in PHASES.items()},
-                                "training": round(total - sum(PHASES.values()), 3), "total": round(total, 3)}
+    metrics["phase_seconds"] = {
+        **{k: round(v, 3) for k, v in PHASES.items()},
+        "training": round(total - sum(PHASES.values()), 3),
+        "total": round(total, 3),
+    }
     if info.is_main and not objective.ablation:  # an ablation's parts each have their own metrics.json
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if info.is_main:
-        log(f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
+        log(
+            f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
             f"{metrics['n_test']} test utterances ({_count(len(folds), 'fold')}); "
             f"skipped files: {metrics['skipped']['count']}; "
             f"{total:.1f} s (corpus {PHASES['corpus']:.1f}, features {PHASES['features']:.1f}, training and "
-            f"testing {metrics['phase_seconds']['training']:.1f}); artifacts in {out}", run_opts.no_progress)
+            f"testing {metrics['phase_seconds']['training']:.1f}); artifacts in {out}",
+            run_opts.no_progress,
+        )
     return metrics
 
 
@@ -545,10 +675,25 @@ def seed_summary(per_seed: dict, seconds: float) -> dict:
     """Mean and std (over seeds) of WA, UA and macro-F1; the pooled-over-folds figures of each seed.
     "wa"/"ua"/"macro_f1" are the means, so the summary reads like one run's metrics."""
     first = next(iter(per_seed.values()))
-    out = {k: first[k] for k in ("corpus", "split", "features", "classes", "lambda_center", "lambda_recon",
-                                 "n_test", "skipped", "device", "backends", "fastser_version")}
-    out["seeds"] = {str(s): {**{k: m[k] for k in ("wa", "ua", "macro_f1")}, "seconds": run_cost(m)}
-                    for s, m in per_seed.items()}
+    out = {
+        k: first[k]
+        for k in (
+            "corpus",
+            "split",
+            "features",
+            "classes",
+            "lambda_center",
+            "lambda_recon",
+            "n_test",
+            "skipped",
+            "device",
+            "backends",
+            "fastser_version",
+        )
+    }
+    out["seeds"] = {
+        str(s): {**{k: m[k] for k in ("wa", "ua", "macro_f1")}, "seconds": run_cost(m)} for s, m in per_seed.items()
+    }
     for key in ("wa", "ua", "macro_f1"):
         values = np.array([m[key] for m in per_seed.values()])
         out[f"{key}_mean"] = float(values.mean())

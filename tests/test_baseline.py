@@ -1,4 +1,5 @@
 """The openSMILE + SVM baseline: same folds as fastser.train, same metrics format, speaker z-norm."""
+
 import json
 
 import numpy as np
@@ -26,8 +27,21 @@ def test_speaker_znorm_standardises_each_speaker_alone():
 
 def test_baseline_runs_on_fastsers_folds(tmp_path, capsys):
     make_ravdess(tmp_path / "rav")
-    assert baseline.cli(["--corpus", "ravdess", "--data-dir", str(tmp_path / "rav"), "--split", "loso",
-                         "--out", str(tmp_path / "out")]) == 0
+    assert (
+        baseline.cli(
+            [
+                "--corpus",
+                "ravdess",
+                "--data-dir",
+                str(tmp_path / "rav"),
+                "--split",
+                "loso",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())["baselines"]
     assert set(m) == {"egemaps+linear-svm+speaker-znorm", "egemaps+rbf-svm+speaker-znorm"}
     corpus = load_corpus("ravdess", tmp_path / "rav")

@@ -3,6 +3,7 @@
 Exit status 0 on success, 2 with exactly one stderr line naming the problem on bad input, 130 with
 one line saying how to resume on Ctrl-C; the same from either way of running a command.
 """
+
 import json
 import os
 import shlex
@@ -44,19 +45,22 @@ def shows(name: str, way: str) -> str:
 
 
 def run(cmd, *args, env=None, cwd=None):
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*cmd, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd, env={**os.environ, **(env or {})}
+    )
 
 
 def parser_of(parse_args, argv):
     """The ArgumentParser a command builds inside its parse_args(argv)."""
     import argparse
+
     captured = {}
     original = argparse.ArgumentParser.parse_args
 
     def grab(self, *a, **k):
         captured["parser"] = self
         return original(self, *a, **k)
+
     argparse.ArgumentParser.parse_args = grab
     try:
         parse_args(argv)
@@ -96,8 +100,9 @@ def test_predict_succeeds_with_exit_0(trained, way):
 @pytest.mark.parametrize("way", ["script", "module"])
 def test_train_bad_input_exits_2_with_one_line(tmp_path, way):
     prog = shows("train", way)
-    missing = run(command("train", way), "--corpus", "emodb", "--data-dir", tmp_path / "missing", "--out",
-                  tmp_path / "o")
+    missing = run(
+        command("train", way), "--corpus", "emodb", "--data-dir", tmp_path / "missing", "--out", tmp_path / "o"
+    )
     assert missing.returncode == 2
     assert "does not exist" in one_error_line(missing, prog)
     assert not (tmp_path / "o").exists()  # no empty run folder left behind
@@ -118,8 +123,12 @@ def test_predict_bad_checkpoints_exit_2_with_one_line(tmp_path, way):
     (tmp_path / "text.pt").write_text("not a checkpoint")
     torch.save(torch.ones(3), tmp_path / "tensor.pt")
     torch.save({"foo": 1}, tmp_path / "dict.pt")
-    cases = {"missing.pt": "no such checkpoint", "text.pt": "not a PyTorch checkpoint file",
-             "tensor.pt": "no fastser metadata", "dict.pt": "no fastser metadata"}
+    cases = {
+        "missing.pt": "no such checkpoint",
+        "text.pt": "not a PyTorch checkpoint file",
+        "tensor.pt": "no fastser metadata",
+        "dict.pt": "no fastser metadata",
+    }
     for name, expected in cases.items():
         proc = run(command("predict", way), tmp_path / "x.wav", "--checkpoint", tmp_path / name)
         assert proc.returncode == 2, (name, proc.stderr)
@@ -132,8 +141,9 @@ def test_predict_bad_device_and_bad_audio_exit_2(trained, tmp_path):
     proc = run(command("predict", "script"), clips[0], "--checkpoint", run_dir, "--device", "gpu")
     assert proc.returncode == 2 and "--device 'gpu'" in one_error_line(proc, "fastser-predict")
     (tmp_path / "bad.wav").write_text("nope")
-    proc = run(command("predict", "script"), tmp_path / "bad.wav", clips[0], "--checkpoint", run_dir,
-               "--enroll", clips[0])  # enrolled: no hint about enrollment beside the one error line
+    proc = run(
+        command("predict", "script"), tmp_path / "bad.wav", clips[0], "--checkpoint", run_dir, "--enroll", clips[0]
+    )  # enrolled: no hint about enrollment beside the one error line
     lines = proc.stderr.strip().splitlines()
     # the tests' model was trained on the synthetic corpus, which the good file's prediction says once
     assert sum("synthetic corpus" in line for line in lines) == 1
@@ -154,20 +164,28 @@ def test_interrupt_prints_the_command_that_continues_the_run(tmp_path):
     """Ctrl-C: the message, then the exact command on a line of its own; that command alone (the run's
     settings come from its folder) finishes the run as if it had never stopped."""
     settings = [*SMALL, "--epochs", "3", "--seed", "4", "--synthetic-speakers", "5"]
-    proc = run(command("train", "script"), *settings, "--out", tmp_path / "cut",
-               env={"FASTSER_INTERRUPT_AFTER_EPOCHS": "1"})
+    proc = run(
+        command("train", "script"), *settings, "--out", tmp_path / "cut", env={"FASTSER_INTERRUPT_AFTER_EPOCHS": "1"}
+    )
     assert proc.returncode == 130
     lines = proc.stderr.strip().splitlines()
-    assert lines[-2:] == ["fastser-train: interrupted; continue it with:",
-                          f"  fastser-train --resume {tmp_path / 'cut'}"]
+    assert lines[-2:] == [
+        "fastser-train: interrupted; continue it with:",
+        f"  fastser-train --resume {tmp_path / 'cut'}",
+    ]
     words = shlex.split(lines[-1])
     assert words[0] == "fastser-train"
     resumed = run(command("train", "script"), *words[1:])  # the installed script the hint names
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     full = run(command("train", "script"), *settings, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
-    history = lambda d: [{k: v for k, v in json.loads(r).items() if k != "seconds"}  # noqa: E731
-                         for r in (tmp_path / d / "history.jsonl").read_text().splitlines()]
+
+    def history(d):
+        return [
+            {k: v for k, v in json.loads(r).items() if k != "seconds"}
+            for r in (tmp_path / d / "history.jsonl").read_text().splitlines()
+        ]
+
     assert len(history("cut")) == 3 and history("cut") == history("full")
 
 
@@ -184,9 +202,25 @@ def test_predict_without_cuda_and_json_checkpoint(trained, tmp_path):
 
 def test_strict_and_skipped_files_name_each_file_once(tmp_path):
     from tests.data.fixtures import make_ravdess
+
     make_ravdess(tmp_path / "rav")
-    base = [*command("train", "script"), "--corpus", "ravdess", "--data-dir", tmp_path / "rav", "--no-cache",
-            "--width", "4", "--embed-dim", "16", "--epochs", "1", "--no-progress", "--max-folds", "1"]
+    base = [
+        *command("train", "script"),
+        "--corpus",
+        "ravdess",
+        "--data-dir",
+        tmp_path / "rav",
+        "--no-cache",
+        "--width",
+        "4",
+        "--embed-dim",
+        "16",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--max-folds",
+        "1",
+    ]
     strict = run(base, "--strict", "--out", tmp_path / "s")
     line = one_error_line(strict, "fastser-train")
     assert strict.returncode == 2 and "--strict" in line and str(tmp_path / "rav") in line  # names the file
@@ -200,13 +234,30 @@ def test_strict_and_skipped_files_name_each_file_once(tmp_path):
 
 def test_few_speakers_warn_on_stderr(tmp_path):
     from tests.data.fixtures import make_tess, write_wav
+
     make_tess(tmp_path / "tess")  # two speakers: no speaker-disjoint validation set is possible
     for spk in ("OAF", "YAF"):  # enough words per speaker for a train and a validation part
         for i, word in enumerate(("bean", "cab", "chain", "dip", "fall", "gun")):
             write_wav(tmp_path / "tess" / f"{spk}_angry" / f"{spk}_{word}_angry.wav", seed=10 + i)
             write_wav(tmp_path / "tess" / f"{spk}_neutral" / f"{spk}_{word}_neutral.wav", seed=20 + i)
-    flags = ["--corpus", "tess", "--data-dir", tmp_path / "tess", "--no-cache", "--width", "4", "--embed-dim", "16",
-             "--epochs", "1", "--no-progress", "--max-folds", "1", "--batch-size", "2"]
+    flags = [
+        "--corpus",
+        "tess",
+        "--data-dir",
+        tmp_path / "tess",
+        "--no-cache",
+        "--width",
+        "4",
+        "--embed-dim",
+        "16",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--max-folds",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     proc = run(command("train", "script"), *flags, "--validation", "--out", tmp_path / "o")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "too few speakers for a speaker-disjoint validation set" in proc.stderr
@@ -218,6 +269,7 @@ def test_few_speakers_warn_on_stderr(tmp_path):
 
 def test_every_train_flag_is_documented_with_its_default_once():
     import fastser.train as train
+
     parser = parser_of(train.parse_args, [])
     undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert not undocumented, undocumented
@@ -229,6 +281,7 @@ def test_every_train_flag_is_documented_with_its_default_once():
 
 def test_artifacts_have_the_usual_file_mode_and_record_backends(trained):
     import json
+
     run_dir, _ = trained
     umask = os.umask(0)
     os.umask(umask)
@@ -267,6 +320,7 @@ def test_a_source_tree_shadowing_the_installed_package_is_named(monkeypatch, tmp
         def locate_file(self, name):
             (tmp_path / "site-packages" / name).mkdir(parents=True, exist_ok=True)
             return tmp_path / "site-packages" / name
+
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed())
     why = _native._explain_missing_cpu_kernels(ImportError("No module named 'fastser._C'"))
     assert "shadows" in why and str(tmp_path / "site-packages" / "fastser") in why
@@ -275,10 +329,20 @@ def test_a_source_tree_shadowing_the_installed_package_is_named(monkeypatch, tmp
 def test_every_predict_argument_is_documented():
     proc = run(command("predict", "script"), "--help")
     text = " ".join(proc.stdout.split())
-    for arg in ("AUDIO", "--checkpoint", "--device", "--format", "--json", "--segments", "--batch-size",
-                "--no-progress"):
+    for arg in (
+        "AUDIO",
+        "--checkpoint",
+        "--device",
+        "--format",
+        "--json",
+        "--segments",
+        "--batch-size",
+        "--no-progress",
+    ):
         assert arg in text
     import fastser.predict as predict
-    undocumented = [a.dest for a in parser_of(predict.parse_args, ["x.wav", "--checkpoint", "c.pt"])._actions
-                    if not a.help]
+
+    undocumented = [
+        a.dest for a in parser_of(predict.parse_args, ["x.wav", "--checkpoint", "c.pt"])._actions if not a.help
+    ]
     assert not undocumented, undocumented

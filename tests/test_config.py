@@ -1,4 +1,5 @@
 """fastser.config: every training setting and default in one place, the command line checked against it."""
+
 import argparse
 import json
 
@@ -48,9 +49,18 @@ def test_run_options_say_where_and_how_not_what():
 
 
 def test_the_library_takes_a_config_not_a_namespace(tmp_path):
-    metrics = train.train(TrainConfig().replace(synthetic_speakers=6, synthetic_per_class=4, width=4, embed_dim=16,
-                                                epochs=1, train_seconds=1.0, no_progress=True,
-                                                out=str(tmp_path / "run")))
+    metrics = train.train(
+        TrainConfig().replace(
+            synthetic_speakers=6,
+            synthetic_per_class=4,
+            width=4,
+            embed_dim=16,
+            epochs=1,
+            train_seconds=1.0,
+            no_progress=True,
+            out=str(tmp_path / "run"),
+        )
+    )
     assert metrics["n_test"] > 0
     saved = json.loads((tmp_path / "run" / "settings.json").read_text())
     assert saved["schema"] == 1 and TrainConfig.from_settings(migrated(saved)).model.width == 4

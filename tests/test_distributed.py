@@ -2,6 +2,7 @@
 process fed the whole batches; gradient mode under DDP; a bad label on one rank cannot hang the
 other; `torchrun -m fastser.train` end to end. Processes rendezvous through a file in tmp_path,
 so parallel test runs never fight over a port."""
+
 import datetime
 import json
 import os
@@ -67,8 +68,9 @@ def train(module, xs, ys, rows, update, inside):
 def _worker(rank, world, store, out_dir, update, backend, inside, bad_label_rank):
     result = {"rank": rank}
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=8))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=8)
+        )
         module = make(update, backend, seed=100 + rank, inside=inside)  # different seeds on purpose
         if inside:
             module = DDP(module)
@@ -90,8 +92,12 @@ def _worker(rank, world, store, out_dir, update, backend, inside, bad_label_rank
 
 
 def spawn(tmp_path, update, backend, inside, bad_label_rank=-1):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), update, backend, inside, bad_label_rank),
-             nprocs=2, join=True)
+    mp.spawn(
+        _worker,
+        args=(2, str(tmp_path / "store"), str(tmp_path), update, backend, inside, bad_label_rank),
+        nprocs=2,
+        join=True,
+    )
     return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2)]
 
 
@@ -130,18 +136,41 @@ def test_bad_label_on_one_rank_raises_there_and_nothing_hangs(tmp_path):
 def test_torchrun_train_writes_one_set_of_artifacts(tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = tmp_path / "run"
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "fastser.train", "--epochs", "1",
-                           "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "fastser.train",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     total = sum(map(sum, metrics["confusion"]))
     assert total == metrics["n_test"] == 96  # the default corpus's 2 test speakers x 48, each counted once
     assert len((out / "history.jsonl").read_text().splitlines()) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["MODEL.md", "checkpoint.pt", "config.json", "confusion.png",
-                                                     "embeddings.png", "history.jsonl", "metrics.json",
-                                                     "predictions.csv", "settings.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "MODEL.md",
+        "checkpoint.pt",
+        "config.json",
+        "confusion.png",
+        "embeddings.png",
+        "history.jsonl",
+        "metrics.json",
+        "predictions.csv",
+        "settings.json",
+    ]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu(reason="NCCL needs a GPU"))])
@@ -150,21 +179,42 @@ def test_torchrun_with_one_process_is_ddp_and_gives_the_plain_runs_metrics(tmp_p
     a GPU; DDP; the center sync) and ends with exactly the plain run's metrics. The DDP overhead (the
     same epochs' seconds, utterances per second) is printed for the GPU session's log."""
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    args = ["-m", "fastser.train", "--epochs", "2", "--no-progress", "--device", device, "--deterministic",
-            "--synthetic-speakers", "6", "--synthetic-per-class", "4", "--width", "4", "--embed-dim", "16"]
+    args = [
+        "-m",
+        "fastser.train",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--device",
+        device,
+        "--deterministic",
+        "--synthetic-speakers",
+        "6",
+        "--synthetic-per-class",
+        "4",
+        "--width",
+        "4",
+        "--embed-dim",
+        "16",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {}
     for name, launcher in (("plain", [sys.executable]), ("ddp", [torchrun, "--standalone", "--nproc_per_node=1"])):
-        proc = subprocess.run([*launcher, *args, "--out", str(tmp_path / name)], capture_output=True, text=True,
-                              timeout=900, env=env)
+        proc = subprocess.run(
+            [*launcher, *args, "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=900, env=env
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = (json.loads((tmp_path / name / "metrics.json").read_text()),
-                      [json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()])
+        runs[name] = (
+            json.loads((tmp_path / name / "metrics.json").read_text()),
+            [json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()],
+        )
     (plain, plain_hist), (ddp, ddp_hist) = runs["plain"], runs["ddp"]
     assert ddp["ddp"] and not plain["ddp"] and ddp["world_size"] == plain["world_size"] == 1
     assert ddp["confusion"] == plain["confusion"] and ddp["ua"] == plain["ua"]
     for a, b in zip(plain_hist, ddp_hist):
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-6) and a["center"] == pytest.approx(b["center"], rel=1e-6)
     seconds = {name: sum(h["seconds"] for h in hist) for name, (_, hist) in runs.items()}
-    print(f"\n{device}: 2 epochs plain {seconds['plain']:.2f} s, torchrun 1 rank (DDP) {seconds['ddp']:.2f} s "
-          f"({seconds['ddp'] / seconds['plain']:.2f}x)")
+    print(
+        f"\n{device}: 2 epochs plain {seconds['plain']:.2f} s, torchrun 1 rank (DDP) {seconds['ddp']:.2f} s "
+        f"({seconds['ddp'] / seconds['plain']:.2f}x)"
+    )

@@ -1,4 +1,5 @@
 """fastser.export: one file, audio in, probabilities out, checked against fastser.predict."""
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -90,8 +91,9 @@ def test_speaker_statistics_go_in_as_inputs_or_are_baked_in(run_dir, clips, file
         e_batch[i, : e_len[i]] = u.audio
     sums, sq, n = session.run(["feature_sum", "feature_sq_sum", "frames"], {"audio": e_batch, "lengths": e_len})
     mean, std = export.speaker_statistics(sums, sq, n)
-    fed = session.run(["probabilities"], {"audio": batch, "lengths": lengths, "speaker_mean": mean,
-                                          "speaker_std": std})[0]
+    fed = session.run(
+        ["probabilities"], {"audio": batch, "lengths": lengths, "speaker_mean": mean, "speaker_std": std}
+    )[0]
     np.testing.assert_allclose(fed, want, atol=1e-4)
 
     program, _ = export.load_torch(files["torch"])

@@ -1,5 +1,6 @@
 """benchmarks.gpu_run, the project's GPU session: its dry run goes through every step on the CPU and
 writes the archive a GPU run would bring back, so the script cannot rot between the rare GPU runs."""
+
 import json
 import subprocess
 import sys
@@ -14,8 +15,13 @@ from benchmarks import gpu_run
 
 @pytest.mark.slow
 def test_dry_run_goes_through_every_step_and_writes_the_archive(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_run", "run", "--dry-run", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, cwd=gpu_run.ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_run", "run", "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=gpu_run.ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "summary.txt").read_text() == proc.stdout
     with tarfile.open(tmp_path / "gpu-run.tar.gz") as tar:
@@ -53,10 +59,17 @@ def test_prepare_flags_a_requirement_that_is_neither_carried_nor_in_the_image(tm
     def wheel(name, requires):
         path = tmp_path / f"{name}-1.0-py3-none-any.whl"
         with zipfile.ZipFile(path, "w") as z:
-            z.writestr(f"{name}-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: %s\nVersion: 1.0\n%s" % (
-                name, "".join(f"Requires-Dist: {r}\n" for r in requires)))
+            z.writestr(
+                f"{name}-1.0.dist-info/METADATA",
+                "Metadata-Version: 2.1\nName: %s\nVersion: 1.0\n%s"
+                % (name, "".join(f"Requires-Dist: {r}\n" for r in requires)),
+            )
         return path
-    carried = [wheel("soundfile", ["cffi>=1.0", "numpy"]), wheel("cffi", ["pycparser"]),
-               wheel("extra", ["pytest; extra == 'test'", "tomli; python_version < '3.11'"])]
+
+    carried = [
+        wheel("soundfile", ["cffi>=1.0", "numpy"]),
+        wheel("cffi", ["pycparser"]),
+        wheel("extra", ["pytest; extra == 'test'", "tomli; python_version < '3.11'"]),
+    ]
     problems = gpu_run.check_requirements(carried)
     assert problems == ["cffi-1.0-py3-none-any.whl needs pycparser, which is neither carried nor in the GPU image"]

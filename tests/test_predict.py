@@ -1,4 +1,5 @@
 """fastser.predict: whole recordings in windows, flags for doubtful clips, inputs, output formats."""
+
 import csv
 import io
 import json
@@ -73,11 +74,14 @@ def test_a_long_recording_is_scored_whole_in_windows(run_dir, clips, tmp_path, m
     assert np.allclose(np.diff(starts), p.hop_seconds) and len(pred.segments) >= 2 * duration / p.window_seconds - 2
     # each window scored alone gives the same probabilities; the file's are their weighted mean
     for s in pred.segments[::7]:
-        alone = p._score([audio[round(s.start * 16000): round(s.end * 16000)]])[0]
+        alone = p._score([audio[round(s.start * 16000) : round(s.end * 16000)]])[0]
         np.testing.assert_allclose(s.probabilities, alone, atol=1e-5)
     w = np.array([s.end - s.start for s in pred.segments])
-    np.testing.assert_allclose(pred.probabilities, (np.stack([s.probabilities for s in pred.segments])
-                                                    * w[:, None]).sum(0) / w.sum(), atol=1e-6)
+    np.testing.assert_allclose(
+        pred.probabilities,
+        (np.stack([s.probabilities for s in pred.segments]) * w[:, None]).sum(0) / w.sum(),
+        atol=1e-6,
+    )
     np.testing.assert_allclose(p.predict_waveform(audio).probabilities, pred.probabilities, atol=1e-4)
 
 
@@ -101,8 +105,11 @@ def test_long_files_are_streamed_in_bounded_memory(run_dir, tmp_path, monkeypatc
 
 def test_doubtful_clips_are_flagged(run_dir, clips, tmp_path, capsys):
     _, _, utts = clips
-    cases = {"short.wav": utts[0].audio[:800], "one_sample.wav": utts[0].audio[:1],
-             "silence.wav": np.zeros(16000, np.float32)}
+    cases = {
+        "short.wav": utts[0].audio[:800],
+        "one_sample.wav": utts[0].audio[:1],
+        "silence.wav": np.zeros(16000, np.float32),
+    }
     for name, y in cases.items():
         sf.write(tmp_path / name, y, 16000)
     capsys.readouterr()
@@ -145,14 +152,17 @@ def test_predict_errors(tmp_path, capsys):
 def test_checkpoints_of_fastser_0_1_still_load(corpus_run_dir, clips, tmp_path):
     """0.1 kept the spec in the run config and called the log-mel branch "spectrogram"."""
     import torch
+
     run_dir = corpus_run_dir
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     old = {k: v for k, v in ckpt.items() if k != "spec"}
     rename = lambda d: {("spectrogram" if k == "logmel" else k): v for k, v in d.items()}  # noqa: E731
     old["config"] = {**ckpt["config"], "feature_configs": rename(ckpt["config"]["feature_configs"])}
-    old["final"] = {**ckpt["final"],
-                    "model": {k.replace(".logmel.", ".spectrogram."): v for k, v in ckpt["final"]["model"].items()},
-                    "norm": {s: rename(v) for s, v in ckpt["final"]["norm"].items()}}
+    old["final"] = {
+        **ckpt["final"],
+        "model": {k.replace(".logmel.", ".spectrogram."): v for k, v in ckpt["final"]["model"].items()},
+        "norm": {s: rename(v) for s, v in ckpt["final"]["norm"].items()},
+    }
     assert any(".spectrogram." in k for k in old["final"]["model"])
     torch.save(old, tmp_path / "old.pt")
     _, files, _ = clips
@@ -161,6 +171,7 @@ def test_checkpoints_of_fastser_0_1_still_load(corpus_run_dir, clips, tmp_path):
     np.testing.assert_array_equal(new_p, old_p)
     # 0.1 pooled the CNN maps globally and its config does not say so
     from fastser.checkpoints import finished_model
+
     del old["config"]["pooling"]
     assert finished_model(old)[0].pooling == "global"
 
@@ -170,6 +181,7 @@ def test_speaker_enrollment(run_dir, corpus_run_dir, clips, tmp_path, capsys):
     saved with the model; --enroll gives the speaker's (from unlabelled audio of that speaker),
     which changes the scores; a corpus-normalised model refuses --enroll with one line."""
     import torch
+
     folder, files, _ = clips
     p = predict.Predictor(run_dir)
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["final"]["norm"]
@@ -181,6 +193,7 @@ def test_speaker_enrollment(run_dir, corpus_run_dir, clips, tmp_path, capsys):
     assert not np.allclose(enrolled.predict_file(files[0]).probabilities, alone)
     # the enrollment statistics are the speaker's valid frames, as training computes them
     from fastser.audio import load
+
     audio = [load(str(f), sr=16000)[0] for f in files]  # as written to disk (16-bit PCM)
     feats = [enrolled.features.extract(torch.from_numpy(a)[None], torch.tensor([len(a)])) for a in audio]
     cols = torch.cat([f[0]["mfcc"][0] for f in feats], dim=1).double()
@@ -217,8 +230,11 @@ def test_several_checkpoints_average_their_probabilities(run_dir, corpus_run_dir
     both = predict.Predictor([run_dir, other])
     np.testing.assert_allclose(both.predict_file(files[0]).probabilities, (alone[0] + alone[1]) / 2, atol=1e-6)
     enrolled = [predict.Predictor(d, enroll=files).predict_file(files[0]).probabilities for d in (run_dir, other)]
-    np.testing.assert_allclose(predict.Predictor([run_dir, other], enroll=files).predict_file(files[0]).probabilities,
-                               (enrolled[0] + enrolled[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(
+        predict.Predictor([run_dir, other], enroll=files).predict_file(files[0]).probabilities,
+        (enrolled[0] + enrolled[1]) / 2,
+        atol=1e-6,
+    )
     assert not np.allclose(alone[0], alone[1])  # really two different models
     capsys.readouterr()
     assert predict.main([str(files[0]), "--checkpoint", str(run_dir), str(other), "--json"]) == 0
@@ -281,6 +297,7 @@ def test_the_python_api_takes_paths_arrays_at_their_rate_and_batches(run_dir, cl
     """Predictor.predict: a path, an array at its own sample rate (resampled), or a list of both; the
     batched short clips score as each does alone, in order."""
     import soxr
+
     _, files, utts = clips
     predictor = predict.Predictor(run_dir, batch_size=2)
     audio = [u.audio for u in utts[:3]]
@@ -292,7 +309,8 @@ def test_the_python_api_takes_paths_arrays_at_their_rate_and_batches(run_dir, cl
     np.testing.assert_allclose(together[1].probabilities, predictor.predict(files[1]).probabilities, atol=1e-6)
     at_48k = soxr.resample(audio[0], 16000, 48000, quality="HQ").astype(np.float32)
     np.testing.assert_allclose(predictor.predict(at_48k, sr=48000).probabilities, alone[0], atol=0.02)
-    np.testing.assert_allclose(predictor.probabilities(at_48k, sr=48000).numpy(),
-                               predictor.predict(at_48k, sr=48000).probabilities)
+    np.testing.assert_allclose(
+        predictor.probabilities(at_48k, sr=48000).numpy(), predictor.predict(at_48k, sr=48000).probabilities
+    )
     with pytest.raises(ValueError, match="mono"):
         predictor.predict(np.stack([audio[0][:8000], audio[1][:8000]]))

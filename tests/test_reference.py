@@ -1,5 +1,6 @@
 """The usual pipeline (fastser.reference): librosa per utterance in a DataLoader, the usual center
 loss with its second optimizer — the baseline of the end-to-end benchmark."""
+
 import os
 
 import numpy as np
@@ -39,6 +40,7 @@ def test_reference_loader_runs_as_users_run_it():
     """One worker per core by default, persistent, pinned only for a GPU model; worker processes
     give the same batches as the main process."""
     from fastser.reference.pipeline import reference_loader
+
     rng = np.random.default_rng(0)
     audio = [rng.standard_normal(4000).astype(np.float32) * 0.1 for _ in range(6)]
     data = LibrosaDataset(audio, np.arange(6) % 3, ["mfcc"])

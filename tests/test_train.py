@@ -1,4 +1,5 @@
 """fastser.train end to end on small synthetic corpora (CPU)."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,21 @@ from fastser.training import fold as fold_training
 from fastser._io import atomic_torch_save
 from fastser.data.synthetic import make_corpus
 
-SMALL = ["--synthetic-speakers", "6", "--synthetic-per-class", "4", "--width", "4", "--embed-dim", "16",
-         "--batch-size", "16", "--no-progress", "--train-seconds", "1.0"]
+SMALL = [
+    "--synthetic-speakers",
+    "6",
+    "--synthetic-per-class",
+    "4",
+    "--width",
+    "4",
+    "--embed-dim",
+    "16",
+    "--batch-size",
+    "16",
+    "--no-progress",
+    "--train-seconds",
+    "1.0",
+]
 
 
 def run(tmp_path, name, *extra, env=None):
@@ -28,6 +42,7 @@ def test_one_epoch_reduces_the_loss():
     from fastser.data.cache import build_feature_table
     from fastser.data.splits import make_folds
     from fastser.models import SERModel, SERObjective
+
     corpus = make_corpus(seed=0, n_speakers=4, per_class=4, seconds=1.0)
     table = build_feature_table(corpus, ["mfcc"], torch.device("cpu"))
     fold = make_folds(corpus, "holdout")[0]
@@ -45,11 +60,12 @@ def test_one_epoch_reduces_the_loss():
         with torch.no_grad():
             out = model(feats, frames)
             return torch.nn.functional.cross_entropy(out.logits, labels).item()
+
     before = loss()
     for _ in range(3):  # three passes of one epoch's batches
         for i in range(0, len(rows), 8):
             model.train()
-            f, fr, y, _ = batcher.batch(rows[i:i + 8], torch.Generator().manual_seed(i))
+            f, fr, y, _ = batcher.batch(rows[i : i + 8], torch.Generator().manual_seed(i))
             train_step(model, objective, opt, f, f, fr, y)
     assert loss() < before
 
@@ -57,8 +73,17 @@ def test_one_epoch_reduces_the_loss():
 @pytest.mark.slow
 def test_cli_writes_every_artifact(tmp_path):
     metrics, out = run(tmp_path, "a", "--epochs", "2")
-    for name in ("metrics.json", "history.jsonl", "confusion.png", "embeddings.png", "config.json", "checkpoint.pt",
-                 "predictions.csv", "settings.json", "MODEL.md"):
+    for name in (
+        "metrics.json",
+        "history.jsonl",
+        "confusion.png",
+        "embeddings.png",
+        "config.json",
+        "checkpoint.pt",
+        "predictions.csv",
+        "settings.json",
+        "MODEL.md",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     card = (out / "MODEL.md").read_text()  # the model card: what it was trained and measured on, what it needs
     assert "corpus `synthetic`" in card and "speaker-independent fold" in card and "never heard" not in card
@@ -99,8 +124,9 @@ def _cut_and_resume(tmp_path, monkeypatch, *args):
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     """--deterministic: bit-identical on any device (on a GPU too: deterministic kernels and center update)."""
-    full, resumed, h_full, h_res = _cut_and_resume(tmp_path, monkeypatch, "--epochs", "3", "--split", "kfold",
-                                                   "--folds", "2", "--deterministic")
+    full, resumed, h_full, h_res = _cut_and_resume(
+        tmp_path, monkeypatch, "--epochs", "3", "--split", "kfold", "--folds", "2", "--deterministic"
+    )
     for key in ("wa", "ua", "macro_f1", "confusion"):
         assert resumed[key] == full[key], key
     assert h_full == h_res
@@ -110,6 +136,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     every_epoch = [json.loads(r)["seconds"] for r in (tmp_path / "cut" / "history.jsonl").read_text().splitlines()]
     assert len(every_epoch) == 6 and resumed["epoch_seconds"] == pytest.approx(sum(every_epoch))
     from benchmarks.accuracy import collect_runs
+
     assert collect_runs([tmp_path / "cut"], "resumed")["seeds"]["0"]["seconds"] == resumed["epoch_seconds"]
     seeds = train.seed_summary({0: full, 1: resumed}, 1.0)["seeds"]  # a --seeds run with a resumed seed
     assert seeds["0"]["seconds"] == full["seconds"] and seeds["1"]["seconds"] == resumed["epoch_seconds"]
@@ -120,12 +147,14 @@ def test_resume_without_deterministic_mode(tmp_path, monkeypatch):
     """Without --deterministic a GPU run may differ in the last bits (float atomics, cuDNN's choice of
     algorithm), so what is guaranteed is the schedule: the same folds, epochs, learning rates and test
     set, continued from the exact checkpointed state. On the CPU every kernel is deterministic anyway."""
-    full, resumed, h_full, h_res = _cut_and_resume(tmp_path, monkeypatch, "--epochs", "3", "--split", "kfold",
-                                                   "--folds", "2")
+    full, resumed, h_full, h_res = _cut_and_resume(
+        tmp_path, monkeypatch, "--epochs", "3", "--split", "kfold", "--folds", "2"
+    )
     schedule = lambda rows: [(h["fold"], h["epoch"], h["lr"]) for h in rows]  # noqa: E731
     assert schedule(h_full) == schedule(h_res)
-    assert resumed["n_test"] == full["n_test"] and [f["name"] for f in resumed["folds"]] == \
-        [f["name"] for f in full["folds"]]
+    assert resumed["n_test"] == full["n_test"] and [f["name"] for f in resumed["folds"]] == [
+        f["name"] for f in full["folds"]
+    ]
     if not torch.cuda.is_available():
         assert h_full == h_res and resumed["confusion"] == full["confusion"]
 
@@ -162,16 +191,33 @@ def test_ablation_writes_table(tmp_path):
 def test_bad_arguments_fail_clearly(tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--epochs", "0"])
-    proc = subprocess.run([sys.executable, "-m", "fastser.train", "--corpus", "emodb", "--data-dir",
-                           str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastser.train",
+            "--corpus",
+            "emodb",
+            "--data-dir",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "expected layout" in proc.stderr
 
 
 @pytest.mark.slow
 def test_default_run_completes(tmp_path):
     """`python -m fastser.train` with no arguments (only --out, to keep the test's files apart)."""
-    proc = subprocess.run([sys.executable, "-m", "fastser.train", "--out", str(tmp_path / "default"),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastser.train", "--out", str(tmp_path / "default"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((tmp_path / "default" / "metrics.json").read_text())
     assert m["n_test"] > 0 and m["ua"] > 0.35  # chance is 0.25
@@ -244,9 +290,9 @@ def test_speaker_statistics_come_from_each_rows_own_speaker(tmp_path):
     info = train.fdist.setup("cpu")
     table = train.load_table(config, info)
     from fastser.data.splits import make_folds
+
     folds = make_folds(table.corpus, "holdout")
-    r = Experiment(config, info, table, folds, "holdout", tmp_path, 0.003, 0.1,
-                 train.FeatureSet.paper(table.feats))
+    r = Experiment(config, info, table, folds, "holdout", tmp_path, 0.003, 0.1, train.FeatureSet.paper(table.feats))
     test_rows = torch.from_numpy(folds[0].test)
     speaker = table.corpus.speakers[folds[0].test[0]]
     rows = test_rows[torch.from_numpy(table.corpus.speakers[folds[0].test] == speaker)]
@@ -263,6 +309,7 @@ def test_prosody_branch_trains_and_predicts(tmp_path):
     assert metrics["kinds"] == ["logmel", "mfcc", "prosody"]
     from fastser.predict import Predictor
     from fastser.data.synthetic import make_corpus as corpus
+
     pred = Predictor(out).predict_waveform(corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
     assert abs(pred.probabilities.sum() - 1) < 1e-5
 
@@ -275,6 +322,7 @@ def test_bin_stats_train_predict_and_guard_resume(tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["spec"]["bin_stats"] is True and ckpt["config"]["bin_stats"] is True
     from fastser.predict import Predictor
+
     predictor = Predictor(out)
     assert predictor.models[0].encoders["mfcc"].bin_stats
     pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
@@ -292,6 +340,7 @@ def test_global_pooling_train_predict_and_guard_resume(tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["spec"]["pooling"] == "global" and ckpt["config"]["pooling"] == "global"
     from fastser.predict import Predictor
+
     predictor = Predictor(out)
     assert predictor.models[0].encoders["logmel"].pooling == "global"
     pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
@@ -316,6 +365,7 @@ def test_no_validation_trains_on_the_validation_speakers_and_keeps_the_last_epoc
     info = train.fdist.setup("cpu")
     table = train.load_table(config, info)
     from fastser.data.splits import make_folds
+
     fold = make_folds(table.corpus, "holdout")[0]
     r = Experiment(config, info, table, [fold], "holdout", tmp_path, 0.003, 0.1, train.FeatureSet.paper(table.feats))
     rows = set(r.train_rows(fold).tolist())
@@ -337,14 +387,19 @@ def test_resident_batches_equal_host_batches(grouped):
     lengths are bucketed without changing a valid frame."""
     corpus = make_corpus(seed=2, n_speakers=3, per_class=3, seconds=1.5)
     from fastser.data.cache import build_feature_table
+
     table = build_feature_table(corpus, ["logmel", "mfcc"], torch.device("cpu"))
     n = table.frames.shape[0]
     groups = torch.arange(n) % 3 if grouped else None
-    norm = (Normalizer.fit_groups(table.feats, table.frames, groups, 3) if grouped
-            else Normalizer.fit(table.feats, table.frames, torch.arange(n)))
+    norm = (
+        Normalizer.fit_groups(table.feats, table.frames, groups, 3)
+        if grouped
+        else Normalizer.fit(table.feats, table.frames, torch.arange(n))
+    )
     host = Batcher(table.feats, table.frames, table.labels, norm, torch.device("cpu"), 60, groups, resident=False)
-    resident = Batcher(table.feats, table.frames, table.labels, norm, torch.device("cpu"), 60, groups,
-                       resident=True, eval_bucket=64)
+    resident = Batcher(
+        table.feats, table.frames, table.labels, norm, torch.device("cpu"), 60, groups, resident=True, eval_bucket=64
+    )
     rows = torch.tensor([5, 0, 7, 3, 11])
     a = host.batch(rows, torch.Generator().manual_seed(4))
     b = resident.batch(rows, torch.Generator().manual_seed(4))
@@ -415,8 +470,10 @@ def test_mixup_mixes_each_item_with_one_partner_of_the_batch():
     frames = torch.randint(5, T + 1, (B,), generator=torch.Generator().manual_seed(0))
     valid = (torch.arange(T)[None, :] < frames[:, None]).float()
     ids = torch.arange(1, B + 1, dtype=torch.float32)
-    feats = {"a": ids[:, None, None] * valid[:, None, :].expand(B, 3, T).clone(),
-             "b": 10 * ids[:, None, None] * valid[:, None, :].expand(B, 2, T).clone()}
+    feats = {
+        "a": ids[:, None, None] * valid[:, None, :].expand(B, 3, T).clone(),
+        "b": 10 * ids[:, None, None] * valid[:, None, :].expand(B, 2, T).clone(),
+    }
     labels = torch.arange(B) % 4
     batch = Batch(feats, frames, labels, frames.clone())
     mixed, mix = mixup(batch, torch.Generator().manual_seed(3), alpha=1.0)
@@ -435,7 +492,7 @@ def test_mixup_mixes_each_item_with_one_partner_of_the_batch():
         torch.testing.assert_close(mixed.feats["a"][i], lam * feats["a"][i] + (1 - lam) * feats["a"][j])
         torch.testing.assert_close(mixed.feats["b"][i], lam * feats["b"][i] + (1 - lam) * feats["b"][j])
         assert int(mixed.frames[i]) == int(mixed.frames_host[i]) == max(int(frames[i]), int(frames[j]))
-        assert float(mixed.feats["a"][i, :, int(mixed.frames[i]):].abs().sum()) == 0.0
+        assert float(mixed.feats["a"][i, :, int(mixed.frames[i]) :].abs().sum()) == 0.0
     again, mix_again = mixup(batch, torch.Generator().manual_seed(3), alpha=1.0)  # the CPU generator decides
     torch.testing.assert_close(again.feats["a"], mixed.feats["a"])
     torch.testing.assert_close(mix_again.lam, mix.lam)
@@ -506,6 +563,7 @@ def test_weight_average_is_the_bias_corrected_ema_of_every_step():
     """WeightAverages after T steps equals sum_s (1-d) d^(T-s) w_s / (1-d^T) for every float parameter
     and BatchNorm buffer, computed plainly here; integer buffers follow the model."""
     from fastser.training.averaging import WeightAverages
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
     averages = WeightAverages(model, (0.9, 0.99))
@@ -526,7 +584,7 @@ def test_weight_average_is_the_bias_corrected_ema_of_every_step():
                 assert torch.equal(got[key], value), key
                 continue
             expected = sum((1 - decay) * decay ** (T - 1 - s) * h[key].double() for s, h in enumerate(history))
-            expected = expected / (1 - decay ** T)
+            expected = expected / (1 - decay**T)
             torch.testing.assert_close(got[key].double(), expected, rtol=1e-5, atol=1e-6, msg=key)
         assert not torch.allclose(got["0.weight"], history[-1]["0.weight"])  # really an average
 
@@ -553,6 +611,7 @@ def test_ema_keeps_the_average_scores_the_trained_weights_and_resumes(tmp_path, 
         train.main(SMALL + [*args, "--ema", "0.99", "--resume", str(tmp_path / "full")])
     # the accuracy table's collector reads either set of weights of the same run
     from benchmarks.accuracy import collect_runs
+
     kept_row = collect_runs([tmp_path / "full"], "kept")
     trained_row = collect_runs([tmp_path / "full"], "trained", weights="trained")
     assert kept_row["ua_mean"] == full["ua"] and kept_row["seeds"]["0"]["fold_ua"] == [f["ua"] for f in full["folds"]]
@@ -567,6 +626,7 @@ def test_cuda_graph_is_refused_without_a_gpu(tmp_path):
     """--cuda-graph on the CPU (or with --compile, or under torchrun) is one clear error, before any
     work, and leaves no run folder behind."""
     from fastser.training.graphed import GraphedTrainStep
+
     with pytest.raises(UserError, match="--cuda-graph needs one CUDA device .*device cpu"):
         train.main(SMALL + ["--out", str(tmp_path / "g"), "--epochs", "1", "--cuda-graph", "--device", "cpu"])
     assert not (tmp_path / "g").exists()
@@ -585,6 +645,7 @@ def test_graphed_steps_train_like_eager_steps(amp, mixed):
     deterministic cuDNN and center update, so what remains are rounding differences."""
     from fastser.models import SERModel, SERObjective
     from fastser.training.graphed import GraphedTrainStep
+
     dev = torch.device("cuda")
     bins = {"logmel": 64, "mfcc": 40, "prosody": 6}
 
@@ -595,9 +656,14 @@ def test_graphed_steps_train_like_eager_steps(amp, mixed):
         return model, objective, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 
     gen = torch.Generator(device=dev).manual_seed(1)
-    batches = [({k: torch.randn(8, n, 100, device=dev, generator=gen) for k, n in bins.items()},
-                torch.randint(40, 101, (8,), device=dev, generator=gen),
-                torch.randint(0, 4, (8,), device=dev, generator=gen)) for _ in range(7)]
+    batches = [
+        (
+            {k: torch.randn(8, n, 100, device=dev, generator=gen) for k, n in bins.items()},
+            torch.randint(40, 101, (8,), device=dev, generator=gen),
+            torch.randint(0, 4, (8,), device=dev, generator=gen),
+        )
+        for _ in range(7)
+    ]
     eager, graphed_parts = make(), make()
     graphed = GraphedTrainStep(*graphed_parts, amp=amp, warmup=2)
     tol = dict(rtol=2e-2, atol=2e-2) if amp else dict(rtol=1e-4, atol=1e-5)
@@ -609,12 +675,14 @@ def test_graphed_steps_train_like_eager_steps(amp, mixed):
             if mixed:
                 batch, mix = mixup(Batch(feats, frames, labels, frames.cpu()), torch.Generator().manual_seed(step), 0.4)
                 feats, frames = batch.feats, batch.frames
-            out_e, terms_e = train_step(*eager, feats, feats, frames, labels, amp,
-                                        clip_params=list(eager[0].parameters()), mix=mix)
+            out_e, terms_e = train_step(
+                *eager, feats, feats, frames, labels, amp, clip_params=list(eager[0].parameters()), mix=mix
+            )
             out_g, terms_g = graphed(feats, feats, frames, labels, mix)
             for name in ("total", "ce", "center", "recon"):
-                torch.testing.assert_close(getattr(terms_g, name), getattr(terms_e, name), **tol,
-                                           msg=f"{name}, step {step}")
+                torch.testing.assert_close(
+                    getattr(terms_g, name), getattr(terms_e, name), **tol, msg=f"{name}, step {step}"
+                )
             torch.testing.assert_close(out_g.logits, out_e.logits, **tol, msg=f"logits, step {step}")
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
@@ -627,6 +695,7 @@ def test_graphed_steps_train_like_eager_steps(amp, mixed):
 
 def _predictions(path):
     import csv
+
     with open(path) as f:
         rows = list(csv.DictReader(f))
     classes = [k[2:] for k in rows[0] if k.startswith("p_")]
@@ -640,6 +709,7 @@ def test_predictions_file_and_seed_ensemble(tmp_path, monkeypatch):
     prediction, class probabilities) agreeing with metrics.json; a --seeds run also scores the
     seeds' models averaged (mean probability per utterance), recomputed here from the files."""
     from fastser.metrics import summarize
+
     metrics, out = run(tmp_path, "multi", "--epochs", "1", "--seeds", "0,1", "--split", "kfold", "--folds", "2")
     per_seed = {}
     for seed in (0, 1):
@@ -659,11 +729,13 @@ def test_predictions_file_and_seed_ensemble(tmp_path, monkeypatch):
     assert saved["n_seeds"] == 2 and saved["ua"] == pytest.approx(expected["ua"], abs=1e-9)
     assert saved["wa"] == pytest.approx(expected["wa"], abs=1e-9) and metrics["seed_ensemble"] == saved
     from benchmarks.accuracy import collect_runs
+
     row = collect_runs([out / "seed-0", out / "seed-1"], "two seeds")  # seeds run as separate processes
     assert row["seed_ensemble"] == saved
     # a seed run in a later session is added to the kept row: the same row as collecting both at once
     import shutil
     import benchmarks.accuracy as accuracy
+
     monkeypatch.setattr(accuracy, "OUT", tmp_path / "rows")
     kept = accuracy.write(collect_runs([out / "seed-0"], "two seeds"))
     merged = accuracy.add_seeds(kept, [out / "seed-1"])
@@ -713,18 +785,30 @@ def test_compare_pairs_rows_on_shared_seeds_and_test_speakers():
     """benchmarks.accuracy.compare pairs only the same seed on the same test speakers (other seeds and
     folds are left out) and counts better / worse / equal pairs."""
     from benchmarks.accuracy import compare
-    base = {"name": "base", "seeds": {"0": {"folds": ["A", "B", "C"], "fold_ua": [0.5, 0.6, 0.7]},
-                                      "1": {"folds": ["A", "B", "C"], "fold_ua": [0.4, 0.5, 0.6]},
-                                      "2": {"folds": ["A"], "fold_ua": [0.9]}}}
-    changed = {"name": "changed", "seeds": {"0": {"folds": ["A", "B"], "fold_ua": [0.6, 0.6]},
-                                            "1": {"folds": ["B", "C", "D"], "fold_ua": [0.3, 0.8, 1.0]},
-                                            "3": {"folds": ["A"], "fold_ua": [0.0]}}}
+
+    base = {
+        "name": "base",
+        "seeds": {
+            "0": {"folds": ["A", "B", "C"], "fold_ua": [0.5, 0.6, 0.7]},
+            "1": {"folds": ["A", "B", "C"], "fold_ua": [0.4, 0.5, 0.6]},
+            "2": {"folds": ["A"], "fold_ua": [0.9]},
+        },
+    }
+    changed = {
+        "name": "changed",
+        "seeds": {
+            "0": {"folds": ["A", "B"], "fold_ua": [0.6, 0.6]},
+            "1": {"folds": ["B", "C", "D"], "fold_ua": [0.3, 0.8, 1.0]},
+            "3": {"folds": ["A"], "fold_ua": [0.0]},
+        },
+    }
     c = compare(changed, base)  # pairs: (0.6, 0.5), (0.6, 0.6), (0.3, 0.5), (0.8, 0.6)
     assert (c["pairs"], c["better"], c["worse"], c["equal"]) == (4, 2, 1, 1)
     assert c["changed_fold_ua"] == pytest.approx(57.5) and c["base_fold_ua"] == pytest.approx(55.0)
     assert c["difference"] == pytest.approx(2.5)
     # paired t-test on the differences (10, 0, -20, 20): t = mean / (sd / sqrt(4)), 3 degrees of freedom
     from scipy.stats import t as student
+
     d = np.array([10.0, 0.0, -20.0, 20.0])
     t = d.mean() / (d.std(ddof=1) / 2)
     assert c["p_paired_t"] == pytest.approx(2 * student.sf(t, 3), rel=1e-9) and 0.7 < c["p_paired_t"] < 0.9
@@ -750,17 +834,25 @@ def test_resume_of_a_finished_run_refuses_new_epochs_and_continues_into_another_
     assert json.loads((new / "config.json").read_text())["epochs"] == 2
     assert (out / "checkpoint.pt").stat().st_mtime_ns == before
     from fastser.predict import Predictor
+
     clip = make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio
-    np.testing.assert_allclose(Predictor(new).predict_waveform(clip).probabilities,
-                               Predictor(out).predict_waveform(clip).probabilities)
+    np.testing.assert_allclose(
+        Predictor(new).predict_waveform(clip).probabilities, Predictor(out).predict_waveform(clip).probabilities
+    )
     with pytest.raises(UserError, match="already holds a run's checkpoint"):
         train.main(["--resume", str(out), "--out", str(new)])
 
 
 def test_bad_numbers_name_their_flag_before_any_work(capsys):
-    for argv, flag in ((["--epochs", "0"], "--epochs"), (["--batch-size", "-1"], "--batch-size"),
-                       (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"), (["--threads", "0"], "--threads"),
-                       (["--weight-decay", "-1"], "--weight-decay"), (["--train-seconds", "inf"], "--train-seconds")):
+    for argv, flag in (
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "0"], "--lr"),
+        (["--threads", "0"], "--threads"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--train-seconds", "inf"], "--train-seconds"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(argv)
         assert exit_info.value.code == 2

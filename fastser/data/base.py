@@ -1,4 +1,5 @@
 """What every corpus loader returns: utterances with label and speaker, and a skip report."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,7 @@ class CorpusError(ValueError):
 @dataclasses.dataclass
 class Utterance:
     """One labelled utterance. `path` for files on disk; `audio` for generated ones (synthetic)."""
+
     uid: str
     label: str
     speaker: str
@@ -54,7 +56,7 @@ class Corpus:
         for item in (s.strip() for s in spec.split(",") if s.strip()):
             name, _, sources = item.partition("=")
             classes.append(name)
-            for src in (sources.split("+") if sources else [name]):
+            for src in sources.split("+") if sources else [name]:
                 mapping[src.strip()] = name
         unknown = sorted(set(mapping) - set(self.classes))
         if unknown:
@@ -67,6 +69,8 @@ class Corpus:
         for u in self.utterances:
             counts[u.label] += 1
         spk = len(set(self.speakers.tolist()))
-        return (f"{self.name}: {len(self.utterances)} utterances, {spk} speakers, classes "
-                + ", ".join(f"{c}={n}" for c, n in counts.items())
-                + (f"; skipped {len(self.skipped)} bad files" if self.skipped else ""))
+        return (
+            f"{self.name}: {len(self.utterances)} utterances, {spk} speakers, classes "
+            + ", ".join(f"{c}={n}" for c, n in counts.items())
+            + (f"; skipped {len(self.skipped)} bad files" if self.skipped else "")
+        )

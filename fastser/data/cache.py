@@ -6,6 +6,7 @@ It is written atomically (temp file + rename), so an interrupted build never lea
 a later run would trust. Files that cannot be read as audio are skipped (or, strict, raise) and
 the skip list is part of the cached result.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ class Perturbation:
     """How a training copy of every utterance is made: kind "speed" (played `value` times faster,
     `speed_perturb`) or "noise" (coloured noise at `value` dB SNR, `add_noise`; each utterance's
     noise is seeded by its id, so a copy is the same in every run and its cache stays valid)."""
+
     kind: str
     value: float
 
@@ -57,6 +59,7 @@ class FeatureTable:
     """The features of every utterance, row i = corpus.utterances[i]. With perturbed copies
     (`with_copies`), rows [k*N, (k+1)*N) are copy k of the N utterances (copy 0 the originals),
     made by copies[k-1]: same labels, each copy its own "speaker" for input statistics."""
+
     feats: dict[str, torch.Tensor]  # kind -> (rows, bins, T) float16, zero beyond frames[i]
     frames: torch.Tensor  # (rows,) valid frames
     corpus: Corpus  # the original utterances (bad files removed, listed in corpus.skipped)
@@ -80,16 +83,22 @@ class FeatureTable:
         return np.concatenate([names] + [np.char.add(names, f"@{c.name}") for c in self.copies])
 
 
-def cache_key(corpus: Corpus, features: FeatureSet, max_seconds: float,
-              perturbation: Optional[Perturbation] = None) -> str:
+def cache_key(
+    corpus: Corpus, features: FeatureSet, max_seconds: float, perturbation: Optional[Perturbation] = None
+) -> str:
     files = []
     for u in corpus.utterances:
         if u.path is None:
             raise ValueError("only corpora read from disk are cached")
         st = os.stat(u.path)
         files.append([u.uid, u.path, st.st_size, st.st_mtime_ns])
-    key = {"version": FEATURE_VERSION, "corpus": corpus.name, "files": files, "max_seconds": max_seconds,
-           "features": features.to_dict()}
+    key = {
+        "version": FEATURE_VERSION,
+        "corpus": corpus.name,
+        "files": files,
+        "max_seconds": max_seconds,
+        "features": features.to_dict(),
+    }
     if perturbation is not None:  # (the originals and speed copies keep the keys they always had)
         if perturbation.kind == "speed":
             key["speed"] = perturbation.value
@@ -99,8 +108,9 @@ def cache_key(corpus: Corpus, features: FeatureSet, max_seconds: float,
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def load_audio(corpus: Corpus, sr: int, *, max_seconds: float, strict: bool = False, workers: int = 4,
-               progress: bool = False):
+def load_audio(
+    corpus: Corpus, sr: int, *, max_seconds: float, strict: bool = False, workers: int = 4, progress: bool = False
+):
     """-> (list of float32 arrays, corpus without the files that failed, with them in `skipped`)."""
     if all(u.audio is not None for u in corpus.utterances):
         if corpus.sample_rate != sr:
@@ -122,6 +132,7 @@ def load_audio(corpus: Corpus, sr: int, *, max_seconds: float, strict: bool = Fa
     iterator = ThreadPoolExecutor(max_workers=workers).map(read, corpus.utterances)
     if progress:
         from tqdm.auto import tqdm
+
         iterator = tqdm(iterator, total=len(corpus.utterances), desc=f"loading {corpus.name}", leave=False)
     audio, kept, skipped = [], [], list(corpus.skipped)
     for u, (y, err) in zip(corpus.utterances, iterator):
@@ -151,7 +162,7 @@ def compute_features(audio: list, features: FeatureSet, device: torch.device, ba
     feats = {k: torch.zeros(len(audio), n, T, dtype=torch.float16) for k, n in features.n_bins.items()}
     order = torch.argsort(lengths)
     for start in range(0, len(audio), batch_size):
-        idx = order[start: start + batch_size]
+        idx = order[start : start + batch_size]
         batch = torch.zeros(len(idx), int(lengths[idx].max()))
         for row, i in enumerate(idx.tolist()):
             batch[row, : lengths[i]] = torch.from_numpy(audio[i])
@@ -163,10 +174,19 @@ def compute_features(audio: list, features: FeatureSet, device: torch.device, ba
     return feats, frames
 
 
-def build_feature_table(corpus: Corpus, features: FeatureSet, device: torch.device, *, max_seconds: float = 8.0,
-                        cache_dir: Optional[os.PathLike] = None, strict: bool = False, progress: bool = False,
-                        is_builder: bool = True, wait: Callable[[], None] = lambda: None,
-                        perturbation: Optional[Perturbation] = None) -> FeatureTable:
+def build_feature_table(
+    corpus: Corpus,
+    features: FeatureSet,
+    device: torch.device,
+    *,
+    max_seconds: float = 8.0,
+    cache_dir: Optional[os.PathLike] = None,
+    strict: bool = False,
+    progress: bool = False,
+    is_builder: bool = True,
+    wait: Callable[[], None] = lambda: None,
+    perturbation: Optional[Perturbation] = None,
+) -> FeatureTable:
     """Features for every utterance, from the cache when it holds this exact corpus and config.
     Under torch.distributed only rank 0 (`is_builder`) builds; the others `wait` and then read.
     With a `perturbation`: of the perturbed audio (cut to max_seconds after a speed change)."""
@@ -187,16 +207,18 @@ def build_feature_table(corpus: Corpus, features: FeatureSet, device: torch.devi
 def _build(corpus, features, device, max_seconds, strict, progress, perturbation=None) -> FeatureTable:
     # a copy played faster is cut after the change, so it may start from up to max_seconds * speed
     speed = perturbation.value if perturbation is not None and perturbation.kind == "speed" else 1.0
-    audio, corpus = load_audio(corpus, features.sr, max_seconds=max_seconds * max(speed, 1.0), strict=strict,
-                               progress=progress)
+    audio, corpus = load_audio(
+        corpus, features.sr, max_seconds=max_seconds * max(speed, 1.0), strict=strict, progress=progress
+    )
     if perturbation is not None:
         audio = [perturbation.apply(y, features.sr, u.uid, max_seconds) for y, u in zip(audio, corpus.utterances)]
     feats, frames = compute_features(audio, features, device)
     return FeatureTable(feats, frames, corpus)
 
 
-def with_copies(table: FeatureTable, features: FeatureSet, device: torch.device, perturbations,
-                **build) -> FeatureTable:
+def with_copies(
+    table: FeatureTable, features: FeatureSet, device: torch.device, perturbations, **build
+) -> FeatureTable:
     """`table` plus one perturbed copy of every utterance per Perturbation (rows appended, see
     FeatureTable), each built (or read from the cache) like the originals; `build`: the keyword
     arguments of build_feature_table. Every table is padded to the widest."""
@@ -211,14 +233,23 @@ def with_copies(table: FeatureTable, features: FeatureSet, device: torch.device,
             raise CorpusError(f"{table.corpus.name}: the {p.name} copy lost files the originals kept")
     parts = [table] + copies
     width = max(t.feats[k].shape[-1] for t in parts for k in t.feats)
-    feats = {k: torch.cat([torch.nn.functional.pad(t.feats[k], (0, width - t.feats[k].shape[-1])) for t in parts])
-             for k in table.feats}
+    feats = {
+        k: torch.cat([torch.nn.functional.pad(t.feats[k], (0, width - t.feats[k].shape[-1])) for t in parts])
+        for k in table.feats
+    }
     return FeatureTable(feats, torch.cat([t.frames for t in parts]), table.corpus, perturbations)
 
 
 def _save_atomic(path: Path, table: FeatureTable) -> None:
-    atomic_torch_save({"feats": table.feats, "frames": table.frames, "skipped": table.corpus.skipped,
-                       "uids": [u.uid for u in table.corpus.utterances]}, path)
+    atomic_torch_save(
+        {
+            "feats": table.feats,
+            "frames": table.frames,
+            "skipped": table.corpus.skipped,
+            "uids": [u.uid for u in table.corpus.utterances],
+        },
+        path,
+    )
 
 
 def _load(path: Path, corpus: Corpus, strict: bool) -> FeatureTable:
@@ -228,5 +259,6 @@ def _load(path: Path, corpus: Corpus, strict: bool) -> FeatureTable:
     by_uid = {u.uid: u for u in corpus.utterances}
     kept = [by_uid[uid] for uid in payload["uids"]]
     skipped = [tuple(s) for s in payload["skipped"]]
-    return FeatureTable(payload["feats"], payload["frames"],
-                        dataclasses.replace(corpus, utterances=kept, skipped=skipped))
+    return FeatureTable(
+        payload["feats"], payload["frames"], dataclasses.replace(corpus, utterances=kept, skipped=skipped)
+    )

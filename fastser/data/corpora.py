@@ -4,6 +4,7 @@ Labels and speakers come from each corpus's own naming code (never from a CSV be
 whose name does not parse is skipped and reported in `Corpus.skipped`; audio that cannot be read
 is found and skipped later, when it is loaded (fastser.data.cache).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from fastser.data.base import Corpus, CorpusError, Utterance
 
 LAYOUTS = {
     "iemocap": "IEMOCAP_full_release/Session{1..5}/dialog/EmoEvaluation/*.txt and "
-               "Session{1..5}/sentences/wav/<dialog>/<utterance>.wav",
+    "Session{1..5}/sentences/wav/<dialog>/<utterance>.wav",
     "emodb": "wav/03a01Fa.wav (speaker, text, emotion letter W/L/E/A/F/T/N, version)",
     "ravdess": "Actor_XX/03-01-EE-II-SS-RR-AA.wav (modality-channel-emotion-intensity-statement-repetition-actor)",
     "cremad": "AudioWAV/1001_DFA_ANG_XX.wav (actor_sentence_emotion_level)",
@@ -29,8 +30,9 @@ def _root(data_dir, corpus: str, marker: str) -> Path:
         raise CorpusError(f"--data-dir is required for {corpus}; expected layout: {LAYOUTS[corpus]}")
     root = Path(data_dir)
     if not root.is_dir():
-        raise CorpusError(f"{corpus}: --data-dir {root} does not exist or is not a folder; "
-                          f"expected layout: {LAYOUTS[corpus]}")
+        raise CorpusError(
+            f"{corpus}: --data-dir {root} does not exist or is not a folder; expected layout: {LAYOUTS[corpus]}"
+        )
     for candidate in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
         if list(candidate.glob(marker)):
             return candidate
@@ -58,8 +60,18 @@ def _scan(root: Path, pattern: re.Pattern, code: str, build):
 
 # ----------------------------------------------------------------------------- IEMOCAP
 
-IEMOCAP_LABELS = {"neu": "neutral", "hap": "happy", "exc": "excited", "sad": "sad", "ang": "angry",
-                  "fru": "frustrated", "sur": "surprised", "fea": "fearful", "dis": "disgust", "oth": "other"}
+IEMOCAP_LABELS = {
+    "neu": "neutral",
+    "hap": "happy",
+    "exc": "excited",
+    "sad": "sad",
+    "ang": "angry",
+    "fru": "frustrated",
+    "sur": "surprised",
+    "fea": "fearful",
+    "dis": "disgust",
+    "oth": "other",
+}
 IEMOCAP_4 = "neutral,happy=happy+excited,sad,angry"
 _EMO_LINE = re.compile(r"^\[\s*[\d.]+\s*-\s*[\d.]+\s*\]\s+(Ses\d\d[FM]_\S+)\s+(\w+)\s+\[")
 _TRANSCRIPT = re.compile(r"^(Ses\d\d[FM]_\S+)\s+\[[^\]]*\]:\s*(.*)$")
@@ -97,12 +109,26 @@ def load_iemocap(data_dir, *, subset: str = "all", four_class: bool = True) -> C
                     skipped.append((str(wav), "listed in EmoEvaluation but missing"))
                     continue
                 gender = uid.rsplit("_", 1)[1][0]  # who speaks: F000 / M012
-                utterances.append(Utterance(uid=uid, label=label, speaker=f"{uid[:5]}{gender}", path=str(wav),
-                                            session=session, gender=gender, text=texts.get(uid)))
+                utterances.append(
+                    Utterance(
+                        uid=uid,
+                        label=label,
+                        speaker=f"{uid[:5]}{gender}",
+                        path=str(wav),
+                        session=session,
+                        gender=gender,
+                        text=texts.get(uid),
+                    )
+                )
     if not utterances:
         raise CorpusError(f"iemocap: no labelled utterances under {root}; expected layout: {LAYOUTS['iemocap']}")
-    corpus = Corpus("iemocap", sorted({u.label for u in utterances}, key=list(IEMOCAP_LABELS.values()).index),
-                    utterances, skipped=skipped, default_split="session")
+    corpus = Corpus(
+        "iemocap",
+        sorted({u.label for u in utterances}, key=list(IEMOCAP_LABELS.values()).index),
+        utterances,
+        skipped=skipped,
+        default_split="session",
+    )
     return corpus.with_classes(IEMOCAP_4) if four_class else corpus
 
 
@@ -117,31 +143,55 @@ _EMODB = re.compile(r"^(" + "|".join(sorted(EMODB_SPEAKERS)) + r")([a-b]\d\d)([W
 def load_emodb(data_dir) -> Corpus:
     def build(wav, m):
         spk, text, emo, _ = m.groups()
-        return Utterance(uid=wav.stem, label=EMODB_LABELS[emo], speaker=spk, path=str(wav),
-                         gender="M" if spk in EMODB_MALE else "F", text=text)
-    utterances, skipped = _scan(_root(data_dir, "emodb", "**/*.wav"), _EMODB,
-                                "EmoDB's <speaker><text><emotion><version> code", build)
+        return Utterance(
+            uid=wav.stem,
+            label=EMODB_LABELS[emo],
+            speaker=spk,
+            path=str(wav),
+            gender="M" if spk in EMODB_MALE else "F",
+            text=text,
+        )
+
+    utterances, skipped = _scan(
+        _root(data_dir, "emodb", "**/*.wav"), _EMODB, "EmoDB's <speaker><text><emotion><version> code", build
+    )
     return _finish("emodb", list(EMODB_LABELS.values()), utterances, skipped, "loso")
 
 
 # ----------------------------------------------------------------------------- RAVDESS
 
-RAVDESS_LABELS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry", "06": "fearful",
-                  "07": "disgust", "08": "surprised"}
+RAVDESS_LABELS = {
+    "01": "neutral",
+    "02": "calm",
+    "03": "happy",
+    "04": "sad",
+    "05": "angry",
+    "06": "fearful",
+    "07": "disgust",
+    "08": "surprised",
+}
 _RAVDESS = re.compile(r"^(0[1-3])-(0[12])-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)$")
 
 
 def load_ravdess(data_dir) -> Corpus:
     """Speech audio only (modality 03 audio-only, vocal channel 01 speech); 8 classes."""
+
     def build(wav, m):
         modality, channel, emo, _, statement, _, actor = m.groups()
         if modality != "03" or channel != "01":  # video files and song are not this task
             return None
-        return Utterance(uid=wav.stem, label=RAVDESS_LABELS[emo], speaker=f"Actor_{actor}", path=str(wav),
-                         gender="M" if int(actor) % 2 else "F",
-                         text="Kids are talking by the door" if statement == "01" else "Dogs are sitting by the door")
-    utterances, skipped = _scan(_root(data_dir, "ravdess", "Actor_*"), _RAVDESS,
-                                "RAVDESS's MM-VC-EE-II-SS-RR-AA code", build)
+        return Utterance(
+            uid=wav.stem,
+            label=RAVDESS_LABELS[emo],
+            speaker=f"Actor_{actor}",
+            path=str(wav),
+            gender="M" if int(actor) % 2 else "F",
+            text="Kids are talking by the door" if statement == "01" else "Dogs are sitting by the door",
+        )
+
+    utterances, skipped = _scan(
+        _root(data_dir, "ravdess", "Actor_*"), _RAVDESS, "RAVDESS's MM-VC-EE-II-SS-RR-AA code", build
+    )
     return _finish("ravdess", list(RAVDESS_LABELS.values()), utterances, skipped, "kfold")
 
 
@@ -149,53 +199,74 @@ def load_ravdess(data_dir) -> Corpus:
 
 CREMAD_LABELS = {"ANG": "angry", "DIS": "disgust", "FEA": "fearful", "HAP": "happy", "NEU": "neutral", "SAD": "sad"}
 CREMAD_SENTENCES = {"IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI"}
-_CREMAD = re.compile(r"^(1\d\d\d)_(" + "|".join(sorted(CREMAD_SENTENCES)) + r")_(" + "|".join(CREMAD_LABELS)
-                     + r")_(LO|MD|HI|XX|X)$")
+_CREMAD = re.compile(
+    r"^(1\d\d\d)_(" + "|".join(sorted(CREMAD_SENTENCES)) + r")_(" + "|".join(CREMAD_LABELS) + r")_(LO|MD|HI|XX|X)$"
+)
 
 
 def load_cremad(data_dir) -> Corpus:
     def build(wav, m):
         actor, sentence, emo, _ = m.groups()
         return Utterance(uid=wav.stem, label=CREMAD_LABELS[emo], speaker=actor, path=str(wav), text=sentence)
-    utterances, skipped = _scan(_root(data_dir, "cremad", "**/*.wav"), _CREMAD,
-                                "CREMA-D's <actor>_<sentence>_<emotion>_<level> code", build)
+
+    utterances, skipped = _scan(
+        _root(data_dir, "cremad", "**/*.wav"), _CREMAD, "CREMA-D's <actor>_<sentence>_<emotion>_<level> code", build
+    )
     return _finish("cremad", list(CREMAD_LABELS.values()), utterances, skipped, "kfold")
 
 
 # ----------------------------------------------------------------------------- TESS
 
-TESS_LABELS = {"angry": "angry", "disgust": "disgust", "fear": "fearful", "happy": "happy", "neutral": "neutral",
-               "ps": "surprised", "sad": "sad"}
+TESS_LABELS = {
+    "angry": "angry",
+    "disgust": "disgust",
+    "fear": "fearful",
+    "happy": "happy",
+    "neutral": "neutral",
+    "ps": "surprised",
+    "sad": "sad",
+}
 _TESS = re.compile(r"^(OAF|YAF)_([A-Za-z]+)_(" + "|".join(TESS_LABELS) + r")$", re.IGNORECASE)
 
 
 def load_tess(data_dir) -> Corpus:
     """Two speakers (OAF older, YAF younger); 'ps' = pleasant surprise."""
+
     def build(wav, m):
         spk, word, emo = m.group(1).upper(), m.group(2), m.group(3).lower()
-        return Utterance(uid=f"{spk}_{word}_{emo}", label=TESS_LABELS[emo], speaker=spk, path=str(wav), gender="F",
-                         text=word)
-    utterances, skipped = _scan(_root(data_dir, "tess", "**/*.wav"), _TESS,
-                                "TESS's <OAF|YAF>_<word>_<emotion> code", build)
+        return Utterance(
+            uid=f"{spk}_{word}_{emo}", label=TESS_LABELS[emo], speaker=spk, path=str(wav), gender="F", text=word
+        )
+
+    utterances, skipped = _scan(
+        _root(data_dir, "tess", "**/*.wav"), _TESS, "TESS's <OAF|YAF>_<word>_<emotion> code", build
+    )
     return _finish("tess", list(TESS_LABELS.values()), utterances, skipped, "loso")
 
 
 def _finish(name, classes, utterances, skipped, default_split) -> Corpus:
     if not utterances:
-        raise CorpusError(f"{name}: no utterances found; expected layout: {LAYOUTS[name]}"
-                          + (f" ({len(skipped)} files did not parse)" if skipped else ""))
+        raise CorpusError(
+            f"{name}: no utterances found; expected layout: {LAYOUTS[name]}"
+            + (f" ({len(skipped)} files did not parse)" if skipped else "")
+        )
     present = {u.label for u in utterances}
-    return Corpus(name, [c for c in classes if c in present], utterances, skipped=skipped,
-                  default_split=default_split)
+    return Corpus(name, [c for c in classes if c in present], utterances, skipped=skipped, default_split=default_split)
 
 
-LOADERS = {"iemocap": load_iemocap, "emodb": load_emodb, "ravdess": load_ravdess, "cremad": load_cremad,
-           "tess": load_tess}
+LOADERS = {
+    "iemocap": load_iemocap,
+    "emodb": load_emodb,
+    "ravdess": load_ravdess,
+    "cremad": load_cremad,
+    "tess": load_tess,
+}
 
 
 def load_corpus(name: str, data_dir: Optional[os.PathLike] = None, **options) -> Corpus:
     if name == "synthetic":  # options: seed, n_speakers, per_class; cache_dir (None: generate every time)
         from fastser.data.synthetic import cached_corpus
+
         return cached_corpus(options.pop("cache_dir", None), **options)
     if name not in LOADERS:
         raise ValueError(f"unknown corpus {name!r}; choose from {['synthetic', *LOADERS]}")

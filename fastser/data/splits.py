@@ -10,6 +10,7 @@ stopping and model selection (about `val_fraction` of them, at least one). Only 
 too few speakers for that (TESS: 2) does validation fall back to a stratified utterance sample of
 the training speakers, and the fold says so.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,19 +49,28 @@ def _fold(name, corpus: Corpus, test_speakers, val_fraction: float, seed: int) -
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(~test_mask)
     labels = corpus.labels[pool]
-    val = np.concatenate([rng.permutation(pool[labels == c])[: max(1, int(0.15 * (labels == c).sum()))]
-                          for c in np.unique(labels)])
+    val = np.concatenate(
+        [rng.permutation(pool[labels == c])[: max(1, int(0.15 * (labels == c).sum()))] for c in np.unique(labels)]
+    )
     return Fold(name, np.setdiff1d(pool, val), np.sort(val), np.flatnonzero(test_mask), val_speaker_disjoint=False)
 
 
-def make_folds(corpus: Corpus, split: str, *, n_folds: int = 5, val_fraction: float = 0.15,
-               test_fraction: float = 0.2, seed: int = 0) -> list[Fold]:
+def make_folds(
+    corpus: Corpus,
+    split: str,
+    *,
+    n_folds: int = 5,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[Fold]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     speakers = sorted(set(corpus.speakers.tolist()))
     if len(speakers) < 2:
-        raise CorpusError(f"{corpus.name}: a speaker-independent split needs at least 2 speakers, "
-                          f"found {len(speakers)}")
+        raise CorpusError(
+            f"{corpus.name}: a speaker-independent split needs at least 2 speakers, found {len(speakers)}"
+        )
     if split == "loso":
         return [_fold(f"test={s}", corpus, {s}, val_fraction, seed) for s in speakers]
     if split == "session":
@@ -90,19 +100,25 @@ def check_classes(corpus: Corpus, folds: list[Fold], validating: bool) -> list[s
     present = sorted(set(labels.tolist()))
     if len(present) < 2:
         only = corpus.classes[present[0]] if present else "none"
-        raise CorpusError(f"{corpus.name}: every usable utterance has the same emotion ({only}); emotion "
-                          f"recognition needs at least two classes (check the corpus folder or --classes)")
+        raise CorpusError(
+            f"{corpus.name}: every usable utterance has the same emotion ({only}); emotion "
+            f"recognition needs at least two classes (check the corpus folder or --classes)"
+        )
     warnings = []
     for fold in folds:
         train = np.concatenate([fold.train, fold.val]) if not validating else fold.train
         trained = set(labels[train].tolist())
         missing = [corpus.classes[c] for c in present if c not in trained]
         if missing:
-            warnings.append(f"fold {fold.name}: the training speakers have no {', '.join(missing)} utterances, "
-                            f"so the model cannot learn {'that class' if len(missing) == 1 else 'those classes'} "
-                            f"there")
+            warnings.append(
+                f"fold {fold.name}: the training speakers have no {', '.join(missing)} utterances, "
+                f"so the model cannot learn {'that class' if len(missing) == 1 else 'those classes'} "
+                f"there"
+            )
         test_classes = sorted(set(labels[fold.test].tolist()))
         if len(test_classes) == 1:
-            warnings.append(f"fold {fold.name}: every test utterance is {corpus.classes[test_classes[0]]}, so "
-                            f"its UA is that one class's recall")
+            warnings.append(
+                f"fold {fold.name}: every test utterance is {corpus.classes[test_classes[0]]}, so "
+                f"its UA is that one class's recall"
+            )
     return warnings

@@ -10,6 +10,7 @@ benchmarks all build their features through this one class. Kinds that share STF
 share one STFT. Inference only: features carry no gradient (see fastser.features.transforms for
 modules to put in front of a model).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ def canonical_kind(kind: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class FeatureSet:
     """An ordered mapping kind -> FeatureConfig (the order is the model's branch order)."""
+
     configs: tuple  # ((kind, FeatureConfig), ...): hashable, so it can key caches
 
     def __post_init__(self):
@@ -39,8 +41,10 @@ class FeatureSet:
             raise ValueError(f"a FeatureSet needs distinct kinds, got {kinds}")
         hops = {c.hop_length for _, c in self.configs}
         if len(hops) > 1 or any(getattr(c, "center", True) is False for _, c in self.configs):
-            raise ValueError(f"the kinds of a FeatureSet share one frame grid (one hop_length, centred frames); "
-                             f"got hop lengths {sorted(hops)}")
+            raise ValueError(
+                f"the kinds of a FeatureSet share one frame grid (one hop_length, centred frames); "
+                f"got hop lengths {sorted(hops)}"
+            )
 
     @classmethod
     def of(cls, configs: dict) -> "FeatureSet":
@@ -52,9 +56,11 @@ class FeatureSet:
         mfcc = 40 MFCCs from 40 mel bands — the inputs of the paper's two CNN branches;
         prosody = F0, voicing, HNR, level and their changes on the same 10 ms frames (ProsodyConfig)."""
         common = dict(sr=sr, n_fft=512 * sr // 16000, hop_length=sr // 100)
-        table = {"logmel": FeatureConfig("logmel", n_mels=64, top_db=80.0, **common),
-                 "mfcc": FeatureConfig("mfcc", n_mels=40, n_mfcc=40, top_db=80.0, **common),
-                 "prosody": ProsodyConfig(sr=sr, hop_length=sr // 100)}
+        table = {
+            "logmel": FeatureConfig("logmel", n_mels=64, top_db=80.0, **common),
+            "mfcc": FeatureConfig("mfcc", n_mels=40, n_mfcc=40, top_db=80.0, **common),
+            "prosody": ProsodyConfig(sr=sr, hop_length=sr // 100),
+        }
         kinds = [canonical_kind(k) for k in kinds]
         unknown = sorted(set(kinds) - set(table))
         if unknown:
@@ -92,8 +98,12 @@ class FeatureSet:
         Every kind spans the padded length's frames (T // hop + 1), known from the shape, so a
         call never waits for the device (and a traced graph serves any length). One STFT for all
         kinds that share STFT settings (one per setting otherwise)."""
-        if isinstance(audio, torch.Tensor) and audio.dim() == 2 and audio.is_floating_point() \
-                and isinstance(lengths, torch.Tensor):
+        if (
+            isinstance(audio, torch.Tensor)
+            and audio.dim() == 2
+            and audio.is_floating_point()
+            and isinstance(lengths, torch.Tensor)
+        ):
             y, lens = audio, lengths  # the hot path (training, predict): no value scan, no host sync
         else:
             y, lens, _ = prepare(audio, lengths)  # everything else is checked and batched as the functional API does
@@ -109,6 +119,7 @@ class FeatureSet:
 
     def _stft_groups(self) -> list:
         from fastser.features.functional import STFT_FIELDS
+
         groups: dict = {}
         for kind, cfg in self.configs:
             if isinstance(cfg, FeatureConfig):
@@ -121,5 +132,6 @@ class FeatureSet:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSet":
-        return cls.of({k: ProsodyConfig(**v) if v.get("kind") == "prosody" else FeatureConfig(**v)
-                       for k, v in d.items()})
+        return cls.of(
+            {k: ProsodyConfig(**v) if v.get("kind") == "prosody" else FeatureConfig(**v) for k, v in d.items()}
+        )

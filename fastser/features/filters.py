@@ -2,6 +2,7 @@
 
 They are computed once in float64 with NumPy/SciPy and handed to the feature code as tensors.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -32,9 +33,16 @@ def mel_to_hz(mels, htk: bool = False):
     return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), freqs)
 
 
-def mel_filterbank(sr: float, n_fft: int, n_mels: int = 128, fmin: float = 0.0, fmax: Optional[float] = None,
-                   htk: bool = False, norm: Union[str, float, None] = "slaney",
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def mel_filterbank(
+    sr: float,
+    n_fft: int,
+    n_mels: int = 128,
+    fmin: float = 0.0,
+    fmax: Optional[float] = None,
+    htk: bool = False,
+    norm: Union[str, float, None] = "slaney",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Triangular mel filters (n_mels, 1 + n_fft // 2), as librosa.filters.mel."""
     if fmax is None:
         fmax = sr / 2.0
@@ -48,7 +56,7 @@ def mel_filterbank(sr: float, n_fft: int, n_mels: int = 128, fmin: float = 0.0, 
     upper = ramps[2:] / fdiff[1:, None]
     weights = np.maximum(0.0, np.minimum(lower, upper))
     if norm == "slaney":
-        weights *= (2.0 / (mel_f[2: n_mels + 2] - mel_f[:n_mels]))[:, None]
+        weights *= (2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels]))[:, None]
     elif norm is not None:
         if isinstance(norm, str) or norm <= 0:
             raise ValueError(f"norm must be 'slaney', None or a positive number, got {norm!r}")
@@ -57,8 +65,9 @@ def mel_filterbank(sr: float, n_fft: int, n_mels: int = 128, fmin: float = 0.0, 
     return torch.from_numpy(weights).to(dtype)
 
 
-def dct_matrix(n_mfcc: int, n_mels: int, dct_type: int = 2, norm: Optional[str] = "ortho",
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dct_matrix(
+    n_mfcc: int, n_mels: int, dct_type: int = 2, norm: Optional[str] = "ortho", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(n_mfcc, n_mels) matrix T with T @ S == scipy.fft.dct(S, type, axis=-2, norm)[:n_mfcc]."""
     if not 1 <= n_mfcc <= n_mels:
         raise ValueError(f"need 1 <= n_mfcc <= n_mels, got n_mfcc={n_mfcc}, n_mels={n_mels}")
@@ -88,5 +97,5 @@ def analysis_window(window, win_length: int, n_fft: int, dtype: torch.dtype = to
         raise ValueError(f"win_length={win_length} must be <= n_fft={n_fft}")
     left = (n_fft - win_length) // 2
     padded = np.zeros(n_fft)
-    padded[left: left + win_length] = w
+    padded[left : left + win_length] = w
     return torch.from_numpy(padded).to(dtype)

@@ -22,6 +22,7 @@ Backends (one dispatch point, `extract_many`):
     "auto"    "triton" on CUDA, "cpp" on the CPU (where available), "torch" when the audio requires grad
 Every backend but "torch" raises when the audio requires grad rather than silently drop the gradient.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,18 @@ from fastser.features import post
 from fastser.features.filters import analysis_window, dct_matrix, lifter_weights, mel_filterbank
 from fastser.ops import mel_chain, registry
 
-__all__ = ["spectrogram", "melspectrogram", "log_melspectrogram", "mfcc", "power_to_db",
-           "mel_filterbank", "dct_matrix", "frame_count", "BACKENDS", "FeatureConfig"]
+__all__ = [
+    "spectrogram",
+    "melspectrogram",
+    "log_melspectrogram",
+    "mfcc",
+    "power_to_db",
+    "mel_filterbank",
+    "dct_matrix",
+    "frame_count",
+    "BACKENDS",
+    "FeatureConfig",
+]
 
 BACKENDS = ("auto", "torch", "cpp", "triton", "cupy", "dali", "librosa")
 PAD_MODES = ("constant", "reflect", "edge", "wrap", "symmetric")
@@ -47,6 +58,7 @@ Ref = Union[float, Callable, str]
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
     """Everything that defines a feature; hashable, so it keys caches of windows and filters."""
+
     kind: str = "logmel"
     sr: int = 22050
     n_fft: int = 2048
@@ -77,8 +89,10 @@ class FeatureConfig:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.n_fft < 1 or self.hop_length < 1 or not 1 <= win <= self.n_fft:
-            raise ValueError(f"need n_fft >= 1, hop_length >= 1 and 1 <= win_length <= n_fft; got n_fft="
-                             f"{self.n_fft}, hop_length={self.hop_length}, win_length={win}")
+            raise ValueError(
+                f"need n_fft >= 1, hop_length >= 1 and 1 <= win_length <= n_fft; got n_fft="
+                f"{self.n_fft}, hop_length={self.hop_length}, win_length={win}"
+            )
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
         if self.amin <= 0:
@@ -94,8 +108,9 @@ class FeatureConfig:
 
     @property
     def n_bins(self) -> int:
-        return {"spectrogram": 1 + self.n_fft // 2, "mel": self.n_mels, "logmel": self.n_mels,
-                "mfcc": self.n_mfcc}[self.kind]
+        return {"spectrogram": 1 + self.n_fft // 2, "mel": self.n_mels, "logmel": self.n_mels, "mfcc": self.n_mfcc}[
+            self.kind
+        ]
 
     @property
     def log_ref(self) -> float:
@@ -114,19 +129,20 @@ def _normalise_ref(ref: Ref) -> Union[float, str]:
 
 # ----------------------------------------------------------------------------- framing
 
+
 def frame_count(lengths: Union[torch.Tensor, int], n_fft: int, hop_length: int, center: bool):
     """Frames librosa produces for signals of these lengths (a tensor, or one length as an int)."""
     if center:
         return 1 + lengths // hop_length
     shortest = lengths if isinstance(lengths, int) else (lengths.min() if len(lengths) else n_fft)
     if shortest < n_fft:
-        raise ValueError(f"with center=False every signal needs at least n_fft={n_fft} samples; "
-                         f"the shortest has {int(shortest)}")
+        raise ValueError(
+            f"with center=False every signal needs at least n_fft={n_fft} samples; the shortest has {int(shortest)}"
+        )
     return 1 + (lengths - n_fft) // hop_length
 
 
-def _frames_of(y: torch.Tensor, lengths: torch.Tensor, cfg: "FeatureConfig", uniform: bool,
-               span_padding: bool = False):
+def _frames_of(y: torch.Tensor, lengths: torch.Tensor, cfg: "FeatureConfig", uniform: bool, span_padding: bool = False):
     """(frame counts (B,), the output's frame count). `uniform`: every item has the padded length
     (no `lengths` given), so both come from the shape without reading the device — on a GPU a host
     synchronisation costs more than the fused kernels. `span_padding`: the output spans the padded
@@ -199,6 +215,7 @@ def _padded_signal(y: torch.Tensor, lengths: torch.Tensor, max_frames: Optional[
 
 # ----------------------------------------------------------------------------- constant tensors
 
+
 @functools.lru_cache(maxsize=64)
 def _constants_cpu(cfg: FeatureConfig):
     # float64 window: cast to the signal's dtype at use, so float64 audio gets a float64 STFT
@@ -226,6 +243,7 @@ def window_in(cfg: FeatureConfig, device: torch.device, dtype: torch.dtype) -> t
 
 # ----------------------------------------------------------------------------- STFT backends
 
+
 def _stft_torch(signal: torch.Tensor, window: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     return torch.stft(signal, cfg.n_fft, cfg.hop_length, window=window, center=False, return_complex=True)
 
@@ -244,6 +262,7 @@ def _stft_cupy(signal: torch.Tensor, window: torch.Tensor, cfg: FeatureConfig) -
 
 # ----------------------------------------------------------------------------- post-processing
 
+
 def _post_torch(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, const: dict) -> torch.Tensor:
     return post.post_chain(spec, frames, cfg, const)
 
@@ -252,10 +271,12 @@ def _post_triton(spec: torch.Tensor, frames: torch.Tensor, cfg: FeatureConfig, c
     if cfg.kind == "spectrogram":  # nothing to fuse: one elementwise op
         return post.post_chain(spec, frames, cfg, const)
     from fastser.ops import mel_chain
+
     return mel_chain.triton(spec, frames, cfg, const)
 
 
 # ----------------------------------------------------------------------------- dispatch
+
 
 def resolve_backend(backend: str, device: torch.device, requires_grad: bool = False) -> str:
     """The feature backend that `backend` means on `device`: "torch", "cpp" and "triton" are the
@@ -266,8 +287,10 @@ def resolve_backend(backend: str, device: torch.device, requires_grad: bool = Fa
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("cupy", "dali", "librosa"):
         if requires_grad:
-            raise ValueError(f"backend {backend!r} does not propagate gradients; the audio requires grad, so use "
-                             f"backend='torch' (or 'auto', which picks it)")
+            raise ValueError(
+                f"backend {backend!r} does not propagate gradients; the audio requires grad, so use "
+                f"backend='torch' (or 'auto', which picks it)"
+            )
         return backend
     return registry.choose("mel_chain", backend, device, requires_grad=requires_grad)
 
@@ -279,27 +302,43 @@ def _triton_ok() -> bool:
 STFT_FIELDS = ("n_fft", "hop_length", "win_length", "window", "center", "pad_mode")
 
 
-def _extract(y: torch.Tensor, lengths: torch.Tensor, cfg: FeatureConfig, backend: str,
-             const: Optional[dict] = None, uniform: bool = False):
+def _extract(
+    y: torch.Tensor,
+    lengths: torch.Tensor,
+    cfg: FeatureConfig,
+    backend: str,
+    const: Optional[dict] = None,
+    uniform: bool = False,
+):
     """(B, T) float signals + lengths -> ((B, bins, frames) features, frames (B,)). The one dispatch point."""
     outs, frames = extract_many(y, lengths, [cfg], backend, [const] if const is not None else None, uniform)
     return outs[0], frames
 
 
-def extract_many(y: torch.Tensor, lengths: torch.Tensor, cfgs: list, backend: str = "auto",
-                 consts: Optional[list] = None, uniform: bool = False, span_padding: bool = False):
+def extract_many(
+    y: torch.Tensor,
+    lengths: torch.Tensor,
+    cfgs: list,
+    backend: str = "auto",
+    consts: Optional[list] = None,
+    uniform: bool = False,
+    span_padding: bool = False,
+):
     """Several features of the same audio; configs that share the STFT settings share one STFT.
     uniform: every length is the padded length (the caller passed none), known without a device read.
     span_padding: the output spans the padded length rather than the longest item (see _frames_of)."""
     stft = {tuple(getattr(c, f) for f in STFT_FIELDS) for c in cfgs}
     if len(stft) != 1:
-        raise ValueError("extract_many needs configs with the same STFT settings "
-                         f"({', '.join(STFT_FIELDS)}); call it once per setting")
+        raise ValueError(
+            "extract_many needs configs with the same STFT settings "
+            f"({', '.join(STFT_FIELDS)}); call it once per setting"
+        )
     cfg0 = cfgs[0]
     frames, max_frames = _frames_of(y, lengths, cfg0, uniform, span_padding)
     backend = resolve_backend(backend, y.device, y.requires_grad)
     if backend in ("librosa", "dali"):
         from fastser.features import backends
+
         fn = backends.librosa_features if backend == "librosa" else backends.dali_features
         return [fn(y, lengths, frames, c) for c in cfgs], frames
     window = consts[0]["window"].to(y.dtype) if consts is not None else window_in(cfg0, y.device, y.dtype)
@@ -318,8 +357,9 @@ def _cpu_fused_ok(signal: torch.Tensor, cfg: FeatureConfig) -> bool:
     return cfg.kind != "spectrogram" and cfg.power is not None and signal.dtype == torch.float32
 
 
-def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, T: int, cfgs: list,
-                       consts: list, window: torch.Tensor):
+def _extract_cpu_fused(
+    y: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, T: int, cfgs: list, consts: list, window: torch.Tensor
+):
     """CPU: pad -> frames -> rfft -> the fused C++ post kernel (once per config), a few utterances at a
     time, so that a chunk's signal and complex spectrum stay in cache and no batch-sized temporary is
     ever built. T: the batch's largest frame count (the output's length); window: float32."""
@@ -339,8 +379,9 @@ def _extract_cpu_fused(y: torch.Tensor, lengths: torch.Tensor, frames: torch.Ten
         signal = _padded_signal(y[b0:b1], lengths[b0:b1], T, cfg0)
         spec = torch.fft.rfft(signal.unfold(1, cfg0.n_fft, cfg0.hop_length) * window)
         for cfg, f32, (mel, ceps) in zip(cfgs, consts_f32, outs):
-            mel_chain.cpp(spec, frames[b0:b1], cfg, f32, mel_out=mel[b0:b1],
-                          mfcc_out=ceps[b0:b1] if ceps is not None else None)
+            mel_chain.cpp(
+                spec, frames[b0:b1], cfg, f32, mel_out=mel[b0:b1], mfcc_out=ceps[b0:b1] if ceps is not None else None
+            )
     return [ceps if ceps is not None else mel for mel, ceps in outs]
 
 
@@ -392,6 +433,7 @@ def prepare(y, lengths=None, defer_finite_check: bool = False):
             check_finite()
         out = out[0] if single else out
         return out.cpu().numpy() if was_numpy else out
+
     return t, lengths, restore
 
 
@@ -405,49 +447,151 @@ def _run(y, lengths, cfg: FeatureConfig, backend: str):
 
 # ----------------------------------------------------------------------------- public API
 
-def spectrogram(y, *, n_fft: int = 2048, hop_length: Optional[int] = None, win_length: Optional[int] = None,
-                window="hann", center: bool = True, pad_mode: str = "constant", power: Optional[float] = 2.0,
-                lengths=None, backend: str = "auto"):
+
+def spectrogram(
+    y,
+    *,
+    n_fft: int = 2048,
+    hop_length: Optional[int] = None,
+    win_length: Optional[int] = None,
+    window="hann",
+    center: bool = True,
+    pad_mode: str = "constant",
+    power: Optional[float] = 2.0,
+    lengths=None,
+    backend: str = "auto",
+):
     """|STFT|**power (complex STFT for power=None), as librosa.stft / librosa's _spectrogram."""
-    cfg = FeatureConfig("spectrogram", n_fft=n_fft, hop_length=hop_length, win_length=win_length,
-                        window=window, center=center, pad_mode=pad_mode, power=power)
+    cfg = FeatureConfig(
+        "spectrogram",
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=win_length,
+        window=window,
+        center=center,
+        pad_mode=pad_mode,
+        power=power,
+    )
     return _run(y, lengths, cfg, backend)
 
 
-def melspectrogram(y=None, *, sr: int = 22050, S=None, n_fft: int = 2048, hop_length: Optional[int] = None,
-                   win_length: Optional[int] = None, window="hann", center: bool = True,
-                   pad_mode: str = "constant", power: float = 2.0, n_mels: int = 128, fmin: float = 0.0,
-                   fmax: Optional[float] = None, htk: bool = False, norm="slaney", lengths=None,
-                   backend: str = "auto"):
+def melspectrogram(
+    y=None,
+    *,
+    sr: int = 22050,
+    S=None,
+    n_fft: int = 2048,
+    hop_length: Optional[int] = None,
+    win_length: Optional[int] = None,
+    window="hann",
+    center: bool = True,
+    pad_mode: str = "constant",
+    power: float = 2.0,
+    n_mels: int = 128,
+    fmin: float = 0.0,
+    fmax: Optional[float] = None,
+    htk: bool = False,
+    norm="slaney",
+    lengths=None,
+    backend: str = "auto",
+):
     """Mel power spectrogram, as librosa.feature.melspectrogram (S: a spectrogram to project)."""
     if S is not None:
         fb = mel_filterbank(sr, n_fft, n_mels, fmin, fmax, htk, norm)
         St = torch.from_numpy(np.asarray(S)) if isinstance(S, np.ndarray) else S
         out = torch.matmul(fb.to(St.device, St.dtype), St)
         return out.numpy() if isinstance(S, np.ndarray) else out
-    cfg = FeatureConfig("mel", sr=sr, n_fft=n_fft, hop_length=hop_length, win_length=win_length, window=window,
-                        center=center, pad_mode=pad_mode, power=power, n_mels=n_mels, fmin=fmin, fmax=fmax,
-                        htk=htk, mel_norm=norm)
+    cfg = FeatureConfig(
+        "mel",
+        sr=sr,
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=win_length,
+        window=window,
+        center=center,
+        pad_mode=pad_mode,
+        power=power,
+        n_mels=n_mels,
+        fmin=fmin,
+        fmax=fmax,
+        htk=htk,
+        mel_norm=norm,
+    )
     return _run(y, lengths, cfg, backend)
 
 
-def log_melspectrogram(y, *, sr: int = 22050, n_fft: int = 2048, hop_length: Optional[int] = None,
-                       win_length: Optional[int] = None, window="hann", center: bool = True,
-                       pad_mode: str = "constant", power: float = 2.0, n_mels: int = 128, fmin: float = 0.0,
-                       fmax: Optional[float] = None, htk: bool = False, norm="slaney", ref: Ref = 1.0,
-                       amin: float = 1e-10, top_db: Optional[float] = 80.0, lengths=None, backend: str = "auto"):
+def log_melspectrogram(
+    y,
+    *,
+    sr: int = 22050,
+    n_fft: int = 2048,
+    hop_length: Optional[int] = None,
+    win_length: Optional[int] = None,
+    window="hann",
+    center: bool = True,
+    pad_mode: str = "constant",
+    power: float = 2.0,
+    n_mels: int = 128,
+    fmin: float = 0.0,
+    fmax: Optional[float] = None,
+    htk: bool = False,
+    norm="slaney",
+    ref: Ref = 1.0,
+    amin: float = 1e-10,
+    top_db: Optional[float] = 80.0,
+    lengths=None,
+    backend: str = "auto",
+):
     """power_to_db(melspectrogram(y, ...), ref, amin, top_db) — one fused kernel after the FFT on CUDA."""
-    cfg = FeatureConfig("logmel", sr=sr, n_fft=n_fft, hop_length=hop_length, win_length=win_length, window=window,
-                        center=center, pad_mode=pad_mode, power=power, n_mels=n_mels, fmin=fmin, fmax=fmax,
-                        htk=htk, mel_norm=norm, ref=_normalise_ref(ref), amin=amin, top_db=top_db)
+    cfg = FeatureConfig(
+        "logmel",
+        sr=sr,
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=win_length,
+        window=window,
+        center=center,
+        pad_mode=pad_mode,
+        power=power,
+        n_mels=n_mels,
+        fmin=fmin,
+        fmax=fmax,
+        htk=htk,
+        mel_norm=norm,
+        ref=_normalise_ref(ref),
+        amin=amin,
+        top_db=top_db,
+    )
     return _run(y, lengths, cfg, backend)
 
 
-def mfcc(y=None, *, sr: int = 22050, S=None, n_mfcc: int = 20, dct_type: int = 2, norm: Optional[str] = "ortho",
-         lifter: float = 0.0, n_fft: int = 2048, hop_length: Optional[int] = None, win_length: Optional[int] = None,
-         window="hann", center: bool = True, pad_mode: str = "constant", power: float = 2.0, n_mels: int = 128,
-         fmin: float = 0.0, fmax: Optional[float] = None, htk: bool = False, mel_norm="slaney", ref: Ref = 1.0,
-         amin: float = 1e-10, top_db: Optional[float] = 80.0, lengths=None, backend: str = "auto"):
+def mfcc(
+    y=None,
+    *,
+    sr: int = 22050,
+    S=None,
+    n_mfcc: int = 20,
+    dct_type: int = 2,
+    norm: Optional[str] = "ortho",
+    lifter: float = 0.0,
+    n_fft: int = 2048,
+    hop_length: Optional[int] = None,
+    win_length: Optional[int] = None,
+    window="hann",
+    center: bool = True,
+    pad_mode: str = "constant",
+    power: float = 2.0,
+    n_mels: int = 128,
+    fmin: float = 0.0,
+    fmax: Optional[float] = None,
+    htk: bool = False,
+    mel_norm="slaney",
+    ref: Ref = 1.0,
+    amin: float = 1e-10,
+    top_db: Optional[float] = 80.0,
+    lengths=None,
+    backend: str = "auto",
+):
     """MFCCs as librosa.feature.mfcc. `norm` is the DCT's (as in librosa); the mel filters' is `mel_norm`.
     S: a log-power mel spectrogram to transform instead of audio."""
     if S is not None:
@@ -455,10 +599,29 @@ def mfcc(y=None, *, sr: int = 22050, S=None, n_mfcc: int = 20, dct_type: int = 2
         basis = dct_matrix(n_mfcc, St.shape[-2], dct_type, norm).to(St.device, St.dtype)
         out = torch.matmul(basis, St) * lifter_weights(n_mfcc, lifter).to(St.device, St.dtype)[:, None]
         return out.numpy() if isinstance(S, np.ndarray) else out
-    cfg = FeatureConfig("mfcc", sr=sr, n_fft=n_fft, hop_length=hop_length, win_length=win_length, window=window,
-                        center=center, pad_mode=pad_mode, power=power, n_mels=n_mels, fmin=fmin, fmax=fmax,
-                        htk=htk, mel_norm=mel_norm, ref=_normalise_ref(ref), amin=amin, top_db=top_db,
-                        n_mfcc=n_mfcc, dct_type=dct_type, dct_norm=norm, lifter=lifter)
+    cfg = FeatureConfig(
+        "mfcc",
+        sr=sr,
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=win_length,
+        window=window,
+        center=center,
+        pad_mode=pad_mode,
+        power=power,
+        n_mels=n_mels,
+        fmin=fmin,
+        fmax=fmax,
+        htk=htk,
+        mel_norm=mel_norm,
+        ref=_normalise_ref(ref),
+        amin=amin,
+        top_db=top_db,
+        n_mfcc=n_mfcc,
+        dct_type=dct_type,
+        dct_norm=norm,
+        lifter=lifter,
+    )
     return _run(y, lengths, cfg, backend)
 
 
@@ -475,7 +638,10 @@ def power_to_db(S, *, ref: Ref = 1.0, amin: float = 1e-10, top_db: Optional[floa
         raise TypeError("power_to_db expects a real power spectrogram; pass abs(S)**2")
     shape = St.shape
     St = St.reshape(-1, *shape[-2:]) if St.dim() >= 2 else St.reshape(1, 1, -1)
-    f = torch.full((St.shape[0],), St.shape[-1], dtype=torch.int64) if frames is None else \
-        torch.as_tensor(frames, dtype=torch.int64).reshape(-1)
+    f = (
+        torch.full((St.shape[0],), St.shape[-1], dtype=torch.int64)
+        if frames is None
+        else torch.as_tensor(frames, dtype=torch.int64).reshape(-1)
+    )
     out = post.to_db(St, f.to(St.device), _normalise_ref(ref), amin, top_db).reshape(shape)
     return out.numpy() if was_numpy else out

@@ -4,6 +4,7 @@ The fused kernels (fastser.ops.mel_chain) compute the same chain in one pass; th
 borrows clamp_top_db and project. Shapes: spec (B, F, T) complex, frames (B,), outputs (B, bins, T)
 with the frames past each item's own set to 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ def clamp_top_db(db: torch.Tensor, frames: torch.Tensor, top_db: float) -> torch
     return torch.maximum(db, item_max - top_db).masked_fill(~valid, 0.0)
 
 
-def to_db(S: torch.Tensor, frames: torch.Tensor, ref: Union[float, str], amin: float,
-          top_db: Optional[float]) -> torch.Tensor:
+def to_db(
+    S: torch.Tensor, frames: torch.Tensor, ref: Union[float, str], amin: float, top_db: Optional[float]
+) -> torch.Tensor:
     """power_to_db per utterance over its valid frames; S (B, bins, T) power; ref a number or "max"."""
     db = 10.0 * torch.log10(S.clamp(min=amin))
     if ref == "max":

@@ -22,6 +22,7 @@ interpolation. A frame is voiced when that peak passes `voicing_threshold` and i
 within `silence_db` of the utterance's loudest frame. Inference features: no autograd promise
 (argmax picks the lag).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,14 +39,15 @@ PROSODY_CHANNELS = ("f0_semitones", "voicing", "hnr_db", "energy_db", "f0_delta"
 @dataclasses.dataclass(frozen=True)
 class ProsodyConfig:
     """Settings of the prosody contours; hashable and stored in checkpoints like a FeatureConfig."""
+
     kind: str = "prosody"
     sr: int = 16000
     hop_length: int = 160
     fmin: float = 60.0
     fmax: float = 400.0
     voicing_threshold: float = 0.45  # Praat's default
-    silence_db: float = 40.0         # voiced frames are at most this far below the loudest frame
-    octave_cost: float = 0.01        # Praat's default: favours the higher of two near-equal candidates
+    silence_db: float = 40.0  # voiced frames are at most this far below the loudest frame
+    octave_cost: float = 0.01  # Praat's default: favours the higher of two near-equal candidates
 
     def __post_init__(self):
         if self.kind != "prosody":
@@ -80,8 +82,9 @@ def _window_terms(win: int, n_fft: int, device_str: str):
 def prosody(y: torch.Tensor, lengths: torch.Tensor, cfg: ProsodyConfig = ProsodyConfig()):
     """y (B, samples) float, zero-padded; lengths (B,) -> (contours (B, 6, frames) float32, frames (B,))."""
     if y.dim() != 2 or lengths.dim() != 1 or lengths.shape[0] != y.shape[0]:
-        raise ValueError(f"prosody needs audio (B, samples) and lengths (B,), got {tuple(y.shape)} and "
-                         f"{tuple(lengths.shape)}")
+        raise ValueError(
+            f"prosody needs audio (B, samples) and lengths (B,), got {tuple(y.shape)} and {tuple(lengths.shape)}"
+        )
     y = y.float()
     win, hop = cfg.win_length, cfg.hop_length
     lag_lo, lag_hi = cfg.lags
@@ -92,17 +95,17 @@ def prosody(y: torch.Tensor, lengths: torch.Tensor, cfg: ProsodyConfig = Prosody
     pos = torch.arange(y.shape[1], device=y.device)
     y = y * (pos[None, :] < lengths[:, None])
     padded = torch.nn.functional.pad(y, (win // 2, win // 2 + hop))
-    x = padded.unfold(1, win, hop)[:, :T]                       # (B, T, win)
+    x = padded.unfold(1, win, hop)[:, :T]  # (B, T, win)
     x = x - x.mean(-1, keepdim=True)
     energy_db = 10.0 * torch.log10(x.square().mean(-1) + 1e-10)  # (B, T)
     window, rw = _window_terms(win, n_fft, str(y.device))
     r = torch.fft.irfft(torch.fft.rfft(x * window, n=n_fft).abs().square(), n=n_fft)[..., : lag_hi + 2]
     r = r / r[..., :1].clamp(min=1e-12)
-    r = r / rw[: lag_hi + 2].clamp(min=1e-3)                     # Boersma: undo the window's taper
+    r = r / rw[: lag_hi + 2].clamp(min=1e-3)  # Boersma: undo the window's taper
     lags = torch.arange(lag_lo, lag_hi + 1, device=y.device)
-    cand = r[..., lag_lo: lag_hi + 1]
+    cand = r[..., lag_lo : lag_hi + 1]
     score = cand - cfg.octave_cost * torch.log2(lags * (cfg.fmin / cfg.sr))
-    k = score.argmax(-1, keepdim=True)                           # (B, T, 1) index into the lag range
+    k = score.argmax(-1, keepdim=True)  # (B, T, 1) index into the lag range
     idx = k + lag_lo
     left, mid, right = (r.gather(-1, (idx + d).clamp(0, lag_hi + 1)).squeeze(-1) for d in (-1, 0, 1))
     curve = left - 2 * mid + right

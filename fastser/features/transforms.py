@@ -7,6 +7,7 @@ DCT are buffers, so `.to(device)` moves them and the module can be a model's fir
 Autograd: with backend "auto" (the default) audio that requires grad goes through the "torch"
 backend and gets its gradient; the fused backends raise instead of dropping it.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -47,26 +48,76 @@ class _Feature(nn.Module):
 class Spectrogram(_Feature):
     """|STFT|**power, (..., T) -> (..., 1 + n_fft // 2, frames); power=None gives the complex STFT."""
 
-    def __init__(self, n_fft: int = 2048, hop_length: Optional[int] = None, win_length: Optional[int] = None,
-                 window="hann", center: bool = True, pad_mode: str = "constant", power: Optional[float] = 2.0,
-                 backend: str = "auto"):
-        super().__init__(F.FeatureConfig("spectrogram", n_fft=n_fft, hop_length=hop_length, win_length=win_length,
-                                         window=window, center=center, pad_mode=pad_mode, power=power), backend)
+    def __init__(
+        self,
+        n_fft: int = 2048,
+        hop_length: Optional[int] = None,
+        win_length: Optional[int] = None,
+        window="hann",
+        center: bool = True,
+        pad_mode: str = "constant",
+        power: Optional[float] = 2.0,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            F.FeatureConfig(
+                "spectrogram",
+                n_fft=n_fft,
+                hop_length=hop_length,
+                win_length=win_length,
+                window=window,
+                center=center,
+                pad_mode=pad_mode,
+                power=power,
+            ),
+            backend,
+        )
 
 
 class MelSpectrogram(_Feature):
     """Mel power spectrogram, (..., T) -> (..., n_mels, frames); `to_db=True` gives the log-mel
     (power_to_db with ref, amin and top_db per utterance, as librosa on each item alone)."""
 
-    def __init__(self, sr: int = 22050, n_fft: int = 2048, hop_length: Optional[int] = None,
-                 win_length: Optional[int] = None, window="hann", center: bool = True, pad_mode: str = "constant",
-                 power: float = 2.0, n_mels: int = 128, fmin: float = 0.0, fmax: Optional[float] = None,
-                 htk: bool = False, norm="slaney", to_db: bool = False, ref=1.0, amin: float = 1e-10,
-                 top_db: Optional[float] = 80.0, backend: str = "auto"):
-        cfg = F.FeatureConfig("logmel" if to_db else "mel", sr=sr, n_fft=n_fft, hop_length=hop_length,
-                              win_length=win_length, window=window, center=center, pad_mode=pad_mode, power=power,
-                              n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk, mel_norm=norm,
-                              ref=F._normalise_ref(ref), amin=amin, top_db=top_db)
+    def __init__(
+        self,
+        sr: int = 22050,
+        n_fft: int = 2048,
+        hop_length: Optional[int] = None,
+        win_length: Optional[int] = None,
+        window="hann",
+        center: bool = True,
+        pad_mode: str = "constant",
+        power: float = 2.0,
+        n_mels: int = 128,
+        fmin: float = 0.0,
+        fmax: Optional[float] = None,
+        htk: bool = False,
+        norm="slaney",
+        to_db: bool = False,
+        ref=1.0,
+        amin: float = 1e-10,
+        top_db: Optional[float] = 80.0,
+        backend: str = "auto",
+    ):
+        cfg = F.FeatureConfig(
+            "logmel" if to_db else "mel",
+            sr=sr,
+            n_fft=n_fft,
+            hop_length=hop_length,
+            win_length=win_length,
+            window=window,
+            center=center,
+            pad_mode=pad_mode,
+            power=power,
+            n_mels=n_mels,
+            fmin=fmin,
+            fmax=fmax,
+            htk=htk,
+            mel_norm=norm,
+            ref=F._normalise_ref(ref),
+            amin=amin,
+            top_db=top_db,
+        )
         super().__init__(cfg, backend)
 
 
@@ -74,14 +125,51 @@ class MFCC(_Feature):
     """MFCCs as librosa.feature.mfcc, (..., T) -> (..., n_mfcc, frames): log-mel (mel_norm, ref, amin,
     top_db) then a DCT (dct_type, norm) and a lifter."""
 
-    def __init__(self, sr: int = 22050, n_mfcc: int = 20, dct_type: int = 2, norm: Optional[str] = "ortho",
-                 lifter: float = 0.0, n_fft: int = 2048, hop_length: Optional[int] = None,
-                 win_length: Optional[int] = None, window="hann", center: bool = True, pad_mode: str = "constant",
-                 power: float = 2.0, n_mels: int = 128, fmin: float = 0.0, fmax: Optional[float] = None,
-                 htk: bool = False, mel_norm="slaney", ref=1.0, amin: float = 1e-10, top_db: Optional[float] = 80.0,
-                 backend: str = "auto"):
-        cfg = F.FeatureConfig("mfcc", sr=sr, n_fft=n_fft, hop_length=hop_length, win_length=win_length,
-                              window=window, center=center, pad_mode=pad_mode, power=power, n_mels=n_mels, fmin=fmin,
-                              fmax=fmax, htk=htk, mel_norm=mel_norm, ref=F._normalise_ref(ref), amin=amin,
-                              top_db=top_db, n_mfcc=n_mfcc, dct_type=dct_type, dct_norm=norm, lifter=lifter)
+    def __init__(
+        self,
+        sr: int = 22050,
+        n_mfcc: int = 20,
+        dct_type: int = 2,
+        norm: Optional[str] = "ortho",
+        lifter: float = 0.0,
+        n_fft: int = 2048,
+        hop_length: Optional[int] = None,
+        win_length: Optional[int] = None,
+        window="hann",
+        center: bool = True,
+        pad_mode: str = "constant",
+        power: float = 2.0,
+        n_mels: int = 128,
+        fmin: float = 0.0,
+        fmax: Optional[float] = None,
+        htk: bool = False,
+        mel_norm="slaney",
+        ref=1.0,
+        amin: float = 1e-10,
+        top_db: Optional[float] = 80.0,
+        backend: str = "auto",
+    ):
+        cfg = F.FeatureConfig(
+            "mfcc",
+            sr=sr,
+            n_fft=n_fft,
+            hop_length=hop_length,
+            win_length=win_length,
+            window=window,
+            center=center,
+            pad_mode=pad_mode,
+            power=power,
+            n_mels=n_mels,
+            fmin=fmin,
+            fmax=fmax,
+            htk=htk,
+            mel_norm=mel_norm,
+            ref=F._normalise_ref(ref),
+            amin=amin,
+            top_db=top_db,
+            n_mfcc=n_mfcc,
+            dct_type=dct_type,
+            dct_norm=norm,
+            lifter=lifter,
+        )
         super().__init__(cfg, backend)

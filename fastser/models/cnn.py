@@ -12,6 +12,7 @@ that reconstructs the input features as an auxiliary task. Ours: batch norm, mas
 pooling over the valid frames (so any length works and padding never leaks in), dropout, and the
 decoder reading the last convolutional map rather than the pooled vector (so it keeps time).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -101,8 +102,12 @@ class FeatureEncoder(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.n_bins, self.pooling = n_bins, pooling
         self.stem = ParallelStem(width)
-        self.blocks = nn.ModuleList([_block(self.stem.out_channels, 2 * width, (3, 3), pool=True),
-                                     _block(2 * width, 4 * width, (3, 3), pool=True)])
+        self.blocks = nn.ModuleList(
+            [
+                _block(self.stem.out_channels, 2 * width, (3, 3), pool=True),
+                _block(2 * width, 4 * width, (3, 3), pool=True),
+            ]
+        )
         self.out_channels = 4 * width
         self.bin_stats = bin_stats
         self.stride = 8
@@ -123,8 +128,12 @@ class FeatureEncoder(nn.Module):
         # when frames == T: a batch without padding (the usual training crop) needs no masks. Checked on
         # the CPU only, where the check is free and the multiplications are not (on a GPU, the reverse);
         # never in an exported graph, which must serve padded batches too.
-        full = x.device.type == "cpu" and x.shape[-1] == T and not torch.compiler.is_exporting() \
+        full = (
+            x.device.type == "cpu"
+            and x.shape[-1] == T
+            and not torch.compiler.is_exporting()
             and bool((frames >= T).all())
+        )
         masked = (lambda h, stride: h) if full else (lambda h, stride: h * masks.at(stride, h.shape[-1]))
         h = self.stem(masked(x, 1))
         h = masked(h, 2)
@@ -150,11 +159,18 @@ class ContourEncoder(nn.Module):
         super().__init__()
         self.n_bins = n_bins
         hidden = 2 * width
-        self.layers = nn.ModuleList([
-            nn.Sequential(nn.Conv1d(n_bins, hidden, 5, padding=2, bias=False), nn.BatchNorm1d(hidden),
-                          nn.ReLU(inplace=True)),
-            nn.Sequential(nn.Conv1d(hidden, hidden, 5, padding=4, dilation=2, bias=False), nn.BatchNorm1d(hidden),
-                          nn.ReLU(inplace=True))])
+        self.layers = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv1d(n_bins, hidden, 5, padding=2, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)
+                ),
+                nn.Sequential(
+                    nn.Conv1d(hidden, hidden, 5, padding=4, dilation=2, bias=False),
+                    nn.BatchNorm1d(hidden),
+                    nn.ReLU(inplace=True),
+                ),
+            ]
+        )
         self.out_dim = 3 * hidden + 2 * n_bins
 
     def forward(self, x: torch.Tensor, frames: torch.Tensor, masks: Optional[FrameMasks] = None) -> torch.Tensor:
@@ -174,10 +190,14 @@ class FeatureDecoder(nn.Module):
     def __init__(self, in_channels: int, width: int = 16):
         super().__init__()
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(in_channels, 2 * width, 4, stride=2, padding=1), nn.BatchNorm2d(2 * width),
+            nn.ConvTranspose2d(in_channels, 2 * width, 4, stride=2, padding=1),
+            nn.BatchNorm2d(2 * width),
             nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(width, 1, 4, stride=2, padding=1))
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(width, 1, 4, stride=2, padding=1),
+        )
 
     def forward(self, fmap: torch.Tensor, shape) -> torch.Tensor:
         out = self.net(fmap).squeeze(1)
@@ -196,20 +216,38 @@ class SERModel(nn.Module):
     pooled vectors concatenated (fused before the embedding, so the center loss acts on the fused
     embedding), an embedding layer, a classifier, and one decoder per spectral kind."""
 
-    def __init__(self, input_bins: dict, num_classes: int, *, width: int = 16, embed_dim: int = 128,
-                 dropout: float = 0.3, reconstruct: bool = True, bin_stats: bool = False,
-                 pooling: str = "time"):
+    def __init__(
+        self,
+        input_bins: dict,
+        num_classes: int,
+        *,
+        width: int = 16,
+        embed_dim: int = 128,
+        dropout: float = 0.3,
+        reconstruct: bool = True,
+        bin_stats: bool = False,
+        pooling: str = "time",
+    ):
         super().__init__()
         self.kinds = list(input_bins)
-        self.encoders = nn.ModuleDict({k: ContourEncoder(b, width) if k in CONTOUR_KINDS
-                                       else FeatureEncoder(b, width, bin_stats, pooling)
-                                       for k, b in input_bins.items()})
+        self.encoders = nn.ModuleDict(
+            {
+                k: ContourEncoder(b, width) if k in CONTOUR_KINDS else FeatureEncoder(b, width, bin_stats, pooling)
+                for k, b in input_bins.items()
+            }
+        )
         pooled = sum(e.out_dim for e in self.encoders.values())
-        self.embed = nn.Sequential(nn.Dropout(dropout), nn.Linear(pooled, embed_dim), nn.BatchNorm1d(embed_dim),
-                                   nn.ReLU(inplace=True))
+        self.embed = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(pooled, embed_dim), nn.BatchNorm1d(embed_dim), nn.ReLU(inplace=True)
+        )
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed_dim, num_classes))
-        self.decoders = nn.ModuleDict({k: FeatureDecoder(e.out_channels, width) for k, e in self.encoders.items()
-                                       if k not in CONTOUR_KINDS}) if reconstruct else None
+        self.decoders = (
+            nn.ModuleDict(
+                {k: FeatureDecoder(e.out_channels, width) for k, e in self.encoders.items() if k not in CONTOUR_KINDS}
+            )
+            if reconstruct
+            else None
+        )
         self.embed_dim, self.num_classes = embed_dim, num_classes
 
     def forward(self, feats: dict, frames: torch.Tensor) -> SERResult:
@@ -221,8 +259,9 @@ class SERModel(nn.Module):
         for kind in self.kinds:
             x = feats[kind]
             if x.dim() != 3 or x.shape[1] != self.encoders[kind].n_bins:
-                raise ValueError(f"{kind} features must be (batch, {self.encoders[kind].n_bins}, frames), "
-                                 f"got {tuple(x.shape)}")
+                raise ValueError(
+                    f"{kind} features must be (batch, {self.encoders[kind].n_bins}, frames), got {tuple(x.shape)}"
+                )
             if kind in CONTOUR_KINDS:
                 pooled.append(self.encoders[kind](x, frames, masks))
                 continue

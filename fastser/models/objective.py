@@ -1,4 +1,5 @@
 """L = CE + lambda_c * CenterLoss(embedding) + lambda_r * masked MSE(reconstruction, input)."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -14,8 +15,9 @@ from fastser.nn import CenterLoss
 
 class Mix(NamedTuple):
     """What `fastser.training.mixup` mixed into each item: the objective's cross-entropy needs both labels."""
+
     partner: torch.Tensor  # (B,) label of the item mixed in, on the device
-    lam: torch.Tensor      # (B,) weight of the item's own features and label, in [0.5, 1], on the device
+    lam: torch.Tensor  # (B,) weight of the item's own features and label, in [0.5, 1], on the device
 
 
 class LossTerms(NamedTuple):
@@ -46,9 +48,19 @@ class SERObjective(nn.Module):
     three terms.
     """
 
-    def __init__(self, num_classes: int, embed_dim: int, *, lambda_center: float = 0.003, lambda_recon: float = 0.1,
-                 center_alpha: float = 0.5, class_weights: Optional[torch.Tensor] = None,
-                 label_smoothing: float = 0.0, process_group=None, deterministic: bool = False):
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        *,
+        lambda_center: float = 0.003,
+        lambda_recon: float = 0.1,
+        center_alpha: float = 0.5,
+        class_weights: Optional[torch.Tensor] = None,
+        label_smoothing: float = 0.0,
+        process_group=None,
+        deterministic: bool = False,
+    ):
         super().__init__()
         self.lambda_center, self.lambda_recon = lambda_center, lambda_recon
         self.label_smoothing = label_smoothing
@@ -57,27 +69,41 @@ class SERObjective(nn.Module):
         # Its input checks (label range, finite features) read a value back to the host: free on
         # the CPU (eager), a sync per step on a GPU, where they stay on the device (deferred) and
         # the training loop reads their count once per epoch.
-        self.center_loss = CenterLoss(num_classes, embed_dim, update="wen", alpha=center_alpha,
-                                      process_group=process_group, deterministic=deterministic) \
-            if lambda_center > 0 else None
+        self.center_loss = (
+            CenterLoss(
+                num_classes,
+                embed_dim,
+                update="wen",
+                alpha=center_alpha,
+                process_group=process_group,
+                deterministic=deterministic,
+            )
+            if lambda_center > 0
+            else None
+        )
 
-    def forward(self, out: SERResult, labels: torch.Tensor, feats: dict, frames: torch.Tensor,
-                mix: Optional[Mix] = None) -> LossTerms:
+    def forward(
+        self, out: SERResult, labels: torch.Tensor, feats: dict, frames: torch.Tensor, mix: Optional[Mix] = None
+    ) -> LossTerms:
         logits = out.logits.float()
         if mix is None:
             ce = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
         else:  # per item w[y] * nll(y); the weighted mean divides by the (mixed) weights, as F.cross_entropy does
             w = self.class_weights
-            per_label = [F.cross_entropy(logits, y, weight=w, label_smoothing=self.label_smoothing, reduction="none")
-                         for y in (labels, mix.partner)]
-            ce = (mix.lam * per_label[0] + (1 - mix.lam) * per_label[1]).sum() \
-                / (mix.lam * w[labels] + (1 - mix.lam) * w[mix.partner]).sum()
+            per_label = [
+                F.cross_entropy(logits, y, weight=w, label_smoothing=self.label_smoothing, reduction="none")
+                for y in (labels, mix.partner)
+            ]
+            ce = (mix.lam * per_label[0] + (1 - mix.lam) * per_label[1]).sum() / (
+                mix.lam * w[labels] + (1 - mix.lam) * w[mix.partner]
+            ).sum()
         zero = ce.new_zeros(())
         if self.center_loss is not None:
             self.center_loss.validate = "eager" if labels.device.type == "cpu" else "deferred"
         center = self.center_loss(out.embedding.float(), labels) if self.center_loss is not None else zero
         recon = zero
         if self.lambda_recon > 0 and out.reconstruction:
-            recon = sum(masked_mse(r, feats[k], frames)
-                        for k, r in out.reconstruction.items()) / len(out.reconstruction)
+            recon = sum(masked_mse(r, feats[k], frames) for k, r in out.reconstruction.items()) / len(
+                out.reconstruction
+            )
         return LossTerms(ce + self.lambda_center * center + self.lambda_recon * recon, ce, center, recon)

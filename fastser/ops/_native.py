@@ -9,6 +9,7 @@ wrapper below takes tensors, checks dtype, device, contiguity and shape (a TypeE
 naming the argument), passes the pointers, and holds every tensor it made (a `.contiguous()`
 copy) in a local until the kernel returns, so no pointer can dangle.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -23,10 +24,12 @@ except ImportError as exc:  # a source checkout that was never built
 else:
     CPU_IMPORT_ERROR = None
 
+
 def _explain_missing_cpu_kernels(error: ImportError) -> str:
     """Why fastser._C is missing: most often a source tree that shadows the installed package."""
     import importlib.metadata
     import os
+
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         dist = importlib.metadata.distribution("fastser")
@@ -34,16 +37,23 @@ def _explain_missing_cpu_kernels(error: ImportError) -> str:
     except importlib.metadata.PackageNotFoundError:
         installed = None
     if installed and os.path.abspath(installed) != here and os.path.isdir(installed):
-        return (f"fastser is imported from {here}, which has no compiled kernels, while the installed copy is "
-                f"{installed}: the source tree shadows it (run from another folder, or install with "
-                f"pip install -e .)")
+        return (
+            f"fastser is imported from {here}, which has no compiled kernels, while the installed copy is "
+            f"{installed}: the source tree shadows it (run from another folder, or install with "
+            f"pip install -e .)"
+        )
     return f"fastser at {here} was not built ({error}); pip install . (or -e .) builds them with a C++ compiler"
 
 
 if cpu is None:
     import warnings
-    warnings.warn(f"fastser's compiled CPU kernels are not importable, so the slower torch fallbacks run: "
-                  f"{_explain_missing_cpu_kernels(CPU_IMPORT_ERROR)}", RuntimeWarning, stacklevel=2)
+
+    warnings.warn(
+        f"fastser's compiled CPU kernels are not importable, so the slower torch fallbacks run: "
+        f"{_explain_missing_cpu_kernels(CPU_IMPORT_ERROR)}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 try:
     from fastser import _C_cuda as cuda
@@ -59,8 +69,9 @@ CPU_CENTER_DTYPES = (torch.float32, torch.float64)
 CUDA_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(t: Optional[torch.Tensor], name: str, *, dtypes, device_type: str, shape=None,
-           optional: bool = False) -> int:
+def _check(
+    t: Optional[torch.Tensor], name: str, *, dtypes, device_type: str, shape=None, optional: bool = False
+) -> int:
     """Validate one tensor argument and return its data pointer (0 for an absent optional one)."""
     if t is None:
         if optional:
@@ -103,16 +114,23 @@ def _forward_args(x, labels, centers, row_loss, diff, device_type: str, x_dtypes
     B, D = x.shape
     C = centers.shape[0]
     out = (out_dtype,)
-    return B, D, C, dict(
-        x=_check(x, "x", dtypes=x_dtypes, device_type=device_type),
-        labels=_check(labels, "labels", dtypes=(torch.int64,), device_type=device_type, shape=(B,)),
-        centers=_check(centers, "centers", dtypes=out, device_type=device_type, shape=(C, D)),
-        row_loss=_check(row_loss, "row_loss", dtypes=out, device_type=device_type, shape=(B,)),
-        diff=_check(diff, "diff", dtypes=out, device_type=device_type, shape=(B, D)))
+    return (
+        B,
+        D,
+        C,
+        dict(
+            x=_check(x, "x", dtypes=x_dtypes, device_type=device_type),
+            labels=_check(labels, "labels", dtypes=(torch.int64,), device_type=device_type, shape=(B,)),
+            centers=_check(centers, "centers", dtypes=out, device_type=device_type, shape=(C, D)),
+            row_loss=_check(row_loss, "row_loss", dtypes=out, device_type=device_type, shape=(B,)),
+            diff=_check(diff, "diff", dtypes=out, device_type=device_type, shape=(B, D)),
+        ),
+    )
 
 
-def _backward_args(diff, labels, num_classes, row_scale, grad_x, centers, grad_centers, device_type: str,
-                   diff_dtypes, grad_x_dtypes) -> tuple:
+def _backward_args(
+    diff, labels, num_classes, row_scale, grad_x, centers, grad_centers, device_type: str, diff_dtypes, grad_x_dtypes
+) -> tuple:
     """The center-loss backward's arguments, checked: (B, D, C, pointers by name). The gradient,
     centers and row scale are in diff's dtype; grad_x in one of grad_x_dtypes."""
     if centers is not None and grad_centers is not None:
@@ -120,45 +138,96 @@ def _backward_args(diff, labels, num_classes, row_scale, grad_x, centers, grad_c
     B, D = diff.shape
     C = num_classes
     dt = (diff.dtype,)
-    return B, D, C, dict(
-        diff=_check(diff, "diff", dtypes=diff_dtypes, device_type=device_type),
-        labels=_check(labels, "labels", dtypes=(torch.int64,), device_type=device_type, shape=(B,)),
-        row_scale=_check(row_scale, "row_scale", dtypes=dt, device_type=device_type),
-        grad_x=_check(grad_x, "grad_x", dtypes=grad_x_dtypes, device_type=device_type, shape=(B, D), optional=True),
-        centers=_check(centers, "centers", dtypes=dt, device_type=device_type, shape=(C, D), optional=True),
-        grad_centers=_check(grad_centers, "grad_centers", dtypes=dt, device_type=device_type, shape=(C, D),
-                            optional=True))
+    return (
+        B,
+        D,
+        C,
+        dict(
+            diff=_check(diff, "diff", dtypes=diff_dtypes, device_type=device_type),
+            labels=_check(labels, "labels", dtypes=(torch.int64,), device_type=device_type, shape=(B,)),
+            row_scale=_check(row_scale, "row_scale", dtypes=dt, device_type=device_type),
+            grad_x=_check(grad_x, "grad_x", dtypes=grad_x_dtypes, device_type=device_type, shape=(B, D), optional=True),
+            centers=_check(centers, "centers", dtypes=dt, device_type=device_type, shape=(C, D), optional=True),
+            grad_centers=_check(
+                grad_centers, "grad_centers", dtypes=dt, device_type=device_type, shape=(C, D), optional=True
+            ),
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------- CPU (fastser._C)
 
-def center_loss_forward_cpu(x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
-                            row_loss: torch.Tensor, diff: torch.Tensor) -> int:
+
+def center_loss_forward_cpu(
+    x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, row_loss: torch.Tensor, diff: torch.Tensor
+) -> int:
     """x (B, D), centers (C, D), row_loss (B,), diff (B, D): one float dtype (fp32/fp64); labels
     (B,) int64. Returns -1, or the index of the first label outside [0, C) (then nothing is written)."""
     lib = _need(cpu, "CPU", CPU_IMPORT_ERROR)
     B, D, C, args = _forward_args(x, labels, centers, row_loss, diff, "cpu", CPU_CENTER_DTYPES, x.dtype)
-    return lib.center_loss_forward(DTYPE_CODES[x.dtype], args["x"], args["labels"], args["centers"], B, D, C,
-                                   args["row_loss"], args["diff"], torch.get_num_threads())
+    return lib.center_loss_forward(
+        DTYPE_CODES[x.dtype],
+        args["x"],
+        args["labels"],
+        args["centers"],
+        B,
+        D,
+        C,
+        args["row_loss"],
+        args["diff"],
+        torch.get_num_threads(),
+    )
 
 
-def center_loss_backward_cpu(diff: torch.Tensor, labels: torch.Tensor, num_classes: int, row_scale: torch.Tensor,
-                             grad_x: Optional[torch.Tensor], centers: Optional[torch.Tensor], alpha: float,
-                             grad_centers: Optional[torch.Tensor]) -> None:
+def center_loss_backward_cpu(
+    diff: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    row_scale: torch.Tensor,
+    grad_x: Optional[torch.Tensor],
+    centers: Optional[torch.Tensor],
+    alpha: float,
+    grad_centers: Optional[torch.Tensor],
+) -> None:
     """diff (B, D) fp32/fp64; labels (B,) int64; row_scale (1,) or (B,); grad_x (B, D) or None; at most
     one of centers (C, D, updated in place by Wen's rule) and grad_centers (C, D, zeroed by the caller)."""
     lib = _need(cpu, "CPU", CPU_IMPORT_ERROR)
-    B, D, C, args = _backward_args(diff, labels, num_classes, row_scale, grad_x, centers, grad_centers, "cpu",
-                                   CPU_CENTER_DTYPES, (diff.dtype,))
-    lib.center_loss_backward(DTYPE_CODES[diff.dtype], args["diff"], args["labels"], B, D, C, args["row_scale"],
-                             _stride(row_scale, B), args["grad_x"], args["centers"], float(alpha),
-                             args["grad_centers"], torch.get_num_threads())
+    B, D, C, args = _backward_args(
+        diff, labels, num_classes, row_scale, grad_x, centers, grad_centers, "cpu", CPU_CENTER_DTYPES, (diff.dtype,)
+    )
+    lib.center_loss_backward(
+        DTYPE_CODES[diff.dtype],
+        args["diff"],
+        args["labels"],
+        B,
+        D,
+        C,
+        args["row_scale"],
+        _stride(row_scale, B),
+        args["grad_x"],
+        args["centers"],
+        float(alpha),
+        args["grad_centers"],
+        torch.get_num_threads(),
+    )
 
 
-def mel_chain_cpu(spec: torch.Tensor, frames: torch.Tensor, fb: torch.Tensor, *, power: float, to_db: bool,
-                  amin: float, log_ref: float, ref_max: bool, top_db: Optional[float],
-                  dct: Optional[torch.Tensor], lift: Optional[torch.Tensor], mel_out: torch.Tensor,
-                  mfcc_out: Optional[torch.Tensor]) -> None:
+def mel_chain_cpu(
+    spec: torch.Tensor,
+    frames: torch.Tensor,
+    fb: torch.Tensor,
+    *,
+    power: float,
+    to_db: bool,
+    amin: float,
+    log_ref: float,
+    ref_max: bool,
+    top_db: Optional[float],
+    dct: Optional[torch.Tensor],
+    lift: Optional[torch.Tensor],
+    mel_out: torch.Tensor,
+    mfcc_out: Optional[torch.Tensor],
+) -> None:
     """The fused post-FFT chain on the CPU (csrc/mel_chain_cpu.h).
 
     spec (B, T, F) complex64, frame-major; frames (B,) int64; fb (M, F); dct (K, M) and lift (K,)
@@ -180,10 +249,30 @@ def mel_chain_cpu(spec: torch.Tensor, frames: torch.Tensor, fb: torch.Tensor, *,
         dct=_check(dct, "dct", dtypes=f32, device_type="cpu", shape=(K, M), optional=True),
         lift=_check(lift, "lift", dtypes=f32, device_type="cpu", shape=(K,), optional=True),
         mel_out=_check(mel_out, "mel_out", dtypes=f32, device_type="cpu", shape=(B, M, T)),
-        mfcc_out=_check(mfcc_out, "mfcc_out", dtypes=f32, device_type="cpu", shape=(B, K, T), optional=True))
-    lib.mel_chain(args["spec"], B, T, F, args["frames"], args["fb"], M, float(power), bool(to_db), float(amin),
-                  float(log_ref), bool(ref_max), top_db is not None, float(top_db or 0.0), args["dct"], args["lift"],
-                  K, args["mel_out"], args["mfcc_out"], torch.get_num_threads())
+        mfcc_out=_check(mfcc_out, "mfcc_out", dtypes=f32, device_type="cpu", shape=(B, K, T), optional=True),
+    )
+    lib.mel_chain(
+        args["spec"],
+        B,
+        T,
+        F,
+        args["frames"],
+        args["fb"],
+        M,
+        float(power),
+        bool(to_db),
+        float(amin),
+        float(log_ref),
+        bool(ref_max),
+        top_db is not None,
+        float(top_db or 0.0),
+        args["dct"],
+        args["lift"],
+        K,
+        args["mel_out"],
+        args["mfcc_out"],
+        torch.get_num_threads(),
+    )
 
 
 def cpu_has_mel_chain() -> bool:
@@ -192,38 +281,77 @@ def cpu_has_mel_chain() -> bool:
 
 # ----------------------------------------------------------------------------- CUDA (fastser._C_cuda)
 
-def center_loss_forward_cuda(x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
-                             row_loss: torch.Tensor, diff: torch.Tensor) -> None:
+
+def center_loss_forward_cuda(
+    x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, row_loss: torch.Tensor, diff: torch.Tensor
+) -> None:
     """x (B, D) fp32/fp16/bf16; labels (B,) int64; centers (C, D), row_loss (B,), diff (B, D) fp32.
     Launched on the current stream of x's device."""
     lib = _need(cuda, "CUDA", CUDA_IMPORT_ERROR)
     B, D, C, args = _forward_args(x, labels, centers, row_loss, diff, "cuda", CUDA_INPUT_DTYPES, torch.float32)
-    lib.center_loss_forward(DTYPE_CODES[x.dtype], args["x"], args["labels"], args["centers"], B, D, C,
-                            args["row_loss"], args["diff"], _stream(x.device))
+    lib.center_loss_forward(
+        DTYPE_CODES[x.dtype],
+        args["x"],
+        args["labels"],
+        args["centers"],
+        B,
+        D,
+        C,
+        args["row_loss"],
+        args["diff"],
+        _stream(x.device),
+    )
 
 
-def center_loss_backward_cuda(diff: torch.Tensor, labels: torch.Tensor, counts: Optional[torch.Tensor],
-                              num_classes: int, row_scale: torch.Tensor, grad_x: Optional[torch.Tensor],
-                              centers: Optional[torch.Tensor], alpha: float,
-                              grad_centers: Optional[torch.Tensor]) -> None:
+def center_loss_backward_cuda(
+    diff: torch.Tensor,
+    labels: torch.Tensor,
+    counts: Optional[torch.Tensor],
+    num_classes: int,
+    row_scale: torch.Tensor,
+    grad_x: Optional[torch.Tensor],
+    centers: Optional[torch.Tensor],
+    alpha: float,
+    grad_centers: Optional[torch.Tensor],
+) -> None:
     """diff (B, D) fp32; labels (B,) int64; counts (C,) int64 (rows per class; the Wen update needs
     it); row_scale (1,) or (B,) fp32; grad_x (B, D) fp32/fp16/bf16 or None; at most one of centers
     (Wen update with fp32 atomics) and grad_centers (zeroed by the caller), both (C, D) fp32."""
     lib = _need(cuda, "CUDA", CUDA_IMPORT_ERROR)
     if centers is not None and counts is None:
         raise ValueError("the Wen update needs the per-class counts")
-    B, D, C, args = _backward_args(diff, labels, num_classes, row_scale, grad_x, centers, grad_centers, "cuda",
-                                   (torch.float32,), CUDA_INPUT_DTYPES)
+    B, D, C, args = _backward_args(
+        diff, labels, num_classes, row_scale, grad_x, centers, grad_centers, "cuda", (torch.float32,), CUDA_INPUT_DTYPES
+    )
     args["counts"] = _check(counts, "counts", dtypes=(torch.int64,), device_type="cuda", shape=(C,), optional=True)
     grad_code = DTYPE_CODES[grad_x.dtype if grad_x is not None else torch.float32]
-    lib.center_loss_backward(grad_code, args["diff"], args["labels"], args["counts"], B, D, C, args["row_scale"],
-                             _stride(row_scale, B), args["grad_x"], args["centers"], float(alpha),
-                             args["grad_centers"], _stream(diff.device))
+    lib.center_loss_backward(
+        grad_code,
+        args["diff"],
+        args["labels"],
+        args["counts"],
+        B,
+        D,
+        C,
+        args["row_scale"],
+        _stride(row_scale, B),
+        args["grad_x"],
+        args["centers"],
+        float(alpha),
+        args["grad_centers"],
+        _stream(diff.device),
+    )
 
 
-def center_loss_segment_update_cuda(diff: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-                                    row_scale: torch.Tensor, centers: Optional[torch.Tensor], alpha: float,
-                                    grad_centers: Optional[torch.Tensor]) -> None:
+def center_loss_segment_update_cuda(
+    diff: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    row_scale: torch.Tensor,
+    centers: Optional[torch.Tensor],
+    alpha: float,
+    grad_centers: Optional[torch.Tensor],
+) -> None:
     """Deterministic class sums: order (B,) rows sorted by label, offsets (C + 1,) int64; exactly one
     of centers (Wen update) and grad_centers (written, not accumulated), (C, D) fp32."""
     lib = _need(cuda, "CUDA", CUDA_IMPORT_ERROR)
@@ -238,8 +366,18 @@ def center_loss_segment_update_cuda(diff: torch.Tensor, order: torch.Tensor, off
         offsets=_check(offsets, "offsets", dtypes=(torch.int64,), device_type="cuda"),
         row_scale=_check(row_scale, "row_scale", dtypes=f32, device_type="cuda"),
         centers=_check(centers, "centers", dtypes=f32, device_type="cuda", shape=(C, D), optional=True),
-        grad_centers=_check(grad_centers, "grad_centers", dtypes=f32, device_type="cuda", shape=(C, D),
-                            optional=True))
-    lib.center_loss_segment_update(args["diff"], args["order"], args["offsets"], D, C, args["row_scale"],
-                                   _stride(row_scale, B), args["centers"], float(alpha), args["grad_centers"],
-                                   _stream(diff.device))
+        grad_centers=_check(grad_centers, "grad_centers", dtypes=f32, device_type="cuda", shape=(C, D), optional=True),
+    )
+    lib.center_loss_segment_update(
+        args["diff"],
+        args["order"],
+        args["offsets"],
+        D,
+        C,
+        args["row_scale"],
+        _stride(row_scale, B),
+        args["centers"],
+        float(alpha),
+        args["grad_centers"],
+        _stream(diff.device),
+    )

@@ -7,6 +7,7 @@ the kernel's arguments, by name, and `launch()` runs it. The GPU compile gate
 each resulting specialisation for sm_80 and sm_90 with `triton.compile` — so the gate compiles
 exactly what the code launches, and a kernel that only the CPU interpreter accepts fails CI.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,16 +15,25 @@ import dataclasses
 import torch
 
 # torch dtype -> Triton's pointer element / scalar type names
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-                torch.bool: "i1"}
+TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class TritonLaunch:
-    kernel: object            # a @triton.jit function
+    kernel: object  # a @triton.jit function
     grid: tuple
-    args: dict                # every kernel parameter by name, constexprs included
+    args: dict  # every kernel parameter by name, constexprs included
     options: dict = dataclasses.field(default_factory=dict)  # num_warps, num_stages
 
     def launch(self) -> None:
@@ -37,6 +47,7 @@ class TritonLaunch:
         """The kernel as a compilable JITFunction, also when TRITON_INTERPRET=1 made it an
         InterpretedFunction (the Python function and its module globals are the same)."""
         from triton.runtime.jit import JITFunction
+
         return self.kernel if isinstance(self.kernel, JITFunction) else JITFunction(self.kernel.fn)
 
     def signature(self) -> tuple[dict, dict]:
@@ -53,7 +64,7 @@ class TritonLaunch:
             elif isinstance(value, bool):
                 signature[param.name] = "i1"
             elif isinstance(value, int):
-                signature[param.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+                signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             elif isinstance(value, float):
                 signature[param.name] = "fp32"
             else:
@@ -63,5 +74,4 @@ class TritonLaunch:
     def key(self) -> tuple:
         """What makes two launches one compiled kernel."""
         signature, constexprs = self.signature()
-        return (self.name, tuple(signature.items()), tuple(constexprs.items()),
-                tuple(sorted(self.options.items())))
+        return (self.name, tuple(signature.items()), tuple(constexprs.items()), tuple(sorted(self.options.items())))

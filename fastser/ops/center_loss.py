@@ -29,6 +29,7 @@ int32 buffer (`stats`), so a step is: zero the buffer, the forward kernel, the l
 backward kernel (grad_x + Wen update, gated on the bad-row count) — no class-count or
 finiteness ops between them, and nothing read back to the host.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,6 +65,7 @@ def _compute_dtype(x: torch.Tensor, centers: torch.Tensor) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- input checks
 
+
 def validate_mode(validate) -> str:
     """True/False (the older spelling) or one of VALIDATE -> one of VALIDATE."""
     if validate is True or validate is False:
@@ -92,8 +94,10 @@ def check_inputs(features: torch.Tensor, labels: torch.Tensor, centers: torch.Te
     if features.shape[1] != feat_dim:
         raise ValueError(f"features have dimension {features.shape[1]} but the centers have feat_dim={feat_dim}")
     if features.device != centers.device or labels.device != features.device:
-        raise ValueError(f"tensors on different devices: features on {features.device}, labels on "
-                         f"{labels.device}, centers on {centers.device}")
+        raise ValueError(
+            f"tensors on different devices: features on {features.device}, labels on "
+            f"{labels.device}, centers on {centers.device}"
+        )
     if label_range and labels.numel():
         lo, hi = torch.aminmax(labels)
         if lo.item() < 0 or hi.item() >= num_classes:
@@ -102,12 +106,15 @@ def check_inputs(features: torch.Tensor, labels: torch.Tensor, centers: torch.Te
 
 def _raise_bad_label(labels: torch.Tensor, num_classes: int) -> None:
     first = int(((labels < 0) | (labels >= num_classes)).nonzero()[0, 0])
-    raise ValueError(f"labels must lie in [0, {num_classes}): label {int(labels[first])} at index {first} "
-                     f"is out of range (num_classes={num_classes}); the centers were not changed")
+    raise ValueError(
+        f"labels must lie in [0, {num_classes}): label {int(labels[first])} at index {first} "
+        f"is out of range (num_classes={num_classes}); the centers were not changed"
+    )
 
 
-def _raise_if_bad(features: torch.Tensor, labels: torch.Tensor, row_loss: torch.Tensor, num_classes: int,
-                  check_features: bool) -> None:
+def _raise_if_bad(
+    features: torch.Tensor, labels: torch.Tensor, row_loss: torch.Tensor, num_classes: int, check_features: bool
+) -> None:
     """Eager validation after the forward (which gives a bad label's row a NaN loss), in one host
     read: a finite total proves every label in range and every feature finite, so the scans that
     name the culprit run only on the bad path. Before the backward: nothing was written yet."""
@@ -124,15 +131,22 @@ def _raise_if_bad(features: torch.Tensor, labels: torch.Tensor, row_loss: torch.
 
 # ----------------------------------------------------------------------------- backends
 
+
 def new_stats(num_classes: int, device) -> torch.Tensor:
     """(num_classes + 1,) int32 zeros for the Triton forward to fill: each class's row count, then
     the number of bad rows (label outside [0, C) or a non-finite feature)."""
     return torch.zeros(num_classes + 1, dtype=torch.int32, device=device)
 
 
-def _forward(backend: str, x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
-             bad_label_is_nan: bool = False, stats: Optional[torch.Tensor] = None,
-             bad_batches: Optional[torch.Tensor] = None):
+def _forward(
+    backend: str,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    bad_label_is_nan: bool = False,
+    stats: Optional[torch.Tensor] = None,
+    bad_batches: Optional[torch.Tensor] = None,
+):
     """-> (row_loss (B,), diff (B, D)), both in the compute dtype. A label outside [0, C) gives a
     NaN row loss (the C++ backend raises instead unless bad_label_is_nan). stats (Triton only, from
     `new_stats`): the kernel adds the class counts and the bad-row count into it, and 1 into
@@ -207,8 +221,21 @@ def _segments(labels: torch.Tensor, num_classes: int):
     return torch.sort(_slots(labels, num_classes), stable=True).indices, offsets  # out-of-range rows last
 
 
-def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, alpha, grad_centers,
-              deterministic, bad=None, counts=None, row_mult=1.0):
+def _backward(
+    backend,
+    diff,
+    labels,
+    num_classes,
+    row_scale,
+    grad_x,
+    centers,
+    alpha,
+    grad_centers,
+    deterministic,
+    bad=None,
+    counts=None,
+    row_mult=1.0,
+):
     """Writes grad_x (if given) and either updates `centers` (Wen) or fills `grad_centers`.
     Row i's weight is row_scale[i] * row_mult (row_scale (1,) or (B,), any float dtype): the Triton
     kernels read the upstream gradient as it is; the other backends get it multiplied out here.
@@ -250,13 +277,31 @@ def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, al
     elif counts is None or backend != "triton":
         counts = class_counts(labels, num_classes)
     if backend == "cuda":
-        _native.center_loss_backward_cuda(diff, labels, counts, num_classes, row_scale, grad_x,
-                                          centers if fused_scatter else None, alpha,
-                                          grad_centers if fused_scatter else None)
+        _native.center_loss_backward_cuda(
+            diff,
+            labels,
+            counts,
+            num_classes,
+            row_scale,
+            grad_x,
+            centers if fused_scatter else None,
+            alpha,
+            grad_centers if fused_scatter else None,
+        )
     else:
-        _triton.backward(diff, labels, counts, num_classes, row_scale, grad_x,
-                         centers if fused_scatter else None, alpha, grad_centers if fused_scatter else None, bad,
-                         row_mult)
+        _triton.backward(
+            diff,
+            labels,
+            counts,
+            num_classes,
+            row_scale,
+            grad_x,
+            centers if fused_scatter else None,
+            alpha,
+            grad_centers if fused_scatter else None,
+            bad,
+            row_mult,
+        )
     if scatter and deterministic:
         order, offsets = _segments(labels, num_classes)
         if backend == "cuda":
@@ -266,6 +311,7 @@ def _backward(backend, diff, labels, num_classes, row_scale, grad_x, centers, al
 
 
 # ----------------------------------------------------------------------------- distributed Wen update
+
 
 def _distributed_world(process_group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
@@ -302,12 +348,12 @@ def _wen_update_global(diff, labels, centers, alpha, process_group, bad=None):
         keep = keep & (bad == 0)
     labels = torch.where(keep, labels, 0)
     sums.index_put_((labels,), torch.where(keep[:, None], diff.float(), 0.0), accumulate=True)
-    buffer[C * D:].index_put_((labels,), keep.to(torch.float32), accumulate=True)
+    buffer[C * D :].index_put_((labels,), keep.to(torch.float32), accumulate=True)
     work = dist.all_reduce(buffer, group=process_group, async_op=True)
 
     def finish():
         work.wait()
-        counts = buffer[C * D:]
+        counts = buffer[C * D :]
         if centers.device.type == "cpu":  # touch only the classes some rank saw (nonzero is free here)
             rows = counts.nonzero().squeeze(1)
             step = sums.index_select(0, rows) * (alpha / (1.0 + counts[rows]))[:, None]
@@ -320,19 +366,37 @@ def _wen_update_global(diff, labels, centers, alpha, process_group, bad=None):
 
 # ----------------------------------------------------------------------------- autograd
 
+
 class CenterLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, labels, centers, reduction, wen_alpha, backend, deterministic,
-                process_group, validate, bad_batches):
+    def forward(
+        ctx,
+        features,
+        labels,
+        centers,
+        reduction,
+        wen_alpha,
+        backend,
+        deterministic,
+        process_group,
+        validate,
+        bad_batches,
+    ):
         num_classes = centers.shape[0]
         labels = labels.long().contiguous()
         x = features.contiguous()
         writes = wen_alpha is not None or centers.requires_grad
         # the Triton forward counts classes and bad rows as it goes (nothing to compute for them later)
         stats = new_stats(num_classes, x.device) if backend == "triton" and writes else None
-        row_loss, diff = _forward(backend, x, labels, centers.detach().contiguous(),
-                                  bad_label_is_nan=validate != "off", stats=stats,
-                                  bad_batches=bad_batches if validate == "deferred" else None)
+        row_loss, diff = _forward(
+            backend,
+            x,
+            labels,
+            centers.detach().contiguous(),
+            bad_label_is_nan=validate != "off",
+            stats=stats,
+            bad_batches=bad_batches if validate == "deferred" else None,
+        )
         bad = None
         if validate == "eager":
             # labels out of range, and, when something will write the centers (the Wen update, or an
@@ -361,11 +425,24 @@ class CenterLossFunction(torch.autograd.Function):
         diff, labels = ctx.saved_tensors
         num_classes, reduction, scale, wen_alpha, backend, deterministic, process_group, x_dtype = ctx.meta
         # d(row loss)/dx = 2 diff, so each row's weight is 2 * scale * upstream gradient
-        grad_x, grad_c = _backward_step(diff, labels, num_classes, grad_output.reshape(-1), x_dtype,
-                                        ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.centers, wen_alpha,
-                                        backend, deterministic, ctx.centers_dtype, process_group, ctx.bad,
-                                        ctx.stats[:num_classes] if ctx.stats is not None else None,
-                                        row_mult=2.0 * scale)
+        grad_x, grad_c = _backward_step(
+            diff,
+            labels,
+            num_classes,
+            grad_output.reshape(-1),
+            x_dtype,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[2],
+            ctx.centers,
+            wen_alpha,
+            backend,
+            deterministic,
+            ctx.centers_dtype,
+            process_group,
+            ctx.bad,
+            ctx.stats[:num_classes] if ctx.stats is not None else None,
+            row_mult=2.0 * scale,
+        )
         ctx.centers = ctx.bad = ctx.stats = None
         return grad_x, None, grad_c, None, None, None, None, None, None, None
 
@@ -380,8 +457,24 @@ def _batch_bad(row_loss: torch.Tensor, bad_batches: Optional[torch.Tensor]) -> t
     return bad
 
 
-def _backward_step(diff, labels, num_classes, row_scale, x_dtype, want_gx, want_gc, centers, wen_alpha, backend,
-                   deterministic, centers_dtype, process_group=None, bad=None, counts=None, row_mult=1.0):
+def _backward_step(
+    diff,
+    labels,
+    num_classes,
+    row_scale,
+    x_dtype,
+    want_gx,
+    want_gc,
+    centers,
+    wen_alpha,
+    backend,
+    deterministic,
+    centers_dtype,
+    process_group=None,
+    bad=None,
+    counts=None,
+    row_mult=1.0,
+):
     """-> (grad_x or None, grad_centers or None); moves `centers` by Wen's rule when it is given.
     Row i's weight is row_scale[i] * row_mult (row_scale: the upstream gradient, (1,) or (B,)).
     bad (0-d device tensor, deferred validation): where nonzero, no center moves and the center
@@ -403,13 +496,40 @@ def _backward_step(diff, labels, num_classes, row_scale, x_dtype, want_gx, want_
     kernel_bad = bad if gated_in_kernel else None
     if update_here is not None and grad_c is not None:
         # both wanted (unusual): two passes, the update first would change nothing the gradient reads
-        _backward(backend, diff, labels, num_classes, row_scale, grad_x, None, 0.0, grad_c, deterministic,
-                  row_mult=row_mult)
-        _backward(backend, diff, labels, num_classes, row_scale, None, update_here, wen_alpha, None, deterministic,
-                  kernel_bad, counts, row_mult)
+        _backward(
+            backend, diff, labels, num_classes, row_scale, grad_x, None, 0.0, grad_c, deterministic, row_mult=row_mult
+        )
+        _backward(
+            backend,
+            diff,
+            labels,
+            num_classes,
+            row_scale,
+            None,
+            update_here,
+            wen_alpha,
+            None,
+            deterministic,
+            kernel_bad,
+            counts,
+            row_mult,
+        )
     else:
-        _backward(backend, diff, labels, num_classes, row_scale, grad_x, update_here, wen_alpha or 0.0, grad_c,
-                  deterministic, kernel_bad, counts, row_mult)
+        _backward(
+            backend,
+            diff,
+            labels,
+            num_classes,
+            row_scale,
+            grad_x,
+            update_here,
+            wen_alpha or 0.0,
+            grad_c,
+            deterministic,
+            kernel_bad,
+            counts,
+            row_mult,
+        )
     if work_centers is not None and not direct:
         if bad is not None and not gated_in_kernel:
             work_centers = torch.where(bad.bool(), centers.data.to(work_centers.dtype), work_centers)
@@ -426,18 +546,27 @@ def _backward_step(diff, labels, num_classes, row_scale, x_dtype, want_gx, want_
 # autograd.Function. Used when compiling; eager calls take CenterLossFunction (which also does the
 # multi-rank Wen update and the host-side input checks).
 
+
 @torch.library.custom_op("fastser::center_loss_forward", mutates_args=())
-def _op_forward(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, wen_alpha: float,
-                update_centers: bool, backend: str, deterministic: bool,
-                gate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _op_forward(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    wen_alpha: float,
+    update_centers: bool,
+    backend: str,
+    deterministic: bool,
+    gate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (row_loss (B,), diff (B, D), stats (C + 1,) int32: class counts, then bad rows);
     wen_alpha/update_centers/deterministic/gate are for the backward (gate: deferred validation, no
     center moves for a batch with a bad row)."""
     labels = labels.long().contiguous()
     C = centers.shape[0]
     stats = new_stats(C, features.device) if backend == "triton" else None
-    row_loss, diff = _forward(backend, features.contiguous(), labels, centers.detach().contiguous(),
-                              bad_label_is_nan=gate, stats=stats)
+    row_loss, diff = _forward(
+        backend, features.contiguous(), labels, centers.detach().contiguous(), bad_label_is_nan=gate, stats=stats
+    )
     if stats is None:  # the other backends' forwards count nothing: the same numbers from torch ops
         stats = torch.cat((class_counts(labels, C), (~torch.isfinite(row_loss)).sum().reshape(1))).to(torch.int32)
     return row_loss, diff, stats
@@ -447,35 +576,78 @@ def _op_forward(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
 def _(features, labels, centers, wen_alpha, update_centers, backend, deterministic, gate=False):
     compute = _compute_dtype(features, centers)
     B, D = features.shape
-    return (features.new_empty(B, dtype=compute), features.new_empty(B, D, dtype=compute),
-            features.new_empty(centers.shape[0] + 1, dtype=torch.int32))
+    return (
+        features.new_empty(B, dtype=compute),
+        features.new_empty(B, D, dtype=compute),
+        features.new_empty(centers.shape[0] + 1, dtype=torch.int32),
+    )
 
 
 @torch.library.custom_op("fastser::center_loss_backward", mutates_args=("centers",))
-def _op_backward(diff: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, centers: torch.Tensor,
-                 wen_alpha: float, update_centers: bool, want_grad_x: bool, want_grad_centers: bool,
-                 x_dtype: torch.dtype, backend: str, deterministic: bool, stats: torch.Tensor,
-                 gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _op_backward(
+    diff: torch.Tensor,
+    labels: torch.Tensor,
+    row_scale: torch.Tensor,
+    centers: torch.Tensor,
+    wen_alpha: float,
+    update_centers: bool,
+    want_grad_x: bool,
+    want_grad_centers: bool,
+    x_dtype: torch.dtype,
+    backend: str,
+    deterministic: bool,
+    stats: torch.Tensor,
+    gate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """stats: the forward's (C + 1,) class counts and bad-row count; gate: no center moves for a
     batch with a bad row."""
     labels = labels.long()
     C = centers.shape[0]
     if backend == "cpp" and gate:  # its backward reads the labels unchecked (the batch is dropped)
         labels = torch.where(_in_range(labels, C), labels, 0)
-    grad_x, grad_c = _backward_step(diff, labels.contiguous(), C, row_scale.contiguous(),
-                                    x_dtype, want_grad_x, want_grad_centers, centers if update_centers else None,
-                                    wen_alpha, backend, deterministic, centers.dtype,
-                                    bad=stats[C] if gate else None, counts=stats[:C] if backend == "triton" else None)
+    grad_x, grad_c = _backward_step(
+        diff,
+        labels.contiguous(),
+        C,
+        row_scale.contiguous(),
+        x_dtype,
+        want_grad_x,
+        want_grad_centers,
+        centers if update_centers else None,
+        wen_alpha,
+        backend,
+        deterministic,
+        centers.dtype,
+        bad=stats[C] if gate else None,
+        counts=stats[:C] if backend == "triton" else None,
+    )
     # a custom op returns tensors, never None: unwanted gradients are empty
-    return (grad_x if grad_x is not None else diff.new_empty(0, dtype=x_dtype),
-            grad_c if grad_c is not None else diff.new_empty(0, dtype=centers.dtype))
+    return (
+        grad_x if grad_x is not None else diff.new_empty(0, dtype=x_dtype),
+        grad_c if grad_c is not None else diff.new_empty(0, dtype=centers.dtype),
+    )
 
 
 @_op_backward.register_fake
-def _(diff, labels, row_scale, centers, wen_alpha, update_centers, want_grad_x, want_grad_centers, x_dtype,
-      backend, deterministic, stats, gate):
-    return (diff.new_empty(diff.shape if want_grad_x else (0,), dtype=x_dtype),
-            diff.new_empty(centers.shape if want_grad_centers else (0,), dtype=centers.dtype))
+def _(
+    diff,
+    labels,
+    row_scale,
+    centers,
+    wen_alpha,
+    update_centers,
+    want_grad_x,
+    want_grad_centers,
+    x_dtype,
+    backend,
+    deterministic,
+    stats,
+    gate,
+):
+    return (
+        diff.new_empty(diff.shape if want_grad_x else (0,), dtype=x_dtype),
+        diff.new_empty(centers.shape if want_grad_centers else (0,), dtype=centers.dtype),
+    )
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -489,18 +661,40 @@ def _op_autograd(ctx, grad_row_loss, grad_diff, grad_stats):
     x_dtype, wen_alpha, update_centers, backend, deterministic, gate = ctx.meta
     want_gx, want_gc = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     # d(row loss)/dx = 2 diff: each row's weight is twice its upstream gradient
-    grad_x, grad_c = _op_backward(diff, labels, (grad_row_loss * 2.0).to(diff.dtype), centers, wen_alpha,
-                                  update_centers, want_gx, want_gc, x_dtype, backend, deterministic, stats, gate)
+    grad_x, grad_c = _op_backward(
+        diff,
+        labels,
+        (grad_row_loss * 2.0).to(diff.dtype),
+        centers,
+        wen_alpha,
+        update_centers,
+        want_gx,
+        want_gc,
+        x_dtype,
+        backend,
+        deterministic,
+        stats,
+        gate,
+    )
     return (grad_x if want_gx else None), None, (grad_c if want_gc else None), None, None, None, None, None
 
 
 _op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
 
 
-def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, *,
-                reduction: str = "mean", wen_alpha: Optional[float] = None, backend: str = "auto",
-                deterministic: bool = False, process_group=None, validate="eager",
-                bad_batches: Optional[torch.Tensor] = None) -> torch.Tensor:
+def center_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    wen_alpha: Optional[float] = None,
+    backend: str = "auto",
+    deterministic: bool = False,
+    process_group=None,
+    validate="eager",
+    bad_batches: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Fused center loss (functional form behind `fastser.nn.CenterLoss`).
 
     features (B, D) float; labels (B,) integer class indices; centers (C, D).
@@ -526,13 +720,15 @@ def center_loss(features: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     if compiling and _distributed_world(process_group) == 1:
         # the eager checks would read the host, so a compiled step validates on the device
         gate = validate != "off" and (wen_alpha is not None or centers.requires_grad)
-        row_loss, _, stats = _op_forward(features, labels, centers, float(wen_alpha or 0.0), wen_alpha is not None,
-                                         name, deterministic, gate)
+        row_loss, _, stats = _op_forward(
+            features, labels, centers, float(wen_alpha or 0.0), wen_alpha is not None, name, deterministic, gate
+        )
         if gate and bad_batches is not None:
             bad_batches.add_(stats[-1] > 0)
         row_loss = row_loss.to(torch.promote_types(features.dtype, centers.dtype))
         if reduction == "none":
             return row_loss
         return row_loss.sum() / max(features.shape[0], 1) if reduction == "mean" else row_loss.sum()
-    return CenterLossFunction.apply(features, labels, centers, reduction, wen_alpha, name, deterministic,
-                                    process_group, validate, bad_batches)
+    return CenterLossFunction.apply(
+        features, labels, centers, reduction, wen_alpha, name, deterministic, process_group, validate, bad_batches
+    )

@@ -16,6 +16,7 @@ backward: per block of rows, grad_x = g_i * diff_i (g_i = the upstream gradient,
 Each kernel has a `*_launch` function (tensors -> a TritonLaunch with every argument by name) and
 a plain function that runs it; tests/ops/test_gpu_compile.py compiles the launches for sm_80/sm_90.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -31,8 +32,22 @@ def block_d(D: int, cap: int = 512) -> int:
 
 
 @triton.jit
-def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, STATS_ptr, BAD_BATCHES_ptr, B, D, C,
-                    STATS: tl.constexpr, COUNT_BAD_BATCHES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _forward_kernel(
+    X_ptr,
+    LABELS_ptr,
+    CENTERS_ptr,
+    ROW_LOSS_ptr,
+    DIFF_ptr,
+    STATS_ptr,
+    BAD_BATCHES_ptr,
+    B,
+    D,
+    C,
+    STATS: tl.constexpr,
+    COUNT_BAD_BATCHES: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     labels = tl.load(LABELS_ptr + rows, mask=row_ok, other=0)
@@ -61,10 +76,27 @@ def _forward_kernel(X_ptr, LABELS_ptr, CENTERS_ptr, ROW_LOSS_ptr, DIFF_ptr, STAT
 
 
 @triton.jit
-def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_stride, row_scale_mult, GRAD_X_ptr,
-                     CENTERS_ptr, GRAD_C_ptr, BAD_ptr, alpha, B, D, C,
-                     HAS_GRAD_X: tl.constexpr, SCATTER: tl.constexpr, GATE: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _backward_kernel(
+    DIFF_ptr,
+    LABELS_ptr,
+    COUNTS_ptr,
+    ROW_SCALE_ptr,
+    row_scale_stride,
+    row_scale_mult,
+    GRAD_X_ptr,
+    CENTERS_ptr,
+    GRAD_C_ptr,
+    BAD_ptr,
+    alpha,
+    B,
+    D,
+    C,
+    HAS_GRAD_X: tl.constexpr,
+    SCATTER: tl.constexpr,
+    GATE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # SCATTER: 0 nothing, 1 Wen update into CENTERS, 2 gradient into GRAD_C
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
@@ -93,9 +125,21 @@ def _backward_kernel(DIFF_ptr, LABELS_ptr, COUNTS_ptr, ROW_SCALE_ptr, row_scale_
 
 
 @triton.jit
-def _segment_kernel(DIFF_ptr, ORDER_ptr, OFFSETS_ptr, ROW_SCALE_ptr, row_scale_stride, row_scale_mult, OUT_ptr,
-                    BAD_ptr, alpha, D,
-                    WEN: tl.constexpr, GATE: tl.constexpr, BLOCK_D: tl.constexpr):
+def _segment_kernel(
+    DIFF_ptr,
+    ORDER_ptr,
+    OFFSETS_ptr,
+    ROW_SCALE_ptr,
+    row_scale_stride,
+    row_scale_mult,
+    OUT_ptr,
+    BAD_ptr,
+    alpha,
+    D,
+    WEN: tl.constexpr,
+    GATE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # OUT is the centers (WEN: c_j += alpha * sum / (1 + n_j)) or the center gradient (written)
     cls = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -137,56 +181,102 @@ def forward_launch(x, labels, centers, row_loss, diff, stats=None, bad_batches=N
     stats (optional, (C + 1,) int32 zeros): gets the class counts and the bad-row count added;
     bad_batches (optional, 0-d integer, needs stats): + 1 if the batch has a bad row."""
     B, D = x.shape
-    return TritonLaunch(_forward_kernel, (triton.cdiv(B, ROWS),), dict(
-        X_ptr=x, LABELS_ptr=labels, CENTERS_ptr=centers, ROW_LOSS_ptr=row_loss, DIFF_ptr=diff,
-        STATS_ptr=stats if stats is not None else labels,
-        BAD_BATCHES_ptr=bad_batches if bad_batches is not None else labels, B=B, D=D, C=centers.shape[0],
-        STATS=stats is not None, COUNT_BAD_BATCHES=stats is not None and bad_batches is not None,
-        ROWS=ROWS, BLOCK_D=block_d(D)))
+    return TritonLaunch(
+        _forward_kernel,
+        (triton.cdiv(B, ROWS),),
+        dict(
+            X_ptr=x,
+            LABELS_ptr=labels,
+            CENTERS_ptr=centers,
+            ROW_LOSS_ptr=row_loss,
+            DIFF_ptr=diff,
+            STATS_ptr=stats if stats is not None else labels,
+            BAD_BATCHES_ptr=bad_batches if bad_batches is not None else labels,
+            B=B,
+            D=D,
+            C=centers.shape[0],
+            STATS=stats is not None,
+            COUNT_BAD_BATCHES=stats is not None and bad_batches is not None,
+            ROWS=ROWS,
+            BLOCK_D=block_d(D),
+        ),
+    )
 
 
-def backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha,
-                    grad_centers, bad=None, row_scale_mult=1.0) -> TritonLaunch:
+def backward_launch(
+    diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad=None, row_scale_mult=1.0
+) -> TritonLaunch:
     """grad_x (optional) and at most one of centers (Wen update, needs counts: int32 or int64) and
     grad_centers; bad (optional 0-d int32 or bool on the device): no center is written unless it is 0."""
     B, D = diff.shape
     scatter = SCATTER_WEN if centers is not None else (SCATTER_GRAD if grad_centers is not None else SCATTER_NONE)
     unused = diff  # stands in for pointers that a constexpr branch never touches
-    return TritonLaunch(_backward_kernel, (triton.cdiv(B, ROWS),), dict(
-        DIFF_ptr=diff, LABELS_ptr=labels, COUNTS_ptr=counts if counts is not None else labels,
-        ROW_SCALE_ptr=row_scale, row_scale_stride=_row_scale_stride(row_scale), row_scale_mult=float(row_scale_mult),
-        GRAD_X_ptr=grad_x if grad_x is not None else unused,
-        CENTERS_ptr=centers if centers is not None else unused,
-        GRAD_C_ptr=grad_centers if grad_centers is not None else unused,
-        BAD_ptr=_flag(bad, labels), alpha=float(alpha), B=B, D=D, C=num_classes,
-        HAS_GRAD_X=grad_x is not None, SCATTER=scatter, GATE=bad is not None, ROWS=ROWS, BLOCK_D=block_d(D)))
+    return TritonLaunch(
+        _backward_kernel,
+        (triton.cdiv(B, ROWS),),
+        dict(
+            DIFF_ptr=diff,
+            LABELS_ptr=labels,
+            COUNTS_ptr=counts if counts is not None else labels,
+            ROW_SCALE_ptr=row_scale,
+            row_scale_stride=_row_scale_stride(row_scale),
+            row_scale_mult=float(row_scale_mult),
+            GRAD_X_ptr=grad_x if grad_x is not None else unused,
+            CENTERS_ptr=centers if centers is not None else unused,
+            GRAD_C_ptr=grad_centers if grad_centers is not None else unused,
+            BAD_ptr=_flag(bad, labels),
+            alpha=float(alpha),
+            B=B,
+            D=D,
+            C=num_classes,
+            HAS_GRAD_X=grad_x is not None,
+            SCATTER=scatter,
+            GATE=bad is not None,
+            ROWS=ROWS,
+            BLOCK_D=block_d(D),
+        ),
+    )
 
 
-def segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None,
-                          row_scale_mult=1.0) -> TritonLaunch:
+def segment_update_launch(
+    diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None, row_scale_mult=1.0
+) -> TritonLaunch:
     """Exactly one of centers (Wen update) and grad_centers (written); bad as in backward_launch."""
     D = diff.shape[1]
     C = offsets.numel() - 1
     BLOCK_D = block_d(D, cap=256)
-    return TritonLaunch(_segment_kernel, (triton.cdiv(D, BLOCK_D), C), dict(
-        DIFF_ptr=diff, ORDER_ptr=order, OFFSETS_ptr=offsets, ROW_SCALE_ptr=row_scale,
-        row_scale_stride=_row_scale_stride(row_scale), row_scale_mult=float(row_scale_mult),
-        OUT_ptr=centers if centers is not None else grad_centers,
-        BAD_ptr=_flag(bad, offsets), alpha=float(alpha), D=D, WEN=centers is not None,
-        GATE=bad is not None, BLOCK_D=BLOCK_D))
+    return TritonLaunch(
+        _segment_kernel,
+        (triton.cdiv(D, BLOCK_D), C),
+        dict(
+            DIFF_ptr=diff,
+            ORDER_ptr=order,
+            OFFSETS_ptr=offsets,
+            ROW_SCALE_ptr=row_scale,
+            row_scale_stride=_row_scale_stride(row_scale),
+            row_scale_mult=float(row_scale_mult),
+            OUT_ptr=centers if centers is not None else grad_centers,
+            BAD_ptr=_flag(bad, offsets),
+            alpha=float(alpha),
+            D=D,
+            WEN=centers is not None,
+            GATE=bad is not None,
+            BLOCK_D=BLOCK_D,
+        ),
+    )
 
 
 def forward(x, labels, centers, row_loss, diff, stats=None, bad_batches=None) -> None:
     forward_launch(x, labels, centers, row_loss, diff, stats, bad_batches).launch()
 
 
-def backward(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad=None,
-             row_scale_mult=1.0) -> None:
-    backward_launch(diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad,
-                    row_scale_mult).launch()
+def backward(
+    diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad=None, row_scale_mult=1.0
+) -> None:
+    backward_launch(
+        diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad, row_scale_mult
+    ).launch()
 
 
-def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None,
-                   row_scale_mult=1.0) -> None:
-    segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad,
-                          row_scale_mult).launch()
+def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None, row_scale_mult=1.0) -> None:
+    segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad, row_scale_mult).launch()

@@ -4,6 +4,7 @@ host synchronisation), C++ on the CPU (csrc/mel_chain_cpu.cpp through _native). 
 what fastser.features.post computes in plain torch ops, reading the spectrum once. No autograd:
 fastser.features.functional refuses audio that requires grad on these backends.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,16 +29,27 @@ def triton_launches(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict):
     "dct", "lift" -> (the TritonLaunches in order, their output (B, bins, T) float32). The GPU compile
     gate compiles exactly these launches."""
     from fastser.ops import mel_chain_triton
+
     B, _, T = spec.shape
     mel = torch.empty(B, cfg.n_mels, T, dtype=torch.float32, device=spec.device)
     mfcc_out = torch.empty(B, cfg.n_mfcc, T, dtype=torch.float32, device=spec.device) if cfg.kind == "mfcc" else None
     tile_max = torch.empty(B, mel_chain_triton.n_tiles(T), dtype=torch.float32, device=spec.device)
     launches = mel_chain_triton.mel_chain_launches(
-        torch.view_as_real(spec.to(torch.complex64)), _f32(const["fb"]), frames.to(torch.int32), mel, tile_max,
-        power=cfg.power, to_db=_to_db(cfg), amin=cfg.amin, log_ref=cfg.log_ref,
-        ref_max=_to_db(cfg) and cfg.ref == "max", top_db=cfg.top_db if _to_db(cfg) else None,
+        torch.view_as_real(spec.to(torch.complex64)),
+        _f32(const["fb"]),
+        frames.to(torch.int32),
+        mel,
+        tile_max,
+        power=cfg.power,
+        to_db=_to_db(cfg),
+        amin=cfg.amin,
+        log_ref=cfg.log_ref,
+        ref_max=_to_db(cfg) and cfg.ref == "max",
+        top_db=cfg.top_db if _to_db(cfg) else None,
         dct=_f32(const["dct"]) if mfcc_out is not None else None,
-        lift=_f32(const["lift"]) if mfcc_out is not None else None, mfcc_out=mfcc_out)
+        lift=_f32(const["lift"]) if mfcc_out is not None else None,
+        mfcc_out=mfcc_out,
+    )
     return launches, (mfcc_out if mfcc_out is not None else mel)
 
 
@@ -48,11 +60,29 @@ def triton(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict) -> torch.
     return out
 
 
-def cpp(spec: torch.Tensor, frames: torch.Tensor, cfg, const_f32: dict, *, mel_out: torch.Tensor,
-        mfcc_out: Optional[torch.Tensor]) -> None:
+def cpp(
+    spec: torch.Tensor,
+    frames: torch.Tensor,
+    cfg,
+    const_f32: dict,
+    *,
+    mel_out: torch.Tensor,
+    mfcc_out: Optional[torch.Tensor],
+) -> None:
     """spec (B, T, F) frame-major complex64 on the CPU; writes mel_out (B, n_mels, T) and, for MFCCs,
     mfcc_out (B, n_mfcc, T). const_f32: the config's float32 "fb" (and "dct", "lift")."""
-    _native.mel_chain_cpu(spec, frames, const_f32["fb"], power=float(cfg.power), to_db=_to_db(cfg), amin=cfg.amin,
-                          log_ref=cfg.log_ref, ref_max=_to_db(cfg) and cfg.ref == "max",
-                          top_db=cfg.top_db if _to_db(cfg) else None, dct=const_f32.get("dct"),
-                          lift=const_f32.get("lift"), mel_out=mel_out, mfcc_out=mfcc_out)
+    _native.mel_chain_cpu(
+        spec,
+        frames,
+        const_f32["fb"],
+        power=float(cfg.power),
+        to_db=_to_db(cfg),
+        amin=cfg.amin,
+        log_ref=cfg.log_ref,
+        ref_max=_to_db(cfg) and cfg.ref == "max",
+        top_db=cfg.top_db if _to_db(cfg) else None,
+        dct=const_f32.get("dct"),
+        lift=const_f32.get("lift"),
+        mel_out=mel_out,
+        mfcc_out=mfcc_out,
+    )

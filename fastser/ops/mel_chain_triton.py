@@ -18,6 +18,7 @@ maximum is each utterance's own, over its valid frames.
 Every launcher returns TritonLaunch objects (every argument by name); the GPU compile gate
 (tests/ops/test_gpu_compile.py) compiles exactly those for sm_80/sm_90.
 """
+
 import triton
 import triton.language as tl
 
@@ -38,13 +39,29 @@ MAX_MELS = 256
 
 
 @triton.jit
-def _mel_db_kernel(SPEC_ptr, FB_ptr, FRAMES_ptr, OUT_ptr, TILE_MAX_ptr,
-                   F, T, M, n_tiles,
-                   s_b, s_f, s_t,  # strides of the real view of the complex STFT (B, F, T, 2)
-                   power, amin, log_ref,
-                   POWER_MODE: tl.constexpr,  # 2: |X|^2, 1: |X|, 0: |X|^power
-                   TO_DB: tl.constexpr, WRITE_TILE_MAX: tl.constexpr,
-                   BLOCK_F: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
+def _mel_db_kernel(
+    SPEC_ptr,
+    FB_ptr,
+    FRAMES_ptr,
+    OUT_ptr,
+    TILE_MAX_ptr,
+    F,
+    T,
+    M,
+    n_tiles,
+    s_b,
+    s_f,
+    s_t,  # strides of the real view of the complex STFT (B, F, T, 2)
+    power,
+    amin,
+    log_ref,
+    POWER_MODE: tl.constexpr,  # 2: |X|^2, 1: |X|, 0: |X|^power
+    TO_DB: tl.constexpr,
+    WRITE_TILE_MAX: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     n_frames = tl.load(FRAMES_ptr + b)
@@ -79,19 +96,37 @@ def _mel_db_kernel(SPEC_ptr, FB_ptr, FRAMES_ptr, OUT_ptr, TILE_MAX_ptr,
 
 
 @triton.jit
-def _db_finish_kernel(DB_ptr, TILE_MAX_ptr, FRAMES_ptr, DCT_ptr, LIFT_ptr, MFCC_OUT_ptr,
-                      T, M, K, n_tiles, log_ref, top_db,
-                      REF_MAX: tl.constexpr, USE_TOP_DB: tl.constexpr, WRITE_DB: tl.constexpr,
-                      DO_DCT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_TILES: tl.constexpr):
+def _db_finish_kernel(
+    DB_ptr,
+    TILE_MAX_ptr,
+    FRAMES_ptr,
+    DCT_ptr,
+    LIFT_ptr,
+    MFCC_OUT_ptr,
+    T,
+    M,
+    K,
+    n_tiles,
+    log_ref,
+    top_db,
+    REF_MAX: tl.constexpr,
+    USE_TOP_DB: tl.constexpr,
+    WRITE_DB: tl.constexpr,
+    DO_DCT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_TILES: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     n_frames = tl.load(FRAMES_ptr + b)
     utt_max = float("-inf")
     for i0 in range(0, n_tiles, BLOCK_TILES):
         i = i0 + tl.arange(0, BLOCK_TILES)
-        utt_max = tl.maximum(utt_max, tl.max(tl.load(TILE_MAX_ptr + b * n_tiles + i, mask=i < n_tiles,
-                                                     other=float("-inf")), axis=0))
+        utt_max = tl.maximum(
+            utt_max, tl.max(tl.load(TILE_MAX_ptr + b * n_tiles + i, mask=i < n_tiles, other=float("-inf")), axis=0)
+        )
     # ref = utterance max (log_ref is 0 then): shift everything by the max, which becomes 0 dB.
     # ref = constant: the first kernel already subtracted log_ref; the max after that is utt_max - log_ref.
     if REF_MAX:
@@ -120,16 +155,32 @@ def _db_finish_kernel(DB_ptr, TILE_MAX_ptr, FRAMES_ptr, DCT_ptr, LIFT_ptr, MFCC_
             lift = tl.load(LIFT_ptr + k_idx, mask=k_ok, other=0.0)
             c = tl.dot(dct, v, input_precision="ieee") * lift[:, None]
             c = tl.where(t_idx[None, :] < n_frames, c, 0.0)
-            tl.store(MFCC_OUT_ptr + b * K * T + k_idx[:, None] * T + t_idx[None, :], c,
-                     mask=k_ok[:, None] & t_ok[None, :])
+            tl.store(
+                MFCC_OUT_ptr + b * K * T + k_idx[:, None] * T + t_idx[None, :], c, mask=k_ok[:, None] & t_ok[None, :]
+            )
 
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def mel_chain_launches(spec_real, fb, frames, mel_out, tile_max, *, power, to_db, amin, log_ref, ref_max, top_db,
-                       dct=None, lift=None, mfcc_out=None) -> list:
+def mel_chain_launches(
+    spec_real,
+    fb,
+    frames,
+    mel_out,
+    tile_max,
+    *,
+    power,
+    to_db,
+    amin,
+    log_ref,
+    ref_max,
+    top_db,
+    dct=None,
+    lift=None,
+    mfcc_out=None,
+) -> list:
     """The launches of the chain, in order.
 
     spec_real: torch.view_as_real of the (B, F, T) complex64 STFT; fb (M, F) fp32; frames (B,) int32;
@@ -146,21 +197,67 @@ def mel_chain_launches(spec_real, fb, frames, mel_out, tile_max, *, power, to_db
     block_m = _pow2(M)
     # wide mel tiles: more warps, so the accumulator and the dot operands stay in registers
     options = dict(num_warps=8 if block_m > 32 else 4)
-    launches = [TritonLaunch(_mel_db_kernel, (B, tiles), dict(
-        SPEC_ptr=spec_real, FB_ptr=fb, FRAMES_ptr=frames, OUT_ptr=mel_out, TILE_MAX_ptr=tile_max,
-        F=F, T=T, M=M, n_tiles=tiles, s_b=spec_real.stride(0), s_f=spec_real.stride(1), s_t=spec_real.stride(2),
-        power=float(power), amin=float(amin), log_ref=float(log_ref),
-        POWER_MODE=power_mode, TO_DB=bool(to_db), WRITE_TILE_MAX=finish,
-        BLOCK_F=BLOCK_F, BLOCK_T=BLOCK_T, BLOCK_M=block_m), options)]
+    launches = [
+        TritonLaunch(
+            _mel_db_kernel,
+            (B, tiles),
+            dict(
+                SPEC_ptr=spec_real,
+                FB_ptr=fb,
+                FRAMES_ptr=frames,
+                OUT_ptr=mel_out,
+                TILE_MAX_ptr=tile_max,
+                F=F,
+                T=T,
+                M=M,
+                n_tiles=tiles,
+                s_b=spec_real.stride(0),
+                s_f=spec_real.stride(1),
+                s_t=spec_real.stride(2),
+                power=float(power),
+                amin=float(amin),
+                log_ref=float(log_ref),
+                POWER_MODE=power_mode,
+                TO_DB=bool(to_db),
+                WRITE_TILE_MAX=finish,
+                BLOCK_F=BLOCK_F,
+                BLOCK_T=BLOCK_T,
+                BLOCK_M=block_m,
+            ),
+            options,
+        )
+    ]
     if finish:
         unused = fb  # stands in for pointers that a constexpr branch never touches
-        launches.append(TritonLaunch(_db_finish_kernel, (B, tiles), dict(
-            DB_ptr=mel_out, TILE_MAX_ptr=tile_max, FRAMES_ptr=frames, DCT_ptr=dct if dct is not None else unused,
-            LIFT_ptr=lift if lift is not None else unused, MFCC_OUT_ptr=mfcc_out if mfcc_out is not None else mel_out,
-            T=T, M=M, K=K, n_tiles=tiles, log_ref=float(log_ref), top_db=float(top_db if top_db is not None else 0.0),
-            REF_MAX=bool(ref_max), USE_TOP_DB=top_db is not None, WRITE_DB=dct is None, DO_DCT=dct is not None,
-            BLOCK_T=BLOCK_T, BLOCK_M=block_m, BLOCK_K=min(BLOCK_K, _pow2(K)),
-            BLOCK_TILES=min(256, _pow2(tiles))), options))
+        launches.append(
+            TritonLaunch(
+                _db_finish_kernel,
+                (B, tiles),
+                dict(
+                    DB_ptr=mel_out,
+                    TILE_MAX_ptr=tile_max,
+                    FRAMES_ptr=frames,
+                    DCT_ptr=dct if dct is not None else unused,
+                    LIFT_ptr=lift if lift is not None else unused,
+                    MFCC_OUT_ptr=mfcc_out if mfcc_out is not None else mel_out,
+                    T=T,
+                    M=M,
+                    K=K,
+                    n_tiles=tiles,
+                    log_ref=float(log_ref),
+                    top_db=float(top_db if top_db is not None else 0.0),
+                    REF_MAX=bool(ref_max),
+                    USE_TOP_DB=top_db is not None,
+                    WRITE_DB=dct is None,
+                    DO_DCT=dct is not None,
+                    BLOCK_T=BLOCK_T,
+                    BLOCK_M=block_m,
+                    BLOCK_K=min(BLOCK_K, _pow2(K)),
+                    BLOCK_TILES=min(256, _pow2(tiles)),
+                ),
+                options,
+            )
+        )
     return launches
 
 

@@ -10,6 +10,7 @@ The ops (fastser.ops.center_loss, fastser.ops.mel_chain) and the feature code as
 else decides a backend. Triton also runs CPU tensors under TRITON_INTERPRET=1 (the tests' way to
 run the kernels without a GPU); "auto" never picks an interpreted kernel.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,6 +33,7 @@ def triton_interpreted() -> bool:
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401 - the CUDA wheels of torch bring it, the CPU wheel does not
+
         return True
     except ImportError:
         return False
@@ -40,12 +42,12 @@ def triton_importable() -> bool:
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     name: str
-    devices: frozenset                  # device types it computes on (ANY_DEVICE: all)
-    built: Callable[[], bool]           # compiled or importable here
-    dtypes: Optional[tuple] = None      # compute dtypes (None: any)
-    autograd: bool = True               # keeps gradients
-    interpretable: bool = False         # Triton: CPU tensors too, under TRITON_INTERPRET=1
-    needs: str = ""                     # how to get it, for the error when it is missing
+    devices: frozenset  # device types it computes on (ANY_DEVICE: all)
+    built: Callable[[], bool]  # compiled or importable here
+    dtypes: Optional[tuple] = None  # compute dtypes (None: any)
+    autograd: bool = True  # keeps gradients
+    interpretable: bool = False  # Triton: CPU tensors too, under TRITON_INTERPRET=1
+    needs: str = ""  # how to get it, for the error when it is missing
 
     def runs_on(self, device_type: str, interpreted_ok: bool = True) -> bool:
         if "*" in self.devices or device_type in self.devices:
@@ -64,19 +66,41 @@ class Implementation:
 _F32 = (torch.float32,)
 IMPLEMENTATIONS = {
     "center_loss": (
-        Implementation("triton", frozenset({"cuda"}), triton_importable, _F32, interpretable=True,
-                       needs="pip install triton"),
-        Implementation("cuda", frozenset({"cuda"}), lambda: _native.cuda is not None, _F32,
-                       needs="fastser built with nvcc (FASTSER_BUILD_CUDA=1)"),
-        Implementation("cpp", frozenset({"cpu"}), lambda: _native.cpu is not None, (torch.float32, torch.float64),
-                       needs="fastser's compiled CPU kernels (pip install .)"),
+        Implementation(
+            "triton", frozenset({"cuda"}), triton_importable, _F32, interpretable=True, needs="pip install triton"
+        ),
+        Implementation(
+            "cuda",
+            frozenset({"cuda"}),
+            lambda: _native.cuda is not None,
+            _F32,
+            needs="fastser built with nvcc (FASTSER_BUILD_CUDA=1)",
+        ),
+        Implementation(
+            "cpp",
+            frozenset({"cpu"}),
+            lambda: _native.cpu is not None,
+            (torch.float32, torch.float64),
+            needs="fastser's compiled CPU kernels (pip install .)",
+        ),
         Implementation("torch", ANY_DEVICE, lambda: True),
     ),
     "mel_chain": (
-        Implementation("triton", frozenset({"cuda"}), triton_importable, autograd=False, interpretable=True,
-                       needs="pip install triton"),
-        Implementation("cpp", frozenset({"cpu"}), _native.cpu_has_mel_chain, autograd=False,
-                       needs="fastser's compiled CPU kernels (pip install .)"),
+        Implementation(
+            "triton",
+            frozenset({"cuda"}),
+            triton_importable,
+            autograd=False,
+            interpretable=True,
+            needs="pip install triton",
+        ),
+        Implementation(
+            "cpp",
+            frozenset({"cpu"}),
+            _native.cpu_has_mel_chain,
+            autograd=False,
+            needs="fastser's compiled CPU kernels (pip install .)",
+        ),
         Implementation("torch", ANY_DEVICE, lambda: True),
     ),
 }
@@ -99,8 +123,13 @@ def available(op: str, device: Optional[torch.device | str] = None) -> list:
     return [impl.name for impl in usable]
 
 
-def choose(op: str, requested: str, device: torch.device | str, dtype: Optional[torch.dtype] = None,
-           requires_grad: bool = False) -> str:
+def choose(
+    op: str,
+    requested: str,
+    device: torch.device | str,
+    dtype: Optional[torch.dtype] = None,
+    requires_grad: bool = False,
+) -> str:
     """The implementation `requested` ("auto" or a name) means for tensors of `dtype` on `device`.
     "auto": the first usable one that computes there natively in that dtype (and keeps gradients
     when they are required). A named one that cannot serve is an error saying why."""
@@ -109,21 +138,27 @@ def choose(op: str, requested: str, device: torch.device | str, dtype: Optional[
     device_type = torch.device(device).type
     if requested == "auto":
         for impl in IMPLEMENTATIONS[op]:
-            if impl.usable() and impl.runs_on(device_type, interpreted_ok=False) \
-                    and (impl.dtypes is None or dtype is None or dtype in impl.dtypes) \
-                    and (impl.autograd or not requires_grad):
+            if (
+                impl.usable()
+                and impl.runs_on(device_type, interpreted_ok=False)
+                and (impl.dtypes is None or dtype is None or dtype in impl.dtypes)
+                and (impl.autograd or not requires_grad)
+            ):
                 return impl.name
         raise RuntimeError(f"no {op} implementation runs on {device_type}")  # unreachable: torch runs anywhere
     impl = implementation(op, requested)
     if requires_grad and not impl.autograd:
-        raise ValueError(f"backend {requested!r} does not propagate gradients; the input requires grad, so use "
-                         f"backend='torch' (or 'auto', which picks it)")
+        raise ValueError(
+            f"backend {requested!r} does not propagate gradients; the input requires grad, so use "
+            f"backend='torch' (or 'auto', which picks it)"
+        )
     if not impl.usable():
         why = f"it needs {impl.needs}" if not impl.built() else "no CUDA device here"
         raise RuntimeError(f"backend {requested!r} is not available here ({why}); available: {available(op)}")
     if not impl.runs_on(device_type):
-        where = " or ".join(sorted(impl.devices)) + (" (or CPU tensors with TRITON_INTERPRET=1)"
-                                                     if impl.interpretable else "")
+        where = " or ".join(sorted(impl.devices)) + (
+            " (or CPU tensors with TRITON_INTERPRET=1)" if impl.interpretable else ""
+        )
         raise ValueError(f"backend {requested!r} needs {where} tensors, the input is on {device_type}")
     if impl.dtypes is not None and dtype is not None and dtype not in impl.dtypes:
         names_ = ", ".join(str(d).replace("torch.", "") for d in impl.dtypes)

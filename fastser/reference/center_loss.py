@@ -3,6 +3,7 @@ in PyTorch by the `center_loss.py` of KaiyangZhou/pytorch-center-loss): a B x C 
 from addmm, masked to each row's class, clamped, summed and divided by the batch size. The
 centers are a Parameter moved by a second optimizer. Benchmarks measure fastser against this.
 """
+
 import torch
 from torch import nn
 
@@ -15,8 +16,10 @@ class ReferenceCenterLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         batch_size = x.size(0)
-        distmat = (torch.pow(x, 2).sum(dim=1, keepdim=True).expand(batch_size, self.num_classes)
-                   + torch.pow(self.centers, 2).sum(dim=1, keepdim=True).expand(self.num_classes, batch_size).t())
+        distmat = (
+            torch.pow(x, 2).sum(dim=1, keepdim=True).expand(batch_size, self.num_classes)
+            + torch.pow(self.centers, 2).sum(dim=1, keepdim=True).expand(self.num_classes, batch_size).t()
+        )
         distmat = torch.addmm(distmat, x, self.centers.t(), beta=1, alpha=-2)
         classes = torch.arange(self.num_classes, device=x.device, dtype=torch.long)
         labels = labels.unsqueeze(1).expand(batch_size, self.num_classes)

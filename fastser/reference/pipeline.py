@@ -11,6 +11,7 @@ fastser is measured against, and an independent cross-check of its accuracy:
 `python -m fastser.reference` trains it on the same synthetic holdout fold as `python -m fastser.train`
 and prints WA/UA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,23 +70,56 @@ def collate(items):
     return feats, frames, torch.tensor([label for _, label in items])
 
 
-def reference_loader(dataset, batch_size: int, device, *, shuffle: bool = False, seed: int = 0,
-                     workers: Optional[int] = None, drop_last: bool = False) -> DataLoader:
+def reference_loader(
+    dataset,
+    batch_size: int,
+    device,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    workers: Optional[int] = None,
+    drop_last: bool = False,
+) -> DataLoader:
     """The DataLoader a practitioner sets up: one worker per core computing librosa features
     (kept alive between epochs), pinned batches when the model trains on a GPU."""
     workers = os.cpu_count() or 1 if workers is None else workers
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, drop_last=drop_last,
-                      num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=torch.device(device).type == "cuda",
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate,
+        drop_last=drop_last,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.device(device).type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 class ReferenceTrainer:
-    def __init__(self, input_bins: dict, num_classes: int, *, lambda_center=0.003, lambda_recon=0.1, lr=2e-3,
-                 center_lr=0.5, width=16, embed_dim=128, class_weights=None, norm: Normalizer = None,
-                 device="cpu"):
-        spec = ModelSpec(FeatureSet.paper(input_bins), tuple(range(num_classes)), width=width, embed_dim=embed_dim,
-                         reconstruct=lambda_recon > 0, normalize="corpus")
+    def __init__(
+        self,
+        input_bins: dict,
+        num_classes: int,
+        *,
+        lambda_center=0.003,
+        lambda_recon=0.1,
+        lr=2e-3,
+        center_lr=0.5,
+        width=16,
+        embed_dim=128,
+        class_weights=None,
+        norm: Normalizer = None,
+        device="cpu",
+    ):
+        spec = ModelSpec(
+            FeatureSet.paper(input_bins),
+            tuple(range(num_classes)),
+            width=width,
+            embed_dim=embed_dim,
+            reconstruct=lambda_recon > 0,
+            normalize="corpus",
+        )
         self.device = torch.device(device)
         self.model = build_model(spec).to(self.device)
         self.center_loss = ReferenceCenterLoss(num_classes, embed_dim, use_gpu=self.device.type == "cuda")
@@ -112,8 +146,9 @@ class ReferenceTrainer:
         if self.lambda_center > 0:
             loss = loss + self.lambda_center * self.center_loss(out.embedding, labels)
         if self.lambda_recon > 0:
-            loss = loss + self.lambda_recon * sum(masked_mse(r, feats[k], frames) for k, r in
-                                                  out.reconstruction.items()) / len(out.reconstruction)
+            loss = loss + self.lambda_recon * sum(
+                masked_mse(r, feats[k], frames) for k, r in out.reconstruction.items()
+            ) / len(out.reconstruction)
         self.opt.zero_grad()
         self.opt_center.zero_grad()
         loss.backward()
@@ -162,8 +197,9 @@ def main(argv=None) -> dict:
     counts = np.bincount(train.labels, minlength=len(corpus.classes))
     weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
     trainer = ReferenceTrainer(FEATURES.n_bins, len(corpus.classes), class_weights=weights, norm=norm, device=device)
-    loader = reference_loader(train, args.batch_size, device, shuffle=True, seed=args.seed, workers=args.workers,
-                              drop_last=True)
+    loader = reference_loader(
+        train, args.batch_size, device, shuffle=True, seed=args.seed, workers=args.workers, drop_last=True
+    )
     for epoch in range(args.epochs):
         losses = [trainer.step(*batch) for batch in loader]
         print(f"epoch {epoch + 1}: loss {np.mean(losses):.3f}", flush=True)

@@ -3,6 +3,7 @@ fold's epochs and test), experiment (every fold, the checkpoint) and reports (me
 ablation). What they share with inference lives outside: fastser.checkpoints (the model spec,
 save, load, old formats), fastser.normalization (the input statistics), fastser.config (the
 settings). The command line is fastser.train."""
+
 from fastser.features.post import valid_mask
 from fastser.training.batches import Batch, Batcher, Mix, Normalizer, mixup, spec_augment, tempo_crop
 from fastser.checkpoints import ModelSpec, build_model, finished_model, load_checkpoint
@@ -10,6 +11,22 @@ from fastser.training.experiment import Experiment
 from fastser.training.fold import EpochTotals, FoldTraining
 from fastser.training.step import step_body, train_step
 
-__all__ = ["Batch", "Batcher", "EpochTotals", "Experiment", "FoldTraining", "Mix", "ModelSpec", "Normalizer",
-           "build_model", "finished_model", "load_checkpoint", "mixup", "spec_augment", "step_body", "tempo_crop",
-           "train_step", "valid_mask"]
+__all__ = [
+    "Batch",
+    "Batcher",
+    "EpochTotals",
+    "Experiment",
+    "FoldTraining",
+    "Mix",
+    "ModelSpec",
+    "Normalizer",
+    "build_model",
+    "finished_model",
+    "load_checkpoint",
+    "mixup",
+    "spec_augment",
+    "step_body",
+    "tempo_crop",
+    "train_step",
+    "valid_mask",
+]

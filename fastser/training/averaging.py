@@ -7,6 +7,7 @@ bias-corrected as Adam's moments are: after t steps it weighs step s by (1 - d) 
 so the random initial weights fade out at rate d^t instead of lingering with weight d^t in a short
 run (a plain EMA started at the initial weights keeps 14% of them after 1000 steps at d = 0.998).
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,9 @@ class WeightAverages:
     """One bias-corrected EMA of `model`'s parameters and buffers per decay, named "ema_<decay>"."""
 
     def __init__(self, model: torch.nn.Module, decays=()):
-        self.averages = {name_of(d): AveragedModel(model, multi_avg_fn=bias_corrected_ema(d), use_buffers=True)
-                         for d in decays}
+        self.averages = {
+            name_of(d): AveragedModel(model, multi_avg_fn=bias_corrected_ema(d), use_buffers=True) for d in decays
+        }
 
     def __bool__(self) -> bool:
         return bool(self.averages)

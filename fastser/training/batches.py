@@ -1,11 +1,12 @@
 """Batches for training and evaluation, from the in-memory feature table, on the device.
 
-    norm = Normalizer.fit(feats, frames, train_rows)      # fastser.normalization: the fold's statistics
-    batcher = Batcher(feats, frames, labels, norm, device, train_frames, groups=speaker_of_row)
-    batch = batcher.batch(rows, generator)                # a random crop per utterance (training)
-    batch = batcher.batch(rows)                           # whole utterances (evaluation)
-    batch, mix = mixup(batch, generator, alpha=0.2)       # training items mixed in pairs (--mixup)
+norm = Normalizer.fit(feats, frames, train_rows)      # fastser.normalization: the fold's statistics
+batcher = Batcher(feats, frames, labels, norm, device, train_frames, groups=speaker_of_row)
+batch = batcher.batch(rows, generator)                # a random crop per utterance (training)
+batch = batcher.batch(rows)                           # whole utterances (evaluation)
+batch, mix = mixup(batch, generator, alpha=0.2)       # training items mixed in pairs (--mixup)
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -18,9 +19,9 @@ from fastser.normalization import NORMALIZE, Normalizer, utterance_stats  # noqa
 
 
 class Batch(NamedTuple):
-    feats: dict                # kind -> (B, bins, T) normalised, on the device
-    frames: torch.Tensor       # (B,) valid frames, on the device
-    labels: torch.Tensor       # (B,) on the device
+    feats: dict  # kind -> (B, bins, T) normalised, on the device
+    frames: torch.Tensor  # (B,) valid frames, on the device
+    labels: torch.Tensor  # (B,) on the device
     frames_host: torch.Tensor  # (B,) the same frame counts on the host (no sync to read them)
 
 
@@ -35,9 +36,18 @@ class Batcher:
     evaluation batches up to a multiple of that many frames (static shapes for cuDNN's autotuner and
     CUDA graphs; the model ignores the padding)."""
 
-    def __init__(self, feats: dict, frames: torch.Tensor, labels: torch.Tensor, norm: Normalizer,
-                 device: torch.device, train_frames: int, groups: Optional[torch.Tensor] = None,
-                 resident: Optional[bool] = None, eval_bucket: int = 1):
+    def __init__(
+        self,
+        feats: dict,
+        frames: torch.Tensor,
+        labels: torch.Tensor,
+        norm: Normalizer,
+        device: torch.device,
+        train_frames: int,
+        groups: Optional[torch.Tensor] = None,
+        resident: Optional[bool] = None,
+        eval_bucket: int = 1,
+    ):
         self.resident = device.type != "cpu" if resident is None else resident
         if self.resident:  # no copy when the caller already placed the table there
             feats = {k: x.to(device) for k, x in feats.items()}
@@ -86,8 +96,10 @@ class Batcher:
             raw = {k: x[:, :, :T].index_select(0, rows_dev) for k, x in self.feats.items()}
         else:
             t_dev = self._to_device(t_idx)[:, None, :]
-            raw = {k: x[rows_dev[:, None, None], torch.arange(x.shape[1], device=self.device)[None, :, None], t_dev]
-                   for k, x in self.feats.items()}
+            raw = {
+                k: x[rows_dev[:, None, None], torch.arange(x.shape[1], device=self.device)[None, :, None], t_dev]
+                for k, x in self.feats.items()
+            }
         groups = self.groups_dev.index_select(0, rows_dev) if self.groups_dev is not None else None
         return raw, self.labels_dev.index_select(0, rows_dev), groups
 
@@ -131,14 +143,18 @@ def mixup(batch: Batch, gen: torch.Generator, alpha: float) -> tuple:
         raise ValueError(f"mixup alpha must be positive, got {alpha}")
     B = batch.frames_host.shape[0]
     perm = torch.randperm(B, generator=gen)
-    lam = np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=gen))).beta(alpha, alpha, size=B)
+    lam = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen))).beta(alpha, alpha, size=B)
     lam = torch.from_numpy(np.maximum(lam, 1 - lam)).float()
     device = batch.frames.device
     perm_dev, lam_dev = perm.to(device, non_blocking=True), lam.to(device, non_blocking=True)
     w = lam_dev[:, None, None]
     feats = {k: x * w + x[perm_dev] * (1 - w) for k, x in batch.feats.items()}
-    mixed = Batch(feats, torch.maximum(batch.frames, batch.frames[perm_dev]), batch.labels,
-                  torch.maximum(batch.frames_host, batch.frames_host[perm]))
+    mixed = Batch(
+        feats,
+        torch.maximum(batch.frames, batch.frames[perm_dev]),
+        batch.labels,
+        torch.maximum(batch.frames_host, batch.frames_host[perm]),
+    )
     return mixed, Mix(batch.labels[perm_dev], lam_dev)
 
 

@@ -1,4 +1,5 @@
 """Log lines of a run, printed beside its progress bar without breaking it."""
+
 from __future__ import annotations
 
 import sys
@@ -10,4 +11,5 @@ def log(msg: str, quiet_bar: bool) -> None:
         print(msg, flush=True)
     else:
         from tqdm.auto import tqdm
+
         tqdm.write(msg, file=sys.stderr)

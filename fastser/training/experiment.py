@@ -7,6 +7,7 @@
 
 The settings are a fastser.config.TrainConfig; nothing here sees the command line.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,18 +39,35 @@ class Experiment:
     settings, the feature table and its statistics, evaluation and the checkpoint.
     """
 
-    def __init__(self, config: TrainConfig, info: fdist.DistInfo, table, folds, split: str, out: Path,
-                 lambda_center: float, lambda_recon: float, features):
+    def __init__(
+        self,
+        config: TrainConfig,
+        info: fdist.DistInfo,
+        table,
+        folds,
+        split: str,
+        out: Path,
+        lambda_center: float,
+        lambda_recon: float,
+        features,
+    ):
         self.config, self.info, self.table, self.folds, self.split, self.out = config, info, table, folds, split, out
         self.lambda_center, self.lambda_recon = lambda_center, lambda_recon
         self.classes = table.corpus.classes
         self.normalize = config.data.normalize
         self.ema_decays = tuple(config.optim.ema or ())  # the first average is the model kept
-        self.spec = ModelSpec(features, tuple(self.classes), width=config.model.width,
-                              embed_dim=config.model.embed_dim, reconstruct=lambda_recon > 0,
-                              train_seconds=config.optim.train_seconds, max_seconds=config.data.max_seconds,
-                              normalize=self.normalize, bin_stats=config.model.bin_stats,
-                              pooling=config.model.pooling)
+        self.spec = ModelSpec(
+            features,
+            tuple(self.classes),
+            width=config.model.width,
+            embed_dim=config.model.embed_dim,
+            reconstruct=lambda_recon > 0,
+            train_seconds=config.optim.train_seconds,
+            max_seconds=config.data.max_seconds,
+            normalize=self.normalize,
+            bin_stats=config.model.bin_stats,
+            pooling=config.model.pooling,
+        )
         self.device = info.device
         self.ckpt_path = out / "checkpoint.pt"
         self.history: list[dict] = []
@@ -90,18 +108,32 @@ class Experiment:
         return self.new_batcher(norm, groups)
 
     def new_batcher(self, norm: Normalizer, groups: Optional[torch.Tensor] = None) -> Batcher:
-        return Batcher(self.feats, self.table.frames, self.table.labels, norm, self.device,
-                       int(self.config.optim.train_seconds * 100), groups, resident=self.resident,
-                       eval_bucket=64 if self.resident else 1)  # static evaluation shapes on a GPU
+        return Batcher(
+            self.feats,
+            self.table.frames,
+            self.table.labels,
+            norm,
+            self.device,
+            int(self.config.optim.train_seconds * 100),
+            groups,
+            resident=self.resident,
+            eval_bucket=64 if self.resident else 1,
+        )  # static evaluation shapes on a GPU
 
     # -- checkpoint ---------------------------------------------------------------------
     def checkpoint_config(self) -> dict:
         """The settings with what this experiment made of them (its loss weights, classes, features)."""
         a = self.config.settings()
-        a.update(lambda_center=self.lambda_center, lambda_recon=self.lambda_recon, classes_list=self.classes,
-                 kinds=self.spec.features.kinds, version=__version__, world_size=self.info.world_size,
-                 backends=backends_in_use(self.device),
-                 feature_configs=self.spec.features.to_dict())
+        a.update(
+            lambda_center=self.lambda_center,
+            lambda_recon=self.lambda_recon,
+            classes_list=self.classes,
+            kinds=self.spec.features.kinds,
+            version=__version__,
+            world_size=self.info.world_size,
+            backends=backends_in_use(self.device),
+            feature_configs=self.spec.features.to_dict(),
+        )
         return a
 
     def resume_from(self, ckpt: dict) -> None:
@@ -111,8 +143,7 @@ class Experiment:
         for key in [k for k in self.config.computed_settings() if k in old] + ["world_size"]:
             made = old.get(key)
             if made != new.get(key):
-                raise UserError(f"--resume: the checkpoint was made with {key}={made!r}, "
-                                f"this run has {new.get(key)!r}")
+                raise UserError(f"--resume: the checkpoint was made with {key}={made!r}, this run has {new.get(key)!r}")
         self.history = ckpt["history"]
         self.resumed = True
         self.fold_results = ckpt["fold_results"]
@@ -121,10 +152,18 @@ class Experiment:
     def save(self, fold_state: Optional[dict], final: Optional[dict] = None) -> None:
         if not self.info.is_main:
             return
-        payload = {"config": self.checkpoint_config(), "settings": self.config.settings(), "schema": SCHEMA_VERSION,
-                   "spec": self.spec.to_dict(), "history": self.history,
-                   "fold_results": self.fold_results, "fold_state": fold_state, "classes": self.classes,
-                   "kinds": self.spec.features.kinds, "version": __version__}
+        payload = {
+            "config": self.checkpoint_config(),
+            "settings": self.config.settings(),
+            "schema": SCHEMA_VERSION,
+            "spec": self.spec.to_dict(),
+            "history": self.history,
+            "fold_results": self.fold_results,
+            "fold_state": fold_state,
+            "classes": self.classes,
+            "kinds": self.spec.features.kinds,
+            "version": __version__,
+        }
         if final is not None:
             payload["final"] = final
         save_checkpoint(payload, self.ckpt_path)
@@ -155,7 +194,7 @@ class Experiment:
         mine = fdist.shard(rows, self.info, pad=False)
         preds, probs, embs = [], [], []
         for start in range(0, len(mine), 64):
-            batch = batcher.batch(mine[start: start + 64])
+            batch = batcher.batch(mine[start : start + 64])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.run.amp):
                 out = model(batch.feats, batch.frames)
             preds.append(out.logits.argmax(1))
@@ -170,9 +209,13 @@ class Experiment:
             emb = fdist.gather_cat(emb, self.info)
         order = torch.argsort(all_rows)
         all_rows, pred = all_rows[order], pred[order]
-        return {"rows": all_rows.numpy(), "y_true": self.table.labels[all_rows].numpy(), "y_pred": pred.numpy(),
-                "probs": prob[order].numpy(),
-                "embeddings": emb[order].numpy() if embeddings else None}
+        return {
+            "rows": all_rows.numpy(),
+            "y_true": self.table.labels[all_rows].numpy(),
+            "y_pred": pred.numpy(),
+            "probs": prob[order].numpy(),
+            "embeddings": emb[order].numpy() if embeddings else None,
+        }
 
     # -- every fold -----------------------------------------------------------------------
     def run(self) -> float:
@@ -180,8 +223,10 @@ class Experiment:
         t0 = time.perf_counter()
         done = {r["fold"] for r in self.fold_results}
         if self.resumed and all(i in done for i in range(len(self.folds))) and self.info.is_main:
-            log(f"{self.out}: every fold was already trained; the results are rebuilt from its checkpoint",
-                self.config.run.no_progress)
+            log(
+                f"{self.out}: every fold was already trained; the results are rebuilt from its checkpoint",
+                self.config.run.no_progress,
+            )
         for i, fold in enumerate(self.folds):
             if i not in done:
                 FoldTraining(self, i, fold).run()
@@ -201,5 +246,8 @@ class Experiment:
         batcher = self.batcher(None) if self.normalize != "corpus" else self.new_batcher(Normalizer(**fin["norm"]))
         test = self.evaluate(model, batcher, torch.from_numpy(self.folds[fin["fold"]].test), embeddings=True)
         centers = fin["objective"].get("center_loss.centers")
-        return {"embeddings": test["embeddings"], "labels": test["y_true"],
-                "centers": centers.numpy() if centers is not None else None}
+        return {
+            "embeddings": test["embeddings"],
+            "labels": test["y_true"],
+            "centers": centers.numpy() if centers is not None else None,
+        }

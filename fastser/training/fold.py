@@ -7,6 +7,7 @@ each) and its test.
 `experiment` (fastser.training.experiment.Experiment) gives the settings, the feature table, the
 batchers, evaluation and the checkpoint; nothing here imports it.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,14 @@ class EpochTotals:
 
     def add(self, terms, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.numel()
-        self.values[:4] += torch.stack([terms.ce.detach() * n, terms.center.detach() * n, terms.recon.detach() * n,
-                                        (logits.argmax(1) == labels).sum().float()])
+        self.values[:4] += torch.stack(
+            [
+                terms.ce.detach() * n,
+                terms.center.detach() * n,
+                terms.recon.detach() * n,
+                (logits.argmax(1) == labels).sum().float(),
+            ]
+        )
         self.values[4] += n
 
     def all_reduce(self) -> None:
@@ -57,7 +64,7 @@ def seed_for(*parts) -> int:
     """One reproducible seed from (seed, fold, epoch, rank, ...)."""
     h = 0
     for p in parts:
-        h = (h * 1_000_003 + int(p)) % (2 ** 62)
+        h = (h * 1_000_003 + int(p)) % (2**62)
     return h
 
 
@@ -85,14 +92,19 @@ class FoldTraining:
         c, info = experiment.config, experiment.info
         for part in ("train", "val", "test"):
             if len(getattr(fold, part)) == 0:
-                raise CorpusError(f"{experiment.table.corpus.name}: fold {fold.name} has no {part} utterances "
-                                  f"(too few usable files for --split {experiment.split})")
+                raise CorpusError(
+                    f"{experiment.table.corpus.name}: fold {fold.name} has no {part} utterances "
+                    f"(too few usable files for --split {experiment.split})"
+                )
         self.train_rows = experiment.train_rows(fold)
         self.batcher = experiment.batcher(self.train_rows)
         # the training rows' statistics, saved with the model at every level: predict's own for
         # --normalize corpus; for the others a reference to compare fallbacks against
-        self.norm = self.batcher.norm if self.batcher.groups is None else \
-            Normalizer.fit(experiment.table.feats, experiment.table.frames, self.train_rows)
+        self.norm = (
+            self.batcher.norm
+            if self.batcher.groups is None
+            else Normalizer.fit(experiment.table.feats, experiment.table.frames, self.train_rows)
+        )
         self._build()
         self.averages = WeightAverages(self.model, experiment.ema_decays)
         # with --ema the first average is validated, tested and saved; the trained weights and any
@@ -101,13 +113,15 @@ class FoldTraining:
         self.train_model = self.model
         if info.enabled:
             device = experiment.device
-            self.train_model = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda"
-                                                       else None)
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[device] if device.type == "cuda" else None
+            )
         if c.run.compile:  # after the DDP wrap, as torch.compile's DDP support expects
             self.train_model = torch.compile(self.train_model)
         self.graphed = None
         if c.run.cuda_graph:
             from fastser.training.graphed import GraphedTrainStep  # a new graph per fold (a new model)
+
             self.graphed = GraphedTrainStep(self.train_model, self.objective, self.opt, amp=c.run.amp)
         self.start_epoch, self.bad_epochs = 0, 0
         self.best = {"val_ua": -1.0, "epoch": -1, "model": None, "objective": None}
@@ -127,15 +141,24 @@ class FoldTraining:
         n_classes = len(exp.classes)
         counts = torch.bincount(exp.table.labels[self.train_rows], minlength=n_classes).float()
         weights = counts.sum() / (n_classes * counts.clamp(min=1))  # balanced CE: UA matters
-        self.objective = SERObjective(n_classes, c.model.embed_dim, lambda_center=exp.lambda_center,
-                                      lambda_recon=exp.lambda_recon, center_alpha=c.objective.center_alpha,
-                                      class_weights=weights, deterministic=c.run.deterministic).to(exp.device)
+        self.objective = SERObjective(
+            n_classes,
+            c.model.embed_dim,
+            lambda_center=exp.lambda_center,
+            lambda_recon=exp.lambda_recon,
+            center_alpha=c.objective.center_alpha,
+            class_weights=weights,
+            deterministic=c.run.deterministic,
+        ).to(exp.device)
         # fused AdamW on CUDA: one multi-tensor kernel per step instead of a handful per parameter group
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.optim.lr, weight_decay=c.optim.weight_decay,
-                                     fused=True if exp.device.type == "cuda" else None)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=c.optim.lr,
+            weight_decay=c.optim.weight_decay,
+            fused=True if exp.device.type == "cuda" else None,
+        )
         total = c.optim.epochs * steps_per_epoch(len(self.train_rows), c.optim.batch_size, exp.info.world_size)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=c.optim.lr, total_steps=total,
-                                                         pct_start=0.15)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=c.optim.lr, total_steps=total, pct_start=0.15)
 
     # -- the epochs ------------------------------------------------------------------------
     def run(self) -> dict:
@@ -149,20 +172,39 @@ class FoldTraining:
             if exp.validating():
                 val = exp.evaluate(self.kept, self.batcher, torch.from_numpy(self.fold.val))
                 vm = summarize(val["y_true"], val["y_pred"], exp.classes)
-            row = {"fold": self.index, "fold_name": self.fold.name, "epoch": epoch + 1, **totals,
-                   "val_ua": vm["ua"], "val_wa": vm["wa"], "lr": self.sched.get_last_lr()[0],
-                   "seconds": time.perf_counter() - t0}
+            row = {
+                "fold": self.index,
+                "fold_name": self.fold.name,
+                "epoch": epoch + 1,
+                **totals,
+                "val_ua": vm["ua"],
+                "val_wa": vm["wa"],
+                "lr": self.sched.get_last_lr()[0],
+                "seconds": time.perf_counter() - t0,
+            }
             exp.history.append(row)
             self._keep_if_best(epoch, vm["ua"])
             if exp.info.is_main:
                 val_text = f" val UA {vm['ua']:.3f}" if vm["ua"] is not None else ""
-                log(f"fold {self.index + 1} epoch {epoch + 1}: ce {row['ce']:.3f} center {row['center']:.2f} "
+                log(
+                    f"fold {self.index + 1} epoch {epoch + 1}: ce {row['ce']:.3f} center {row['center']:.2f} "
                     f"recon {row['recon']:.3f} train acc {row['train_acc']:.3f}{val_text} "
-                    f"({row['seconds']:.1f}s)", c.run.no_progress)
-            exp.save({"fold": self.index, "epoch": epoch + 1, "model": cpu_state(self.model),
-                      "objective": cpu_state(self.objective), "optimizer": self.opt.state_dict(),
-                      "scheduler": self.sched.state_dict(), "best": self.best, "bad_epochs": self.bad_epochs,
-                      "averages": self.averages.state_dict()})
+                    f"({row['seconds']:.1f}s)",
+                    c.run.no_progress,
+                )
+            exp.save(
+                {
+                    "fold": self.index,
+                    "epoch": epoch + 1,
+                    "model": cpu_state(self.model),
+                    "objective": cpu_state(self.objective),
+                    "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(),
+                    "best": self.best,
+                    "bad_epochs": self.bad_epochs,
+                    "averages": self.averages.state_dict(),
+                }
+            )
             maybe_interrupt()
         return self.test()
 
@@ -170,8 +212,12 @@ class FoldTraining:
         """Early stopping's bookkeeping; without validation speakers every epoch is the best so far
         (the last one is kept)."""
         if val_ua is None or val_ua > self.best["val_ua"]:
-            self.best = {"val_ua": val_ua if val_ua is not None else -1.0, "epoch": epoch + 1,
-                         "model": cpu_state(self.kept), "objective": cpu_state(self.objective)}
+            self.best = {
+                "val_ua": val_ua if val_ua is not None else -1.0,
+                "epoch": epoch + 1,
+                "model": cpu_state(self.kept),
+                "objective": cpu_state(self.objective),
+            }
             if self.averages:
                 others = {"trained": self.model, **self.averages.models()}
                 self.best["others"] = {name: cpu_state(m) for name, m in others.items() if m is not self.kept}
@@ -182,12 +228,20 @@ class FoldTraining:
     def train_epoch(self, epoch: int) -> dict:
         exp, c, info = self.experiment, self.experiment.config, self.experiment.info
         torch.manual_seed(seed_for(c.optim.seed, self.index, epoch + 1, info.rank))  # dropout of this epoch
-        order = self.train_rows[torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(
-            seed_for(c.optim.seed, self.index, epoch + 1)))]
+        order = self.train_rows[
+            torch.randperm(
+                len(self.train_rows),
+                generator=torch.Generator().manual_seed(seed_for(c.optim.seed, self.index, epoch + 1)),
+            )
+        ]
         mine = fdist.shard(order, info, pad=True)
         if exp.table.copies:  # each row read as the original or one of its perturbed copies, uniformly
-            version = torch.randint(0, 1 + len(exp.table.copies), (len(mine),), generator=torch.Generator()
-                                    .manual_seed(seed_for(c.optim.seed, self.index, epoch + 1, info.rank, 11)))
+            version = torch.randint(
+                0,
+                1 + len(exp.table.copies),
+                (len(mine),),
+                generator=torch.Generator().manual_seed(seed_for(c.optim.seed, self.index, epoch + 1, info.rank, 11)),
+            )
             mine = mine + version * exp.table.n_utterances
         per_rank = max(1, c.optim.batch_size // info.world_size)
         steps = steps_per_epoch(len(self.train_rows), c.optim.batch_size, info.world_size)
@@ -202,11 +256,17 @@ class FoldTraining:
         bar = None
         if info.is_main and not c.run.no_progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=steps, desc=f"fold {self.index + 1}/{len(exp.folds)} epoch {epoch + 1}/{c.optim.epochs}",
-                       leave=False, dynamic_ncols=True, file=sys.stderr)
+
+            bar = tqdm(
+                total=steps,
+                desc=f"fold {self.index + 1}/{len(exp.folds)} epoch {epoch + 1}/{c.optim.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
         try:  # an interrupt clears the bar, so the message after it starts on a line of its own
             for step in range(steps):
-                batch = self.batcher.batch(mine[step * per_rank: (step + 1) * per_rank], gen, tempo=c.augment.tempo)
+                batch = self.batcher.batch(mine[step * per_rank : (step + 1) * per_rank], gen, tempo=c.augment.tempo)
                 mix = None
                 if c.augment.mixup:  # before SpecAugment: the decoder reconstructs the mixed input
                     batch, mix = mixup(batch, gen, c.augment.mixup)
@@ -214,9 +274,18 @@ class FoldTraining:
                 if self.graphed is not None:
                     out, terms = self.graphed(feats, batch.feats, batch.frames, batch.labels, mix)
                 else:
-                    out, terms = train_step(self.train_model, self.objective, self.opt, feats, batch.feats,
-                                            batch.frames, batch.labels, c.run.amp,
-                                            clip_params=self.model.parameters(), mix=mix)
+                    out, terms = train_step(
+                        self.train_model,
+                        self.objective,
+                        self.opt,
+                        feats,
+                        batch.feats,
+                        batch.frames,
+                        batch.labels,
+                        c.run.amp,
+                        clip_params=self.model.parameters(),
+                        mix=mix,
+                    )
                 self.sched.step()
                 self.averages.update(self.model)
                 totals.add(terms, out.logits, batch.labels)
@@ -243,12 +312,22 @@ class FoldTraining:
         test = exp.evaluate(model, self.batcher, torch.from_numpy(fold.test), embeddings=True)
         tm = summarize(test["y_true"], test["y_pred"], exp.classes)
         val_ua = best["val_ua"] if exp.validating() else None
-        result = {"fold": self.index, "name": fold.name, "best_epoch": best["epoch"], "val_ua": val_ua,
-                  "val_speaker_disjoint": fold.val_speaker_disjoint,
-                  "test_speakers": sorted(set(exp.table.corpus.speakers[fold.test].tolist())),
-                  "test_rows": test["rows"].tolist(), "y_true": test["y_true"].tolist(),
-                  "y_pred": test["y_pred"].tolist(), "probs": test["probs"].round(6).tolist(),
-                  "wa": tm["wa"], "ua": tm["ua"], "macro_f1": tm["macro_f1"], "n_test": tm["n"]}
+        result = {
+            "fold": self.index,
+            "name": fold.name,
+            "best_epoch": best["epoch"],
+            "val_ua": val_ua,
+            "val_speaker_disjoint": fold.val_speaker_disjoint,
+            "test_speakers": sorted(set(exp.table.corpus.speakers[fold.test].tolist())),
+            "test_rows": test["rows"].tolist(),
+            "y_true": test["y_true"].tolist(),
+            "y_pred": test["y_pred"].tolist(),
+            "probs": test["probs"].round(6).tolist(),
+            "wa": tm["wa"],
+            "ua": tm["ua"],
+            "macro_f1": tm["macro_f1"],
+            "n_test": tm["n"],
+        }
         if exp.normalize == "speaker":
             # what a user without enrollment audio could get from the same model (FALLBACKS)
             fallbacks = {"utterance": exp.batcher(None, "utterance"), "training": exp.new_batcher(self.norm)}
@@ -263,13 +342,30 @@ class FoldTraining:
                 result["y_pred_weights"][name] = scored["y_pred"].tolist()
             model.load_state_dict(best["model"])
         exp.fold_results.append(result)
-        exp.last_test = {"embeddings": test["embeddings"], "labels": test["y_true"],
-                         "centers": objective.center_loss.centers.detach().cpu().numpy()
-                         if objective.center_loss is not None else None}
-        exp.save(None, final={"model": best["model"], "objective": best["objective"], "norm": self.norm.state(),
-                              "fold": self.index})
+        exp.last_test = {
+            "embeddings": test["embeddings"],
+            "labels": test["y_true"],
+            "centers": objective.center_loss.centers.detach().cpu().numpy()
+            if objective.center_loss is not None
+            else None,
+        }
+        exp.save(
+            None,
+            final={
+                "model": best["model"],
+                "objective": best["objective"],
+                "norm": self.norm.state(),
+                "fold": self.index,
+            },
+        )
         if exp.info.is_main:
-            log(f"fold {self.index + 1}/{len(exp.folds)} {fold.name}: test WA {tm['wa']:.3f} UA {tm['ua']:.3f} "
-                + (f"(best epoch {best['epoch']}, val UA {val_ua:.3f})" if val_ua is not None
-                   else f"(last epoch {best['epoch']}, no validation)"), exp.config.run.no_progress)
+            log(
+                f"fold {self.index + 1}/{len(exp.folds)} {fold.name}: test WA {tm['wa']:.3f} UA {tm['ua']:.3f} "
+                + (
+                    f"(best epoch {best['epoch']}, val UA {val_ua:.3f})"
+                    if val_ua is not None
+                    else f"(last epoch {best['epoch']}, no validation)"
+                ),
+                exp.config.run.no_progress,
+            )
         return result

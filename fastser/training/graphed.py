@@ -16,6 +16,7 @@ the step (the center loss validates on the device), and gradients written rather
 steps run eagerly on a side stream, as `torch.cuda.graph` asks (cuDNN/cuBLAS plans, Triton
 compilation, lazy workspaces); they are real training steps.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,16 +45,29 @@ class GraphedTrainStep:
             side, main = torch.cuda.Stream(), torch.cuda.current_stream()
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                result = train_step(self.model, self.objective, self.opt, feats, targets, frames, labels, self.amp,
-                                    clip_params=self.params, mix=mix)
+                result = train_step(
+                    self.model,
+                    self.objective,
+                    self.opt,
+                    feats,
+                    targets,
+                    frames,
+                    labels,
+                    self.amp,
+                    clip_params=self.params,
+                    mix=mix,
+                )
             main.wait_stream(side)
             return result
         if self.graph is None:
             self._capture(feats, targets, frames, labels, mix)
         else:
             if (mix is None) != (self.mix is None):
-                raise ValueError("the CUDA graph was captured " + ("without" if self.mix is None else "with")
-                                 + " mixup: give `mix` at every step or at none")
+                raise ValueError(
+                    "the CUDA graph was captured "
+                    + ("without" if self.mix is None else "with")
+                    + " mixup: give `mix` at every step or at none"
+                )
             self._load(feats, targets, frames, labels, mix)
         self.graph.replay()
         self.opt.step()
@@ -79,5 +93,15 @@ class GraphedTrainStep:
         self.opt.zero_grad(set_to_none=True)  # the captured backward then writes the gradients
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out, self.terms = step_body(self.model, self.objective, self.feats, self.targets, self.frames,
-                                             self.labels, self.amp, self.params, self.mix, autocast_cache=False)
+            self.out, self.terms = step_body(
+                self.model,
+                self.objective,
+                self.feats,
+                self.targets,
+                self.frames,
+                self.labels,
+                self.amp,
+                self.params,
+                self.mix,
+                autocast_cache=False,
+            )

@@ -1,6 +1,7 @@
 """What a finished experiment writes: metrics.json, history.jsonl, config.json, predictions.csv,
 MODEL.md (the model card), the confusion matrix and embedding plots, and the ablation table; the
 ensemble of several seeds."""
+
 from __future__ import annotations
 
 import csv
@@ -27,22 +28,53 @@ def metrics_of(run: Experiment, seconds: float) -> dict:
     corpus = run.table.corpus
     extra = other_scores(run.fold_results, run.classes)
     return {
-        "corpus": a.data.corpus, "split": run.split, "features": a.model.features, "kinds": run.spec.features.kinds,
+        "corpus": a.data.corpus,
+        "split": run.split,
+        "features": a.model.features,
+        "kinds": run.spec.features.kinds,
         "classes": run.classes,
-        "lambda_center": run.lambda_center, "lambda_recon": run.lambda_recon, "center_alpha": a.objective.center_alpha,
-        "n_test": m["n"], "wa": m["wa"], "ua": m["ua"], "macro_f1": m["macro_f1"],
-        "per_class_recall": m["per_class_recall"], "confusion": m["confusion"],
-        "folds": [{k: r[k] for k in ("name", "n_test", "wa", "ua", "macro_f1", "best_epoch", "val_ua",
-                                     "val_speaker_disjoint", "test_speakers")} for r in run.fold_results],
-        "n_utterances": len(corpus.utterances), "n_speakers": len(set(corpus.speakers.tolist())),
+        "lambda_center": run.lambda_center,
+        "lambda_recon": run.lambda_recon,
+        "center_alpha": a.objective.center_alpha,
+        "n_test": m["n"],
+        "wa": m["wa"],
+        "ua": m["ua"],
+        "macro_f1": m["macro_f1"],
+        "per_class_recall": m["per_class_recall"],
+        "confusion": m["confusion"],
+        "folds": [
+            {
+                k: r[k]
+                for k in (
+                    "name",
+                    "n_test",
+                    "wa",
+                    "ua",
+                    "macro_f1",
+                    "best_epoch",
+                    "val_ua",
+                    "val_speaker_disjoint",
+                    "test_speakers",
+                )
+            }
+            for r in run.fold_results
+        ],
+        "n_utterances": len(corpus.utterances),
+        "n_speakers": len(set(corpus.speakers.tolist())),
         "skipped": {"count": len(corpus.skipped), "files": [{"path": p, "reason": r} for p, r in corpus.skipped]},
-        "world_size": run.info.world_size, "ddp": run.info.enabled, "device": str(run.device),
+        "world_size": run.info.world_size,
+        "ddp": run.info.enabled,
+        "device": str(run.device),
         "threads": torch.get_num_threads(),
         # seconds: this process's wall time (after a --resume, only what it trained); epoch_seconds: every
         # epoch's training and validation, the sessions before a resume included (the run's cost)
-        "seconds": seconds, "resumed": run.resumed, "epoch_seconds": float(sum(h["seconds"] for h in run.history)),
-        "backends": backends_in_use(run.device), "fastser_version": __version__,
-        "normalize": run.normalize, **extra,
+        "seconds": seconds,
+        "resumed": run.resumed,
+        "epoch_seconds": float(sum(h["seconds"] for h in run.history)),
+        "backends": backends_in_use(run.device),
+        "fastser_version": __version__,
+        "normalize": run.normalize,
+        **extra,
     }
 
 
@@ -63,13 +95,16 @@ def other_scores(fold_results: list, classes: list) -> dict:
     def pooled(preds: list) -> dict:
         m = summarize(y_true, np.concatenate(preds), classes)
         return {k: m[k] for k in ("wa", "ua", "macro_f1")}
+
     out = {}
     for level in FALLBACKS:
         if all(f"y_pred_{level}_norm" in r for r in fold_results):
             out[f"{level}_norm"] = pooled([r[f"y_pred_{level}_norm"] for r in fold_results])
     if all("y_pred_weights" in r for r in fold_results):
-        out["weights"] = {name: pooled([r["y_pred_weights"][name] for r in fold_results])
-                          for name in fold_results[0]["y_pred_weights"]}
+        out["weights"] = {
+            name: pooled([r["y_pred_weights"][name] for r in fold_results])
+            for name in fold_results[0]["y_pred_weights"]
+        }
     return out
 
 
@@ -78,6 +113,7 @@ def write_reports(run: Experiment, metrics: dict) -> None:
     if not run.info.is_main:
         return
     from fastser.plots import plot_confusion, plot_embeddings
+
     out = run.out
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(out / "history.jsonl", "w") as f:
@@ -86,18 +122,28 @@ def write_reports(run: Experiment, metrics: dict) -> None:
     (out / "config.json").write_text(json.dumps(run.checkpoint_config(), indent=2, default=str) + "\n")
     write_predictions(out / "predictions.csv", run.fold_results, run.table.corpus, run.classes)
     (out / "MODEL.md").write_text(model_card(run, metrics))
-    plot_confusion(np.array(metrics["confusion"]), run.classes, out / "confusion.png",
-                   f"{run.config.data.corpus} {run.split}: WA {metrics['wa']:.1%}  UA {metrics['ua']:.1%}")
+    plot_confusion(
+        np.array(metrics["confusion"]),
+        run.classes,
+        out / "confusion.png",
+        f"{run.config.data.corpus} {run.split}: WA {metrics['wa']:.1%}  UA {metrics['ua']:.1%}",
+    )
     last = run.last_fold_embeddings()
     if last is not None and last["embeddings"] is not None and len(last["embeddings"]) > 2:
-        plot_embeddings(last["embeddings"], last["labels"], last["centers"], run.classes, out / "embeddings.png",
-                        f"test embeddings, {run.fold_results[-1]['name']}")
+        plot_embeddings(
+            last["embeddings"],
+            last["labels"],
+            last["centers"],
+            run.classes,
+            out / "embeddings.png",
+            f"test embeddings, {run.fold_results[-1]['name']}",
+        )
 
 
 NORMALIZE_NEEDS = {
     "speaker": "each speaker's own feature statistics: give predict unlabelled audio of the speaker (`--enroll`, "
-               "or `Predictor(..., enroll=[...])`); without it the training speakers' statistics stand in, at the "
-               "cost shown above",
+    "or `Predictor(..., enroll=[...])`); without it the training speakers' statistics stand in, at the "
+    "cost shown above",
     "corpus": "the training fold's statistics, saved with the model: nothing to give",
     "utterance": "each clip's own statistics: nothing to give",
 }
@@ -109,41 +155,63 @@ def model_card(run: Experiment, metrics: dict) -> str:
     corpus, a = run.table.corpus, run.config
     pct = lambda m: f"UA {100 * m['ua']:.1f}%, WA {100 * m['wa']:.1f}%, macro-F1 {100 * m['macro_f1']:.1f}%"  # noqa: E731
     speakers = sorted(set(corpus.speakers.tolist()))
-    lines = [f"# Model card: {run.out.name}", "",
-             f"fastser {__version__}: the CNN + center loss + reconstruction model of Tripathi et al. (2020), "
-             f"inputs {' + '.join(run.spec.features.kinds)} at {run.spec.features.sr} Hz.", "",
-             "## Trained on", "",
-             f"- corpus `{a.data.corpus}`: {len(corpus.utterances)} utterances, {len(speakers)} speakers; classes "
-             + ", ".join(f"{c} ({n})" for c, n in zip(run.classes, np.bincount(corpus.labels,
-                                                                                minlength=len(run.classes)))),
-             f"- protocol: split `{run.split}`, {len(run.fold_results)} speaker-independent fold"
-             f"{'s' if len(run.fold_results) != 1 else ''} (no test speaker is ever trained on); the model saved "
-             f"is the last fold's ({run.fold_results[-1]['name'] if run.fold_results else '-'})",
-             f"- {a.optim.epochs} epoch{'s' if a.optim.epochs != 1 else ''}, batch {a.optim.batch_size}, "
-             f"lr {a.optim.lr:g}, seed {a.optim.seed}, "
-             f"center loss weight {run.lambda_center:g}, reconstruction weight {run.lambda_recon:g}", "",
-             "## Measured (test speakers, pooled over the folds)", "",
-             f"- with the speaker's statistics (enrollment audio): {pct(metrics)} on {metrics['n_test']} utterances"
-             if run.normalize == "speaker" else f"- {pct(metrics)} on {metrics['n_test']} utterances"]
+    lines = [
+        f"# Model card: {run.out.name}",
+        "",
+        f"fastser {__version__}: the CNN + center loss + reconstruction model of Tripathi et al. (2020), "
+        f"inputs {' + '.join(run.spec.features.kinds)} at {run.spec.features.sr} Hz.",
+        "",
+        "## Trained on",
+        "",
+        f"- corpus `{a.data.corpus}`: {len(corpus.utterances)} utterances, {len(speakers)} speakers; classes "
+        + ", ".join(f"{c} ({n})" for c, n in zip(run.classes, np.bincount(corpus.labels, minlength=len(run.classes)))),
+        f"- protocol: split `{run.split}`, {len(run.fold_results)} speaker-independent fold"
+        f"{'s' if len(run.fold_results) != 1 else ''} (no test speaker is ever trained on); the model saved "
+        f"is the last fold's ({run.fold_results[-1]['name'] if run.fold_results else '-'})",
+        f"- {a.optim.epochs} epoch{'s' if a.optim.epochs != 1 else ''}, batch {a.optim.batch_size}, "
+        f"lr {a.optim.lr:g}, seed {a.optim.seed}, "
+        f"center loss weight {run.lambda_center:g}, reconstruction weight {run.lambda_recon:g}",
+        "",
+        "## Measured (test speakers, pooled over the folds)",
+        "",
+        f"- with the speaker's statistics (enrollment audio): {pct(metrics)} on {metrics['n_test']} utterances"
+        if run.normalize == "speaker"
+        else f"- {pct(metrics)} on {metrics['n_test']} utterances",
+    ]
     if "training_norm" in metrics:
         lines.append(f"- without enrollment audio (the training speakers' statistics): {pct(metrics['training_norm'])}")
     if "utterance_norm" in metrics:
         lines.append(f"- with each clip's own statistics: {pct(metrics['utterance_norm'])}")
-    lines.append(f"- chance: UA {100 / len(run.classes):.1f}%" + ("" if a.data.corpus == "synthetic" else
-                 f"; the classic baseline on the same folds: `python -m fastser.baseline --corpus {a.data.corpus} "
-                 f"--data-dir ... --split {run.split}` (openSMILE functionals + SVM)"))
-    lines += ["",
-              "## At prediction time", "",
-              f"- input statistics (`--normalize {run.normalize}`): {NORMALIZE_NEEDS[run.normalize]}",
-              f"- mono audio, resampled to {run.spec.features.sr} Hz; clips up to {run.spec.max_seconds:g} s are "
-              f"scored whole, longer ones in {run.spec.train_seconds:g} s windows", "",
-              "## Never trained on", ""]
+    lines.append(
+        f"- chance: UA {100 / len(run.classes):.1f}%"
+        + (
+            ""
+            if a.data.corpus == "synthetic"
+            else f"; the classic baseline on the same folds: `python -m fastser.baseline --corpus {a.data.corpus} "
+            f"--data-dir ... --split {run.split}` (openSMILE functionals + SVM)"
+        )
+    )
+    lines += [
+        "",
+        "## At prediction time",
+        "",
+        f"- input statistics (`--normalize {run.normalize}`): {NORMALIZE_NEEDS[run.normalize]}",
+        f"- mono audio, resampled to {run.spec.features.sr} Hz; clips up to {run.spec.max_seconds:g} s are "
+        f"scored whole, longer ones in {run.spec.train_seconds:g} s windows",
+        "",
+        "## Never trained on",
+        "",
+    ]
     if a.data.corpus == "synthetic":
-        lines.append("- real speech: the synthetic corpus is generated voiced tones; this model's predictions on "
-                     "recordings mean nothing")
+        lines.append(
+            "- real speech: the synthetic corpus is generated voiced tones; this model's predictions on "
+            "recordings mean nothing"
+        )
     else:
-        lines.append(f"- speech other than {a.data.corpus}'s: other languages, speakers, microphones, rooms, noise and "
-                     f"spontaneous (not acted) emotion; emotions other than {', '.join(run.classes)}")
+        lines.append(
+            f"- speech other than {a.data.corpus}'s: other languages, speakers, microphones, rooms, noise and "
+            f"spontaneous (not acted) emotion; emotions other than {', '.join(run.classes)}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -168,8 +236,13 @@ def seed_ensemble(fold_results_per_seed: list, classes: list) -> dict:
             return {}
         rows = np.concatenate([r["test_rows"] for r in results])
         order = np.argsort(rows)
-        per_seed.append((rows[order], np.concatenate([r["y_true"] for r in results])[order],
-                         np.concatenate([np.asarray(r["probs"]) for r in results])[order]))
+        per_seed.append(
+            (
+                rows[order],
+                np.concatenate([r["y_true"] for r in results])[order],
+                np.concatenate([np.asarray(r["probs"]) for r in results])[order],
+            )
+        )
     rows, y_true, _ = per_seed[0]
     if len(per_seed) < 2 or any(not np.array_equal(r, rows) for r, _, _ in per_seed):
         return {}
@@ -179,13 +252,18 @@ def seed_ensemble(fold_results_per_seed: list, classes: list) -> dict:
 
 
 def write_ablation(out: Path, results: dict, config) -> None:
-    rows = {name: {k: m[k] for k in ("wa", "ua", "macro_f1", "n_test", "lambda_center", "lambda_recon")}
-            for name, m in results.items()}
-    (out / "ablation.json").write_text(json.dumps({"corpus": config.data.corpus, "seed": config.optim.seed,
-                                                   "results": rows}, indent=2) + "\n")
+    rows = {
+        name: {k: m[k] for k in ("wa", "ua", "macro_f1", "n_test", "lambda_center", "lambda_recon")}
+        for name, m in results.items()
+    }
+    (out / "ablation.json").write_text(
+        json.dumps({"corpus": config.data.corpus, "seed": config.optim.seed, "results": rows}, indent=2) + "\n"
+    )
     lines = ["| objective | lambda_center | lambda_recon | WA | UA | macro-F1 |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['lambda_center']} | {r['lambda_recon']} | {r['wa']:.1%} | {r['ua']:.1%} | "
-                     f"{r['macro_f1']:.1%} |")
+        lines.append(
+            f"| {name} | {r['lambda_center']} | {r['lambda_recon']} | {r['wa']:.1%} | {r['ua']:.1%} | "
+            f"{r['macro_f1']:.1%} |"
+        )
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     log("\n" + "\n".join(lines), config.run.no_progress)

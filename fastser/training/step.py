@@ -4,6 +4,7 @@ all run `step_body`; nothing here knows about folds, epochs or the loop.
     step_body(model, objective, feats, targets, frames, labels)  # forward, joint loss, backward, clip
     train_step(model, objective, opt, feats, targets, frames, labels)  # zero_grad, step_body, opt.step()
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,18 @@ import torch
 GRAD_CLIP_NORM = 5.0  # max total gradient norm: the paper's CNNs with the center loss diverge now and then without
 
 
-def step_body(model, objective, feats: dict, targets: dict, frames: torch.Tensor, labels: torch.Tensor,
-              amp: bool = False, clip_params=None, mix=None, autocast_cache: bool = True):
+def step_body(
+    model,
+    objective,
+    feats: dict,
+    targets: dict,
+    frames: torch.Tensor,
+    labels: torch.Tensor,
+    amp: bool = False,
+    clip_params=None,
+    mix=None,
+    autocast_cache: bool = True,
+):
     """Forward (bf16 autocast with amp), the joint loss in fp32 (`mix`: the Mix of a mixup batch),
     backward (the fused center loss moves its centers inside it) and gradient clipping of
     `clip_params`. Gradients must be None or zero before it. No host synchronisation.
@@ -26,8 +37,18 @@ def step_body(model, objective, feats: dict, targets: dict, frames: torch.Tensor
     return out, terms
 
 
-def train_step(model, objective, opt, feats: dict, targets: dict, frames: torch.Tensor, labels: torch.Tensor,
-               amp: bool = False, clip_params=None, mix=None):
+def train_step(
+    model,
+    objective,
+    opt,
+    feats: dict,
+    targets: dict,
+    frames: torch.Tensor,
+    labels: torch.Tensor,
+    amp: bool = False,
+    clip_params=None,
+    mix=None,
+):
     """One optimizer step: `step_body` between zeroing the gradients and `opt.step()`."""
     opt.zero_grad(set_to_none=True)
     out, terms = step_body(model, objective, feats, targets, frames, labels, amp, clip_params, mix)

@@ -1,4 +1,5 @@
 """Tiny corpora in each corpus's real folder layout and naming code, with bad files among them."""
+
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,12 @@ def write_wav(path: Path, seconds: float = 0.3, sr: int = 16000, seed: int = 0):
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * sr)) / sr
-    sf.write(path, 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.01 * rng.standard_normal(t.size), sr,
-             subtype="PCM_16")
+    sf.write(
+        path,
+        0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.01 * rng.standard_normal(t.size),
+        sr,
+        subtype="PCM_16",
+    )
 
 
 def add_bad_files(folder: Path, names):
@@ -25,8 +30,9 @@ def add_bad_files(folder: Path, names):
 
 def make_emodb(root: Path) -> dict:
     expected = {}
-    for i, (spk, emo) in enumerate([("03", "W"), ("03", "N"), ("08", "T"), ("08", "F"), ("10", "A"), ("16", "L"),
-                                    ("16", "E")]):
+    for i, (spk, emo) in enumerate(
+        [("03", "W"), ("03", "N"), ("08", "T"), ("08", "F"), ("10", "A"), ("16", "L"), ("16", "E")]
+    ):
         name = f"{spk}a0{i % 5 + 1}{emo}a"
         write_wav(root / "wav" / f"{name}.wav", seed=i)
         expected[name] = (spk, emo)
@@ -45,8 +51,9 @@ def make_ravdess(root: Path) -> dict:
         write_wav(root / f"Actor_{actor:02d}" / f"02-01-05-01-01-01-{actor:02d}.wav")  # video-only: not speech audio
         write_wav(root / f"Actor_{actor:02d}" / f"03-02-05-01-01-01-{actor:02d}.wav")  # song
     (root / "Actor_01" / "notes.wav").write_bytes(b"")
-    add_bad_files(root / "Actor_02", ["03-01-03-01-01-02-02.wav", "03-01-04-01-01-02-02.wav",
-                                      "03-01-06-01-01-02-02.wav"])
+    add_bad_files(
+        root / "Actor_02", ["03-01-03-01-01-02-02.wav", "03-01-04-01-01-02-02.wav", "03-01-06-01-01-02-02.wav"]
+    )
     return expected
 
 
@@ -103,11 +110,17 @@ def make_iemocap(root: Path) -> dict:
             (base / f"Session{s}" / "dialog" / "EmoEvaluation" / f"{dialog}.txt").write_text(EMO_EVAL.format(d=dialog))
             (base / f"Session{s}" / "dialog" / "transcriptions").mkdir(parents=True, exist_ok=True)
             (base / f"Session{s}" / "dialog" / "transcriptions" / f"{dialog}.txt").write_text(
-                f"{dialog}_F000 [006.2901-008.2357]: Excuse me.\n")
+                f"{dialog}_F000 [006.2901-008.2357]: Excuse me.\n"
+            )
             for k, utt in enumerate(["F000", "M000", "F001", "M001", "F002", "M002", "F003"]):
                 write_wav(base / f"Session{s}" / "sentences" / "wav" / dialog / f"{dialog}_{utt}.wav", seed=s * 10 + k)
-            for utt, label in (("F000", "neutral"), ("M000", "happy"), ("F001", "happy"), ("M001", "angry"),
-                               ("F002", "sad")):
+            for utt, label in (
+                ("F000", "neutral"),
+                ("M000", "happy"),
+                ("F001", "happy"),
+                ("M001", "angry"),
+                ("F002", "sad"),
+            ):
                 expected[f"{dialog}_{utt}"] = (f"Ses0{s}{utt[0]}", label, f"Session{s}")
     # a bad file: listed in EmoEvaluation, present, but empty
     (base / "Session3" / "sentences" / "wav" / "Ses03F_impro01" / "Ses03F_impro01_F002.wav").write_bytes(b"")

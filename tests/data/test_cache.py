@@ -18,6 +18,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     assert len(files) == 1 and files[0].endswith(".pt") and not any(f.endswith(".tmp") for f in files)
 
     import fastser.data.cache as cache_mod
+
     calls = []
     original = cache_mod._build
     monkeypatch.setattr(cache_mod, "_build", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -54,6 +55,7 @@ def test_speed_perturb_moves_pitch_and_duration_together():
     """speed 1.1: 1/1.1 of the duration and 1.1 x the frequency (Kaldi's / sox's speed)."""
     import numpy as np
     from fastser.audio import speed_perturb
+
     sr = 16000
     t = np.arange(sr) / sr
     y = np.sin(2 * np.pi * 200 * t).astype(np.float32)
@@ -64,6 +66,7 @@ def test_speed_perturb_moves_pitch_and_duration_together():
         peak_hz = np.argmax(spectrum) * sr / len(z)
         assert abs(peak_hz - 200 * speed) < 2, (speed, peak_hz)
     import pytest
+
     with pytest.raises(ValueError, match="speed"):
         speed_perturb(y, sr, 3.0)
 
@@ -73,6 +76,7 @@ def test_speed_copies_append_rows_with_their_own_speakers(tmp_path):
     scaled by 1/speed; every copy cached under its own key (the originals' key unchanged)."""
     from fastser.data.cache import Perturbation, with_copies
     from fastser.features.featureset import FeatureSet
+
     fixtures.make_emodb(tmp_path / "emodb")
     cache = tmp_path / "cache"
     corpus = load_corpus("emodb", tmp_path / "emodb")
@@ -87,14 +91,14 @@ def test_speed_copies_append_rows_with_their_own_speakers(tmp_path):
     assert table.speakers[0] == base.corpus.speakers[0]
     assert table.speakers[N] == base.corpus.speakers[0] + "@speed0.9"
     assert table.speakers[2 * N + 1] == base.corpus.speakers[1] + "@speed1.1"
-    ratio = table.frames[N:2 * N].double() / base.frames.double()
+    ratio = table.frames[N : 2 * N].double() / base.frames.double()
     assert ((ratio > 1.0) & (ratio < 1.2)).all()  # slower: about 1/0.9 the frames
-    ratio = table.frames[2 * N:].double() / base.frames.double()
+    ratio = table.frames[2 * N :].double() / base.frames.double()
     assert ((ratio > 0.8) & (ratio < 1.0)).all()
     w = base.feats["mfcc"].shape[-1]
     assert torch.equal(table.feats["mfcc"][:N, :, :w], base.feats["mfcc"])  # the originals untouched
     assert not table.feats["mfcc"][:N, :, w:].any()  # padded with zeros to the widest copy
-    assert not torch.equal(table.feats["mfcc"][N:2 * N, :, :w], base.feats["mfcc"])
+    assert not torch.equal(table.feats["mfcc"][N : 2 * N, :, :w], base.feats["mfcc"])
 
 
 def test_add_noise_has_the_asked_snr_and_colour():
@@ -104,6 +108,7 @@ def test_add_noise_has_the_asked_snr_and_colour():
     import numpy as np
     import pytest
     from fastser.audio import add_noise
+
     sr = 16000
     y = (0.3 * np.sin(2 * np.pi * 220 * np.arange(4 * sr) / sr)).astype(np.float32)
     for colour, exponent in (("white", 0.0), ("pink", 1.0), ("brown", 2.0)):
@@ -111,7 +116,7 @@ def test_add_noise_has_the_asked_snr_and_colour():
             z = add_noise(y, snr, np.random.default_rng(1), colour)
             assert z.dtype == np.float32 and z.shape == y.shape
             noise = z.astype(np.float64) - y
-            assert abs(10 * np.log10(np.mean(y.astype(np.float64) ** 2) / np.mean(noise ** 2)) - snr) < 0.01
+            assert abs(10 * np.log10(np.mean(y.astype(np.float64) ** 2) / np.mean(noise**2)) - snr) < 0.01
         power = np.abs(np.fft.rfft(noise)) ** 2
         f = np.fft.rfftfreq(len(noise), 1 / sr)
         band = (f > 100) & (f < 6000)
@@ -128,6 +133,7 @@ def test_noise_copies_are_fixed_per_utterance_and_cached_apart(tmp_path):
     by utterance id), and its own cache file beside the originals' and the speed copies'."""
     from fastser.data.cache import Perturbation, cache_key, with_copies
     from fastser.features.featureset import FeatureSet
+
     fixtures.make_emodb(tmp_path / "emodb")
     cache = tmp_path / "cache"
     corpus = load_corpus("emodb", tmp_path / "emodb")
@@ -138,11 +144,13 @@ def test_noise_copies_are_fixed_per_utterance_and_cached_apart(tmp_path):
     N = base.n_utterances
     assert len(os.listdir(cache)) == 3 and table.copies == copies
     assert table.speakers[N + 2] == base.corpus.speakers[2] + "@snr10"
-    assert torch.equal(table.frames[N:2 * N], base.frames)
+    assert torch.equal(table.frames[N : 2 * N], base.frames)
     w = base.feats["mfcc"].shape[-1]
-    assert not torch.equal(table.feats["mfcc"][N:2 * N, :, :w], base.feats["mfcc"])
+    assert not torch.equal(table.feats["mfcc"][N : 2 * N, :, :w], base.feats["mfcc"])
     rebuilt = with_copies(base, features, CPU, copies[:1])  # no cache: computed again
-    torch.testing.assert_close(rebuilt.feats["mfcc"][N:], table.feats["mfcc"][N:2 * N, :, :w])
-    keys = {cache_key(corpus, features, 8.0, p) for p in (None, Perturbation("noise", 10.0),
-                                                          Perturbation("noise", 20.0), Perturbation("speed", 1.1))}
+    torch.testing.assert_close(rebuilt.feats["mfcc"][N:], table.feats["mfcc"][N : 2 * N, :, :w])
+    keys = {
+        cache_key(corpus, features, 8.0, p)
+        for p in (None, Perturbation("noise", 10.0), Perturbation("noise", 20.0), Perturbation("speed", 1.1))
+    }
     assert len(keys) == 4

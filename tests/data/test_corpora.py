@@ -28,9 +28,11 @@ def test_ravdess_speech_audio_only(tmp_path):
     expected = fixtures.make_ravdess(tmp_path)
     c = load_corpus("ravdess", tmp_path)
     assert {u.uid: (u.speaker, u.label) for u in c.utterances} == {
-        k: (spk, RAVDESS_LABELS[e]) for k, (spk, e) in expected.items()} | {
-        n: ("Actor_02", RAVDESS_LABELS[n[6:8]]) for n in ["03-01-03-01-01-02-02", "03-01-04-01-01-02-02",
-                                                          "03-01-06-01-01-02-02"]}
+        k: (spk, RAVDESS_LABELS[e]) for k, (spk, e) in expected.items()
+    } | {
+        n: ("Actor_02", RAVDESS_LABELS[n[6:8]])
+        for n in ["03-01-03-01-01-02-02", "03-01-04-01-01-02-02", "03-01-06-01-01-02-02"]
+    }
     assert {u.gender for u in c.utterances if u.speaker == "Actor_01"} == {"M"}
     assert len(c.skipped) == 1  # notes.wav
     table = build_feature_table(c, ["spectrogram"], CPU)
@@ -70,8 +72,15 @@ def test_iemocap_four_class_sessions_and_subsets(tmp_path):
     assert len(table.corpus.skipped) == 1 and "Ses03F_impro01_F002" in table.corpus.skipped[0][0]
 
 
-@pytest.mark.parametrize("make, name", [(fixtures.make_emodb, "emodb"), (fixtures.make_ravdess, "ravdess"),
-                                        (fixtures.make_cremad, "cremad"), (fixtures.make_iemocap, "iemocap")])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (fixtures.make_emodb, "emodb"),
+        (fixtures.make_ravdess, "ravdess"),
+        (fixtures.make_cremad, "cremad"),
+        (fixtures.make_iemocap, "iemocap"),
+    ],
+)
 def test_every_fold_is_speaker_independent(tmp_path, make, name):
     make(tmp_path)
     c = load_corpus(name, tmp_path)
@@ -116,8 +125,12 @@ def test_degenerate_class_sets_are_found_before_training(tmp_path):
     from fastser.data import Corpus, CorpusError, Utterance, check_classes, make_folds
 
     def corpus(rows):
-        return Corpus("toy", sorted({label for _, label in rows}),
-                      [Utterance(f"u{i}", label, spk) for i, (spk, label) in enumerate(rows)])
+        return Corpus(
+            "toy",
+            sorted({label for _, label in rows}),
+            [Utterance(f"u{i}", label, spk) for i, (spk, label) in enumerate(rows)],
+        )
+
     with pytest.raises(CorpusError, match="same emotion \\(angry\\).*at least two classes"):
         one = corpus([(s, "angry") for s in "abcde"])
         check_classes(one, make_folds(one, "loso"), validating=False)
@@ -129,19 +142,36 @@ def test_degenerate_class_sets_are_found_before_training(tmp_path):
     assert not any("test=a: the training speakers" in w for w in warnings)
     assert sum("every test utterance is" in w for w in warnings) == 0
     single = corpus([(s, "angry") for s in "abc"] + [(s, "sad") for s in "abc"] + [("d", "sad")])
-    assert any("fold test=d: every test utterance is sad" in w
-               for w in check_classes(single, make_folds(single, "loso"), validating=False))
+    assert any(
+        "fold test=d: every test utterance is sad" in w
+        for w in check_classes(single, make_folds(single, "loso"), validating=False)
+    )
 
 
 def test_a_one_class_corpus_fails_in_one_line(tmp_path):
     """Ten EmoDB-named files of one emotion: exit 2 and one line, no run folder, no 100% score."""
     import subprocess
     import sys
+
     for i, speaker in enumerate(["03", "08", "09", "10", "11"] * 2):
         fixtures.write_wav(tmp_path / "emodb" / "wav" / f"{speaker}a0{i // 5 + 1}Wa.wav", seed=i)
-    proc = subprocess.run([sys.executable, "-m", "fastser.train", "--corpus", "emodb", "--data-dir",
-                           str(tmp_path / "emodb"), "--out", str(tmp_path / "run"), "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastser.train",
+            "--corpus",
+            "emodb",
+            "--data-dir",
+            str(tmp_path / "emodb"),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert "same emotion (angry)" in err[0] and "at least two classes" in err[0]
@@ -155,15 +185,19 @@ def test_the_synthetic_corpus_is_generated_once_then_read_back_unchanged(tmp_pat
     import numpy as np
 
     from fastser.data import synthetic
+
     first = load_corpus("synthetic", seed=3, n_speakers=2, per_class=1, cache_dir=tmp_path)
     files = list(tmp_path.glob("synthetic-*.npz"))
     assert len(files) == 1
     monkeypatch.setattr(synthetic, "make_corpus", lambda **kw: pytest.fail("generated again"))
     again = load_corpus("synthetic", seed=3, n_speakers=2, per_class=1, cache_dir=tmp_path)
-    assert [(u.uid, u.label, u.speaker, u.gender) for u in again.utterances] == \
-        [(u.uid, u.label, u.speaker, u.gender) for u in first.utterances]
-    assert all(np.array_equal(a.audio, b.audio) and a.audio.dtype == b.audio.dtype
-               for a, b in zip(first.utterances, again.utterances))
+    assert [(u.uid, u.label, u.speaker, u.gender) for u in again.utterances] == [
+        (u.uid, u.label, u.speaker, u.gender) for u in first.utterances
+    ]
+    assert all(
+        np.array_equal(a.audio, b.audio) and a.audio.dtype == b.audio.dtype
+        for a, b in zip(first.utterances, again.utterances)
+    )
     assert again.classes == first.classes and again.default_split == "holdout"
     monkeypatch.undo()
     load_corpus("synthetic", seed=4, n_speakers=2, per_class=1, cache_dir=tmp_path)

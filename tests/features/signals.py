@@ -1,4 +1,5 @@
 """Test signals made by the tests: every one the feature issue names, at 16 kHz."""
+
 import numpy as np
 import scipy.signal
 
@@ -20,8 +21,8 @@ def make_signals(seed: int = 0) -> dict:
         "pink": 0.5 * pink / np.abs(pink).max(),
         "silence": np.zeros(t.size),
         "impulses": impulses,
-        "short": 0.2 * rng.standard_normal(300),   # shorter than n_fft = 512
-        "odd": 0.1 * rng.standard_normal(12347),   # odd length, not a multiple of the hop
+        "short": 0.2 * rng.standard_normal(300),  # shorter than n_fft = 512
+        "odd": 0.1 * rng.standard_normal(12347),  # odd length, not a multiple of the hop
     }
     return {k: v.astype(np.float32) for k, v in signals.items()}
 

@@ -1,4 +1,5 @@
 """FeatureSet.extract, the model's input: every kind on one frame grid, and no wait for the device."""
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

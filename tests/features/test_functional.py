@@ -16,21 +16,25 @@ SIGNALS = make_signals()
 def installed_backends():
     names = ["torch", "librosa"]
     from fastser.ops import _native
+
     if _native.cpu_has_mel_chain():
         names.append("cpp")
     try:
         import triton  # noqa: F401
+
         names.append("triton")  # interpreted on CPU (tests/conftest.py sets TRITON_INTERPRET=1)
     except ImportError:
         pass
     try:
         import nvidia.dali  # noqa: F401
+
         names.append("dali")
     except ImportError:
         pass
     if torch.cuda.is_available():
         try:
             import cupy  # noqa: F401
+
             names.append("cupy")
         except ImportError:
             pass
@@ -122,14 +126,17 @@ def test_power_spectrogram_matches_librosa_float32(backend, name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("options", [
-    dict(n_fft=400, win_length=320, window="hamming"),
-    dict(center=False),
-    dict(pad_mode="reflect"),
-    dict(htk=True, fmin=60.0, fmax=7600.0, norm=None),
-    dict(power=1.0, ref=np.max, top_db=60.0),
-    dict(ref=10.0, amin=1e-5, top_db=None),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(n_fft=400, win_length=320, window="hamming"),
+        dict(center=False),
+        dict(pad_mode="reflect"),
+        dict(htk=True, fmin=60.0, fmax=7600.0, norm=None),
+        dict(power=1.0, ref=np.max, top_db=60.0),
+        dict(ref=10.0, amin=1e-5, top_db=None),
+    ],
+)
 def test_librosa_options(backend, options):
     x = SIGNALS["chirp"] + SIGNALS["white"]
     kw = {**KW, **options}
@@ -144,10 +151,15 @@ def test_librosa_options(backend, options):
 def test_mfcc_lifter_dct_options(backend):
     x = SIGNALS["pink"]
     for opts in (dict(lifter=22), dict(dct_type=3, norm=None, top_db=None), dict(top_db=None, lifter=10)):
-        ref = librosa.feature.mfcc(y=x, n_mfcc=13, **KW, **{k: v for k, v in opts.items() if k != "top_db"}) \
-            if "top_db" not in opts else librosa.feature.mfcc(
-                S=librosa.power_to_db(librosa.feature.melspectrogram(y=x, **KW), top_db=None), n_mfcc=13,
-                **{k: v for k, v in opts.items() if k != "top_db"})
+        ref = (
+            librosa.feature.mfcc(y=x, n_mfcc=13, **KW, **{k: v for k, v in opts.items() if k != "top_db"})
+            if "top_db" not in opts
+            else librosa.feature.mfcc(
+                S=librosa.power_to_db(librosa.feature.melspectrogram(y=x, **KW), top_db=None),
+                n_mfcc=13,
+                **{k: v for k, v in opts.items() if k != "top_db"},
+            )
+        )
         if backend == "dali" and opts.get("dct_type") == 3:
             with pytest.raises(Exception):  # DALI's DCT-III is defined differently; fastser refuses or differs
                 ours = run("mfcc", x, backend, n_mfcc=13, **KW, **opts)
@@ -163,7 +175,7 @@ def test_mfcc_lifter_dct_options(backend):
 def test_batch_with_lengths_equals_per_item_calls_exactly(backend, fn, pad_mode):
     items = [SIGNALS["chirp"], SIGNALS["short"], SIGNALS["odd"], SIGNALS["white"][:7001]]
     batch, lengths = pad_batch(items)
-    batch[1, lengths[1]:] = 123.0  # garbage in the padding must never reach another item's frames
+    batch[1, lengths[1] :] = 123.0  # garbage in the padding must never reach another item's frames
     kw = dict(n_fft=512, hop_length=160, pad_mode=pad_mode)
     if fn != "spectrogram":
         kw.update(sr=SR, n_mels=40)
@@ -173,7 +185,7 @@ def test_batch_with_lengths_equals_per_item_calls_exactly(backend, fn, pad_mode)
         single = run(fn, x, backend, **kw)
         assert frames[i] == single.shape[-1] == 1 + len(x) // 160
         np.testing.assert_array_equal(out[i, :, : frames[i]], single)
-        assert not np.any(out[i, :, frames[i]:]), "padded frames must be zero"
+        assert not np.any(out[i, :, frames[i] :]), "padded frames must be zero"
 
 
 @pytest.mark.parametrize("pad_mode", ["edge", "symmetric", "wrap"])
@@ -182,8 +194,9 @@ def test_other_pad_modes_pad_each_item_from_its_own_samples(pad_mode):
     batch, lengths = pad_batch(items)
     out, frames = F.spectrogram(batch, n_fft=512, hop_length=160, pad_mode=pad_mode, lengths=lengths)
     for i, x in enumerate(items):
-        np.testing.assert_array_equal(out[i, :, : frames[i]], F.spectrogram(x, n_fft=512, hop_length=160,
-                                                                             pad_mode=pad_mode))
+        np.testing.assert_array_equal(
+            out[i, :, : frames[i]], F.spectrogram(x, n_fft=512, hop_length=160, pad_mode=pad_mode)
+        )
         if pad_mode != "wrap":  # librosa.stft refuses "wrap"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -221,20 +234,23 @@ def test_librosa_defaults():
     assert_logmel_close(ours, ref)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(y=np.zeros(0, np.float32)), "empty signal"),
-    (dict(y=np.zeros((2, 3, 4), np.float32)), "1-D"),
-    (dict(y=np.zeros(100, np.int16)), "floating point"),
-    (dict(y=np.array([0.0, np.nan, 1.0], np.float32)), "NaN"),
-    (dict(y=[0.0, 1.0]), "torch tensor or a NumPy array"),
-    (dict(y=np.zeros((2, 100), np.float32), lengths=[100, 101]), "exceed"),
-    (dict(y=np.zeros((2, 100), np.float32), lengths=[100]), "lengths must have shape"),
-    (dict(y=np.zeros(100, np.float32), pad_mode="bogus"), "pad_mode"),
-    (dict(y=np.zeros(100, np.float32), center=False), "at least n_fft"),
-    (dict(y=np.zeros(100, np.float32), backend="nope"), "backend"),
-    (dict(y=np.zeros(100, np.float32), amin=0.0), "amin"),
-    (dict(y=np.zeros(100, np.float32), n_mfcc=200), "n_mfcc"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(y=np.zeros(0, np.float32)), "empty signal"),
+        (dict(y=np.zeros((2, 3, 4), np.float32)), "1-D"),
+        (dict(y=np.zeros(100, np.int16)), "floating point"),
+        (dict(y=np.array([0.0, np.nan, 1.0], np.float32)), "NaN"),
+        (dict(y=[0.0, 1.0]), "torch tensor or a NumPy array"),
+        (dict(y=np.zeros((2, 100), np.float32), lengths=[100, 101]), "exceed"),
+        (dict(y=np.zeros((2, 100), np.float32), lengths=[100]), "lengths must have shape"),
+        (dict(y=np.zeros(100, np.float32), pad_mode="bogus"), "pad_mode"),
+        (dict(y=np.zeros(100, np.float32), center=False), "at least n_fft"),
+        (dict(y=np.zeros(100, np.float32), backend="nope"), "backend"),
+        (dict(y=np.zeros(100, np.float32), amin=0.0), "amin"),
+        (dict(y=np.zeros(100, np.float32), n_mfcc=200), "n_mfcc"),
+    ],
+)
 def test_bad_input_raises_clear_error(bad, match):
     y = bad.pop("y")
     with pytest.raises((ValueError, TypeError), match=match):
@@ -261,6 +277,7 @@ def test_features_read_the_device_once_without_lengths(fn, with_lengths, monkeyp
         def read(self, *args, **kwargs):
             reads.append(name)
             return original(self, *args, **kwargs)
+
         return read
 
     for name in HOST_READS:
@@ -287,8 +304,9 @@ def test_gpu_features_synchronise_once(fn):
     assert len(syncs) == 1, [str(w.message) for w in syncs]  # the NaN/Inf check, read after every launch
 
 
-@pytest.mark.gpu(reason="the check is deferred on a GPU only (on the CPU it runs first; "
-                        "test_bad_input_raises_clear_error)")
+@pytest.mark.gpu(
+    reason="the check is deferred on a GPU only (on the CPU it runs first; test_bad_input_raises_clear_error)"
+)
 def test_gpu_nan_audio_still_raises_after_the_deferred_check():
     x = torch.from_numpy(np.stack([SIGNALS["chirp"][:8000]] * 2)).cuda()
     x[1, 100] = float("nan")

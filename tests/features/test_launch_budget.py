@@ -1,6 +1,7 @@
 """The feature path's launch budget, counted as the GPU would run it: the Triton path (interpreted
 here, its kernels stubbed) issues these ATen ops, each about one CUDA launch, and reads nothing
 back to the host. Budgets fail when a change adds launches or a host synchronisation."""
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -9,9 +10,31 @@ from fastser.features import FeatureSet
 from fastser.ops import _triton_launch, registry
 
 # ops that launch no device kernel: allocation, views, metadata
-NO_KERNEL = {"empty", "empty_strided", "new_empty", "detach", "view", "slice", "select", "alias", "expand",
-             "reshape", "_reshape_alias", "as_strided", "unsqueeze", "squeeze", "t", "transpose", "permute",
-             "unfold", "view_as_real", "_unsafe_view", "lift_fresh", "split", "split_with_sizes"}
+NO_KERNEL = {
+    "empty",
+    "empty_strided",
+    "new_empty",
+    "detach",
+    "view",
+    "slice",
+    "select",
+    "alias",
+    "expand",
+    "reshape",
+    "_reshape_alias",
+    "as_strided",
+    "unsqueeze",
+    "squeeze",
+    "t",
+    "transpose",
+    "permute",
+    "unfold",
+    "view_as_real",
+    "_unsafe_view",
+    "lift_fresh",
+    "split",
+    "split_with_sizes",
+}
 HOST_READS = {"_local_scalar_dense", "item", "equal", "is_nonzero"}
 
 
@@ -45,6 +68,7 @@ def triton_stubbed(monkeypatch):
         ledger.ops.append("triton." + self.name)
         with _disable_current_modes():
             pass  # stubbed: the outputs keep whatever they were allocated with
+
     monkeypatch.setattr(_triton_launch.TritonLaunch, "launch", launch)
     return ledger
 

@@ -1,4 +1,5 @@
 """Prosody contours: F0 of known signals, voicing, alignment with the spectral frames, padding."""
+
 import math
 
 import pytest
@@ -69,7 +70,7 @@ def test_frames_match_the_spectral_features_and_padding_is_zero():
     fs = FeatureSet.paper(("logmel", "prosody"))
     assert frames.tolist() == fs.frame_count(lengths).tolist()
     assert c.shape == (2, len(PROSODY_CHANNELS), int(frames.max()))
-    assert (c[1, :, int(frames[1]):] == 0).all()
+    assert (c[1, :, int(frames[1]) :] == 0).all()
     alone, _ = prosody(short[None], lengths[1:])
     assert torch.allclose(alone[0], c[1, :, : alone.shape[-1]], atol=1e-4)  # padding in a batch changes nothing
 

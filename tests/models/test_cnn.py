@@ -4,8 +4,10 @@ import torch
 from fastser.models import SERModel, mfcc_cnn, spectrogram_cnn, two_branch_cnn
 
 
-@pytest.mark.parametrize("build, kinds", [(spectrogram_cnn, {"logmel": 64}), (mfcc_cnn, {"mfcc": 40}),
-                                          (two_branch_cnn, {"logmel": 64, "mfcc": 40})])
+@pytest.mark.parametrize(
+    "build, kinds",
+    [(spectrogram_cnn, {"logmel": 64}), (mfcc_cnn, {"mfcc": 40}), (two_branch_cnn, {"logmel": 64, "mfcc": 40})],
+)
 @pytest.mark.parametrize("T", [37, 160, 301])
 def test_shapes(build, kinds, T):
     model = build(5, width=4, embed_dim=32)
@@ -45,8 +47,9 @@ def test_any_length_and_few_parameters():
     assert sum(p.numel() for p in model.parameters()) < 400_000
     model.eval()
     for T in (8, 33, 999):
-        assert model({"logmel": torch.randn(2, 64, T), "mfcc": torch.randn(2, 40, T)},
-                     torch.tensor([T, T])).logits.shape == (2, 4)
+        assert model(
+            {"logmel": torch.randn(2, 64, T), "mfcc": torch.randn(2, 40, T)}, torch.tensor([T, T])
+        ).logits.shape == (2, 4)
 
 
 def test_wrong_input_is_a_clear_error():
@@ -99,8 +102,12 @@ def test_bin_stats_hand_each_bins_utterance_mean_and_std_to_the_embedding():
     batch = {k: 1e3 * torch.randn(3, b, T) for k, b in kinds.items()}
     for k in batch:
         batch[k][0, :, :n] = alone[k][0]
-    torch.testing.assert_close(model(batch, torch.tensor([n, T, 40])).embedding[:1],
-                               model(alone, torch.tensor([n])).embedding, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        model(batch, torch.tensor([n, T, 40])).embedding[:1],
+        model(alone, torch.tensor([n])).embedding,
+        rtol=1e-4,
+        atol=1e-4,
+    )
     # the statistics change the embedding: shift one bin's level and the output moves
     shifted = {k: v.clone() for k, v in alone.items()}
     shifted["mfcc"][0, 5] += 1.0
@@ -123,7 +130,7 @@ def test_time_pooling_keeps_one_mean_and_max_per_frequency_band():
     fmap, vec = enc_time(x, torch.tensor([T, n]))
     valid = fmap[1, :, :, : n // 8]  # (C, 8 bands, valid frames of the map)
     torch.testing.assert_close(vec[1, : C * 8], valid.mean(-1).flatten(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(vec[1, C * 8:], valid.amax(-1).flatten())
+    torch.testing.assert_close(vec[1, C * 8 :], valid.amax(-1).flatten())
     _, vec_global = enc_global(x, torch.tensor([T, n]))
     torch.testing.assert_close(vec_global[1, :C], valid.mean(dim=(1, 2)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vec_global[1, C:], valid.amax(dim=(1, 2)))

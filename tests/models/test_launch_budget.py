@@ -1,6 +1,7 @@
 """The model's launch budget: the ATen ops (about one GPU launch each) of the default model's
 forward, joint loss and backward at batch 64, on a batch with padding (the masked path a GPU
 always takes). Budgets fail when a change adds launches."""
+
 import torch
 
 from fastser.checkpoints import ModelSpec, build_model
@@ -17,8 +18,9 @@ BUDGET = {"forward": 166, "objective": 37, "backward": 195}
 def test_a_training_forward_and_backward_fit_their_launch_budget():
     fs = FeatureSet.paper(["logmel", "mfcc", "prosody"])
     model = build_model(ModelSpec(fs, tuple("abcd"), pooling="time")).to(memory_format=torch.channels_last)
-    objective = SERObjective(4, 128, lambda_center=0.003, lambda_recon=0.1, center_alpha=0.5,
-                             class_weights=torch.ones(4))
+    objective = SERObjective(
+        4, 128, lambda_center=0.003, lambda_recon=0.1, center_alpha=0.5, class_weights=torch.ones(4)
+    )
     B, T = 64, 301
     feats = {k: torch.randn(B, n, T) for k, n in fs.n_bins.items()}
     frames = torch.full((B,), T)

@@ -80,8 +80,9 @@ def test_mixup_cross_entropy_with_class_weights():
     frames = torch.ones(6, dtype=torch.long)
     nll = -out.logits.log_softmax(1)
     own, other = nll[torch.arange(6), labels], nll[torch.arange(6), mix.partner]
-    expected = (mix.lam * w[labels] * own + (1 - mix.lam) * w[mix.partner] * other).sum() \
-        / (mix.lam * w[labels] + (1 - mix.lam) * w[mix.partner]).sum()
+    expected = (mix.lam * w[labels] * own + (1 - mix.lam) * w[mix.partner] * other).sum() / (
+        mix.lam * w[labels] + (1 - mix.lam) * w[mix.partner]
+    ).sum()
     torch.testing.assert_close(obj(out, labels, {}, frames, mix).ce, expected)
     plain = obj(out, labels, {}, frames).ce
     unmixed = Mix(mix.partner, torch.ones(6))

@@ -8,6 +8,7 @@ to interpret cannot also compile), so tests/ops/test_gpu_compile.py starts it as
 The launches come from the same `*_launch` functions the package runs (on meta tensors), so what
 is compiled is what is launched.
 """
+
 import itertools
 import json
 import re
@@ -41,6 +42,7 @@ def empty(*shape, dtype=torch.float32):
 
 # ----------------------------------------------------------------------------- what the package launches
 
+
 def center_loss_launches():
     """Every dtype the Triton backend accepts (features fp32/fp16/bf16, fp32 centers, the gradient
     in the features' dtype), every tile width (D from 1 to 513 covers BLOCK_D 16..512), every
@@ -54,22 +56,41 @@ def center_loss_launches():
     for dtype, D in itertools.product((torch.float32, torch.float16, torch.bfloat16), (1, 17, 33, 65, 129, 257, 513)):
         x, diff, centers = empty(B, D, dtype=dtype), empty(B, D), empty(C, D)
         stats = empty(C + 1, dtype=torch.int32)
-        for stats, bad_batches in ((None, None), (stats, None), (stats, empty((), dtype=torch.int64)),
-                                   (stats, empty((), dtype=torch.int32))):
+        for stats, bad_batches in (
+            (None, None),
+            (stats, None),
+            (stats, empty((), dtype=torch.int64)),
+            (stats, empty((), dtype=torch.int32)),
+        ):
             yield center_loss_triton.forward_launch(x, labels, centers, empty(B), diff, stats, bad_batches)
         gates = (None, empty((), dtype=torch.int32), empty((), dtype=torch.bool))
         modes = (("none", None), ("grad", None), ("wen", counts), ("wen", empty(C, dtype=torch.int32)))
-        for with_grad_x, (mode, mode_counts), scale_rows, bad in itertools.product((True, False), modes, (1, B),
-                                                                                   gates):
+        for with_grad_x, (mode, mode_counts), scale_rows, bad in itertools.product((True, False), modes, (1, B), gates):
             # the row scale is the upstream gradient as it comes: fp32, or the features' dtype when
             # the loss is half precision (half centers)
             yield center_loss_triton.backward_launch(
-                diff, labels, mode_counts, C, empty(scale_rows, dtype=dtype if scale_rows == 1 else torch.float32),
+                diff,
+                labels,
+                mode_counts,
+                C,
+                empty(scale_rows, dtype=dtype if scale_rows == 1 else torch.float32),
                 empty(B, D, dtype=dtype) if with_grad_x else None,
-                centers if mode == "wen" else None, 0.5, centers if mode == "grad" else None, bad)
+                centers if mode == "wen" else None,
+                0.5,
+                centers if mode == "grad" else None,
+                bad,
+            )
         for wen, bad, scale_dtype in itertools.product((True, False), gates, (torch.float32, dtype)):
-            yield center_loss_triton.segment_update_launch(diff, order, offsets, empty(1, dtype=scale_dtype),
-                                                           centers if wen else None, 0.5, None if wen else centers, bad)
+            yield center_loss_triton.segment_update_launch(
+                diff,
+                order,
+                offsets,
+                empty(1, dtype=scale_dtype),
+                centers if wen else None,
+                0.5,
+                None if wen else centers,
+                bad,
+            )
 
 
 def mel_chain_launches():
@@ -79,9 +100,12 @@ def mel_chain_launches():
     only size it."""
     B, T = 3, 50
     base = dict(sr=16000, n_fft=512, hop_length=160)
-    configs = [F.FeatureConfig(kind, **base, n_mels=40, n_mfcc=40, power=power, ref=ref, top_db=top_db)
-               for kind, power, ref, top_db in itertools.product(("mel", "logmel", "mfcc"), (2.0, 1.0, 1.5),
-                                                                 (1.0, "max"), (80.0, None))]
+    configs = [
+        F.FeatureConfig(kind, **base, n_mels=40, n_mfcc=40, power=power, ref=ref, top_db=top_db)
+        for kind, power, ref, top_db in itertools.product(
+            ("mel", "logmel", "mfcc"), (2.0, 1.0, 1.5), (1.0, "max"), (80.0, None)
+        )
+    ]
     for n_mels in (16, 40, 64, 65, 128, 256):
         configs.append(F.FeatureConfig("logmel", **base, n_mels=n_mels, ref="max"))
         configs += [F.FeatureConfig("mfcc", **base, n_mels=n_mels, n_mfcc=k, ref="max") for k in {1, 13, n_mels}]
@@ -118,8 +142,9 @@ def resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     usage = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if usage is None:
         raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK line:\n{out}")
@@ -137,6 +162,7 @@ def atomics_and_fences(cubin: bytes) -> tuple:
     loss's atomics only accumulate (nothing in the same launch reads what they write), so they are
     relaxed and the SASS must hold no fence."""
     from triton.tools.disasm import get_sass
+
     sass = get_sass(cubin)
     return len(ATOMIC_SASS.findall(sass)), len(FENCE_SASS.findall(sass))
 
@@ -163,21 +189,34 @@ def main(family: str, archs) -> None:
                 spills.append(f"{launch.name} {launch.signature()[1]} {launch.options}: {usage}")
             # the atomics' order is the same at every tile size and dtype, and reading SASS takes about
             # half a second a kernel: once per kernel and choice of code (its constexpr flags)
-            flags = (launch.name, tuple(sorted((k, v) for k, v in launch.signature()[1].items()
-                                               if k not in TILE_CONSTEXPRS)))
+            flags = (
+                launch.name,
+                tuple(sorted((k, v) for k, v in launch.signature()[1].items() if k not in TILE_CONSTEXPRS)),
+            )
             if "atomic_" in launch.jit_function().src and flags not in read_sass:
                 read_sass.add(flags)
                 n_atomics, n_fences = atomics_and_fences(compiled.asm["cubin"])
                 atomics += n_atomics
                 if n_fences:
                     fenced.append(f"{launch.name} {flags[1]}: {n_fences} fences beside {n_atomics} atomics")
-        print(json.dumps({"family": family, "arch": arch, "compiled": len(launches) - len(failures),
-                          "launches": len(launches), "failures": failures, "spills": spills,
-                          "max_registers": max_registers, "sass_read": len(read_sass), "atomics": atomics,
-                          "fenced": fenced}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "family": family,
+                    "arch": arch,
+                    "compiled": len(launches) - len(failures),
+                    "launches": len(launches),
+                    "failures": failures,
+                    "spills": spills,
+                    "max_registers": max_registers,
+                    "sass_read": len(read_sass),
+                    "atomics": atomics,
+                    "fenced": fenced,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
     main(sys.argv[1], [int(a) for a in sys.argv[2:]] or ARCHS)
-
-

@@ -1,4 +1,5 @@
 """Every center-loss backend against the torch oracle and against the usual module."""
+
 import copy
 import os
 
@@ -22,6 +23,7 @@ def test_expected_backends_are_built():
     assert "cpp" in cpu, "the C++ extension fastser._C did not build or import"
     if os.environ.get("FASTSER_BUILD_CUDA") == "1":  # CI builds the CUDA kernels with nvcc, GPU or not
         from fastser.ops import _native
+
         assert _native.cuda is not None, f"fastser._C_cuda did not build or import: {_native.CUDA_IMPORT_ERROR}"
     if DEVICE == "cuda":
         assert "triton" in BACKENDS and "torch" in BACKENDS
@@ -194,7 +196,8 @@ def test_gradcheck_float64(backend):
     labels = torch.tensor([0, 1, 1, 3, 3, 3, 0, 1, 3], device=DEVICE)
     for reduction in ("mean", "sum", "none"):
         assert torch.autograd.gradcheck(
-            lambda a, b: center_loss(a, labels, b, reduction=reduction, backend=backend), (x, c))
+            lambda a, b: center_loss(a, labels, b, reduction=reduction, backend=backend), (x, c)
+        )
 
 
 @pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
@@ -214,8 +217,9 @@ def test_deterministic_is_bit_identical(backend):
     results = []
     for _ in range(2):
         c = centers.clone()
-        center_loss(x.clone().requires_grad_(), labels, c, wen_alpha=0.5, backend=backend,
-                    deterministic=True).backward()
+        center_loss(
+            x.clone().requires_grad_(), labels, c, wen_alpha=0.5, backend=backend, deterministic=True
+        ).backward()
         results.append(c)
     assert torch.equal(results[0], results[1])
 
@@ -240,17 +244,29 @@ def test_int32_labels_work():
 # --------------------------------------------------------------------------- bad input
 
 BAD_INPUTS = [
-    ("label out of range", lambda x, y, c: (x, torch.tensor([0, 1, 5, 2], device=DEVICE), c),
-     ValueError, r"label 5 at index 2 is out of range \(num_classes=3\)"),
-    ("negative label", lambda x, y, c: (x, torch.tensor([0, -1, 1, 2], device=DEVICE), c),
-     ValueError, r"label -1 at index 1"),
+    (
+        "label out of range",
+        lambda x, y, c: (x, torch.tensor([0, 1, 5, 2], device=DEVICE), c),
+        ValueError,
+        r"label 5 at index 2 is out of range \(num_classes=3\)",
+    ),
+    (
+        "negative label",
+        lambda x, y, c: (x, torch.tensor([0, -1, 1, 2], device=DEVICE), c),
+        ValueError,
+        r"label -1 at index 1",
+    ),
     ("float labels", lambda x, y, c: (x, y.float(), c), TypeError, "integer tensor"),
     ("3-D features", lambda x, y, c: (x[None], y, c), ValueError, "features must be 2-D"),
     ("wrong feat_dim", lambda x, y, c: (x[:, :3], y, c), ValueError, "feat_dim=6"),
     ("batch mismatch", lambda x, y, c: (x, y[:3], c), ValueError, "4 feature rows but 3 labels"),
     ("int features", lambda x, y, c: (x.long(), y, c), TypeError, "floating point"),
-    ("NaN features", lambda x, y, c: (x.index_fill(0, torch.tensor([2], device=DEVICE), float("nan")), y, c),
-     ValueError, r"NaN or Inf \(first in row 2\)"),
+    (
+        "NaN features",
+        lambda x, y, c: (x.index_fill(0, torch.tensor([2], device=DEVICE), float("nan")), y, c),
+        ValueError,
+        r"NaN or Inf \(first in row 2\)",
+    ),
 ]
 
 
@@ -305,6 +321,7 @@ def test_unknown_backend_and_reduction():
 
 
 # --------------------------------------------------------------------------- module
+
 
 def test_module_is_a_drop_in_for_the_usual_checkpoint():
     ref = ReferenceCenterLoss(10, 2, use_gpu=False)
@@ -373,14 +390,17 @@ def test_training_loop_tracks_oracle(backend, update):
 def test_backward_never_sizes_a_tensor_from_the_labels(backend, deterministic, monkeypatch):
     """torch.bincount reads the largest label back to the host on a GPU (a sync every step): the
     Wen update and the center gradient count classes into a tensor of known size instead."""
+
     def no_bincount(*args, **kwargs):
         raise AssertionError("torch.bincount called in the center-loss step")
+
     x, labels, centers = make_batch(40, 6, 24)
     expected = wen_update_loop(x, labels, centers, 0.5).float()
     monkeypatch.setattr(torch, "bincount", no_bincount)
     xf = x.clone().requires_grad_()
-    center_loss(xf, labels, centers, wen_alpha=0.5, backend=backend, deterministic=deterministic,
-                validate=False).backward()
+    center_loss(
+        xf, labels, centers, wen_alpha=0.5, backend=backend, deterministic=deterministic, validate=False
+    ).backward()
     torch.testing.assert_close(centers, expected, rtol=1e-5, atol=1e-5)
     learnt = centers.clone().requires_grad_()
     center_loss(x, labels, learnt, backend=backend, deterministic=deterministic, validate=False).backward()
@@ -389,6 +409,7 @@ def test_backward_never_sizes_a_tensor_from_the_labels(backend, deterministic, m
 
 def test_class_counts():
     from fastser.ops.center_loss import class_counts
+
     labels = torch.tensor([3, 0, 3, 3, 1], device=DEVICE)
     assert class_counts(labels, 6).tolist() == [1, 1, 0, 3, 0, 0]
     assert class_counts(labels[:0], 2).tolist() == [0, 0]
@@ -409,8 +430,9 @@ def test_unvalidated_bad_label_never_writes_out_of_bounds(backend, deterministic
     before = centers.clone()
     xf = x.clone().requires_grad_()
     try:
-        loss = center_loss(xf, labels, centers, wen_alpha=0.5, backend=backend, deterministic=deterministic,
-                           validate=False)
+        loss = center_loss(
+            xf, labels, centers, wen_alpha=0.5, backend=backend, deterministic=deterministic, validate=False
+        )
         loss.backward()
     except (IndexError, ValueError, RuntimeError):
         torch.testing.assert_close(centers, before, rtol=0, atol=0)
@@ -425,8 +447,16 @@ DEFERRED_BAD = [
     ("label == C", lambda x, y: (x, torch.tensor([0, 1, 3, 2], device=DEVICE))),
     ("negative label", lambda x, y: (x, torch.tensor([0, -2, 1, 2], device=DEVICE))),
     ("NaN features", lambda x, y: (x.index_fill(0, torch.tensor([1], device=DEVICE), float("nan")), y)),
-    ("Inf feature", lambda x, y: (x.index_put((torch.tensor([3], device=DEVICE), torch.tensor([2], device=DEVICE)),
-                                              torch.tensor(float("inf"), device=DEVICE)), y)),
+    (
+        "Inf feature",
+        lambda x, y: (
+            x.index_put(
+                (torch.tensor([3], device=DEVICE), torch.tensor([2], device=DEVICE)),
+                torch.tensor(float("inf"), device=DEVICE),
+            ),
+            y,
+        ),
+    ),
 ]
 
 
@@ -438,8 +468,9 @@ def test_deferred_validation_skips_a_bad_batch_on_the_device(backend, update, de
     """validate="deferred": no error at the call; the loss is NaN, no center moves (zero center
     gradient), the batch is counted, raise_on_bad_batches() reports it once; the next good batch
     updates exactly as the oracle."""
-    loss_fn = CenterLoss(3, 6, backend=backend, update=update, validate="deferred",
-                         deterministic=deterministic).to(DEVICE)
+    loss_fn = CenterLoss(3, 6, backend=backend, update=update, validate="deferred", deterministic=deterministic).to(
+        DEVICE
+    )
     before = loss_fn.centers.detach().clone()
     x, _, _ = make_batch(4, 3, 6)
     labels = torch.tensor([0, 1, 2, 1], device=DEVICE)
@@ -461,8 +492,9 @@ def test_deferred_validation_skips_a_bad_batch_on_the_device(backend, update, de
     loss_fn(xg, labels).backward()
     assert int(loss_fn.bad_batches) == 0
     if update == "wen":
-        torch.testing.assert_close(loss_fn.centers.detach(), wen_update_loop(x, labels, before, 0.5).float(),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            loss_fn.centers.detach(), wen_update_loop(x, labels, before, 0.5).float(), rtol=1e-5, atol=1e-5
+        )
     else:
         expected = -2.0 / 4 * torch.stack([(x[labels == j] - before[j]).sum(0) for j in range(3)])
         torch.testing.assert_close(loss_fn.centers.grad, expected, rtol=1e-5, atol=1e-5)
@@ -494,8 +526,11 @@ def test_deferred_validation_reads_nothing_back_to_the_host(backend, monkeypatch
     test below checks the same for every backend)."""
     loss_fn = CenterLoss(4, 8, backend=backend, validate="deferred").to(DEVICE)
     x, labels, _ = make_batch(16, 4, 8)
-    batches = [(x, labels), (x, torch.where(labels == 2, 7, labels)),
-               (x.index_fill(0, labels[:1] * 0, float("nan")), labels)]
+    batches = [
+        (x, labels),
+        (x, torch.where(labels == 2, 7, labels)),
+        (x.index_fill(0, labels[:1] * 0, float("nan")), labels),
+    ]
 
     def no_host_read(*args, **kwargs):
         raise AssertionError("a value was read back to the host")
@@ -565,8 +600,9 @@ def test_a_step_captured_in_a_cuda_graph_replays_like_eager_steps(backend, updat
         loss = eager(ex, y)
         loss.backward()
         torch.testing.assert_close(static_loss, loss, rtol=1e-5, atol=1e-5, equal_nan=True, msg=f"loss, step {step}")
-        torch.testing.assert_close(static_x.grad, ex.grad, rtol=1e-5, atol=1e-6, equal_nan=True,
-                                   msg=f"x.grad, step {step}")
+        torch.testing.assert_close(
+            static_x.grad, ex.grad, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"x.grad, step {step}"
+        )
         torch.testing.assert_close(graphed.centers, eager.centers, rtol=1e-5, atol=1e-6, msg=f"centers, step {step}")
         if update == "gradient":
             torch.testing.assert_close(graphed.centers.grad, eager.centers.grad, rtol=1e-5, atol=1e-6)
@@ -577,14 +613,17 @@ def test_a_step_captured_in_a_cuda_graph_replays_like_eager_steps(backend, updat
 
 # --------------------------------------------------------------------------- launches per step
 
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
 def test_triton_forward_counts_classes_and_bad_rows():
     """With `stats` the forward kernel adds each class's row count and the number of bad rows (label
     outside [0, C), NaN or Inf feature) into one int32 buffer — what the Wen update and the
     deferred gate need, with no op of their own — across several programs of rows."""
     import importlib
+
     ops = importlib.import_module("fastser.ops.center_loss")  # the module, not the function of that name
     from fastser.ops import center_loss_triton
+
     C, D = 5, 24
     x, labels, centers = make_batch(41, C, D)
     labels[3], labels[10] = -1, C  # two bad labels
@@ -604,8 +643,9 @@ def test_triton_forward_counts_classes_and_bad_rows():
     stats2 = ops.new_stats(C, x.device)
     center_loss_triton.forward(x, labels, centers, row_loss, diff, stats2, bad_batches)
     assert torch.equal(stats2, stats) and int(bad_batches) == 6
-    center_loss_triton.forward(x[good], labels[good], centers, row_loss[good], diff[good], ops.new_stats(C, x.device),
-                               bad_batches)
+    center_loss_triton.forward(
+        x[good], labels[good], centers, row_loss[good], diff[good], ops.new_stats(C, x.device), bad_batches
+    )
     assert int(bad_batches) == 6  # a good batch counts nothing
     ref_loss, ref_diff = ops._forward("torch", x[good], labels[good], centers)
     torch.testing.assert_close(row_loss[good], ref_loss, rtol=1e-6, atol=1e-5)
@@ -626,8 +666,23 @@ class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 # ops that launch no device kernel: allocation, views, metadata
-_NO_KERNEL = {"empty", "new_empty", "detach", "view", "slice", "select", "alias", "expand", "reshape",
-              "_reshape_alias", "as_strided", "unsqueeze", "squeeze", "t", "promote_types"}
+_NO_KERNEL = {
+    "empty",
+    "new_empty",
+    "detach",
+    "view",
+    "slice",
+    "select",
+    "alias",
+    "expand",
+    "reshape",
+    "_reshape_alias",
+    "as_strided",
+    "unsqueeze",
+    "squeeze",
+    "t",
+    "promote_types",
+}
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
@@ -639,6 +694,7 @@ def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatc
     the loss reduction (deferred); eager adds its check, one host read."""
     import importlib
     from torch.utils._python_dispatch import _disable_current_modes
+
     ops = importlib.import_module("fastser.ops.center_loss")
     rec = _AtenOps()
     for name in ("forward", "backward", "segment_update"):
@@ -648,6 +704,7 @@ def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatc
             rec.ops.append("triton." + _name)
             with _disable_current_modes():
                 _real(*args, **kwargs)
+
         monkeypatch.setattr(ops._triton, name, launch)
     loss_fn = CenterLoss(4, 16, backend="triton", validate=validate).to(DEVICE)
     x, labels, _ = make_batch(32, 4, 16)

@@ -2,6 +2,7 @@
 (fake implementations, an autograd formula, the Wen update as a mutation in the backward), so a
 compiled model keeps the fused loss in its graph and gets the same loss, gradients and centers as
 eager execution."""
+
 import pytest
 import torch
 
@@ -72,8 +73,24 @@ def test_the_ops_pass_torch_library_opcheck():
     assert torch.equal(stats, torch.cat((torch.bincount(y, minlength=4), torch.zeros(1, dtype=torch.int64))).int())
     diff = torch.randn(8, 6, device=DEVICE)
     for gate in (False, True):
-        torch.library.opcheck(_op_backward, (diff, y, torch.ones(8, device=DEVICE), c.clone(), 0.5, True, True, False,
-                                             torch.float32, "torch", False, stats, gate))
+        torch.library.opcheck(
+            _op_backward,
+            (
+                diff,
+                y,
+                torch.ones(8, device=DEVICE),
+                c.clone(),
+                0.5,
+                True,
+                True,
+                False,
+                torch.float32,
+                "torch",
+                False,
+                stats,
+                gate,
+            ),
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,6 +8,7 @@ refuses, e.g. one reading a plain module global; that shipped once and crashed e
 end and ptxas. A Triton imported to interpret cannot compile, so the work runs in a subprocess
 (tests/ops/gpu_compile_gate.py) with TRITON_INTERPRET unset.
 """
+
 import json
 import os
 import subprocess
@@ -29,8 +30,17 @@ def run_gate(family: str) -> dict:
     """{arch: report}; one worker per architecture, side by side (a cold compile of the mel kernels
     takes minutes; Triton's cache makes reruns of unchanged kernels take seconds)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.ops.gpu_compile_gate", family, str(arch)], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in ARCHS]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.ops.gpu_compile_gate", family, str(arch)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for arch in ARCHS
+    ]
     reports = {}
     for worker in workers:
         out, err = worker.communicate(timeout=1200)
@@ -44,13 +54,16 @@ def run_gate(family: str) -> dict:
 def test_every_launched_triton_kernel_compiles_for_sm80_and_sm90(family, at_least):
     for arch, report in run_gate(family).items():
         assert report["launches"] >= at_least  # the enumeration really enumerates
-        assert not report["failures"], (f"{len(report['failures'])} of {report['launches']} specialisations do not "
-                                        f"compile for sm_{arch}:\n" + "\n".join(report["failures"][:5]))
+        assert not report["failures"], (
+            f"{len(report['failures'])} of {report['launches']} specialisations do not "
+            f"compile for sm_{arch}:\n" + "\n".join(report["failures"][:5])
+        )
         assert report["compiled"] == report["launches"]
         # a spill is local-memory traffic on every access: the first fused mel kernel spilled 1.3 KB
         # (log-mel) and 6.5 KB (MFCC) per thread on sm_90 and ran 3-12x slower than torchaudio
-        assert not report["spills"], (f"{len(report['spills'])} specialisations spill registers on sm_{arch}:\n"
-                                      + "\n".join(report["spills"][:5]))
+        assert not report["spills"], (
+            f"{len(report['spills'])} specialisations spill registers on sm_{arch}:\n" + "\n".join(report["spills"][:5])
+        )
         assert all(0 < n <= 255 for n in report["max_registers"].values()), report["max_registers"]
         # atomics with the default acq_rel order each bring a full fence and an L1 invalidate (SASS
         # MEMBAR.ALL.GPU + CCTL.IVALL); the kernels' atomics only accumulate, so they are relaxed
@@ -63,6 +76,7 @@ def test_the_gate_fails_on_a_kernel_that_reads_a_non_constexpr_global():
     """The planted kernel runs under the CPU interpreter, yet the gate must refuse it on both targets."""
     if not torch.cuda.is_available():  # the interpreter accepts it: this is what the gate exists for
         from tests.ops import gpu_compile_gate as gate
+
         x = torch.ones(4)
         gate.reads_a_plain_global[(1,)](X_ptr=x, N=4, BLOCK=16)
         assert torch.equal(x, torch.full((4,), 0.5))

@@ -1,6 +1,7 @@
 """The fused post-FFT Triton kernels against the plain-torch chain (fastser.features.post), flag by
 flag and at tile edges, under the CPU interpreter here (tests/conftest.py sets TRITON_INTERPRET=1)
 and compiled on a GPU. Parity with librosa itself is tests/features/test_functional.py's job."""
+
 import itertools
 
 import pytest
@@ -47,8 +48,9 @@ def check(cfg, frames, T, seed=0):
 
 # every flag combination at the paper's size (ref and top_db do not apply to a mel power spectrogram);
 # one utterance shorter than a tile, one ending mid-tile, one filling the batch
-FLAGS = [("mel", power, 1.0, None) for power in (2.0, 1.0, 1.5)] + list(itertools.product(
-    ("logmel", "mfcc"), (2.0, 1.0, 1.5), (1.0, "max"), (80.0, None)))
+FLAGS = [("mel", power, 1.0, None) for power in (2.0, 1.0, 1.5)] + list(
+    itertools.product(("logmel", "mfcc"), (2.0, 1.0, 1.5), (1.0, "max"), (80.0, None))
+)
 
 
 @pytest.mark.parametrize("kind,power,ref,top_db", FLAGS)
@@ -84,14 +86,22 @@ def test_the_launches_are_two_at_most_and_the_first_alone_when_nothing_needs_the
     spec, frames = spectrum([20], 20)
     const = F.constants(F.FeatureConfig("mfcc", **BASE, n_mels=40), torch.device(DEVICE))
     count = {}
-    for kind, ref, top_db in (("mel", 1.0, None), ("logmel", 1.0, None), ("logmel", "max", None),
-                              ("logmel", 1.0, 80.0), ("mfcc", 1.0, None)):
+    for kind, ref, top_db in (
+        ("mel", 1.0, None),
+        ("logmel", 1.0, None),
+        ("logmel", "max", None),
+        ("logmel", 1.0, 80.0),
+        ("mfcc", 1.0, None),
+    ):
         cfg = F.FeatureConfig(kind, **BASE, n_mels=40, ref=ref, top_db=top_db)
         launches, _ = mel_chain.triton_launches(spec, frames, cfg, const)
         count[(kind, ref, top_db)] = [launch.name for launch in launches]
     assert count[("mel", 1.0, None)] == count[("logmel", 1.0, None)] == ["_mel_db_kernel"]
-    assert all(names == ["_mel_db_kernel", "_db_finish_kernel"] for key, names in count.items()
-               if key not in (("mel", 1.0, None), ("logmel", 1.0, None)))
+    assert all(
+        names == ["_mel_db_kernel", "_db_finish_kernel"]
+        for key, names in count.items()
+        if key not in (("mel", 1.0, None), ("logmel", 1.0, None))
+    )
 
 
 def test_too_many_mels_is_a_clear_error():

@@ -1,4 +1,5 @@
 """fastser.ops.registry: each op's implementations declared once, and what "auto" and a name mean."""
+
 import pytest
 import torch
 
