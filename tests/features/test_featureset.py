@@ -2,20 +2,10 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastser.features import FeatureSet
 from fastser.features.functional import resolve_backend
-
-
-class _HostReads(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.reads += func.overloadpacket.__name__ in ("_local_scalar_dense", "item", "equal", "is_nonzero")
-        return func(*args, **(kwargs or {}))
+from tests.ledger import Ledger
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -26,10 +16,10 @@ def test_a_batch_with_lengths_is_extracted_without_a_host_read(backend):
     fs = FeatureSet.paper(("logmel", "mfcc", "prosody"))
     lengths = torch.tensor([16000, 9000, 12345])
     audio = torch.randn(3, 16000) * 0.1
-    rec = _HostReads()
+    rec = Ledger()
     with rec:
         feats, frames = fs.extract(audio, lengths, backend=backend)
-    assert rec.reads == 0, resolve_backend(backend, audio.device)
+    assert rec.host_reads == 0, resolve_backend(backend, audio.device)
     assert {x.shape[-1] for x in feats.values()} == {16000 // 160 + 1}
     assert frames.tolist() == [1 + n // 160 for n in lengths.tolist()]
 

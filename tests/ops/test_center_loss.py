@@ -9,6 +9,7 @@ import torch
 from fastser.nn import CenterLoss
 from fastser.ops import available_backends, center_loss
 from fastser.reference.center_loss import ReferenceCenterLoss
+from tests.ledger import NO_KERNEL, Ledger
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = available_backends(DEVICE)
@@ -652,39 +653,6 @@ def test_triton_forward_counts_classes_and_bad_rows():
     torch.testing.assert_close(diff[good], ref_diff, rtol=0, atol=0)
 
 
-class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the aten ops a step dispatches; Triton launches are recorded by name instead of the
-    interpreter's own tensor traffic."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-# ops that launch no device kernel: allocation, views, metadata
-_NO_KERNEL = {
-    "empty",
-    "new_empty",
-    "detach",
-    "view",
-    "slice",
-    "select",
-    "alias",
-    "expand",
-    "reshape",
-    "_reshape_alias",
-    "as_strided",
-    "unsqueeze",
-    "squeeze",
-    "t",
-    "promote_types",
-}
-
-
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("validate", ["deferred", "eager"])
 def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatch):
@@ -696,7 +664,7 @@ def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatc
     from torch.utils._python_dispatch import _disable_current_modes
 
     ops = importlib.import_module("fastser.ops.center_loss")
-    rec = _AtenOps()
+    rec = Ledger()
     for name in ("forward", "backward", "segment_update"):
         real = getattr(ops._triton, name)
 
@@ -714,7 +682,7 @@ def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatc
     with rec:
         loss = loss_fn(x, labels)
         torch.autograd.backward(loss, grad)
-    launched = [op for op in rec.ops if op not in _NO_KERNEL]
+    launched = [op for op in rec.ops if op not in NO_KERNEL]
     step = ["zeros", "triton.forward"]  # the stats buffer, then the forward kernel that fills it
     if validate == "eager":  # labels and features checked at once, by the finiteness of the forward's total
         # (a bad label's row loss is NaN), read on the host once; isfinite is abs/ne/eq/mul
@@ -733,7 +701,7 @@ def test_a_validated_step_reads_the_host_once_or_never(backend, validate):
     loss_fn = CenterLoss(4, 16, backend=backend, validate=validate).to(DEVICE)
     x, labels, _ = make_batch(32, 4, 16)
     x.requires_grad_()
-    rec = _AtenOps()
+    rec = Ledger()
     with rec:
         loss_fn(x, labels).backward()
     assert rec.ops.count("_local_scalar_dense") == (validate == "eager")
