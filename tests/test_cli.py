@@ -316,12 +316,19 @@ def test_a_source_tree_shadowing_the_installed_package_is_named(monkeypatch, tmp
     import importlib.metadata
     from fastser.ops import _native
 
-    class Installed:
-        def locate_file(self, name):
-            (tmp_path / "site-packages" / name).mkdir(parents=True, exist_ok=True)
-            return tmp_path / "site-packages" / name
+    class Found:
+        metadata = {"Name": "fastser"}
 
-    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed())
+        def __init__(self, root):
+            self.root = root
+
+        def locate_file(self, name):
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+            return self.root / name
+
+    source_tree = Path(_native.__file__).resolve().parent.parent.parent  # its fastser.egg-info is found first
+    found = [Found(source_tree), Found(tmp_path / "site-packages")]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(found))
     why = _native._explain_missing_cpu_kernels(ImportError("No module named 'fastser._C'"))
     assert "shadows" in why and str(tmp_path / "site-packages" / "fastser") in why
 

@@ -31,12 +31,15 @@ def _explain_missing_cpu_kernels(error: ImportError) -> str:
     import os
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        dist = importlib.metadata.distribution("fastser")
-        installed = os.path.abspath(str(dist.locate_file("fastser")))
-    except importlib.metadata.PackageNotFoundError:
-        installed = None
-    if installed and os.path.abspath(installed) != here and os.path.isdir(installed):
+    # every fastser on the path: a build leaves fastser.egg-info in the source tree, which is found
+    # first from there and locates the tree itself, while the installed copy is further down
+    places = (
+        os.path.abspath(str(d.locate_file("fastser")))
+        for d in importlib.metadata.distributions()
+        if (d.metadata["Name"] or "").lower() == "fastser"
+    )
+    installed = next((p for p in places if p != here and os.path.isdir(p)), None)
+    if installed:
         return (
             f"fastser is imported from {here}, which has no compiled kernels, while the installed copy is "
             f"{installed}: the source tree shadows it (run from another folder, or install with "
