@@ -32,7 +32,7 @@ from torch import nn
 import fastser
 from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.errors import UserError
-from fastser.features.post import valid_mask
+from fastser.normalization import Normalizer, mean_std
 
 FORMATS = {"onnx": "model.onnx", "torch": "model.pt2"}
 INPUTS = ("audio", "lengths")
@@ -86,19 +86,20 @@ class AudioClassifier(nn.Module):
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
         audio = torch.nn.functional.pad(audio, (0, self.pad))
         feats, frames = self.features.extract(audio, lengths, backend="torch")
-        keep = valid_mask(frames, next(iter(feats.values())).shape[-1])
-        n = frames.clamp(min=1)[:, None].double()
         raw = torch.cat([feats[k] for k in self.kinds], dim=1).double()  # (B, D, T), zero past frames
         total, sq_total = raw.sum(-1), raw.square().sum(-1)
         if self.normalize == "utterance":  # each clip's own statistics, as predict computes them
-            m = total / n
-            mean, std = m.float(), (sq_total / n - m.square()).clamp(min=1e-8).sqrt().float()
-            x = (raw.float() - mean[:, :, None]) / std[:, :, None] * keep
+            mean, std = mean_std(total, sq_total, frames[:, None].double())
+            norm, groups = Normalizer(self._per_kind(mean), self._per_kind(std)), torch.arange(frames.shape[0])
         else:
-            x = (raw.float() - self.speaker_mean[None, :, None]) / self.speaker_std[None, :, None] * keep
-        normed = dict(zip(self.kinds, x.split(self.bins, dim=1)))
+            norm, groups = Normalizer(self._per_kind(self.speaker_mean), self._per_kind(self.speaker_std)), None
+        normed = norm.apply(feats, frames, groups)
         probabilities = torch.softmax(self.model(normed, frames).logits.float(), dim=1)
         return probabilities, total.float(), sq_total.float(), frames
+
+    def _per_kind(self, values: torch.Tensor) -> dict:
+        """(..., D) -> {kind: (..., bins)}: the flat statistics as the Normalizer holds them."""
+        return dict(zip(self.kinds, values.split(self.bins, dim=-1)))
 
     def metadata(self) -> dict:
         """What a program needs to feed the file and read its outputs (stored inside it)."""
@@ -120,11 +121,9 @@ def speaker_statistics(feature_sum, feature_sq_sum, frames):
     """Speaker statistics from the outputs for some of the speaker's clips (NumPy or torch; (N, D),
     (N, D), (N,)) -> (speaker_mean (D,), speaker_std (D,)) float32, as fastser's enrollment
     computes them; any program can do the same three lines."""
-    s, ss, n = (np.asarray(v, dtype=np.float64) for v in (feature_sum, feature_sq_sum, frames))
-    count = max(n.sum(), 1.0)
-    mean = s.sum(0) / count
-    std = np.sqrt(np.maximum(ss.sum(0) / count - mean**2, 1e-8))
-    return mean.astype(np.float32), std.astype(np.float32)
+    s, ss, n = (torch.as_tensor(np.asarray(v), dtype=torch.float64) for v in (feature_sum, feature_sq_sum, frames))
+    mean, std = mean_std(s.sum(0), ss.sum(0), n.sum())
+    return mean.numpy(), std.numpy()
 
 
 # ----------------------------------------------------------------------------- writing the file

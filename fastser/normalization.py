@@ -75,13 +75,8 @@ class Normalizer:
 
     @classmethod
     def _from_sums(cls, sums: dict, sqs: dict, counts: dict) -> "Normalizer":
-        mean, std = {}, {}
-        for k in sums:
-            n = counts[k].clamp(min=1)
-            m = sums[k] / n
-            mean[k] = m.float()
-            std[k] = (sqs[k] / n - m.square()).clamp(min=1e-8).sqrt().float()
-        return cls(mean, std)
+        stats = {k: mean_std(sums[k], sqs[k], counts[k]) for k in sums}
+        return cls({k: m for k, (m, _) in stats.items()}, {k: s for k, (_, s) in stats.items()})
 
     def state(self) -> dict:
         return {"mean": self.mean, "std": self.std}
@@ -106,6 +101,14 @@ class Normalizer:
                 mean, std = mean[groups][:, :, None], std[groups][:, :, None]
             out[k] = ((x.float() - mean) / std) * valid
         return out
+
+
+def mean_std(sums: torch.Tensor, sq_sums: torch.Tensor, counts: torch.Tensor) -> tuple:
+    """(mean, std) float32 from float64 sums of values and of their squares over `counts` frames
+    (at least 1; broadcastable), the std floored at 1e-4: the one formula of every statistic here."""
+    n = counts.clamp(min=1)
+    m = sums / n
+    return m.float(), (sq_sums / n - m.square()).clamp(min=1e-8).sqrt().float()
 
 
 def utterance_stats(feats: dict, frames: torch.Tensor) -> Normalizer:

@@ -295,10 +295,6 @@ def resolve_backend(backend: str, device: torch.device, requires_grad: bool = Fa
     return registry.choose("mel_chain", backend, device, requires_grad=requires_grad)
 
 
-def _triton_ok() -> bool:
-    return registry.triton_importable()
-
-
 STFT_FIELDS = ("n_fft", "hop_length", "win_length", "window", "center", "pad_mode")
 
 
@@ -347,7 +343,7 @@ def extract_many(
         return _extract_cpu_fused(y, lengths, frames, max_frames, cfgs, consts, window), frames
     signal = _padded_signal(y, lengths, None if span_padding and cfg0.center else max_frames, cfg0)
     spec = (_stft_cupy if backend == "cupy" else _stft_torch)(signal, window, cfg0)
-    post = _post_triton if backend == "triton" or (backend == "cupy" and _triton_ok()) else _post_torch
+    post = _post_triton if backend == "triton" or (backend == "cupy" and registry.triton_importable()) else _post_torch
     return [post(spec, frames, c, k) for c, k in zip(cfgs, consts)], frames
 
 
