@@ -6,6 +6,8 @@
 Performance: benchmarks/results/*.json (pytest-benchmark runs, `benchmarks/_harness.py`).
 Accuracy: benchmarks/results/accuracy/*.json (`python -m benchmarks.accuracy`), one table per
 corpus and split, fastser rows and the openSMILE + SVM baselines on the same folds.
+Kernels: benchmarks/results/kernels/*.json (the GPU compile gate's `--record`), the registers,
+shared memory and occupancy of every compiled Triton specialisation, per kernel.
 
 For each (suite, device) the newest results file is used; every figure in a row comes from that
 one run, ratios included.
@@ -25,7 +27,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ACC_START, ACC_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"
+KERNELS_START, KERNELS_END = "<!-- kernels:start -->", "<!-- kernels:end -->"
 ACCURACY_DOC = ROOT / "docs" / "accuracy.md"
+DEVELOPMENT_DOC = ROOT / "docs" / "development.md"
 # the README's results: per corpus and split, the default's row and the strongest classic baselines
 HEADLINE = {
     ("ravdess", "loso"): (
@@ -212,6 +216,32 @@ def headline_table() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def kernel_table() -> str:
+    """Per Triton kernel and architecture, over every specialisation the gate compiled: the most
+    registers and shared memory per thread block, the lowest occupancy they allow, spills."""
+    files = sorted((RESULTS / "kernels").glob("*.json"))
+    if not files:
+        return "No kernel report recorded yet.\n"
+    data = json.loads(files[-1].read_text())
+    env = data["environment"]
+    lines = [
+        f"Compiled by the GPU compile gate without a GPU, Triton {env['triton']}, {env['date'][:10]} "
+        f"(`benchmarks/results/kernels/{files[-1].name}`): the worst specialisation of each kernel.",
+        "",
+        "| kernel | arch | specialisations | registers / thread (max) | shared memory (max) | occupancy (min) "
+        "| spills | fenced atomics |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for report in data["reports"]:
+        for name, k in report["kernels"].items():
+            lines.append(
+                f"| `{name}` | sm_{report['arch']} | {k['count']} | {k['registers']} | {k['shared'] / 1024:.1f} KB "
+                f"| {k['occupancy']:.0%} | {sum(name in s for s in report['spills'])} "
+                f"| {sum(name in f for f in report['fenced'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _replace(content: str, start: str, end: str, text: str) -> str:
     if start not in content or end not in content:
         raise SystemExit(f"no {start} ... {end} markers")
@@ -232,6 +262,7 @@ def main(argv=None) -> None:
     content = _replace(readme.read_text(), START, END, text)
     readme.write_text(_replace(content, HEAD_START, HEAD_END, headline))
     ACCURACY_DOC.write_text(_replace(ACCURACY_DOC.read_text(), ACC_START, ACC_END, accuracy))
+    DEVELOPMENT_DOC.write_text(_replace(DEVELOPMENT_DOC.read_text(), KERNELS_START, KERNELS_END, kernel_table()))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from benchmarks import report
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 ACCURACY = (ROOT / "docs" / "accuracy.md").read_text()
+DEVELOPMENT = (ROOT / "docs" / "development.md").read_text()
 
 
 def between(text: str, start: str, end: str) -> str:
@@ -24,6 +25,10 @@ def test_headline_table_is_the_generated_one():
 
 def test_accuracy_table_is_the_generated_one():
     assert between(ACCURACY, report.ACC_START, report.ACC_END) == "\n" + report.accuracy_table()
+
+
+def test_kernel_table_is_the_generated_one():
+    assert between(DEVELOPMENT, report.KERNELS_START, report.KERNELS_END) == "\n" + report.kernel_table()
 
 
 def test_readme_first_screen_shows_install_run_and_results():

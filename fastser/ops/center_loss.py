@@ -33,6 +33,7 @@ finiteness ops between them, and nothing read back to the host.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -129,6 +130,67 @@ def _raise_if_bad(
             raise ValueError(f"features contain NaN or Inf (first in row {row}); the centers were not updated")
 
 
+# ----------------------------------------------------------------------------- a call's plan, the kernels' arguments
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call does besides its tensors, fixed from its forward to its backward."""
+
+    num_classes: int
+    backend: str  # resolved: "triton", "cuda", "cpp" or "torch"
+    reduction: str = "mean"
+    wen_alpha: Optional[float] = None  # given: the backward moves the centers by Wen's rule
+    deterministic: bool = False
+    validate: str = "eager"  # one of VALIDATE
+    process_group: object = None
+
+
+@dataclass
+class RowWeights:
+    """Row i's gradient weight is scale[i] * mult: scale (1,) or (B,) is the upstream gradient as
+    autograd hands it over (the Triton kernels read it as it is and multiply by mult themselves)."""
+
+    scale: torch.Tensor
+    mult: float = 1.0
+
+    def multiplied(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.scale.to(dtype) * self.mult).contiguous()
+
+
+@dataclass
+class Targets:
+    """What a backward pass writes; each may be None. centers: moved in place by Wen's rule with
+    step alpha; grad_centers: filled with the gradient of the loss with respect to the centers."""
+
+    grad_x: Optional[torch.Tensor] = None
+    centers: Optional[torch.Tensor] = None
+    alpha: float = 0.0
+    grad_centers: Optional[torch.Tensor] = None
+
+
+@dataclass
+class BatchStats:
+    """What the forward learnt about the batch. bad: 0-d device tensor (int32 count or bool),
+    nonzero = a bad row, so no center may be written (deferred validation); counts: (C,) the class
+    counts the Triton forward made (the Wen update's denominators)."""
+
+    bad: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Saved:
+    """What the forward leaves for the backward."""
+
+    diff: torch.Tensor  # (B, D) in the compute dtype
+    labels: torch.Tensor  # (B,) int64
+    centers: Optional[torch.Tensor]  # the tensor the Wen update moves, or None
+    centers_dtype: torch.dtype
+    x_dtype: torch.dtype
+    batch: BatchStats
+
+
 # ----------------------------------------------------------------------------- backends
 
 
@@ -222,42 +284,34 @@ def _segments(labels: torch.Tensor, num_classes: int):
 
 
 def _backward(
-    backend,
-    diff,
-    labels,
-    num_classes,
-    row_scale,
-    grad_x,
-    centers,
-    alpha,
-    grad_centers,
-    deterministic,
-    bad=None,
-    counts=None,
-    row_mult=1.0,
-):
-    """Writes grad_x (if given) and either updates `centers` (Wen) or fills `grad_centers`.
-    Row i's weight is row_scale[i] * row_mult (row_scale (1,) or (B,), any float dtype): the Triton
-    kernels read the upstream gradient as it is; the other backends get it multiplied out here.
-    bad: a 0-d device tensor (int32 count or bool); where it is nonzero the Triton kernels write no
-    center (only backend "triton" takes it: the others are gated by the caller). counts (Triton
-    only): the class counts the forward kernel made; without them they are computed here."""
+    backend: str,
+    diff: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    weights: RowWeights,
+    targets: Targets,
+    deterministic: bool,
+    batch: BatchStats = BatchStats(),
+) -> None:
+    """Writes `targets`: grad_x, and either the Wen update of the centers or their gradient.
+    batch.bad gates the center writes inside the Triton kernels only (the other backends are gated
+    by the caller); batch.counts (Triton) are the forward's class counts, otherwise made here."""
     B, D = diff.shape
-    if backend != "triton":
-        row_scale = (row_scale.to(diff.dtype) * row_mult).contiguous()
+    grad_x, centers, grad_centers = targets.grad_x, targets.centers, targets.grad_centers
     if backend == "torch":
+        row_scale = weights.multiplied(diff.dtype)
         if grad_x is not None:
             grad_x.copy_(row_scale[:, None] * diff if row_scale.numel() == B else row_scale * diff)
         if centers is not None or grad_centers is not None:
-            weights = 1.0 if centers is not None else -row_scale.expand(B)[:, None]
+            row_weight = 1.0 if centers is not None else -row_scale.expand(B)[:, None]
             # rows with a label outside [0, C) go to a spare row that is dropped: never out of bounds
             sums = torch.zeros(num_classes + 1, D, dtype=diff.dtype, device=diff.device)
             with _deterministic_algorithms(deterministic):  # selects torch's sorted accumulate path
-                sums.index_put_((_slots(labels, num_classes),), diff * weights, accumulate=True)
+                sums.index_put_((_slots(labels, num_classes),), diff * row_weight, accumulate=True)
             sums = sums[:num_classes]
             if centers is not None:
                 counts = class_counts(labels, num_classes).to(diff.dtype)
-                centers.add_(sums * (alpha / (1.0 + counts))[:, None])
+                centers.add_(sums * (targets.alpha / (1.0 + counts))[:, None])
             else:
                 grad_centers.copy_(sums)
         return
@@ -266,48 +320,33 @@ def _backward(
     if backend == "cpp":
         # the C++ kernels write the compute dtype; half-precision gradients are cast afterwards
         gx = grad_x if grad_x is None or grad_x.dtype == diff.dtype else torch.empty_like(diff)
-        _native.center_loss_backward_cpu(diff, labels, num_classes, row_scale, gx, centers, alpha, grad_centers)
+        row_scale = weights.multiplied(diff.dtype)
+        _native.center_loss_backward_cpu(diff, labels, num_classes, row_scale, gx, centers, targets.alpha, grad_centers)
         if gx is not grad_x:
             grad_x.copy_(gx)
         return
     scatter = centers is not None or grad_centers is not None
     fused_scatter = scatter and not deterministic
-    if not (fused_scatter and centers is not None):
-        counts = None
-    elif counts is None or backend != "triton":
-        counts = class_counts(labels, num_classes)
+    counts = None
+    if fused_scatter and centers is not None:
+        counts = batch.counts if batch.counts is not None and backend == "triton" else class_counts(labels, num_classes)
+    # the deterministic path leaves the scatter to the segment kernels below
+    fused = Targets(grad_x, centers if fused_scatter else None, targets.alpha, grad_centers if fused_scatter else None)
     if backend == "cuda":
+        row_scale = weights.multiplied(diff.dtype)
         _native.center_loss_backward_cuda(
-            diff,
-            labels,
-            counts,
-            num_classes,
-            row_scale,
-            grad_x,
-            centers if fused_scatter else None,
-            alpha,
-            grad_centers if fused_scatter else None,
+            diff, labels, counts, num_classes, row_scale, fused.grad_x, fused.centers, fused.alpha, fused.grad_centers
         )
     else:
-        _triton.backward(
-            diff,
-            labels,
-            counts,
-            num_classes,
-            row_scale,
-            grad_x,
-            centers if fused_scatter else None,
-            alpha,
-            grad_centers if fused_scatter else None,
-            bad,
-            row_mult,
-        )
+        _triton.backward(diff, labels, counts, num_classes, weights, fused, batch.bad)
     if scatter and deterministic:
         order, offsets = _segments(labels, num_classes)
         if backend == "cuda":
-            _native.center_loss_segment_update_cuda(diff, order, offsets, row_scale, centers, alpha, grad_centers)
+            _native.center_loss_segment_update_cuda(
+                diff, order, offsets, row_scale, centers, targets.alpha, grad_centers
+            )
         else:
-            _triton.segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad, row_mult)
+            _triton.segment_update(diff, order, offsets, weights, targets, batch.bad)
 
 
 # ----------------------------------------------------------------------------- distributed Wen update
@@ -365,86 +404,85 @@ def _wen_update_global(diff, labels, centers, alpha, process_group, bad=None):
 
 
 # ----------------------------------------------------------------------------- autograd
+# One autograd formula, CenterLossFunction, for eager execution and torch.compile alike. Its two
+# halves are also registered as torch.library custom ops (below) with fake implementations, which
+# is what lets torch.compile(fullgraph=True) keep the fused loss, and the Wen update (a mutation of
+# the centers inside the backward), in its graph. Eager calls run the ops' bodies directly: the
+# dispatcher would add a few microseconds a call to the step's host time and change nothing else.
 
 
 class CenterLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        features,
-        labels,
-        centers,
-        reduction,
-        wen_alpha,
-        backend,
-        deterministic,
-        process_group,
-        validate,
-        bad_batches,
-    ):
-        num_classes = centers.shape[0]
+    def forward(ctx, features, labels, centers, plan: Plan, bad_batches):
+        compiling = torch.compiler.is_compiling()
+        C = plan.num_classes
         labels = labels.long().contiguous()
         x = features.contiguous()
-        writes = wen_alpha is not None or centers.requires_grad
-        # the Triton forward counts classes and bad rows as it goes (nothing to compute for them later)
-        stats = new_stats(num_classes, x.device) if backend == "triton" and writes else None
-        row_loss, diff = _forward(
-            backend,
-            x,
-            labels,
-            centers.detach().contiguous(),
-            bad_label_is_nan=validate != "off",
-            stats=stats,
-            bad_batches=bad_batches if validate == "deferred" else None,
-        )
-        bad = None
+        writes = plan.wen_alpha is not None or centers.requires_grad
+        # a compiled step cannot read the host, so it validates on the device, as "deferred" does
+        validate = "deferred" if compiling and plan.validate == "eager" else plan.validate
+        count = plan.backend == "triton" and writes  # the Triton forward counts classes and bad rows
+        args = (x, labels, centers.detach(), plan.backend, validate != "off", count)
+        if compiling:
+            row_loss, diff, stats = _op_forward(*args)
+        else:
+            row_loss, diff, stats = _forward_op_body(*args, bad_batches=bad_batches if validate == "deferred" else None)
+        batch = BatchStats(counts=stats[:C] if count else None)
         if validate == "eager":
             # labels out of range, and, when something will write the centers (the Wen update, or an
             # optimizer from their gradient), non-finite features stop the step here
-            _raise_if_bad(x, labels, row_loss, num_classes, check_features=writes)
+            _raise_if_bad(x, labels, row_loss, C, check_features=writes)
         elif validate == "deferred" and writes:
-            # the Triton forward counted the bad rows (and the bad batch) itself
-            bad = stats[-1] if stats is not None else _batch_bad(row_loss, bad_batches)
-        if backend == "cpp" and validate == "deferred":  # its backward reads the labels unchecked (the
-            labels = torch.where(_in_range(labels, num_classes), labels, 0)  # batch is dropped anyway)
+            if count:  # the kernel counted the bad rows (and, called eagerly, the bad batch)
+                batch.bad = stats[C]
+                if compiling and bad_batches is not None:
+                    bad_batches.add_(batch.bad > 0)
+            else:
+                batch.bad = _batch_bad(row_loss, bad_batches)
+        if plan.backend == "cpp" and validate == "deferred":  # its backward reads the labels unchecked (the
+            labels = torch.where(_in_range(labels, C), labels, 0)  # batch is dropped anyway)
         B = x.shape[0]
-        scale = 1.0 / max(B, 1) if reduction == "mean" else 1.0
         ctx.save_for_backward(diff, labels)
-        ctx.bad, ctx.stats = bad, stats
-        ctx.meta = (num_classes, reduction, scale, wen_alpha, backend, deterministic, process_group, x.dtype)
-        ctx.centers = centers if wen_alpha is not None else None  # updated in place by the backward
-        ctx.centers_dtype = centers.dtype
+        ctx.plan, ctx.batch, ctx.centers = plan, batch, centers
+        ctx.dtypes = (x.dtype, centers.dtype)
+        ctx.scale = 1.0 / max(B, 1) if plan.reduction == "mean" else 1.0
         out_dtype = torch.promote_types(features.dtype, centers.dtype)
-        if reduction == "none":
+        if plan.reduction == "none":
             return row_loss.to(out_dtype)
-        total = row_loss.mean() if reduction == "mean" and B > 0 else row_loss.sum()  # one op, not sum * scale
+        total = row_loss.mean() if plan.reduction == "mean" and B > 0 else row_loss.sum()  # one op, not sum * scale
         return total.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         diff, labels = ctx.saved_tensors
-        num_classes, reduction, scale, wen_alpha, backend, deterministic, process_group, x_dtype = ctx.meta
+        plan, batch, centers = ctx.plan, ctx.batch, ctx.centers
+        want_gx, want_gc = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         # d(row loss)/dx = 2 diff, so each row's weight is 2 * scale * upstream gradient
-        grad_x, grad_c = _backward_step(
-            diff,
-            labels,
-            num_classes,
-            grad_output.reshape(-1),
-            x_dtype,
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[2],
-            ctx.centers,
-            wen_alpha,
-            backend,
-            deterministic,
-            ctx.centers_dtype,
-            process_group,
-            ctx.bad,
-            ctx.stats[:num_classes] if ctx.stats is not None else None,
-            row_mult=2.0 * scale,
-        )
-        ctx.centers = ctx.bad = ctx.stats = None
-        return grad_x, None, grad_c, None, None, None, None, None, None, None
+        weights = RowWeights(grad_output.reshape(-1), 2.0 * ctx.scale)
+        if torch.compiler.is_compiling() and _distributed_world(plan.process_group) == 1:
+            empty = diff.new_empty(0)
+            grad_x, grad_c = _op_backward(
+                diff,
+                labels,
+                weights.scale,
+                weights.mult,
+                centers,
+                plan.wen_alpha or 0.0,
+                plan.wen_alpha is not None,
+                want_gx,
+                want_gc,
+                ctx.dtypes[0],
+                plan.backend,
+                plan.deterministic,
+                batch.bad if batch.bad is not None else empty,
+                batch.counts if batch.counts is not None else empty,
+            )
+            grad_x, grad_c = (grad_x if want_gx else None), (grad_c if want_gc else None)
+        else:
+            wen_centers = centers if plan.wen_alpha is not None else None
+            saved = Saved(diff, labels, wen_centers, ctx.dtypes[1], ctx.dtypes[0], batch)
+            grad_x, grad_c = _backward_step(plan, saved, weights, want_gx, want_gc)
+        return grad_x, None, grad_c, None, None
 
 
 def _batch_bad(row_loss: torch.Tensor, bad_batches: Optional[torch.Tensor]) -> torch.Tensor:
@@ -458,93 +496,54 @@ def _batch_bad(row_loss: torch.Tensor, bad_batches: Optional[torch.Tensor]) -> t
 
 
 def _backward_step(
-    diff,
-    labels,
-    num_classes,
-    row_scale,
-    x_dtype,
-    want_gx,
-    want_gc,
-    centers,
-    wen_alpha,
-    backend,
-    deterministic,
-    centers_dtype,
-    process_group=None,
-    bad=None,
-    counts=None,
-    row_mult=1.0,
-):
-    """-> (grad_x or None, grad_centers or None); moves `centers` by Wen's rule when it is given.
-    Row i's weight is row_scale[i] * row_mult (row_scale: the upstream gradient, (1,) or (B,)).
-    bad (0-d device tensor, deferred validation): where nonzero, no center moves and the center
-    gradient is zero — decided on the device, in the Triton kernels themselves or by a select here.
-    counts: the Triton forward's class counts, if it made them."""
-    grad_x = torch.empty(diff.shape, dtype=x_dtype, device=diff.device) if want_gx else None
-    grad_c = torch.zeros(num_classes, diff.shape[1], dtype=diff.dtype, device=diff.device) if want_gc else None
+    plan: Plan, saved: Saved, weights: RowWeights, want_grad_x: bool, want_grad_centers: bool
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """-> (grad_x or None, grad_centers or None); moves saved.centers by Wen's rule when it is
+    given. saved.batch.bad (deferred validation): where nonzero, no center moves and the center
+    gradient is zero — decided on the device, in the Triton kernels themselves or by a select here."""
+    diff, labels, centers, bad = saved.diff, saved.labels, saved.centers, saved.batch.bad
+    C = plan.num_classes
+    grad_x = torch.empty(diff.shape, dtype=saved.x_dtype, device=diff.device) if want_grad_x else None
+    grad_c = torch.zeros(C, diff.shape[1], dtype=diff.dtype, device=diff.device) if want_grad_centers else None
     update_here, work_centers = None, None
-    gated_in_kernel = bad is not None and backend == "triton"
+    gated_in_kernel = bad is not None and plan.backend == "triton"
     if centers is not None:
-        if _distributed_world(process_group) > 1:
-            _wen_update_global(diff, labels, centers, wen_alpha, process_group, bad)
+        if _distributed_world(plan.process_group) > 1:
+            _wen_update_global(diff, labels, centers, plan.wen_alpha, plan.process_group, bad)
         else:
             # the kernels update fp32/fp64 contiguous centers in place; anything else via a copy
             # (so is an update gated by `bad` outside a kernel: it is kept or dropped as a whole)
             direct = centers.dtype == diff.dtype and centers.is_contiguous() and (bad is None or gated_in_kernel)
             work_centers = centers.data if direct else centers.detach().to(diff.dtype, copy=True).contiguous()
             update_here = work_centers
-    kernel_bad = bad if gated_in_kernel else None
+    kernel_batch = BatchStats(bad if gated_in_kernel else None, saved.batch.counts)
+    run = (plan.backend, diff, labels, C, weights)
     if update_here is not None and grad_c is not None:
         # both wanted (unusual): two passes, the update first would change nothing the gradient reads
-        _backward(
-            backend, diff, labels, num_classes, row_scale, grad_x, None, 0.0, grad_c, deterministic, row_mult=row_mult
-        )
-        _backward(
-            backend,
-            diff,
-            labels,
-            num_classes,
-            row_scale,
-            None,
-            update_here,
-            wen_alpha,
-            None,
-            deterministic,
-            kernel_bad,
-            counts,
-            row_mult,
-        )
+        _backward(*run, Targets(grad_x=grad_x, grad_centers=grad_c), plan.deterministic)
+        _backward(*run, Targets(centers=update_here, alpha=plan.wen_alpha), plan.deterministic, kernel_batch)
     else:
-        _backward(
-            backend,
-            diff,
-            labels,
-            num_classes,
-            row_scale,
-            grad_x,
-            update_here,
-            wen_alpha or 0.0,
-            grad_c,
-            deterministic,
-            kernel_bad,
-            counts,
-            row_mult,
-        )
+        targets = Targets(grad_x, update_here, plan.wen_alpha or 0.0, grad_c)
+        _backward(*run, targets, plan.deterministic, kernel_batch)
     if work_centers is not None and not direct:
         if bad is not None and not gated_in_kernel:
             work_centers = torch.where(bad.bool(), centers.data.to(work_centers.dtype), work_centers)
         centers.data.copy_(work_centers)
     if grad_c is not None and bad is not None:
         grad_c = torch.where(bad.bool(), 0.0, grad_c)
-    return grad_x, (grad_c.to(centers_dtype) if grad_c is not None else None)
+    return grad_x, (grad_c.to(saved.centers_dtype) if grad_c is not None else None)
 
 
-# ----------------------------------------------------------------------------- torch.library ops (torch.compile)
-# The same forward and backward as custom ops with fake (meta) implementations and a registered
-# autograd formula, so torch.compile(fullgraph=True) keeps the fused loss in its graph (and the
-# Wen update, a mutation of the centers inside the backward) instead of breaking the graph at an
-# autograd.Function. Used when compiling; eager calls take CenterLossFunction (which also does the
-# multi-rank Wen update and the host-side input checks).
+# ----------------------------------------------------------------------------- torch.library ops
+
+
+def _forward_op_body(features, labels, centers, backend, bad_label_is_nan, count, bad_batches=None):
+    C = centers.shape[0]
+    stats = new_stats(C, features.device) if count else torch.empty(0, dtype=torch.int32, device=features.device)
+    row_loss, diff = _forward(
+        backend, features, labels, centers.contiguous(), bad_label_is_nan, stats if count else None, bad_batches
+    )
+    return row_loss, diff, stats
 
 
 @torch.library.custom_op("fastser::center_loss_forward", mutates_args=())
@@ -552,34 +551,23 @@ def _op_forward(
     features: torch.Tensor,
     labels: torch.Tensor,
     centers: torch.Tensor,
-    wen_alpha: float,
-    update_centers: bool,
     backend: str,
-    deterministic: bool,
-    gate: bool = False,
+    bad_label_is_nan: bool,
+    count: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (row_loss (B,), diff (B, D), stats (C + 1,) int32: class counts, then bad rows);
-    wen_alpha/update_centers/deterministic/gate are for the backward (gate: deferred validation, no
-    center moves for a batch with a bad row)."""
-    labels = labels.long().contiguous()
-    C = centers.shape[0]
-    stats = new_stats(C, features.device) if backend == "triton" else None
-    row_loss, diff = _forward(
-        backend, features.contiguous(), labels, centers.detach().contiguous(), bad_label_is_nan=gate, stats=stats
-    )
-    if stats is None:  # the other backends' forwards count nothing: the same numbers from torch ops
-        stats = torch.cat((class_counts(labels, C), (~torch.isfinite(row_loss)).sum().reshape(1))).to(torch.int32)
-    return row_loss, diff, stats
+    """-> (row_loss (B,), diff (B, D), stats): with `count` (Triton only) stats is (C + 1,) int32,
+    each class's row count and then the bad rows; otherwise empty."""
+    return _forward_op_body(features, labels.long().contiguous(), centers, backend, bad_label_is_nan, count)
 
 
 @_op_forward.register_fake
-def _(features, labels, centers, wen_alpha, update_centers, backend, deterministic, gate=False):
+def _(features, labels, centers, backend, bad_label_is_nan, count):
     compute = _compute_dtype(features, centers)
     B, D = features.shape
     return (
         features.new_empty(B, dtype=compute),
         features.new_empty(B, D, dtype=compute),
-        features.new_empty(centers.shape[0] + 1, dtype=torch.int32),
+        features.new_empty(centers.shape[0] + 1 if count else 0, dtype=torch.int32),
     )
 
 
@@ -588,6 +576,7 @@ def _op_backward(
     diff: torch.Tensor,
     labels: torch.Tensor,
     row_scale: torch.Tensor,
+    row_mult: float,
     centers: torch.Tensor,
     wen_alpha: float,
     update_centers: bool,
@@ -596,32 +585,18 @@ def _op_backward(
     x_dtype: torch.dtype,
     backend: str,
     deterministic: bool,
-    stats: torch.Tensor,
-    gate: bool,
+    bad: torch.Tensor,
+    counts: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """stats: the forward's (C + 1,) class counts and bad-row count; gate: no center moves for a
-    batch with a bad row."""
-    labels = labels.long()
-    C = centers.shape[0]
-    if backend == "cpp" and gate:  # its backward reads the labels unchecked (the batch is dropped)
-        labels = torch.where(_in_range(labels, C), labels, 0)
+    """CenterLossFunction's backward as an op (a custom op's arguments are flat): bad and counts
+    are BatchStats' fields, empty for None. Returns empty tensors for unwanted gradients (an op
+    never returns None)."""
+    plan = Plan(centers.shape[0], backend, wen_alpha=wen_alpha if update_centers else None, deterministic=deterministic)
+    batch = BatchStats(bad if bad.numel() else None, counts if counts.numel() else None)
+    saved = Saved(diff, labels.long(), centers if update_centers else None, centers.dtype, x_dtype, batch)
     grad_x, grad_c = _backward_step(
-        diff,
-        labels.contiguous(),
-        C,
-        row_scale.contiguous(),
-        x_dtype,
-        want_grad_x,
-        want_grad_centers,
-        centers if update_centers else None,
-        wen_alpha,
-        backend,
-        deterministic,
-        centers.dtype,
-        bad=stats[C] if gate else None,
-        counts=stats[:C] if backend == "triton" else None,
+        plan, saved, RowWeights(row_scale.contiguous(), row_mult), want_grad_x, want_grad_centers
     )
-    # a custom op returns tensors, never None: unwanted gradients are empty
     return (
         grad_x if grad_x is not None else diff.new_empty(0, dtype=x_dtype),
         grad_c if grad_c is not None else diff.new_empty(0, dtype=centers.dtype),
@@ -629,57 +604,11 @@ def _op_backward(
 
 
 @_op_backward.register_fake
-def _(
-    diff,
-    labels,
-    row_scale,
-    centers,
-    wen_alpha,
-    update_centers,
-    want_grad_x,
-    want_grad_centers,
-    x_dtype,
-    backend,
-    deterministic,
-    stats,
-    gate,
-):
+def _(diff, labels, row_scale, row_mult, centers, wen_alpha, update, want_grad_x, want_grad_centers, x_dtype, *rest):
     return (
         diff.new_empty(diff.shape if want_grad_x else (0,), dtype=x_dtype),
         diff.new_empty(centers.shape if want_grad_centers else (0,), dtype=centers.dtype),
     )
-
-
-def _op_setup_context(ctx, inputs, output):
-    features, labels, centers, wen_alpha, update_centers, backend, deterministic, gate = inputs
-    ctx.save_for_backward(output[1], labels, centers, output[2])
-    ctx.meta = (features.dtype, wen_alpha, update_centers, backend, deterministic, gate)
-
-
-def _op_autograd(ctx, grad_row_loss, grad_diff, grad_stats):
-    diff, labels, centers, stats = ctx.saved_tensors
-    x_dtype, wen_alpha, update_centers, backend, deterministic, gate = ctx.meta
-    want_gx, want_gc = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    # d(row loss)/dx = 2 diff: each row's weight is twice its upstream gradient
-    grad_x, grad_c = _op_backward(
-        diff,
-        labels,
-        (grad_row_loss * 2.0).to(diff.dtype),
-        centers,
-        wen_alpha,
-        update_centers,
-        want_gx,
-        want_gc,
-        x_dtype,
-        backend,
-        deterministic,
-        stats,
-        gate,
-    )
-    return (grad_x if want_gx else None), None, (grad_c if want_gc else None), None, None, None, None, None
-
-
-_op_forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
 
 
 def center_loss(
@@ -707,28 +636,22 @@ def center_loss(
         device, no sync: a bad batch leaves the centers untouched (zero center gradient), its loss
         is NaN, and it is counted into `bad_batches` (an integer tensor on the device, optional).
         "off" (or False): shapes only (a bad label's row is left out of the update).
+        Under torch.compile "eager" acts as "deferred": the host read would break the graph.
     """
     validate = validate_mode(validate)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if centers.dim() != 2:
         raise ValueError(f"centers must be 2-D (num_classes, feat_dim), got shape {tuple(centers.shape)}")
-    compiling = torch.compiler.is_compiling()
     if validate != "off":  # the checks that need no host read (shapes, dtypes, devices); eager checks the
         check_inputs(features, labels, centers, label_range=False)  # values after the forward, in one read
-    name = resolve_backend(backend, features, centers)
-    if compiling and _distributed_world(process_group) == 1:
-        # the eager checks would read the host, so a compiled step validates on the device
-        gate = validate != "off" and (wen_alpha is not None or centers.requires_grad)
-        row_loss, _, stats = _op_forward(
-            features, labels, centers, float(wen_alpha or 0.0), wen_alpha is not None, name, deterministic, gate
-        )
-        if gate and bad_batches is not None:
-            bad_batches.add_(stats[-1] > 0)
-        row_loss = row_loss.to(torch.promote_types(features.dtype, centers.dtype))
-        if reduction == "none":
-            return row_loss
-        return row_loss.sum() / max(features.shape[0], 1) if reduction == "mean" else row_loss.sum()
-    return CenterLossFunction.apply(
-        features, labels, centers, reduction, wen_alpha, name, deterministic, process_group, validate, bad_batches
+    plan = Plan(
+        centers.shape[0],
+        resolve_backend(backend, features, centers),
+        reduction,
+        wen_alpha,
+        deterministic,
+        validate,
+        process_group,
     )
+    return CenterLossFunction.apply(features, labels, centers, plan, bad_batches)

@@ -17,11 +17,16 @@ Each kernel has a `*_launch` function (tensors -> a TritonLaunch with every argu
 a plain function that runs it; tests/ops/test_gpu_compile.py compiles the launches for sm_80/sm_90.
 """
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
 from fastser.ops._triton_launch import TritonLaunch
+
+if TYPE_CHECKING:  # the argument structures are declared with the op (center_loss.py)
+    from fastser.ops.center_loss import RowWeights, Targets
 
 ROWS = 4  # rows per program: enough independent loads in flight for D in the hundreds
 SCATTER_NONE, SCATTER_WEN, SCATTER_GRAD = 0, 1, 2
@@ -31,7 +36,11 @@ def block_d(D: int, cap: int = 512) -> int:
     return max(16, min(cap, triton.next_power_of_2(D)))
 
 
-@triton.jit
+# B changes from batch to batch and C is any class count: not specialised on their values
+# (divisibility by 16, == 1), so a last short batch compiles nothing new. D is: its divisibility is
+# what lets the row loads and stores be 128-bit. The counters and flags are read or added to one
+# element at a time, often through a view at an odd offset (stats[C]): their alignment buys nothing.
+@triton.jit(do_not_specialize=["B", "C"], do_not_specialize_on_alignment=["STATS_ptr", "BAD_BATCHES_ptr"])
 def _forward_kernel(
     X_ptr,
     LABELS_ptr,
@@ -75,7 +84,7 @@ def _forward_kernel(
             tl.atomic_add(BAD_BATCHES_ptr, 1, mask=(n_bad > 0) & (old == 0), sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "C"], do_not_specialize_on_alignment=["COUNTS_ptr", "BAD_ptr"])
 def _backward_kernel(
     DIFF_ptr,
     LABELS_ptr,
@@ -124,7 +133,7 @@ def _backward_kernel(
             tl.atomic_add(GRAD_C_ptr + labels[:, None] * D + cols[None, :], -g[:, None] * v, mask=mv, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["BAD_ptr"])
 def _segment_kernel(
     DIFF_ptr,
     ORDER_ptr,
@@ -204,11 +213,14 @@ def forward_launch(x, labels, centers, row_loss, diff, stats=None, bad_batches=N
 
 
 def backward_launch(
-    diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad=None, row_scale_mult=1.0
+    diff, labels, counts, num_classes, weights: "RowWeights", targets: "Targets", bad=None
 ) -> TritonLaunch:
-    """grad_x (optional) and at most one of centers (Wen update, needs counts: int32 or int64) and
-    grad_centers; bad (optional 0-d int32 or bool on the device): no center is written unless it is 0."""
+    """targets.grad_x (optional) and at most one of targets.centers (Wen update, needs counts:
+    int32 or int64) and targets.grad_centers; weights.scale is read as it is, weights.mult
+    multiplied in; bad (optional 0-d int32 or bool on the device): no center is written unless it
+    is 0."""
     B, D = diff.shape
+    grad_x, centers, grad_centers = targets.grad_x, targets.centers, targets.grad_centers
     scatter = SCATTER_WEN if centers is not None else (SCATTER_GRAD if grad_centers is not None else SCATTER_NONE)
     unused = diff  # stands in for pointers that a constexpr branch never touches
     return TritonLaunch(
@@ -218,14 +230,14 @@ def backward_launch(
             DIFF_ptr=diff,
             LABELS_ptr=labels,
             COUNTS_ptr=counts if counts is not None else labels,
-            ROW_SCALE_ptr=row_scale,
-            row_scale_stride=_row_scale_stride(row_scale),
-            row_scale_mult=float(row_scale_mult),
+            ROW_SCALE_ptr=weights.scale,
+            row_scale_stride=_row_scale_stride(weights.scale),
+            row_scale_mult=float(weights.mult),
             GRAD_X_ptr=grad_x if grad_x is not None else unused,
             CENTERS_ptr=centers if centers is not None else unused,
             GRAD_C_ptr=grad_centers if grad_centers is not None else unused,
             BAD_ptr=_flag(bad, labels),
-            alpha=float(alpha),
+            alpha=float(targets.alpha),
             B=B,
             D=D,
             C=num_classes,
@@ -238,13 +250,13 @@ def backward_launch(
     )
 
 
-def segment_update_launch(
-    diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None, row_scale_mult=1.0
-) -> TritonLaunch:
-    """Exactly one of centers (Wen update) and grad_centers (written); bad as in backward_launch."""
+def segment_update_launch(diff, order, offsets, weights: "RowWeights", targets: "Targets", bad=None) -> TritonLaunch:
+    """Exactly one of targets.centers (Wen update) and targets.grad_centers (written); bad as in
+    backward_launch."""
     D = diff.shape[1]
     C = offsets.numel() - 1
     BLOCK_D = block_d(D, cap=256)
+    wen = targets.centers is not None
     return TritonLaunch(
         _segment_kernel,
         (triton.cdiv(D, BLOCK_D), C),
@@ -252,14 +264,14 @@ def segment_update_launch(
             DIFF_ptr=diff,
             ORDER_ptr=order,
             OFFSETS_ptr=offsets,
-            ROW_SCALE_ptr=row_scale,
-            row_scale_stride=_row_scale_stride(row_scale),
-            row_scale_mult=float(row_scale_mult),
-            OUT_ptr=centers if centers is not None else grad_centers,
+            ROW_SCALE_ptr=weights.scale,
+            row_scale_stride=_row_scale_stride(weights.scale),
+            row_scale_mult=float(weights.mult),
+            OUT_ptr=targets.centers if wen else targets.grad_centers,
             BAD_ptr=_flag(bad, offsets),
-            alpha=float(alpha),
+            alpha=float(targets.alpha),
             D=D,
-            WEN=centers is not None,
+            WEN=wen,
             GATE=bad is not None,
             BLOCK_D=BLOCK_D,
         ),
@@ -270,13 +282,9 @@ def forward(x, labels, centers, row_loss, diff, stats=None, bad_batches=None) ->
     forward_launch(x, labels, centers, row_loss, diff, stats, bad_batches).launch()
 
 
-def backward(
-    diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad=None, row_scale_mult=1.0
-) -> None:
-    backward_launch(
-        diff, labels, counts, num_classes, row_scale, grad_x, centers, alpha, grad_centers, bad, row_scale_mult
-    ).launch()
+def backward(diff, labels, counts, num_classes, weights: "RowWeights", targets: "Targets", bad=None) -> None:
+    backward_launch(diff, labels, counts, num_classes, weights, targets, bad).launch()
 
 
-def segment_update(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad=None, row_scale_mult=1.0) -> None:
-    segment_update_launch(diff, order, offsets, row_scale, centers, alpha, grad_centers, bad, row_scale_mult).launch()
+def segment_update(diff, order, offsets, weights: "RowWeights", targets: "Targets", bad=None) -> None:
+    segment_update_launch(diff, order, offsets, weights, targets, bad).launch()

@@ -38,7 +38,11 @@ BLOCK_K = 32  # cepstral coefficients per step of the DCT (bounds the DCT tile h
 MAX_MELS = 256
 
 
-@triton.jit
+# The frame count T (and the strides and tile counts that follow from it) changes with every batch:
+# not specialised on its value, so a new clip length compiles nothing new. With T unknown the rows
+# of the (B, M, T) outputs start unaligned anyway, so the sizes of the configuration (F, M, K) are
+# not specialised either: one build per choice of flags and tiles, whatever the filterbank.
+@triton.jit(do_not_specialize=["F", "T", "M", "n_tiles", "s_b", "s_f"])
 def _mel_db_kernel(
     SPEC_ptr,
     FB_ptr,
@@ -95,7 +99,7 @@ def _mel_db_kernel(
         tl.store(TILE_MAX_ptr + b * n_tiles + tile, tl.max(tl.max(tl.where(valid, val, float("-inf")), axis=1), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "M", "K", "n_tiles"])
 def _db_finish_kernel(
     DB_ptr,
     TILE_MAX_ptr,

@@ -2,15 +2,24 @@
 specialisation its launchers produce, ahead of time to cubin for sm_80 and sm_90, with no GPU.
 
 `python -m tests.ops.gpu_compile_gate FAMILY [ARCH ...]` prints one JSON line per architecture: how many
-specialisations compiled, which failed, which spill registers to local memory, and each kernel's
-most registers per thread. It must run with TRITON_INTERPRET unset (Triton set
-to interpret cannot also compile), so tests/ops/test_gpu_compile.py starts it as a subprocess.
-The launches come from the same `*_launch` functions the package runs (on meta tensors), so what
-is compiled is what is launched.
+specialisations compiled, which failed, which spill registers to local memory, each kernel's
+registers, shared memory and the occupancy they allow, the atomics and fences in the SASS, and
+which launches the package really makes were not among those compiled. It must run with
+TRITON_INTERPRET unset (Triton set to interpret cannot also compile), so
+tests/ops/test_gpu_compile.py starts it as a subprocess. `python -m tests.ops.gpu_compile_gate
+--record benchmarks/results/kernels/DATE.json` writes both families' reports for the kernel table
+of docs/development.md.
+
+What is compiled is what the JIT would compile: the launches come from the same `*_launch`
+functions the package runs (on meta tensors, whose data pointers carry their views' offsets), and
+each is specialised by Triton's own binder and argument packer (`JITFunction.run`'s code): a
+pointer or an int divisible by 16 gets the `tt.divisibility` attribute, an int equal to 1 becomes a
+constexpr, a bool a `u1` — the attributes that decide, e.g., whether a row load is 128-bit.
 """
 
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,20 +29,43 @@ import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import compute_cache_key, create_function_from_signature
+from triton.tools.disasm import get_sass
 
 from fastser.features import functional as F
 from fastser.ops import center_loss_triton, mel_chain
+from fastser.ops import _triton_launch
 from fastser.ops._triton_launch import TritonLaunch
+from fastser.ops.center_loss import RowWeights, Targets
 
 ARCHS = (80, 90)  # A100, H100/H200
 META = torch.device("meta")
 
 
+def target(arch: int) -> GPUTarget:
+    return GPUTarget("cuda", arch, 32)
+
+
+def specialise(launch: TritonLaunch, arch: int):
+    """-> (JIT cache key, ASTSource, options) exactly as JITFunction.run makes them for this launch."""
+    jit = launch.jit_function()
+    backend = make_backend(target(arch))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    kwargs = dict(launch.args, **launch.options)
+    bound, specialization, options = binder(**kwargs)
+    key = f"{launch.name}:" + compute_cache_key({}, specialization, options)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    return key, ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs), options.__dict__
+
+
 def compile_for(launch: TritonLaunch, arch: int):
-    signature, constexprs = launch.signature()
-    source = ASTSource(fn=launch.jit_function(), signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
+    _, source, options = specialise(launch, arch)
+    return triton.compile(source, target=target(arch), options=options)
+
+
+def constexprs_of(launch: TritonLaunch) -> dict:
+    return {p.name: launch.args[p.name] for p in launch.jit_function().params if p.is_constexpr}
 
 
 def empty(*shape, dtype=torch.float32):
@@ -45,7 +77,7 @@ def empty(*shape, dtype=torch.float32):
 
 def center_loss_launches():
     """Every dtype the Triton backend accepts (features fp32/fp16/bf16, fp32 centers, the gradient
-    in the features' dtype), every tile width (D from 1 to 513 covers BLOCK_D 16..512), every
+    in the features' dtype), every tile width with D divisible by 16 and not, every
     backward mode (grad_x or not x nothing / Wen update / center gradient), both row-scale forms,
     both gate forms (the forward's int32 bad-row count, a bool), the forward with and without its
     class/bad-row counts and bad-batch counter (int64 or int32), and the deterministic segment
@@ -53,7 +85,9 @@ def center_loss_launches():
     B, C = 8, 5
     labels, counts = empty(B, dtype=torch.int64), empty(C, dtype=torch.int64)
     order, offsets = empty(B, dtype=torch.int64), empty(C + 1, dtype=torch.int64)
-    for dtype, D in itertools.product((torch.float32, torch.float16, torch.bfloat16), (1, 17, 33, 65, 129, 257, 513)):
+    # every tile width BLOCK_D (16..512), each with a D the JIT marks divisible by 16 and one it does not
+    widths = (1, 2, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513)
+    for dtype, D in itertools.product((torch.float32, torch.float16, torch.bfloat16), widths):
         x, diff, centers = empty(B, D, dtype=dtype), empty(B, D), empty(C, D)
         stats = empty(C + 1, dtype=torch.int32)
         for stats, bad_batches in (
@@ -65,45 +99,44 @@ def center_loss_launches():
             yield center_loss_triton.forward_launch(x, labels, centers, empty(B), diff, stats, bad_batches)
         gates = (None, empty((), dtype=torch.int32), empty((), dtype=torch.bool))
         modes = (("none", None), ("grad", None), ("wen", counts), ("wen", empty(C, dtype=torch.int32)))
-        for with_grad_x, (mode, mode_counts), scale_rows, bad in itertools.product((True, False), modes, (1, B), gates):
-            # the row scale is the upstream gradient as it comes: fp32, or the features' dtype when
-            # the loss is half precision (half centers)
+        scales = [(rows, scale_dtype) for rows in (1, B) for scale_dtype in {torch.float32, dtype}]
+        for with_grad_x, (mode, mode_counts), (scale_rows, scale_dtype), bad in itertools.product(
+            (True, False), modes, scales, gates
+        ):
+            # the row scale is the upstream gradient as it comes: (1,) or (B,), fp32 (fp32 centers)
+            # or the features' dtype (half centers)
             yield center_loss_triton.backward_launch(
                 diff,
                 labels,
                 mode_counts,
                 C,
-                empty(scale_rows, dtype=dtype if scale_rows == 1 else torch.float32),
-                empty(B, D, dtype=dtype) if with_grad_x else None,
-                centers if mode == "wen" else None,
-                0.5,
-                centers if mode == "grad" else None,
+                RowWeights(empty(scale_rows, dtype=scale_dtype)),
+                Targets(
+                    grad_x=empty(B, D, dtype=dtype) if with_grad_x else None,
+                    centers=centers if mode == "wen" else None,
+                    alpha=0.5,
+                    grad_centers=centers if mode == "grad" else None,
+                ),
                 bad,
             )
         for wen, bad, scale_dtype in itertools.product((True, False), gates, (torch.float32, dtype)):
+            targets = Targets(centers=centers, alpha=0.5) if wen else Targets(grad_centers=centers)
             yield center_loss_triton.segment_update_launch(
-                diff,
-                order,
-                offsets,
-                empty(1, dtype=scale_dtype),
-                centers if wen else None,
-                0.5,
-                None if wen else centers,
-                bad,
+                diff, order, offsets, RowWeights(empty(1, dtype=scale_dtype)), targets, bad
             )
 
 
 def mel_chain_launches():
     """Every flag combination of the fused post-FFT kernel (mel / log-mel / MFCC, power 2, 1 and
-    other, ref constant or per-utterance max, top_db or not) at the paper's size, and every tile
-    size (n_mels 16..256, n_mfcc 1..n_mels) at the default flags: the flags choose code, the tiles
-    only size it."""
+    other, ref constant or per-utterance max, top_db or not) at the paper's size and at librosa's
+    default (128 mels, 20 MFCCs), and every tile size (n_mels 16..256, n_mfcc 1..n_mels) at the
+    default flags."""
     B, T = 3, 50
     base = dict(sr=16000, n_fft=512, hop_length=160)
     configs = [
-        F.FeatureConfig(kind, **base, n_mels=40, n_mfcc=40, power=power, ref=ref, top_db=top_db)
-        for kind, power, ref, top_db in itertools.product(
-            ("mel", "logmel", "mfcc"), (2.0, 1.0, 1.5), (1.0, "max"), (80.0, None)
+        F.FeatureConfig(kind, **base, n_mels=n_mels, n_mfcc=n_mfcc, power=power, ref=ref, top_db=top_db)
+        for (n_mels, n_mfcc), kind, power, ref, top_db in itertools.product(
+            ((40, 40), (128, 20)), ("mel", "logmel", "mfcc"), (2.0, 1.0, 1.5), (1.0, "max"), (80.0, None)
         )
     ]
     for n_mels in (16, 40, 64, 65, 128, 256):
@@ -135,9 +168,86 @@ def planted_launches():
 LAUNCHES = {"center_loss": center_loss_launches, "mel_chain": mel_chain_launches, "planted": planted_launches}
 
 
+# ----------------------------------------------------------------------------- what the package really launches
+
+
+def recorded(run) -> list:
+    """The TritonLaunches that `run()` makes through the package's public code on CPU tensors,
+    recorded instead of run. TRITON_INTERPRET is set meanwhile only so that the backend registry
+    picks Triton on the CPU; the kernels were imported compiled-mode, and nothing is launched."""
+    launches = []
+    launch, interpret = TritonLaunch.launch, os.environ.get("TRITON_INTERPRET")
+    _triton_launch.TritonLaunch.launch = lambda self: launches.append(self)
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        run()
+    finally:
+        _triton_launch.TritonLaunch.launch = launch
+        if interpret is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
+    return launches
+
+
+def center_loss_in_use():
+    """CenterLoss (the module a user drops in) on batches a training run makes: feature dtypes,
+    embedding widths, batch sizes (a last short batch, one row), class counts, both update modes,
+    every validation mode, deterministic or not, mean or per-row loss."""
+    from fastser.nn import CenterLoss
+
+    torch.manual_seed(0)
+    product = itertools.product(
+        (torch.float32, torch.bfloat16, torch.float16),
+        ((64, 4, 128), (37, 8, 512), (1, 10, 100), (256, 16, 2)),
+        ("wen", "gradient"),
+        ("eager", "deferred", "off"),
+        (False, True),
+        ("mean", "none"),
+    )
+
+    def run():
+        for dtype, (B, C, D), update, validate, deterministic, reduction in product:
+            module = CenterLoss(
+                C,
+                D,
+                update=update,
+                backend="triton",
+                validate=validate,
+                deterministic=deterministic,
+                reduction=reduction,
+            )
+            x = torch.randn(B, D, dtype=dtype, requires_grad=True)
+            module(x, torch.randint(0, C, (B,))).sum().backward()
+
+    return recorded(run)
+
+
+def mel_chain_in_use():
+    """The paper's features (FeatureSet.extract, the training path) and the functional MFCC and
+    log-mel, for batches with and without lengths and a single clip."""
+    from fastser.features import FeatureSet
+
+    torch.manual_seed(0)
+
+    def run():
+        features = FeatureSet.paper(("logmel", "mfcc"))
+        for B in (1, 13, 16):
+            audio = torch.randn(B, 40000)
+            features.extract(audio, torch.randint(16000, 40001, (B,)), backend="triton")
+            features.extract(audio, backend="triton")
+            F.mfcc(audio, sr=16000, backend="triton")
+            F.log_melspectrogram(audio, sr=16000, backend="triton")
+
+    return recorded(run)
+
+
+IN_USE = {"center_loss": center_loss_in_use, "mel_chain": mel_chain_in_use, "planted": list}
+
+
 def resource_usage(cubin: bytes) -> dict:
-    """Registers and stack bytes per thread of a compiled kernel, as cuobjdump -res-usage reports
-    them. A stack frame in a Triton kernel (which has no local arrays or calls) is spilled registers:
+    """Registers, stack and shared bytes of a compiled kernel, as cuobjdump -res-usage reports them.
+    A stack frame in a Triton kernel (which has no local arrays or calls) is spilled registers:
     local-memory traffic that made the first fused mel kernel several times slower than it should be."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -145,10 +255,27 @@ def resource_usage(cubin: bytes) -> dict:
         out = subprocess.run(
             [triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True, check=True
         ).stdout
-    usage = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
     if usage is None:
-        raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK line:\n{out}")
-    return {"registers": int(usage.group(1)), "stack": int(usage.group(2))}
+        raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK/SHARED line:\n{out}")
+    return {"registers": int(usage.group(1)), "stack": int(usage.group(2)), "shared": int(usage.group(3))}
+
+
+# per SM, sm_80 and sm_90 alike except shared memory: 64K registers allocated per warp in units of
+# 256, 64 warps, 32 blocks, 1 KB of shared memory reserved per block (CUDA occupancy calculator)
+SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+
+
+def occupancy(registers: int, shared: int, num_warps: int, arch: int) -> float:
+    """Resident warps per SM over the 64 possible, as registers, shared memory and block limits allow."""
+    registers_per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(
+        65536 // (registers_per_warp * num_warps),
+        SHARED_PER_SM[arch] // (shared + 1024),
+        64 // num_warps,
+        32,
+    )
+    return blocks * num_warps / 64
 
 
 TILE_CONSTEXPRS = ("BLOCK_D", "ROWS", "BLOCK", "BLOCK_T", "BLOCK_M", "BLOCK_K")
@@ -161,62 +288,94 @@ def atomics_and_fences(cubin: bytes) -> tuple:
     atomic order (acq_rel) puts a full fence and an L1 invalidate beside every atomic; the center
     loss's atomics only accumulate (nothing in the same launch reads what they write), so they are
     relaxed and the SASS must hold no fence."""
-    from triton.tools.disasm import get_sass
-
     sass = get_sass(cubin)
     return len(ATOMIC_SASS.findall(sass)), len(FENCE_SASS.findall(sass))
 
 
-def unique(launches):
-    return list({launch.key(): launch for launch in launches}.values())
+def unique(launches, arch: int) -> dict:
+    """{JIT cache key: launch}: one per kernel the JIT would compile."""
+    return {specialise(launch, arch)[0]: launch for launch in launches}
 
 
-def main(family: str, archs) -> None:
-    launches = unique(LAUNCHES[family]())
+def describe(launch: TritonLaunch) -> str:
+    return f"{launch.name} {constexprs_of(launch)}"
+
+
+def reports(family: str, archs):
+    """One report per architecture (a dict, printed by main as a JSON line)."""
+    enumerated, in_use = list(LAUNCHES[family]()), IN_USE[family]()
     for arch in archs:
-        failures, spills, max_registers, fenced, atomics, read_sass = [], [], {}, [], 0, set()
-        for launch in launches:
+        launches = unique(enumerated, arch)
+        uncovered = {k: describe(v) for k, v in unique(in_use, arch).items() if k not in launches}
+        failures, spills, kernels, fenced, atomics, read_sass, wide_loads = [], [], {}, [], 0, set(), {}
+        for launch in launches.values():
             try:
                 compiled = compile_for(launch, arch)
                 if not compiled.asm.get("cubin"):
                     raise RuntimeError("no cubin produced")
             except Exception as e:  # noqa: BLE001 - report every failing specialisation
-                failures.append(f"{launch.name} {launch.signature()[1]}: {type(e).__name__}: {str(e).strip()[-600:]}")
+                failures.append(f"{describe(launch)}: {type(e).__name__}: {str(e).strip()[-600:]}")
                 continue
             usage = resource_usage(compiled.asm["cubin"])
-            max_registers[launch.name] = max(max_registers.get(launch.name, 0), usage["registers"])
+            usage["occupancy"] = occupancy(usage["registers"], usage["shared"], compiled.metadata.num_warps, arch)
+            worst = kernels.setdefault(launch.name, {"registers": 0, "shared": 0, "occupancy": 1.0, "count": 0})
+            worst["count"] += 1
+            for k in ("registers", "shared"):
+                worst[k] = max(worst[k], usage[k])
+            worst["occupancy"] = min(worst["occupancy"], usage["occupancy"])
             if usage["stack"]:
-                spills.append(f"{launch.name} {launch.signature()[1]} {launch.options}: {usage}")
+                spills.append(f"{describe(launch)} {launch.options}: {usage}")
             # the atomics' order is the same at every tile size and dtype, and reading SASS takes about
             # half a second a kernel: once per kernel and choice of code (its constexpr flags)
             flags = (
                 launch.name,
-                tuple(sorted((k, v) for k, v in launch.signature()[1].items() if k not in TILE_CONSTEXPRS)),
+                tuple(sorted((k, v) for k, v in constexprs_of(launch).items() if k not in TILE_CONSTEXPRS)),
             )
+            if launch.args.get("D") == 512 and launch.name not in wide_loads:
+                # D divisible by 16, so the JIT marks it and the row loads must come out 128-bit
+                wide_loads[launch.name] = "LDG.E.128" in get_sass(compiled.asm["cubin"])
             if "atomic_" in launch.jit_function().src and flags not in read_sass:
                 read_sass.add(flags)
                 n_atomics, n_fences = atomics_and_fences(compiled.asm["cubin"])
                 atomics += n_atomics
                 if n_fences:
                     fenced.append(f"{launch.name} {flags[1]}: {n_fences} fences beside {n_atomics} atomics")
-        print(
-            json.dumps(
-                {
-                    "family": family,
-                    "arch": arch,
-                    "compiled": len(launches) - len(failures),
-                    "launches": len(launches),
-                    "failures": failures,
-                    "spills": spills,
-                    "max_registers": max_registers,
-                    "sass_read": len(read_sass),
-                    "atomics": atomics,
-                    "fenced": fenced,
-                }
-            ),
-            flush=True,
-        )
+        yield {
+            "family": family,
+            "arch": arch,
+            "compiled": len(launches) - len(failures),
+            "launches": len(launches),
+            "in_use": len(in_use),
+            "uncovered": list(uncovered.values()),
+            "failures": failures,
+            "spills": spills,
+            "kernels": kernels,
+            "sass_read": len(read_sass),
+            "atomics": atomics,
+            "fenced": fenced,
+            "wide_loads": wide_loads,
+        }
+
+
+def main(family: str, archs) -> None:
+    for report in reports(family, archs):
+        print(json.dumps(report), flush=True)
+
+
+def record(path) -> None:
+    """Write every family's reports on both architectures to `path` (benchmarks/results/kernels/):
+    docs/development.md's kernel table is generated from the newest such file."""
+    import datetime
+
+    runs = [r for family in ("center_loss", "mel_chain") for r in reports(family, ARCHS)]
+    environment = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "triton": triton.__version__}
+    path.write_text(json.dumps({"environment": environment, "reports": runs}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], [int(a) for a in sys.argv[2:]] or ARCHS)
+    if sys.argv[1] == "--record":
+        from pathlib import Path
+
+        record(Path(sys.argv[2]))
+    else:
+        main(sys.argv[1], [int(a) for a in sys.argv[2:]] or ARCHS)

@@ -63,34 +63,38 @@ def test_compiled_fullgraph_matches_eager(backend, update, reduction):
 
 
 def test_the_ops_pass_torch_library_opcheck():
-    x = torch.randn(8, 6, device=DEVICE, requires_grad=True)
+    """The two halves of CenterLossFunction as torch.library ops: schema, fake implementation and
+    functionalisation (the backward mutates the centers) as opcheck tests them; the forward's
+    outputs are the eager body's."""
+    x = torch.randn(8, 6, device=DEVICE)
     y = torch.randint(0, 4, (8,), device=DEVICE)
     c = torch.randn(4, 6, device=DEVICE)
-    for args in ((x, y, c, 0.0, False, "torch", False), (x, y, c.clone().requires_grad_(), 0.0, False, "torch", False)):
-        torch.library.opcheck(_op_forward, args)
-    torch.library.opcheck(_op_forward, (x, y, c, 0.5, True, "torch", False, True))
-    _, _, stats = _op_forward(x, y, c, 0.5, True, "torch", False, True)
-    assert torch.equal(stats, torch.cat((torch.bincount(y, minlength=4), torch.zeros(1, dtype=torch.int64))).int())
-    diff = torch.randn(8, 6, device=DEVICE)
-    for gate in (False, True):
-        torch.library.opcheck(
-            _op_backward,
-            (
-                diff,
-                y,
-                torch.ones(8, device=DEVICE),
-                c.clone(),
-                0.5,
-                True,
-                True,
-                False,
-                torch.float32,
-                "torch",
-                False,
-                stats,
-                gate,
-            ),
-        )
+    backend = BACKENDS[0]
+    for bad_label_is_nan in (False, True):
+        torch.library.opcheck(_op_forward, (x, y, c, backend, bad_label_is_nan, False))
+    row_loss, diff, stats = _op_forward(x, y, c, backend, True, False)
+    torch.testing.assert_close(row_loss, ((x - c[y]) ** 2).sum(1))
+    torch.testing.assert_close(diff, x - c[y])
+    assert stats.numel() == 0  # only the Triton forward counts (count=True)
+    empty = diff.new_empty(0)
+    counts = torch.bincount(y, minlength=4)
+    for update, want_gc, bad in (
+        (True, False, empty),
+        (True, False, torch.ones((), dtype=torch.int32)),
+        (False, True, empty),
+    ):
+        args = (diff, y, torch.ones(8, device=DEVICE), 2.0, c.clone(), 0.5, update, True, want_gc, torch.float32)
+        torch.library.opcheck(_op_backward, args + (backend, False, bad, counts))
+    # the Wen update as the op makes it, against the rule written out; a bad batch moves nothing
+    moved, gated = c.clone(), c.clone()
+    _op_backward(
+        diff, y, torch.ones(1), 2.0, moved, 0.5, True, False, False, torch.float32, backend, False, empty, empty
+    )
+    sums = torch.zeros_like(c).index_add_(0, y, diff)
+    torch.testing.assert_close(moved, c + 0.5 * sums / (1 + counts)[:, None].float())
+    bad = torch.ones((), dtype=torch.int32)
+    _op_backward(diff, y, torch.ones(1), 2.0, gated, 0.5, True, False, False, torch.float32, backend, False, bad, empty)
+    assert torch.equal(gated, c)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
