@@ -29,6 +29,7 @@ from fastser import distributed as fdist
 from fastser.config import RUN_OPTIONS, SCHEMA_VERSION, TrainConfig
 from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.errors import UserError
+from fastser.memory import retain_freed_memory
 from fastser.data import SPLITS, check_classes, load_corpus, make_folds
 from fastser.data.cache import Perturbation, build_feature_table, with_copies
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
@@ -535,7 +536,9 @@ def _resume_hint() -> str:
 
 
 def cli(argv=None) -> int:
-    """`fastser-train` / `python -m fastser.train`: exit 0, or 2 with one line naming a bad input."""
+    """`fastser-train` / `python -m fastser.train`: exit 0, or 2 with one line naming a bad input.
+    The command owns its process, so it also keeps freed memory for reuse (fastser.memory)."""
+    retain_freed_memory()
     return run_cli(main, "fastser.train", argv, interrupted_hint=_resume_hint)
 
 
