@@ -160,19 +160,30 @@ def mixup(batch: Batch, gen: torch.Generator, alpha: float) -> tuple:
 
 def spec_augment(feats: dict, frames_host: torch.Tensor, gen: torch.Generator, n_masks: int = 2) -> dict:
     """Two frequency and two time masks per item (SpecAugment without warping), drawn on the CPU
-    generator from host-side frame counts, so runs are reproducible on any device and need no sync."""
-    out = {}
+    generator from host-side frame counts, so runs are reproducible on any device and need no sync.
+    Only the masks' bounds, one (2 + 2 * kinds, B, n_masks) int64 tensor, travel to the device (one
+    non-blocking copy from pinned memory); the masks themselves are built there."""
     B = frames_host.shape[0]
     t_start = (torch.rand(B, n_masks, generator=gen) * frames_host[:, None]).long()
     t_width = (torch.rand(B, n_masks, generator=gen) * (0.1 * frames_host[:, None] + 1)).long()
-    for kind, x in feats.items():
-        bins, T = x.shape[1], x.shape[2]
+    bounds = [t_start, t_start + t_width]
+    for x in feats.values():
+        bins = x.shape[1]
         f_start = (torch.rand(B, n_masks, generator=gen) * bins).long()
         f_width = (torch.rand(B, n_masks, generator=gen) * (bins // 8 + 1)).long()
-        t = torch.arange(T)[None, None, :]
-        f = torch.arange(bins)[None, None, :]
-        tmask = ((t >= t_start[..., None]) & (t < (t_start + t_width)[..., None])).any(1)
-        fmask = ((f >= f_start[..., None]) & (f < (f_start + f_width)[..., None])).any(1)
-        keep = ~(fmask[:, :, None] | tmask[:, None, :])
-        out[kind] = x * keep.to(x.device)
+        bounds += [f_start, f_start + f_width]
+    device = next(iter(feats.values())).device
+    bounds = torch.stack(bounds)
+    if device.type != "cpu":
+        bounds = (bounds.pin_memory() if torch.cuda.is_available() else bounds).to(device, non_blocking=True)
+    t_lo, t_hi = bounds[0, ..., None], bounds[1, ..., None]
+    out = {}
+    for i, (kind, x) in enumerate(feats.items()):
+        bins, T = x.shape[1], x.shape[2]
+        f_lo, f_hi = bounds[2 + 2 * i, ..., None], bounds[3 + 2 * i, ..., None]
+        t = torch.arange(T, device=device)
+        f = torch.arange(bins, device=device)
+        tmask = ((t >= t_lo) & (t < t_hi)).any(1)
+        fmask = ((f >= f_lo) & (f < f_hi)).any(1)
+        out[kind] = x * ~(fmask[:, :, None] | tmask[:, None, :])
     return out
