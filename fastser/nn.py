@@ -37,12 +37,16 @@ class CenterLoss(nn.Module):
         backend: "auto" | "triton" | "cuda" | "cpp" | "torch" (fastser.ops.available_backends()).
         deterministic: no floating-point atomics (bit-identical centers run to run).
         process_group: under torch.distributed, the Wen update sums over this group's ranks.
-        validate: "eager" (True) — check shapes, devices, labels and finiteness first, so a bad batch
-            raises before any center is written (on CUDA a host sync per call); "deferred" — the
-            same checks on the device, no sync: a bad batch (non-finite features, a label outside
-            [0, C)) gets a NaN loss, moves no center (zero center gradient) and is counted in
-            `bad_batches`; call `raise_on_bad_batches()` when a host read is cheap (end of an
-            epoch, every N steps); "off" (False) — shapes only.
+        validate: "auto" (default) — "eager" on the CPU, "reported" on a GPU. "eager" (True) —
+            check shapes, devices, labels and finiteness first, so a bad batch raises before any
+            center is written (on a GPU a host sync, a stall of the stream, per call); "deferred" —
+            the same checks on the device, no sync: a bad batch (non-finite features, a label
+            outside [0, C)) gets a NaN loss, moves no center (zero center gradient) and is counted
+            in `bad_batches`; call `raise_on_bad_batches()` when a host read is cheap (end of an
+            epoch, every N steps); "reported" — deferred, and the count travels to the host
+            behind the computation (a non-blocking copy), so a later call raises the ValueError
+            once it has arrived (the next call, or the one after on a busy GPU), with no call of
+            your own and no sync; "off" (False) — shapes only.
 
     Shapes: forward(features (B, D) float32/float16/bfloat16/float64, labels (B,) integer in [0, C))
     -> scalar loss ((B,) with reduction="none"), in the promoted dtype of features and centers.
@@ -62,7 +66,7 @@ class CenterLoss(nn.Module):
         backend: str = "auto",
         deterministic: bool = False,
         process_group=None,
-        validate="eager",
+        validate="auto",
     ):
         super().__init__()
         if update not in UPDATES:
@@ -75,7 +79,8 @@ class CenterLoss(nn.Module):
             raise RuntimeError("CenterLoss(use_gpu=True) but CUDA is not available")
         self.num_classes, self.feat_dim = num_classes, feat_dim
         self.update, self.alpha, self.reduction = update, alpha, reduction
-        self.backend, self.deterministic, self.validate = backend, deterministic, validate_mode(validate)
+        self.backend, self.deterministic = backend, deterministic
+        self.validate = validate if validate in ("auto", "reported") else validate_mode(validate)
         self.process_group = process_group
         centers = torch.randn(num_classes, feat_dim, device="cuda" if use_gpu else None)
         if update == "gradient":
@@ -85,6 +90,9 @@ class CenterLoss(nn.Module):
         # batches skipped by deferred validation since the last check; not in the state dict
         self.register_buffer("bad_batches", torch.zeros((), dtype=torch.int64, device=centers.device), persistent=False)
         self._centers_synced = False
+        # "reported": the host's copy of bad_batches, the event after which it is readable, and
+        # how many bad batches have been raised already (the device counter only grows)
+        self._report_count, self._report_ready, self._reported = None, None, 0
 
     def _broadcast_centers_once(self) -> None:
         """Start every rank from rank 0's centers, even when their seeds differ. Outside
@@ -98,10 +106,20 @@ class CenterLoss(nn.Module):
                 dist.broadcast(self.centers.data, src=src, group=self.process_group)
         self._centers_synced = True
 
+    def validation(self, device: torch.device) -> str:
+        """The mode a call on `device` uses: "auto" is "eager" on the CPU and "reported" elsewhere."""
+        if self.validate == "auto":
+            return "eager" if device.type == "cpu" else "reported"
+        return self.validate
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._broadcast_centers_once()
         wen_alpha = self.alpha if (self.update == "wen" and self.training and torch.is_grad_enabled()) else None
-        return center_loss(
+        mode = self.validation(features.device)
+        reported = mode == "reported" and not torch.compiler.is_compiling()
+        if reported:
+            self._raise_reported()
+        loss = center_loss(
             features,
             labels,
             self.centers,
@@ -110,21 +128,51 @@ class CenterLoss(nn.Module):
             backend=self.backend,
             deterministic=self.deterministic,
             process_group=self.process_group,
-            validate=self.validate,
+            validate="deferred" if mode == "reported" else mode,
             bad_batches=self.bad_batches,
         )
+        if reported:
+            self._send_report()
+        return loss
+
+    def _send_report(self) -> None:
+        """Copy the bad-batch count to the host behind this call's kernels, without waiting."""
+        counter = self.bad_batches
+        if self._report_count is None:
+            self._report_count = torch.zeros((), dtype=counter.dtype, pin_memory=counter.is_cuda)
+        self._report_count.copy_(counter, non_blocking=True)
+        self._report_ready = torch.cuda.Event() if counter.is_cuda else True
+        if counter.is_cuda:
+            self._report_ready.record()
+
+    def _raise_reported(self) -> None:
+        """Raise for the bad batches whose count has reached the host since the last report; a
+        copy still in flight is left for a later call (no sync)."""
+        ready = self._report_ready
+        if ready is None or (ready is not True and not ready.query()):
+            return
+        self._report_ready = None
+        count = int(self._report_count)  # host memory
+        if count > self._reported:
+            new, self._reported = count - self._reported, count
+            raise ValueError(self._bad_batch_message(new))
 
     def raise_on_bad_batches(self) -> None:
         """Deferred validation's report (one host read): a ValueError if any batch since the last
         call had non-finite features or an out-of-range label. Those batches moved no center."""
-        n = int(self.bad_batches)
-        if n:
+        n = int(self.bad_batches) - self._reported
+        self._report_ready, self._reported = None, 0
+        if int(self.bad_batches):
             self.bad_batches.zero_()
-            raise ValueError(
-                f"CenterLoss: {n} batch{'es' if n > 1 else ''} had non-finite features or labels "
-                f"outside [0, {self.num_classes}); their center updates were skipped "
-                f"(the centers are unchanged by them)"
-            )
+        if n:
+            raise ValueError(self._bad_batch_message(n))
+
+    def _bad_batch_message(self, n: int) -> str:
+        return (
+            f"CenterLoss: {n} batch{'es' if n > 1 else ''} had non-finite features or labels "
+            f"outside [0, {self.num_classes}); their center updates were skipped "
+            f"(the centers are unchanged by them)"
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import time
 
 import pytest
 import torch
@@ -558,6 +559,51 @@ def test_deferred_validation_never_syncs_the_stream(backend):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert int(loss_fn.bad_batches) == 1
+
+
+@pytest.mark.gpu(reason="CUDA's sync debug mode needs a GPU")
+def test_the_default_validation_on_a_gpu_never_syncs_yet_reports_a_bad_batch():
+    """validate="auto" (the drop-in default) is "reported" on a GPU: no call stalls the stream,
+    and a bad batch still reaches the user as a ValueError from a later call, with no call of
+    their own (what the bad batch did to the centers: the CPU test below)."""
+    loss_fn = CenterLoss(4, 8).to(DEVICE)
+    assert loss_fn.validation(torch.device(DEVICE)) == "reported"
+    x, labels, _ = make_batch(16, 4, 8)
+    loss_fn(x.clone().requires_grad_(), labels).backward()  # warm-up: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss_fn(x.clone().requires_grad_(), torch.where(labels == 2, 7, labels)).backward()
+        with pytest.raises(ValueError, match="1 batch had non-finite features or labels outside"):
+            for _ in range(50):  # the count arrives behind the kernels: a call or two later
+                loss_fn(x.clone().requires_grad_(), labels).backward()
+                time.sleep(0.001)  # host time passes; the GPU catches up
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_reported_validation_raises_a_bad_batch_at_a_later_call_once():
+    """ "reported" (a GPU's default; on the CPU the count's copy is done at once, so the next call
+    raises): the bad batch's loss is NaN and it moves no center; the next call raises before it
+    computes anything, exactly once; raise_on_bad_batches does not count it again."""
+    loss_fn = CenterLoss(4, 8, validate="reported").to(DEVICE)
+    assert CenterLoss(4, 8).validation(torch.device("cpu")) == "eager"
+    assert CenterLoss(4, 8).validation(torch.device("cuda")) == "reported"
+    x, labels, _ = make_batch(16, 4, 8)
+    loss_fn(x.clone().requires_grad_(), labels).backward()
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    before = loss_fn.centers.clone()
+    loss = loss_fn(bad.requires_grad_(), labels)
+    loss.backward()
+    assert not torch.isfinite(loss) and torch.equal(loss_fn.centers, before)
+    with pytest.raises(ValueError, match="1 batch had non-finite features"):
+        loss_fn(x.clone().requires_grad_(), labels)
+    assert torch.equal(loss_fn.centers, before)  # the raising call wrote nothing
+    for _ in range(2):
+        loss_fn(x.clone().requires_grad_(), labels).backward()  # reported once, not again
+    loss_fn.raise_on_bad_batches()  # nothing new since
+    assert not torch.equal(loss_fn.centers, before)
 
 
 @pytest.mark.gpu(reason="CUDA graphs need a GPU")
