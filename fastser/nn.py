@@ -160,9 +160,10 @@ class CenterLoss(nn.Module):
     def raise_on_bad_batches(self) -> None:
         """Deferred validation's report (one host read): a ValueError if any batch since the last
         call had non-finite features or an out-of-range label. Those batches moved no center."""
-        n = int(self.bad_batches) - self._reported
+        total = int(self.bad_batches)
+        n = total - self._reported
         self._report_ready, self._reported = None, 0
-        if int(self.bad_batches):
+        if total:
             self.bad_batches.zero_()
         if n:
             raise ValueError(self._bad_batch_message(n))
