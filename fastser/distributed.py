@@ -77,8 +77,14 @@ def setup(device_arg: Optional[str] = None) -> DistInfo:
     return DistInfo(rank, world, local, device, launched)
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, finished: bool = False) -> None:
+    """Leave the process group. `finished` (the run ended without an error on this rank): first
+    wait for every rank, so that none shuts its connections down while another is still busy
+    (rank 0 writes the reports after the last collective; a gloo rank that left meanwhile could
+    abort in its shutdown). After an error no rank waits: the others may never arrive."""
     if info.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -493,9 +493,12 @@ def train(config: TrainConfig) -> dict:
         with deterministic_mode(config.run.deterministic):
             info = fdist.setup(config.run.device)
             try:
-                return _main(config, info)
-            finally:
+                metrics = _main(config, info)
+            except BaseException:
                 fdist.teardown(info)
+                raise
+            fdist.teardown(info, finished=True)
+            return metrics
     finally:
         torch.set_num_threads(threads)  # main() may be called from a notebook or a test
 
