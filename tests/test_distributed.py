@@ -133,6 +133,29 @@ def test_bad_label_on_one_rank_raises_there_and_nothing_hangs(tmp_path):
     assert not (tmp_path / "centers1.pt").exists()
 
 
+def _teardown_worker(rank, store, out_dir):
+    import time
+
+    from fastser import distributed as fdist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30)
+    )
+    if rank == 0:
+        time.sleep(1.5)  # rank 0 still busy (writing the reports) after the last collective
+    fdist.teardown(fdist.DistInfo(rank=rank, world_size=2), finished=True)
+    with open(os.path.join(out_dir, f"left{rank}"), "w") as f:
+        f.write(repr(time.time()))
+
+
+def test_a_finished_rank_leaves_the_process_group_only_when_every_rank_has_finished(tmp_path):
+    """A gloo rank that shut down while another was still busy could abort in its shutdown; a
+    finished run's teardown waits for every rank first."""
+    mp.spawn(_teardown_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    left = [float((tmp_path / f"left{r}").read_text()) for r in range(2)]
+    assert abs(left[0] - left[1]) < 1.0, left  # rank 1 waited for rank 0's 1.5 s
+
+
 def test_torchrun_train_writes_one_set_of_artifacts(tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = tmp_path / "run"
