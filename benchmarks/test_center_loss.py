@@ -143,3 +143,58 @@ def test_launch_floor(benchmark, device, kind):
             torch.add(x, 1.0, out=x)
 
     _harness.run(benchmark, launch, device, suite="center_loss", group="launch_floor", impl=kind, baseline=kind)
+
+
+class _EmptyFunction(torch.autograd.Function):
+    """An autograd Function that computes nothing: what any custom loss's step costs the host at least."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.new_empty(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty((B_HOST, D_HOST))
+
+
+B_HOST, C_HOST, D_HOST = 256, 4, 256
+
+
+@pytest.mark.parametrize("impl", ["fastser-triton", "empty-autograd-function", "reference"])
+def test_center_loss_host_side(benchmark, monkeypatch, impl):
+    """The host's share of one step at an SER size, where a GPU waits for the host: fastser's Python
+    and dispatch for the Triton path (deferred validation, Wen update) with the kernel launches
+    stubbed out, beside an autograd Function that computes nothing (the floor for any custom loss)
+    and the usual module + SGD (CPU tensors: at this size its time is almost all dispatch)."""
+    x = torch.randn(B_HOST, D_HOST, requires_grad=True)
+    labels = torch.randint(0, C_HOST, (B_HOST,))
+    if impl == "fastser-triton":
+        pytest.importorskip("triton")
+        from fastser.ops._triton_launch import TritonLaunch
+
+        monkeypatch.setattr(TritonLaunch, "launch", lambda self: None)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the registry pick Triton for CPU tensors
+        crit = CenterLoss(C_HOST, D_HOST, backend="triton", validate="deferred")
+
+        def step():
+            x.grad = None
+            crit(x, labels).backward()
+
+    elif impl == "empty-autograd-function":
+
+        def step():
+            x.grad = None
+            _EmptyFunction.apply(x).backward()
+
+    else:
+        step = make_step("reference", B_HOST, C_HOST, D_HOST, torch.device("cpu"))
+    _harness.run(
+        benchmark,
+        step,
+        torch.device("cpu"),
+        suite="center_loss",
+        group=f"host_B{B_HOST}_C{C_HOST}_D{D_HOST}",
+        impl=impl,
+        baseline="reference",
+        extra={"kernels": "stubbed" if impl == "fastser-triton" else "run"},
+    )

@@ -448,9 +448,9 @@ class CenterLossFunction(torch.autograd.Function):
         ctx.scale = 1.0 / max(B, 1) if plan.reduction == "mean" else 1.0
         out_dtype = torch.promote_types(features.dtype, centers.dtype)
         if plan.reduction == "none":
-            return row_loss.to(out_dtype)
+            return row_loss if row_loss.dtype == out_dtype else row_loss.to(out_dtype)
         total = row_loss.mean() if plan.reduction == "mean" and B > 0 else row_loss.sum()  # one op, not sum * scale
-        return total.to(out_dtype)
+        return total if total.dtype == out_dtype else total.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):

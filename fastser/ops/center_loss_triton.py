@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastser.ops._triton_launch import TritonLaunch
+from fastser.ops._triton_launch import TritonLaunch, cdiv, next_power_of_2
 
 if TYPE_CHECKING:  # the argument structures are declared with the op (center_loss.py)
     from fastser.ops.center_loss import RowWeights, Targets
@@ -33,7 +33,7 @@ SCATTER_NONE, SCATTER_WEN, SCATTER_GRAD = 0, 1, 2
 
 
 def block_d(D: int, cap: int = 512) -> int:
-    return max(16, min(cap, triton.next_power_of_2(D)))
+    return max(16, min(cap, next_power_of_2(D)))
 
 
 # B changes from batch to batch and C is any class count: not specialised on their values
@@ -192,7 +192,7 @@ def forward_launch(x, labels, centers, row_loss, diff, stats=None, bad_batches=N
     B, D = x.shape
     return TritonLaunch(
         _forward_kernel,
-        (triton.cdiv(B, ROWS),),
+        (cdiv(B, ROWS),),
         dict(
             X_ptr=x,
             LABELS_ptr=labels,
@@ -225,7 +225,7 @@ def backward_launch(
     unused = diff  # stands in for pointers that a constexpr branch never touches
     return TritonLaunch(
         _backward_kernel,
-        (triton.cdiv(B, ROWS),),
+        (cdiv(B, ROWS),),
         dict(
             DIFF_ptr=diff,
             LABELS_ptr=labels,
@@ -259,7 +259,7 @@ def segment_update_launch(diff, order, offsets, weights: "RowWeights", targets: 
     wen = targets.centers is not None
     return TritonLaunch(
         _segment_kernel,
-        (triton.cdiv(D, BLOCK_D), C),
+        (cdiv(D, BLOCK_D), C),
         dict(
             DIFF_ptr=diff,
             ORDER_ptr=order,

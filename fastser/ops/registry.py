@@ -132,10 +132,22 @@ def choose(
 ) -> str:
     """The implementation `requested` ("auto" or a name) means for tensors of `dtype` on `device`.
     "auto": the first usable one that computes there natively in that dtype (and keeps gradients
-    when they are required). A named one that cannot serve is an error saying why."""
+    when they are required). A named one that cannot serve is an error saying why. Answers are
+    remembered (every call of a kernel asks), with TRITON_INTERPRET, which changes them, in the key."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (op, requested, device_type, dtype, requires_grad, triton_interpreted())
+    name = _CHOSEN.get(key)
+    if name is None:
+        name = _CHOSEN[key] = _choose(op, requested, device_type, dtype, requires_grad)
+    return name
+
+
+_CHOSEN: dict = {}
+
+
+def _choose(op: str, requested: str, device_type: str, dtype: Optional[torch.dtype], requires_grad: bool) -> str:
     if requested != "auto" and requested not in names(op):
         raise ValueError(f"backend must be one of {('auto',) + names(op)}, got {requested!r}")
-    device_type = torch.device(device).type
     if requested == "auto":
         for impl in IMPLEMENTATIONS[op]:
             if (
