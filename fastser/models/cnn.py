@@ -211,6 +211,22 @@ POOLINGS = ("global", "time")
 CONTOUR_KINDS = ("prosody",)  # 1-D inputs: a ContourEncoder, no decoder (the CNN branches reconstruct)
 
 
+def drop_batch_counters(model: nn.Module) -> None:
+    """BatchNorm counts its training batches (`num_batches_tracked`) for momentum=None, a cumulative
+    average; with a fixed momentum nothing reads the count, yet counting is a launch per BatchNorm
+    per step (17 of the default model's). The counters go, and a state dict that has them (an
+    older checkpoint) still loads: its counters are dropped on the way in."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
+            module.num_batches_tracked = None
+            # runs inside the BatchNorm's own loading, after it has filled in a missing counter
+            module.register_load_state_dict_pre_hook(_drop_counter)
+
+
+def _drop_counter(module, state_dict, prefix, *args) -> None:
+    state_dict.pop(prefix + "num_batches_tracked", None)
+
+
 class SERModel(nn.Module):
     """One encoder per feature kind (2-D CNNs for "logmel"/"mfcc", a ContourEncoder for "prosody"),
     pooled vectors concatenated (fused before the embedding, so the center loss acts on the fused
@@ -249,6 +265,7 @@ class SERModel(nn.Module):
             else None
         )
         self.embed_dim, self.num_classes = embed_dim, num_classes
+        drop_batch_counters(self)
 
     def forward(self, feats: dict, frames: torch.Tensor) -> SERResult:
         missing = set(self.kinds) - set(feats)

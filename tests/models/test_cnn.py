@@ -138,3 +138,33 @@ def test_time_pooling_keeps_one_mean_and_max_per_frequency_band():
     torch.testing.assert_close(vec[1:], alone, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="pooling must be one of"):
         SERModel({"logmel": 64}, 4, pooling="freq")
+
+
+def test_batch_norm_keeps_no_batch_counter_and_older_state_dicts_still_load():
+    """The counters nothing reads (fixed momentum) are gone from the model and its state dict; a
+    state dict saved with them (an older checkpoint, with or without its metadata) loads, and the
+    model computes the same as the one it came from."""
+    from fastser.checkpoints import ModelSpec, build_model
+    from fastser.features.featureset import FeatureSet
+
+    fs = FeatureSet.paper(["logmel", "mfcc", "prosody"])
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(fs, tuple("abcd"), pooling="time"))
+    feats = {k: torch.randn(4, n, 40) for k, n in fs.n_bins.items()}
+    frames = torch.tensor([40, 40, 33, 20])
+    model.train()(feats, frames)  # moves the running statistics
+    state = model.state_dict()
+    assert not [k for k in state if k.endswith("num_batches_tracked")]
+    batch_norms = [k[: -len("running_mean")] for k in state if k.endswith("running_mean")]
+    assert len(batch_norms) == 17
+    older = type(state)(state)  # as saved with the counters, the modules' version metadata kept
+    older._metadata = state._metadata
+    older.update({k + "num_batches_tracked": torch.tensor(7) for k in batch_norms})
+    for saved in (older, dict(older)):  # dict(): a plain dict, without the metadata
+        torch.manual_seed(1)
+        loaded = build_model(ModelSpec(fs, tuple("abcd"), pooling="time"))
+        loaded.load_state_dict(saved)
+        model.eval(), loaded.eval()
+        assert torch.equal(loaded(feats, frames).logits, model(feats, frames).logits)
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # strict loading is otherwise unchanged
+        loaded.load_state_dict({**state, "bogus": torch.zeros(1)})
