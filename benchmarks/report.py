@@ -218,7 +218,8 @@ def headline_table() -> str:
 
 def kernel_table() -> str:
     """Per Triton kernel and architecture, over every specialisation the gate compiled: the most
-    registers and shared memory per thread block, the lowest occupancy they allow, spills."""
+    registers and shared memory per thread block, the lowest occupancy they allow, spills, fenced
+    atomics, and how many have tensor-core instructions (HMMA/HGMMA) in their SASS."""
     files = sorted((RESULTS / "kernels").glob("*.json"))
     if not files:
         return "No kernel report recorded yet.\n"
@@ -229,15 +230,16 @@ def kernel_table() -> str:
         f"(`benchmarks/results/kernels/{files[-1].name}`): the worst specialisation of each kernel.",
         "",
         "| kernel | arch | specialisations | registers / thread (max) | shared memory (max) | occupancy (min) "
-        "| spills | fenced atomics |",
-        "|---|---|---|---|---|---|---|---|",
+        "| spills | fenced atomics | with tensor-core products |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for report in data["reports"]:
+        tensor_cores = report.get("tensor_cores", {})  # files recorded before the gate read them have none
         for name, k in report["kernels"].items():
             lines.append(
                 f"| `{name}` | sm_{report['arch']} | {k['count']} | {k['registers']} | {k['shared'] / 1024:.1f} KB "
                 f"| {k['occupancy']:.0%} | {sum(name in s for s in report['spills'])} "
-                f"| {sum(name in f for f in report['fenced'])} |"
+                f"| {sum(name in f for f in report['fenced'])} | {tensor_cores.get(name, 0)} |"
             )
     return "\n".join(lines) + "\n"
 

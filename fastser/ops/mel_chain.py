@@ -31,11 +31,14 @@ def triton_launches(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict):
     from fastser.ops import mel_chain_triton
 
     B, _, T = spec.shape
+    spec = spec.to(torch.complex64)
+    if spec.stride(1) != 1:  # the kernel reads each frame's bins as one row (torch.stft's layout)
+        spec = spec.transpose(1, 2).contiguous().transpose(1, 2)
     mel = torch.empty(B, cfg.n_mels, T, dtype=torch.float32, device=spec.device)
     mfcc_out = torch.empty(B, cfg.n_mfcc, T, dtype=torch.float32, device=spec.device) if cfg.kind == "mfcc" else None
     tile_max = torch.empty(B, mel_chain_triton.n_tiles(T), dtype=torch.float32, device=spec.device)
     launches = mel_chain_triton.mel_chain_launches(
-        torch.view_as_real(spec.to(torch.complex64)),
+        torch.view_as_real(spec),
         _f32(const["fb"]),
         frames.to(torch.int32),
         mel,

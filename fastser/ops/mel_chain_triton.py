@@ -7,11 +7,12 @@ serial loop and hold a whole DCT matrix in registers across it (255 registers an
 per thread for log-mel, 6.5 KB for MFCC on sm_90; the GPU compile gate refuses spills).
 
 `_mel_db_kernel` reads its tile of the complex STFT once (padded frames are masked out of the
-loads, so they cost no memory traffic), projects it onto the mel filters with tl.dot, converts to
-dB and writes the tile, plus the tile's maximum over its valid frames when a later step needs the
-utterance's maximum. `_db_finish_kernel` (only for ref=max, top_db or MFCCs) reduces the
-utterance's tile maxima (a few dozen floats), re-reads its n_mels x BLOCK_T tile of dB — never the
-n_fft/2+1 complex rows of the spectrum — clamps it and applies the DCT and lifter. No atomics, no
+loads, so they cost no memory traffic), projects it onto the mel filters with tl.dot on tensor
+cores (tf32x3: fp32 accuracy), converts to dB and writes the tile, plus the tile's maximum over
+its valid frames when a later step needs the utterance's maximum. `_db_finish_kernel` (only for
+ref=max, top_db or MFCCs) reduces the utterance's tile maxima (a few dozen floats), re-reads its
+n_mels x BLOCK_T tile of dB — never the n_fft/2+1 complex rows of the spectrum — clamps it and
+applies the DCT and lifter (tensor cores up to 64 mels). No atomics, no
 host synchronisation: the result is the same bit for bit whatever the launch order, and the
 maximum is each utterance's own, over its valid frames.
 
@@ -22,16 +23,16 @@ Every launcher returns TritonLaunch objects (every argument by name); the GPU co
 import triton
 import triton.language as tl
 
-from fastser.ops._triton_launch import TritonLaunch
+from fastser.ops._triton_launch import TritonLaunch, cdiv, next_power_of_2
 
 # A kernel may read a module global only when it is a tl.constexpr: the CPU interpreter accepts a
 # plain float, the GPU compiler refuses it (this crashed every CUDA run once).
 LOG10_2 = tl.constexpr(0.30102999566398120)
 
-# Tile sizes, chosen by the registers and spills of the sm_90 build (the GPU compile gate prints
-# them): the fp32 tl.dot holds a BLOCK_F-long slice of both operands per thread, so BLOCK_T = BLOCK_F
-# = 32 needed 255 registers and spilled at 40 mels on 4 warps; 16 x 16 needs 80 registers on 8 warps,
-# 140 at 128 mels, 178 at 256. tl.dot needs at least 16 in every dimension.
+# Tile sizes, chosen by the registers and spills of the sm_90 build (the GPU compile gate records
+# them): on fp32 FMA, BLOCK_T = BLOCK_F = 32 needed 255 registers and spilled at 40 mels on 4 warps;
+# 16 x 16 on 8 warps needs 62 registers at 64 mels and 139 at 256 with the tf32x3 tensor-core
+# product (80 and 178 on FMA). tl.dot needs at least 16 in every dimension.
 BLOCK_T = 16  # frames per program: 0.16 s at a 10 ms hop
 BLOCK_F = 16  # frequency bins per step of the mel projection
 BLOCK_K = 32  # cepstral coefficients per step of the DCT (bounds the DCT tile held in registers)
@@ -42,7 +43,7 @@ MAX_MELS = 256
 # not specialised on its value, so a new clip length compiles nothing new. With T unknown the rows
 # of the (B, M, T) outputs start unaligned anyway, so the sizes of the configuration (F, M, K) are
 # not specialised either: one build per choice of flags and tiles, whatever the filterbank.
-@triton.jit(do_not_specialize=["F", "T", "M", "n_tiles", "s_b", "s_f"])
+@triton.jit(do_not_specialize=["F", "T", "M", "n_tiles", "s_b"])
 def _mel_db_kernel(
     SPEC_ptr,
     FB_ptr,
@@ -54,8 +55,7 @@ def _mel_db_kernel(
     M,
     n_tiles,
     s_b,
-    s_f,
-    s_t,  # strides of the real view of the complex STFT (B, F, T, 2)
+    s_t,  # strides of the real view of the frame-major complex STFT (B, F, T, 2): 2 along F
     power,
     amin,
     log_ref,
@@ -74,21 +74,28 @@ def _mel_db_kernel(
     t_valid = t_idx < n_frames
     m_idx = tl.arange(0, BLOCK_M)
     m_ok = m_idx < M
-    acc = tl.zeros((BLOCK_M, BLOCK_T), tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_M), tl.float32)  # frames x mels: the spectrum tile is the dot's A
+    c_idx = tl.arange(0, 2 * BLOCK_F)  # the interleaved re, im of BLOCK_F bins
     for f0 in range(0, F, BLOCK_F):
         f_idx = f0 + tl.arange(0, BLOCK_F)
         f_ok = f_idx < F
-        ptr = SPEC_ptr + b * s_b + f_idx[:, None] * s_f + t_idx[None, :] * s_t
-        msk = f_ok[:, None] & t_valid[None, :]
-        re = tl.load(ptr, mask=msk, other=0.0)
-        im = tl.load(ptr + 1, mask=msk, other=0.0)
-        p = re * re + im * im
+        # each frame's BLOCK_F bins are 2 * BLOCK_F consecutive floats: one coalesced row per frame
+        # (loading re and im along time instead strode 2 * F floats between neighbouring lanes)
+        ptr = SPEC_ptr + b * s_b + t_idx[:, None] * s_t + (2 * f0 + c_idx)[None, :]
+        pairs = tl.load(ptr, mask=t_valid[:, None] & (2 * f0 + c_idx < 2 * F)[None, :], other=0.0)
+        re, im = tl.split(tl.reshape(pairs, (BLOCK_T, BLOCK_F, 2)))
+        p = re * re + im * im  # (BLOCK_T, BLOCK_F)
         if POWER_MODE == 1:
             p = tl.sqrt(p)
         if POWER_MODE == 0:
             p = tl.where(p > 0, tl.exp2(tl.log2(tl.maximum(p, 1e-38)) * (power * 0.5)), 0.0)
-        fb = tl.load(FB_ptr + m_idx[:, None] * F + f_idx[None, :], mask=m_ok[:, None] & f_ok[None, :], other=0.0)
-        acc += tl.dot(fb, p, input_precision="ieee")  # fp32 FMA, not TF32: librosa parity needs full precision
+        fb_t = tl.load(FB_ptr + m_idx[None, :] * F + f_idx[:, None], mask=f_ok[:, None] & m_ok[None, :], other=0.0)
+        # tensor cores at fp32 accuracy: tf32x3 splits each operand into a TF32 part and its
+        # remainder and sums three TF32 products. Emulated (tests/ops/test_mel_chain.py) it uses 4%
+        # of the bounds the kernels are held to against the exact chain; plain TF32 (about 5e-4
+        # relative) exceeds them 12-37 times, though it would still meet librosa's looser ones.
+        acc += tl.dot(p, fb_t, input_precision="tf32x3")
+    acc = tl.trans(acc)  # (BLOCK_M, BLOCK_T): the output rows are mels
     valid = m_ok[:, None] & t_valid[None, :]
     val = acc
     if TO_DB:
@@ -121,6 +128,7 @@ def _db_finish_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_TILES: tl.constexpr,
+    DCT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -157,7 +165,7 @@ def _db_finish_kernel(
             k_ok = k_idx < K
             dct = tl.load(DCT_ptr + k_idx[:, None] * M + m_idx[None, :], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
             lift = tl.load(LIFT_ptr + k_idx, mask=k_ok, other=0.0)
-            c = tl.dot(dct, v, input_precision="ieee") * lift[:, None]
+            c = tl.dot(dct, v, input_precision=DCT_PRECISION) * lift[:, None]
             c = tl.where(t_idx[None, :] < n_frames, c, 0.0)
             tl.store(
                 MFCC_OUT_ptr + b * K * T + k_idx[:, None] * T + t_idx[None, :], c, mask=k_ok[:, None] & t_ok[None, :]
@@ -165,7 +173,7 @@ def _db_finish_kernel(
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, next_power_of_2(n))
 
 
 def mel_chain_launches(
@@ -187,10 +195,13 @@ def mel_chain_launches(
 ) -> list:
     """The launches of the chain, in order.
 
-    spec_real: torch.view_as_real of the (B, F, T) complex64 STFT; fb (M, F) fp32; frames (B,) int32;
+    spec_real: torch.view_as_real of the (B, F, T) complex64 STFT, frame-major (strides (s_b, 2, s_t,
+    1) in floats, as torch.stft returns it); fb (M, F) fp32; frames (B,) int32;
     mel_out (B, M, T) fp32: the result for mel/log-mel, scratch for MFCCs; tile_max (B, n_tiles(T))
     fp32 scratch; with dct (K, M), lift (K,) and mfcc_out (B, K, T) the MFCCs too."""
     B, F, T, _ = spec_real.shape
+    if spec_real.stride(1) != 2 or spec_real.stride(3) != 1:
+        raise ValueError(f"the STFT must be frame-major (bins contiguous), got strides {spec_real.stride()}")
     M = fb.shape[0]
     K = dct.shape[0] if dct is not None else 1
     if M > MAX_MELS:
@@ -216,7 +227,6 @@ def mel_chain_launches(
                 M=M,
                 n_tiles=tiles,
                 s_b=spec_real.stride(0),
-                s_f=spec_real.stride(1),
                 s_t=spec_real.stride(2),
                 power=float(power),
                 amin=float(amin),
@@ -258,6 +268,7 @@ def mel_chain_launches(
                     BLOCK_M=block_m,
                     BLOCK_K=min(BLOCK_K, _pow2(K)),
                     BLOCK_TILES=min(256, _pow2(tiles)),
+                    DCT_PRECISION=dct_precision(block_m),
                 ),
                 options,
             )
@@ -265,5 +276,12 @@ def mel_chain_launches(
     return launches
 
 
+def dct_precision(block_m: int) -> str:
+    """The DCT's precision: tensor cores (tf32x3) up to 64 mels (the usual MFCC filterbanks: 120
+    registers on sm_90, 25% occupancy); wider, the split operands cost registers the kernel has
+    not got (128 mels: 186, 12.5% occupancy; 256: a 168-byte spill), so it stays on fp32 FMA."""
+    return "tf32x3" if block_m <= 64 else "ieee"
+
+
 def n_tiles(T: int) -> int:
-    return triton.cdiv(max(T, 1), BLOCK_T)
+    return cdiv(max(T, 1), BLOCK_T)

@@ -142,7 +142,7 @@ def mel_chain_launches():
     for n_mels in (16, 40, 64, 65, 128, 256):
         configs.append(F.FeatureConfig("logmel", **base, n_mels=n_mels, ref="max"))
         configs += [F.FeatureConfig("mfcc", **base, n_mels=n_mels, n_mfcc=k, ref="max") for k in {1, 13, n_mels}]
-    spec = torch.empty(B, 1 + base["n_fft"] // 2, T, dtype=torch.complex64, device=META)
+    spec = torch.empty(B, T, 1 + base["n_fft"] // 2, dtype=torch.complex64, device=META).transpose(1, 2)  # stft's
     frames = empty(B, dtype=torch.int64)
     for cfg in configs:
         launches, _ = mel_chain.triton_launches(spec, frames, cfg, F.constants(cfg, META))
@@ -281,6 +281,37 @@ def occupancy(registers: int, shared: int, num_warps: int, arch: int) -> float:
 TILE_CONSTEXPRS = ("BLOCK_D", "ROWS", "BLOCK", "BLOCK_T", "BLOCK_M", "BLOCK_K")
 ATOMIC_SASS = re.compile(r"\b(?:RED|REDG|REDUX|ATOM|ATOMG|ATOMS)\.")
 FENCE_SASS = re.compile(r"\b(?:MEMBAR|CCTL\.IVALL|FENCE)\b")
+# tensor-core matrix instructions: mma.sync (sm_80 and sm_90) and Hopper's warpgroup wgmma
+TENSOR_CORE_SASS = re.compile(r"\b(?:HMMA|HGMMA)\.")
+
+
+BLOCKED_LAYOUT = re.compile(r"^(#blocked\d*) = #ttg\.blocked<\{(.*)\}>", re.M)
+SPECTRUM_LOAD = re.compile(r"%pairs\w* = \S+ %\S+.*?tensor<\d+x\d+x!tt\.ptr<f32>, (#blocked\d*)>")
+
+
+def spectrum_lanes_along_bins(ttgir: str) -> bool:
+    """Whether the mel kernel's spectrum tile (`pairs`: BLOCK_T frames x 2 * BLOCK_F floats, each
+    frame's bins contiguous in memory) is loaded with a warp's lanes along the bins: its layout's
+    fastest dimension is 1 with at least 16 lanes there, so a warp reads whole 64-byte runs of one
+    frame. Loaded along time, neighbouring lanes were 2 KB apart."""
+    layouts = {name: body for name, body in BLOCKED_LAYOUT.findall(ttgir)}
+    loads = SPECTRUM_LOAD.findall(ttgir)
+    if not loads:
+        return False
+    for name in loads:
+        lanes = [int(v) for v in re.search(r"threadsPerWarp = \[(\d+), (\d+)\]", layouts[name]).groups()]
+        order = [int(v) for v in re.search(r"order = \[(\d+), (\d+)\]", layouts[name]).groups()]
+        if order[0] != 1 or lanes[1] < 16:
+            return False
+    return True
+
+
+def tensor_core_products(launch: TritonLaunch) -> bool:
+    """Whether the design puts this launch's tl.dot products on tensor cores: the mel projection
+    always, the DCT where its precision is tf32x3 (mel_chain_triton.dct_precision)."""
+    if launch.name == "_mel_db_kernel":
+        return True
+    return launch.name == "_db_finish_kernel" and launch.args["DO_DCT"] and launch.args["DCT_PRECISION"] == "tf32x3"
 
 
 def atomics_and_fences(cubin: bytes) -> tuple:
@@ -308,6 +339,8 @@ def reports(family: str, archs):
         launches = unique(enumerated, arch)
         uncovered = {k: describe(v) for k, v in unique(in_use, arch).items() if k not in launches}
         failures, spills, kernels, fenced, atomics, read_sass, wide_loads = [], [], {}, [], 0, set(), {}
+        tensor_cores, no_tensor_cores = {}, []  # per kernel: specialisations with tensor-core products
+        uncoalesced = []
         for launch in launches.values():
             try:
                 compiled = compile_for(launch, arch)
@@ -334,6 +367,13 @@ def reports(family: str, archs):
             if launch.args.get("D") == 512 and launch.name not in wide_loads:
                 # D divisible by 16, so the JIT marks it and the row loads must come out 128-bit
                 wide_loads[launch.name] = "LDG.E.128" in get_sass(compiled.asm["cubin"])
+            if launch.name == "_mel_db_kernel" and not spectrum_lanes_along_bins(compiled.asm["ttgir"]):
+                uncoalesced.append(describe(launch))
+            if tensor_core_products(launch):  # every tile size: the dot's layout depends on it
+                if TENSOR_CORE_SASS.search(get_sass(compiled.asm["cubin"])):
+                    tensor_cores[launch.name] = tensor_cores.get(launch.name, 0) + 1
+                else:
+                    no_tensor_cores.append(describe(launch))
             if "atomic_" in launch.jit_function().src and flags not in read_sass:
                 read_sass.add(flags)
                 n_atomics, n_fences = atomics_and_fences(compiled.asm["cubin"])
@@ -354,6 +394,9 @@ def reports(family: str, archs):
             "atomics": atomics,
             "fenced": fenced,
             "wide_loads": wide_loads,
+            "tensor_cores": tensor_cores,
+            "no_tensor_cores": no_tensor_cores,
+            "uncoalesced": uncoalesced,
         }
 
 

@@ -85,6 +85,14 @@ def test_every_launched_triton_kernel_compiles_for_sm80_and_sm90(family, at_leas
             # attributes, as the gate once did, the row loads were scalar
             wide = report["wide_loads"]
             assert wide["_forward_kernel"] and wide["_backward_kernel"], wide
+        if family == "mel_chain":
+            # the mel projection (and the DCT up to 64 mels) are tf32x3 products: HMMA on sm_80,
+            # HMMA or Hopper's HGMMA on sm_90; on fp32 FMA (input_precision="ieee") the SASS has none
+            assert report["tensor_cores"].get("_mel_db_kernel") == report["kernels"]["_mel_db_kernel"]["count"]
+            assert report["tensor_cores"].get("_db_finish_kernel", 0) > 0  # the DCT up to 64 mels
+            assert not report["no_tensor_cores"], "\n".join(report["no_tensor_cores"][:5])
+            # the frame-major spectrum is read along its bins, a warp's lanes on consecutive floats
+            assert not report["uncoalesced"], "\n".join(report["uncoalesced"][:5])
 
 
 def test_the_gate_fails_on_a_kernel_that_reads_a_non_constexpr_global():

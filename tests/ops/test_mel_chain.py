@@ -29,18 +29,24 @@ def spectrum(frames, T, seed=0, garbage=1e6):
     return spec.to(DEVICE), torch.as_tensor(frames, device=DEVICE)
 
 
+def assert_chain_close(ours, ref, kind):
+    """The kernels' bounds against the exact chain. power: relative error, dB: absolute, MFCCs:
+    relative to their range."""
+    if kind == "mel":
+        torch.testing.assert_close(ours, ref, rtol=2e-5, atol=1e-12)
+    elif kind == "logmel":
+        torch.testing.assert_close(ours, ref, rtol=0, atol=2e-4)
+    else:
+        torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
+
+
 def check(cfg, frames, T, seed=0):
     spec, frames = spectrum(frames, T, seed)
     const = F.constants(cfg, torch.device(DEVICE))
     ours = mel_chain.triton(spec, frames, cfg, const)
     ref = post.post_chain(spec, frames, cfg, const).float()
     assert ours.shape == ref.shape and ours.dtype == torch.float32
-    if cfg.kind == "mel":  # power: relative error, dB: absolute, MFCCs: relative to their range
-        torch.testing.assert_close(ours, ref, rtol=2e-5, atol=1e-12)
-    elif cfg.kind == "logmel":
-        torch.testing.assert_close(ours, ref, rtol=0, atol=2e-4)
-    else:
-        torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
+    assert_chain_close(ours, ref, cfg.kind)
     padded = torch.arange(T, device=DEVICE)[None, None, :] >= frames[:, None, None]
     assert not ours.masked_select(padded).any(), "padded frames must be zero"
     return ours
@@ -109,3 +115,101 @@ def test_too_many_mels_is_a_clear_error():
     spec, frames = spectrum([5], 5)
     with pytest.raises(ValueError, match="n_mels <= 256"):
         mel_chain.triton(spec, frames, cfg, F.constants(cfg, torch.device(DEVICE)))
+
+
+# ---- the precision of the kernels' products, emulated (the CPU interpreter computes tl.dot in
+# fp32 whatever input_precision says, so the parity tests above cannot see it)
+
+
+def _tf32_nearest(x):
+    """fp32 -> TF32 (10 mantissa bits), rounded to nearest, ties away (cvt.rna.tf32.f32)."""
+    return ((x.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+def _tf32_inputs(x):
+    """What a TF32 tensor-core instruction reads of an fp32 register: its low 13 mantissa bits dropped."""
+    return (x.view(torch.int32) & -0x2000).view(torch.float32)
+
+
+def tf32x3_matmul(a, b):
+    """a @ b as Triton computes tl.dot(..., input_precision="tf32x3"): each operand split into its
+    TF32 rounding and the remainder, the three products that matter taken on tensor cores (TF32
+    inputs) and summed in fp32; the remainder x remainder product is left out."""
+    a, b = a.float(), b.float()
+    a_big, b_big = _tf32_nearest(a), _tf32_nearest(b)
+    a_small, b_small = a - a_big, b - b_big
+
+    def mma(x, y):
+        return torch.matmul(_tf32_inputs(x), _tf32_inputs(y))
+
+    return mma(a_small, b_big) + mma(a_big, b_small) + mma(a_big, b_big)
+
+
+def tf32_matmul(a, b):
+    return torch.matmul(_tf32_nearest(a.float()), _tf32_nearest(b.float()))
+
+
+def chain_with_products(monkeypatch, spec, frames, cfg, const, mel_product, dct_product):
+    """The torch chain with its mel and DCT products computed by the given functions."""
+    exact = post.project
+
+    def project(matrix, S):
+        if matrix is const["fb"]:
+            return mel_product(matrix, S)
+        return dct_product(matrix, S) if dct_product is not None else exact(matrix, S)
+
+    with monkeypatch.context() as m:
+        m.setattr(post, "project", project)
+        return post.post_chain(spec, frames, cfg, const).float()
+
+
+def kernel_dct_product(cfg):
+    """The DCT product the finish kernel uses for this filterbank (mel_chain_triton.dct_precision)."""
+    precision = mel_chain_triton.dct_precision(mel_chain_triton._pow2(cfg.n_mels))
+    return tf32x3_matmul if precision == "tf32x3" else None
+
+
+EDGES = [(16, 1, 16), (40, 13, 17), (65, 33, 31), (128, 64, 48), (256, 97, 9)]
+
+
+@pytest.mark.parametrize(
+    "kind,power,ref,top_db,n_mels,n_mfcc,T",
+    [(*flags, 40, 20, 45) for flags in FLAGS]
+    + [(kind, 2.0, "max", 60.0, m, k, t) for kind in ("logmel", "mfcc") for m, k, t in EDGES],
+)
+def test_the_kernels_tensor_core_products_keep_the_chain_within_its_bounds(
+    monkeypatch, kind, power, ref, top_db, n_mels, n_mfcc, T
+):
+    """The mel product (and the DCT up to 64 mels) runs on tensor cores as tf32x3: emulated bit for
+    bit in its rounding, the chain stays within the bounds the kernels are held to; plain TF32
+    (what input_precision="tf32" would do) does not, which is why the split is paid for."""
+    cfg = F.FeatureConfig(kind, **BASE, n_mels=n_mels, n_mfcc=n_mfcc, power=power, ref=ref, top_db=top_db)
+    spec, frames = spectrum([T, max(1, T - 5), 7][: 3 if T >= 7 else 2], T, seed=n_mels)
+    spec, frames = spec.cpu(), frames.cpu()
+    const = F.constants(cfg, torch.device("cpu"))
+    exact = post.post_chain(spec, frames, cfg, const).float()
+    emulated = chain_with_products(monkeypatch, spec, frames, cfg, const, tf32x3_matmul, kernel_dct_product(cfg))
+    assert_chain_close(emulated, exact, kind)
+    if (n_mels, n_mfcc) == (40, 20) and power == 2.0:
+        plain = chain_with_products(monkeypatch, spec, frames, cfg, const, tf32_matmul, tf32_matmul)
+        with pytest.raises(AssertionError):
+            assert_chain_close(plain, exact, kind)
+
+
+def test_tensor_core_mfccs_match_librosa(monkeypatch):
+    """The same emulated products in the feature functions, against librosa's bounds on the parity
+    signals (looser than the chain's above: plain TF32 would meet these too)."""
+    librosa = pytest.importorskip("librosa")
+    import warnings
+
+    import numpy as np
+
+    from tests.features.signals import SR, make_signals
+
+    monkeypatch.setattr(post, "project", tf32x3_matmul)  # at 40 mels both products are tf32x3
+    for name, x in make_signals().items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = librosa.feature.mfcc(y=x, sr=SR, n_fft=512, hop_length=160, n_mels=40, n_mfcc=40)
+        ours = F.mfcc(torch.from_numpy(x), sr=SR, n_fft=512, hop_length=160, n_mels=40, n_mfcc=40, backend="torch")
+        assert np.abs(ours.numpy() - ref).max() <= 1e-3 * np.ptp(ref), name
