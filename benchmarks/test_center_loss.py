@@ -145,6 +145,9 @@ def test_launch_floor(benchmark, device, kind):
     _harness.run(benchmark, launch, device, suite="center_loss", group="launch_floor", impl=kind, baseline=kind)
 
 
+B_HOST, C_HOST, D_HOST = 256, 4, 256
+
+
 class _EmptyFunction(torch.autograd.Function):
     """An autograd Function that computes nothing: what any custom loss's step costs the host at least."""
 
@@ -155,9 +158,6 @@ class _EmptyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return torch.empty((B_HOST, D_HOST))
-
-
-B_HOST, C_HOST, D_HOST = 256, 4, 256
 
 
 @pytest.mark.parametrize("impl", ["fastser-triton", "empty-autograd-function", "reference"])

@@ -31,7 +31,7 @@ LOG10_2 = tl.constexpr(0.30102999566398120)
 
 # Tile sizes, chosen by the registers and spills of the sm_90 build (the GPU compile gate records
 # them): on fp32 FMA, BLOCK_T = BLOCK_F = 32 needed 255 registers and spilled at 40 mels on 4 warps;
-# 16 x 16 on 8 warps needs 62 registers at 64 mels and 139 at 256 with the tf32x3 tensor-core
+# 16 x 16 on 8 warps needs 61 registers at 64 mels and 135 at 256 with the tf32x3 tensor-core
 # product (80 and 178 on FMA). tl.dot needs at least 16 in every dimension.
 BLOCK_T = 16  # frames per program: 0.16 s at a 10 ms hop
 BLOCK_F = 16  # frequency bins per step of the mel projection
@@ -80,7 +80,7 @@ def _mel_db_kernel(
         f_idx = f0 + tl.arange(0, BLOCK_F)
         f_ok = f_idx < F
         # each frame's BLOCK_F bins are 2 * BLOCK_F consecutive floats: one coalesced row per frame
-        # (loading re and im along time instead strode 2 * F floats between neighbouring lanes)
+        # (read along time, neighbouring lanes would be 2 * F floats apart)
         ptr = SPEC_ptr + b * s_b + t_idx[:, None] * s_t + (2 * f0 + c_idx)[None, :]
         pairs = tl.load(ptr, mask=t_valid[:, None] & (2 * f0 + c_idx < 2 * F)[None, :], other=0.0)
         re, im = tl.split(tl.reshape(pairs, (BLOCK_T, BLOCK_F, 2)))
@@ -91,8 +91,8 @@ def _mel_db_kernel(
             p = tl.where(p > 0, tl.exp2(tl.log2(tl.maximum(p, 1e-38)) * (power * 0.5)), 0.0)
         fb_t = tl.load(FB_ptr + m_idx[None, :] * F + f_idx[:, None], mask=f_ok[:, None] & m_ok[None, :], other=0.0)
         # tensor cores at fp32 accuracy: tf32x3 splits each operand into a TF32 part and its
-        # remainder and sums three TF32 products. Emulated (tests/ops/test_mel_chain.py) it uses 4%
-        # of the bounds the kernels are held to against the exact chain; plain TF32 (about 5e-4
+        # remainder and sums three TF32 products. Emulated (tests/ops/test_mel_chain.py) it uses at
+        # most 4% of the bounds the kernels are held to against the exact chain; plain TF32 (about 5e-4
         # relative) exceeds them 12-37 times, though it would still meet librosa's looser ones.
         acc += tl.dot(p, fb_t, input_precision="tf32x3")
     acc = tl.trans(acc)  # (BLOCK_M, BLOCK_T): the output rows are mels
