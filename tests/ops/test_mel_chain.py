@@ -213,3 +213,21 @@ def test_tensor_core_mfccs_match_librosa(monkeypatch):
             ref = librosa.feature.mfcc(y=x, sr=SR, n_fft=512, hop_length=160, n_mels=40, n_mfcc=40)
         ours = F.mfcc(torch.from_numpy(x), sr=SR, n_fft=512, hop_length=160, n_mels=40, n_mfcc=40, backend="torch")
         assert np.abs(ours.numpy() - ref).max() <= 1e-3 * np.ptp(ref), name
+
+
+def test_a_spectrum_that_is_not_frame_major_is_refused_by_the_launcher_and_transposed_by_its_caller():
+    """The kernel reads each frame's bins as one row; the launcher says so in one line for any other
+    layout, and `mel_chain.triton` (the caller every feature function uses) lays a hand-built
+    spectrum out that way first, with the same result."""
+    cfg = F.FeatureConfig("logmel", **BASE, n_mels=40)
+    spec, frames = spectrum([20, 13], 20)  # (B, F, T) contiguous: bins 20 complex apart
+    const = F.constants(cfg, torch.device(DEVICE))
+    B, n_bins, T = spec.shape
+    out = torch.empty(B, 40, T, device=DEVICE)
+    with pytest.raises(ValueError, match="frame-major"):
+        mel_chain_triton.mel_chain_launches(
+            torch.view_as_real(spec), const["fb"].float(), frames.int(), out, torch.empty(B, 2, device=DEVICE),
+            power=2.0, to_db=True, amin=1e-10, log_ref=0.0, ref_max=False, top_db=None,
+        )  # fmt: skip
+    frame_major = spec.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(mel_chain.triton(spec, frames, cfg, const), mel_chain.triton(frame_major, frames, cfg, const))
