@@ -6,6 +6,8 @@
 Performance: benchmarks/results/*.json (pytest-benchmark runs, `benchmarks/_harness.py`).
 Accuracy: benchmarks/results/accuracy/*.json (`python -m benchmarks.accuracy`), one table per
 corpus and split, fastser rows and the openSMILE + SVM baselines on the same folds.
+Ledger: benchmarks/results/ledger/*.json (`python -m benchmarks.ledger --record`), the launches, host
+syncs and bytes each case issues on a GPU's code path, counted without one.
 Kernels: benchmarks/results/kernels/*.json (the GPU compile gate's `--record`), the registers,
 shared memory and occupancy of every compiled Triton specialisation, per kernel.
 
@@ -28,6 +30,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 ACC_START, ACC_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"
 KERNELS_START, KERNELS_END = "<!-- kernels:start -->", "<!-- kernels:end -->"
+LEDGER_START, LEDGER_END = "<!-- ledger:start -->", "<!-- ledger:end -->"
 ACCURACY_DOC = ROOT / "docs" / "accuracy.md"
 DEVELOPMENT_DOC = ROOT / "docs" / "development.md"
 # the README's results: per corpus and split, the default's row and the strongest classic baselines
@@ -244,6 +247,20 @@ def kernel_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def ledger_table() -> str:
+    from benchmarks.ledger import Row, table as rows_table
+
+    files = sorted((RESULTS / "ledger").glob("*.json"))
+    if not files:
+        return "No ledger recorded yet.\n"
+    data = json.loads(files[-1].read_text())
+    head = (
+        f"Counted on the CUDA code path without a GPU, torch {data['environment']['torch']}, "
+        f"{data['environment']['date'][:10]} (`benchmarks/results/ledger/{files[-1].name}`).\n\n"
+    )
+    return head + rows_table([Row(**r) for r in data["rows"]])
+
+
 def _replace(content: str, start: str, end: str, text: str) -> str:
     if start not in content or end not in content:
         raise SystemExit(f"no {start} ... {end} markers")
@@ -258,10 +275,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     text, accuracy, headline = table(), accuracy_table(), headline_table()
     if not args.write:
-        print(headline + "\n" + text + "\n" + accuracy)
+        print(headline + "\n" + text + "\n" + ledger_table() + "\n" + accuracy)
         return
     readme = ROOT / "README.md"
     content = _replace(readme.read_text(), START, END, text)
+    content = _replace(content, LEDGER_START, LEDGER_END, ledger_table())
     readme.write_text(_replace(content, HEAD_START, HEAD_END, headline))
     ACCURACY_DOC.write_text(_replace(ACCURACY_DOC.read_text(), ACC_START, ACC_END, accuracy))
     DEVELOPMENT_DOC.write_text(_replace(DEVELOPMENT_DOC.read_text(), KERNELS_START, KERNELS_END, kernel_table()))

@@ -114,7 +114,7 @@ class FeatureSet:
             out.update({k: f for (k, _), f in zip(group, feats)})
         for kind, cfg in self.configs:
             if isinstance(cfg, ProsodyConfig):
-                out[kind], frames = prosody(y, lens, cfg)
+                out[kind], frames = prosody(y, lens.to(y.device, non_blocking=True), cfg)
         return {k: out[k] for k in self.kinds}, frames
 
     def _stft_groups(self) -> list:

@@ -178,8 +178,9 @@ def _source_index(pos: torch.Tensor, L: torch.Tensor, pad_mode: str):
     return idx.clamp(min=0), keep
 
 
-def _padded_signal(y: torch.Tensor, lengths: torch.Tensor, max_frames: Optional[int], cfg: FeatureConfig):
-    """(B, (max_frames - 1) * hop + n_fft) signals, each padded from its own samples only;
+def _padded_signal(y: torch.Tensor, lengths: Optional[torch.Tensor], max_frames: Optional[int], cfg: FeatureConfig):
+    """(B, (max_frames - 1) * hop + n_fft) signals, each padded from its own samples only (lengths
+    None: every item fills the batch's length);
     max_frames None (centred frames only): the padded batch with `pad` more samples on each side,
     its length a function of the input's alone (no slicing a traced graph would have to prove).
 
@@ -191,8 +192,10 @@ def _padded_signal(y: torch.Tensor, lengths: torch.Tensor, max_frames: Optional[
     pad = cfg.n_fft // 2 if cfg.center else 0
     if pad and cfg.pad_mode == "constant":
         # zero padding: mask each item's samples past its length, then pad the batch with zeros — the
-        # same signal as writing the two pads, in three small ops instead of two gather/scatter chains
-        y = torch.where(torch.arange(T, device=y.device)[None, :] < lengths[:, None], y, y.new_zeros(()))
+        # same signal as writing the two pads, in three small ops instead of two gather/scatter chains.
+        # lengths None: every item has the padded length, nothing to mask (a pass over the batch saved)
+        if lengths is not None:
+            y = torch.where(torch.arange(T, device=y.device)[None, :] < lengths[:, None], y, y.new_zeros(()))
         if max_frames is None:
             return torch.nn.functional.pad(y, (pad, pad))
         n_out = (max_frames - 1) * cfg.hop_length + cfg.n_fft
@@ -204,6 +207,8 @@ def _padded_signal(y: torch.Tensor, lengths: torch.Tensor, max_frames: Optional[
         out = torch.nn.functional.pad(y, (pad, max(0, n_out + pad - T - pad)))[:, : n_out + pad]
         if pad == 0:
             return out[:, :n_out]
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.int64, device=y.device)
     L = lengths[:, None]
     j = torch.arange(pad, device=y.device)[None, :]
     for pos, dest in ((j - pad, j.expand(B, pad)), (L + j, L + pad + j)):
@@ -331,6 +336,8 @@ def extract_many(
         )
     cfg0 = cfgs[0]
     frames, max_frames = _frames_of(y, lengths, cfg0, uniform, span_padding)
+    if lengths.device != y.device:  # host-side lengths, counted there for free: the device gets copies
+        lengths, frames = lengths.to(y.device, non_blocking=True), frames.to(y.device, non_blocking=True)
     backend = resolve_backend(backend, y.device, y.requires_grad)
     if backend in ("librosa", "dali"):
         from fastser.features import backends
@@ -341,7 +348,7 @@ def extract_many(
     consts = consts if consts is not None else [constants(c, y.device) for c in cfgs]
     if backend == "cpp" and all(_cpu_fused_ok(y, c) for c in cfgs):
         return _extract_cpu_fused(y, lengths, frames, max_frames, cfgs, consts, window), frames
-    signal = _padded_signal(y, lengths, None if span_padding and cfg0.center else max_frames, cfg0)
+    signal = _padded_signal(y, None if uniform else lengths, None if span_padding and cfg0.center else max_frames, cfg0)
     spec = (_stft_cupy if backend == "cupy" else _stft_torch)(signal, window, cfg0)
     post = _post_triton if backend == "triton" or (backend == "cupy" and registry.triton_importable()) else _post_torch
     return [post(spec, frames, c, k) for c, k in zip(cfgs, consts)], frames
@@ -407,10 +414,12 @@ def prepare(y, lengths=None, defer_finite_check: bool = False):
             raise ValueError("empty signal: item 0 has length 0")
         lengths = torch.full((B,), T, dtype=torch.int64, device=t.device)
     else:
-        lengths = torch.as_tensor(lengths, dtype=torch.int64).to(t.device)
+        # kept where they are: on the host (a list, an array, a CPU tensor) the checks and the frame
+        # counts read nothing from the device; lengths on a GPU cost one read here
+        lengths = torch.as_tensor(lengths, dtype=torch.int64)
         if lengths.shape != (B,):
             raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-        if B and not bool(((lengths >= 1) & (lengths <= T)).all()):  # one device read for both checks
+        if B and not bool(((lengths >= 1) & (lengths <= T)).all()):  # one read for both checks
             if (lengths > T).any():
                 raise ValueError(f"lengths exceed the padded length {T}: {lengths.max().item()}")
             raise ValueError(f"empty signal: item {int((lengths < 1).nonzero()[0, 0])} has length 0")

@@ -7,7 +7,7 @@ import torch
 
 from fastser.features import FeatureSet
 from fastser.ops import _triton_launch, registry
-from tests.ledger import Ledger
+from benchmarks.ledger import Ledger
 
 
 @pytest.fixture
