@@ -15,7 +15,9 @@ beyond `frames[b]` are zero. top_db and ref=max act per utterance, over its vali
 Backends (one dispatch point, `extract_many`):
     "torch"   torch.stft and torch ops after it, any device; the only one that keeps gradients
     "cpp"     CPU: torch's FFT, then power -> mel -> dB -> top_db -> DCT in one fused C++ kernel
-    "triton"  CUDA: torch.stft (cuFFT), then the same chain in two fused Triton kernels (no host sync)
+    "triton"  CUDA: cuFFT, then the same chain in two fused Triton kernels (no host sync); with a
+              periodic Hann window over the whole frame the FFT reads the padded signal in place and
+              the kernel applies the window (_unwindowed_stft), otherwise torch.stft
               (CPU tensors only under TRITON_INTERPRET=1, for the tests)
     "cupy"    CUDA: cupy.fft, shared with torch by DLPack, then the Triton kernel
     "dali"    an NVIDIA DALI pipeline;  "librosa": the reference, one utterance at a time
@@ -253,6 +255,34 @@ def _stft_torch(signal: torch.Tensor, window: torch.Tensor, cfg: FeatureConfig) 
     return torch.stft(signal, cfg.n_fft, cfg.hop_length, window=window, center=False, return_complex=True)
 
 
+def _hann_folds(cfg: FeatureConfig) -> bool:
+    """Whether the fused kernels can apply the window in the frequency domain: a periodic Hann
+    window over the whole frame, and padding that is zeros (or none)."""
+    return cfg.window == "hann" and cfg.win_length == cfg.n_fft and (cfg.pad_mode == "constant" or not cfg.center)
+
+
+def _unwindowed_stft(y: torch.Tensor, lengths: Optional[torch.Tensor], n_frames: int, cfg: FeatureConfig):
+    """(B, F, n_frames) complex STFT of the zero-padded frames without a window, frame-major, taken
+    straight from the padded signal: no (B, frames, n_fft) copy of the overlapping frames is ever
+    written (the window multiply and a reshape of the framed view would each write one).
+
+    Each item's padded signal is laid out in a row of `rows * hop` samples, so that frame t of item b
+    starts at (b * rows + t) * hop: the framed view then has one batch dimension of stride hop, which
+    the FFT (cuFFT's advanced layout, pocketfft alike) reads in place. The rows' spare frames (the
+    last ones of a row run into the next row; a spare zero row follows the last item) are dropped."""
+    B, L = y.shape
+    n_fft, hop = cfg.n_fft, cfg.hop_length
+    pad = n_fft // 2 if cfg.center else 0
+    need = (n_frames - 1) * hop + n_fft  # padded samples the output's frames read
+    rows = n_frames - 1 - (-n_fft // hop)  # frames per row (n_frames - 1 + ceil(n_fft / hop)): a row holds `need`
+    if lengths is not None:  # zero each item past its own length
+        y = torch.where(torch.arange(L, device=y.device)[None, :] < lengths[:, None], y, y.new_zeros(()))
+    y = y[:, : need - pad]
+    signal = torch.nn.functional.pad(y, (pad, rows * hop - pad - y.shape[1], 0, 1))  # (B + 1, rows * hop)
+    frames = signal.as_strided((B, rows, n_fft), (rows * hop, hop, 1))
+    return torch.fft.rfft(frames)[:, :n_frames].transpose(1, 2)
+
+
 def _stft_cupy(signal: torch.Tensor, window: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     try:
         import cupy
@@ -348,6 +378,9 @@ def extract_many(
     consts = consts if consts is not None else [constants(c, y.device) for c in cfgs]
     if backend == "cpp" and all(_cpu_fused_ok(y, c) for c in cfgs):
         return _extract_cpu_fused(y, lengths, frames, max_frames, cfgs, consts, window), frames
+    if backend == "triton" and _hann_folds(cfg0) and all(c.kind != "spectrogram" for c in cfgs):
+        spec = _unwindowed_stft(y, None if uniform else lengths, max_frames, cfg0)
+        return [mel_chain.triton(spec, frames, c, k, hann_fold=True) for c, k in zip(cfgs, consts)], frames
     signal = _padded_signal(y, None if uniform else lengths, None if span_padding and cfg0.center else max_frames, cfg0)
     spec = (_stft_cupy if backend == "cupy" else _stft_torch)(signal, window, cfg0)
     post = _post_triton if backend == "triton" or (backend == "cupy" and registry.triton_importable()) else _post_torch

@@ -24,10 +24,11 @@ def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.float().contiguous()
 
 
-def triton_launches(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict):
+def triton_launches(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict, hann_fold: bool = False):
     """spec (B, F, T) complex STFT, frames (B,), a mel/logmel/mfcc FeatureConfig and its float32 "fb",
-    "dct", "lift" -> (the TritonLaunches in order, their output (B, bins, T) float32). The GPU compile
-    gate compiles exactly these launches."""
+    "dct", "lift" -> (the TritonLaunches in order, their output (B, bins, T) float32). hann_fold:
+    spec was taken without a window; the kernel applies the periodic Hann window of n_fft samples.
+    The GPU compile gate compiles exactly these launches."""
     from fastser.ops import mel_chain_triton
 
     B, _, T = spec.shape
@@ -52,12 +53,13 @@ def triton_launches(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict):
         dct=_f32(const["dct"]) if mfcc_out is not None else None,
         lift=_f32(const["lift"]) if mfcc_out is not None else None,
         mfcc_out=mfcc_out,
+        hann_fold=hann_fold,
     )
     return launches, (mfcc_out if mfcc_out is not None else mel)
 
 
-def triton(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict) -> torch.Tensor:
-    launches, out = triton_launches(spec, frames, cfg, const)
+def triton(spec: torch.Tensor, frames: torch.Tensor, cfg, const: dict, hann_fold: bool = False) -> torch.Tensor:
+    launches, out = triton_launches(spec, frames, cfg, const, hann_fold)
     for launch in launches:
         launch.launch()
     return out

@@ -7,9 +7,11 @@ serial loop and hold a whole DCT matrix in registers across it (255 registers an
 per thread for log-mel, 6.5 KB for MFCC on sm_90; the GPU compile gate refuses spills).
 
 `_mel_db_kernel` reads its tile of the complex STFT once (padded frames are masked out of the
-loads, so they cost no memory traffic), projects it onto the mel filters with tl.dot on tensor
-cores (tf32x3: fp32 accuracy), converts to dB and writes the tile, plus the tile's maximum over
-its valid frames when a later step needs the utterance's maximum. `_db_finish_kernel` (only for
+loads, so they cost no memory traffic), applies the periodic Hann window there when the STFT was
+taken without one (a 3-tap filter over the bins: the FFT then reads the padded signal in place),
+projects it onto the mel filters with tl.dot on tensor cores (tf32x3: fp32 accuracy), converts to
+dB and writes the tile, plus the tile's maximum over its valid frames when a later step needs the
+utterance's maximum. `_db_finish_kernel` (only for
 ref=max, top_db or MFCCs) reduces the utterance's tile maxima (a few dozen floats), re-reads its
 n_mels x BLOCK_T tile of dB — never the n_fft/2+1 complex rows of the spectrum — clamps it and
 applies the DCT and lifter (tensor cores up to 64 mels). No atomics, no
@@ -39,6 +41,25 @@ BLOCK_K = 32  # cepstral coefficients per step of the DCT (bounds the DCT tile h
 MAX_MELS = 256
 
 
+@triton.jit
+def _hann_windowed(frame_ptr, pairs, f0, c_idx, F, t_valid):
+    """The periodic-Hann-windowed bins of a tile of the rectangular (unwindowed) spectrum: a Hann
+    window of n_fft samples, 1/2 - cos(2 pi n / n_fft)/2, is in the DFT the 3-tap filter
+    X_w[k] = X[k]/2 - (X[k-1] + X[k+1])/4, with X[-1] = conj(X[1]) and X[F] = conj(X[F-2]) for a
+    real frame (F = n_fft/2 + 1). `pairs` (frames x interleaved re, im) holds X[f0 .. f0+BLOCK_F);
+    the neighbours are two more loads of the same rows, 8 bytes either side, from L1."""
+    f = f0 + c_idx // 2
+    part = c_idx % 2  # 0: real, 1: imaginary
+    ok = t_valid[:, None] & (f < F)[None, :]
+    below = tl.abs(f - 1)
+    above = tl.where(f + 1 < F, f + 1, 2 * F - 3 - f)
+    lo = tl.load(frame_ptr + (2 * below + part)[None, :], mask=ok, other=0.0)
+    hi = tl.load(frame_ptr + (2 * above + part)[None, :], mask=ok, other=0.0)
+    lo = tl.where(((f == 0) & (part == 1))[None, :], -lo, lo)  # conjugated across the edges
+    hi = tl.where(((f == F - 1) & (part == 1))[None, :], -hi, hi)
+    return 0.5 * pairs - 0.25 * (lo + hi)
+
+
 # The frame count T (and the strides and tile counts that follow from it) changes with every batch:
 # not specialised on its value, so a new clip length compiles nothing new. With T unknown the rows
 # of the (B, M, T) outputs start unaligned anyway, so the sizes of the configuration (F, M, K) are
@@ -62,6 +83,7 @@ def _mel_db_kernel(
     POWER_MODE: tl.constexpr,  # 2: |X|^2, 1: |X|, 0: |X|^power
     TO_DB: tl.constexpr,
     WRITE_TILE_MAX: tl.constexpr,
+    HANN_FOLD: tl.constexpr,  # the spectrum is unwindowed: apply the periodic Hann window here
     BLOCK_F: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -81,8 +103,12 @@ def _mel_db_kernel(
         f_ok = f_idx < F
         # each frame's BLOCK_F bins are 2 * BLOCK_F consecutive floats: one coalesced row per frame
         # (read along time, neighbouring lanes would be 2 * F floats apart)
-        ptr = SPEC_ptr + b * s_b + t_idx[:, None] * s_t + (2 * f0 + c_idx)[None, :]
-        pairs = tl.load(ptr, mask=t_valid[:, None] & (2 * f0 + c_idx < 2 * F)[None, :], other=0.0)
+        frame_ptr = SPEC_ptr + b * s_b + t_idx[:, None] * s_t
+        pairs = tl.load(
+            frame_ptr + (2 * f0 + c_idx)[None, :], mask=t_valid[:, None] & (2 * f0 + c_idx < 2 * F)[None, :], other=0.0
+        )
+        if HANN_FOLD:
+            pairs = _hann_windowed(frame_ptr, pairs, f0, c_idx, F, t_valid)
         re, im = tl.split(tl.reshape(pairs, (BLOCK_T, BLOCK_F, 2)))
         p = re * re + im * im  # (BLOCK_T, BLOCK_F)
         if POWER_MODE == 1:
@@ -192,13 +218,16 @@ def mel_chain_launches(
     dct=None,
     lift=None,
     mfcc_out=None,
+    hann_fold=False,
 ) -> list:
     """The launches of the chain, in order.
 
     spec_real: torch.view_as_real of the (B, F, T) complex64 STFT, frame-major (strides (s_b, 2, s_t,
     1) in floats, as torch.stft returns it); fb (M, F) fp32; frames (B,) int32;
     mel_out (B, M, T) fp32: the result for mel/log-mel, scratch for MFCCs; tile_max (B, n_tiles(T))
-    fp32 scratch; with dct (K, M), lift (K,) and mfcc_out (B, K, T) the MFCCs too."""
+    fp32 scratch; with dct (K, M), lift (K,) and mfcc_out (B, K, T) the MFCCs too. hann_fold: the
+    STFT was taken without a window and the kernel applies a periodic Hann window of n_fft samples
+    (see _hann_windowed), so the windowed frames are never written."""
     B, F, T, _ = spec_real.shape
     if spec_real.stride(1) != 2 or spec_real.stride(3) != 1:
         raise ValueError(f"the STFT must be frame-major (bins contiguous), got strides {spec_real.stride()}")
@@ -234,6 +263,7 @@ def mel_chain_launches(
                 POWER_MODE=power_mode,
                 TO_DB=bool(to_db),
                 WRITE_TILE_MAX=finish,
+                HANN_FOLD=bool(hann_fold),
                 BLOCK_F=BLOCK_F,
                 BLOCK_T=BLOCK_T,
                 BLOCK_M=block_m,

@@ -128,7 +128,8 @@ def center_loss_launches():
 
 def mel_chain_launches():
     """Every flag combination of the fused post-FFT kernel (mel / log-mel / MFCC, power 2, 1 and
-    other, ref constant or per-utterance max, top_db or not) at the paper's size and at librosa's
+    other, ref constant or per-utterance max, top_db or not; the Hann window applied before or in
+    the kernel) at the paper's size and at librosa's
     default (128 mels, 20 MFCCs), and every tile size (n_mels 16..256, n_mfcc 1..n_mels) at the
     default flags."""
     B, T = 3, 50
@@ -144,8 +145,8 @@ def mel_chain_launches():
         configs += [F.FeatureConfig("mfcc", **base, n_mels=n_mels, n_mfcc=k, ref="max") for k in {1, 13, n_mels}]
     spec = torch.empty(B, T, 1 + base["n_fft"] // 2, dtype=torch.complex64, device=META).transpose(1, 2)  # stft's
     frames = empty(B, dtype=torch.int64)
-    for cfg in configs:
-        launches, _ = mel_chain.triton_launches(spec, frames, cfg, F.constants(cfg, META))
+    for cfg, hann_fold in itertools.product(configs, (False, True)):  # windowed spectrum, or the window in-kernel
+        launches, _ = mel_chain.triton_launches(spec, frames, cfg, F.constants(cfg, META), hann_fold)
         yield from launches
 
 

@@ -231,3 +231,45 @@ def test_a_spectrum_that_is_not_frame_major_is_refused_by_the_launcher_and_trans
         )  # fmt: skip
     frame_major = spec.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(mel_chain.triton(spec, frames, cfg, const), mel_chain.triton(frame_major, frames, cfg, const))
+
+
+# ---- the periodic Hann window applied in the frequency domain (the Triton feature path's STFT
+# is taken without a window, so the windowed frames are never written)
+
+
+def hann_windowed(spec):
+    """X_w[k] = X[k]/2 - (X[k-1] + X[k+1])/4 over the bins of a (B, F, T) spectrum of real frames,
+    in float64: the DFT of the frames times the periodic Hann window of 2 (F - 1) samples."""
+    x = spec.to(torch.complex128)
+    below = torch.cat([x[:, 1:2].conj(), x[:, :-1]], dim=1)
+    above = torch.cat([x[:, 1:], x[:, -2:-1].conj()], dim=1)
+    return (0.5 * x - 0.25 * (below + above)).to(torch.complex64)
+
+
+@pytest.mark.parametrize("kind", ["mel", "logmel", "mfcc"])
+@pytest.mark.parametrize("frames,T", [([7, 37, 45], 45), ([16, 11], 16), ([9], 9)])
+def test_the_kernels_hann_window_matches_the_chain_on_the_windowed_spectrum(kind, frames, T):
+    cfg = F.FeatureConfig(kind, **BASE, n_mels=40, n_mfcc=20, ref="max", top_db=80.0 if kind != "mel" else None)
+    spec, frames = spectrum(frames, T)  # garbage in the padded frames, which the kernel must not read
+    const = F.constants(cfg, torch.device(DEVICE))
+    ours = mel_chain.triton(spec, frames, cfg, const, hann_fold=True)
+    ref = post.post_chain(hann_windowed(spec), frames, cfg, const).float()
+    assert_chain_close(ours, ref, kind)
+    # the window is really applied: without it the result is far off
+    assert (mel_chain.triton(spec, frames, cfg, const) - ref).abs().max() > 100 * (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("n_frames,lengths", [(301, None), (301, [48000, 30000, 1]), (188, [30000, 29999, 160])])
+def test_the_unwindowed_stft_is_torch_stft_without_a_window_read_in_place(n_frames, lengths):
+    """The STFT of the padded items laid out one row each, frames of one stride: the same as
+    torch.stft on each item's zero-padded samples, with no window."""
+    y = torch.randn(3, 48000)
+    lens = torch.tensor(lengths) if lengths is not None else None
+    cfg = F.FeatureConfig("mfcc", **BASE, n_mels=40)
+    ours = F._unwindowed_stft(y, lens, n_frames, cfg)
+    for b in range(3):
+        item = y[b, : lens[b]] if lens is not None else y[b]
+        item = torch.nn.functional.pad(item, (256, 256 + 160 * n_frames))[: (n_frames - 1) * 160 + 512]
+        ref = torch.stft(item, 512, 160, window=torch.ones(512), center=False, return_complex=True)
+        torch.testing.assert_close(ours[b], ref, rtol=1e-5, atol=1e-4)
+    assert ours.stride(1) == 1  # frame-major, as the kernels read it
