@@ -68,6 +68,8 @@ NO_KERNEL = frozenset(
         "split",
         "split_with_sizes",
         "promote_types",
+        "_record_function_enter_new",  # profiler markers
+        "_record_function_exit",
     }
 )
 HOST_READS = frozenset({"_local_scalar_dense", "item", "equal", "is_nonzero"})
@@ -257,8 +259,14 @@ TRAFFIC = {
 def as_on_a_gpu(ledger: Ledger):
     """Inside: the Triton implementations serve meta tensors as they serve CUDA ones, and every
     Triton launch is recorded into `ledger` instead of run."""
+    import importlib
+
     from fastser.ops import _triton_launch, registry
 
+    optimizer, foreach_utils = (
+        importlib.import_module("torch.optim.optimizer"),
+        importlib.import_module("torch.utils._foreach_utils"),
+    )
     runs_on, usable, launch = (
         registry.Implementation.runs_on,
         registry.Implementation.usable,
@@ -274,12 +282,21 @@ def as_on_a_gpu(ledger: Ledger):
     registry.Implementation.runs_on, registry.Implementation.usable = runs_on_meta, usable_if_built
     _triton_launch.TritonLaunch.launch = lambda launch: ledger.record_triton(launch)
     registry._CHOSEN.clear()
+    # the multi-tensor kernels (fused AdamW, foreach clipping) have meta implementations; torch offers
+    # them only on the devices it lists
+    lists = [(optimizer, n) for n in ("_get_fused_kernels_supported_devices", "_get_foreach_kernels_supported_devices")]
+    lists += [(foreach_utils, "_get_foreach_kernels_supported_devices")]
+    saved = [getattr(module, name) for module, name in lists]
+    for (module, name), listed in zip(lists, saved):
+        setattr(module, name, lambda listed=listed: listed() + ["meta"])
     try:
         yield ledger
     finally:
         registry.Implementation.runs_on, registry.Implementation.usable = runs_on, usable
         _triton_launch.TritonLaunch.launch = launch
         registry._CHOSEN.clear()
+        for (module, name), listed in zip(lists, saved):
+            setattr(module, name, listed)
 
 
 # ----------------------------------------------------------------------------- the cases
@@ -385,11 +402,15 @@ def feature_min_bytes(kind: str) -> int:
 
 
 def train_step_case(batch: int = 64):
-    """The default model's forward, joint loss and backward (the fused center loss's Wen update in
-    it) at `batch`, 3 s crops with one padded item."""
+    """One training step of the default model as the training loop runs it on a GPU, at `batch`
+    (3 s crops): `train_step` (gradients None, forward, joint loss with the fused center loss's
+    Wen update, backward, foreach gradient clipping, fused AdamW), the one-cycle schedule and the
+    epoch's running sums. The batch gather before it is not counted."""
     from fastser.checkpoints import ModelSpec, build_model
     from fastser.features.featureset import FeatureSet
     from fastser.models import SERObjective
+    from fastser.training.fold import EpochTotals
+    from fastser.training.step import train_step
 
     fs = FeatureSet.paper(["logmel", "mfcc", "prosody"])
     model = build_model(ModelSpec(fs, tuple("abcd"), pooling="time")).to(META, memory_format=torch.channels_last)
@@ -402,9 +423,16 @@ def train_step_case(batch: int = 64):
     frames = torch.empty(batch, dtype=torch.long, device=META)
     labels = torch.empty(batch, dtype=torch.long, device=META)
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    with as_on_a_gpu(Ledger()):  # fused=True is refused on a device torch does not list
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3, fused=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=1000, pct_start=0.15)
+    totals = EpochTotals(META)
+
     def step():
-        model.zero_grad(set_to_none=True)
-        objective(model(feats, frames), labels, feats, frames, None).total.backward()
+        out, terms = train_step(model, objective, opt, feats, feats, frames, labels, clip_params=params)
+        sched.step()
+        totals.add(terms, out.logits, labels)
 
     return step
 
@@ -485,7 +513,9 @@ def feature_rows() -> list:
 
 def all_rows() -> list:
     return (
-        center_loss_rows() + feature_rows() + [row("train_step", "B64_3s", "forward+loss+backward", train_step_case())]
+        center_loss_rows()
+        + feature_rows()
+        + [row("train_step", "B64_3s", "train_step+schedule+sums", train_step_case())]
     )
 
 

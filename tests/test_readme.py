@@ -27,6 +27,10 @@ def test_accuracy_table_is_the_generated_one():
     assert between(ACCURACY, report.ACC_START, report.ACC_END) == "\n" + report.accuracy_table()
 
 
+def test_ledger_table_is_the_generated_one():
+    assert between(README, report.LEDGER_START, report.LEDGER_END) == "\n" + report.ledger_table()
+
+
 def test_kernel_table_is_the_generated_one():
     assert between(DEVELOPMENT, report.KERNELS_START, report.KERNELS_END) == "\n" + report.kernel_table()
 

@@ -872,3 +872,22 @@ def test_threads_are_recorded_and_a_run_repeats_bit_for_bit_at_a_thread_count(tm
     assert torch.get_num_threads() == before
     assert a["threads"] == b["threads"] == 1
     assert a["confusion"] == b["confusion"] and a["folds"] == b["folds"]
+
+
+def test_epoch_totals_are_the_batch_weighted_means_of_the_steps():
+    from types import SimpleNamespace
+
+    from fastser.training.fold import EpochTotals
+
+    totals = EpochTotals(torch.device("cpu"))
+    steps = [(16, 1.5, 20.0, 0.5, [0] * 12 + [1] * 4), (5, 0.5, 10.0, 0.25, [1] * 5)]  # n, ce, center, recon, labels
+    for n, ce, center, recon, labels in steps:
+        terms = SimpleNamespace(ce=torch.tensor(ce), center=torch.tensor(center), recon=torch.tensor(recon))
+        logits = torch.zeros(n, 2)
+        logits[:, 0] = 1.0  # predicts class 0 everywhere
+        totals.add(terms, logits, torch.tensor(labels))
+    means = totals.means()
+    assert means["ce"] == pytest.approx((16 * 1.5 + 5 * 0.5) / 21)
+    assert means["center"] == pytest.approx((16 * 20.0 + 5 * 10.0) / 21)
+    assert means["recon"] == pytest.approx((16 * 0.5 + 5 * 0.25) / 21)
+    assert means["train_acc"] == pytest.approx(12 / 21)

@@ -7,7 +7,8 @@
            c_j <- c_j + alpha * sum_{i: y_i = j} (x_i - c_j) / (1 + n_j)
 
 Every backend has the same two steps. The forward reads x and the gathered centers once and
-writes the per-row squared distance and diff = x - c_y in fp32 (fp64 for float64 inputs): that
+writes the per-row squared distance and diff = x - c_y in fp32 (fp64 for float64 inputs; the
+Triton kernels keep half-precision features' diff in their dtype): that
 is all the backward needs, so a later in-place update of the centers cannot change the gradient.
 The backward reads diff once, writes grad_x and, in the same pass, updates the centers (or
 writes their gradient). Extra memory is O(B*D + C); nothing of size B x C is ever built.
@@ -62,6 +63,13 @@ def resolve_backend(backend: str, x: torch.Tensor, centers: torch.Tensor) -> str
 
 def _compute_dtype(x: torch.Tensor, centers: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, centers.dtype) else torch.float32
+
+
+def _diff_dtype(backend: str, x_dtype: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """What the forward stores diff in: the compute dtype, but half-precision features' own dtype
+    on the Triton backend (half the bytes of the round trip; the gradient it gives is rounded to
+    that dtype anyway, and the update sums it in fp32)."""
+    return x_dtype if backend == "triton" and x_dtype in (torch.float16, torch.bfloat16) else compute
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -183,7 +191,7 @@ class BatchStats:
 class Saved:
     """What the forward leaves for the backward."""
 
-    diff: torch.Tensor  # (B, D) in the compute dtype
+    diff: torch.Tensor  # (B, D) in _diff_dtype
     labels: torch.Tensor  # (B,) int64
     centers: Optional[torch.Tensor]  # the tensor the Wen update moves, or None
     centers_dtype: torch.dtype
@@ -209,7 +217,7 @@ def _forward(
     stats: Optional[torch.Tensor] = None,
     bad_batches: Optional[torch.Tensor] = None,
 ):
-    """-> (row_loss (B,), diff (B, D)), both in the compute dtype. A label outside [0, C) gives a
+    """-> (row_loss (B,) in the compute dtype, diff (B, D) in _diff_dtype). A label outside [0, C) gives a
     NaN row loss (the C++ backend raises instead unless bad_label_is_nan). stats (Triton only, from
     `new_stats`): the kernel adds the class counts and the bad-row count into it, and 1 into
     `bad_batches` (if given) for a batch with a bad row."""
@@ -222,7 +230,7 @@ def _forward(
         diff = x.to(compute) - centers.to(compute).index_select(0, torch.where(valid, labels, 0))
         return diff.pow(2).sum(1).masked_fill(~valid, float("nan")), diff
     row_loss = torch.empty(B, dtype=compute, device=x.device)
-    diff = torch.empty(B, D, dtype=compute, device=x.device)
+    diff = torch.empty(B, D, dtype=_diff_dtype(backend, x.dtype, compute), device=x.device)
     if B == 0:
         return row_loss, diff
     if backend == "cpp":
@@ -504,7 +512,8 @@ def _backward_step(
     diff, labels, centers, bad = saved.diff, saved.labels, saved.centers, saved.batch.bad
     C = plan.num_classes
     grad_x = torch.empty(diff.shape, dtype=saved.x_dtype, device=diff.device) if want_grad_x else None
-    grad_c = torch.zeros(C, diff.shape[1], dtype=diff.dtype, device=diff.device) if want_grad_centers else None
+    compute = torch.float64 if diff.dtype == torch.float64 else torch.float32  # diff may be stored in half
+    grad_c = torch.zeros(C, diff.shape[1], dtype=compute, device=diff.device) if want_grad_centers else None
     update_here, work_centers = None, None
     gated_in_kernel = bad is not None and plan.backend == "triton"
     if centers is not None:
@@ -513,8 +522,8 @@ def _backward_step(
         else:
             # the kernels update fp32/fp64 contiguous centers in place; anything else via a copy
             # (so is an update gated by `bad` outside a kernel: it is kept or dropped as a whole)
-            direct = centers.dtype == diff.dtype and centers.is_contiguous() and (bad is None or gated_in_kernel)
-            work_centers = centers.data if direct else centers.detach().to(diff.dtype, copy=True).contiguous()
+            direct = centers.dtype == compute and centers.is_contiguous() and (bad is None or gated_in_kernel)
+            work_centers = centers.data if direct else centers.detach().to(compute, copy=True).contiguous()
             update_here = work_centers
     kernel_batch = BatchStats(bad if gated_in_kernel else None, saved.batch.counts)
     run = (plan.backend, diff, labels, C, weights)
@@ -566,7 +575,7 @@ def _(features, labels, centers, backend, bad_label_is_nan, count):
     B, D = features.shape
     return (
         features.new_empty(B, dtype=compute),
-        features.new_empty(B, D, dtype=compute),
+        features.new_empty(B, D, dtype=_diff_dtype(backend, features.dtype, compute)),
         features.new_empty(centers.shape[0] + 1 if count else 0, dtype=torch.int32),
     )
 

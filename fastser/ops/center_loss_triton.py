@@ -1,6 +1,7 @@
 """Triton kernels for the fused center loss (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
-forward : per block of rows, diff = x - c_y (fp32) and the row's squared distance, one pass;
+forward : per block of rows, diff = x - c_y (fp32; stored in the features' dtype when that is
+          fp16/bf16, which halves its round trip) and the row's squared distance, one pass;
           with STATS, also each class's row count (for the Wen update) and the batch's number of
           bad rows (label out of range or a non-finite feature), with integer atomics into one
           (C + 1,) int32 buffer — the counts and the validity flag cost no launch of their own —
@@ -69,7 +70,7 @@ def _forward_kernel(
         x = tl.load(X_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
         c = tl.load(CENTERS_ptr + labels[:, None] * D + cols[None, :], mask=m, other=0.0)
         v = x - c
-        tl.store(DIFF_ptr + rows[:, None] * D + cols[None, :], v, mask=m)
+        tl.store(DIFF_ptr + rows[:, None] * D + cols[None, :], v.to(DIFF_ptr.dtype.element_ty), mask=m)
         acc += v * v
     loss = tl.sum(acc, axis=1)
     tl.store(ROW_LOSS_ptr + rows, tl.where(valid, loss, float("nan")), mask=row_ok)
@@ -122,7 +123,7 @@ def _backward_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m = row_ok[:, None] & (cols[None, :] < D)
-        v = tl.load(DIFF_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0)
+        v = tl.load(DIFF_ptr + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_GRAD_X:
             gx = g[:, None] * v
             tl.store(GRAD_X_ptr + rows[:, None] * D + cols[None, :], gx.to(GRAD_X_ptr.dtype.element_ty), mask=m)
@@ -160,7 +161,7 @@ def _segment_kernel(
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for k in range(begin, end):
         i = tl.load(ORDER_ptr + k)
-        v = tl.load(DIFF_ptr + i * D + cols, mask=m, other=0.0)
+        v = tl.load(DIFF_ptr + i * D + cols, mask=m, other=0.0).to(tl.float32)
         if WEN:
             acc += v
         else:
@@ -186,7 +187,8 @@ def _flag(bad, unused):
 
 
 def forward_launch(x, labels, centers, row_loss, diff, stats=None, bad_batches=None) -> TritonLaunch:
-    """x (B, D) any float; labels (B,) int64; centers (C, D) fp32; row_loss (B,), diff (B, D) fp32;
+    """x (B, D) any float; labels (B,) int64; centers (C, D) fp32; row_loss (B,) fp32, diff (B, D)
+    fp32 or x's half-precision dtype;
     stats (optional, (C + 1,) int32 zeros): gets the class counts and the bad-row count added;
     bad_batches (optional, 0-d integer, needs stats): + 1 if the batch has a bad row."""
     B, D = x.shape

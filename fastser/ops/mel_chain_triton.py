@@ -34,7 +34,8 @@ LOG10_2 = tl.constexpr(0.30102999566398120)
 # Tile sizes, chosen by the registers and spills of the sm_90 build (the GPU compile gate records
 # them): on fp32 FMA, BLOCK_T = BLOCK_F = 32 needed 255 registers and spilled at 40 mels on 4 warps;
 # 16 x 16 on 8 warps needs 61 registers at 64 mels and 135 at 256 with the tf32x3 tensor-core
-# product (80 and 178 on FMA). tl.dot needs at least 16 in every dimension.
+# product (80 and 178 on FMA), 171 at 256 with the in-kernel Hann window's two neighbour loads.
+# tl.dot needs at least 16 in every dimension.
 BLOCK_T = 16  # frames per program: 0.16 s at a 10 ms hop
 BLOCK_F = 16  # frequency bins per step of the mel projection
 BLOCK_K = 32  # cepstral coefficients per step of the DCT (bounds the DCT tile held in registers)

@@ -28,7 +28,10 @@ def step_body(
     backward (the fused center loss moves its centers inside it) and gradient clipping of
     `clip_params`. Gradients must be None or zero before it. No host synchronisation.
     `autocast_cache=False` under CUDA-graph capture (the cache would keep casts of the capture)."""
-    with torch.autocast(frames.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=autocast_cache):
+    if amp:
+        with torch.autocast(frames.device.type, dtype=torch.bfloat16, cache_enabled=autocast_cache):
+            out = model(feats, frames)
+    else:
         out = model(feats, frames)
     terms = objective(out, labels, targets, frames, mix)
     terms.total.backward()

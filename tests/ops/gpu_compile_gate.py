@@ -76,8 +76,8 @@ def empty(*shape, dtype=torch.float32):
 
 
 def center_loss_launches():
-    """Every dtype the Triton backend accepts (features fp32/fp16/bf16, fp32 centers, the gradient
-    in the features' dtype), every tile width with D divisible by 16 and not, every
+    """Every dtype the Triton backend accepts (features fp32/fp16/bf16, fp32 centers, diff and the
+    gradient in the features' dtype), every tile width with D divisible by 16 and not, every
     backward mode (grad_x or not x nothing / Wen update / center gradient), both row-scale forms,
     both gate forms (the forward's int32 bad-row count, a bool), the forward with and without its
     class/bad-row counts and bad-batch counter (int64 or int32), and the deterministic segment
@@ -88,7 +88,7 @@ def center_loss_launches():
     # every tile width BLOCK_D (16..512), each with a D the JIT marks divisible by 16 and one it does not
     widths = (1, 2, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513)
     for dtype, D in itertools.product((torch.float32, torch.float16, torch.bfloat16), widths):
-        x, diff, centers = empty(B, D, dtype=dtype), empty(B, D), empty(C, D)
+        x, diff, centers = empty(B, D, dtype=dtype), empty(B, D, dtype=dtype), empty(C, D)  # diff in x's dtype
         stats = empty(C + 1, dtype=torch.int32)
         for stats, bad_batches in (
             (None, None),
