@@ -60,30 +60,20 @@ def masked_mean_std(x: torch.Tensor, keep: torch.Tensor, n: torch.Tensor):
 
 
 class FrameMasks:
-    """The valid-frame masks of one batch, built once for every time stride and shared by every
-    branch and stage that needs them: position j of a map at time stride s is valid iff
-    j < frames // s (at least 1). at(s, length) -> (B, 1, 1, length) bool. The strides the encoders
-    use (1, 2, 4, 8) come from one comparison, seven launches rather than four per stride."""
-
-    STRIDES = (1, 2, 4, 8)
+    """The valid-frame masks of one batch, built once per time stride and shared by every branch and
+    stage that needs them: position j of a map at time stride s is valid iff j < frames // s (at
+    least 1). at(s, length) -> (B, 1, 1, length) bool."""
 
     def __init__(self, frames: torch.Tensor):
         self.frames, self._masks = frames, {}
 
     def at(self, stride: int, length: int) -> torch.Tensor:
         mask = self._masks.get(stride)  # keyed by stride alone: a traced length is no dictionary key
-        if mask is None or mask.shape[-1] < length:
-            self._build(stride, length)
-            mask = self._masks[stride]
-        return mask[..., :length] if mask.shape[-1] != length else mask
-
-    def _build(self, stride: int, length: int) -> None:
-        strides = self.STRIDES if stride in self.STRIDES else (stride,)
-        span = length * stride  # every stride's map spans at most the input's frames
-        valid = torch.stack([self.frames if s == 1 else self.frames // s for s in strides], 1).clamp(min=1)
-        keep = torch.arange(span // min(strides), device=self.frames.device) < valid[:, :, None]  # (B, strides, span)
-        for i, s in enumerate(strides):
-            self._masks[s] = keep[:, i, None, None, : span // s]
+        if mask is None or mask.shape[-1] != length:
+            valid = (self.frames if stride == 1 else self.frames // stride).clamp(min=1)
+            keep = torch.arange(length, device=self.frames.device)[None, :] < valid[:, None]
+            mask = self._masks[stride] = keep[:, None, None, :]
+        return mask
 
 
 def _valid_frames(x: torch.Tensor, frames: torch.Tensor, masks: Optional[FrameMasks] = None):
