@@ -180,6 +180,11 @@ def _source_index(pos: torch.Tensor, L: torch.Tensor, pad_mode: str):
     return idx.clamp(min=0), keep
 
 
+def _zero_past_lengths(y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """y (B, T) with each item's samples at or past lengths[b] set to zero."""
+    return torch.where(torch.arange(y.shape[1], device=y.device)[None, :] < lengths[:, None], y, y.new_zeros(()))
+
+
 def _padded_signal(y: torch.Tensor, lengths: Optional[torch.Tensor], max_frames: Optional[int], cfg: FeatureConfig):
     """(B, (max_frames - 1) * hop + n_fft) signals, each padded from its own samples only (lengths
     None: every item fills the batch's length);
@@ -197,7 +202,7 @@ def _padded_signal(y: torch.Tensor, lengths: Optional[torch.Tensor], max_frames:
         # same signal as writing the two pads, in three small ops instead of two gather/scatter chains.
         # lengths None: every item has the padded length, nothing to mask (a pass over the batch saved)
         if lengths is not None:
-            y = torch.where(torch.arange(T, device=y.device)[None, :] < lengths[:, None], y, y.new_zeros(()))
+            y = _zero_past_lengths(y, lengths)
         if max_frames is None:
             return torch.nn.functional.pad(y, (pad, pad))
         n_out = (max_frames - 1) * cfg.hop_length + cfg.n_fft
@@ -270,13 +275,13 @@ def _unwindowed_stft(y: torch.Tensor, lengths: Optional[torch.Tensor], n_frames:
     starts at (b * rows + t) * hop: the framed view then has one batch dimension of stride hop, which
     the FFT (cuFFT's advanced layout, pocketfft alike) reads in place. The rows' spare frames (the
     last ones of a row run into the next row; a spare zero row follows the last item) are dropped."""
-    B, L = y.shape
+    B = y.shape[0]
     n_fft, hop = cfg.n_fft, cfg.hop_length
     pad = n_fft // 2 if cfg.center else 0
     need = (n_frames - 1) * hop + n_fft  # padded samples the output's frames read
     rows = n_frames - 1 - (-n_fft // hop)  # frames per row (n_frames - 1 + ceil(n_fft / hop)): a row holds `need`
-    if lengths is not None:  # zero each item past its own length
-        y = torch.where(torch.arange(L, device=y.device)[None, :] < lengths[:, None], y, y.new_zeros(()))
+    if lengths is not None:
+        y = _zero_past_lengths(y, lengths)
     y = y[:, : need - pad]
     signal = torch.nn.functional.pad(y, (pad, rows * hop - pad - y.shape[1], 0, 1))  # (B + 1, rows * hop)
     frames = signal.as_strided((B, rows, n_fft), (rows * hop, hop, 1))
