@@ -163,6 +163,11 @@ class Ledger(TorchDispatchMode):
             return args[0].zero_()
         return torch.zeros(src.shape, dtype=kwargs.get("dtype") or src.dtype)
 
+    def record_graph_replay(self) -> None:
+        """A CUDA graph's replay: one launch from the host, whatever the graph holds."""
+        self.ops.append("cuda_graph_replay")
+        self.records.append(Op("cuda_graph_replay"))
+
     def record_triton(self, launch) -> None:
         self.ops.append("triton." + launch.name)
         read, written = TRAFFIC[launch.name](launch.args) if launch.name in TRAFFIC else (0, 0)
@@ -255,6 +260,9 @@ TRAFFIC = {
 }
 
 
+ACTIVE: list = []  # the ledger `as_on_a_gpu` counts into (a graph replay records itself there)
+
+
 @contextmanager
 def as_on_a_gpu(ledger: Ledger):
     """Inside: the Triton implementations serve meta tensors as they serve CUDA ones, and every
@@ -281,6 +289,7 @@ def as_on_a_gpu(ledger: Ledger):
 
     registry.Implementation.runs_on, registry.Implementation.usable = runs_on_meta, usable_if_built
     _triton_launch.TritonLaunch.launch = lambda launch: ledger.record_triton(launch)
+    ACTIVE[:] = [ledger]
     registry._CHOSEN.clear()
     # the multi-tensor kernels (fused AdamW, foreach clipping) have meta implementations; torch offers
     # them only on the devices it lists
@@ -297,6 +306,7 @@ def as_on_a_gpu(ledger: Ledger):
         registry._CHOSEN.clear()
         for (module, name), listed in zip(lists, saved):
             setattr(module, name, listed)
+        ACTIVE.clear()
 
 
 # ----------------------------------------------------------------------------- the cases
@@ -437,6 +447,58 @@ def train_step_case(batch: int = 64):
     return step
 
 
+def graphed_train_step_case(batch: int = 64, mixup: float = 0.0, specaugment: bool = False):
+    """The training loop's step on a GPU with its default CUDA graph (fastser.training.graphed),
+    counted outside the graph: after the warm-up steps and the capture (in `count`'s uncounted
+    calls), a step is the host's plan of crops and augmentation, the copies of the plan and of the
+    learning rate and beta1, the replay (a stand-in graph: benchmarks.graph_tape) and the
+    schedule's step on the host."""
+    from benchmarks.graph_tape import TapeCapture, capturable_on
+    from fastser.checkpoints import ModelSpec, build_model
+    from fastser.features.featureset import FeatureSet
+    from fastser.models import SERObjective
+    from fastser.normalization import Normalizer
+    from fastser.training.batches import Batcher, PlannedBatches
+    from fastser.training.fold import EpochTotals
+    from fastser.training.graphed import GraphedTrainStep
+
+    fs = FeatureSet.paper(["logmel", "mfcc", "prosody"])
+    model = build_model(ModelSpec(fs, tuple("abcd"), pooling="time")).to(META, memory_format=torch.channels_last)
+    objective = SERObjective(
+        4, 128, lambda_center=0.003, lambda_recon=0.1, center_alpha=0.5, class_weights=torch.ones(4)
+    ).to(META)
+    model.train()
+    objective.train()
+    n_rows, width = 4 * batch, 500
+    table = {k: torch.empty(n_rows, n, width, device=META) for k, n in fs.n_bins.items()}
+    norm = Normalizer(
+        {k: torch.zeros(n) for k, n in fs.n_bins.items()}, {k: torch.ones(n) for k, n in fs.n_bins.items()}
+    )
+    frames = torch.full((n_rows,), width)
+    batcher = Batcher(table, frames, torch.zeros(n_rows, dtype=torch.long), norm, META, 301, resident=True)
+    planned = PlannedBatches(batcher, batch, mixup=mixup, specaugment=specaugment)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3, capturable=True, foreach=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=1000, pct_start=0.15)
+    totals = EpochTotals(META)
+    inputs = {"plan": torch.zeros(planned.size, dtype=torch.long, device=META)}
+    capture = TapeCapture(META, on_replay=lambda: ACTIVE[0].record_graph_replay())
+    graphed = GraphedTrainStep(
+        model, objective, opt, inputs, lambda i: planned.build(i["plan"]), totals=totals, capture=capture
+    )
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        with capturable_on("meta"):
+            graphed(plan=planned.plan(torch.randperm(n_rows, generator=gen)[:batch], gen))
+        sched.step()
+
+    step.graphed = graphed
+    return step
+
+
+GRAPH_WARM = 4  # GraphedTrainStep's three eager warm-up steps and the capture
+
+
 @dataclass
 class Row:
     suite: str
@@ -467,8 +529,8 @@ def count(step, warm: int = 1) -> Ledger:
     return ledger
 
 
-def row(suite: str, case: str, impl: str, step, min_bytes: int = 0) -> Row:
-    ledger = count(step)
+def row(suite: str, case: str, impl: str, step, min_bytes: int = 0, warm: int = 1) -> Row:
+    ledger = count(step, warm)
     triton = [r for r in ledger.records if r.name.startswith("triton.")]
     return Row(
         suite,
@@ -516,6 +578,7 @@ def all_rows() -> list:
         center_loss_rows()
         + feature_rows()
         + [row("train_step", "B64_3s", "train_step+schedule+sums", train_step_case())]
+        + [row("train_step", "B64_3s", "cuda-graph (outside the graph)", graphed_train_step_case(), warm=GRAPH_WARM)]
     )
 
 

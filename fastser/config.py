@@ -122,7 +122,7 @@ class RunConfig:
     threads: Optional[int] = field(default=None, metadata=RUN_OPTION)
     amp: bool = False
     compile: bool = field(default=False, metadata=RUN_OPTION)
-    cuda_graph: bool = field(default=False, metadata=RUN_OPTION)
+    cuda_graph: Optional[bool] = field(default=None, metadata=RUN_OPTION)  # None: on wherever a graph serves
     deterministic: bool = field(default=False, metadata=RUN_OPTION)
     out: Optional[str] = field(default=None, metadata=RUN_OPTION)
     resume: Optional[str] = field(default=None, metadata=RUN_OPTION)

@@ -38,6 +38,7 @@ from fastser.normalization import NORMALIZE
 from fastser.checkpoints import SETTINGS_FILE, load_checkpoint, saved_settings, write_settings
 from fastser.training.console import log
 from fastser.training.experiment import Experiment
+from fastser.training.fold import cuda_graph_refusal
 from fastser.training.reports import metrics_of, run_cost, seed_ensemble, write_ablation, write_reports
 
 CORPORA = ("synthetic", "iemocap", "emodb", "ravdess", "cremad", "tess")
@@ -255,9 +256,11 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument(
         "--cuda-graph",
-        action="store_true",
-        help="capture each training step's forward, loss and backward in a CUDA graph once and "
-        "replay it (GPU only; not with --compile or torchrun)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="capture the whole training step (batch, forward, loss, backward, clipping, AdamW, "
+        "running sums) in a CUDA graph once and replay it: the default on one GPU; without a GPU, "
+        "under torchrun or with --compile the step runs eagerly",
     )
     run.add_argument(
         "--deterministic",
@@ -559,9 +562,9 @@ def _main(config: TrainConfig, info) -> dict:
 def _train(config: TrainConfig, info, out: Path) -> dict:
     t0 = time.perf_counter()
     data, optim, objective, run_opts = config.data, config.optim, config.objective, config.run
-    if run_opts.cuda_graph and (info.device.type != "cuda" or info.enabled or run_opts.compile):
-        why = "torchrun" if info.enabled else "--compile" if run_opts.compile else f"device {info.device}"
-        raise UserError(f"--cuda-graph needs one CUDA device without torchrun or --compile (this run: {why})")
+    why = cuda_graph_refusal(run_opts, info, info.device)
+    if why and info.is_main and (run_opts.cuda_graph or (run_opts.cuda_graph is None and info.device.type == "cuda")):
+        log(f"no CUDA graph ({why}): the training step runs eagerly", run_opts.no_progress)
     table = load_table(config, info)
     split = data.split or table.corpus.default_split
     folds = make_folds(table.corpus, split, n_folds=data.folds, seed=optim.seed)

@@ -30,7 +30,7 @@ def test_dry_run_goes_through_every_step_and_writes_the_archive(tmp_path):
         metrics = json.load(tar.extractfile("gpu-run/train-default/metrics.json"))
     steps = {s["step"]: s for s in summary["steps"]}
     assert list(steps) == [s.name for s in gpu_run.steps()]
-    assert steps["train-graph"]["skipped"] == "needs a GPU"
+    assert steps["train-eager"]["skipped"] == "needs a GPU"
     ran = [s for s in steps.values() if "skipped" not in s]
     assert all(s["rc"] == 0 and not s["timed_out"] and s["seconds"] <= s["box_s"] for s in ran), ran
     assert {f"gpu-run/{s['step']}.log" for s in ran} <= names

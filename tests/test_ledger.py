@@ -18,6 +18,7 @@ CENTER_LOSS_BYTES = {"B65536_C10000_D512": 1.95, "B65536_C10000_D512_bf16": 1.9}
 FEATURES_VS_TORCHAUDIO_BYTES = 0.6
 FEATURE_LAUNCHES_WITH_LENGTHS = 16  # torchaudio has no lengths: 4 more than the padded batch's
 TRAIN_STEP_LAUNCHES = 327  # the default model's whole step at batch 64, as the loop runs it on a GPU
+GRAPHED_STEP_OUTSIDE_LAUNCHES = 5  # the same step with its CUDA graph (the GPU default), outside it
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,24 @@ def test_the_default_training_step_fits_its_launch_budget_without_a_sync():
     assert sum(op.startswith("triton.") for op in ops) == 2  # the center loss's two kernels
     assert len(ops) <= TRAIN_STEP_LAUNCHES, len(ops)
     assert ledger.syncs == []
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "mixup+specaugment"])
+def test_the_graphed_training_step_is_three_launches_outside_its_graph_without_a_sync(augment):
+    """With the CUDA graph (the default on one GPU), a steady step issues from the host: the copy of
+    the step's plan (rows, crops, augmentation draws), the copy of the learning rate and beta1, the
+    replay. The capture itself went through on the CUDA path (the stand-in graph refuses a host read
+    or a host-device copy while capturing, as torch.cuda.graph does), so nothing fell back to eager."""
+    step = L.graphed_train_step_case(mixup=0.4 if augment else 0.0, specaugment=augment)
+    ledger = L.count(step, warm=L.GRAPH_WARM)
+    assert step.graphed.replay is not None and not step.graphed.eager
+    assert ledger.launches == ["copy_", "copy_", "cuda_graph_replay"]
+    assert len(ledger.launches) <= GRAPHED_STEP_OUTSIDE_LAUNCHES
+    assert ledger.syncs == [] and ledger.ops.count("async_copy_to_host") == 0
+    captured = [func.overloadpacket.__name__ for func, *_ in step.graphed.capture.tape]
+    # what the graph holds: the batch gather, forward and backward, clipping, AdamW, the sums (the center
+    # loss's two Triton kernels are launched into it too, outside the ATen tape)
+    assert {"index", "convolution", "convolution_backward", "_foreach_norm", "addcdiv_", "argmax"} <= set(captured)
 
 
 def test_a_host_read_is_caught_with_the_line_that_asks():

@@ -70,32 +70,51 @@ class Batcher:
         (frames dropped or repeated, see `tempo_crop`). Without `gen`: whole utterances."""
         frames = self.frames[rows]
         if gen is not None:
-            frames, t_idx = tempo_crop(frames, self.train_frames, gen, tempo)
-            t_idx = t_idx.clamp(max=self.width - 1)
+            frames, t_idx = self.draw_crops(rows, gen, tempo)
             T = self.train_frames
         else:
             T = min(self.width, -(-int(frames.max()) // self.eval_bucket) * self.eval_bucket)
             t_idx = None
         frames_dev = self._to_device(frames)
         if self.resident:
-            raw, labels, groups = self._gather_resident(rows, t_idx, T)
-        else:
-            raw = {}
-            for kind, x in self.feats.items():
-                sel = x[rows]
-                sel = sel[:, :, :T] if t_idx is None else torch.take_along_dim(sel, t_idx[:, None, :], dim=2)
-                raw[kind] = self._to_device(sel)
-            labels = self._to_device(self.labels[rows])
-            groups = self._to_device(self.groups[rows]) if self.groups is not None else None
+            rows_dev = self._to_device(rows)
+            t_dev = self._to_device(t_idx) if t_idx is not None else None
+            return self.gather(rows_dev, t_dev, frames_dev, frames, T)
+        raw = {}
+        for kind, x in self.feats.items():
+            sel = x[rows]
+            sel = sel[:, :, :T] if t_idx is None else torch.take_along_dim(sel, t_idx[:, None, :], dim=2)
+            raw[kind] = self._to_device(sel)
+        labels = self._to_device(self.labels[rows])
+        groups = self._to_device(self.groups[rows]) if self.groups is not None else None
         return Batch(self.norm.apply(raw, frames_dev, groups), frames_dev, labels, frames)
 
-    def _gather_resident(self, rows: torch.Tensor, t_idx: Optional[torch.Tensor], T: int):
+    def draw_crops(self, rows: torch.Tensor, gen: torch.Generator, tempo: float = 0.0) -> tuple:
+        """The host half of a training batch: (frames (B,), t_idx (B, train_frames)) of each row's
+        random crop, drawn on `gen` (see `tempo_crop`); `gather` builds the batch from them."""
+        frames, t_idx = tempo_crop(self.frames[rows], self.train_frames, gen, tempo)
+        return frames, t_idx.clamp(max=self.width - 1)
+
+    def gather(
+        self,
+        rows: torch.Tensor,
+        t_idx: Optional[torch.Tensor],
+        frames: torch.Tensor,
+        frames_host: Optional[torch.Tensor] = None,
+        T: Optional[int] = None,
+    ) -> Batch:
+        """The device half (resident mode): rows (B,), t_idx (B, T) or None (the first T frames)
+        and frames (B,), all on the device -> the normalised Batch, without a host read (a CUDA
+        graph captures it)."""
+        raw, labels, groups = self._gather_resident(rows, t_idx, T if T is not None else t_idx.shape[1])
+        return Batch(self.norm.apply(raw, frames, groups), frames, labels, frames_host)
+
+    def _gather_resident(self, rows_dev: torch.Tensor, t_idx: Optional[torch.Tensor], T: int):
         """One gather per kind on the device: (B, bins, T) straight from the resident table."""
-        rows_dev = self._to_device(rows)
         if t_idx is None:
             raw = {k: x[:, :, :T].index_select(0, rows_dev) for k, x in self.feats.items()}
         else:
-            t_dev = self._to_device(t_idx)[:, None, :]
+            t_dev = t_idx[:, None, :]
             raw = {
                 k: x[rows_dev[:, None, None], torch.arange(x.shape[1], device=self.device)[None, :, None], t_dev]
                 for k, x in self.feats.items()
@@ -138,44 +157,63 @@ def mixup(batch: Batch, gen: torch.Generator, alpha: float) -> tuple:
     loss and the training accuracy use it, while the cross-entropy weighs both labels, `Mix`).
     A mixed item is valid as far as the longer of the two (padding is 0, so past the shorter one
     only the longer one remains). The pairing and the weights are drawn on the CPU generator (a
-    run reproduces on any device, no sync). -> (mixed Batch, Mix)."""
+    run reproduces on any device, no sync). -> (mixed Batch, Mix).
+    `draw_mixup` (host) and `apply_mixup` (device) are its two halves."""
+    perm, lam = draw_mixup(batch.frames_host.shape[0], gen, alpha)
+    device = batch.frames.device
+    mixed, mix = apply_mixup(batch, perm.to(device, non_blocking=True), lam.to(device, non_blocking=True))
+    return mixed._replace(frames_host=torch.maximum(batch.frames_host, batch.frames_host[perm])), mix
+
+
+def draw_mixup(B: int, gen: torch.Generator, alpha: float) -> tuple:
+    """The host half of `mixup`: (perm (B,) int64, lam (B,) float32 in [0.5, 1])."""
     if not alpha > 0:
         raise ValueError(f"mixup alpha must be positive, got {alpha}")
-    B = batch.frames_host.shape[0]
     perm = torch.randperm(B, generator=gen)
     lam = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen))).beta(alpha, alpha, size=B)
-    lam = torch.from_numpy(np.maximum(lam, 1 - lam)).float()
-    device = batch.frames.device
-    perm_dev, lam_dev = perm.to(device, non_blocking=True), lam.to(device, non_blocking=True)
-    w = lam_dev[:, None, None]
-    feats = {k: x * w + x[perm_dev] * (1 - w) for k, x in batch.feats.items()}
-    mixed = Batch(
-        feats,
-        torch.maximum(batch.frames, batch.frames[perm_dev]),
-        batch.labels,
-        torch.maximum(batch.frames_host, batch.frames_host[perm]),
-    )
-    return mixed, Mix(batch.labels[perm_dev], lam_dev)
+    return perm, torch.from_numpy(np.maximum(lam, 1 - lam)).float()
+
+
+def apply_mixup(batch: Batch, perm: torch.Tensor, lam: torch.Tensor) -> tuple:
+    """The device half of `mixup`: perm and lam on the batch's device -> (mixed Batch, Mix); the
+    mixed batch's frames_host is left as it was (the host computes it from its own perm)."""
+    w = lam[:, None, None]
+    feats = {k: x * w + x[perm] * (1 - w) for k, x in batch.feats.items()}
+    mixed = Batch(feats, torch.maximum(batch.frames, batch.frames[perm]), batch.labels, batch.frames_host)
+    return mixed, Mix(batch.labels[perm], lam)
 
 
 def spec_augment(feats: dict, frames_host: torch.Tensor, gen: torch.Generator, n_masks: int = 2) -> dict:
     """Two frequency and two time masks per item (SpecAugment without warping), drawn on the CPU
     generator from host-side frame counts, so runs are reproducible on any device and need no sync.
     Only the masks' bounds, one (2 + 2 * kinds, B, n_masks) int64 tensor, travel to the device (one
-    non-blocking copy from pinned memory); the masks themselves are built there."""
+    non-blocking copy from pinned memory); the masks themselves are built there.
+    `draw_spec_masks` (host) and `apply_spec_masks` (device) are its two halves."""
+    bins = [x.shape[1] for x in feats.values()]
+    bounds = draw_spec_masks(frames_host, bins, gen, n_masks)
+    device = next(iter(feats.values())).device
+    if device.type != "cpu":
+        bounds = (bounds.pin_memory() if torch.cuda.is_available() else bounds).to(device, non_blocking=True)
+    return apply_spec_masks(feats, bounds)
+
+
+def draw_spec_masks(frames_host: torch.Tensor, bins: list, gen: torch.Generator, n_masks: int = 2) -> torch.Tensor:
+    """The host half of `spec_augment`: frames_host (B,) and each kind's bin count -> the masks'
+    [start, end) bounds, (2 + 2 * len(bins), B, n_masks) int64: time, then each kind's frequency."""
     B = frames_host.shape[0]
     t_start = (torch.rand(B, n_masks, generator=gen) * frames_host[:, None]).long()
     t_width = (torch.rand(B, n_masks, generator=gen) * (0.1 * frames_host[:, None] + 1)).long()
     bounds = [t_start, t_start + t_width]
-    for x in feats.values():
-        bins = x.shape[1]
-        f_start = (torch.rand(B, n_masks, generator=gen) * bins).long()
-        f_width = (torch.rand(B, n_masks, generator=gen) * (bins // 8 + 1)).long()
+    for n in bins:
+        f_start = (torch.rand(B, n_masks, generator=gen) * n).long()
+        f_width = (torch.rand(B, n_masks, generator=gen) * (n // 8 + 1)).long()
         bounds += [f_start, f_start + f_width]
-    device = next(iter(feats.values())).device
-    bounds = torch.stack(bounds)
-    if device.type != "cpu":
-        bounds = (bounds.pin_memory() if torch.cuda.is_available() else bounds).to(device, non_blocking=True)
+    return torch.stack(bounds)
+
+
+def apply_spec_masks(feats: dict, bounds: torch.Tensor) -> dict:
+    """The device half of `spec_augment`: the masks of `bounds` (on the features' device) applied."""
+    device = bounds.device
     t_lo, t_hi = bounds[0, ..., None], bounds[1, ..., None]
     out = {}
     for i, (kind, x) in enumerate(feats.items()):
@@ -187,3 +225,59 @@ def spec_augment(feats: dict, frames_host: torch.Tensor, gen: torch.Generator, n
         fmask = ((f >= f_lo) & (f < f_hi)).any(1)
         out[kind] = x * ~(fmask[:, :, None] | tmask[:, None, :])
     return out
+
+
+class PlannedBatches:
+    """Training batches of a resident Batcher in two halves, so that one copy a step crosses the bus
+    and the device half can live in a CUDA graph:
+
+        batches = PlannedBatches(batcher, batch_size, tempo=0.0, mixup=0.0, specaugment=False)
+        plan = batches.plan(rows, gen)          # host: every random draw of the step, packed (int64)
+        feats, targets, frames, labels, mix = batches.build(plan.to(device))   # device: no host read
+
+    `plan` draws on `gen` exactly what `Batcher.batch`, `mixup` and `spec_augment` draw, in their
+    order, so a run gives the same batches either way. Layout of the (size,) int64 plan: rows (B),
+    crop frames (B), crop indices (B x T), then with mixup the partners (B) and the weights (B,
+    float64 bits), then with SpecAugment the mask bounds ((2 + 2 x kinds) x B x 2)."""
+
+    N_MASKS = 2
+
+    def __init__(self, batcher: Batcher, batch_size: int, tempo: float = 0.0, mixup: float = 0.0, specaugment=False):
+        if not batcher.resident:
+            raise ValueError("PlannedBatches needs a resident Batcher (the feature table on the device)")
+        self.batcher, self.B, self.T = batcher, batch_size, batcher.train_frames
+        self.tempo, self.mixup, self.specaugment = tempo, mixup, specaugment
+        self.bins = [x.shape[1] for x in batcher.feats.values()]
+        self.size = (2 + self.T) * self.B + (2 * self.B if mixup else 0)
+        self.size += (2 + 2 * len(self.bins)) * self.B * self.N_MASKS if specaugment else 0
+
+    def plan(self, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if rows.shape != (self.B,):
+            raise ValueError(f"a planned batch has {self.B} rows, got {tuple(rows.shape)}")
+        frames, t_idx = self.batcher.draw_crops(rows, gen, self.tempo)
+        parts = [rows, frames, t_idx.reshape(-1)]
+        if self.mixup:
+            perm, lam = draw_mixup(self.B, gen, self.mixup)
+            parts += [perm, lam.double().view(torch.int64)]
+            frames = torch.maximum(frames, frames[perm])
+        if self.specaugment:
+            parts.append(draw_spec_masks(frames, self.bins, gen, self.N_MASKS).reshape(-1))
+        return torch.cat(parts)
+
+    def build(self, plan: torch.Tensor) -> tuple:
+        """plan (size,) int64 on the device -> (feats, targets, frames, labels, mix): the step's
+        inputs (SpecAugment masked), the reconstruction targets (unmasked), valid frames, labels and
+        the Mix (or None)."""
+        B, T = self.B, self.T
+        rows, frames, t_idx = plan[:B], plan[B : 2 * B], plan[2 * B : (2 + T) * B].view(B, T)
+        batch = self.batcher.gather(rows, t_idx, frames)
+        at, mix = (2 + T) * B, None
+        if self.mixup:
+            perm, lam = plan[at : at + B], plan[at + B : at + 2 * B].view(torch.float64).float()
+            batch, mix = apply_mixup(batch, perm, lam)
+            at += 2 * B
+        feats = batch.feats
+        if self.specaugment:
+            bounds = plan[at:].view(2 + 2 * len(self.bins), B, self.N_MASKS)
+            feats = apply_spec_masks(feats, bounds)
+        return feats, batch.feats, batch.frames, batch.labels, mix

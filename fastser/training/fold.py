@@ -25,8 +25,9 @@ from fastser.metrics import summarize
 from fastser.models import SERObjective
 from fastser.normalization import Normalizer
 from fastser.training.averaging import WeightAverages
-from fastser.training.batches import mixup, spec_augment
+from fastser.training.batches import PlannedBatches, mixup, spec_augment
 from fastser.training.console import log
+from fastser.training.graphed import GraphedTrainStep
 from fastser.training.step import train_step
 
 # input statistics a speaker-normalised model is also scored with, as predict would use them without
@@ -52,12 +53,48 @@ class EpochTotals:
         step = torch.stack([terms.ce.detach(), terms.center.detach(), terms.recon.detach(), correct, self._one])
         self.values.addcmul_(step, weights)
 
+    def reset(self) -> None:
+        self.values.zero_()
+        self._pending = None
+
     def all_reduce(self) -> None:
         dist.all_reduce(self.values)
 
+    def progress(self):
+        """The means as of a recent step, without stalling the device: on a GPU the sums are copied
+        to pinned memory asynchronously and shown once the copy has landed (None until then)."""
+        if self.values.device.type != "cuda":
+            return self.means() if self.values.device.type == "cpu" else None
+        pending, shown = getattr(self, "_pending", None), None
+        if pending is not None and pending[1].query():
+            shown, pending = _means(pending[0].tolist()), None
+        if pending is None:
+            host = torch.empty(self.values.shape, pin_memory=True)
+            host.copy_(self.values, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending = (host, done)
+        return shown
+
     def means(self) -> dict:
-        ce, center, recon, correct, n = self.values.tolist()
-        return {"ce": ce / n, "center": center / n, "recon": recon / n, "train_acc": correct / n}
+        return _means(self.values.tolist())
+
+
+def _means(values: list) -> dict:
+    ce, center, recon, correct, n = values
+    n = max(n, 1)
+    return {"ce": ce / n, "center": center / n, "recon": recon / n, "train_acc": correct / n}
+
+
+def cuda_graph_refusal(run, info, device) -> "str | None":
+    """Why the training step cannot be one CUDA graph in this run (None: it can; the default then)."""
+    if device.type != "cuda":
+        return f"device {device.type}"
+    if info.enabled:
+        return "torchrun"
+    if run.compile:
+        return "--compile"
+    return None
 
 
 def seed_for(*parts) -> int:
@@ -118,11 +155,27 @@ class FoldTraining:
             )
         if c.run.compile:  # after the DDP wrap, as torch.compile's DDP support expects
             self.train_model = torch.compile(self.train_model)
+        self.totals = EpochTotals(experiment.device)
+        # resident batches (a GPU): the host draws a step's crops and augmentation into one plan, one
+        # copy to the device, where the batch is built (inside the CUDA graph when there is one)
+        self.planned = None
+        if self.batcher.resident:
+            a = c.augment
+            per_rank = max(1, c.optim.batch_size // info.world_size)
+            self.planned = PlannedBatches(self.batcher, per_rank, a.tempo, a.mixup, a.specaugment)
         self.graphed = None
-        if c.run.cuda_graph:
-            from fastser.training.graphed import GraphedTrainStep  # a new graph per fold (a new model)
-
-            self.graphed = GraphedTrainStep(self.train_model, self.objective, self.opt, amp=c.run.amp)
+        if self.graph_serves:
+            plan = torch.zeros(self.planned.size, dtype=torch.long, device=experiment.device)
+            self.graphed = GraphedTrainStep(
+                self.train_model,
+                self.objective,
+                self.opt,
+                {"plan": plan},
+                lambda inputs: self.planned.build(inputs["plan"]),
+                totals=self.totals,
+                amp=c.run.amp,
+                log=lambda line: log(line, c.run.no_progress) if info.is_main else None,
+            )
         self.start_epoch, self.bad_epochs = 0, 0
         self.best = {"val_ua": -1.0, "epoch": -1, "model": None, "objective": None}
         state = experiment.take_fold_state(index)
@@ -130,9 +183,30 @@ class FoldTraining:
             self.model.load_state_dict(state["model"])
             self.objective.load_state_dict(state["objective"])
             self.opt.load_state_dict(state["optimizer"])
+            for group in self.opt.param_groups:  # this run's kernels, whichever the checkpoint's run used
+                group.update({"capturable": False, "foreach": None, "fused": None, **self._optimizer_flags()})
             self.sched.load_state_dict(state["scheduler"])
             self.averages.load_state_dict(state.get("averages", {}))
             self.start_epoch, self.best, self.bad_epochs = state["epoch"], state["best"], state["bad_epochs"]
+
+    @property
+    def graph_serves(self) -> bool:
+        """The whole training step in one CUDA graph: the default on one GPU (not --no-cuda-graph)."""
+        exp = self.experiment
+        return (
+            exp.config.run.cuda_graph is not False
+            and cuda_graph_refusal(exp.config.run, exp.info, exp.device) is None
+            and self.batcher.resident
+        )
+
+    def _optimizer_flags(self) -> dict:
+        """Fused AdamW on CUDA (one multi-tensor kernel a step); in a CUDA graph the capturable
+        single-tensor form, the one that takes beta1 (which the one-cycle schedule cycles) as a
+        device tensor without reading it back: the fused kernel takes beta1 as a number, which the
+        graph would bake in, and the foreach form reads a tensor beta1 with .item()."""
+        if self.graph_serves:
+            return {"capturable": True, "foreach": False, "fused": None}
+        return {"fused": True if self.experiment.device.type == "cuda" else None}
 
     def _build(self) -> None:
         exp, c = self.experiment, self.experiment.config
@@ -150,12 +224,8 @@ class FoldTraining:
             class_weights=weights,
             deterministic=c.run.deterministic,
         ).to(exp.device)
-        # fused AdamW on CUDA: one multi-tensor kernel per step instead of a handful per parameter group
         self.opt = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=c.optim.lr,
-            weight_decay=c.optim.weight_decay,
-            fused=True if exp.device.type == "cuda" else None,
+            self.model.parameters(), lr=c.optim.lr, weight_decay=c.optim.weight_decay, **self._optimizer_flags()
         )
         total = c.optim.epochs * steps_per_epoch(len(self.train_rows), c.optim.batch_size, exp.info.world_size)
         self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=c.optim.lr, total_steps=total, pct_start=0.15)
@@ -252,7 +322,8 @@ class FoldTraining:
         gen = torch.Generator().manual_seed(seed_for(c.optim.seed, self.index, epoch + 1, info.rank, 7))
         self.train_model.train()
         self.objective.train()
-        totals = EpochTotals(exp.device)
+        totals = self.totals
+        totals.reset()
         bar = None
         if info.is_main and not c.run.no_progress:
             from tqdm.auto import tqdm
@@ -266,34 +337,20 @@ class FoldTraining:
             )
         try:  # an interrupt clears the bar, so the message after it starts on a line of its own
             for step in range(steps):
-                batch = self.batcher.batch(mine[step * per_rank : (step + 1) * per_rank], gen, tempo=c.augment.tempo)
-                mix = None
-                if c.augment.mixup:  # before SpecAugment: the decoder reconstructs the mixed input
-                    batch, mix = mixup(batch, gen, c.augment.mixup)
-                feats = spec_augment(batch.feats, batch.frames_host, gen) if c.augment.specaugment else batch.feats
-                if self.graphed is not None:
-                    out, terms = self.graphed(feats, batch.feats, batch.frames, batch.labels, mix)
+                rows = mine[step * per_rank : (step + 1) * per_rank]
+                if self.graphed is not None:  # the sums are added inside the graph
+                    self.graphed(plan=self.planned.plan(rows, gen))
                 else:
-                    out, terms = train_step(
-                        self.train_model,
-                        self.objective,
-                        self.opt,
-                        feats,
-                        batch.feats,
-                        batch.frames,
-                        batch.labels,
-                        c.run.amp,
-                        clip_params=self.model.parameters(),
-                        mix=mix,
-                    )
+                    out, terms, labels = self._eager_step(rows, gen)
+                    totals.add(terms, out.logits, labels)
                 self.sched.step()
                 self.averages.update(self.model)
-                totals.add(terms, out.logits, batch.labels)
                 if bar is not None:
                     bar.update(1)
-                    if step % 20 == 19 or step == steps - 1:  # a host read every 20 steps, not every step
-                        m = totals.means()
-                        bar.set_postfix(ce=f"{m['ce']:.3f}", center=f"{m['center']:.2f}", recon=f"{m['recon']:.3f}")
+                    if step % 20 == 19 or step == steps - 1:  # every 20 steps, from an asynchronous copy
+                        m = totals.progress() if step < steps - 1 else totals.means()
+                        if m is not None:
+                            bar.set_postfix(ce=f"{m['ce']:.3f}", center=f"{m['center']:.2f}", recon=f"{m['recon']:.3f}")
         finally:
             if bar is not None:
                 bar.close()
@@ -302,6 +359,37 @@ class FoldTraining:
         if info.enabled:
             totals.all_reduce()
         return totals.means()
+
+    def _eager_step(self, rows: torch.Tensor, gen: torch.Generator) -> tuple:
+        """One optimizer step without a graph: the batch (from a plan copied in one piece when the
+        table is on the device), then `train_step`. -> (out, terms, labels)."""
+        c = self.experiment.config
+        if self.planned is not None:
+            plan = self.planned.plan(rows, gen)
+            if self.experiment.device.type == "cuda":
+                plan = plan.pin_memory()
+            plan = plan.to(self.experiment.device, non_blocking=True)
+            feats, targets, frames, labels, mix = self.planned.build(plan)
+        else:
+            batch = self.batcher.batch(rows, gen, tempo=c.augment.tempo)
+            mix = None
+            if c.augment.mixup:  # before SpecAugment: the decoder reconstructs the mixed input
+                batch, mix = mixup(batch, gen, c.augment.mixup)
+            feats = spec_augment(batch.feats, batch.frames_host, gen) if c.augment.specaugment else batch.feats
+            targets, frames, labels = batch.feats, batch.frames, batch.labels
+        out, terms = train_step(
+            self.train_model,
+            self.objective,
+            self.opt,
+            feats,
+            targets,
+            frames,
+            labels,
+            c.run.amp,
+            clip_params=self.model.parameters(),
+            mix=mix,
+        )
+        return out, terms, labels
 
     # -- the test speakers -----------------------------------------------------------------
     def test(self) -> dict:
