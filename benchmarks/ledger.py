@@ -411,24 +411,29 @@ def feature_min_bytes(kind: str) -> int:
     return N_CLIPS * SAMPLES * 4 + N_CLIPS * 40 * frames * 4
 
 
-def train_step_case(batch: int = 64):
-    """One training step of the default model as the training loop runs it on a GPU, at `batch`
-    (3 s crops): `train_step` (gradients None, forward, joint loss with the fused center loss's
-    Wen update, backward, foreach gradient clipping, fused AdamW), the one-cycle schedule and the
-    epoch's running sums. The batch gather before it is not counted."""
+def _default_model():
+    """The default model (log-mel, MFCC and prosody branches) and its joint objective, on meta, training."""
     from fastser.checkpoints import ModelSpec, build_model
     from fastser.features.featureset import FeatureSet
     from fastser.models import SERObjective
-    from fastser.training.fold import EpochTotals
-    from fastser.training.step import train_step
 
     fs = FeatureSet.paper(["logmel", "mfcc", "prosody"])
     model = build_model(ModelSpec(fs, tuple("abcd"), pooling="time")).to(META, memory_format=torch.channels_last)
     objective = SERObjective(
         4, 128, lambda_center=0.003, lambda_recon=0.1, center_alpha=0.5, class_weights=torch.ones(4)
     ).to(META)
-    model.train()
-    objective.train()
+    return fs, model.train(), objective.train()
+
+
+def train_step_case(batch: int = 64):
+    """One training step of the default model as the training loop runs it on a GPU, at `batch`
+    (3 s crops): `train_step` (gradients None, forward, joint loss with the fused center loss's
+    Wen update, backward, foreach gradient clipping, fused AdamW), the one-cycle schedule and the
+    epoch's running sums. The batch gather before it is not counted."""
+    from fastser.training.fold import EpochTotals
+    from fastser.training.step import train_step
+
+    fs, model, objective = _default_model()
     feats = {k: torch.empty(batch, n, 301, device=META) for k, n in fs.n_bins.items()}
     frames = torch.empty(batch, dtype=torch.long, device=META)
     labels = torch.empty(batch, dtype=torch.long, device=META)
@@ -454,21 +459,12 @@ def graphed_train_step_case(batch: int = 64, mixup: float = 0.0, specaugment: bo
     learning rate and beta1, the replay (a stand-in graph: benchmarks.graph_tape) and the
     schedule's step on the host."""
     from benchmarks.graph_tape import TapeCapture, capturable_on
-    from fastser.checkpoints import ModelSpec, build_model
-    from fastser.features.featureset import FeatureSet
-    from fastser.models import SERObjective
     from fastser.normalization import Normalizer
     from fastser.training.batches import Batcher, PlannedBatches
     from fastser.training.fold import EpochTotals
     from fastser.training.graphed import GraphedTrainStep
 
-    fs = FeatureSet.paper(["logmel", "mfcc", "prosody"])
-    model = build_model(ModelSpec(fs, tuple("abcd"), pooling="time")).to(META, memory_format=torch.channels_last)
-    objective = SERObjective(
-        4, 128, lambda_center=0.003, lambda_recon=0.1, center_alpha=0.5, class_weights=torch.ones(4)
-    ).to(META)
-    model.train()
-    objective.train()
+    fs, model, objective = _default_model()
     n_rows, width = 4 * batch, 500
     table = {k: torch.empty(n_rows, n, width, device=META) for k, n in fs.n_bins.items()}
     norm = Normalizer(
