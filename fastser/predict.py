@@ -293,6 +293,8 @@ class Predictor:
         y = y.reshape(-1)
         if y.size == 0:
             raise ValueError("empty waveform")
+        if not np.isfinite(y).all():  # on the host, where it is free (the device's features do not check)
+            raise ValueError("the waveform contains NaN or Inf samples")
         if sr is not None and sr != self.sr:
             y = soxr.resample(y, sr, self.sr, quality="HQ").astype(np.float32, copy=False)
         return y

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not registry.triton_importable(), reason="the CU
 # the padded signal in place and windows in the kernel)
 CENTER_LOSS_BYTES = {"B65536_C10000_D512": 1.95, "B65536_C10000_D512_bf16": 1.9}
 FEATURES_VS_TORCHAUDIO_BYTES = 0.6
-FEATURE_LAUNCHES_WITH_LENGTHS = 16  # torchaudio has no lengths: 4 more than the padded batch's
+FEATURE_LAUNCHES_WITH_LENGTHS = 11  # torchaudio has no lengths: 4 more than the padded batch's
 TRAIN_STEP_LAUNCHES = 327  # the default model's whole step at batch 64, as the loop runs it on a GPU
 GRAPHED_STEP_OUTSIDE_LAUNCHES = 5  # the same step with its CUDA graph (the GPU default), outside it
 
@@ -60,10 +60,10 @@ def test_features_launch_no_more_than_torchaudio_and_move_fewer_bytes(feature_ro
     assert ours.bytes <= FEATURES_VS_TORCHAUDIO_BYTES * theirs.bytes, ours.bytes / theirs.bytes
     with_lengths = feature_rows[(kind + "-lengths", "fastser-triton")]
     assert with_lengths.launches <= FEATURE_LAUNCHES_WITH_LENGTHS
-    # host-side lengths: the frame counts and the output's length are read on the host; what is
-    # left is the audio's NaN/Inf check, read after every kernel is queued
+    # host-side lengths: the frame counts and the output's length are read on the host, and a GPU
+    # checks the audio for NaN/Inf only when asked (check_finite=True)
     for r in (ours, with_lengths):
-        assert len(r.syncs) == 1 and "functional.py" in r.syncs[0], r.syncs
+        assert r.syncs == [] and r.async_copies == 0, r.syncs
 
 
 def test_the_default_training_step_fits_its_launch_budget_without_a_sync():

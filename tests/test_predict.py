@@ -83,6 +83,10 @@ def test_a_long_recording_is_scored_whole_in_windows(run_dir, clips, tmp_path, m
         atol=1e-6,
     )
     np.testing.assert_allclose(p.predict_waveform(audio).probabilities, pred.probabilities, atol=1e-4)
+    bad = audio.copy()
+    bad[100] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        p.predict_waveform(bad)
 
 
 def test_long_files_are_streamed_in_bounded_memory(run_dir, tmp_path, monkeypatch):

@@ -23,6 +23,12 @@ Backends (one dispatch point, `extract_many`):
     "dali"    an NVIDIA DALI pipeline;  "librosa": the reference, one utterance at a time
     "auto"    "triton" on CUDA, "cpp" on the CPU (where available), "torch" when the audio requires grad
 Every backend but "torch" raises when the audio requires grad rather than silently drop the gradient.
+
+NaN/Inf audio (`check_finite`): None (the default) checks on the CPU, where it is free and raises
+before any work, and not on a GPU, where reading the answer would stall the stream: there NaN/Inf
+samples give NaN features, as torchaudio's do (fastser's own readers reject such files when they
+load them, fastser.audio). True checks everywhere (on a GPU one host read, after every kernel is
+queued); False never checks.
 """
 
 from __future__ import annotations
@@ -426,13 +432,13 @@ def _extract_cpu_fused(
     return [ceps if ceps is not None else mel for mel, ceps in outs]
 
 
-def prepare(y, lengths=None, defer_finite_check: bool = False):
+def prepare(y, lengths=None, check_finite: Optional[bool] = None):
     """-> (float (B, T) tensor, lengths (B,) int64 tensor, restore) where restore(out) undoes the
     batching/NumPy conversion on an output (…, bins, frames).
 
-    defer_finite_check: on a GPU, the NaN/Inf check of the audio is read back in `restore` instead
-    of here, so the host queues every kernel before it waits (same error, raised before any output
-    is returned). The caller must then call `restore`."""
+    check_finite (see the module's docstring): on the CPU the check raises here; on a GPU (True)
+    it is read back in `restore`, so the host queues every kernel before it waits (same error,
+    raised before any output is returned). The caller must then call `restore`."""
     was_numpy = isinstance(y, np.ndarray)
     if not isinstance(y, (torch.Tensor, np.ndarray)):
         raise TypeError(f"audio must be a torch tensor or a NumPy array, got {type(y).__name__}")
@@ -461,27 +467,28 @@ def prepare(y, lengths=None, defer_finite_check: bool = False):
             if (lengths > T).any():
                 raise ValueError(f"lengths exceed the padded length {T}: {lengths.max().item()}")
             raise ValueError(f"empty signal: item {int((lengths < 1).nonzero()[0, 0])} has length 0")
-    finite_sum = torch.isfinite(t.sum())  # one pass, no temporary; the full scan only if it fails
+    check = t.device.type == "cpu" if check_finite is None else bool(check_finite)
+    finite_sum = torch.isfinite(t.sum()) if check else None  # one pass, no temporary; the full scan only if it fails
 
-    def check_finite():
+    def check_finite_now():
         if not finite_sum and not torch.isfinite(t).all():
             raise ValueError("audio contains NaN or Inf")
 
-    deferred = defer_finite_check and t.device.type != "cpu"
-    if not deferred:
-        check_finite()
+    deferred = check and t.device.type != "cpu"
+    if check and not deferred:
+        check_finite_now()
 
     def restore(out: torch.Tensor):
         if deferred:
-            check_finite()
+            check_finite_now()
         out = out[0] if single else out
         return out.cpu().numpy() if was_numpy else out
 
     return t, lengths, restore
 
 
-def _run(y, lengths, cfg: FeatureConfig, backend: str):
-    t, lens, restore = prepare(y, lengths, defer_finite_check=True)
+def _run(y, lengths, cfg: FeatureConfig, backend: str, check_finite: Optional[bool]):
+    t, lens, restore = prepare(y, lengths, check_finite)
     out, frames = _extract(t, lens, cfg, backend, uniform=lengths is None)
     if lengths is None:
         return restore(out)
@@ -503,6 +510,7 @@ def spectrogram(
     power: Optional[float] = 2.0,
     lengths=None,
     backend: str = "auto",
+    check_finite: Optional[bool] = None,
 ):
     """|STFT|**power (complex STFT for power=None), as librosa.stft / librosa's _spectrogram."""
     cfg = FeatureConfig(
@@ -515,7 +523,7 @@ def spectrogram(
         pad_mode=pad_mode,
         power=power,
     )
-    return _run(y, lengths, cfg, backend)
+    return _run(y, lengths, cfg, backend, check_finite)
 
 
 def melspectrogram(
@@ -537,6 +545,7 @@ def melspectrogram(
     norm="slaney",
     lengths=None,
     backend: str = "auto",
+    check_finite: Optional[bool] = None,
 ):
     """Mel power spectrogram, as librosa.feature.melspectrogram (S: a spectrogram to project)."""
     if S is not None:
@@ -560,7 +569,7 @@ def melspectrogram(
         htk=htk,
         mel_norm=norm,
     )
-    return _run(y, lengths, cfg, backend)
+    return _run(y, lengths, cfg, backend, check_finite)
 
 
 def log_melspectrogram(
@@ -584,6 +593,7 @@ def log_melspectrogram(
     top_db: Optional[float] = 80.0,
     lengths=None,
     backend: str = "auto",
+    check_finite: Optional[bool] = None,
 ):
     """power_to_db(melspectrogram(y, ...), ref, amin, top_db) — one fused kernel after the FFT on CUDA."""
     cfg = FeatureConfig(
@@ -605,7 +615,7 @@ def log_melspectrogram(
         amin=amin,
         top_db=top_db,
     )
-    return _run(y, lengths, cfg, backend)
+    return _run(y, lengths, cfg, backend, check_finite)
 
 
 def mfcc(
@@ -634,6 +644,7 @@ def mfcc(
     top_db: Optional[float] = 80.0,
     lengths=None,
     backend: str = "auto",
+    check_finite: Optional[bool] = None,
 ):
     """MFCCs as librosa.feature.mfcc. `norm` is the DCT's (as in librosa); the mel filters' is `mel_norm`.
     S: a log-power mel spectrogram to transform instead of audio."""
@@ -665,7 +676,7 @@ def mfcc(
         dct_norm=norm,
         lifter=lifter,
     )
-    return _run(y, lengths, cfg, backend)
+    return _run(y, lengths, cfg, backend, check_finite)
 
 
 def power_to_db(S, *, ref: Ref = 1.0, amin: float = 1e-10, top_db: Optional[float] = 80.0, frames=None):

@@ -5,7 +5,8 @@ DCT are buffers, so `.to(device)` moves them and the module can be a model's fir
             or (features, frames (B,)) when lengths (B,) is given (padding frames are 0)
 
 Autograd: with backend "auto" (the default) audio that requires grad goes through the "torch"
-backend and gets its gradient; the fused backends raise instead of dropping it.
+backend and gets its gradient; the fused backends raise instead of dropping it. `check_finite`:
+the NaN/Inf check of the audio, as in fastser.features.functional (by default on the CPU only).
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from fastser.features import functional as F
 
 
 class _Feature(nn.Module):
-    def __init__(self, cfg: F.FeatureConfig, backend: str = "auto"):
+    def __init__(self, cfg: F.FeatureConfig, backend: str = "auto", check_finite: Optional[bool] = None):
         super().__init__()
         self.cfg = cfg
-        self.backend = backend
+        self.backend, self.check_finite = backend, check_finite  # check_finite: as fastser.features.functional
         for name, value in F.constants(cfg, torch.device("cpu")).items():
             self.register_buffer(name, value.clone(), persistent=False)  # the cached copy stays pristine
 
     def forward(self, waveform: torch.Tensor, lengths: Optional[torch.Tensor] = None):
-        y, lens, restore = F.prepare(waveform, lengths, defer_finite_check=True)
+        y, lens, restore = F.prepare(waveform, lengths, self.check_finite)
         const = {name: buf for name, buf in self.named_buffers()}
         out, frames = F._extract(y, lens, self.cfg, self.backend, const, uniform=lengths is None)
         return restore(out) if lengths is None else (restore(out), frames)
@@ -58,6 +59,7 @@ class Spectrogram(_Feature):
         pad_mode: str = "constant",
         power: Optional[float] = 2.0,
         backend: str = "auto",
+        check_finite: Optional[bool] = None,
     ):
         super().__init__(
             F.FeatureConfig(
@@ -71,6 +73,7 @@ class Spectrogram(_Feature):
                 power=power,
             ),
             backend,
+            check_finite,
         )
 
 
@@ -98,6 +101,7 @@ class MelSpectrogram(_Feature):
         amin: float = 1e-10,
         top_db: Optional[float] = 80.0,
         backend: str = "auto",
+        check_finite: Optional[bool] = None,
     ):
         cfg = F.FeatureConfig(
             "logmel" if to_db else "mel",
@@ -118,7 +122,7 @@ class MelSpectrogram(_Feature):
             amin=amin,
             top_db=top_db,
         )
-        super().__init__(cfg, backend)
+        super().__init__(cfg, backend, check_finite)
 
 
 class MFCC(_Feature):
@@ -148,6 +152,7 @@ class MFCC(_Feature):
         amin: float = 1e-10,
         top_db: Optional[float] = 80.0,
         backend: str = "auto",
+        check_finite: Optional[bool] = None,
     ):
         cfg = F.FeatureConfig(
             "mfcc",
@@ -172,4 +177,4 @@ class MFCC(_Feature):
             dct_norm=norm,
             lifter=lifter,
         )
-        super().__init__(cfg, backend)
+        super().__init__(cfg, backend, check_finite)

@@ -257,6 +257,20 @@ def test_bad_input_raises_clear_error(bad, match):
         F.mfcc(y, sr=SR, n_fft=512, **bad)
 
 
+def test_check_finite_false_skips_the_check_and_nan_audio_gives_nan_features():
+    """The CPU checks by default (free there); check_finite=False leaves NaN audio to the features,
+    the item's own frames only (a batch's other items are untouched)."""
+    y = np.stack([SIGNALS["chirp"][:4000]] * 2).astype(np.float32)
+    y[1, 50] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        F.mfcc(y, sr=SR, n_fft=512, hop_length=160)
+    for backend in ("torch", "cpp"):
+        out = F.mfcc(y, sr=SR, n_fft=512, hop_length=160, check_finite=False, backend=backend)
+        assert np.isfinite(out[0]).all() and np.isnan(out[1]).any(), backend
+        again = F.mfcc(y[:1], sr=SR, n_fft=512, hop_length=160, check_finite=False, backend=backend)
+        np.testing.assert_array_equal(out[:1], again)
+
+
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy")
 
 
@@ -264,8 +278,9 @@ HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__",
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_features_read_the_device_once_without_lengths(fn, with_lengths, monkeypatch):
     """On a GPU every value read back to the host stalls the stream. A fixed-length batch needs one
-    read (the NaN/Inf check); lengths add one for their range check and one for the longest frame
-    count, which sizes the output. Counted on the torch backend's path, which shares everything but
+        read on the CPU (the NaN/Inf check, which a GPU makes only with check_finite=True); lengths add
+        one for their range check and one for the longest frame count, which sizes the output. Counted on
+        the torch backend's path, which shares everything but
     the fused kernels (their launchers read shapes only); the GPU test below checks the real stream."""
     x = torch.from_numpy(np.stack([SIGNALS["chirp"][:8000], SIGNALS["white"][:8000]]))
     lengths = torch.tensor([8000, 6001]) if with_lengths else None
@@ -289,27 +304,31 @@ def test_features_read_the_device_once_without_lengths(fn, with_lengths, monkeyp
 
 @pytest.mark.gpu(reason="CUDA's sync debug mode needs a GPU (the CPU test above counts the reads of the shared path)")
 @pytest.mark.parametrize("fn", ["log_melspectrogram", "mfcc"])
-def test_gpu_features_synchronise_once(fn):
+@pytest.mark.parametrize("check_finite", [None, True])
+def test_gpu_features_do_not_synchronise_unless_asked_to_check(fn, check_finite):
+    """The default on a GPU reads nothing back; check_finite=True reads the NaN/Inf check once,
+    after every launch."""
     x = torch.from_numpy(np.stack([SIGNALS["chirp"][:8000]] * 4)).cuda()
-    getattr(F, fn)(x, sr=SR, n_fft=512, hop_length=160, n_mels=40)  # warm-up: compilation and caches may sync
+    kw = dict(sr=SR, n_fft=512, hop_length=160, n_mels=40, check_finite=check_finite)
+    getattr(F, fn)(x, **kw)  # warm-up: compilation and caches may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            getattr(F, fn)(x, sr=SR, n_fft=512, hop_length=160, n_mels=40)
+            getattr(F, fn)(x, **kw)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]  # the NaN/Inf check, read after every launch
+    assert len(syncs) == (1 if check_finite else 0), [str(w.message) for w in syncs]
 
 
-@pytest.mark.gpu(
-    reason="the check is deferred on a GPU only (on the CPU it runs first; test_bad_input_raises_clear_error)"
-)
-def test_gpu_nan_audio_still_raises_after_the_deferred_check():
+@pytest.mark.gpu(reason="a GPU checks only when asked (on the CPU it always does; test_bad_input_raises_clear_error)")
+def test_gpu_nan_audio_raises_when_checked_and_gives_nan_features_otherwise():
     x = torch.from_numpy(np.stack([SIGNALS["chirp"][:8000]] * 2)).cuda()
     x[1, 100] = float("nan")
     for fn in (F.log_melspectrogram, F.mfcc):
         with pytest.raises(ValueError, match="NaN or Inf"):
-            fn(x, sr=SR, n_fft=512, hop_length=160, n_mels=40)
+            fn(x, sr=SR, n_fft=512, hop_length=160, n_mels=40, check_finite=True)
+        out = fn(x, sr=SR, n_fft=512, hop_length=160, n_mels=40)
+        assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).any()
