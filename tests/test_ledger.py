@@ -110,3 +110,18 @@ def test_the_table_has_a_row_per_case():
     rows = [L.Row("s", "c", "i", 3, 2, ["item at fastser/x.py:1"], 0, 2**20, 2**19)]
     text = L.table(rows)
     assert "| s | c | i | 5 (3 + 2) | 1 (item at fastser/x.py:1) | 0 | 1.0 MiB | 2.00× |" in text
+
+
+def test_weight_averages_update_without_reading_the_device():
+    """--ema: every step's update is one foreach lerp per decay (and a copy of the integer buffers),
+    with no host read (AveragedModel.update_parameters reads its count back at every call)."""
+    from fastser.training.averaging import WeightAverages
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).to(L.META)
+    averages = WeightAverages(model, (0.9, 0.99))
+    averages.update(model)  # the first: a copy
+    ledger = L.Ledger(host_is_free=True)
+    with ledger:
+        averages.update(model)
+    assert ledger.host_reads == 0 and ledger.syncs == []
+    assert ledger.launches.count("_foreach_lerp_") == 2 and averages.updates == 2

@@ -2,13 +2,17 @@
 
 `WeightAverages(model, decays)` holds one `torch.optim.swa_utils.AveragedModel` per decay (buffers
 averaged too, so BatchNorm statistics match the averaged weights); `update(model)` after every
-optimizer step costs one foreach lerp per decay on the device (no host sync). The average is
+optimizer step costs one foreach lerp per decay on the device and no host sync (AveragedModel's own
+`update_parameters` reads its device-side count back every call to tell the first from the rest;
+here the host keeps that count). The average is
 bias-corrected as Adam's moments are: after t steps it weighs step s by (1 - d) d^(t-s) / (1 - d^t),
 so the random initial weights fade out at rate d^t instead of lingering with weight d^t in a short
 run (a plain EMA started at the initial weights keeps 14% of them after 1000 steps at d = 0.998).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -41,13 +45,25 @@ class WeightAverages:
         self.averages = {
             name_of(d): AveragedModel(model, multi_avg_fn=bias_corrected_ema(d), use_buffers=True) for d in decays
         }
+        self.updates = 0  # the averages' count (each AveragedModel's n_averaged), kept on the host
 
     def __bool__(self) -> bool:
         return bool(self.averages)
 
     def update(self, model: torch.nn.Module) -> None:
+        """What AveragedModel.update_parameters does (copy at the first call, then its avg function
+        per dtype group; the count += 1), without reading the count from the device."""
+        current = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())]
         for average in self.averages.values():
-            average.update_parameters(model)
+            mine = [t.detach() for t in itertools.chain(average.module.parameters(), average.module.buffers())]
+            if self.updates == 0:
+                torch._foreach_copy_(mine, current)
+            else:
+                for dtype in dict.fromkeys(a.dtype for a in mine):  # one group per dtype, as AveragedModel
+                    group = [(a, c) for a, c in zip(mine, current) if a.dtype == dtype]
+                    average.multi_avg_fn([a for a, _ in group], [c for _, c in group], average.n_averaged)
+            average.n_averaged += 1
+        self.updates += 1
 
     def models(self) -> dict:
         """name -> the averaged module (a copy of the model's class)."""
@@ -61,6 +77,8 @@ class WeightAverages:
             raise ValueError(f"weight averages {sorted(state)} in the checkpoint, {sorted(self.averages)} here")
         for name, average in self.averages.items():
             average.load_state_dict(state[name])
+        # one read when a run resumes, not one per step
+        self.updates = int(next(iter(self.averages.values())).n_averaged) if self.averages else 0
 
 
 def name_of(decay: float) -> str:
