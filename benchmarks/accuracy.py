@@ -54,6 +54,7 @@ SETTINGS = (
     "ema",
     "mixup",
     "noise",
+    "enrollment_dropout",
 )
 
 

@@ -40,6 +40,7 @@ BEFORE_RECORDED = {
     "ema": None,
     "mixup": 0.0,
     "noise": None,
+    "enrollment_dropout": 0.0,
 }
 
 
@@ -112,6 +113,10 @@ class AugmentConfig:
     noise: Optional[tuple] = None
     mixup: float = 0.0
     specaugment: bool = False
+    # with --normalize speaker: the probability that a training item is normalised with other
+    # statistics than its speaker's (the corpus's, its own, or k = 1, 3, 10 other clips' of its
+    # speaker), as predict has them when enrollment audio is short or missing
+    enrollment_dropout: float = 0.0
 
 
 @dataclass(frozen=True)

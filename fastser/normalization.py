@@ -74,6 +74,37 @@ class Normalizer:
         return cls._from_sums(sums, sqs, {k: count[:, None] for k in feats})
 
     @classmethod
+    def fit_subsets(
+        cls, feats: dict, frames: torch.Tensor, members: torch.Tensor, n_groups: int, chunk: int = 64
+    ) -> "Normalizer":
+        """One set of statistics per group of rows of the feature table, where groups may share rows
+        (a few enrollment clips per utterance): members (P, 2) of (group, row) pairs, every group in
+        [0, n_groups) with at least one row. Float64 sums, each row's computed once."""
+        group, row = members[:, 0], members[:, 1]
+        rows, inverse = torch.unique(row, return_inverse=True)
+        count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, frames[row].double())
+        sums, sqs = {}, {}
+        for kind, x in feats.items():
+            s = torch.zeros(rows.shape[0], x.shape[1], dtype=torch.float64)
+            ss = torch.zeros_like(s)
+            for start in range(0, rows.shape[0], chunk):
+                v = x[rows[start : start + chunk]].double()  # zero past each row's frames
+                s[start : start + chunk], ss[start : start + chunk] = v.sum(-1), v.square().sum(-1)
+            sums[kind] = torch.zeros(n_groups, x.shape[1], dtype=torch.float64).index_add_(0, group, s[inverse])
+            sqs[kind] = torch.zeros_like(sums[kind]).index_add_(0, group, ss[inverse])
+        return cls._from_sums(sums, sqs, {k: count[:, None] for k in feats})
+
+    @classmethod
+    def concat(cls, norms: list) -> "Normalizer":
+        """The groups of several Normalizers one after the other (a single set counts as one group)."""
+        kinds = norms[0].mean
+        as_groups = lambda t: t if t.dim() == 2 else t[None]  # noqa: E731
+        return cls(
+            {k: torch.cat([as_groups(n.mean[k]) for n in norms]) for k in kinds},
+            {k: torch.cat([as_groups(n.std[k]) for n in norms]) for k in kinds},
+        )
+
+    @classmethod
     def _from_sums(cls, sums: dict, sqs: dict, counts: dict) -> "Normalizer":
         stats = {k: mean_std(sums[k], sqs[k], counts[k]) for k in sums}
         return cls({k: m for k, (m, _) in stats.items()}, {k: s for k, (_, s) in stats.items()})
@@ -115,3 +146,21 @@ def utterance_stats(feats: dict, frames: torch.Tensor) -> Normalizer:
     """Each item's own per-bin statistics ({kind: (B, bins, T)} zero past frames) -> Normalizer with
     B groups; apply it with groups=arange(B). The fallback when no speaker audio is at hand."""
     return Normalizer.fit_groups(feats, frames, torch.arange(frames.shape[0], device=frames.device), frames.shape[0])
+
+
+def enrollment_subsets(speakers: torch.Tensor, rows: torch.Tensor, k: int, gen: torch.Generator, draws: int = 1):
+    """What a user with k enrollment clips has: for each of `rows` (R,), `draws` random sets of k
+    other rows of the same speaker (speakers (N,) int: each row's; all the others when the speaker
+    has k or fewer). -> members (P, 2) of (group, row) pairs for `Normalizer.fit_subsets`, group
+    i * draws + d for rows[i]'s d-th draw. Drawn on the host generator `gen`."""
+    by_speaker = {int(s): torch.nonzero(speakers == s).flatten() for s in torch.unique(speakers[rows]).tolist()}
+    members = []
+    for i, r in enumerate(rows.tolist()):
+        others = by_speaker[int(speakers[r])]
+        others = others[others != r]
+        if others.numel() == 0:  # a speaker with one clip: its own is all there is
+            others = torch.tensor([r])
+        for d in range(draws):
+            pick = others[torch.randperm(others.numel(), generator=gen)[:k]]
+            members.append(torch.stack([torch.full_like(pick, i * draws + d), pick], 1))
+    return torch.cat(members)

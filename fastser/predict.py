@@ -385,7 +385,9 @@ def expand_inputs(items) -> tuple[list, list]:
     files, errors = [], []
     for item in items:
         p = Path(item)
-        if p.is_dir():
+        if not item.strip():  # Path("") is the working directory: an empty argument is a mistake, not "."
+            errors.append(f"{item!r}: an empty path (give a file, a folder or a pattern)")
+        elif p.is_dir():
             found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES and f.is_file())
             files += found
             if not found:

@@ -97,6 +97,7 @@ def _float_in(ok, expected: str):
 
 
 _tempo = _float_in(lambda t: 0 <= t < 1, "a relative rate change in [0, 1), e.g. 0.1")
+_probability = _float_in(lambda q: 0 <= q < 1, "a probability in [0, 1), e.g. 0.5")
 _mixup_alpha = _float_in(lambda a: 0 < a <= 10, "a Beta(alpha, alpha) parameter in (0, 10], e.g. 0.2")
 _speeds = _distinct_floats(
     lambda s: 0.5 <= s <= 2.0 and s != 1.0, "distinct speeds in [0.5, 2] other than 1, e.g. 0.9,1.1"
@@ -233,6 +234,14 @@ def build_parser() -> ArgumentParser:
         "dominant one, e.g. 0.2 (default: off)",
     )
     opt.add_argument(
+        "--enrollment-dropout",
+        type=_probability,
+        metavar="P",
+        help="with --normalize speaker: each training item, with probability P, normalised with "
+        "the statistics predict has without enough enrollment audio (the training speakers', its "
+        "own, or 1, 3 or 10 other clips of its speaker) instead of its speaker's (default 0: off)",
+    )
+    opt.add_argument(
         "--specaugment",
         action="store_true",
         help="time/frequency masks in training (off by default: they lowered UA in the sweep)",
@@ -298,6 +307,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         restore_settings(args, p, given_flags(argv))
     if args.seeds and args.ablation:
         p.error("--seeds and --ablation do not combine yet: run the ablation once per seed")
+    if args.enrollment_dropout and args.normalize != "speaker":
+        p.error(f"--enrollment-dropout needs --normalize speaker (got --normalize {args.normalize})")
     resolved = TrainConfig.from_settings(vars(args)).resolved().optim
     args.epochs, args.patience, args.validation = resolved.epochs, resolved.patience, resolved.validation
     for flag, value in (

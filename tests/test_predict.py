@@ -5,6 +5,8 @@ import io
 import json
 import tracemalloc
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -151,6 +153,16 @@ def test_predict_errors(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     assert predict.cli([str(bad), "--checkpoint", str(tmp_path / "junk.pt")]) == 2
     assert "not a fastser checkpoint" in capsys.readouterr().err
+
+
+def test_an_empty_input_path_is_an_error_not_the_working_directory(tmp_path, monkeypatch):
+    """Path("") is ".": an empty argument (an unset shell variable) must not predict every audio
+    file under the working directory."""
+    (tmp_path / "a.wav").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    files, errors = predict.expand_inputs(["", "  "])
+    assert files == [] and len(errors) == 2 and all("empty path" in e for e in errors)
+    assert predict.expand_inputs(["."])[0] == [str(Path("a.wav"))]
 
 
 def test_checkpoints_of_fastser_0_1_still_load(corpus_run_dir, clips, tmp_path):

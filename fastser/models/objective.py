@@ -27,9 +27,13 @@ class LossTerms(NamedTuple):
     recon: torch.Tensor
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over each item's valid frames only (padding contributes nothing)."""
-    valid = valid_mask(frames, target.shape[-1])
+def masked_mse(
+    pred: torch.Tensor, target: torch.Tensor, frames: torch.Tensor, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Mean squared error over each item's valid frames only (padding contributes nothing).
+    pred, target (B, bins, T); frames (B,); valid: `valid_mask(frames, T)` when the caller has it
+    (feature kinds of one length share it: two launches fewer a kind)."""
+    valid = valid_mask(frames, target.shape[-1]) if valid is None else valid
     sq = (pred.float() - target.float()).square() * valid
     return sq.sum() / (valid.sum() * target.shape[1]).clamp(min=1)
 
@@ -103,7 +107,12 @@ class SERObjective(nn.Module):
         center = self.center_loss(out.embedding.float(), labels) if self.center_loss is not None else zero
         recon = zero
         if self.lambda_recon > 0 and out.reconstruction:
-            recon = sum(masked_mse(r, feats[k], frames) for k, r in out.reconstruction.items()) / len(
-                out.reconstruction
-            )
+            masks: dict = {}  # one validity mask per length (every kind's in a training batch)
+            for k in out.reconstruction:
+                T = feats[k].shape[-1]
+                if T not in masks:
+                    masks[T] = valid_mask(frames, T)
+            recon = sum(
+                masked_mse(r, feats[k], frames, masks[feats[k].shape[-1]]) for k, r in out.reconstruction.items()
+            ) / len(out.reconstruction)
         return LossTerms(ce + self.lambda_center * center + self.lambda_recon * recon, ce, center, recon)

@@ -58,6 +58,25 @@ class Batcher:
         self.width = next(iter(feats.values())).shape[-1]
         self.norm = norm.to(device)
         self.groups = groups  # (N,) each row's group of statistics in `norm` (speaker or utterance), or None
+        self.alternatives, self.p_alternative = None, 0.0
+
+    def mix_statistics(self, norm: Normalizer, alternatives: torch.Tensor, p: float) -> None:
+        """Training batches then normalise each item, with probability p, with another group of
+        `norm`'s statistics: one of alternatives[row] (N, A), drawn uniformly. `norm` extends the
+        batcher's own (its first groups are those `groups` index), so evaluation is unchanged."""
+        if self.groups is None:
+            raise ValueError("mix_statistics needs per-group statistics (groups)")
+        if not 0 <= p < 1:
+            raise ValueError(f"p must be in [0, 1), got {p}")
+        self.norm, self.alternatives, self.p_alternative = norm.to(self.device), alternatives, p
+
+    def draw_groups(self, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Each training item's group of statistics (host, (B,)): its own, or with probability
+        p_alternative one of its alternatives (see `mix_statistics`)."""
+        own = self.groups[rows]
+        swap = torch.rand(rows.shape[0], generator=gen) < self.p_alternative
+        pick = torch.randint(self.alternatives.shape[1], (rows.shape[0],), generator=gen)
+        return torch.where(swap, self.alternatives[rows, pick], own)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -69,9 +88,12 @@ class Batcher:
         per utterance; `tempo` > 0 also plays each crop at a random rate in [1 - tempo, 1 + tempo]
         (frames dropped or repeated, see `tempo_crop`). Without `gen`: whole utterances."""
         frames = self.frames[rows]
+        groups = self.groups[rows] if self.groups is not None else None
         if gen is not None:
             frames, t_idx = self.draw_crops(rows, gen, tempo)
             T = self.train_frames
+            if self.alternatives is not None:
+                groups = self.draw_groups(rows, gen)
         else:
             T = min(self.width, -(-int(frames.max()) // self.eval_bucket) * self.eval_bucket)
             t_idx = None
@@ -79,14 +101,15 @@ class Batcher:
         if self.resident:
             rows_dev = self._to_device(rows)
             t_dev = self._to_device(t_idx) if t_idx is not None else None
-            return self.gather(rows_dev, t_dev, frames_dev, frames, T)
+            drawn = self._to_device(groups) if self.alternatives is not None and gen is not None else None
+            return self.gather(rows_dev, t_dev, frames_dev, frames, T, groups=drawn)
         raw = {}
         for kind, x in self.feats.items():
             sel = x[rows]
             sel = sel[:, :, :T] if t_idx is None else torch.take_along_dim(sel, t_idx[:, None, :], dim=2)
             raw[kind] = self._to_device(sel)
         labels = self._to_device(self.labels[rows])
-        groups = self._to_device(self.groups[rows]) if self.groups is not None else None
+        groups = self._to_device(groups) if groups is not None else None
         return Batch(self.norm.apply(raw, frames_dev, groups), frames_dev, labels, frames)
 
     def draw_crops(self, rows: torch.Tensor, gen: torch.Generator, tempo: float = 0.0) -> tuple:
@@ -102,11 +125,14 @@ class Batcher:
         frames: torch.Tensor,
         frames_host: Optional[torch.Tensor] = None,
         T: Optional[int] = None,
+        groups: Optional[torch.Tensor] = None,
     ) -> Batch:
         """The device half (resident mode): rows (B,), t_idx (B, T) or None (the first T frames)
         and frames (B,), all on the device -> the normalised Batch, without a host read (a CUDA
-        graph captures it)."""
-        raw, labels, groups = self._gather_resident(rows, t_idx, T if T is not None else t_idx.shape[1])
+        graph captures it). groups (B,) on the device: each item's statistics, when not its row's
+        own (`draw_groups`)."""
+        raw, labels, own = self._gather_resident(rows, t_idx, T if T is not None else t_idx.shape[1])
+        groups = own if groups is None else groups
         return Batch(self.norm.apply(raw, frames, groups), frames, labels, frames_host)
 
     def _gather_resident(self, rows_dev: torch.Tensor, t_idx: Optional[torch.Tensor], T: int):
@@ -237,8 +263,9 @@ class PlannedBatches:
 
     `plan` draws on `gen` exactly what `Batcher.batch`, `mixup` and `spec_augment` draw, in their
     order, so a run gives the same batches either way. Layout of the (size,) int64 plan: rows (B),
-    crop frames (B), crop indices (B x T), then with mixup the partners (B) and the weights (B,
-    float64 bits), then with SpecAugment the mask bounds ((2 + 2 x kinds) x B x 2)."""
+    crop frames (B), crop indices (B x T), then when the batcher mixes statistics each item's group
+    (B), with mixup the partners (B) and the weights (B, float64 bits), then with SpecAugment the
+    mask bounds ((2 + 2 x kinds) x B x 2)."""
 
     N_MASKS = 2
 
@@ -248,7 +275,8 @@ class PlannedBatches:
         self.batcher, self.B, self.T = batcher, batch_size, batcher.train_frames
         self.tempo, self.mixup, self.specaugment = tempo, mixup, specaugment
         self.bins = [x.shape[1] for x in batcher.feats.values()]
-        self.size = (2 + self.T) * self.B + (2 * self.B if mixup else 0)
+        self.mixes_groups = batcher.alternatives is not None
+        self.size = (2 + self.T + self.mixes_groups) * self.B + (2 * self.B if mixup else 0)
         self.size += (2 + 2 * len(self.bins)) * self.B * self.N_MASKS if specaugment else 0
 
     def plan(self, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -256,6 +284,8 @@ class PlannedBatches:
             raise ValueError(f"a planned batch has {self.B} rows, got {tuple(rows.shape)}")
         frames, t_idx = self.batcher.draw_crops(rows, gen, self.tempo)
         parts = [rows, frames, t_idx.reshape(-1)]
+        if self.mixes_groups:
+            parts.append(self.batcher.draw_groups(rows, gen))
         if self.mixup:
             perm, lam = draw_mixup(self.B, gen, self.mixup)
             parts += [perm, lam.double().view(torch.int64)]
@@ -270,8 +300,10 @@ class PlannedBatches:
         the Mix (or None)."""
         B, T = self.B, self.T
         rows, frames, t_idx = plan[:B], plan[B : 2 * B], plan[2 * B : (2 + T) * B].view(B, T)
-        batch = self.batcher.gather(rows, t_idx, frames)
-        at, mix = (2 + T) * B, None
+        at, mix, groups = (2 + T) * B, None, None
+        if self.mixes_groups:
+            groups, at = plan[at : at + B], at + B
+        batch = self.batcher.gather(rows, t_idx, frames, groups=groups)
         if self.mixup:
             perm, lam = plan[at : at + B], plan[at + B : at + 2 * B].view(torch.float64).float()
             batch, mix = apply_mixup(batch, perm, lam)

@@ -31,8 +31,10 @@ from fastser.training.graphed import GraphedTrainStep
 from fastser.training.step import train_step
 
 # input statistics a speaker-normalised model is also scored with, as predict would use them without
-# enrollment audio: each utterance's own, or the training speakers' pooled ones (saved with the model)
-FALLBACKS = ("utterance", "training")
+# enough enrollment audio: each utterance's own, the training speakers' pooled ones (saved with the
+# model), or k random other clips of the test speaker ("enroll<k>", the same clips for every model)
+ENROLLMENT_CLIPS = (1, 3, 10)
+FALLBACKS = ("utterance", "training") + tuple(f"enroll{k}" for k in ENROLLMENT_CLIPS)
 
 
 class EpochTotals:
@@ -42,6 +44,7 @@ class EpochTotals:
         self.values = torch.zeros(5, device=device)  # ce*n, center*n, recon*n, correct, n
         self._one = torch.ones((), device=device)
         self._weights: dict = {}  # batch size -> (n, n, n, 1, n) on the device, copied there once
+        self._pending = None  # (pinned host copy, its event) of the sums `progress` is waiting for
 
     def add(self, terms, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.numel()
@@ -65,7 +68,7 @@ class EpochTotals:
         to pinned memory asynchronously and shown once the copy has landed (None until then)."""
         if self.values.device.type != "cuda":
             return self.means() if self.values.device.type == "cpu" else None
-        pending, shown = getattr(self, "_pending", None), None
+        pending, shown = self._pending, None
         if pending is not None and pending[1].query():
             shown, pending = _means(pending[0].tolist()), None
         if pending is None:
@@ -142,6 +145,11 @@ class FoldTraining:
             if self.batcher.groups is None
             else Normalizer.fit(experiment.table.feats, experiment.table.frames, self.train_rows)
         )
+        if c.augment.enrollment_dropout:
+            norm, alternatives = experiment.mixed_statistics(
+                self.train_rows, self.norm, seed_for(c.optim.seed, index, 13)
+            )
+            self.batcher.mix_statistics(norm, alternatives, c.augment.enrollment_dropout)
         self._build()
         self.averages = WeightAverages(self.model, experiment.ema_decays)
         # with --ema the first average is validated, tested and saved; the trained weights and any
@@ -418,9 +426,15 @@ class FoldTraining:
         }
         if exp.normalize == "speaker":
             # what a user without enrollment audio could get from the same model (FALLBACKS)
+            test_rows = torch.from_numpy(fold.test)
             fallbacks = {"utterance": exp.batcher(None, "utterance"), "training": exp.new_batcher(self.norm)}
+            for k in ENROLLMENT_CLIPS:  # drawn by fold alone: every seed and setting gets the same clips
+                norm = exp.enrollment_norm(test_rows, k, torch.Generator().manual_seed(seed_for(self.index, k, 17)))
+                groups = torch.zeros(exp.table.frames.shape[0], dtype=torch.long)
+                groups[test_rows] = torch.arange(test_rows.shape[0])
+                fallbacks[f"enroll{k}"] = exp.new_batcher(norm, groups)
             for level in FALLBACKS:
-                alone = exp.evaluate(model, fallbacks[level], torch.from_numpy(fold.test))
+                alone = exp.evaluate(model, fallbacks[level], test_rows)
                 result[f"y_pred_{level}_norm"] = alone["y_pred"].tolist()
         if best.get("others"):  # --ema: the weights not kept, scored on the same test speakers
             result["y_pred_weights"] = {}

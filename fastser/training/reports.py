@@ -16,7 +16,7 @@ from fastser.metrics import summarize
 from fastser.ops import backends_in_use
 from fastser.training.console import log
 from fastser.training.experiment import Experiment
-from fastser.training.fold import FALLBACKS
+from fastser.training.fold import ENROLLMENT_CLIPS, FALLBACKS
 
 
 def metrics_of(run: Experiment, seconds: float) -> dict:
@@ -182,6 +182,12 @@ def model_card(run: Experiment, metrics: dict) -> str:
         lines.append(f"- without enrollment audio (the training speakers' statistics): {pct(metrics['training_norm'])}")
     if "utterance_norm" in metrics:
         lines.append(f"- with each clip's own statistics: {pct(metrics['utterance_norm'])}")
+    for k in ENROLLMENT_CLIPS:
+        if f"enroll{k}_norm" in metrics:
+            lines.append(
+                f"- with {k} random other clip{'s' if k > 1 else ''} of the speaker as enrollment: "
+                f"{pct(metrics[f'enroll{k}_norm'])}"
+            )
     lines.append(
         f"- chance: UA {100 / len(run.classes):.1f}%"
         + (
