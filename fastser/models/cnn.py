@@ -51,10 +51,11 @@ class ParallelStem(nn.Module):
         return torch.cat([b(x) for b in self.branches], dim=1)
 
 
-def masked_mean_std(x: torch.Tensor, keep: torch.Tensor, n: torch.Tensor):
+def masked_mean_std(x: torch.Tensor, keep: torch.Tensor, n: torch.Tensor, zero_padded: bool = False):
     """Mean and std over the last dim of x (..., T) where keep (broadcastable, bool) is set; n the
-    number kept, (...,) or broadcastable to it, at least 1."""
-    mean = (x * keep).sum(-1) / n
+    number kept, (...,) or broadcastable to it, at least 1. `zero_padded`: x is already zero where
+    keep is not (a masked map), so its sum needs no mask."""
+    mean = (x if zero_padded else x * keep).sum(-1) / n
     var = ((x - mean[..., None]).square() * keep).sum(-1) / n
     return mean, (var + 1e-5).sqrt()
 
@@ -62,24 +63,41 @@ def masked_mean_std(x: torch.Tensor, keep: torch.Tensor, n: torch.Tensor):
 class FrameMasks:
     """The valid-frame masks of one batch, built once per time stride and shared by every branch and
     stage that needs them: position j of a map at time stride s is valid iff j < frames // s (at
-    least 1). at(s, length) -> (B, 1, 1, length) bool."""
+    least 1). at(s, length) -> (B, 1, 1, length) bool; padding(s, length) its complement;
+    count(s, length) -> (B, 1, 1) int64, the valid positions (at least 1). Each is built on first
+    use and kept, since the branches and stages of a batch all ask for the same few."""
 
     def __init__(self, frames: torch.Tensor):
         self.frames, self._masks = frames, {}
 
-    def at(self, stride: int, length: int) -> torch.Tensor:
-        mask = self._masks.get(stride)  # keyed by stride alone: a traced length is no dictionary key
-        if mask is None or mask.shape[-1] != length:
+    def _entry(self, stride: int, length: int) -> dict:
+        entry = self._masks.get(stride)  # keyed by stride alone: a traced length is no dictionary key
+        if entry is None or entry["keep"].shape[-1] != length:
             valid = (self.frames if stride == 1 else self.frames // stride).clamp(min=1)
             keep = torch.arange(length, device=self.frames.device)[None, :] < valid[:, None]
-            mask = self._masks[stride] = keep[:, None, None, :]
-        return mask
+            entry = self._masks[stride] = {"keep": keep[:, None, None, :]}
+        return entry
+
+    def at(self, stride: int, length: int) -> torch.Tensor:
+        return self._entry(stride, length)["keep"]
+
+    def padding(self, stride: int, length: int) -> torch.Tensor:
+        entry = self._entry(stride, length)
+        if "padding" not in entry:
+            entry["padding"] = ~entry["keep"]
+        return entry["padding"]
+
+    def count(self, stride: int, length: int) -> torch.Tensor:
+        entry = self._entry(stride, length)
+        if "count" not in entry:
+            entry["count"] = entry["keep"].sum(dim=3).clamp(min=1)
+        return entry["count"]
 
 
 def _valid_frames(x: torch.Tensor, frames: torch.Tensor, masks: Optional[FrameMasks] = None):
     """(keep (B, 1, T) bool, n (B, 1)) for x (B, channels, T) with frames (B,) valid."""
-    keep = (masks or FrameMasks(frames)).at(1, x.shape[-1])[:, 0]
-    return keep, keep.sum(-1).clamp(min=1)
+    masks = masks or FrameMasks(frames)
+    return masks.at(1, x.shape[-1])[:, 0], masks.count(1, x.shape[-1])[:, 0]
 
 
 class FeatureEncoder(nn.Module):
@@ -141,9 +159,8 @@ class FeatureEncoder(nn.Module):
         for block in self.blocks:
             stride *= 2
             h = masked(block(h), stride)
-        v = masks.at(stride, h.shape[-1])
-        mean = h.sum(dim=3) / v.sum(dim=3).clamp(min=1)  # (B, C, bands) over the valid frames
-        peak = h.masked_fill(~v, float("-inf")).amax(dim=3)
+        mean = h.sum(dim=3) / masks.count(stride, h.shape[-1])  # (B, C, bands) over the valid frames
+        peak = h.masked_fill(masks.padding(stride, h.shape[-1]), float("-inf")).amax(dim=3)
         if self.pooling == "global":  # every band has the same valid frames: the mean of means is the mean
             mean, peak = mean.mean(dim=2), peak.amax(dim=2)
         return h, torch.cat([mean.flatten(1), peak.flatten(1), *stats], dim=1)
@@ -174,13 +191,14 @@ class ContourEncoder(nn.Module):
         self.out_dim = 3 * hidden + 2 * n_bins
 
     def forward(self, x: torch.Tensor, frames: torch.Tensor, masks: Optional[FrameMasks] = None) -> torch.Tensor:
+        masks = masks or FrameMasks(frames)
         keep, n = _valid_frames(x, frames, masks)
-        h = x * keep
+        x = h = x * keep
         for layer in self.layers:
             h = layer(h) * keep  # batch norm's shift never turns padding into signal for the next layer
-        h_mean, h_std = masked_mean_std(h, keep, n)
-        peak = h.masked_fill(~keep, float("-inf")).amax(-1)
-        x_mean, x_std = masked_mean_std(x.float(), keep, n)
+        h_mean, h_std = masked_mean_std(h, keep, n, zero_padded=True)
+        peak = h.masked_fill(masks.padding(1, x.shape[-1])[:, 0], float("-inf")).amax(-1)
+        x_mean, x_std = masked_mean_std(x.float(), keep, n, zero_padded=True)
         return torch.cat([h_mean, h_std, peak, x_mean.to(h.dtype), x_std.to(h.dtype)], dim=1)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import NamedTuple, Optional
 
 import torch
@@ -28,14 +30,19 @@ class LossTerms(NamedTuple):
 
 
 def masked_mse(
-    pred: torch.Tensor, target: torch.Tensor, frames: torch.Tensor, valid: Optional[torch.Tensor] = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    frames: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    n_valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mean squared error over each item's valid frames only (padding contributes nothing).
-    pred, target (B, bins, T); frames (B,); valid: `valid_mask(frames, T)` when the caller has it
-    (feature kinds of one length share it: two launches fewer a kind)."""
+    pred, target (B, bins, T); frames (B,); valid: `valid_mask(frames, T)` and n_valid its sum,
+    when the caller has them (feature kinds of one length share them: three launches fewer a kind)."""
     valid = valid_mask(frames, target.shape[-1]) if valid is None else valid
+    n_valid = valid.sum() if n_valid is None else n_valid
     sq = (pred.float() - target.float()).square() * valid
-    return sq.sum() / (valid.sum() * target.shape[1]).clamp(min=1)
+    return sq.sum() / (n_valid * target.shape[1]).clamp(min=1)
 
 
 class SERObjective(nn.Module):
@@ -107,12 +114,13 @@ class SERObjective(nn.Module):
         center = self.center_loss(out.embedding.float(), labels) if self.center_loss is not None else zero
         recon = zero
         if self.lambda_recon > 0 and out.reconstruction:
-            masks: dict = {}  # one validity mask per length (every kind's in a training batch)
-            for k in out.reconstruction:
+            masks: dict = {}  # one validity mask and its count per length (every kind's in a training batch)
+            errors = []
+            for k, r in out.reconstruction.items():
                 T = feats[k].shape[-1]
                 if T not in masks:
-                    masks[T] = valid_mask(frames, T)
-            recon = sum(
-                masked_mse(r, feats[k], frames, masks[feats[k].shape[-1]]) for k, r in out.reconstruction.items()
-            ) / len(out.reconstruction)
+                    valid = valid_mask(frames, T)
+                    masks[T] = valid, valid.sum()
+                errors.append(masked_mse(r, feats[k], frames, *masks[T]))
+            recon = functools.reduce(operator.add, errors) / len(errors)  # sum() would add a 0 + first
         return LossTerms(ce + self.lambda_center * center + self.lambda_recon * recon, ce, center, recon)
