@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fastser.models import SERModel, mfcc_cnn, spectrogram_cnn, two_branch_cnn
+from fastser.models.cnn import FrameMasks
 
 
 @pytest.mark.parametrize(
@@ -168,3 +169,20 @@ def test_batch_norm_keeps_no_batch_counter_and_older_state_dicts_still_load():
         assert torch.equal(loaded(feats, frames).logits, model(feats, frames).logits)
     with pytest.raises(RuntimeError, match="Unexpected key"):  # strict loading is otherwise unchanged
         loaded.load_state_dict({**state, "bogus": torch.zeros(1)})
+
+
+def test_frame_masks_are_built_once_per_stride_and_agree_with_the_frame_counts():
+    frames = torch.tensor([40, 17, 3, 1])
+    masks = FrameMasks(frames)
+    for stride, length in ((1, 40), (2, 20), (8, 5)):
+        keep = masks.at(stride, length)
+        valid = (frames // stride).clamp(min=1)
+        expected = torch.arange(length)[None, :] < valid[:, None]
+        assert torch.equal(keep[:, 0, 0], expected)
+        assert torch.equal(masks.padding(stride, length), ~keep)
+        assert torch.equal(masks.count(stride, length)[:, 0, 0], valid.clamp(max=length))
+        # asked again by another branch or stage: the same tensors, nothing rebuilt
+        assert masks.at(stride, length) is keep and masks.padding(stride, length) is masks.padding(stride, length)
+        assert masks.count(stride, length) is masks.count(stride, length)
+    longer = masks.at(8, 6)  # a map of another length at the same stride gets its own mask
+    assert longer.shape[-1] == 6 and masks.count(8, 6)[:, 0, 0].tolist() == [5, 2, 1, 1]
