@@ -375,6 +375,16 @@ def restore_settings(args: argparse.Namespace, p: argparse.ArgumentParser, given
     if found is None:
         return  # no checkpoint there: _train says so, naming the path
     saved, complete = found
+    if saved.get("seeds") or saved.get("ablation"):
+        # the parts of a --seeds or --ablation run hold its checkpoints, the run's folder holds the parts:
+        # resumed from a part, the whole run would start again nested inside it
+        part = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        if (part / "checkpoint.pt").is_file():
+            what = "--seeds" if saved.get("seeds") else "--ablation"
+            raise UserError(
+                f"--resume {args.resume}: one part ({part.name}) of the {what} run in {part.parent}; "
+                f"continue the whole run with --resume {part.parent}"
+            )
     dests = {a.dest for a in p._actions if a.option_strings and a.dest != "help"}
     skip = NOT_RESTORED | ({"lambda_center", "lambda_recon"} if not complete and saved.get("ablation") else set())
     norm = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731

@@ -237,6 +237,12 @@ def test_seeds_protocol_aggregates_mean_and_std(tmp_path):
     assert metrics["ua"] == saved["ua_mean"] and saved["seeds"]["0"]["ua"] == uas[0]
     with pytest.raises(SystemExit):
         train.parse_args(["--seeds", "0,x"])
+    # resuming one seed's folder would run every seed again inside it: the line names the run's folder
+    for part in (out / "seed-1", out / "seed-1" / "checkpoint.pt"):
+        with pytest.raises(UserError, match=f"one part \\(seed-1\\) of the --seeds run in {out}; .*--resume {out}$"):
+            train.parse_args(["--resume", str(part)])
+    assert not (out / "seed-1" / "seed-0").exists()
+    train.parse_args(["--resume", str(out)])  # the run's own folder resumes it
 
 
 def test_group_statistics_match_a_plain_computation():
