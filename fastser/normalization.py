@@ -60,17 +60,12 @@ class Normalizer:
         """From the feature table ({kind: (N, bins, T)}, zero past frames[i]): one set of statistics
         per group, groups (N,) in [0, n_groups) — e.g. each row's speaker, or arange(N) for
         utterance-level statistics. Float64 sums, `chunk` rows at a time."""
-        sums, sqs = {}, {}
         count = torch.zeros(n_groups, dtype=torch.float64, device=frames.device).index_add_(0, groups, frames.double())
+        sums, sqs = {}, {}
         for kind, x in feats.items():
-            s = torch.zeros(n_groups, x.shape[1], dtype=torch.float64, device=x.device)
-            ss = torch.zeros_like(s)
-            for start in range(0, x.shape[0], chunk):
-                v = x[start : start + chunk].double()  # padding is exactly 0: it adds nothing to the sums
-                g = groups[start : start + chunk]
-                s.index_add_(0, g, v.sum(-1))
-                ss.index_add_(0, g, v.square().sum(-1))
-            sums[kind], sqs[kind] = s, ss
+            s, ss = _row_sums(x, None, chunk)
+            sums[kind] = s.new_zeros(n_groups, x.shape[1]).index_add_(0, groups, s)
+            sqs[kind] = torch.zeros_like(sums[kind]).index_add_(0, groups, ss)
         return cls._from_sums(sums, sqs, {k: count[:, None] for k in feats})
 
     @classmethod
@@ -85,12 +80,8 @@ class Normalizer:
         count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, frames[row].double())
         sums, sqs = {}, {}
         for kind, x in feats.items():
-            s = torch.zeros(rows.shape[0], x.shape[1], dtype=torch.float64)
-            ss = torch.zeros_like(s)
-            for start in range(0, rows.shape[0], chunk):
-                v = x[rows[start : start + chunk]].double()  # zero past each row's frames
-                s[start : start + chunk], ss[start : start + chunk] = v.sum(-1), v.square().sum(-1)
-            sums[kind] = torch.zeros(n_groups, x.shape[1], dtype=torch.float64).index_add_(0, group, s[inverse])
+            s, ss = _row_sums(x, rows, chunk)  # each shared row's once
+            sums[kind] = s.new_zeros(n_groups, x.shape[1]).index_add_(0, group, s[inverse])
             sqs[kind] = torch.zeros_like(sums[kind]).index_add_(0, group, ss[inverse])
         return cls._from_sums(sums, sqs, {k: count[:, None] for k in feats})
 
@@ -140,6 +131,18 @@ def mean_std(sums: torch.Tensor, sq_sums: torch.Tensor, counts: torch.Tensor) ->
     n = counts.clamp(min=1)
     m = sums / n
     return m.float(), (sq_sums / n - m.square()).clamp(min=1e-8).sqrt().float()
+
+
+def _row_sums(x: torch.Tensor, rows: Optional[torch.Tensor] = None, chunk: int = 64) -> tuple:
+    """Each row's (of `rows`, or all of x (N, bins, T)) float64 sum and sum of squares over time,
+    (R, bins) each, `chunk` rows at a time. Padding is exactly 0: it adds nothing to the sums."""
+    n = x.shape[0] if rows is None else rows.shape[0]
+    s = torch.empty(n, x.shape[1], dtype=torch.float64, device=x.device)
+    ss = torch.empty_like(s)
+    for start in range(0, n, chunk):
+        v = (x[start : start + chunk] if rows is None else x[rows[start : start + chunk]]).double()
+        s[start : start + chunk], ss[start : start + chunk] = v.sum(-1), v.square().sum(-1)
+    return s, ss
 
 
 def utterance_stats(feats: dict, frames: torch.Tensor) -> Normalizer:

@@ -428,10 +428,10 @@ class FoldTraining:
             # what a user without enrollment audio could get from the same model (FALLBACKS)
             test_rows = torch.from_numpy(fold.test)
             fallbacks = {"utterance": exp.batcher(None, "utterance"), "training": exp.new_batcher(self.norm)}
+            groups = torch.zeros(exp.table.frames.shape[0], dtype=torch.long)  # test row i -> group i
+            groups[test_rows] = torch.arange(test_rows.shape[0])
             for k in ENROLLMENT_CLIPS:  # drawn by fold alone: every seed and setting gets the same clips
                 norm = exp.enrollment_norm(test_rows, k, torch.Generator().manual_seed(seed_for(self.index, k, 17)))
-                groups = torch.zeros(exp.table.frames.shape[0], dtype=torch.long)
-                groups[test_rows] = torch.arange(test_rows.shape[0])
                 fallbacks[f"enroll{k}"] = exp.new_batcher(norm, groups)
             for level in FALLBACKS:
                 alone = exp.evaluate(model, fallbacks[level], test_rows)
