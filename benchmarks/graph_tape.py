@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 HOST_READS = frozenset({"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "masked_select", "unique"})
 NOT_REPLAYED = frozenset({"empty", "empty_strided", "new_empty", "empty_like"})  # a graph does not re-run allocation
+METADATA_ONLY = frozenset({"set_"})  # in place on a tensor's storage and shape, not its data: nothing to undo or replay
 
 
 class CaptureError(RuntimeError):
@@ -77,6 +78,8 @@ class _Recorder(TorchDispatchMode):
             dst = args[0].device if name == "copy_" else torch.device(kwargs.get("device") or src.device)
             if (src.device.type == "cpu") != (dst.type == "cpu"):
                 raise CaptureError(f"a copy between host and device ({src.device} -> {dst}) while a graph is captured")
+        if name in METADATA_ONLY:
+            return func(*args, **kwargs)
         if func._schema.is_mutable or name in UNDECLARED_WRITES:
             self.undo += [(t, t.clone()) for t in _written(func, args, kwargs)]
         out = func(*args, **kwargs)

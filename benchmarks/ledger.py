@@ -54,6 +54,7 @@ NO_KERNEL = frozenset(
         "reshape",
         "_reshape_alias",
         "as_strided",
+        "set_",
         "unsqueeze",
         "squeeze",
         "t",
@@ -211,8 +212,13 @@ def _center_forward(a) -> tuple[int, int]:
     B = x.shape[0]
     read = _nbytes(x) + B * 8 + _rows(a["CENTERS_ptr"], B)
     written = _nbytes(diff) + B * a["ROW_LOSS_ptr"].element_size()
-    if a["STATS"]:  # integer atomics on the (C + 1,) counts: read and written
-        read, written = read + (a["C"] + 1) * 4, written + (a["C"] + 1) * 4
+    if a["STATS"]:  # integer atomics on the (C + 2,) stats, read and written, and their zeroing ahead (a slab)
+        read, written = read + (a["C"] + 2) * 4, written + 2 * (a["C"] + 2) * 4
+    if a["loss_scale"]:  # each program adds its rows' loss into one fp32 slot
+        from fastser.ops.center_loss_triton import ROWS
+
+        programs = -(-B // ROWS)
+        read, written = read + programs * 4, written + programs * 4
     return read, written
 
 
@@ -514,7 +520,13 @@ class Row:
 
 
 def count(step, warm: int = 1) -> Ledger:
-    """One steady call of `step` (after `warm` uncounted ones: lazy constants, first-call setup)."""
+    """One steady call of `step` (after `warm` uncounted ones: lazy constants, first-call setup).
+    The center loss's stats are zeroed a block of rows at a time (`StatsSlab`): the block is made
+    fresh here, so its one zeroing launch falls in the warm-up, never in the counted call, whatever
+    ran before (its cost per step, 1/64 of a launch, is tested apart)."""
+    from fastser.ops.center_loss import STATS_SLAB
+
+    STATS_SLAB.clear()
     for _ in range(warm):
         warm_up = Ledger(host_is_free=True)
         with as_on_a_gpu(warm_up), warm_up:

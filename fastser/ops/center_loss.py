@@ -202,10 +202,66 @@ class Saved:
 # ----------------------------------------------------------------------------- backends
 
 
+STATS_LOSS = 1  # the slot after the bad-row count: the batch's reduced loss, as fp32 bits
+
+
 def new_stats(num_classes: int, device) -> torch.Tensor:
-    """(num_classes + 1,) int32 zeros for the Triton forward to fill: each class's row count, then
-    the number of bad rows (label outside [0, C) or a non-finite feature)."""
-    return torch.zeros(num_classes + 1, dtype=torch.int32, device=device)
+    """(num_classes + 2,) int32 zeros for the Triton forward to fill: each class's row count, the
+    number of bad rows (label outside [0, C) or a non-finite feature), then the reduced loss (its
+    fp32 bits; see `loss_slot`)."""
+    return torch.zeros(num_classes + 1 + STATS_LOSS, dtype=torch.int32, device=device)
+
+
+def loss_slot(stats: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The (1,) fp32 view of `stats`' loss slot, for the kernel to add into."""
+    return stats[num_classes + 1 :].view(torch.float32)
+
+
+def _scalar_at(stats: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The loss slot as a 0-d fp32 tensor of its own (same memory, not an autograd view: what the
+    forward returns may be used in place or kept, and the slot is never handed out again)."""
+    out = torch.empty(0, dtype=torch.float32, device=stats.device)
+    return out.set_(stats.untyped_storage(), stats.storage_offset() + num_classes + 1, (), ())
+
+
+class StatsSlab:
+    """The Triton forward's scratch, zeroed ahead: a (K, C + 2) int32 block is zeroed by one
+    launch and each forward takes its next unused row, instead of a zeroing launch a step. A row is
+    never handed out twice, so nothing that still reads one (a step's autograd graph, a loss kept
+    for logging, a second forward before the first backward) can see it reused; a used-up block is
+    freed by the tensors still viewing it. One block per (device, stream, C): a row zeroed on one
+    stream is taken on that stream only. While a CUDA graph is being captured the row is zeroed
+    inside the graph instead (a row taken once would be replayed with its old counts)."""
+
+    BYTES = 1 << 22  # per block: 64 rows up to C = 16382, fewer (at least one) above
+
+    def __init__(self):
+        self._blocks: dict = {}
+
+    def clear(self) -> None:
+        """Forget every block: the next take zeroes a new one (rows handed out stay valid)."""
+        self._blocks.clear()
+
+    def take(self, num_classes: int, device: torch.device) -> torch.Tensor:
+        stream = None
+        if device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():
+                return new_stats(num_classes, device)
+            stream = torch.cuda.current_stream(device).stream_id
+        key = (device, stream, num_classes)
+        entry = self._blocks.get(key)
+        row = next(entry[1], None) if entry is not None else None
+        if row is None:
+            width = num_classes + 1 + STATS_LOSS
+            block = torch.zeros(max(1, min(64, self.BYTES // (4 * width))), width, dtype=torch.int32, device=device)
+            entry = self._blocks[key] = (block, iter(range(block.shape[0])))
+            row = next(entry[1])
+            if len(self._blocks) > 64:  # many class counts or streams: keep the newest blocks only
+                del self._blocks[next(iter(self._blocks))]
+        return entry[0][row]
+
+
+STATS_SLAB = StatsSlab()
 
 
 def _forward(
@@ -216,11 +272,13 @@ def _forward(
     bad_label_is_nan: bool = False,
     stats: Optional[torch.Tensor] = None,
     bad_batches: Optional[torch.Tensor] = None,
+    loss_scale: float = 0.0,
 ):
     """-> (row_loss (B,) in the compute dtype, diff (B, D) in _diff_dtype). A label outside [0, C) gives a
     NaN row loss (the C++ backend raises instead unless bad_label_is_nan). stats (Triton only, from
-    `new_stats`): the kernel adds the class counts and the bad-row count into it, and 1 into
-    `bad_batches` (if given) for a batch with a bad row."""
+    `new_stats`): the kernel adds the class counts and the bad-row count into it, 1 into
+    `bad_batches` (if given) for a batch with a bad row, and, with a nonzero loss_scale, the sum of
+    the row losses times loss_scale into its loss slot."""
     compute = _compute_dtype(x, centers)
     B, D = x.shape
     if backend == "torch":
@@ -247,7 +305,9 @@ def _forward(
     if backend == "cuda":
         _native.center_loss_forward_cuda(x, labels, cc, row_loss, diff)
     else:
-        _triton.forward(x, labels, cc, row_loss, diff, stats, bad_batches if stats is not None else None)
+        loss = loss_slot(stats, cc.shape[0]) if stats is not None and loss_scale else None
+        bad_batches = bad_batches if stats is not None else None
+        _triton.forward(x, labels, cc, row_loss, diff, stats, bad_batches, loss, loss_scale)
     return row_loss, diff
 
 
@@ -430,11 +490,26 @@ class CenterLossFunction(torch.autograd.Function):
         # a compiled step cannot read the host, so it validates on the device, as "deferred" does
         validate = "deferred" if compiling and plan.validate == "eager" else plan.validate
         count = plan.backend == "triton" and writes  # the Triton forward counts classes and bad rows
+        B = x.shape[0]
+        # ... and, called eagerly, reduces the loss itself (atomically: not in the deterministic mode)
+        fused_total = (
+            count
+            and not compiling
+            and plan.reduction != "none"
+            and not plan.deterministic
+            and B > 0
+            and _compute_dtype(x, centers) == torch.float32
+        )
         args = (x, labels, centers.detach(), plan.backend, validate != "off", count)
         if compiling:
             row_loss, diff, stats = _op_forward(*args)
         else:
-            row_loss, diff, stats = _forward_op_body(*args, bad_batches=bad_batches if validate == "deferred" else None)
+            row_loss, diff, stats = _forward_op_body(
+                *args,
+                bad_batches=bad_batches if validate == "deferred" else None,
+                loss_scale=(1.0 / B if plan.reduction == "mean" else 1.0) if fused_total else 0.0,
+                pooled=True,
+            )
         batch = BatchStats(counts=stats[:C] if count else None)
         if validate == "eager":
             # labels out of range, and, when something will write the centers (the Wen update, or an
@@ -449,7 +524,6 @@ class CenterLossFunction(torch.autograd.Function):
                 batch.bad = _batch_bad(row_loss, bad_batches)
         if plan.backend == "cpp" and validate == "deferred":  # its backward reads the labels unchecked (the
             labels = torch.where(_in_range(labels, C), labels, 0)  # batch is dropped anyway)
-        B = x.shape[0]
         ctx.save_for_backward(diff, labels)
         ctx.plan, ctx.batch, ctx.centers = plan, batch, centers
         ctx.dtypes = (x.dtype, centers.dtype)
@@ -457,7 +531,10 @@ class CenterLossFunction(torch.autograd.Function):
         out_dtype = torch.promote_types(features.dtype, centers.dtype)
         if plan.reduction == "none":
             return row_loss if row_loss.dtype == out_dtype else row_loss.to(out_dtype)
-        total = row_loss.mean() if plan.reduction == "mean" and B > 0 else row_loss.sum()  # one op, not sum * scale
+        if fused_total:
+            total = _scalar_at(stats, C)
+        else:
+            total = row_loss.mean() if plan.reduction == "mean" and B > 0 else row_loss.sum()  # one op, not sum * scale
         return total if total.dtype == out_dtype else total.to(out_dtype)
 
     @staticmethod
@@ -546,11 +623,24 @@ def _backward_step(
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-def _forward_op_body(features, labels, centers, backend, bad_label_is_nan, count, bad_batches=None):
+def _forward_op_body(
+    features, labels, centers, backend, bad_label_is_nan, count, bad_batches=None, loss_scale=0.0, pooled=False
+):
+    """pooled: the stats come from STATS_SLAB (eager calls; an op's output must be a fresh tensor)."""
     C = centers.shape[0]
-    stats = new_stats(C, features.device) if count else torch.empty(0, dtype=torch.int32, device=features.device)
+    if count:
+        stats = STATS_SLAB.take(C, features.device) if pooled else new_stats(C, features.device)
+    else:
+        stats = torch.empty(0, dtype=torch.int32, device=features.device)
     row_loss, diff = _forward(
-        backend, features, labels, centers.contiguous(), bad_label_is_nan, stats if count else None, bad_batches
+        backend,
+        features,
+        labels,
+        centers.contiguous(),
+        bad_label_is_nan,
+        stats if count else None,
+        bad_batches,
+        loss_scale,
     )
     return row_loss, diff, stats
 
@@ -564,8 +654,8 @@ def _op_forward(
     bad_label_is_nan: bool,
     count: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (row_loss (B,), diff (B, D), stats): with `count` (Triton only) stats is (C + 1,) int32,
-    each class's row count and then the bad rows; otherwise empty."""
+    """-> (row_loss (B,), diff (B, D), stats): with `count` (Triton only) stats is (C + 2,) int32,
+    each class's row count, the bad rows, the loss slot (unused here); otherwise empty."""
     return _forward_op_body(features, labels.long().contiguous(), centers, backend, bad_label_is_nan, count)
 
 
@@ -576,7 +666,7 @@ def _(features, labels, centers, backend, bad_label_is_nan, count):
     return (
         features.new_empty(B, dtype=compute),
         features.new_empty(B, D, dtype=_diff_dtype(backend, features.dtype, compute)),
-        features.new_empty(centers.shape[0] + 1 if count else 0, dtype=torch.int32),
+        features.new_empty(centers.shape[0] + 1 + STATS_LOSS if count else 0, dtype=torch.int32),
     )
 
 

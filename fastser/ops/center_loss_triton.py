@@ -4,8 +4,11 @@ forward : per block of rows, diff = x - c_y (fp32; stored in the features' dtype
           fp16/bf16, which halves its round trip) and the row's squared distance, one pass;
           with STATS, also each class's row count (for the Wen update) and the batch's number of
           bad rows (label out of range or a non-finite feature), with integer atomics into one
-          (C + 1,) int32 buffer — the counts and the validity flag cost no launch of their own —
-          and, given a bad-batch counter, adds 1 to it when the batch has a bad row.
+          (C + 2,) int32 row of zeros — the counts and the validity flag cost no launch of their own —
+          and, given a bad-batch counter, adds 1 to it when the batch has a bad row; given a
+          nonzero loss_scale, also the batch's loss (the row losses times loss_scale: 1/B for a
+          mean) into one fp32 slot, so the reduction costs no launch either (atomic: its order,
+          and so its last bits, vary from run to run; the deterministic mode reduces with torch).
 backward: per block of rows, grad_x = g_i * diff_i (g_i = the upstream gradient, read in place,
           times 2 * scale) and, in the same pass, the Wen update or the
           center gradient scattered with fp32 atomics; or, deterministic, one program per
@@ -41,7 +44,7 @@ def block_d(D: int, cap: int = 512) -> int:
 # (divisibility by 16, == 1), so a last short batch compiles nothing new. D is: its divisibility is
 # what lets the row loads and stores be 128-bit. The counters and flags are read or added to one
 # element at a time, often through a view at an odd offset (stats[C]): their alignment buys nothing.
-@triton.jit(do_not_specialize=["B", "C"], do_not_specialize_on_alignment=["STATS_ptr", "BAD_BATCHES_ptr"])
+@triton.jit(do_not_specialize=["B", "C"], do_not_specialize_on_alignment=["STATS_ptr", "BAD_BATCHES_ptr", "LOSS_ptr"])
 def _forward_kernel(
     X_ptr,
     LABELS_ptr,
@@ -50,6 +53,8 @@ def _forward_kernel(
     DIFF_ptr,
     STATS_ptr,
     BAD_BATCHES_ptr,
+    LOSS_ptr,
+    loss_scale,
     B,
     D,
     C,
@@ -73,8 +78,11 @@ def _forward_kernel(
         tl.store(DIFF_ptr + rows[:, None] * D + cols[None, :], v.to(DIFF_ptr.dtype.element_ty), mask=m)
         acc += v * v
     loss = tl.sum(acc, axis=1)
-    tl.store(ROW_LOSS_ptr + rows, tl.where(valid, loss, float("nan")), mask=row_ok)
-    if STATS:  # STATS_ptr: C class counts, then the bad-row count; zeroed by the caller
+    row_loss = tl.where(valid, loss, float("nan"))
+    tl.store(ROW_LOSS_ptr + rows, row_loss, mask=row_ok)
+    if loss_scale != 0.0:  # LOSS_ptr: one fp32 zero (a slot of the stats scratch), the batch's reduced loss
+        tl.atomic_add(LOSS_ptr, tl.sum(tl.where(row_ok, row_loss, 0.0), axis=0) * loss_scale, sem="relaxed")
+    if STATS:  # STATS_ptr: C class counts, then the bad-row count; zeroed by the caller (a slab row)
         one = tl.full((ROWS,), 1, tl.int32)
         tl.atomic_add(STATS_ptr + labels, one, mask=valid, sem="relaxed")
         # a sum of squares is finite iff it is below inf (NaN compares False)
@@ -186,12 +194,17 @@ def _flag(bad, unused):
     return bad.view(torch.uint8) if bad.dtype == torch.bool else bad
 
 
-def forward_launch(x, labels, centers, row_loss, diff, stats=None, bad_batches=None) -> TritonLaunch:
+def forward_launch(
+    x, labels, centers, row_loss, diff, stats=None, bad_batches=None, loss=None, loss_scale=0.0
+) -> TritonLaunch:
     """x (B, D) any float; labels (B,) int64; centers (C, D) fp32; row_loss (B,) fp32, diff (B, D)
     fp32 or x's half-precision dtype;
-    stats (optional, (C + 1,) int32 zeros): gets the class counts and the bad-row count added;
-    bad_batches (optional, 0-d integer, needs stats): + 1 if the batch has a bad row."""
+    stats (optional, (C + 2,) int32 zeros): gets the class counts and the bad-row count added;
+    bad_batches (optional, 0-d integer, needs stats): + 1 if the batch has a bad row;
+    loss (optional, (1,) fp32 zero): gets the sum of the row losses times loss_scale added."""
     B, D = x.shape
+    if loss is None:
+        loss, loss_scale = row_loss, 0.0
     return TritonLaunch(
         _forward_kernel,
         (cdiv(B, ROWS),),
@@ -203,6 +216,8 @@ def forward_launch(x, labels, centers, row_loss, diff, stats=None, bad_batches=N
             DIFF_ptr=diff,
             STATS_ptr=stats if stats is not None else labels,
             BAD_BATCHES_ptr=bad_batches if bad_batches is not None else labels,
+            LOSS_ptr=loss,
+            loss_scale=float(loss_scale),
             B=B,
             D=D,
             C=centers.shape[0],
@@ -280,8 +295,8 @@ def segment_update_launch(diff, order, offsets, weights: "RowWeights", targets: 
     )
 
 
-def forward(x, labels, centers, row_loss, diff, stats=None, bad_batches=None) -> None:
-    forward_launch(x, labels, centers, row_loss, diff, stats, bad_batches).launch()
+def forward(x, labels, centers, row_loss, diff, stats=None, bad_batches=None, loss=None, loss_scale=0.0) -> None:
+    forward_launch(x, labels, centers, row_loss, diff, stats, bad_batches, loss, loss_scale).launch()
 
 
 def backward(diff, labels, counts, num_classes, weights: "RowWeights", targets: "Targets", bad=None) -> None:

@@ -89,7 +89,7 @@ def center_loss_launches():
     widths = (1, 2, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513)
     for dtype, D in itertools.product((torch.float32, torch.float16, torch.bfloat16), widths):
         x, diff, centers = empty(B, D, dtype=dtype), empty(B, D, dtype=dtype), empty(C, D)  # diff in x's dtype
-        stats = empty(C + 1, dtype=torch.int32)
+        stats = empty(C + 2, dtype=torch.int32)
         for stats, bad_batches in (
             (None, None),
             (stats, None),

@@ -680,7 +680,7 @@ def test_triton_forward_counts_classes_and_bad_rows():
     row_loss, diff = torch.empty(41, device=x.device), torch.empty(41, D, device=x.device)
     center_loss_triton.forward(x, labels, centers, row_loss, diff, stats)
     in_range = (labels >= 0) & (labels < C)
-    assert stats.dtype == torch.int32 and stats.shape == (C + 1,)
+    assert stats.dtype == torch.int32 and stats.shape == (C + 2,)
     assert torch.equal(stats[:C].long(), torch.bincount(labels[in_range], minlength=C))
     assert int(stats[C]) == 4  # rows 3, 10, 20, 33
     good = torch.ones(41, dtype=torch.bool, device=x.device)
@@ -704,8 +704,8 @@ def test_triton_forward_counts_classes_and_bad_rows():
 def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatch):
     """One Wen training step with the Triton backend: exactly two Triton kernels (forward, which
     also counts the classes, the bad rows and a bad batch; backward with the center update, reading
-    the upstream gradient in place) and, besides them, only zeroing the (C + 1,) stats buffer and
-    the loss reduction (deferred); eager adds its check, one host read."""
+    the upstream gradient in place, and reduces the loss) and nothing else (deferred: the stats
+    come zeroed from the slab); eager adds its check, one host read."""
     import importlib
     from torch.utils._python_dispatch import _disable_current_modes
 
@@ -724,19 +724,76 @@ def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatc
     x, labels, _ = make_batch(32, 4, 16)
     x.requires_grad_()
     grad = torch.ones((), device=DEVICE)
+    torch.autograd.backward(loss_fn(x, labels), grad)  # a first step may zero a slab of stats
+    rec.ops.clear()
+    x.grad = None
     before = loss_fn.centers.detach().clone()
     with rec:
         loss = loss_fn(x, labels)
         torch.autograd.backward(loss, grad)
     launched = [op for op in rec.ops if op not in NO_KERNEL]
-    step = ["zeros", "triton.forward"]  # the stats buffer, then the forward kernel that fills it
+    step = ["triton.forward"]  # counts, bad rows and the loss, into stats zeroed ahead
     if validate == "eager":  # labels and features checked at once, by the finiteness of the forward's total
         # (a bad label's row loss is NaN), read on the host once; isfinite is abs/ne/eq/mul
         step += ["sum", "abs", "ne", "eq", "mul", "_local_scalar_dense"]
     assert launched.count("_local_scalar_dense") == (validate == "eager")  # the host reads: one, or none
-    step += ["mean", "triton.backward"]  # the loss; grad_x + Wen update (the row scale is read in the kernel)
+    step += ["triton.backward"]  # grad_x + Wen update (the row scale is read in the kernel)
     assert launched == step
+    plain = (x.detach() - before[labels]).pow(2).sum(1).mean()
+    torch.testing.assert_close(loss.detach(), plain)  # the loss the kernel reduced
     assert not torch.equal(loss_fn.centers, before)  # the update really ran
+
+
+def test_the_stats_slab_zeroes_a_block_of_rows_at_once_and_hands_each_row_out_once():
+    """The Triton forward's scratch: 64 steps cost one zeroing launch, each row is zero, of its own
+    memory, and a used-up block is followed by a new one (the old one stays valid for its rows)."""
+    from fastser.ops.center_loss import StatsSlab
+
+    slab = StatsSlab()
+    rec = Ledger()
+    with rec:
+        rows = [slab.take(5, torch.device("cpu")) for _ in range(65)]
+    assert [op for op in rec.ops if op not in NO_KERNEL] == ["zeros", "zeros"]
+    assert all(r.shape == (7,) and r.dtype == torch.int32 and not r.any() for r in rows)
+    assert len({r.data_ptr() for r in rows}) == 65
+    assert len({r.untyped_storage().data_ptr() for r in rows}) == 2
+    rows[0].add_(3)  # a row written (by a step) leaves every other row as it was
+    assert not any(r.any() for r in rows[1:])
+    wide = slab.take(2_000_000, torch.device("cpu"))  # a block is at most 4 MiB: one row here
+    assert wide.shape == (2_000_002,) and not wide.any()
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("validate", ["deferred", "eager"])
+def test_the_loss_reduced_in_the_kernel_is_the_reference_and_a_tensor_of_its_own(reduction, validate):
+    """With the Wen update the Triton forward reduces the loss itself. Its value and gradients are
+    the plain ones; the loss is no view (it can be changed in place or kept without touching any
+    later step); two forwards before one backward each keep their own counts."""
+    C, D = 6, 40
+    fused = CenterLoss(C, D, backend="triton", reduction=reduction, validate=validate).to(DEVICE)
+    plain = CenterLoss(C, D, backend="torch", reduction=reduction, validate=validate).to(DEVICE)
+    plain.load_state_dict(fused.state_dict())
+    kept = []
+    for step in range(3):
+        x, labels, _ = make_batch(37, C, D)
+        xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        loss = fused(xf, labels)
+        assert loss.shape == () and loss._base is None and not loss._is_view()
+        ref = plain(xp, labels)
+        torch.testing.assert_close(loss, ref, rtol=2e-6, atol=1e-6)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(xf.grad, xp.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.centers, plain.centers, rtol=1e-5, atol=1e-6)
+        kept.append((loss.detach().clone(), loss))
+        loss.detach().add_(100.0)  # a caller's in-place change of its loss
+    assert all(torch.equal(a + 100.0, b) for a, b in kept)
+    (x1, y1, _), (x2, y2, _) = make_batch(20, C, D), make_batch(30, C, D)
+    grad = [x.clone().requires_grad_() for x in (x1, x2, x1, x2)]
+    (fused(grad[0], y1) + fused(grad[1], y2)).backward()  # each forward keeps its own stats
+    (plain(grad[2], y1) + plain(grad[3], y2)).backward()
+    torch.testing.assert_close(fused.centers, plain.centers, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
