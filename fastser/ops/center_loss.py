@@ -208,18 +208,14 @@ STATS_LOSS = 1  # the slot after the bad-row count: the batch's reduced loss, as
 def new_stats(num_classes: int, device) -> torch.Tensor:
     """(num_classes + 2,) int32 zeros for the Triton forward to fill: each class's row count, the
     number of bad rows (label outside [0, C) or a non-finite feature), then the reduced loss (its
-    fp32 bits; see `loss_slot`)."""
+    fp32 bits: `loss_slot`)."""
     return torch.zeros(num_classes + 1 + STATS_LOSS, dtype=torch.int32, device=device)
 
 
 def loss_slot(stats: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The (1,) fp32 view of `stats`' loss slot, for the kernel to add into."""
-    return stats[num_classes + 1 :].view(torch.float32)
-
-
-def _scalar_at(stats: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The loss slot as a 0-d fp32 tensor of its own (same memory, not an autograd view: what the
-    forward returns may be used in place or kept, and the slot is never handed out again)."""
+    """`stats`' loss slot as a 0-d fp32 tensor of its own: the kernel adds into it and the forward
+    returns it (same memory, not an autograd view: a caller may change its loss in place or keep it,
+    and the slot is never handed out again)."""
     out = torch.empty(0, dtype=torch.float32, device=stats.device)
     return out.set_(stats.untyped_storage(), stats.storage_offset() + num_classes + 1, (), ())
 
@@ -272,13 +268,14 @@ def _forward(
     bad_label_is_nan: bool = False,
     stats: Optional[torch.Tensor] = None,
     bad_batches: Optional[torch.Tensor] = None,
+    loss: Optional[torch.Tensor] = None,
     loss_scale: float = 0.0,
 ):
     """-> (row_loss (B,) in the compute dtype, diff (B, D) in _diff_dtype). A label outside [0, C) gives a
     NaN row loss (the C++ backend raises instead unless bad_label_is_nan). stats (Triton only, from
     `new_stats`): the kernel adds the class counts and the bad-row count into it, 1 into
-    `bad_batches` (if given) for a batch with a bad row, and, with a nonzero loss_scale, the sum of
-    the row losses times loss_scale into its loss slot."""
+    `bad_batches` (if given) for a batch with a bad row, and into `loss` (its `loss_slot`, if given)
+    the sum of the row losses times loss_scale."""
     compute = _compute_dtype(x, centers)
     B, D = x.shape
     if backend == "torch":
@@ -305,7 +302,6 @@ def _forward(
     if backend == "cuda":
         _native.center_loss_forward_cuda(x, labels, cc, row_loss, diff)
     else:
-        loss = loss_slot(stats, cc.shape[0]) if stats is not None and loss_scale else None
         bad_batches = bad_batches if stats is not None else None
         _triton.forward(x, labels, cc, row_loss, diff, stats, bad_batches, loss, loss_scale)
     return row_loss, diff
@@ -504,7 +500,7 @@ class CenterLossFunction(torch.autograd.Function):
         if compiling:
             row_loss, diff, stats = _op_forward(*args)
         else:
-            row_loss, diff, stats = _forward_op_body(
+            row_loss, diff, stats, total = _forward_op_body(
                 *args,
                 bad_batches=bad_batches if validate == "deferred" else None,
                 loss_scale=(1.0 / B if plan.reduction == "mean" else 1.0) if fused_total else 0.0,
@@ -531,9 +527,7 @@ class CenterLossFunction(torch.autograd.Function):
         out_dtype = torch.promote_types(features.dtype, centers.dtype)
         if plan.reduction == "none":
             return row_loss if row_loss.dtype == out_dtype else row_loss.to(out_dtype)
-        if fused_total:
-            total = _scalar_at(stats, C)
-        else:
+        if not fused_total:
             total = row_loss.mean() if plan.reduction == "mean" and B > 0 else row_loss.sum()  # one op, not sum * scale
         return total if total.dtype == out_dtype else total.to(out_dtype)
 
@@ -626,12 +620,15 @@ def _backward_step(
 def _forward_op_body(
     features, labels, centers, backend, bad_label_is_nan, count, bad_batches=None, loss_scale=0.0, pooled=False
 ):
-    """pooled: the stats come from STATS_SLAB (eager calls; an op's output must be a fresh tensor)."""
+    """-> (row_loss, diff, stats, the reduced loss or None). pooled: the stats come from STATS_SLAB
+    (eager calls; an op's output must be a fresh tensor); a nonzero loss_scale (needs `count`):
+    the kernel reduces the loss too."""
     C = centers.shape[0]
     if count:
         stats = STATS_SLAB.take(C, features.device) if pooled else new_stats(C, features.device)
     else:
         stats = torch.empty(0, dtype=torch.int32, device=features.device)
+    total = loss_slot(stats, C) if count and loss_scale else None
     row_loss, diff = _forward(
         backend,
         features,
@@ -640,9 +637,10 @@ def _forward_op_body(
         bad_label_is_nan,
         stats if count else None,
         bad_batches,
+        total,
         loss_scale,
     )
-    return row_loss, diff, stats
+    return row_loss, diff, stats, total
 
 
 @torch.library.custom_op("fastser::center_loss_forward", mutates_args=())
@@ -656,7 +654,7 @@ def _op_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (row_loss (B,), diff (B, D), stats): with `count` (Triton only) stats is (C + 2,) int32,
     each class's row count, the bad rows, the loss slot (unused here); otherwise empty."""
-    return _forward_op_body(features, labels.long().contiguous(), centers, backend, bad_label_is_nan, count)
+    return _forward_op_body(features, labels.long().contiguous(), centers, backend, bad_label_is_nan, count)[:3]
 
 
 @_op_forward.register_fake

@@ -201,7 +201,7 @@ def forward_launch(
     fp32 or x's half-precision dtype;
     stats (optional, (C + 2,) int32 zeros): gets the class counts and the bad-row count added;
     bad_batches (optional, 0-d integer, needs stats): + 1 if the batch has a bad row;
-    loss (optional, (1,) fp32 zero): gets the sum of the row losses times loss_scale added."""
+    loss (optional, one fp32 zero, 0-d): gets the sum of the row losses times loss_scale added."""
     B, D = x.shape
     if loss is None:
         loss, loss_scale = row_loss, 0.0
