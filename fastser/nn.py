@@ -35,7 +35,7 @@ class CenterLoss(nn.Module):
             training mode; "gradient" — `centers` is an nn.Parameter receiving the usual gradient.
         alpha: Wen's update rate.  reduction: "mean" | "sum" | "none" (per-row losses, (B,)).
         backend: "auto" | "triton" | "cuda" | "cpp" | "torch" (fastser.ops.available_backends()).
-        deterministic: no floating-point atomics (bit-identical centers run to run).
+        deterministic: no floating-point atomics (bit-identical centers, and loss, run to run).
         process_group: under torch.distributed, the Wen update sums over this group's ranks.
         validate: "auto" (default) — "eager" on the CPU, "reported" on a GPU. "eager" (True) —
             check shapes, devices, labels and finiteness first, so a bad batch raises before any
