@@ -2,8 +2,9 @@
 
 Every benchmark records (suite, group, implementation) -> seconds per call and peak extra
 memory; at the end of the session the figures and the ratios against each group's baseline
-are printed and written to benchmarks/results/<date>_<device>_<suites>.json, which the README
-table is generated from (python -m benchmarks.report).
+are printed and written to runs/benchmarks/<date>_<device>_<suites>.json (outside the committed
+tree); FASTSER_BENCH_RESULTS_DIR=benchmarks/results keeps a run for the README's tables, which
+python -m benchmarks.report generates from that folder.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from pathlib import Path
 
 import torch
 
-# FASTSER_BENCH_RESULTS_DIR: write this session's results file elsewhere (the GPU run's archive)
-RESULTS_DIR = Path(os.environ.get("FASTSER_BENCH_RESULTS_DIR") or Path(__file__).parent / "results")
+# FASTSER_BENCH_RESULTS_DIR: write this session's results file elsewhere (benchmarks/results to keep
+# it for the README's tables, the GPU run's archive); by default runs/, which git ignores
+RESULTS_DIR = Path(
+    os.environ.get("FASTSER_BENCH_RESULTS_DIR") or Path(__file__).resolve().parent.parent / "runs" / "benchmarks"
+)
 RECORDS: list[dict] = []
 _SESSION_STAMP = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -220,7 +224,7 @@ def write_results(device: torch.device) -> Path | None:
     records = with_ratios(RECORDS)
     env = environment(device)
     suites = "-".join(sorted({r["suite"] for r in records}))
-    RESULTS_DIR.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     tag = env["device_name"].replace(" ", "_").replace("(", "").replace(")", "")
     path = RESULTS_DIR / f"{_SESSION_STAMP}_{tag}_{suites}.json"
     tmp = path.with_suffix(".json.tmp")

@@ -82,11 +82,11 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 CENTER_LOSS_CASES = (
     [
         f"benchmarks/test_center_loss.py::test_center_loss_step[{impl}-{shape}-fp32-eager]"
-        for shape in ("256x4x256", "4096x10000x512", "65536x10000x512")
+        for shape in ("B256_C4_D256", "B4096_C10000_D512", "B65536_C10000_D512")
         for impl in ("reference", "triton", "cuda")
     ]
     + [
-        f"benchmarks/test_center_loss.py::test_center_loss_step[{impl}-65536x10000x512-bf16-{mode}]"
+        f"benchmarks/test_center_loss.py::test_center_loss_step[{impl}-B65536_C10000_D512-bf16-{mode}]"
         for impl in ("triton", "cuda")
         for mode in ("eager", "graph")
     ]
@@ -104,8 +104,8 @@ TRAIN_STEP_CASES = [
 ]
 TARGET_CASES = CENTER_LOSS_CASES + FEATURE_CASES + TRAIN_STEP_CASES
 DRY_CASES = [
-    "benchmarks/test_center_loss.py::test_center_loss_step[cpp-256x4x256-fp32-eager]",
-    "benchmarks/test_center_loss.py::test_center_loss_step[reference-256x4x256-fp32-eager]",
+    "benchmarks/test_center_loss.py::test_center_loss_step[cpp-B256_C4_D256-fp32-eager]",
+    "benchmarks/test_center_loss.py::test_center_loss_step[reference-B256_C4_D256-fp32-eager]",
 ]
 TINY_RUN = [
     "--synthetic-speakers",

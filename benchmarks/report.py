@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.flops import DEFAULTS, training_step_flops
 from fastser.checkpoints import run_setting
 from fastser.training.fold import FALLBACKS
 
@@ -40,7 +41,9 @@ ACC_START, ACC_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"
 KERNELS_START, KERNELS_END = "<!-- kernels:start -->", "<!-- kernels:end -->"
 LEDGER_START, LEDGER_END = "<!-- ledger:start -->", "<!-- ledger:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- speed-summary:start -->", "<!-- speed-summary:end -->"
 ACCURACY_DOC = ROOT / "docs" / "accuracy.md"
+SPEED_DOC = ROOT / "docs" / "speed.md"
 DEVELOPMENT_DOC = ROOT / "docs" / "development.md"
 # the README's results: per corpus and split, the default's row and the strongest classic baselines
 HEADLINE = {
@@ -128,6 +131,45 @@ def table() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+SUITE_SHORT = {
+    "center_loss": "center loss step (B x C x D)",
+    "features": "features (256 clips x 3 s)",
+    "train_step": "training step from raw audio",
+    "inference": "inference, audio in",
+}
+
+
+def speed_summary() -> str:
+    """One row per suite of the newest runs: each implementation's speed-up against the suite's
+    baseline over its cases (lowest to highest), for the README; docs/speed.md has every case."""
+    lines = [
+        "| suite | measured on | against | speed-up over its cases (lowest to highest) |",
+        "|---|---|---|---|",
+    ]
+    for run in latest_runs():
+        env, results = run["environment"], run["results"]
+        if results[0]["suite"] not in SUITE_SHORT:
+            continue
+        # the cases that time an implementation against the reference (not the launch-floor and
+        # host-overhead probes, which time empty calls)
+        results = [r for r in results if r["group"] != "launch_floor" and not r["group"].startswith("host_")]
+        baselines = sorted({r["baseline"] for r in results if r.get("baseline")})
+        by_impl: dict = {}
+        for r in results:
+            sp = r.get("speedup_vs_baseline")
+            if sp is not None and r["impl"] != r["baseline"]:
+                by_impl.setdefault(r["impl"], []).append((sp, r["group"]))
+        spans = []
+        for impl, v in by_impl.items():
+            (lo, lo_case), (hi, hi_case) = min(v), max(v)
+            spans.append(f"{impl} {lo:.2f}x ({lo_case})" + (f" to {hi:.2f}x ({hi_case})" if len(v) > 1 else ""))
+        lines.append(
+            f"| {SUITE_SHORT.get(results[0]['suite'], results[0]['suite'])} | {env['device_name']}, "
+            f"{env['date'][:10]} | {', '.join(baselines)} | {'; '.join(spans)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _setting_text(row: dict) -> str:
     s = row["settings"]
     if row["kind"] == "baseline":
@@ -146,6 +188,10 @@ def _setting_text(row: dict) -> str:
         else f"epochs {s['epochs']}, last epoch kept (no validation speakers)",
         f"batch {s['batch_size']}, lr {s['lr']:g}",
     ]
+    # the size and objective settings only where a row departs from today's default
+    for key, text in SIZE_SETTINGS.items():
+        if recorded.get(key, DEFAULTS[key]) != DEFAULTS[key]:
+            parts.append(text.format(recorded[key]))
     if s.get("specaugment"):
         parts.append("SpecAugment")
     if s.get("tempo"):
@@ -163,6 +209,19 @@ def _setting_text(row: dict) -> str:
     return ", ".join(parts)
 
 
+SIZE_SETTINGS = {
+    "width": "width {}",
+    "embed_dim": "embedding {}",
+    "train_seconds": "{:g} s training crops",
+    "lambda_center": "center loss weight {:g}",
+    "lambda_recon": "reconstruction weight {:g}",
+}
+
+
+def _step_gflop(row: dict) -> str:
+    return "" if row["kind"] == "baseline" else f"{training_step_flops(row['settings']) / 1e9:.1f}"
+
+
 def _minutes(seconds) -> str:
     return "" if seconds is None else f"{seconds / 60:.0f} min"
 
@@ -178,8 +237,8 @@ def accuracy_table() -> str:
             "",
             "| row | settings | folds | seeds | UA % | WA % | macro-F1 % | "
             + "".join(f"UA %, {FALLBACK_TEXT[level]} | " for level in FALLBACKS)
-            + "time per seed | machine, date |",
-            "|---|---|---:|---|---:|---:|---:|" + "---:|" * len(FALLBACKS) + "---:|---|",
+            + "time per seed | GFLOP per training step | machine, date |",
+            "|---|---|---:|---|---:|---:|---:|" + "---:|" * len(FALLBACKS) + "---:|---:|---|",
         ]
         for r in group:
             spread = r["kind"] != "baseline" and len(r["seeds"]) > 1  # a ± only where there are seeds to vary
@@ -188,7 +247,7 @@ def accuracy_table() -> str:
             seeds = ", ".join(r["seeds"]) if r["kind"] != "baseline" else "-"
             lines.append(
                 f"| {r['name']} | {_setting_text(r)} | {r['folds']} | {seeds} | {pm('ua')} | {pm('wa')} | "
-                f"{pm('macro_f1')} | {alone} | {_minutes(r['seconds_per_seed'])} | "
+                f"{pm('macro_f1')} | {alone} | {_minutes(r['seconds_per_seed'])} | {_step_gflop(r)} | "
                 f"{r['machine']}, {r['date'][:10]} |"
             )
             if r.get("seed_ensemble"):
@@ -198,6 +257,7 @@ def accuracy_table() -> str:
                     f"| {r['name']}: the {e['n_seeds']} seeds' models averaged (soft vote) | as above | "
                     f"{r['folds']} | {voters} | {100 * e['ua']:.1f} | {100 * e['wa']:.1f} | "
                     f"{100 * e['macro_f1']:.1f}{' |' * (len(FALLBACKS) + 1)} {e['n_seeds']} x the time | "
+                    f"{_step_gflop(r)} | "
                     f"{r['machine']}, {r['date'][:10]} |"
                 )
         lines.append("")
@@ -283,16 +343,17 @@ def _replace(content: str, start: str, end: str, text: str) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--write", action="store_true", help="update README.md and docs/accuracy.md in place")
+    ap.add_argument("--write", action="store_true", help="update README.md and docs/ in place")
     args = ap.parse_args(argv)
     text, accuracy, headline = table(), accuracy_table(), headline_table()
     if not args.write:
         print(headline + "\n" + text + "\n" + ledger_table() + "\n" + accuracy)
         return
     readme = ROOT / "README.md"
-    content = _replace(readme.read_text(), START, END, text)
-    content = _replace(content, LEDGER_START, LEDGER_END, ledger_table())
+    content = _replace(readme.read_text(), SUMMARY_START, SUMMARY_END, speed_summary())
     readme.write_text(_replace(content, HEAD_START, HEAD_END, headline))
+    speed = _replace(SPEED_DOC.read_text(), START, END, text)
+    SPEED_DOC.write_text(_replace(speed, LEDGER_START, LEDGER_END, ledger_table()))
     ACCURACY_DOC.write_text(_replace(ACCURACY_DOC.read_text(), ACC_START, ACC_END, accuracy))
     DEVELOPMENT_DOC.write_text(_replace(DEVELOPMENT_DOC.read_text(), KERNELS_START, KERNELS_END, kernel_table()))
 

@@ -90,7 +90,7 @@ def hbm_peak_bytes_per_s(device):
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("B,C,D", SHAPES, ids=[f"{b}x{c}x{d}" for b, c, d in SHAPES])
+@pytest.mark.parametrize("B,C,D", SHAPES, ids=[f"B{b}_C{c}_D{d}" for b, c, d in SHAPES])
 @pytest.mark.parametrize("impl", ["reference", "torch-gather", "cpp", "triton", "cuda"])
 def test_center_loss_step(benchmark, device, impl, B, C, D, dtype, mode):
     if impl not in impls(device):

@@ -44,21 +44,20 @@ class DistInfo:
 
 
 def parse_device(device_arg: Optional[str] = None) -> torch.device:
-    """--device: cpu, cuda or cuda:N (default: cuda if available). A ValueError names what is wrong."""
+    """cpu, cuda or cuda:N (default: cuda if available). A UserError names what is wrong (the
+    commands' --device and the library's `device` argument alike)."""
     want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(want)
     except RuntimeError:
-        raise UserError(f"--device {want!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise UserError(f"device {want!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {want!r}: fastser runs on cpu or cuda")
+        raise UserError(f"device {want!r}: fastser runs on cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {want}: CUDA is not available here (torch {torch.__version__}); use --device cpu"
-            )
+            raise UserError(f"device {want!r}: CUDA is not available here (torch {torch.__version__}); use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(f"device {want!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import warnings
@@ -167,8 +168,18 @@ def export_onnx(module: AudioClassifier, path: Path) -> None:
         raise UserError("--format onnx needs onnx and onnxscript: pip install 'fastser[export]'") from None
 
     def trace(m, example):
+        # the exporter's notes on torchvision ops it does not need come as warnings and as log lines
+        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registration.level
+        registration.setLevel(logging.ERROR)
+        try:
+            return _export(m, example)
+        finally:
+            registration.setLevel(level)
+
+    def _export(m, example):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's notes on torchvision ops it does not need
+            warnings.simplefilter("ignore")
             # optimize=False: onnxscript's rewriter takes `x + 1e-10` for `x + 0` (it matches constants
             # within an absolute 1e-8) and drops it, which turns a silent frame's level into -inf; the
             # constants are folded below without the rewriter

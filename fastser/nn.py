@@ -13,6 +13,7 @@ Two ways to move the centers:
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -30,6 +31,7 @@ class CenterLoss(nn.Module):
     Args:
         num_classes (C), feat_dim (D): the centers are a (C, D) tensor, initialised N(0, 1).
         use_gpu: put the centers on CUDA at construction (the usual module's argument); or `.to()`.
+            Without CUDA they stay on the CPU, with a warning.
         update: "wen" — `centers` is a buffer moved in place by Wen's rule inside the backward,
             c_j += alpha * sum_{i: y_i=j} (x_i - c_j) / (1 + n_j), once per backward and only in
             training mode; "gradient" — `centers` is an nn.Parameter receiving the usual gradient.
@@ -76,7 +78,10 @@ class CenterLoss(nn.Module):
         if num_classes < 1 or feat_dim < 1:
             raise ValueError(f"num_classes and feat_dim must be positive, got {num_classes}, {feat_dim}")
         if use_gpu and not torch.cuda.is_available():
-            raise RuntimeError("CenterLoss(use_gpu=True) but CUDA is not available")
+            # code written on a GPU machine keeps working where there is none, as the model it
+            # trains beside does once moved with .to(); one line says where the centers are
+            warnings.warn("CenterLoss(use_gpu=True): CUDA is not available, the centers stay on the CPU", stacklevel=2)
+            use_gpu = False
         self.num_classes, self.feat_dim = num_classes, feat_dim
         self.update, self.alpha, self.reduction = update, alpha, reduction
         self.backend, self.deterministic = backend, deterministic

@@ -153,11 +153,11 @@ class Predictor:
             for what in ("classes", "normalize", "train_seconds", "max_seconds"):
                 if getattr(spec, what) != getattr(self.spec, what):
                     raise UserError(
-                        f"--checkpoint: {path} has {what} {getattr(spec, what)!r}, {paths[0]} has "
+                        f"checkpoint: {path} has {what} {getattr(spec, what)!r}, {paths[0]} has "
                         f"{getattr(self.spec, what)!r}: an ensemble needs models of the same setting"
                     )
             if spec.features.to_dict() != self.spec.features.to_dict():
-                raise UserError(f"--checkpoint: {path} was trained on other features than {paths[0]}")
+                raise UserError(f"checkpoint: {path} was trained on other features than {paths[0]}")
         self.classes = list(self.spec.classes)
         self.features = self.spec.features
         self.sr = self.features.sr
@@ -199,13 +199,13 @@ class Predictor:
             )
         paths = list(paths)
         if not paths:
-            raise UserError("--enroll: no audio files")
+            raise UserError("enroll: no audio files")
         items, usable = [], 0.0
         for path in paths:
             try:
                 y, _ = load(path, sr=self.sr)
             except AudioError as e:
-                raise UserError(f"--enroll: {e}") from None
+                raise UserError(f"enroll: {e}") from None
             y = y[: int(self.whole_seconds * self.sr)]
             level = _Level()
             level.add(y)
@@ -284,6 +284,7 @@ class Predictor:
             flush()
         weights = np.array([s.end - s.start for s in segments])
         probs = (np.stack([s.probabilities for s in segments]) * weights[:, None]).sum(0) / weights.sum()
+        probs = probs.astype(np.float32)  # the windows' dtype, as a batch of clips gives
         return Prediction(name, self.classes, probs, segments, level.seconds(self.sr), level.dbfs())
 
     def _waveform(self, samples, sr) -> np.ndarray:
@@ -295,12 +296,18 @@ class Predictor:
             raise ValueError("empty waveform")
         if not np.isfinite(y).all():  # on the host, where it is free (the device's features do not check)
             raise ValueError("the waveform contains NaN or Inf samples")
-        if sr is not None and sr != self.sr:
+        if sr is None:
+            warnings.warn(
+                f"samples given without sr: taken to be at the model's {self.sr} Hz; pass sr= to say their rate",
+                stacklevel=3,
+            )
+        elif sr != self.sr:
             y = soxr.resample(y, sr, self.sr, quality="HQ").astype(np.float32, copy=False)
         return y
 
     def predict_waveform(self, samples, sr: Optional[int] = None, name: str = "<waveform>") -> Prediction:
-        """Mono samples (NumPy or torch, 1-D) at `sr` (default: the model's rate, `self.sr`)."""
+        """Mono samples (NumPy or torch, 1-D) at `sr` (without it: the model's rate, `self.sr`, with
+        a warning)."""
         y = self._waveform(samples, sr)
         level = _Level()
         level.add(y)
@@ -313,7 +320,7 @@ class Predictor:
         seconds, _ = info(path)
         if seconds <= self.whole_seconds:
             y, _ = load(path, sr=self.sr)
-            return self.predict_waveform(y, name=path)
+            return self.predict_waveform(y, self.sr, name=path)
         level = _Level()
 
         def blocks():
@@ -340,7 +347,7 @@ class Predictor:
                 continue
             y = self._waveform(item, sr)
             if y.size > self.whole_seconds * self.sr:
-                results[i] = self.predict_waveform(y)
+                results[i] = self.predict_waveform(y, self.sr)
             else:
                 short.append((i, y))
         for start in range(0, len(short), self.batch_size):

@@ -30,13 +30,14 @@ from fastser.config import RUN_OPTIONS, SCHEMA_VERSION, TrainConfig
 from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.errors import UserError
 from fastser.memory import retain_freed_memory
+from fastser.threads import free_threads
 from fastser.data import SPLITS, check_classes, load_corpus, make_folds
 from fastser.data.cache import Perturbation, build_feature_table, with_copies
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
 from fastser.models.cnn import POOLINGS
 from fastser.normalization import NORMALIZE
 from fastser.checkpoints import SETTINGS_FILE, load_checkpoint, saved_settings, write_settings
-from fastser.training.console import log
+from fastser.training.console import log, result
 from fastser.training.experiment import Experiment
 from fastser.training.fold import cuda_graph_refusal
 from fastser.training.reports import metrics_of, run_cost, seed_ensemble, write_ablation, write_reports
@@ -145,7 +146,7 @@ def build_parser() -> ArgumentParser:
     model.add_argument(
         "--features",
         choices=("logmel", "spectrogram", "mfcc", "both"),
-        help="input branches: the log-mel CNN ('spectrogram' is its old name), the MFCC CNN, or both",
+        help="input branches: the log-mel CNN ('spectrogram' names it too), the MFCC CNN, or both",
     )
     model.add_argument(
         "--prosody",
@@ -162,8 +163,7 @@ def build_parser() -> ArgumentParser:
         "--pooling",
         choices=POOLINGS,
         help="how each CNN's last map becomes a vector: mean and max over time per frequency band "
-        "('time': keeps where in the spectrum), or over time and frequency ('global': what "
-        "checkpoints that predate the choice hold)",
+        "('time': keeps where in the spectrum), or over time and frequency ('global')",
     )
     model.add_argument("--width", type=int, help="channels per stem branch (model size)")
     model.add_argument("--embed-dim", type=int, help="size of the embedding the center loss acts on")
@@ -258,8 +258,8 @@ def build_parser() -> ArgumentParser:
     run.add_argument(
         "--threads",
         type=int,
-        help="CPU threads for torch and fastser's kernels (default: torch's choice, one per core); "
-        "a CPU run's result is decided by the seed, the processor and this count",
+        help="CPU threads for torch and fastser's kernels (default: the cores not busy with other work "
+        "when the run starts); a CPU run's result is decided by the seed, the processor and this count",
     )
     run.add_argument("--amp", action="store_true", help="bf16 autocast")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -417,6 +417,11 @@ def _with_out_dir(config: TrainConfig, info) -> TrainConfig:
                 _fork_run(folder, Path(out))
             info.barrier()  # under torchrun the other ranks read the copy
             resume = out  # continued in the new folder; the original stays as it was
+    elif out is not None and _holds_run(Path(out)):
+        raise UserError(
+            f"--out {out}: already holds a run; continue it with --resume {shlex.quote(out)}, "
+            f"or give a new folder to --out"
+        )
     if out is None:
         stamp = [dt.datetime.now().strftime("%Y%m%d-%H%M%S")]
         if info.enabled:
@@ -426,6 +431,13 @@ def _with_out_dir(config: TrainConfig, info) -> TrainConfig:
         Path(out).mkdir(parents=True, exist_ok=True)
     _LAST_OUT.append(Path(out))
     return config.replace(out=out, resume=resume)
+
+
+def _holds_run(folder: Path) -> bool:
+    """A folder a run has written to (its settings, a checkpoint or its metrics, or a part's)."""
+    return folder.is_dir() and any(
+        next(folder.rglob(name), None) is not None for name in (SETTINGS_FILE, "checkpoint.pt", "metrics.json")
+    )
 
 
 def _fork_run(source: Path, target: Path) -> None:
@@ -511,10 +523,15 @@ def train(config: TrainConfig) -> dict:
     """Run the experiment `config` describes (folds, seeds or the ablation) and return its metrics."""
     config = config.resolved()
     threads = torch.get_num_threads()
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
+    chosen, why = config.run.threads, None
+    if chosen is None and "OMP_NUM_THREADS" not in os.environ and _on_cpu(config.run.device):
+        chosen, why = free_threads()  # torch's one per core collapses when another process holds one
+    if chosen:
+        torch.set_num_threads(chosen)
+    if why and "busy" in why:
+        log(why, config.run.no_progress)
     try:
-        with deterministic_mode(config.run.deterministic):
+        with deterministic_mode(config.run.deterministic), repeatable_cpu_kernels():
             info = fdist.setup(config.run.device)
             try:
                 metrics = _main(config, info)
@@ -525,6 +542,25 @@ def train(config: TrainConfig) -> dict:
             return metrics
     finally:
         torch.set_num_threads(threads)  # main() may be called from a notebook or a test
+
+
+def _on_cpu(device: "str | None") -> bool:
+    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+
+
+@contextlib.contextmanager
+def repeatable_cpu_kernels():
+    """oneDNN's deterministic attribute, on for every run: oneDNN may accumulate with atomics in
+    some of its CPU convolution, matmul and normalisation kernels, which makes two runs of one
+    command differ at the same thread count (seen on an Intel Xeon, where --deterministic, which
+    also sets it, made six of six runs identical). On the AMD EPYC measured it changed neither the
+    bits nor the time of ten training steps. The previous setting comes back afterwards."""
+    before = torch.backends.mkldnn.deterministic
+    torch.backends.mkldnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.deterministic = before
 
 
 @contextlib.contextmanager
@@ -637,8 +673,10 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
             path = resume if resume.is_file() else resume / inside / "checkpoint.pt"
             if path.exists():
                 run.resume_from(load_checkpoint(path, finished=False))
-            elif sub == out:
-                raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+            elif sub == out and info.is_main:
+                # stopped before its first checkpoint: nothing was trained, so it starts again with
+                # the settings it was started with (the printed resume command always works)
+                log(f"{out}: no epoch had finished; training starts from the beginning", run_opts.no_progress)
         metrics = metrics_of(run, run.run())
         write_reports(run, metrics)
         fold_results[sub] = run.fold_results
@@ -662,13 +700,12 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
             metrics["seed_ensemble"] = ensemble
         if info.is_main:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            log(
+            result(
                 f"{len(per_seed)} seeds: "
                 + "  ".join(
                     f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1")
                 )
-                + (f"; their models averaged (soft vote): UA {ensemble['ua']:.3f}" if ensemble else ""),
-                run_opts.no_progress,
+                + (f"; their models averaged (soft vote): UA {ensemble['ua']:.3f}" if ensemble else "")
             )
     elif objective.ablation:
         results = {name: experiment(out / name, c, r) for name, (c, r) in ABLATION.items()}
@@ -686,13 +723,12 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
     if info.is_main and not objective.ablation:  # an ablation's parts each have their own metrics.json
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if info.is_main:
-        log(
+        result(
             f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
             f"{metrics['n_test']} test utterances ({_count(len(folds), 'fold')}); "
             f"skipped files: {metrics['skipped']['count']}; "
             f"{total:.1f} s (corpus {PHASES['corpus']:.1f}, features {PHASES['features']:.1f}, training and "
-            f"testing {metrics['phase_seconds']['training']:.1f}); artifacts in {out}",
-            run_opts.no_progress,
+            f"testing {metrics['phase_seconds']['training']:.1f}); artifacts in {out}"
         )
     return metrics
 

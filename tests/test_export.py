@@ -135,3 +135,26 @@ def test_the_command_line(run_dir, tmp_path, capsys, monkeypatch):
     assert export.cli([str(run_dir), "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "fastser[export]" in err
+
+
+def test_export_and_the_readme_load_print_only_fastser_lines(run_dir, tmp_path):
+    """No exporter or onnxruntime notes a user cannot act on: the command's stderr holds its own
+    warning lines only, and the README's way of loading the file prints nothing."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastser.export", str(run_dir), "--out", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines and all(line.startswith("python -m fastser.export: warning: ") for line in lines), lines
+    load = (
+        "import onnxruntime as ort\n"
+        "options = ort.SessionOptions()\n"
+        "options.log_severity_level = 3\n"
+        f"session = ort.InferenceSession({str(out)!r}, options)\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout == loaded.stderr == "", loaded.stderr

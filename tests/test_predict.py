@@ -8,6 +8,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import soundfile as sf
 
@@ -330,3 +331,33 @@ def test_the_python_api_takes_paths_arrays_at_their_rate_and_batches(run_dir, cl
     )
     with pytest.raises(ValueError, match="mono"):
         predictor.predict(np.stack([audio[0][:8000], audio[1][:8000]]))
+
+
+def test_raw_samples_without_a_rate_warn_and_every_path_gives_float32(run_dir, clips):
+    """Samples without sr are taken at the model's rate with a warning naming it; the probabilities
+    are float32 whichever way predict is called (one clip, a batch, a long clip's windows, a file)."""
+    import warnings
+
+    _, files, utts = clips
+    predictor = predict.Predictor(run_dir, batch_size=2)
+    clip = utts[0].audio
+    with pytest.warns(UserWarning, match=r"without sr: taken to be at the model's 16000 Hz"):
+        predictor.predict_waveform(clip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # given the rate, or reading a file: no warning
+        results = [
+            predictor.predict_waveform(clip, sr=16000),
+            *predictor.predict([clip, clip], sr=16000),
+            predictor.predict(np.tile(clip, 8), sr=16000),  # longer than a window: windows averaged
+            predictor.predict(files[0]),
+        ]
+    assert [r.probabilities.dtype for r in results] == [np.float32] * 5
+    assert predictor.probabilities(clip, sr=16000).dtype == torch.float32
+
+
+def test_library_errors_name_the_argument_not_a_command_line_flag(run_dir):
+    from fastser.errors import UserError
+
+    with pytest.raises(UserError) as bad:
+        predict.Predictor(run_dir, device="gpu")
+    assert str(bad.value).startswith("device 'gpu'") and "--" not in str(bad.value)

@@ -906,3 +906,47 @@ def test_epoch_totals_are_the_batch_weighted_means_of_the_steps():
     assert means["center"] == pytest.approx((16 * 20.0 + 5 * 10.0) / 21)
     assert means["recon"] == pytest.approx((16 * 0.5 + 5 * 0.25) / 21)
     assert means["train_acc"] == pytest.approx(12 / 21)
+
+
+def test_interrupt_before_the_first_checkpoint_prints_a_command_that_works(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in epoch 1: nothing was checkpointed, yet the printed command continues the run (it
+    starts again with the run's own settings) instead of failing on a missing checkpoint."""
+    out = tmp_path / "cut"
+
+    def ctrl_c(self, epoch):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(fold_training.FoldTraining, "train_epoch", ctrl_c)
+        assert train.cli(SMALL + ["--epochs", "1", "--seed", "2", "--out", str(out)]) == 130
+    hint = capsys.readouterr().err.strip().splitlines()
+    assert hint[-2].endswith("interrupted; continue it with:") and not (out / "checkpoint.pt").exists()
+    words = hint[-1].split()
+    assert words[-2:] == ["--resume", str(out)]
+    assert train.cli(words[-2:]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert "no epoch had finished" in capsys.readouterr().err
+    fresh = train.main(SMALL + ["--epochs", "1", "--seed", "2", "--out", str(tmp_path / "fresh")])
+    assert resumed["folds"][0]["ua"] == fresh["folds"][0]["ua"]
+
+
+def test_out_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.cli(SMALL + ["--epochs", "1", "--out", str(out)]) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert train.cli(SMALL + ["--epochs", "1", "--seed", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: --out" in err[0] and f"--resume {out}" in err[0] and "new folder" in err[0]
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert train.cli(SMALL + ["--epochs", "1", "--out", str(tmp_path / "empty-is-fine")]) == 0
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_results_go_to_stdout_and_progress_to_stderr_with_or_without_the_bar(tmp_path, capsys, progress):
+    flags = [f for f in SMALL if f != "--no-progress"] + ([] if progress else ["--no-progress"])
+    assert train.cli(flags + ["--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("WA ") and " UA " in out[0]
+    assert "epoch 1" in captured.err and not any(line.startswith("WA ") for line in captured.err.splitlines())

@@ -29,8 +29,8 @@ import triton.language as tl
 
 from fastser.ops._triton_launch import TritonLaunch, cdiv, next_power_of_2
 
-if TYPE_CHECKING:  # the argument structures are declared with the op (center_loss.py)
-    from fastser.ops.center_loss import RowWeights, Targets
+if TYPE_CHECKING:
+    from fastser.ops.center_loss_types import RowWeights, Targets
 
 ROWS = 4  # rows per program: enough independent loads in flight for D in the hundreds
 SCATTER_NONE, SCATTER_WEN, SCATTER_GRAD = 0, 1, 2

@@ -1,4 +1,6 @@
-"""Log lines of a run, printed beside its progress bar without breaking it."""
+"""Where a run's text goes, the same with or without the progress bar: progress and log lines on
+stderr (the bar redrawn below them), results on stdout, so `fastser-train ... > result.txt` keeps
+the results and a terminal still shows the progress."""
 
 from __future__ import annotations
 
@@ -6,10 +8,16 @@ import sys
 
 
 def log(msg: str, quiet_bar: bool) -> None:
-    """One line: printed plainly with --no-progress, else through tqdm so the bar stays below it."""
+    """One progress or log line on stderr: printed plainly with --no-progress, else through tqdm so
+    the bar stays below it."""
     if quiet_bar:
-        print(msg, flush=True)
+        print(msg, file=sys.stderr, flush=True)
     else:
         from tqdm.auto import tqdm
 
         tqdm.write(msg, file=sys.stderr)
+
+
+def result(msg: str) -> None:
+    """A result line (the run's scores) on stdout."""
+    print(msg, flush=True)

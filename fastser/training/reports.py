@@ -14,7 +14,7 @@ import torch
 from fastser import __version__
 from fastser.metrics import summarize
 from fastser.ops import backends_in_use
-from fastser.training.console import log
+from fastser.training.console import result
 from fastser.training.experiment import Experiment
 from fastser.training.fold import ENROLLMENT_CLIPS, FALLBACKS
 
@@ -272,4 +272,4 @@ def write_ablation(out: Path, results: dict, config) -> None:
             f"{r['macro_f1']:.1%} |"
         )
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
-    log("\n" + "\n".join(lines), config.run.no_progress)
+    result("\n" + "\n".join(lines))

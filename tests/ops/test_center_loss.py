@@ -815,3 +815,23 @@ def test_a_validated_step_reads_the_host_once_or_never(backend, validate):
         with pytest.raises(ValueError, match="label 4 at index 5 is out of range"):
             loss_fn(x, bad).backward()
         assert torch.equal(loss_fn.centers, before)
+
+
+def test_use_gpu_without_cuda_keeps_the_centers_on_the_cpu_and_says_so_once(monkeypatch):
+    """The README's drop-in line, CenterLoss(C, D, use_gpu=True), on a machine without CUDA: one
+    warning naming where the centers are, and a module that trains on the CPU."""
+    import warnings
+
+    from fastser.nn import CenterLoss
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss_fn = CenterLoss(num_classes=10, feat_dim=2, use_gpu=True)
+    assert [str(w.message) for w in caught] == [
+        "CenterLoss(use_gpu=True): CUDA is not available, the centers stay on the CPU"
+    ]
+    assert loss_fn.centers.device.type == "cpu"
+    x = torch.randn(4, 2, requires_grad=True)
+    loss_fn(x, torch.tensor([0, 1, 2, 3])).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

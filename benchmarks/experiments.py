@@ -1,0 +1,616 @@
+"""The experiment queue: accuracy comparisons in units of one fold, each kept the moment it ends.
+
+    python -m benchmarks.experiments run benchmarks/plans/PLAN.json --budget-minutes 120
+    python -m benchmarks.experiments status benchmarks/plans/PLAN.json
+    python -m benchmarks.experiments compare benchmarks/plans/PLAN.json [--arms BASE OTHER ...]
+
+A plan (a JSON file, see benchmarks/plans/) names a corpus, seeds, folds and arms; an arm is a list
+of `python -m fastser.train` flags, so it is checked exactly as the command line checks it. A unit
+is one fold of one arm and one seed, trained exactly as that fold of a full run is (same fold
+index, same seeds), and scored with and without enrollment. Its result — per-utterance predictions,
+UA/WA, the no-enrollment scores, the settings, the processor, the thread count and the seconds — is
+written atomically to
+
+    benchmarks/results/accuracy/units/<arm>/seed-<seed>/<test speaker>.json
+
+as soon as it ends. `run` skips units that have a file, never starts one it cannot finish inside
+the budget (estimated from the arm's finished units, or another arm's scaled by the training
+FLOPs), and a later `run` of the same plan, on this machine or another, continues it. Units are
+taken seed by seed, fold by fold, every arm of a fold before the next fold, so that pairs complete
+as the queue goes. `--workers 2` runs two 1-thread processes that claim units one at a time.
+
+`compare` pairs arms by (seed, test speaker) over whatever units exist and says how many pairs it
+rests on and how many units are still missing. Unit files of one arm must share its settings: an
+arm whose flags change is a new arm (a new name), never a silent mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from fastser.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = Path(__file__).resolve().parent / "results" / "accuracy" / "units"
+SCRATCH = ROOT / "runs" / "experiments"  # the units' run folders and claims (git ignores runs/)
+SAFETY = 1.15  # a unit starts only if 1.15 x its estimated time fits in what is left of the budget
+FIRST_GUESS_MINUTES = 5.0  # a unit's estimate before any unit of any arm has finished (--unit-minutes)
+
+
+class PlanError(UserError):
+    """A plan that cannot be run as written (shown as one line, exit 2)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    arm: str
+    seed: int
+    fold: int  # index in the split's fold list (the same for every seed under LOSO)
+    fold_name: str
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.fold_name.removeprefix("test=")).strip("_") or f"fold{self.fold}"
+
+    def path(self, units: Path = UNITS) -> Path:
+        return units / self.arm / f"seed-{self.seed}" / f"{self.slug}.json"
+
+
+@dataclass
+class Plan:
+    """A plan file: what to train (arms x seeds x folds) and on what."""
+
+    path: Path
+    corpus: str
+    data_dir: Optional[str]
+    seeds: list
+    folds: Optional[list]  # fold indices (0-based), None: every fold of the split
+    common: list  # flags every arm gets
+    arms: dict  # name -> flags
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no such plan file") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not valid JSON ({e})") from None
+        unknown = sorted(set(raw) - {"description", "corpus", "data_dir", "seeds", "folds", "args", "arms"})
+        if unknown:
+            raise PlanError(f"{path}: unknown keys {unknown}")
+        arms = raw.get("arms")
+        if not isinstance(arms, dict) or not arms:
+            raise PlanError(f"{path}: 'arms' must map arm names to lists of fastser.train flags")
+        for name, flags in arms.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise PlanError(f"{path}: arm name {name!r}: use letters, digits, '-', '_' and '.'")
+            if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+                raise PlanError(f"{path}: arm {name!r}: its flags must be a list of strings")
+        seeds = raw.get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise PlanError(f"{path}: 'seeds' must be a non-empty list of integers")
+        folds = raw.get("folds", "all")
+        if folds == "all":
+            folds = None
+        elif isinstance(folds, list) and folds and all(isinstance(f, int) and f >= 1 for f in folds):
+            folds = [f - 1 for f in folds]
+        else:
+            raise PlanError(f"{path}: 'folds' must be \"all\" or a list of fold numbers counted from 1")
+        data_dir = raw.get("data_dir")
+        if data_dir is not None and not os.path.isabs(data_dir):
+            data_dir = str((ROOT / data_dir).resolve())  # relative to the repository, wherever it is run from
+        return cls(path, raw.get("corpus", "synthetic"), data_dir, seeds, folds, list(raw.get("args", [])), arms)
+
+    def flags(self, arm: str, seed: int, threads: Optional[int] = None) -> list:
+        flags = ["--corpus", self.corpus, *self.common, *self.arms[arm], "--seed", str(seed), "--no-progress"]
+        if self.data_dir:
+            flags += ["--data-dir", self.data_dir]
+        if threads:
+            flags += ["--threads", str(threads)]
+        return flags
+
+    def config(self, arm: str, seed: int, threads: Optional[int] = None):
+        """The arm's TrainConfig, parsed as the command line parses it."""
+        from fastser.train import parse_config
+
+        try:
+            config = parse_config(self.flags(arm, seed, threads)).resolved()
+        except SystemExit:  # argparse has printed its one line
+            raise PlanError(f"{self.path}: arm {arm!r}: fastser.train refuses its flags (above)") from None
+        for key in ("seeds", "ablation", "max_folds", "resume", "out"):
+            if config.settings()[key] not in (None, False):
+                raise PlanError(f"{self.path}: arm {arm!r}: --{key.replace('_', '-')} has no place in a unit")
+        return config
+
+    def units(self) -> list:
+        """Every unit, in the order the queue takes them: seed, fold, arm."""
+        from fastser.data import load_corpus, make_folds
+
+        config = self.config(next(iter(self.arms)), self.seeds[0])
+        corpus = load_corpus(config.data.corpus, config.data.data_dir, **_corpus_options(config))
+        corpus = corpus.with_classes(config.data.classes)
+        split = config.data.split or corpus.default_split
+        names = [f.name for f in make_folds(corpus, split, n_folds=config.data.folds, seed=self.seeds[0])]
+        if split != "loso":
+            raise PlanError(f"{self.path}: the queue pairs folds by test speaker: use a leave-one-speaker-out split")
+        chosen = range(len(names)) if self.folds is None else self.folds
+        bad = [i + 1 for i in chosen if i >= len(names)]
+        if bad:
+            raise PlanError(f"{self.path}: folds {bad}: the split has {len(names)} folds")
+        return [Unit(arm, seed, i, names[i]) for seed in self.seeds for i in chosen for arm in self.arms]
+
+
+def _corpus_options(config) -> dict:
+    d = config.data
+    if d.corpus == "synthetic":
+        from fastser.train import default_cache_dir
+
+        return {
+            "seed": config.optim.seed,
+            "n_speakers": d.synthetic_speakers,
+            "per_class": d.synthetic_per_class,
+            "cache_dir": None if d.no_cache else d.cache_dir or default_cache_dir(),
+        }
+    return {"subset": d.iemocap_subset} if d.corpus == "iemocap" else {}
+
+
+# -- one unit ---------------------------------------------------------------------------------
+def _jsonable(settings: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+def _machine() -> str:
+    from benchmarks.accuracy import _machine as machine
+
+    return machine()
+
+
+def _commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+class UnitRunner:
+    """Trains units in this process; the feature tables are loaded once per set of inputs."""
+
+    def __init__(self, plan: Plan, threads: Optional[int], scratch: Path):
+        self.plan, self.threads, self.scratch = plan, threads, scratch
+        self._tables: dict = {}
+
+    def _table(self, config, info):
+        from fastser.train import load_table
+
+        d, m, a = config.data, config.model, config.augment
+        key = (d.corpus, d.classes, d.max_seconds, m.features, m.prosody, a.speed_perturb, a.noise, d.iemocap_subset)
+        if d.corpus == "synthetic":
+            key += (config.optim.seed, d.synthetic_speakers, d.synthetic_per_class)
+        if key not in self._tables:
+            self._tables[key] = load_table(config, info)
+        return self._tables[key]
+
+    def run(self, unit: Unit) -> dict:
+        import torch
+
+        from fastser import distributed as fdist
+        from fastser.data import make_folds
+        from fastser.features.featureset import FeatureSet
+        from fastser.metrics import summarize
+        from fastser.train import deterministic_mode, repeatable_cpu_kernels
+        from fastser.training.experiment import Experiment
+        from fastser.training.fold import FALLBACKS, FoldTraining
+
+        t0 = time.perf_counter()
+        config = self.plan.config(unit.arm, unit.seed, self.threads)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with deterministic_mode(config.run.deterministic), repeatable_cpu_kernels():
+            info = fdist.setup(config.run.device)
+            table = self._table(config, info)
+            split = config.data.split or table.corpus.default_split
+            folds = make_folds(table.corpus, split, n_folds=config.data.folds, seed=config.optim.seed)
+            if folds[unit.fold].name != unit.fold_name:
+                raise PlanError(f"fold {unit.fold + 1} is {folds[unit.fold].name}, the plan expected {unit.fold_name}")
+            out = self.scratch / unit.arm / f"seed-{unit.seed}" / unit.slug
+            out.mkdir(parents=True, exist_ok=True)
+            o = config.objective
+            experiment = Experiment(
+                config,
+                info,
+                table,
+                folds,
+                split,
+                out,
+                0.0 if o.no_center else o.lambda_center,
+                0.0 if o.no_recon else o.lambda_recon,
+                FeatureSet.paper(table.feats),
+            )
+            t_train = time.perf_counter()
+            result = FoldTraining(experiment, unit.fold, folds[unit.fold]).run()
+            train_seconds = time.perf_counter() - t_train
+        classes = table.corpus.classes
+        y_true = np.asarray(result["y_true"])
+        fallback = {
+            level: summarize(y_true, np.asarray(result[f"y_pred_{level}_norm"]), classes)["ua"]
+            for level in FALLBACKS
+            if f"y_pred_{level}_norm" in result
+        }
+        utterances = [table.corpus.utterances[r].uid for r in result["test_rows"]]
+        return {
+            "arm": unit.arm,
+            "flags": self.plan.arms[unit.arm],
+            "seed": unit.seed,
+            "fold": unit.fold,
+            "fold_name": unit.fold_name,
+            "test_speakers": result["test_speakers"],
+            "classes": list(classes),
+            "ua": result["ua"],
+            "wa": result["wa"],
+            "macro_f1": result["macro_f1"],
+            "n_test": result["n_test"],
+            "fallback_ua": fallback,
+            "predictions": {
+                "utterances": utterances,
+                "y_true": result["y_true"],
+                "y_pred": result["y_pred"],
+                "probs": result["probs"],
+                **{f"y_pred_{level}": result[f"y_pred_{level}_norm"] for level in fallback},
+            },
+            "settings": _jsonable(config.computed_settings()),
+            "machine": _machine(),
+            "threads": torch.get_num_threads(),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "train_seconds": round(train_seconds, 2),
+            "commit": _commit(),
+            "date": dt.datetime.now().isoformat(timespec="seconds"),
+        }
+
+
+def write_unit(path: Path, record: dict) -> None:
+    """Atomically: a reader (or a later queue) sees no file or the whole of it."""
+    from fastser._io import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(record, f, separators=(",", ":"))
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def read_unit(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# -- the queue --------------------------------------------------------------------------------
+def _claim(unit: Unit, claims: Path) -> Optional[Path]:
+    """Take the unit for this process (None: another live process has it)."""
+    claim = claims / unit.arm / f"seed-{unit.seed}" / f"{unit.slug}.pid"
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(claim.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return None
+            claim.unlink(missing_ok=True)  # its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return claim
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _epoch_cost(settings: dict) -> float:
+    """Training FLOPs of one epoch, up to the corpus size: a step's FLOPs / batch x epochs."""
+    from benchmarks.flops import training_step_flops
+
+    return training_step_flops(settings) / settings["batch_size"] * settings["epochs"]
+
+
+def estimate_seconds(
+    plan: Plan, arm: str, units: Path = UNITS, threads: Optional[int] = None, first_guess: float = FIRST_GUESS_MINUTES
+) -> float:
+    """A unit's expected time: the slowest of the arm's finished units (at this thread count where
+    there are such), else another arm's scaled by training FLOPs, else `first_guess` minutes."""
+
+    def finished(name: str) -> list:
+        records = [read_unit(p) for p in sorted((units / name).glob("seed-*/*.json"))]
+        same = [r for r in records if threads is None or r.get("threads") == threads]
+        return same or records
+
+    own = finished(arm)
+    if own:
+        return max(r["seconds"] for r in own)
+    mine = _epoch_cost(plan.config(arm, plan.seeds[0]).computed_settings())
+    for other in plan.arms:
+        done = finished(other)
+        if done:
+            return max(r["seconds"] for r in done) * mine / _epoch_cost(done[0]["settings"])
+    return first_guess * 60
+
+
+def check_settings(plan: Plan, unit: Unit, record: dict) -> None:
+    """A unit file made with other settings than the arm now has is an error, never a silent mix."""
+    expected = _jsonable(plan.config(unit.arm, unit.seed).computed_settings())
+    differ = sorted(k for k in set(expected) | set(record["settings"]) if expected.get(k) != record["settings"].get(k))
+    if differ:
+        raise PlanError(
+            f"{unit.path()}: made with other settings than arm {unit.arm!r} has now (differs in {differ}); "
+            f"give the changed arm a new name"
+        )
+
+
+def run_queue(
+    plan: Plan,
+    budget_minutes: float,
+    threads: Optional[int] = None,
+    units_dir: Path = UNITS,
+    scratch: Optional[Path] = None,
+    max_units: Optional[int] = None,
+    first_guess: float = FIRST_GUESS_MINUTES,
+    log=print,
+) -> list:
+    """Train the plan's missing units, one at a time, while the budget allows; returns the paths written."""
+    deadline = time.monotonic() + budget_minutes * 60
+    scratch = scratch or SCRATCH
+    runner, written = UnitRunner(plan, threads, scratch / "runs"), []
+    todo = plan.units()
+    for unit in todo:
+        path = unit.path(units_dir)
+        if path.exists():
+            check_settings(plan, unit, read_unit(path))
+            continue
+        if max_units is not None and len(written) >= max_units:
+            break
+        need = estimate_seconds(plan, unit.arm, units_dir, threads, first_guess) * SAFETY
+        left = deadline - time.monotonic()
+        if need > left:
+            log(
+                f"skip {unit.arm} seed {unit.seed} {unit.fold_name}: "
+                f"needs about {need / 60:.1f} min, {left / 60:.1f} left"
+            )
+            continue
+        claim = _claim(unit, scratch / "claims")
+        if claim is None:
+            continue  # another worker trains it
+        try:
+            if path.exists():  # finished by another worker between the check and the claim
+                continue
+            record = runner.run(unit)
+            write_unit(path, record)
+            written.append(path)
+            log(
+                f"{unit.arm} seed {unit.seed} {unit.fold_name}: UA {record['ua']:.3f} "
+                f"(no enrollment {record['fallback_ua'].get('training', float('nan')):.3f}) "
+                f"in {record['seconds']:.0f} s -> {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
+            )
+        finally:
+            claim.unlink(missing_ok=True)
+    return written
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity mask, which taskset and containers set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _run_workers(args, plan: Plan) -> int:
+    """--workers N: N processes of `run`, each with cores / N threads, claiming units one at a time."""
+    per = args.threads or max(1, _cores() // args.workers)
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.experiments",
+        "run",
+        str(plan.path),
+        "--budget-minutes",
+        str(args.budget_minutes),
+        "--threads",
+        str(per),
+        "--workers",
+        "1",
+        "--unit-minutes",
+        str(args.unit_minutes),
+    ]
+    for flag, value in (
+        ("--units-dir", args.units_dir),
+        ("--scratch-dir", args.scratch_dir),
+        ("--max-units", args.max_units),
+    ):
+        if value is not None:
+            cmd += [flag, str(value)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT) for _ in range(args.workers)]
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
+# -- reading the units ------------------------------------------------------------------------
+def load_units(plan: Plan, units_dir: Path = UNITS) -> dict:
+    """{(arm, seed, fold_name): record} of the plan's units that have a file."""
+    found = {}
+    for unit in plan.units():
+        path = unit.path(units_dir)
+        if path.exists():
+            record = read_unit(path)
+            check_settings(plan, unit, record)
+            found[(unit.arm, unit.seed, unit.fold_name)] = record
+    return found
+
+
+def pooled_ua(records: list, level: Optional[str] = None) -> float:
+    """UA over the utterances of `records` pooled (as a full run's metrics.json scores its folds)."""
+    from fastser.metrics import summarize
+
+    key = "y_pred" if level is None else f"y_pred_{level}"
+    if any(key not in r["predictions"] for r in records):
+        return float("nan")
+    y_true = np.concatenate([r["predictions"]["y_true"] for r in records])
+    y_pred = np.concatenate([r["predictions"][key] for r in records])
+    return summarize(y_true, y_pred, records[0]["classes"])["ua"]
+
+
+def compare(plan: Plan, arms: Optional[list] = None, units_dir: Path = UNITS) -> str:
+    """Each arm against the first, on the (seed, test speaker) pairs both have: a markdown table."""
+    from scipy.stats import ttest_rel
+
+    arms = arms or list(plan.arms)
+    unknown = [a for a in arms if a not in plan.arms]
+    if unknown:
+        raise PlanError(f"{plan.path}: no arm {unknown[0]!r} (arms: {', '.join(plan.arms)})")
+    found = load_units(plan, units_dir)
+    planned = {(u.seed, u.fold_name) for u in plan.units()}
+    base = arms[0]
+    levels = ("training", "utterance", "enroll1")
+    lines = [
+        f"**{plan.path.stem}**: each arm against `{base}` on the (seed, test speaker) pairs both have; "
+        "UA pooled over a seed's folds, mean ± std over seeds; Δ per fold: mean, better / worse, paired t-test p",
+        "",
+        "| arm | pairs | missing | UA % | UA % base | Δ UA per fold | better / worse | p | "
+        + " | ".join(f"UA % {lv} statistics (base)" for lv in levels)
+        + " | minutes per fold (base) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|" + "---:|" * len(levels) + "---:|",
+    ]
+    for arm in arms:
+        pairs = sorted(k for k in planned if (arm, *k) in found and (base, *k) in found)
+        missing = sum((arm, *k) not in found for k in planned)
+        if not pairs:
+            lines.append(f"| {arm} | 0 | {missing} |" + " |" * (7 + len(levels)))
+            continue
+
+        def by_seed(name: str, level: Optional[str] = None) -> str:
+            values = [
+                pooled_ua([found[(name, s, f)] for (s2, f) in pairs if s2 == s], level)
+                for s in sorted({s for s, _ in pairs})
+            ]
+            mean, std = 100 * float(np.mean(values)), 100 * float(np.std(values))
+            return "" if math.isnan(mean) else f"{mean:.1f}" + (f" ± {std:.1f}" if len(values) > 1 else "")
+
+        delta = np.array([found[(arm, *k)]["ua"] - found[(base, *k)]["ua"] for k in pairs])
+        p = ttest_rel([found[(arm, *k)]["ua"] for k in pairs], [found[(base, *k)]["ua"] for k in pairs]).pvalue
+        minutes = np.mean([found[(arm, *k)]["seconds"] for k in pairs]) / 60
+        minutes_base = np.mean([found[(base, *k)]["seconds"] for k in pairs]) / 60
+        cells = [f"{by_seed(arm, lv)} ({by_seed(base, lv)})" for lv in levels]
+        lines.append(
+            f"| {arm} | {len(pairs)} | {missing} | {by_seed(arm)} | {by_seed(base)} | {100 * delta.mean():+.1f} | "
+            f"{int((delta > 0).sum())} / {int((delta < 0).sum())} | "
+            f"{'' if arm == base or math.isnan(p) else f'{p:.3f}'} | "
+            + " | ".join(cells)
+            + f" | {minutes:.1f} ({minutes_base:.1f}) |"
+        )
+    return "\n".join(lines)
+
+
+def status(plan: Plan, units_dir: Path = UNITS, threads: Optional[int] = None) -> str:
+    found = load_units(plan, units_dir)
+    lines = []
+    for arm in plan.arms:
+        units = [u for u in plan.units() if u.arm == arm]
+        done = [u for u in units if (arm, u.seed, u.fold_name) in found]
+        left = len(units) - len(done)
+        eta = estimate_seconds(plan, arm, units_dir, threads) * left / 60
+        lines.append(f"{arm}: {len(done)} of {len(units)} units done; about {eta:.0f} min of training left")
+    return "\n".join(lines)
+
+
+# -- command line -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train the plan's missing units inside a time budget")
+    r.add_argument("plan")
+    r.add_argument("--budget-minutes", type=float, required=True, help="start no unit that would end after this")
+    r.add_argument("--threads", type=int, help="torch threads per process (default: cores / workers)")
+    r.add_argument(
+        "--workers",
+        type=int,
+        help="processes claiming units (default: one per core, each with one thread: on 2 cores two "
+        "1-thread processes train 1.2x the epochs of one 2-thread process, docs/accuracy.md)",
+    )
+    r.add_argument("--max-units", type=int, help="stop after this many units")
+    r.add_argument(
+        "--unit-minutes",
+        type=float,
+        default=FIRST_GUESS_MINUTES,
+        help="a unit's estimated time while no arm of the plan has a finished unit",
+    )
+    r.add_argument("--units-dir", help=argparse.SUPPRESS)
+    r.add_argument("--scratch-dir", help=argparse.SUPPRESS)
+    s = sub.add_parser("status", help="units done and left per arm")
+    s.add_argument("plan")
+    s.add_argument("--units-dir", help=argparse.SUPPRESS)
+    c = sub.add_parser("compare", help="paired comparison of the arms on the units that exist")
+    c.add_argument("plan")
+    c.add_argument("--arms", nargs="+", help="the base arm first (default: the plan's arms, in order)")
+    c.add_argument("--units-dir", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = Plan.load(args.plan)
+    units_dir = Path(args.units_dir) if args.units_dir else UNITS
+    if args.command == "compare":
+        print(compare(plan, args.arms, units_dir))
+    elif args.command == "status":
+        print(status(plan, units_dir))
+    elif (args.workers or _cores()) > 1:
+        args.workers = args.workers or _cores()
+        return _run_workers(args, plan)
+    else:
+        threads = args.threads or _cores()
+        written = run_queue(
+            plan,
+            args.budget_minutes,
+            threads,
+            units_dir,
+            scratch=Path(args.scratch_dir) if args.scratch_dir else None,
+            max_units=args.max_units,
+            first_guess=args.unit_minutes,
+            log=lambda line: print(line, flush=True),
+        )
+        print(f"{len(written)} units written; " + status(plan, units_dir, threads).replace("\n", "; "), flush=True)
+    return 0
+
+
+def cli(argv=None) -> int:
+    from fastser.cli import run_cli
+
+    return run_cli(main, "benchmarks.experiments", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,78 @@
+"""Floating-point work of one training step, counted: `python -m benchmarks.flops [--batch-size B] [--width W] ...`.
+
+    training_step_flops(settings)   # a run's flat settings (config.json, an accuracy row's "settings")
+
+The model a run's settings build, its forward and backward on one training batch (batch_size crops
+of train_seconds), counted by torch.utils.flop_counter on the `meta` device: nothing is computed,
+so it costs milliseconds and needs no data. Counted are the matrix products and convolutions (what
+FlopCounterMode knows; the element-wise passes, pooling and normalisation move bytes rather than
+FLOPs). The inputs need no gradient, so the first convolutions' input gradient is not counted, as it
+is not computed in training. The accuracy table shows it beside each row's time, so a change that
+makes training cheaper says by how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastser.config import ModelConfig, ObjectiveConfig, OptimConfig, migrated
+from fastser.features.featureset import FeatureSet
+from fastser.models import SERModel
+
+FRAMES_PER_SECOND = 100  # the 10 ms hop of every feature kind: a training crop is int(seconds * 100) frames
+DEFAULTS = {f.name: f.default for cls in (ModelConfig, ObjectiveConfig, OptimConfig) for f in dataclasses.fields(cls)}
+
+
+def _kinds(features: str, prosody: bool) -> list:
+    return (["logmel", "mfcc"] if features == "both" else [features]) + (["prosody"] if prosody else [])
+
+
+def training_step_flops(settings: dict, num_classes: int = 8) -> int:
+    """FLOPs of one training step (forward and backward) of the model `settings` describe. Settings
+    a run never recorded take what fastser did before recording them (fastser.config.migrated), the
+    others today's default; num_classes only sizes the classifier (a few kFLOP)."""
+    s = {**DEFAULTS, **migrated({k: v for k, v in settings.items() if v is not None})}
+    features = FeatureSet.paper(_kinds(s["features"], s["prosody"]))
+    model = SERModel(
+        features.n_bins,
+        num_classes,
+        width=s["width"],
+        embed_dim=s["embed_dim"],
+        reconstruct=s["lambda_recon"] > 0,
+        bin_stats=s["bin_stats"],
+        pooling=s["pooling"],
+    ).to("meta")
+    batch, frames = s["batch_size"], int(s["train_seconds"] * FRAMES_PER_SECOND)
+    feats = {k: torch.empty(batch, bins, frames, device="meta") for k, bins in features.n_bins.items()}
+    labels = torch.zeros(batch, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        result = model(feats, torch.full((batch,), frames, device="meta"))
+        loss = F.cross_entropy(result.logits, labels) + sum(
+            F.mse_loss(r, feats[k]) for k, r in result.reconstruction.items()
+        )
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.splitlines()[0])
+    for name in ("batch_size", "width", "embed_dim"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=DEFAULTS[name])
+    parser.add_argument("--train-seconds", type=float, default=DEFAULTS["train_seconds"])
+    parser.add_argument("--features", default=ModelConfig.features)
+    parser.add_argument("--no-prosody", action="store_true")
+    parser.add_argument("--pooling", default=ModelConfig.pooling)
+    args = parser.parse_args(argv)
+    settings = {**vars(args), "prosody": not args.no_prosody}
+    settings.pop("no_prosody")
+    print(f"{training_step_flops(settings) / 1e9:.2f} GFLOP per training step (forward + backward)")
+
+
+if __name__ == "__main__":
+    main()
