@@ -158,7 +158,7 @@ class Plan:
 def _corpus_options(config) -> dict:
     d = config.data
     if d.corpus == "synthetic":
-        from fastser.train import default_cache_dir
+        from fastser.training.run import default_cache_dir
 
         return {
             "seed": config.optim.seed,
@@ -196,7 +196,7 @@ class UnitRunner:
         self._tables: dict = {}
 
     def _table(self, config, info):
-        from fastser.train import load_table
+        from fastser.training.run import load_table
 
         d, m, a = config.data, config.model, config.augment
         key = (d.corpus, d.classes, d.max_seconds, m.features, m.prosody, a.speed_perturb, a.noise, d.iemocap_subset)
@@ -213,7 +213,7 @@ class UnitRunner:
         from fastser.data import make_folds
         from fastser.features.featureset import FeatureSet
         from fastser.metrics import summarize
-        from fastser.train import deterministic_mode, repeatable_cpu_kernels
+        from fastser.training.run import deterministic_mode, repeatable_cpu_kernels
         from fastser.training.experiment import Experiment
         from fastser.training.fold import FALLBACKS, FoldTraining
 

@@ -167,3 +167,66 @@ def enrollment_subsets(speakers: torch.Tensor, rows: torch.Tensor, k: int, gen: 
             pick = others[torch.randperm(others.numel(), generator=gen)[:k]]
             members.append(torch.stack([torch.full_like(pick, i * draws + d), pick], 1))
     return torch.cat(members)
+
+
+class TableStatistics:
+    """The statistics a feature table's rows can be normalised with, each made on first use and
+    kept: one set per speaker or per utterance (`groups`), from k random other clips of a row's
+    speaker (`enrollment`), and the mixtures enrollment dropout trains with (`mixed`). They use no
+    labels, so every fold of an experiment shares them.
+
+    Args:
+        table: a feature table (fastser.data.cache): `feats` {kind: (N, bins, T)}, `frames` (N,),
+            `speakers` (N,), `n_utterances` and `copies` (perturbed copies appended after the
+            originals, each its own speaker).
+    """
+
+    def __init__(self, table):
+        self.table = table
+        self._groups: dict = {}
+
+    def groups(self, level: str) -> tuple:
+        """(Normalizer, groups (N,)) with one set of statistics per speaker or per utterance of the
+        table. They use no labels, so they are the same in every fold (a test speaker's come from
+        its own unlabelled audio, as a deployed model would get them from enrollment audio)."""
+        if level not in self._groups:
+            n = self.table.frames.shape[0]
+            if level == "speaker":
+                names = self.table.speakers  # a speed-perturbed copy is its own speaker
+                index = {s: i for i, s in enumerate(sorted(set(names.tolist())))}
+                groups = torch.tensor([index[s] for s in names.tolist()], dtype=torch.long)
+            else:
+                groups = torch.arange(n)
+            norm = Normalizer.fit_groups(self.table.feats, self.table.frames, groups, int(groups.max()) + 1)
+            self._groups[level] = (norm, groups)
+        return self._groups[level]
+
+    def enrollment(self, rows: torch.Tensor, k: int, gen: torch.Generator, draws: int = 1) -> Normalizer:
+        """For each of `rows`, `draws` sets of statistics from k random other clips of its speaker
+        (all of them when it has k or fewer): what predict computes from k enrollment clips.
+        Group i * draws + d is rows[i]'s d-th draw."""
+        _, speakers = self.groups("speaker")
+        members = enrollment_subsets(speakers, rows, k, gen, draws)
+        return Normalizer.fit_subsets(self.table.feats, self.table.frames, members, rows.shape[0] * draws)
+
+    def mixed(self, train_rows: torch.Tensor, corpus_norm: Normalizer, seed: int, clips: tuple) -> tuple:
+        """Enrollment dropout: what a training item may be normalised with instead of its
+        speaker's statistics, each source an equal share: the training rows' pooled ones
+        (`corpus_norm`, predict's fallback without enrollment), the item's own, and k other clips
+        of its speaker for each k in `clips` (4 random sets each). -> (Normalizer, alternatives (N, A)) for
+        `Batcher.mix_statistics`; the Normalizer's first groups are the speakers', as before."""
+        speaker_norm, speakers = self.groups("speaker")
+        utterance_norm, _ = self.groups("utterance")
+        n, n_speakers, draws = speakers.shape[0], speaker_norm.mean[next(iter(speaker_norm.mean))].shape[0], 4
+        # the training rows with their perturbed copies (each copy is its own speaker)
+        rows = torch.cat([train_rows + c * self.table.n_utterances for c in range(1 + len(self.table.copies))])
+        gen = torch.Generator().manual_seed(seed)
+        parts, offset = [speaker_norm, corpus_norm, utterance_norm], n_speakers + 1 + n
+        columns = [torch.full((rows.shape[0], draws), n_speakers), (n_speakers + 1 + rows)[:, None].repeat(1, draws)]
+        for k in clips:
+            parts.append(self.enrollment(rows, k, gen, draws))
+            columns.append(offset + torch.arange(rows.shape[0] * draws).view(-1, draws))
+            offset += rows.shape[0] * draws
+        alternatives = speakers[:, None].repeat(1, len(columns) * draws)  # rows not trained on: unused
+        alternatives[rows] = torch.cat(columns, 1)
+        return Normalizer.concat(parts), alternatives

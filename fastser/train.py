@@ -1,49 +1,30 @@
 """Train the paper's model: `python -m fastser.train` (synthetic corpus, no arguments needed), or
 `python -m fastser.train --corpus emodb --data-dir PATH --split loso`; the same under torchrun.
 
-The command line only: the corpus and its features are loaded here (computed once on the
-training device, cached on disk for real corpora), then fastser.training does the work — see
+The command line only: its flags, their checks and --resume's settings make a TrainConfig, which
+fastser.training.run trains (the run folder, the corpus and its features, the experiments) — see
 fastser/training/fold.py for what happens in a fold and an epoch.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
-import json
 import math
-import os
 import shlex
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
-from fastser import distributed as fdist
-from fastser.config import RUN_OPTIONS, SCHEMA_VERSION, TrainConfig
+from fastser.config import RUN_OPTIONS, TrainConfig
 from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.errors import UserError
 from fastser.memory import retain_freed_memory
-from fastser.threads import free_threads
-from fastser.data import SPLITS, check_classes, load_corpus, make_folds
-from fastser.data.cache import Perturbation, build_feature_table, with_copies
-from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
+from fastser.data import SPLITS
 from fastser.models.cnn import POOLINGS
 from fastser.normalization import NORMALIZE
-from fastser.checkpoints import SETTINGS_FILE, load_checkpoint, saved_settings, write_settings
-from fastser.training.console import log, result
-from fastser.training.experiment import Experiment
-from fastser.training.fold import cuda_graph_refusal
-from fastser.training.reports import metrics_of, run_cost, seed_ensemble, write_ablation, write_reports
+from fastser.checkpoints import SETTINGS_FILE, saved_settings
+from fastser.training.run import LAST_OUT, train
 
 CORPORA = ("synthetic", "iemocap", "emodb", "ravdess", "cremad", "tess")
-ABLATION = {"ce_only": (False, False), "center": (True, False), "recon": (False, True), "center+recon": (True, True)}
 
 
 class _DefaultsOnce(argparse.HelpFormatter):
@@ -107,10 +88,8 @@ _snrs = _distinct_floats(lambda s: -5 <= s <= 60, "distinct signal-to-noise rati
 _decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g. 0.998")
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(
-        prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0], formatter_class=_DefaultsOnce
-    )
+def _corpus_flags(p: ArgumentParser) -> None:
+    """The corpus, its folds and its input statistics (DataConfig)."""
     corpus = p.add_argument_group("corpus and folds")
     corpus.add_argument(
         "--corpus", choices=CORPORA, help="which corpus; 'synthetic' is generated, the others are read from --data-dir"
@@ -142,6 +121,10 @@ def build_parser() -> ArgumentParser:
         help="input statistics: each speaker's own (from its unlabelled audio; predict takes "
         "enrollment audio), each utterance's own, or the training fold's",
     )
+
+
+def _model_flags(p: ArgumentParser) -> None:
+    """The inputs, the network and the loss weights (ModelConfig, ObjectiveConfig)."""
     model = p.add_argument_group("model and objective")
     model.add_argument(
         "--features",
@@ -173,6 +156,10 @@ def build_parser() -> ArgumentParser:
     model.add_argument("--no-center", action="store_true", help="train without the center loss")
     model.add_argument("--no-recon", action="store_true", help="train without the reconstruction decoder")
     model.add_argument("--ablation", action="store_true", help="CE only, +center, +recon, both on the same folds")
+
+
+def _optim_flags(p: ArgumentParser) -> None:
+    """The schedule, early stopping, the crops, augmentation, the seeds (OptimConfig, AugmentConfig)."""
     opt = p.add_argument_group("optimisation")
     opt.add_argument(
         "--epochs",
@@ -253,6 +240,10 @@ def build_parser() -> ArgumentParser:
         help="several seeds, e.g. 0,1,2: one experiment each in seed-N/, metrics.json with mean "
         "and std over seeds (the protocol for judging a change on a small corpus)",
     )
+
+
+def _run_flags(p: ArgumentParser) -> None:
+    """Where and how the run goes (RunConfig)."""
     run = p.add_argument_group("running")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument(
@@ -285,6 +276,14 @@ def build_parser() -> ArgumentParser:
         "on (--out, --device, --threads, --max-folds, --data-dir, --cache-dir, ...)",
     )
     run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog=prog_name("fastser.train"), description=__doc__.split("\n\n")[0], formatter_class=_DefaultsOnce
+    )
+    for add_flags in (_corpus_flags, _model_flags, _optim_flags, _run_flags):
+        add_flags(p)
     p.set_defaults(**TrainConfig().settings())  # every default is fastser.config's
     return p
 
@@ -404,198 +403,16 @@ def restore_settings(args: argparse.Namespace, p: argparse.ArgumentParser, given
 # ----------------------------------------------------------------------------- entry point
 
 
-def _with_out_dir(config: TrainConfig, info) -> TrainConfig:
-    """The config with its run folder decided (and made): --out, the resumed run's folder, or
-    runs/<timestamp>/; --resume A --out B continues A's copy in B."""
-    out, resume = config.run.out, config.run.resume
-    if resume is not None:
-        res = Path(resume)
-        folder = res if res.is_dir() else res.parent
-        out = out or str(folder)
-        if Path(out).resolve() != folder.resolve():
-            if info.is_main:
-                _fork_run(folder, Path(out))
-            info.barrier()  # under torchrun the other ranks read the copy
-            resume = out  # continued in the new folder; the original stays as it was
-    elif out is not None and _holds_run(Path(out)):
-        raise UserError(
-            f"--out {out}: already holds a run; continue it with --resume {shlex.quote(out)}, "
-            f"or give a new folder to --out"
-        )
-    if out is None:
-        stamp = [dt.datetime.now().strftime("%Y%m%d-%H%M%S")]
-        if info.enabled:
-            dist.broadcast_object_list(stamp, src=0)  # one folder for all ranks
-        out = str(Path("runs") / stamp[0])
-    if info.is_main:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    _LAST_OUT.append(Path(out))
-    return config.replace(out=out, resume=resume)
-
-
-def _holds_run(folder: Path) -> bool:
-    """A folder a run has written to (its settings, a checkpoint or its metrics, or a part's)."""
-    return folder.is_dir() and any(
-        next(folder.rglob(name), None) is not None for name in (SETTINGS_FILE, "checkpoint.pt", "metrics.json")
-    )
-
-
-def _fork_run(source: Path, target: Path) -> None:
-    """--resume A --out B: B starts as a copy of A's checkpoints and settings (A is left untouched),
-    so the continued run and everything it writes, checkpoint.pt included, are in B."""
-    if target.exists() and any(target.rglob("checkpoint.pt")):
-        raise UserError(
-            f"--out {target}: already holds a run's checkpoint; give an empty or new folder to continue {source} in"
-        )
-    copied = 0
-    for name in ("checkpoint.pt", SETTINGS_FILE):
-        for path in sorted(source.rglob(name)):
-            dest = target / path.relative_to(source)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, dest)
-            copied += 1
-    if not copied:
-        raise FileNotFoundError(f"--resume: no checkpoint in {source}")
-
-
-def default_cache_dir() -> str:
-    """Where generated corpora are kept between runs: $XDG_CACHE_HOME/fastser (~/.cache/fastser)."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastser")
-
-
-PHASES: dict = {}  # seconds of the last load_table's phases: corpus (read or generated), features
-
-
-def load_table(config: TrainConfig, info):
-    t0 = time.perf_counter()
-    data, model = config.data, config.model
-    kinds = list(KINDS) if model.features == "both" else [canonical_kind(model.features)]
-    if model.prosody:
-        kinds.append("prosody")
-    options = {"subset": data.iemocap_subset} if data.corpus == "iemocap" else {}
-    if data.corpus == "synthetic":
-        options = {
-            "seed": config.optim.seed,
-            "n_speakers": data.synthetic_speakers,
-            "per_class": data.synthetic_per_class,
-            "cache_dir": None if data.no_cache else data.cache_dir or default_cache_dir(),
-        }
-    corpus = load_corpus(data.corpus, data.data_dir, **options)
-    corpus = corpus.with_classes(data.classes)
-    PHASES["corpus"] = time.perf_counter() - t0
-    cache_dir = None
-    if data.corpus != "synthetic" and not data.no_cache:
-        cache_dir = data.cache_dir or os.path.join(data.data_dir, ".fastser-cache")
-        if not os.access(os.path.dirname(os.path.abspath(cache_dir)) or ".", os.W_OK):
-            cache_dir = os.path.join(tempfile.gettempdir(), "fastser-cache")
-    build = dict(
-        cache_dir=cache_dir,
-        strict=data.strict,
-        max_seconds=data.max_seconds,
-        progress=info.is_main and not config.run.no_progress,
-        is_builder=info.is_main,
-        wait=info.barrier,
-    )
-    table = build_feature_table(corpus, FeatureSet.paper(kinds), info.device, **build)
-    if table.corpus.skipped and info.is_main:
-        listing = "\n  ".join(f"{p}: {r}" for p, r in table.corpus.skipped[:50])
-        more = f"\n  ... and {len(table.corpus.skipped) - 50} more" if len(table.corpus.skipped) > 50 else ""
-        print(
-            f"warning: skipped {len(table.corpus.skipped)} bad files (listed in metrics.json; --strict makes "
-            f"them an error):\n  {listing}{more}",
-            file=sys.stderr,
-        )
-    # training-only copies, appended after the originals (folds index only those)
-    copies = [Perturbation("speed", s) for s in config.augment.speed_perturb or ()] + [
-        Perturbation("noise", snr) for snr in config.augment.noise or ()
-    ]
-    table = with_copies(table, FeatureSet.paper(kinds), info.device, copies, **build)
-    PHASES["features"] = time.perf_counter() - t0 - PHASES["corpus"]
-    return table
-
-
 def main(argv=None) -> dict:
     """Train as the command line would and return the metrics (the CLI itself is `cli`)."""
     return train(parse_config(argv))
 
 
-def train(config: TrainConfig) -> dict:
-    """Run the experiment `config` describes (folds, seeds or the ablation) and return its metrics."""
-    config = config.resolved()
-    threads = torch.get_num_threads()
-    chosen, why = config.run.threads, None
-    if chosen is None and "OMP_NUM_THREADS" not in os.environ and _on_cpu(config.run.device):
-        chosen, why = free_threads()  # torch's one per core collapses when another process holds one
-    if chosen:
-        torch.set_num_threads(chosen)
-    if why and "busy" in why:
-        log(why, config.run.no_progress)
-    try:
-        with deterministic_mode(config.run.deterministic), repeatable_cpu_kernels():
-            info = fdist.setup(config.run.device)
-            try:
-                metrics = _main(config, info)
-            except BaseException:
-                fdist.teardown(info)
-                raise
-            fdist.teardown(info, finished=True)
-            return metrics
-    finally:
-        torch.set_num_threads(threads)  # main() may be called from a notebook or a test
-
-
-def _on_cpu(device: "str | None") -> bool:
-    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
-
-
-@contextlib.contextmanager
-def repeatable_cpu_kernels():
-    """oneDNN's deterministic attribute, on for every run: oneDNN may accumulate with atomics in
-    some of its CPU convolution, matmul and normalisation kernels, which makes two runs of one
-    command differ at the same thread count (seen on an Intel Xeon, where --deterministic, which
-    also sets it, made six of six runs identical). On the AMD EPYC measured it changed neither the
-    bits nor the time of ten training steps. The previous setting comes back afterwards."""
-    before = torch.backends.mkldnn.deterministic
-    torch.backends.mkldnn.deterministic = True
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.deterministic = before
-
-
-@contextlib.contextmanager
-def deterministic_mode(enabled: bool):
-    """Everything a run needs to be bit-identical for a seed on one device: cuBLAS's fixed workspace
-    (read when cuBLAS starts, so set before any CUDA work), deterministic cuDNN algorithms without
-    benchmarking, and torch's deterministic mode, which also raises on any op that has no
-    deterministic kernel. The center loss gets deterministic=True from the objective. The previous
-    settings come back afterwards (main() may be called from a notebook or a test)."""
-    if not enabled:
-        yield
-        return
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.backends.cudnn.benchmark,
-        torch.backends.cudnn.deterministic,
-    )
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
-
-
-_LAST_OUT: list = []  # the run folder, for the one-line Ctrl-C message
-
-
 def _resume_hint() -> str:
     """The exact command that continues the interrupted run (its settings come from the folder)."""
-    if not _LAST_OUT or not (_LAST_OUT[-1] / SETTINGS_FILE).is_file():
+    if not LAST_OUT or not (LAST_OUT[-1] / SETTINGS_FILE).is_file():
         return ""
-    return f"continue it with:\n  {prog_name('fastser.train')} --resume {shlex.quote(str(_LAST_OUT[-1]))}"
+    return f"continue it with:\n  {prog_name('fastser.train')} --resume {shlex.quote(str(LAST_OUT[-1]))}"
 
 
 def cli(argv=None) -> int:
@@ -603,170 +420,6 @@ def cli(argv=None) -> int:
     The command owns its process, so it also keeps freed memory for reuse (fastser.memory)."""
     retain_freed_memory()
     return run_cli(main, "fastser.train", argv, interrupted_hint=_resume_hint)
-
-
-def _main(config: TrainConfig, info) -> dict:
-    config = _with_out_dir(config, info)
-    out = Path(config.run.out)
-    try:
-        return _train(config, info, out)
-    except BaseException:
-        if info.is_main and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
-        raise
-
-
-def _train(config: TrainConfig, info, out: Path) -> dict:
-    t0 = time.perf_counter()
-    data, optim, objective, run_opts = config.data, config.optim, config.objective, config.run
-    why = cuda_graph_refusal(run_opts, info, info.device)
-    if why and info.is_main and (run_opts.cuda_graph or (run_opts.cuda_graph is None and info.device.type == "cuda")):
-        log(f"no CUDA graph ({why}): the training step runs eagerly", run_opts.no_progress)
-    table = load_table(config, info)
-    split = data.split or table.corpus.default_split
-    folds = make_folds(table.corpus, split, n_folds=data.folds, seed=optim.seed)
-    if data.max_folds:
-        folds = folds[: data.max_folds]
-    warnings = check_classes(table.corpus, folds, optim.validation)
-    shared = [f.name for f in folds if not f.val_speaker_disjoint]
-    if shared and optim.validation:
-        warnings.append(
-            f"{table.corpus.name} has too few speakers for a speaker-disjoint validation set in "
-            f"{len(shared)} of {len(folds)} folds: early stopping there uses held-out utterances of "
-            f"training speakers (flagged per fold in metrics.json)"
-        )
-    if info.is_main:
-        for w in warnings:
-            print(f"{prog_name('fastser.train')}: warning: {w}", file=sys.stderr)
-    if info.is_main and not (run_opts.resume and (out / SETTINGS_FILE).is_file()):
-        write_settings(
-            out,
-            {**{k: v for k, v in config.settings().items() if k not in ("out", "resume")}, "schema": SCHEMA_VERSION},
-        )
-    if info.is_main:
-        log(
-            f"{table.corpus.summary()} | split {split}: {_count(len(folds), 'fold')} | device {info.device}"
-            f" x{info.world_size} | out {out}",
-            run_opts.no_progress,
-        )
-
-    features = FeatureSet.paper(table.feats)
-    fold_results = {}  # run folder -> its folds' test results (for the seed ensemble)
-
-    def experiment(sub: Path, use_center: bool, use_recon: bool, run_config=config, run_folds=folds) -> dict:
-        if info.is_main:
-            sub.mkdir(parents=True, exist_ok=True)
-        run = Experiment(
-            run_config,
-            info,
-            table,
-            run_folds,
-            split,
-            sub,
-            objective.lambda_center if use_center else 0.0,
-            objective.lambda_recon if use_recon else 0.0,
-            features,
-        )
-        resume = Path(run_opts.resume) if run_opts.resume else None
-        if resume is not None:
-            inside = sub.relative_to(out) if sub != out else ""
-            path = resume if resume.is_file() else resume / inside / "checkpoint.pt"
-            if path.exists():
-                run.resume_from(load_checkpoint(path, finished=False))
-            elif sub == out and info.is_main:
-                # stopped before its first checkpoint: nothing was trained, so it starts again with
-                # the settings it was started with (the printed resume command always works)
-                log(f"{out}: no epoch had finished; training starts from the beginning", run_opts.no_progress)
-        metrics = metrics_of(run, run.run())
-        write_reports(run, metrics)
-        fold_results[sub] = run.fold_results
-        return metrics
-
-    if optim.seeds:
-        # one whole experiment per seed (its own folds' order, weights and batches), then mean +- std
-        per_seed = {}
-        for seed in optim.seeds:
-            seed_folds = make_folds(table.corpus, split, n_folds=data.folds, seed=seed)[: data.max_folds or None]
-            per_seed[seed] = experiment(
-                out / f"seed-{seed}",
-                not objective.no_center,
-                not objective.no_recon,
-                config.replace(seed=seed),
-                seed_folds,
-            )
-        metrics = seed_summary(per_seed, time.perf_counter() - t0)
-        ensemble = seed_ensemble([fold_results[out / f"seed-{seed}"] for seed in optim.seeds], table.corpus.classes)
-        if ensemble:
-            metrics["seed_ensemble"] = ensemble
-        if info.is_main:
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            result(
-                f"{len(per_seed)} seeds: "
-                + "  ".join(
-                    f"{k} {metrics[k + '_mean']:.3f} +- {metrics[k + '_std']:.3f}" for k in ("wa", "ua", "macro_f1")
-                )
-                + (f"; their models averaged (soft vote): UA {ensemble['ua']:.3f}" if ensemble else "")
-            )
-    elif objective.ablation:
-        results = {name: experiment(out / name, c, r) for name, (c, r) in ABLATION.items()}
-        if info.is_main:
-            write_ablation(out, results, config)
-        metrics = results["center+recon"]
-    else:
-        metrics = experiment(out, not objective.no_center, not objective.no_recon)
-    total = time.perf_counter() - t0
-    metrics["phase_seconds"] = {
-        **{k: round(v, 3) for k, v in PHASES.items()},
-        "training": round(total - sum(PHASES.values()), 3),
-        "total": round(total, 3),
-    }
-    if info.is_main and not objective.ablation:  # an ablation's parts each have their own metrics.json
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if info.is_main:
-        result(
-            f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
-            f"{metrics['n_test']} test utterances ({_count(len(folds), 'fold')}); "
-            f"skipped files: {metrics['skipped']['count']}; "
-            f"{total:.1f} s (corpus {PHASES['corpus']:.1f}, features {PHASES['features']:.1f}, training and "
-            f"testing {metrics['phase_seconds']['training']:.1f}); artifacts in {out}"
-        )
-    return metrics
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def seed_summary(per_seed: dict, seconds: float) -> dict:
-    """Mean and std (over seeds) of WA, UA and macro-F1; the pooled-over-folds figures of each seed.
-    "wa"/"ua"/"macro_f1" are the means, so the summary reads like one run's metrics."""
-    first = next(iter(per_seed.values()))
-    out = {
-        k: first[k]
-        for k in (
-            "corpus",
-            "split",
-            "features",
-            "classes",
-            "lambda_center",
-            "lambda_recon",
-            "n_test",
-            "skipped",
-            "device",
-            "backends",
-            "fastser_version",
-        )
-    }
-    out["seeds"] = {
-        str(s): {**{k: m[k] for k in ("wa", "ua", "macro_f1")}, "seconds": run_cost(m)} for s, m in per_seed.items()
-    }
-    for key in ("wa", "ua", "macro_f1"):
-        values = np.array([m[key] for m in per_seed.values()])
-        out[f"{key}_mean"] = float(values.mean())
-        out[f"{key}_std"] = float(values.std(ddof=1) if len(values) > 1 else 0.0)
-        out[key] = out[f"{key}_mean"]
-    out["seconds"] = seconds
-    return out
 
 
 if __name__ == "__main__":

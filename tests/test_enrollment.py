@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastser.train as train
+from fastser.training import run as training_run
 from fastser.errors import UserError
 from fastser.normalization import Normalizer, enrollment_subsets
 from fastser.training import Batcher, Experiment
@@ -133,20 +134,22 @@ def test_mixed_statistics_normalise_each_item_with_its_drawn_group():
 
 
 def test_experiment_alternatives_are_the_fallbacks_of_each_training_row(tmp_path):
-    """Experiment.mixed_statistics: the speakers' groups first, then for each training row the
+    """TableStatistics.mixed: the speakers' groups first, then for each training row the
     training rows' pooled statistics, its own, and k-clip sets of other clips of its speaker."""
     config = train.parse_config(SMALL + ["--out", str(tmp_path / "x")]).resolved()
-    info = train.fdist.setup("cpu")
-    table = train.load_table(config, info)
+    info = training_run.fdist.setup("cpu")
+    table = training_run.load_table(config, info)
     from fastser.data.splits import make_folds
 
     folds = make_folds(table.corpus, "holdout")
-    exp = Experiment(config, info, table, folds, "holdout", tmp_path, 0.003, 0.1, train.FeatureSet.paper(table.feats))
+    exp = Experiment(
+        config, info, table, folds, "holdout", tmp_path, 0.003, 0.1, training_run.FeatureSet.paper(table.feats)
+    )
     train_rows = exp.train_rows(folds[0])
     pooled = Normalizer.fit(table.feats, table.frames, train_rows)
-    norm, alternatives = exp.mixed_statistics(train_rows, pooled, seed=1)
-    speaker_norm, speakers = exp.group_norm("speaker")
-    utterance_norm, _ = exp.group_norm("utterance")
+    norm, alternatives = exp.statistics.mixed(train_rows, pooled, seed=1, clips=ENROLLMENT_CLIPS)
+    speaker_norm, speakers = exp.statistics.groups("speaker")
+    utterance_norm, _ = exp.statistics.groups("utterance")
     n_speakers, n = speaker_norm.mean["mfcc"].shape[0], speakers.shape[0]
     assert torch.equal(norm.mean["mfcc"][:n_speakers], speaker_norm.mean["mfcc"])
     assert alternatives.shape == (n, 4 * (2 + len(ENROLLMENT_CLIPS)))

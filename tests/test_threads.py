@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import fastser.train as train
+from fastser.training import run as training_run
 from fastser import threads
 from tests.test_train import SMALL
 
@@ -72,13 +73,13 @@ def test_every_run_asks_onednn_for_its_deterministic_kernels(tmp_path, monkeypat
     import torch
 
     seen = []
-    real = train._train
+    real = training_run._train
 
     def spy(*args, **kwargs):
         seen.append(torch.backends.mkldnn.deterministic)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_train", spy)
+    monkeypatch.setattr(training_run, "_train", spy)
     before = torch.backends.mkldnn.deterministic
     train.main(SMALL + ["--epochs", "1", "--threads", "1", "--out", str(tmp_path / "run")])
     assert seen == [True] and torch.backends.mkldnn.deterministic == before

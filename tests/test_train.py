@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastser.train as train
+from fastser.training import run as training_run
 from fastser.errors import UserError
 from fastser.training import Batch, Batcher, Experiment, Normalizer, mixup, tempo_crop, train_step
 from fastser.training import fold as fold_training
@@ -138,7 +139,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     from benchmarks.accuracy import collect_runs
 
     assert collect_runs([tmp_path / "cut"], "resumed")["seeds"]["0"]["seconds"] == resumed["epoch_seconds"]
-    seeds = train.seed_summary({0: full, 1: resumed}, 1.0)["seeds"]  # a --seeds run with a resumed seed
+    seeds = training_run.seed_summary({0: full, 1: resumed}, 1.0)["seeds"]  # a --seeds run with a resumed seed
     assert seeds["0"]["seconds"] == full["seconds"] and seeds["1"]["seconds"] == resumed["epoch_seconds"]
 
 
@@ -293,12 +294,14 @@ def test_speaker_statistics_come_from_each_rows_own_speaker(tmp_path):
     """In speaker mode a batch is normalised with its rows' speakers' statistics, computed from
     every utterance of that speaker (labels unused): a test speaker's rows are standardised."""
     config = train.parse_config(SMALL + ["--out", str(tmp_path / "x")]).resolved()
-    info = train.fdist.setup("cpu")
-    table = train.load_table(config, info)
+    info = training_run.fdist.setup("cpu")
+    table = training_run.load_table(config, info)
     from fastser.data.splits import make_folds
 
     folds = make_folds(table.corpus, "holdout")
-    r = Experiment(config, info, table, folds, "holdout", tmp_path, 0.003, 0.1, train.FeatureSet.paper(table.feats))
+    r = Experiment(
+        config, info, table, folds, "holdout", tmp_path, 0.003, 0.1, training_run.FeatureSet.paper(table.feats)
+    )
     test_rows = torch.from_numpy(folds[0].test)
     speaker = table.corpus.speakers[folds[0].test[0]]
     rows = test_rows[torch.from_numpy(table.corpus.speakers[folds[0].test] == speaker)]
@@ -368,12 +371,14 @@ def test_no_validation_trains_on_the_validation_speakers_and_keeps_the_last_epoc
     """--no-validation: the fold's validation speakers join the training rows (never the test
     speakers), every epoch runs (no early stopping), and the model tested is the last epoch's."""
     config = train.parse_config(SMALL + ["--out", str(tmp_path / "x"), "--no-validation"]).resolved()
-    info = train.fdist.setup("cpu")
-    table = train.load_table(config, info)
+    info = training_run.fdist.setup("cpu")
+    table = training_run.load_table(config, info)
     from fastser.data.splits import make_folds
 
     fold = make_folds(table.corpus, "holdout")[0]
-    r = Experiment(config, info, table, [fold], "holdout", tmp_path, 0.003, 0.1, train.FeatureSet.paper(table.feats))
+    r = Experiment(
+        config, info, table, [fold], "holdout", tmp_path, 0.003, 0.1, training_run.FeatureSet.paper(table.feats)
+    )
     rows = set(r.train_rows(fold).tolist())
     assert rows == set(fold.train.tolist()) | set(fold.val.tolist()) and not rows & set(fold.test.tolist())
     metrics, out = run(tmp_path, "noval", "--epochs", "3", "--patience", "1", "--no-validation")

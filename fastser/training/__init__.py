@@ -1,6 +1,7 @@
-"""Training, in five parts: batches (batcher, augmentation), step (one optimizer step), fold (one
-fold's epochs and test), experiment (every fold, the checkpoint) and reports (metrics, plots,
-ablation). What they share with inference lives outside: fastser.checkpoints (the model spec,
+"""Training, in six parts: batches (batcher, augmentation), step (one optimizer step), fold (one
+fold's epochs and test), experiment (every fold, the checkpoint), reports (metrics, plots,
+ablation) and run (a whole run: its folder, corpus and features, its experiments). What they
+share with inference lives outside: fastser.checkpoints (the model spec,
 save, load, old formats), fastser.normalization (the input statistics), fastser.config (the
 settings). The command line is fastser.train."""
 

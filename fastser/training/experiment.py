@@ -23,11 +23,11 @@ from fastser.checkpoints import ModelSpec, build_model, save_checkpoint
 from fastser.config import SCHEMA_VERSION, TrainConfig, migrated
 from fastser.errors import UserError
 from fastser.models import SERModel
-from fastser.normalization import Normalizer, enrollment_subsets
+from fastser.normalization import Normalizer, TableStatistics
 from fastser.ops import backends_in_use
 from fastser.training.batches import Batcher
 from fastser.training.console import log
-from fastser.training.fold import ENROLLMENT_CLIPS, FoldTraining
+from fastser.training.fold import FoldTraining
 
 
 class Experiment:
@@ -75,58 +75,12 @@ class Experiment:
         self.fold_results: list[dict] = []
         self.state: Optional[dict] = None  # an in-progress fold's state from a checkpoint
         self.last_test: Optional[dict] = None
-        self._group_norms: dict = {}
+        self.statistics = TableStatistics(table)  # speaker, utterance, enrollment: made once, shared by folds
         # on a GPU the feature table is moved there once and every batch is gathered on the device
         self.resident = self.device.type == "cuda"
         self.feats = {k: x.to(self.device) for k, x in table.feats.items()} if self.resident else table.feats
 
     # -- normalisation --------------------------------------------------------------------
-    def group_norm(self, level: str) -> tuple:
-        """(Normalizer, groups (N,)) with one set of statistics per speaker or per utterance of the
-        table. They use no labels, so they are the same in every fold (a test speaker's come from
-        its own unlabelled audio, as a deployed model would get them from enrollment audio)."""
-        if level not in self._group_norms:
-            n = self.table.frames.shape[0]
-            if level == "speaker":
-                names = self.table.speakers  # a speed-perturbed copy is its own speaker
-                index = {s: i for i, s in enumerate(sorted(set(names.tolist())))}
-                groups = torch.tensor([index[s] for s in names.tolist()], dtype=torch.long)
-            else:
-                groups = torch.arange(n)
-            norm = Normalizer.fit_groups(self.table.feats, self.table.frames, groups, int(groups.max()) + 1)
-            self._group_norms[level] = (norm, groups)
-        return self._group_norms[level]
-
-    def enrollment_norm(self, rows: torch.Tensor, k: int, gen: torch.Generator, draws: int = 1) -> Normalizer:
-        """For each of `rows`, `draws` sets of statistics from k random other clips of its speaker
-        (all of them when it has k or fewer): what predict computes from k enrollment clips.
-        Group i * draws + d is rows[i]'s d-th draw."""
-        _, speakers = self.group_norm("speaker")
-        members = enrollment_subsets(speakers, rows, k, gen, draws)
-        return Normalizer.fit_subsets(self.table.feats, self.table.frames, members, rows.shape[0] * draws)
-
-    def mixed_statistics(self, train_rows: torch.Tensor, corpus_norm: Normalizer, seed: int) -> tuple:
-        """--enrollment-dropout: what a training item may be normalised with instead of its
-        speaker's statistics, each source an equal share: the training rows' pooled ones
-        (`corpus_norm`, predict's fallback without enrollment), the item's own, and 1, 3 or 10
-        other clips of its speaker (4 random sets each). -> (Normalizer, alternatives (N, A)) for
-        `Batcher.mix_statistics`; the Normalizer's first groups are the speakers', as before."""
-        speaker_norm, speakers = self.group_norm("speaker")
-        utterance_norm, _ = self.group_norm("utterance")
-        n, n_speakers, draws = speakers.shape[0], speaker_norm.mean[next(iter(speaker_norm.mean))].shape[0], 4
-        # the training rows with their perturbed copies (each copy is its own speaker)
-        rows = torch.cat([train_rows + c * self.table.n_utterances for c in range(1 + len(self.table.copies))])
-        gen = torch.Generator().manual_seed(seed)
-        parts, offset = [speaker_norm, corpus_norm, utterance_norm], n_speakers + 1 + n
-        columns = [torch.full((rows.shape[0], draws), n_speakers), (n_speakers + 1 + rows)[:, None].repeat(1, draws)]
-        for k in ENROLLMENT_CLIPS:
-            parts.append(self.enrollment_norm(rows, k, gen, draws))
-            columns.append(offset + torch.arange(rows.shape[0] * draws).view(-1, draws))
-            offset += rows.shape[0] * draws
-        alternatives = speakers[:, None].repeat(1, len(columns) * draws)  # rows not trained on: unused
-        alternatives[rows] = torch.cat(columns, 1)
-        return Normalizer.concat(parts), alternatives
-
     def batcher(self, train_rows: torch.Tensor, level: Optional[str] = None) -> Batcher:
         """Batches normalised per `level` (default: the run's --normalize): "corpus" with the
         training rows' statistics, "speaker"/"utterance" with each row's own group's."""
@@ -134,7 +88,7 @@ class Experiment:
         if level == "corpus":
             norm, groups = Normalizer.fit(self.table.feats, self.table.frames, train_rows), None
         else:
-            norm, groups = self.group_norm(level)
+            norm, groups = self.statistics.groups(level)
         return self.new_batcher(norm, groups)
 
     def new_batcher(self, norm: Normalizer, groups: Optional[torch.Tensor] = None) -> Batcher:

@@ -146,8 +146,8 @@ class FoldTraining:
             else Normalizer.fit(experiment.table.feats, experiment.table.frames, self.train_rows)
         )
         if c.augment.enrollment_dropout:
-            norm, alternatives = experiment.mixed_statistics(
-                self.train_rows, self.norm, seed_for(c.optim.seed, index, 13)
+            norm, alternatives = experiment.statistics.mixed(
+                self.train_rows, self.norm, seed_for(c.optim.seed, index, 13), ENROLLMENT_CLIPS
             )
             self.batcher.mix_statistics(norm, alternatives, c.augment.enrollment_dropout)
         self._build()
@@ -431,7 +431,9 @@ class FoldTraining:
             groups = torch.zeros(exp.table.frames.shape[0], dtype=torch.long)  # test row i -> group i
             groups[test_rows] = torch.arange(test_rows.shape[0])
             for k in ENROLLMENT_CLIPS:  # drawn by fold alone: every seed and setting gets the same clips
-                norm = exp.enrollment_norm(test_rows, k, torch.Generator().manual_seed(seed_for(self.index, k, 17)))
+                norm = exp.statistics.enrollment(
+                    test_rows, k, torch.Generator().manual_seed(seed_for(self.index, k, 17))
+                )
                 fallbacks[f"enroll{k}"] = exp.new_batcher(norm, groups)
             for level in FALLBACKS:
                 alone = exp.evaluate(model, fallbacks[level], test_rows)
