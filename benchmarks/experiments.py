@@ -508,7 +508,7 @@ def compare(plan: Plan, arms: Optional[list] = None, units_dir: Path = UNITS) ->
         pairs = sorted(k for k in planned if (arm, *k) in found and (base, *k) in found)
         missing = sum((arm, *k) not in found for k in planned)
         if not pairs:
-            lines.append(f"| {arm} | 0 | {missing} |" + " |" * (7 + len(levels)))
+            lines.append(f"| {arm} | 0 | {missing} |" + " |" * (6 + len(levels)))
             continue
 
         def by_seed(name: str, level: Optional[str] = None) -> str:

@@ -42,6 +42,8 @@ HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"
 KERNELS_START, KERNELS_END = "<!-- kernels:start -->", "<!-- kernels:end -->"
 LEDGER_START, LEDGER_END = "<!-- ledger:start -->", "<!-- ledger:end -->"
 SUMMARY_START, SUMMARY_END = "<!-- speed-summary:start -->", "<!-- speed-summary:end -->"
+QUEUE_START, QUEUE_END = "<!-- queue:start -->", "<!-- queue:end -->"
+PLANS = Path(__file__).resolve().parent / "plans"
 ACCURACY_DOC = ROOT / "docs" / "accuracy.md"
 SPEED_DOC = ROOT / "docs" / "speed.md"
 DEVELOPMENT_DOC = ROOT / "docs" / "development.md"
@@ -168,6 +170,14 @@ def speed_summary() -> str:
             f"{env['date'][:10]} | {', '.join(baselines)} | {'; '.join(spans)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def queue_tables() -> str:
+    """Each plan of the experiment queue compared on the units it has so far (benchmarks/experiments.py)."""
+    from benchmarks.experiments import Plan, compare
+
+    tables = [compare(Plan.load(path)) for path in sorted(PLANS.glob("*.json"))]
+    return "\n\n".join(tables) + "\n"
 
 
 def _setting_text(row: dict) -> str:
@@ -354,7 +364,8 @@ def main(argv=None) -> None:
     readme.write_text(_replace(content, HEAD_START, HEAD_END, headline))
     speed = _replace(SPEED_DOC.read_text(), START, END, text)
     SPEED_DOC.write_text(_replace(speed, LEDGER_START, LEDGER_END, ledger_table()))
-    ACCURACY_DOC.write_text(_replace(ACCURACY_DOC.read_text(), ACC_START, ACC_END, accuracy))
+    accuracy_doc = _replace(ACCURACY_DOC.read_text(), ACC_START, ACC_END, accuracy)
+    ACCURACY_DOC.write_text(_replace(accuracy_doc, QUEUE_START, QUEUE_END, queue_tables()))
     DEVELOPMENT_DOC.write_text(_replace(DEVELOPMENT_DOC.read_text(), KERNELS_START, KERNELS_END, kernel_table()))
 
 

@@ -16,6 +16,7 @@ when a run is resumed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -187,9 +188,40 @@ class TrainConfig:
             }
         )
 
+    def problems(self, name=lambda setting: setting) -> list:
+        """What these settings get wrong, one sentence each (none: they can run). `name` spells a
+        setting as the caller's user knows it: the library's `epochs`, the command line's `--epochs`.
+        Call it on resolved settings (the corpus's defaults filled in)."""
+        s, found = self.settings(), []
+        for key in ("epochs", "patience", "batch_size", "folds", "width", "embed_dim", "max_folds", "threads"):
+            value = s[key]
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                found.append(f"{name(key)} must be a positive integer, got {value}")
+        for key in ("lr", "train_seconds", "max_seconds"):
+            if not _finite(s[key]) or s[key] <= 0:
+                found.append(f"{name(key)} must be a positive number, got {s[key]}")
+        for key in ("weight_decay", "lambda_center", "lambda_recon", "center_alpha", "mixup"):
+            if not _finite(s[key]) or s[key] < 0:
+                found.append(f"{name(key)} must be a number >= 0, got {s[key]}")
+        for key in ("tempo", "enrollment_dropout"):
+            if not _finite(s[key]) or not 0 <= s[key] < 1:
+                found.append(f"{name(key)} must be in [0, 1), got {s[key]}")
+        if s["seeds"] and s["ablation"]:
+            found.append(f"{name('seeds')} and {name('ablation')} do not combine yet: run the ablation once per seed")
+        if s["enrollment_dropout"] and s["normalize"] != "speaker":
+            found.append(
+                f"{name('enrollment_dropout')} needs {name('normalize')} speaker "
+                f"(got {name('normalize')} {s['normalize']})"
+            )
+        return found
+
     def computed_settings(self) -> dict:
         """The settings that decide what a run computes (all but the RUN_OPTIONs)."""
         return {k: v for k, v in self.settings().items() if k not in RUN_OPTIONS}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _fields(section: str):

@@ -9,7 +9,6 @@ fastser/training/fold.py for what happens in a fold and an epoch.
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -304,39 +303,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume is not None:
         restore_settings(args, p, given_flags(argv))
-    if args.seeds and args.ablation:
-        p.error("--seeds and --ablation do not combine yet: run the ablation once per seed")
-    if args.enrollment_dropout and args.normalize != "speaker":
-        p.error(f"--enrollment-dropout needs --normalize speaker (got --normalize {args.normalize})")
-    resolved = TrainConfig.from_settings(vars(args)).resolved().optim
-    args.epochs, args.patience, args.validation = resolved.epochs, resolved.patience, resolved.validation
-    for flag, value in (
-        ("--epochs", args.epochs),
-        ("--batch-size", args.batch_size),
-        ("--folds", args.folds),
-        ("--width", args.width),
-        ("--embed-dim", args.embed_dim),
-    ):
-        if value < 1:
-            p.error(f"{flag} must be a positive integer, got {value}")
-    for flag, value in (("--max-folds", args.max_folds), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            p.error(f"{flag} must be a positive integer, got {value}")
-    for flag, value in (
-        ("--lr", args.lr),
-        ("--train-seconds", args.train_seconds),
-        ("--max-seconds", args.max_seconds),
-    ):
-        if not math.isfinite(value) or value <= 0:
-            p.error(f"{flag} must be a positive number, got {value}")
-    for flag, value in (
-        ("--weight-decay", args.weight_decay),
-        ("--lambda-center", args.lambda_center),
-        ("--lambda-recon", args.lambda_recon),
-        ("--center-alpha", args.center_alpha),
-    ):
-        if not math.isfinite(value) or value < 0:
-            p.error(f"{flag} must be a number >= 0, got {value}")
+    config = TrainConfig.from_settings(vars(args)).resolved()
+    args.epochs, args.patience, args.validation = config.optim.epochs, config.optim.patience, config.optim.validation
+    problems = config.problems(name=lambda setting: "--" + setting.replace("_", "-"))
+    if problems:
+        p.error(problems[0])  # the same checks as the library's (TrainConfig.problems), named as flags
     return args
 
 

@@ -65,3 +65,36 @@ def test_the_library_takes_a_config_not_a_namespace(tmp_path):
     saved = json.loads((tmp_path / "run" / "settings.json").read_text())
     assert saved["schema"] == 1 and TrainConfig.from_settings(migrated(saved)).model.width == 4
     assert not isinstance(train.parse_config([]), argparse.Namespace)
+
+
+@pytest.mark.parametrize(
+    "changes, flags, message",
+    [
+        ({"epochs": 0}, ["--epochs", "0"], "epochs must be a positive integer, got 0"),
+        ({"batch_size": -4}, ["--batch-size", "-4"], "batch_size must be a positive integer, got -4"),
+        ({"threads": 0}, ["--threads", "0"], "threads must be a positive integer, got 0"),
+        ({"lr": 0.0}, ["--lr", "0"], "lr must be a positive number, got 0.0"),
+        ({"train_seconds": float("nan")}, ["--train-seconds", "nan"], "train_seconds must be a positive number"),
+        ({"lambda_center": -1.0}, ["--lambda-center", "-1"], "lambda_center must be a number >= 0, got -1.0"),
+        ({"seeds": (0, 1), "ablation": True}, ["--seeds", "0,1", "--ablation"], "seeds and ablation do not combine"),
+        (
+            {"enrollment_dropout": 0.5, "normalize": "corpus"},
+            ["--enrollment-dropout", "0.5", "--normalize", "corpus"],
+            "enrollment_dropout needs normalize speaker (got normalize corpus)",
+        ),
+    ],
+)
+def test_the_library_refuses_what_the_command_line_refuses(tmp_path, capsys, changes, flags, message):
+    """One set of checks (TrainConfig.problems): fastser.train.train(config) raises a UserError
+    naming the setting; the command line exits 2 naming the flag. Nothing is written."""
+    from fastser.errors import UserError
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train.train(TrainConfig().replace(out=str(out), **changes))
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exited:
+        train.parse_args(flags + ["--out", str(out)])
+    assert exited.value.code == 2
+    flag = "--" + message.split(" ")[0].replace("_", "-")
+    assert flag in capsys.readouterr().err and not out.exists()

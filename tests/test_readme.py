@@ -32,6 +32,10 @@ def test_accuracy_table_is_the_generated_one():
     assert between(ACCURACY, report.ACC_START, report.ACC_END) == "\n" + report.accuracy_table()
 
 
+def test_queue_comparisons_are_the_generated_ones():
+    assert between(ACCURACY, report.QUEUE_START, report.QUEUE_END) == "\n" + report.queue_tables()
+
+
 def test_ledger_table_is_the_generated_one():
     assert between(SPEED, report.LEDGER_START, report.LEDGER_END) == "\n" + report.ledger_table()
 

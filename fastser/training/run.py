@@ -154,6 +154,9 @@ def load_table(config: TrainConfig, info):
 def train(config: TrainConfig) -> dict:
     """Run the experiment `config` describes (folds, seeds or the ablation) and return its metrics."""
     config = config.resolved()
+    problems = config.problems()
+    if problems:
+        raise UserError(problems[0])  # what the command line refuses, the library refuses too
     threads = torch.get_num_threads()
     chosen, why = config.run.threads, None
     if chosen is None and "OMP_NUM_THREADS" not in os.environ and _on_cpu(config.run.device):
