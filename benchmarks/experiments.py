@@ -137,22 +137,42 @@ class Plan:
                 raise PlanError(f"{self.path}: arm {arm!r}: --{key.replace('_', '-')} has no place in a unit")
         return config
 
-    def units(self) -> list:
+    def units(self, units_dir: Path = UNITS) -> list:
         """Every unit, in the order the queue takes them: seed, fold, arm."""
-        from fastser.data import load_corpus, make_folds
-
-        config = self.config(next(iter(self.arms)), self.seeds[0])
-        corpus = load_corpus(config.data.corpus, config.data.data_dir, **_corpus_options(config))
-        corpus = corpus.with_classes(config.data.classes)
-        split = config.data.split or corpus.default_split
-        names = [f.name for f in make_folds(corpus, split, n_folds=config.data.folds, seed=self.seeds[0])]
-        if split != "loso":
-            raise PlanError(f"{self.path}: the queue pairs folds by test speaker: use a leave-one-speaker-out split")
+        names = self.fold_names(units_dir)
         chosen = range(len(names)) if self.folds is None else self.folds
         bad = [i + 1 for i in chosen if i >= len(names)]
         if bad:
             raise PlanError(f"{self.path}: folds {bad}: the split has {len(names)} folds")
         return [Unit(arm, seed, i, names[i]) for seed in self.seeds for i in chosen for arm in self.arms]
+
+    def fold_names(self, units_dir: Path = UNITS) -> list:
+        """The split's test folds, in order. Read from the corpus once and kept beside the units
+        (`<corpus>-<split>-folds.json`), so that status and compare work where the corpus is not
+        (a clone without ../shared, CI)."""
+        from fastser.data import load_corpus, make_folds
+
+        config = self.config(next(iter(self.arms)), self.seeds[0])
+        d = config.data
+        key = {
+            "corpus": d.corpus,
+            "data_dir": os.path.basename(os.path.normpath(d.data_dir)) if d.data_dir else None,
+            "split": d.split,
+            "classes": d.classes,
+            **({"speakers": d.synthetic_speakers, "seed": self.seeds[0]} if d.corpus == "synthetic" else {}),
+        }
+        kept = units_dir / f"{d.corpus}-{d.split}-folds.json"
+        if d.split == "loso" and kept.exists():
+            stored = read_unit(kept)
+            if stored["key"] == key:
+                return stored["folds"]
+        corpus = load_corpus(d.corpus, d.data_dir, **_corpus_options(config)).with_classes(d.classes)
+        split = d.split or corpus.default_split
+        if split != "loso":
+            raise PlanError(f"{self.path}: the queue pairs folds by test speaker: use a leave-one-speaker-out split")
+        names = [f.name for f in make_folds(corpus, split, n_folds=d.folds, seed=self.seeds[0])]
+        write_unit(kept, {"key": key, "folds": names})
+        return names
 
 
 def _corpus_options(config) -> dict:
@@ -388,7 +408,7 @@ def run_queue(
     deadline = time.monotonic() + budget_minutes * 60
     scratch = scratch or SCRATCH
     runner, written = UnitRunner(plan, threads, scratch / "runs"), []
-    todo = plan.units()
+    todo = plan.units(units_dir)
     for unit in todo:
         path = unit.path(units_dir)
         if path.exists():
@@ -462,7 +482,7 @@ def _run_workers(args, plan: Plan) -> int:
 def load_units(plan: Plan, units_dir: Path = UNITS) -> dict:
     """{(arm, seed, fold_name): record} of the plan's units that have a file."""
     found = {}
-    for unit in plan.units():
+    for unit in plan.units(units_dir):
         path = unit.path(units_dir)
         if path.exists():
             record = read_unit(path)
@@ -492,7 +512,7 @@ def compare(plan: Plan, arms: Optional[list] = None, units_dir: Path = UNITS) ->
     if unknown:
         raise PlanError(f"{plan.path}: no arm {unknown[0]!r} (arms: {', '.join(plan.arms)})")
     found = load_units(plan, units_dir)
-    planned = {(u.seed, u.fold_name) for u in plan.units()}
+    planned = {(u.seed, u.fold_name) for u in plan.units(units_dir)}
     base = arms[0]
     levels = ("training", "utterance", "enroll1")
     lines = [
@@ -538,7 +558,7 @@ def status(plan: Plan, units_dir: Path = UNITS, threads: Optional[int] = None) -
     found = load_units(plan, units_dir)
     lines = []
     for arm in plan.arms:
-        units = [u for u in plan.units() if u.arm == arm]
+        units = [u for u in plan.units(units_dir) if u.arm == arm]
         done = [u for u in units if (arm, u.seed, u.fold_name) in found]
         left = len(units) - len(done)
         eta = estimate_seconds(plan, arm, units_dir, threads) * left / 60

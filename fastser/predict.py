@@ -188,7 +188,7 @@ class Predictor:
         """Speaker statistics from unlabelled audio files of the speaker to be scored (runs trained
         with --normalize speaker); they replace the training statistics for every later prediction.
 
-        Each file goes through the input's checks: an unreadable one is a UserError naming --enroll
+        Each file goes through the input's checks: an unreadable one is a UserError naming `enroll`
         and the file; one shorter than MIN_SECONDS or near-silent is left out (a PredictWarning).
         With less than MIN_ENROLL_SECONDS of usable audio in all, the training speakers' statistics
         stay (a PredictWarning). Returns whether the speaker's statistics are in use."""
@@ -498,7 +498,10 @@ def main(argv=None) -> int:
             enroll, enroll_errors = expand_inputs(args.enroll)
             if enroll_errors:
                 raise UserError("--enroll: " + "; ".join(enroll_errors))
-            predictor.enroll_speaker(enroll)
+            try:
+                predictor.enroll_speaker(enroll)
+            except UserError as e:  # the library names its argument; the command line, its flag
+                raise UserError(f"--{e}" if str(e).startswith("enroll: ") else str(e)) from None
     # said once, with the first prediction (a run that only fails keeps its one error line)
     notes = []
     for w in caught:

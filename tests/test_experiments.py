@@ -43,7 +43,12 @@ def write_plan(tmp_path, arms=None, folds=(1, 2), seeds=(0, 1)):
 
 
 def files(units_dir):
-    return {p.relative_to(units_dir): p.read_bytes() for p in sorted(units_dir.rglob("*")) if p.is_file()}
+    """Every unit file and any stray one (a temporary left behind), not the split's fold list."""
+    return {
+        p.relative_to(units_dir): p.read_bytes()
+        for p in sorted(units_dir.rglob("*"))
+        if p.is_file() and not p.name.endswith("-folds.json")
+    }
 
 
 @pytest.fixture
@@ -58,7 +63,7 @@ def queue(tmp_path):
 
 def test_units_go_seed_by_seed_and_fold_by_fold_with_every_arm_of_a_fold_together(tmp_path):
     plan = write_plan(tmp_path)
-    order = [(u.seed, u.fold_name, u.arm) for u in plan.units()]
+    order = [(u.seed, u.fold_name, u.arm) for u in plan.units(tmp_path / "units")]
     assert order == [
         (0, "test=spk00", "base"),
         (0, "test=spk00", "heavy-center"),
@@ -69,7 +74,7 @@ def test_units_go_seed_by_seed_and_fold_by_fold_with_every_arm_of_a_fold_togethe
         (1, "test=spk01", "base"),
         (1, "test=spk01", "heavy-center"),
     ]
-    assert plan.units()[0].path(tmp_path).relative_to(tmp_path).as_posix() == "base/seed-0/spk00.json"
+    assert plan.units(tmp_path / "units")[0].path(tmp_path).relative_to(tmp_path).as_posix() == "base/seed-0/spk00.json"
 
 
 def test_a_unit_is_that_fold_of_a_full_run_bit_for_bit(tmp_path, queue):
@@ -192,5 +197,22 @@ def test_two_workers_share_the_units_and_train_each_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     trained = [line.split(" -> ")[1] for line in proc.stdout.splitlines() if " -> " in line]
     assert len(trained) == len(set(trained)) == 8
-    records = [json.loads(p.read_text()) for p in (tmp_path / "units").rglob("*.json")]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "units").glob("*/seed-*/*.json")]
     assert len(records) == 8 and {r["threads"] for r in records} == {1}
+
+
+def test_status_and_compare_need_no_corpus_once_the_folds_are_kept(tmp_path, queue, monkeypatch):
+    """The split's fold list is kept beside the units, so a clone without the corpus (CI) still
+    compares and counts what is missing."""
+    import fastser.data
+
+    plan = write_plan(tmp_path)
+    queue(plan, max_units=2)
+
+    def no_corpus(*args, **kwargs):
+        raise AssertionError("the corpus was read")
+
+    monkeypatch.setattr(fastser.data, "load_corpus", no_corpus)
+    table = ex.compare(plan, units_dir=tmp_path / "units")
+    assert "| heavy-center | 1 | 3 |" in table
+    assert ex.status(plan, tmp_path / "units").startswith("base: 1 of 4 units done")

@@ -152,7 +152,34 @@ def load_table(config: TrainConfig, info):
 
 
 def train(config: TrainConfig) -> dict:
-    """Run the experiment `config` describes (folds, seeds or the ablation) and return its metrics."""
+    """Train and test the experiment `config` describes: every fold of its split, once per seed
+    with `seeds`, or the four objectives with `ablation`.
+
+    Args:
+        config (TrainConfig): every setting (fastser.config); the corpus-dependent defaults
+            (epochs, patience, validation) are filled in. `run.out` is the run folder (default
+            runs/<timestamp>/; a folder that holds a run is refused: use `run.resume`).
+
+    Returns:
+        dict: the metrics written to `<out>/metrics.json`: "wa", "ua", "macro_f1" (pooled over the
+        folds' test speakers), "folds" (per test fold), the no-enrollment scores ("training_norm",
+        "utterance_norm", "enroll<k>_norm" with speaker statistics), "threads", "seconds", ...;
+        with `seeds` their mean and std ("ua_mean", "ua_std", ...) and "seed_ensemble".
+
+    Raises:
+        UserError: a setting out of range (`TrainConfig.problems`), a corpus that cannot be read,
+            an unusable device, a folder that holds a run.
+
+    Device: `run.device` (default: cuda if available); on the CPU the thread count is `run.threads`
+    or the cores free when the run starts (fastser.threads), and the result repeats bit for bit for
+    a seed at one thread count and processor.
+
+    Example:
+        >>> from fastser.config import TrainConfig
+        >>> from fastser.train import train
+        >>> metrics = train(TrainConfig().replace(corpus="synthetic", epochs=2, out="runs/try"))
+        >>> metrics["ua"]  # doctest: +SKIP
+    """
     config = config.resolved()
     problems = config.problems()
     if problems:
