@@ -1,5 +1,10 @@
 import os
 
+# A run without --threads takes the cores that are free when it starts (fastser.threads), which
+# depends on whatever else the machine is doing; tests compare runs, so they fix the count the way
+# fastser respects, OMP_NUM_THREADS (inherited by the commands they start), at the usable cores.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
 # The Triton kernels run on CPU tensors through Triton's interpreter wherever there is no GPU.
 # This must be set before triton.jit wraps the kernels, i.e. before fastser.ops is imported.
 try:

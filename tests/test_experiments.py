@@ -84,7 +84,7 @@ def test_a_unit_is_that_fold_of_a_full_run_bit_for_bit(tmp_path, queue):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        metrics = train.main(plan.flags("base", 1) + ["--max-folds", "2", "--out", str(tmp_path / "full")])
+        metrics = train.main(plan.flags("base", 1, threads=1) + ["--max-folds", "2", "--out", str(tmp_path / "full")])
     finally:
         torch.set_num_threads(threads)
     full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["fold_results"][1]
