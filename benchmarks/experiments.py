@@ -42,6 +42,7 @@ from typing import Optional
 import numpy as np
 
 from fastser.errors import UserError
+from fastser.threads import usable_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = Path(__file__).resolve().parent / "results" / "accuracy" / "units"
@@ -151,6 +152,7 @@ class Plan:
         (`<corpus>-<split>-folds.json`), so that status and compare work where the corpus is not
         (a clone without ../shared, CI)."""
         from fastser.data import load_corpus, make_folds
+        from fastser.training.run import corpus_options
 
         config = self.config(next(iter(self.arms)), self.seeds[0])
         d = config.data
@@ -166,7 +168,7 @@ class Plan:
             stored = read_unit(kept)
             if stored["key"] == key:
                 return stored["folds"]
-        corpus = load_corpus(d.corpus, d.data_dir, **_corpus_options(config)).with_classes(d.classes)
+        corpus = load_corpus(d.corpus, d.data_dir, **corpus_options(config)).with_classes(d.classes)
         split = d.split or corpus.default_split
         if split != "loso":
             raise PlanError(f"{self.path}: the queue pairs folds by test speaker: use a leave-one-speaker-out split")
@@ -175,29 +177,9 @@ class Plan:
         return names
 
 
-def _corpus_options(config) -> dict:
-    d = config.data
-    if d.corpus == "synthetic":
-        from fastser.training.run import default_cache_dir
-
-        return {
-            "seed": config.optim.seed,
-            "n_speakers": d.synthetic_speakers,
-            "per_class": d.synthetic_per_class,
-            "cache_dir": None if d.no_cache else d.cache_dir or default_cache_dir(),
-        }
-    return {"subset": d.iemocap_subset} if d.corpus == "iemocap" else {}
-
-
 # -- one unit ---------------------------------------------------------------------------------
 def _jsonable(settings: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
-
-
-def _machine() -> str:
-    from benchmarks.accuracy import _machine as machine
-
-    return machine()
 
 
 def _commit() -> Optional[str]:
@@ -233,6 +215,7 @@ class UnitRunner:
         from fastser.data import make_folds
         from fastser.features.featureset import FeatureSet
         from fastser.metrics import summarize
+        from benchmarks.accuracy import _machine as machine
         from fastser.training.run import deterministic_mode, repeatable_cpu_kernels
         from fastser.training.experiment import Experiment
         from fastser.training.fold import FALLBACKS, FoldTraining
@@ -294,7 +277,7 @@ class UnitRunner:
                 **{f"y_pred_{level}": result[f"y_pred_{level}_norm"] for level in fallback},
             },
             "settings": _jsonable(config.computed_settings()),
-            "machine": _machine(),
+            "machine": machine(),
             "threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - t0, 2),
             "train_seconds": round(train_seconds, 2),
@@ -443,14 +426,9 @@ def run_queue(
     return written
 
 
-def _cores() -> int:
-    """The cores this process may run on (its affinity mask, which taskset and containers set)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _run_workers(args, plan: Plan) -> int:
     """--workers N: N processes of `run`, each with cores / N threads, claiming units one at a time."""
-    per = args.threads or max(1, _cores() // args.workers)
+    per = args.threads or max(1, usable_cores() // args.workers)
     cmd = [
         sys.executable,
         "-m",
@@ -607,11 +585,11 @@ def main(argv=None) -> int:
         print(compare(plan, args.arms, units_dir))
     elif args.command == "status":
         print(status(plan, units_dir))
-    elif (args.workers or _cores()) > 1:
-        args.workers = args.workers or _cores()
+    elif (args.workers or usable_cores()) > 1:
+        args.workers = args.workers or usable_cores()
         return _run_workers(args, plan)
     else:
-        threads = args.threads or _cores()
+        threads = args.threads or usable_cores()
         written = run_queue(
             plan,
             args.budget_minutes,

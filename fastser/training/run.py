@@ -103,21 +103,27 @@ def default_cache_dir() -> str:
 PHASES: dict = {}  # seconds of the last load_table's phases: corpus (read or generated), features
 
 
+def corpus_options(config: TrainConfig) -> dict:
+    """fastser.data.load_corpus's options for the corpus `config` names (the synthetic corpus's
+    size and seed, IEMOCAP's subset)."""
+    data = config.data
+    if data.corpus == "synthetic":
+        return {
+            "seed": config.optim.seed,
+            "n_speakers": data.synthetic_speakers,
+            "per_class": data.synthetic_per_class,
+            "cache_dir": None if data.no_cache else data.cache_dir or default_cache_dir(),
+        }
+    return {"subset": data.iemocap_subset} if data.corpus == "iemocap" else {}
+
+
 def load_table(config: TrainConfig, info):
     t0 = time.perf_counter()
     data, model = config.data, config.model
     kinds = list(KINDS) if model.features == "both" else [canonical_kind(model.features)]
     if model.prosody:
         kinds.append("prosody")
-    options = {"subset": data.iemocap_subset} if data.corpus == "iemocap" else {}
-    if data.corpus == "synthetic":
-        options = {
-            "seed": config.optim.seed,
-            "n_speakers": data.synthetic_speakers,
-            "per_class": data.synthetic_per_class,
-            "cache_dir": None if data.no_cache else data.cache_dir or default_cache_dir(),
-        }
-    corpus = load_corpus(data.corpus, data.data_dir, **options)
+    corpus = load_corpus(data.corpus, data.data_dir, **corpus_options(config))
     corpus = corpus.with_classes(data.classes)
     PHASES["corpus"] = time.perf_counter() - t0
     cache_dir = None
