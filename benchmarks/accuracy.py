@@ -37,6 +37,7 @@ SETTINGS = (
     "prosody",
     "bin_stats",
     "pooling",
+    "downsample",
     "normalize",
     "validation",
     "epochs",

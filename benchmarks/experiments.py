@@ -41,6 +41,7 @@ from typing import Optional
 
 import numpy as np
 
+from fastser.config import migrated
 from fastser.errors import UserError
 from fastser.threads import usable_cores
 
@@ -369,7 +370,8 @@ def estimate_seconds(
 def check_settings(plan: Plan, unit: Unit, record: dict) -> None:
     """A unit file made with other settings than the arm now has is an error, never a silent mix."""
     expected = _jsonable(plan.config(unit.arm, unit.seed).computed_settings())
-    differ = sorted(k for k in set(expected) | set(record["settings"]) if expected.get(k) != record["settings"].get(k))
+    made = _jsonable(migrated(record["settings"]))  # a unit from before a setting existed made it so
+    differ = sorted(k for k in set(expected) | set(made) if expected.get(k) != made.get(k))
     if differ:
         raise PlanError(
             f"{unit.path()}: made with other settings than arm {unit.arm!r} has now (differs in {differ}); "

@@ -46,6 +46,7 @@ def training_step_flops(settings: dict, num_classes: int = 8) -> int:
         reconstruct=s["lambda_recon"] > 0,
         bin_stats=s["bin_stats"],
         pooling=s["pooling"],
+        downsample=s["downsample"],
     ).to("meta")
     batch, frames = s["batch_size"], int(s["train_seconds"] * FRAMES_PER_SECOND)
     feats = {k: torch.empty(batch, bins, frames, device="meta") for k, bins in features.n_bins.items()}
@@ -68,6 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--features", default=ModelConfig.features)
     parser.add_argument("--no-prosody", action="store_true")
     parser.add_argument("--pooling", default=ModelConfig.pooling)
+    parser.add_argument("--downsample", default=ModelConfig.downsample)
     args = parser.parse_args(argv)
     settings = {**vars(args), "prosody": not args.no_prosody}
     settings.pop("no_prosody")

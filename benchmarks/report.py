@@ -220,6 +220,7 @@ def _setting_text(row: dict) -> str:
 
 
 SIZE_SETTINGS = {
+    "downsample": "downsampling {}",
     "width": "width {}",
     "embed_dim": "embedding {}",
     "train_seconds": "{:g} s training crops",

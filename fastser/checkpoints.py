@@ -40,6 +40,7 @@ class ModelSpec:
     bin_stats: bool = False  # spectral bins' utterance mean/std beside the CNN's pooled features
     pooling: str = "global"  # CNN maps pooled over time and frequency ("global") or time only ("time");
     #                             the default is what a checkpoint written before the field holds
+    downsample: str = "pool"  # where the CNNs' 2x2 downsamplings sit (fastser.models.cnn.DOWNSAMPLINGS)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -60,6 +61,7 @@ def build_model(spec: ModelSpec) -> SERModel:
         reconstruct=spec.reconstruct,
         bin_stats=spec.bin_stats,
         pooling=spec.pooling,
+        downsample=spec.downsample,
     )
 
 

@@ -35,6 +35,7 @@ BEFORE_RECORDED = {
     "prosody": False,
     "bin_stats": False,
     "pooling": "global",
+    "downsample": "pool",
     "validation": True,
     "tempo": 0.0,
     "speed_perturb": None,
@@ -73,6 +74,7 @@ class ModelConfig:
     prosody: bool = True
     bin_stats: bool = False
     pooling: str = "time"
+    downsample: str = "pool"  # "pool" after each conv (the paper's order) or "early" (a stride-2 stem, pool before)
     width: int = 16
     embed_dim: int = 128
 

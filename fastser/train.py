@@ -18,7 +18,7 @@ from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.errors import UserError
 from fastser.memory import retain_freed_memory
 from fastser.data import SPLITS
-from fastser.models.cnn import POOLINGS
+from fastser.models.cnn import DOWNSAMPLINGS, POOLINGS
 from fastser.normalization import NORMALIZE
 from fastser.checkpoints import SETTINGS_FILE, saved_settings
 from fastser.training.run import LAST_OUT, train
@@ -146,6 +146,13 @@ def _model_flags(p: ArgumentParser) -> None:
         choices=POOLINGS,
         help="how each CNN's last map becomes a vector: mean and max over time per frequency band "
         "('time': keeps where in the spectrum), or over time and frequency ('global')",
+    )
+    model.add_argument(
+        "--downsample",
+        choices=DOWNSAMPLINGS,
+        help="where each CNN's three 2x2 downsamplings sit: after each conv ('pool', the paper's order) "
+        "or before it ('early': a stride-2 first conv, max-pooling before the others; each conv at the "
+        "coarser resolution, a quarter of its FLOPs, the same map sizes)",
     )
     model.add_argument("--width", type=int, help="channels per stem branch (model size)")
     model.add_argument("--embed-dim", type=int, help="size of the embedding the center loss acts on")

@@ -154,6 +154,23 @@ def test_an_arm_whose_flags_change_is_refused_not_mixed(tmp_path, queue):
         queue(changed)
 
 
+def test_a_unit_from_before_a_setting_existed_counts_as_made_the_old_way(tmp_path, queue):
+    """A setting added to fastser after a unit was made is absent from its file: the unit was made as
+    fastser did before (fastser.config.BEFORE_RECORDED), so it still matches an arm that leaves the
+    setting at that value, and is refused by one that changes it."""
+    plan = write_plan(tmp_path, arms={"base": []})
+    queue(plan, max_units=1)
+    (path,) = (tmp_path / "units").glob("base/seed-*/*.json")
+    record = json.loads(path.read_text())
+    del record["settings"]["downsample"]
+    path.write_text(json.dumps(record))
+    unit = next(u for u in plan.units(tmp_path / "units") if u.path(tmp_path / "units") == path)
+    ex.check_settings(plan, unit, ex.read_unit(path))
+    changed = write_plan(tmp_path, arms={"base": ["--downsample", "early"]})
+    with pytest.raises(ex.PlanError, match=r"differs in \['downsample'\]"):
+        ex.check_settings(changed, unit, ex.read_unit(path))
+
+
 def test_compare_pairs_by_seed_and_test_speaker_and_counts_what_is_missing(tmp_path, queue):
     plan = write_plan(tmp_path)
     queue(plan, max_units=5)  # both arms of seed 0, the base arm alone of seed 1's first fold

@@ -120,6 +120,17 @@ def test_a_run_with_each_clips_own_statistics_exports(tmp_path, clips):
     assert meta["optional_inputs"] == [] and meta["normalize"] == "utterance"
 
 
+@pytest.mark.parametrize("fmt,atol", [("onnx", 1e-4), ("torch", 1e-5)])
+def test_a_run_with_early_downsampling_exports(tmp_path, clips, fmt, atol):
+    """The stride-2 stem and the masked pooling before each conv trace into a graph that scores a
+    padded batch as predict scores each clip alone."""
+    audio, batch, lengths = clips
+    run = tmp_path / "early"
+    train.main(SMALL + ["--epochs", "1", "--downsample", "early", "--out", str(run)])
+    _, want = _predicted(run, audio)
+    np.testing.assert_allclose(export.run_file(export.export(run, fmt), batch, lengths), want, atol=atol)
+
+
 def test_the_command_line(run_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "m.pt2"
     assert export.cli([str(run_dir), "--format", "torch", "--out", str(out)]) == 0

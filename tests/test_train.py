@@ -367,6 +367,31 @@ def test_global_pooling_train_predict_and_guard_resume(tmp_path):
 
 
 @pytest.mark.slow
+def test_early_downsampling_train_predict_and_guard_resume(tmp_path):
+    """--downsample early is stored in the checkpoint's spec (predict rebuilds the strided model),
+    a resume with the paper's order is refused, and a checkpoint from before the option is the
+    conv-then-pool model it was made as."""
+    metrics, out = run(tmp_path, "early", "--epochs", "1", "--downsample", "early")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["spec"]["downsample"] == "early" and ckpt["config"]["downsample"] == "early"
+    from fastser.predict import Predictor
+
+    predictor = Predictor(out)
+    stem = predictor.models[0].encoders["logmel"].stem
+    assert stem.strided and stem.branches[0][1].stride == (2, 2)
+    pred = predictor.predict_waveform(make_corpus(seed=3, n_speakers=1, per_class=1).utterances[0].audio)
+    assert abs(pred.probabilities.sum() - 1) < 1e-5
+    with pytest.raises(UserError, match="made with --downsample early; --downsample pool would change"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--downsample", "pool", "--resume", str(out)])
+    _, before = run(tmp_path, "before-the-option", "--epochs", "1")
+    ckpt = torch.load(before / "checkpoint.pt", weights_only=True)
+    del ckpt["spec"]["downsample"], ckpt["config"]["downsample"], ckpt["settings"]
+    torch.save(ckpt, before / "checkpoint.pt")
+    (before / "settings.json").unlink()
+    assert not Predictor(before).models[0].encoders["logmel"].stem.strided  # strict loading of its weights passed
+
+
+@pytest.mark.slow
 def test_no_validation_trains_on_the_validation_speakers_and_keeps_the_last_epoch(tmp_path):
     """--no-validation: the fold's validation speakers join the training rows (never the test
     speakers), every epoch runs (no early stopping), and the model tested is the last epoch's."""

@@ -28,11 +28,20 @@ class SERResult(NamedTuple):
     reconstruction: dict
 
 
-def _block(cin, cout, kernel, pool):
+def _block(cin, cout, kernel, downsample=None):
+    """One stage: conv, BN, ReLU, with a 2x2 downsampling as `downsample` says: "pool" max-pools the
+    conv's output (the paper's order); "stride" computes the conv at every other position (a stride-2
+    conv); None keeps the size (the caller has pooled the input: FeatureEncoder masks it first)."""
+    ph, pw = kernel[0] // 2, kernel[1] // 2
+    if downsample == "stride":
+        # one zero fewer after than before: floor(n / 2) outputs, the size (and frame mask) a 2x2
+        # pooling gives, with every output centred where the full-resolution conv would be
+        layers = [nn.ZeroPad2d((pw, pw - 1, ph, ph - 1)), nn.Conv2d(cin, cout, kernel, stride=2, bias=False)]
+    else:
+        layers = [nn.Conv2d(cin, cout, kernel, padding=(ph, pw), bias=False)]
     # conv -> pool -> BN -> ReLU: max-pooling first (it commutes with ReLU) runs the normalisation and
     # activation on a quarter of the values; on the CPU those memory-bound passes cost more than the conv.
-    layers = [nn.Conv2d(cin, cout, kernel, padding=(kernel[0] // 2, kernel[1] // 2), bias=False)]
-    if pool:
+    if downsample == "pool":
         layers.append(nn.MaxPool2d(2))
     layers += [nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
@@ -40,11 +49,16 @@ def _block(cin, cout, kernel, pool):
 
 class ParallelStem(nn.Module):
     """First layer: parallel kernels (freq x time): tall (spectral shape), wide (temporal), square;
-    each branch pooled before it is normalised and concatenated (see _block)."""
+    each branch at half resolution before it is normalised and concatenated (see _block): pooled
+    after a full-resolution conv ("pool"), or a stride-2 conv ("early").
 
-    def __init__(self, channels_per_branch: int, kernels=((9, 3), (3, 9), (5, 5))):
+    Shapes: (B, 1, bins, T) -> (B, 3 * channels_per_branch, bins // 2, T // 2)."""
+
+    def __init__(self, channels_per_branch: int, kernels=((9, 3), (3, 9), (5, 5)), downsample: str = "pool"):
         super().__init__()
-        self.branches = nn.ModuleList(_block(1, channels_per_branch, k, pool=True) for k in kernels)
+        self.strided = downsample == "early"
+        first = "stride" if self.strided else downsample
+        self.branches = nn.ModuleList(_block(1, channels_per_branch, k, first) for k in kernels)
         self.out_channels = channels_per_branch * len(kernels)
 
     def forward(self, x):
@@ -114,16 +128,22 @@ class FeatureEncoder(nn.Module):
     gives the same result alone or padded inside a batch: batch norm's shift never turns padding
     into signal that the next convolution would read."""
 
-    def __init__(self, n_bins: int, width: int = 16, bin_stats: bool = False, pooling: str = "time"):
+    def __init__(
+        self, n_bins: int, width: int = 16, bin_stats: bool = False, pooling: str = "time", downsample: str = "pool"
+    ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if downsample not in DOWNSAMPLINGS:
+            raise ValueError(f"downsample must be one of {DOWNSAMPLINGS}, got {downsample!r}")
         self.n_bins, self.pooling = n_bins, pooling
-        self.stem = ParallelStem(width)
+        self.stem = ParallelStem(width, downsample=downsample)
+        self.pool_first = downsample == "early"
+        after = None if self.pool_first else "pool"
         self.blocks = nn.ModuleList(
             [
-                _block(self.stem.out_channels, 2 * width, (3, 3), pool=True),
-                _block(2 * width, 4 * width, (3, 3), pool=True),
+                _block(self.stem.out_channels, 2 * width, (3, 3), after),
+                _block(2 * width, 4 * width, (3, 3), after),
             ]
         )
         self.out_channels = 4 * width
@@ -158,6 +178,10 @@ class FeatureEncoder(nn.Module):
         stride = 2
         for block in self.blocks:
             stride *= 2
+            if self.pool_first:
+                # a floored 2x2 window that mixes the last valid frame with padding is padding: masked
+                # before the conv reads it, as an utterance alone has no such window
+                h = masked(F.max_pool2d(h, 2), stride)
             h = masked(block(h), stride)
         mean = h.sum(dim=3) / masks.count(stride, h.shape[-1])  # (B, C, bands) over the valid frames
         peak = h.masked_fill(masks.padding(stride, h.shape[-1]), float("-inf")).amax(dim=3)
@@ -226,6 +250,10 @@ class FeatureDecoder(nn.Module):
 
 
 POOLINGS = ("global", "time")
+# where each of the three 2x2 downsamplings sits: after the conv (the paper's order, every conv at
+# its input's resolution) or before it (a stride-2 first conv, max-pooling before the others: each
+# conv at its output's resolution, a quarter of the convolutions' FLOPs; same map sizes)
+DOWNSAMPLINGS = ("pool", "early")
 CONTOUR_KINDS = ("prosody",)  # 1-D inputs: a ContourEncoder, no decoder (the CNN branches reconstruct)
 
 
@@ -261,12 +289,15 @@ class SERModel(nn.Module):
         reconstruct: bool = True,
         bin_stats: bool = False,
         pooling: str = "time",
+        downsample: str = "pool",
     ):
         super().__init__()
         self.kinds = list(input_bins)
         self.encoders = nn.ModuleDict(
             {
-                k: ContourEncoder(b, width) if k in CONTOUR_KINDS else FeatureEncoder(b, width, bin_stats, pooling)
+                k: ContourEncoder(b, width)
+                if k in CONTOUR_KINDS
+                else FeatureEncoder(b, width, bin_stats, pooling, downsample)
                 for k, b in input_bins.items()
             }
         )

@@ -67,6 +67,7 @@ class Experiment:
             normalize=self.normalize,
             bin_stats=config.model.bin_stats,
             pooling=config.model.pooling,
+            downsample=config.model.downsample,
         )
         self.device = info.device
         self.ckpt_path = out / "checkpoint.pt"

@@ -10,8 +10,9 @@ from fastser.models.cnn import FrameMasks
     [(spectrogram_cnn, {"logmel": 64}), (mfcc_cnn, {"mfcc": 40}), (two_branch_cnn, {"logmel": 64, "mfcc": 40})],
 )
 @pytest.mark.parametrize("T", [37, 160, 301])
-def test_shapes(build, kinds, T):
-    model = build(5, width=4, embed_dim=32)
+@pytest.mark.parametrize("downsample", ["pool", "early"])
+def test_shapes(build, kinds, T, downsample):
+    model = build(5, width=4, embed_dim=32, downsample=downsample)
     feats = {k: torch.randn(3, b, T) for k, b in kinds.items()}
     frames = torch.tensor([T, T - 5, 9])
     out = model(feats, frames)
@@ -24,9 +25,10 @@ def test_shapes(build, kinds, T):
 
 
 @pytest.mark.parametrize("n", [120, 7, 205])
-def test_an_utterance_gives_the_same_result_alone_or_padded_in_a_batch(n):
+@pytest.mark.parametrize("downsample", ["pool", "early"])
+def test_an_utterance_gives_the_same_result_alone_or_padded_in_a_batch(n, downsample):
     torch.manual_seed(1)
-    model = two_branch_cnn(4, width=4, embed_dim=16)
+    model = two_branch_cnn(4, width=4, embed_dim=16, downsample=downsample)
     for _ in range(3):  # non-trivial batch-norm statistics, then evaluate
         model({"logmel": torch.randn(4, 64, 90) + 2, "mfcc": torch.randn(4, 40, 90)}, torch.full((4,), 90))
     model.eval()
@@ -186,3 +188,30 @@ def test_frame_masks_are_built_once_per_stride_and_agree_with_the_frame_counts()
         assert masks.count(stride, length) is masks.count(stride, length)
     longer = masks.at(8, 6)  # a map of another length at the same stride gets its own mask
     assert longer.shape[-1] == 6 and masks.count(8, 6)[:, 0, 0].tolist() == [5, 2, 1, 1]
+
+
+def test_early_downsampling_keeps_the_map_sizes_and_runs_each_conv_at_the_coarser_resolution():
+    """downsample="early": the same maps and pooled sizes as the paper's conv-then-pool order (so
+    masks, bands and decoders are shared), from a stride-2 first conv and max-pooling before the other
+    convolutions: every conv's output has the size of its stage's map, none runs at the input's."""
+    feats = {"logmel": torch.randn(2, 64, 301), "mfcc": torch.randn(2, 40, 301)}
+    frames = torch.tensor([301, 200])
+    shapes = {}
+    for downsample in ("pool", "early"):
+        model = two_branch_cnn(4, width=4, embed_dim=16, downsample=downsample)
+        conv_outputs = []
+        for m in model.encoders["logmel"].modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(lambda m, i, o: conv_outputs.append(tuple(o.shape[2:])))
+        fmap, vec = model.encoders["logmel"](feats["logmel"], frames)
+        shapes[downsample] = (fmap.shape, vec.shape, list(conv_outputs))
+        assert model(feats, frames).reconstruction["logmel"].shape == (2, 64, 301)
+    # the stride-2 stem computes the full-resolution conv's even positions
+    stem = two_branch_cnn(4, width=4, downsample="early").encoders["logmel"].stem.branches[0]
+    full = torch.nn.functional.conv2d(feats["logmel"][:, None], stem[1].weight, padding=(4, 1))
+    torch.testing.assert_close(stem[1](stem[0](feats["logmel"][:, None])), full[:, :, 0::2, 0:300:2])
+    assert shapes["pool"][:2] == shapes["early"][:2] == ((2, 16, 8, 37), (2, 2 * 16 * 8))
+    assert shapes["pool"][2] == [(64, 301)] * 3 + [(32, 150), (16, 75)]
+    assert shapes["early"][2] == [(32, 150)] * 3 + [(16, 75), (8, 37)]
+    with pytest.raises(ValueError, match="downsample must be one of"):
+        two_branch_cnn(4, downsample="stride")
