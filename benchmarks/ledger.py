@@ -420,13 +420,24 @@ def feature_min_bytes(kind: str) -> int:
 def _default_model():
     """The default model (log-mel, MFCC and prosody branches) and its joint objective, on meta, training."""
     from fastser.checkpoints import ModelSpec, build_model
+    from fastser.config import ModelConfig, ObjectiveConfig
     from fastser.features.featureset import FeatureSet
     from fastser.models import SERObjective
 
+    # the settings a run takes by default, read from the configuration so the ledger follows them
+    m, o = ModelConfig(), ObjectiveConfig()
     fs = FeatureSet.paper(["logmel", "mfcc", "prosody"])
-    model = build_model(ModelSpec(fs, tuple("abcd"), pooling="time")).to(META, memory_format=torch.channels_last)
+    spec = ModelSpec(
+        fs, tuple("abcd"), width=m.width, embed_dim=m.embed_dim, pooling=m.pooling, downsample=m.downsample
+    )
+    model = build_model(spec).to(META, memory_format=torch.channels_last)
     objective = SERObjective(
-        4, 128, lambda_center=0.003, lambda_recon=0.1, center_alpha=0.5, class_weights=torch.ones(4)
+        4,
+        m.embed_dim,
+        lambda_center=o.lambda_center,
+        lambda_recon=o.lambda_recon,
+        center_alpha=o.center_alpha,
+        class_weights=torch.ones(4),
     ).to(META)
     return fs, model.train(), objective.train()
 

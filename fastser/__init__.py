@@ -5,7 +5,7 @@ from fastser import Predictor, CenterLoss   # a trained model's predictions; the
 
 __version__ = "0.1.0"
 
-_LAZY = {"Predictor": "fastser.predict", "CenterLoss": "fastser.nn"}  # imported on first use: torch is heavy
+_LAZY = {"Predictor": "fastser.predictor", "CenterLoss": "fastser.nn"}  # imported on first use: torch is heavy
 
 
 def __getattr__(name):

@@ -158,7 +158,7 @@ def test_a_unit_from_before_a_setting_existed_counts_as_made_the_old_way(tmp_pat
     """A setting added to fastser after a unit was made is absent from its file: the unit was made as
     fastser did before (fastser.config.BEFORE_RECORDED), so it still matches an arm that leaves the
     setting at that value, and is refused by one that changes it."""
-    plan = write_plan(tmp_path, arms={"base": []})
+    plan = write_plan(tmp_path, arms={"base": ["--downsample", "pool"]})
     queue(plan, max_units=1)
     (path,) = (tmp_path / "units").glob("base/seed-*/*.json")
     record = json.loads(path.read_text())

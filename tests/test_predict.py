@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 
 import fastser.predict as predict
+import fastser.predictor as predictor_module
 import fastser.train as train
 from fastser.data.synthetic import make_corpus
 from tests.test_train import SMALL
@@ -100,7 +101,7 @@ def test_long_files_are_streamed_in_bounded_memory(run_dir, tmp_path, monkeypatc
         for _ in range(minutes):
             f.write((0.1 * rng.standard_normal(22050 * 60)).astype(np.float32))
     decoded_bytes = minutes * 60 * 16000 * 4
-    monkeypatch.setattr(predict, "load", lambda *a, **k: pytest.fail("a long file must not be read whole"))
+    monkeypatch.setattr(predictor_module, "load", lambda *a, **k: pytest.fail("a long file must not be read whole"))
     p = predict.Predictor(run_dir, batch_size=64)
     tracemalloc.start()
     pred = p.predict_file(path)

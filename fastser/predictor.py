@@ -1,0 +1,406 @@
+"""Score audio with a trained run: `Predictor(RUN).predict(x)` (the library behind `python -m fastser.predict`).
+
+Uses the model a training run kept last (the best epoch of its last fold), with that run's
+feature configuration and normalisation. A recording up to the run's --max-seconds (8 s by
+default) is scored whole, exactly as the run's test utterances were. A longer one is cut into
+windows of the training crop (--train-seconds, 3 s) with half a window of hop, scored in batches
+and averaged (weighted by window length) into one prediction; its segments are the per-window
+timeline. Long files are read and resampled block by block, so memory stays bounded for hours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import soxr
+import torch
+
+from fastser.audio import AudioError, info, load, stream
+from fastser.checkpoints import build_model, finished_model, load_checkpoint
+from fastser.distributed import parse_device
+from fastser.errors import UserError
+from fastser.features.featureset import FeatureSet
+from fastser.normalization import Normalizer, utterance_stats
+
+MIN_SECONDS = 0.5  # below this a clip holds less than a syllable: the prediction is flagged unreliable
+SILENT_DBFS = -60.0  # RMS level (dB re full scale) below which a recording is flagged near-silent
+MIN_ENROLL_SECONDS = 1.0  # usable enrollment audio below this: too few frames for a speaker's statistics
+
+
+class PredictWarning(UserWarning):
+    """Something that makes predictions doubtful (enrollment audio left out, a model that never heard
+    speech); the command line prints each as one "warning:" line."""
+
+
+def audio_problems(seconds: float, rms_dbfs: float) -> list:
+    """What makes audio a poor sample of speech (for a prediction or for enrollment): too short,
+    near-silent."""
+    out = []
+    if seconds < MIN_SECONDS:
+        out.append(f"{seconds:.3g} s is shorter than {MIN_SECONDS} s")
+    if rms_dbfs < SILENT_DBFS:
+        level = "digital silence" if math.isinf(rms_dbfs) else f"RMS {rms_dbfs:.0f} dBFS"
+        out.append(f"near-silent ({level}; below {SILENT_DBFS:.0f} dBFS)")
+    return out
+
+
+@dataclasses.dataclass
+class Segment:
+    start: float  # seconds
+    end: float
+    probabilities: np.ndarray  # (classes,)
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One file: the aggregated prediction, its windows, and what makes it doubtful."""
+
+    file: str
+    classes: list
+    probabilities: np.ndarray
+    segments: list
+    duration: float
+    rms_dbfs: float
+
+    @property
+    def emotion(self) -> str:
+        return self.classes[int(np.argmax(self.probabilities))]
+
+    @property
+    def too_short(self) -> bool:
+        return self.duration < MIN_SECONDS
+
+    @property
+    def near_silent(self) -> bool:
+        return self.rms_dbfs < SILENT_DBFS
+
+    def problems(self) -> list:
+        return audio_problems(self.duration, self.rms_dbfs)
+
+    def warnings(self) -> list:
+        return [f"{p}: the prediction is unreliable" for p in self.problems()]
+
+    def to_dict(self, segments: bool = False) -> dict:
+        probs = lambda p: {c: round(float(v), 4) for c, v in zip(self.classes, p)}  # noqa: E731
+        d = {
+            "file": self.file,
+            "emotion": self.emotion,
+            "probabilities": probs(self.probabilities),
+            "duration": round(self.duration, 3),
+            "windows": len(self.segments),
+            "too_short": self.too_short,
+            "near_silent": self.near_silent,
+            "warnings": self.warnings(),
+        }
+        if segments:
+            d["segments"] = [
+                {
+                    "start": round(s.start, 3),
+                    "end": round(s.end, 3),
+                    "emotion": self.classes[int(np.argmax(s.probabilities))],
+                    "probabilities": probs(s.probabilities),
+                }
+                for s in self.segments
+            ]
+        return d
+
+
+class _Level:
+    """Running RMS level of a stream, for the near-silence flag."""
+
+    def __init__(self):
+        self.sum_sq, self.n = 0.0, 0
+
+    def add(self, y: np.ndarray) -> None:
+        self.sum_sq += float(np.dot(y, y))  # float32 accumulation: ample for a level in dB, no copy
+        self.n += y.size
+
+    def seconds(self, sr: int) -> float:
+        return self.n / sr
+
+    def dbfs(self) -> float:
+        ms = self.sum_sq / max(self.n, 1)
+        return 10.0 * math.log10(ms) if ms > 0 else float("-inf")
+
+
+class Predictor:
+    """A trained model ready to score audio.
+
+    Predictor(checkpoint, device="cpu", batch_size=32, enroll=None)
+    `checkpoint` may be a list: the models (e.g. one per --seeds run) are averaged, each window's
+    class probabilities the mean of theirs (a soft-vote ensemble); they must share their classes,
+    features, input normalisation and windows.
+    predict(x, sr=None) -> Prediction, or a list of them for a list: `x` a path, a 1-D array or
+    tensor of mono samples (at `sr`, default the model's `self.sr`; resampled with soxr otherwise),
+    or a list of those (short clips are scored together, `batch_size` at a time);
+    predict_file(path) -> Prediction; predict_waveform(samples, sr=None) -> Prediction;
+    probabilities(samples, sr=None) -> (classes,) tensor. Inference only (no autograd).
+
+    Input statistics follow the run's --normalize: "corpus" uses the training statistics stored in
+    the checkpoint; "speaker" uses the speaker's statistics from `enroll` (audio files of the same
+    speaker, unlabelled; or call `enroll_speaker`), else the training speakers' pooled statistics
+    stored in the checkpoint (the fallback whose accuracy the run reports as "training_norm": it
+    measured about twice the accuracy of each clip's own statistics, "utterance_norm");
+    "utterance" always each window's own.
+    """
+
+    def __init__(self, checkpoint, device: str = "cpu", batch_size: int = 32, enroll=None):
+        self.device = parse_device(device)
+        self.spec, self.models, self.norms, self.trained_on = load_models(checkpoint, self.device)
+        self.classes = list(self.spec.classes)
+        self.features = self.spec.features
+        self.sr = self.features.sr
+        self.whole_seconds = self.spec.max_seconds  # scored whole, as the run's test utterances
+        self.window_seconds = self.spec.train_seconds
+        self.hop_seconds = self.window_seconds / 2
+        self.batch_size = batch_size
+        if "synthetic" in self.trained_on:
+            warnings.warn(
+                "the model was trained on fastser's synthetic corpus (generated voiced tones, not "
+                "speech): its predictions on real recordings mean nothing; train on a real corpus "
+                "(README: Train)",
+                PredictWarning,
+                stacklevel=2,
+            )
+        if enroll:
+            self.enroll_speaker(enroll)
+
+    def enroll_speaker(self, paths) -> bool:
+        """Speaker statistics from unlabelled audio files of the speaker to be scored (runs trained
+        with --normalize speaker); they replace the training statistics for every later prediction.
+
+        Each file goes through the input's checks: an unreadable one is a UserError naming `enroll`
+        and the file; one shorter than MIN_SECONDS or near-silent is left out (a PredictWarning).
+        With less than MIN_ENROLL_SECONDS of usable audio in all, the training speakers' statistics
+        stay (a PredictWarning). Returns whether the speaker's statistics are in use."""
+        if self.spec.normalize != "speaker":
+            raise UserError(
+                f"--enroll needs a model trained with --normalize speaker; this one used "
+                f"--normalize {self.spec.normalize}"
+            )
+        speaker = speaker_statistics(paths, self.features, self.whole_seconds, self.device)
+        if speaker is None:
+            return False
+        self.norms = [speaker] * len(self.models)
+        return True
+
+    # -- scoring ------------------------------------------------------------------------
+    def _score(self, clips: list) -> np.ndarray:
+        return score(self.models, self.norms, self.features, clips, self.device)
+
+    def _windows_of(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple]:
+        return windows(blocks, round(self.window_seconds * self.sr), round(self.hop_seconds * self.sr))
+
+    def _predict(self, name: str, windows: Iterator[tuple], level: "_Level") -> Prediction:
+        segments, pending = [], []
+
+        def flush():
+            probs = self._score([w for _, w in pending])
+            segments.extend(Segment(s / self.sr, (s + len(w)) / self.sr, p) for (s, w), p in zip(pending, probs))
+            pending.clear()
+
+        for start, samples in windows:
+            pending.append((start, samples))
+            if len(pending) == self.batch_size:
+                flush()
+        if pending:
+            flush()
+        weights = np.array([s.end - s.start for s in segments])
+        probs = (np.stack([s.probabilities for s in segments]) * weights[:, None]).sum(0) / weights.sum()
+        probs = probs.astype(np.float32)  # the windows' dtype, as a batch of clips gives
+        return Prediction(name, self.classes, probs, segments, level.seconds(self.sr), level.dbfs())
+
+    def predict_waveform(self, samples, sr: Optional[int] = None, name: str = "<waveform>") -> Prediction:
+        """Mono samples (NumPy or torch, 1-D) at `sr` (without it: the model's rate, `self.sr`, with
+        a warning)."""
+        y = mono_samples(samples, sr, self.sr)
+        level = _Level()
+        level.add(y)
+        if y.size <= self.whole_seconds * self.sr:
+            return self._predict(name, iter([(0, y)]), level)
+        return self._predict(name, self._windows_of([y]), level)
+
+    def predict_file(self, path) -> Prediction:
+        path = str(path)
+        seconds, _ = info(path)
+        if seconds <= self.whole_seconds:
+            y, _ = load(path, sr=self.sr)
+            return self.predict_waveform(y, self.sr, name=path)
+        level = _Level()
+
+        def blocks():
+            for block in stream(path, sr=self.sr, block_seconds=10.0):
+                level.add(block)
+                yield block
+
+        return self._predict(path, self._windows_of(blocks()), level)
+
+    def probabilities(self, samples, sr: Optional[int] = None) -> torch.Tensor:
+        """(classes,) probabilities for mono samples at `sr` (default `self.sr`)."""
+        return torch.from_numpy(self.predict_waveform(samples, sr).probabilities)
+
+    def predict(self, x, sr: Optional[int] = None):
+        """A path or mono samples (at `sr`) -> Prediction; a list of them -> a list of Predictions, in
+        order. Clips up to the model's whole-clip length are scored together in batches (each exactly
+        as alone: features and pooling use each clip's own frames); files and longer clips one by one."""
+        if not isinstance(x, (list, tuple)):
+            return self.predict_file(x) if isinstance(x, (str, os.PathLike)) else self.predict_waveform(x, sr)
+        results, short = [None] * len(x), []
+        for i, item in enumerate(x):
+            if isinstance(item, (str, os.PathLike)):
+                results[i] = self.predict_file(item)
+                continue
+            y = mono_samples(item, sr, self.sr)
+            if y.size > self.whole_seconds * self.sr:
+                results[i] = self.predict_waveform(y, self.sr)
+            else:
+                short.append((i, y))
+        for start in range(0, len(short), self.batch_size):
+            chunk = short[start : start + self.batch_size]
+            for (i, y), probs in zip(chunk, self._score([y for _, y in chunk])):
+                level = _Level()
+                level.add(y)
+                results[i] = Prediction(
+                    f"<waveform {i}>",
+                    self.classes,
+                    probs,
+                    [Segment(0.0, y.size / self.sr, probs)],
+                    level.seconds(self.sr),
+                    level.dbfs(),
+                )
+        return results
+
+
+@torch.no_grad()
+def score(models: list, norms: list, features: FeatureSet, clips: list, device: torch.device) -> np.ndarray:
+    """Clips (1-D float32 arrays at the features' rate) -> (n, classes) float32 probabilities, one
+    batch: the mean of the models' softmax, each model's input normalised by its `norms` entry (None:
+    each clip's own statistics). Every clip is scored as alone (features and pooling use its frames)."""
+    lengths = torch.tensor([len(c) for c in clips], dtype=torch.int64)
+    batch = torch.zeros(len(clips), int(lengths.max()))
+    for i, c in enumerate(clips):
+        batch[i, : len(c)] = torch.from_numpy(c)
+    raw, frames = features.extract(batch.to(device), lengths.to(device))
+    own = None
+    probs = 0.0
+    for model, norm in zip(models, norms):
+        if norm is not None:
+            feats = norm.apply(raw, frames)
+        else:  # each window's own statistics
+            if own is None:  # the same for every model: computed once
+                own = utterance_stats(raw, frames).apply(raw, frames, torch.arange(len(clips), device=device))
+            feats = own
+        probs = probs + torch.softmax(model(feats, frames).logits.float(), dim=1)
+    return (probs / len(models)).cpu().numpy()
+
+
+def load_models(checkpoint, device: torch.device) -> tuple:
+    """(spec, models, norms, corpora) of one checkpoint or a list of them (an ensemble): the first
+    one's ModelSpec, each model in eval mode on `device` with its training statistics (None where
+    the run used each utterance's own), and the corpora they were trained on. Models of an
+    ensemble must share classes, features, input normalisation and windows (a UserError otherwise)."""
+    paths = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+    if not paths:
+        raise UserError("no checkpoint given")
+    checkpoints = [load_checkpoint(p) for p in paths]
+    loaded = [finished_model(c) for c in checkpoints]
+    configs = [c.get("config", {}) for c in checkpoints]
+    first = loaded[0][0]
+    for path, (spec, _) in zip(paths[1:], loaded[1:]):
+        for what in ("classes", "normalize", "train_seconds", "max_seconds"):
+            if getattr(spec, what) != getattr(first, what):
+                raise UserError(
+                    f"checkpoint: {path} has {what} {getattr(spec, what)!r}, {paths[0]} has "
+                    f"{getattr(first, what)!r}: an ensemble needs models of the same setting"
+                )
+        if spec.features.to_dict() != first.features.to_dict():
+            raise UserError(f"checkpoint: {path} was trained on other features than {paths[0]}")
+    models, norms = [], []
+    for spec, fin in loaded:
+        model = build_model(spec)
+        model.load_state_dict(fin["model"])
+        models.append(model.to(device).eval())
+        norms.append(Normalizer(**fin["norm"]).to(device) if spec.normalize != "utterance" else None)
+    trained_on = sorted({c.get("corpus") for c in configs if c.get("corpus")})
+    return first, models, norms, trained_on
+
+
+def speaker_statistics(paths, features: FeatureSet, max_seconds: float, device: torch.device) -> Optional[Normalizer]:
+    """A speaker's input statistics from unlabelled audio files (the first `max_seconds` of each),
+    or None with a PredictWarning when less than MIN_ENROLL_SECONDS of it is usable. A file that is
+    too short or near-silent is left out (a PredictWarning); an unreadable one is a UserError."""
+    sr = features.sr
+    paths = list(paths)
+    if not paths:
+        raise UserError("enroll: no audio files")
+    items, usable = [], 0.0
+    for path in paths:
+        try:
+            y, _ = load(path, sr=sr)
+        except AudioError as e:
+            raise UserError(f"enroll: {e}") from None
+        y = y[: int(max_seconds * sr)]
+        level = _Level()
+        level.add(y)
+        problems = audio_problems(level.seconds(sr), level.dbfs())
+        if problems:
+            warnings.warn(
+                f"--enroll: {path}: {'; '.join(problems)}: left out of the speaker's statistics",
+                PredictWarning,
+                stacklevel=3,
+            )
+            continue
+        y = torch.from_numpy(y).to(device)
+        feats, frames = features.extract(y[None], torch.tensor([y.shape[0]], device=device))
+        items.append({k: x[0, :, : int(frames[0])].cpu() for k, x in feats.items()})
+        usable += level.seconds(sr)
+    if usable < MIN_ENROLL_SECONDS:
+        warnings.warn(
+            f"--enroll: {usable:.2g} s of usable audio is less than {MIN_ENROLL_SECONDS:g} s, too "
+            f"little for a speaker's statistics: the training speakers' statistics are used instead",
+            PredictWarning,
+            stacklevel=3,
+        )
+        return None
+    return Normalizer.fit_items(items).to(device)
+
+
+def windows(blocks: Iterable[np.ndarray], win: int, hop: int) -> Iterator[tuple]:
+    """(start sample, samples) windows of `win` samples every `hop` over a stream of blocks, then
+    the tail past the last full window as a shorter final window."""
+    buf, buf_start, covered = np.zeros(0, np.float32), 0, 0
+    for block in blocks:
+        buf = np.concatenate([buf, block])
+        while len(buf) >= win:
+            yield buf_start, buf[:win]
+            covered = buf_start + win
+            buf, buf_start = buf[hop:], buf_start + hop
+    if buf_start + len(buf) > covered:
+        yield buf_start, buf
+
+
+def mono_samples(samples, sr: Optional[int], model_sr: int) -> np.ndarray:
+    """Mono samples (NumPy or torch, 1-D or (1, n)) as float32 at `model_sr`: resampled with soxr
+    from `sr`; without `sr` taken to be at `model_sr` (a warning). Empty, multi-channel or
+    non-finite samples are a ValueError."""
+    y = np.ascontiguousarray(torch.as_tensor(samples).detach().cpu().numpy(), dtype=np.float32)
+    if y.ndim != 1 and not (y.ndim == 2 and 1 in y.shape):
+        raise ValueError(f"expected mono samples (1-D), got an array of shape {tuple(y.shape)}")
+    y = y.reshape(-1)
+    if y.size == 0:
+        raise ValueError("empty waveform")
+    if not np.isfinite(y).all():  # on the host, where it is free (the device's features do not check)
+        raise ValueError("the waveform contains NaN or Inf samples")
+    if sr is None:
+        warnings.warn(
+            f"samples given without sr: taken to be at the model's {model_sr} Hz; pass sr= to say their rate",
+            stacklevel=3,
+        )
+    elif sr != model_sr:
+        y = soxr.resample(y, sr, model_sr, quality="HQ").astype(np.float32, copy=False)
+    return y
