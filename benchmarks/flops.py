@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ from fastser.features.featureset import FeatureSet
 from fastser.models import SERModel
 
 FRAMES_PER_SECOND = 100  # the 10 ms hop of every feature kind: a training crop is int(seconds * 100) frames
+# a stage: a CNN's stem or block, a contour encoder, a decoder, the embedding, the classifier
+STAGE = re.compile(r"encoders\.\w+\.(stem|blocks\.\d+)|encoders\.prosody|decoders\.\w+|embed|classifier")
 DEFAULTS = {f.name: f.default for cls in (ModelConfig, ObjectiveConfig, OptimConfig) for f in dataclasses.fields(cls)}
 
 
@@ -36,6 +39,20 @@ def training_step_flops(settings: dict, num_classes: int = 8) -> int:
     """FLOPs of one training step (forward and backward) of the model `settings` describe. Settings
     a run never recorded take what fastser did before recording them (fastser.config.migrated), the
     others today's default; num_classes only sizes the classifier (a few kFLOP)."""
+    return _counted(settings, num_classes, backward=True).get_total_flops()
+
+
+def forward_flops_by_layer(settings: dict, num_classes: int = 8) -> dict:
+    """{layer: forward FLOPs of one training batch} for the model `settings` describe, per stage
+    ("encoders.logmel.stem", "encoders.logmel.blocks.0", "decoders.mfcc", "embed", ...). A layer's
+    backward costs twice its forward (input and weight gradients), a first layer's once (its input,
+    the features, needs no gradient): where the training step's FLOPs go."""
+    counts = _counted(settings, num_classes, backward=False).get_flop_counts()
+    names = {name.removeprefix("SERModel."): sum(ops.values()) for name, ops in counts.items()}
+    return {name: flops for name, flops in names.items() if STAGE.fullmatch(name)}
+
+
+def _counted(settings: dict, num_classes: int, backward: bool) -> FlopCounterMode:
     s = {**DEFAULTS, **migrated({k: v for k, v in settings.items() if v is not None})}
     features = FeatureSet.paper(_kinds(s["features"], s["prosody"]))
     model = SERModel(
@@ -51,14 +68,15 @@ def training_step_flops(settings: dict, num_classes: int = 8) -> int:
     batch, frames = s["batch_size"], int(s["train_seconds"] * FRAMES_PER_SECOND)
     feats = {k: torch.empty(batch, bins, frames, device="meta") for k, bins in features.n_bins.items()}
     labels = torch.zeros(batch, dtype=torch.long, device="meta")
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, depth=None)
     with counter:
         result = model(feats, torch.full((batch,), frames, device="meta"))
-        loss = F.cross_entropy(result.logits, labels) + sum(
-            F.mse_loss(r, feats[k]) for k, r in result.reconstruction.items()
-        )
-        loss.backward()
-    return counter.get_total_flops()
+        if backward:
+            loss = F.cross_entropy(result.logits, labels) + sum(
+                F.mse_loss(r, feats[k]) for k, r in result.reconstruction.items()
+            )
+            loss.backward()
+    return counter
 
 
 def main(argv=None) -> None:
@@ -70,10 +88,18 @@ def main(argv=None) -> None:
     parser.add_argument("--no-prosody", action="store_true")
     parser.add_argument("--pooling", default=ModelConfig.pooling)
     parser.add_argument("--downsample", default=ModelConfig.downsample)
+    parser.add_argument("--by-layer", action="store_true", help="also each stage's forward FLOPs")
     args = parser.parse_args(argv)
     settings = {**vars(args), "prosody": not args.no_prosody}
-    settings.pop("no_prosody")
+    for flag in ("no_prosody", "by_layer"):
+        settings.pop(flag)
     print(f"{training_step_flops(settings) / 1e9:.2f} GFLOP per training step (forward + backward)")
+    if args.by_layer:
+        layers = forward_flops_by_layer(settings)
+        total = sum(layers.values())
+        print(f"forward, {total / 1e9:.2f} GFLOP:")
+        for name, flops in sorted(layers.items(), key=lambda kv: -kv[1]):
+            print(f"  {name:28s} {flops / 1e9:6.2f} GFLOP  {100 * flops / total:4.1f} %")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class ModelConfig:
     prosody: bool = True
     bin_stats: bool = False
     pooling: str = "time"
-    downsample: str = "pool"  # "pool" after each conv (the paper's order) or "early" (a stride-2 stem, pool before)
+    downsample: str = "pool"  # after each conv (the paper's order), "stem" or "early" (fastser.models.cnn)
     width: int = 16
     embed_dim: int = 128
 

@@ -150,9 +150,9 @@ def _model_flags(p: ArgumentParser) -> None:
     model.add_argument(
         "--downsample",
         choices=DOWNSAMPLINGS,
-        help="where each CNN's three 2x2 downsamplings sit: after each conv ('pool', the paper's order) "
-        "or before it ('early': a stride-2 first conv, max-pooling before the others; each conv at the "
-        "coarser resolution, a quarter of its FLOPs, the same map sizes)",
+        help="where each CNN's three 2x2 downsamplings sit: after each conv ('pool', the paper's order), "
+        "in a stride-2 first conv ('stem'), or that and max-pooling before the other convs ('early': each "
+        "conv at the coarser resolution, a quarter of the FLOPs); the same map sizes in all three",
     )
     model.add_argument("--width", type=int, help="channels per stem branch (model size)")
     model.add_argument("--embed-dim", type=int, help="size of the embedding the center loss acts on")

@@ -103,14 +103,15 @@ def test_training_step_flops_count_what_training_computes():
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.flops import training_step_flops
+    from benchmarks.flops import forward_flops_by_layer, training_step_flops
     from fastser.features.featureset import FeatureSet
     from fastser.models import SERModel
 
-    small = {"features": "both", "prosody": True, "pooling": "time", "width": 4, "batch_size": 2, "train_seconds": 0.5}
+    small = {"features": "both", "prosody": True, "pooling": "time", "downsample": "pool", "width": 4}
+    small.update(batch_size=2, train_seconds=0.5)
     torch.manual_seed(0)
     bins = FeatureSet.paper(["logmel", "mfcc", "prosody"]).n_bins
-    model = SERModel(bins, 8, width=4, pooling="time")
+    model = SERModel(bins, 8, width=4, pooling="time", downsample="pool")
     feats = {k: torch.randn(2, b, 50) for k, b in bins.items()}
     counter = FlopCounterMode(display=False)
     with counter:
@@ -123,6 +124,23 @@ def test_training_step_flops_count_what_training_computes():
     assert training_step_flops({"batch_size": 32}) == 2 * default
     assert 3.0 < default / training_step_flops({"width": 8}) < 4.0  # the convolutions' channels both halve
     assert training_step_flops({"lambda_recon": 0.0}) < default
+    # by layer: each stage once, the forward's total; early downsampling runs every encoder conv at about
+    # a quarter of the positions and leaves the decoders as they are
+    model = {"features": "both", "prosody": True, "pooling": "time"}  # unrecorded settings read as the oldest
+    pool, early = (forward_flops_by_layer({**model, "downsample": d}) for d in ("pool", "early"))
+    assert sorted(pool) == sorted(early) and len(pool) == 11  # 2 x (stem, 2 blocks, decoder), prosody, 2 heads
+    with FlopCounterMode(display=False) as forward:
+        SERModel(bins, 8, downsample="pool").to("meta")(
+            {k: torch.empty(16, b, 300, device="meta") for k, b in bins.items()}, torch.full((16,), 300, device="meta")
+        )
+    assert sum(pool.values()) == forward.get_total_flops()
+    for name in pool:
+        if name.startswith("encoders.") and name != "encoders.prosody":
+            assert 0.24 < early[name] / pool[name] <= 0.25, name  # a quarter, less an odd size's floored row
+        else:
+            assert early[name] == pool[name], name
+    ratio = training_step_flops({**model, "downsample": "pool"}) / training_step_flops({**model, "downsample": "early"})
+    assert 2.5 < ratio < 3.0
 
 
 def test_the_case_names_the_readme_shows_select_benchmarks():

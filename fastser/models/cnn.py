@@ -50,13 +50,13 @@ def _block(cin, cout, kernel, downsample=None):
 class ParallelStem(nn.Module):
     """First layer: parallel kernels (freq x time): tall (spectral shape), wide (temporal), square;
     each branch at half resolution before it is normalised and concatenated (see _block): pooled
-    after a full-resolution conv ("pool"), or a stride-2 conv ("early").
+    after a full-resolution conv ("pool"), or a stride-2 conv ("stem", "early").
 
     Shapes: (B, 1, bins, T) -> (B, 3 * channels_per_branch, bins // 2, T // 2)."""
 
     def __init__(self, channels_per_branch: int, kernels=((9, 3), (3, 9), (5, 5)), downsample: str = "pool"):
         super().__init__()
-        self.strided = downsample == "early"
+        self.strided = downsample in ("stem", "early")
         first = "stride" if self.strided else downsample
         self.branches = nn.ModuleList(_block(1, channels_per_branch, k, first) for k in kernels)
         self.out_channels = channels_per_branch * len(kernels)
@@ -250,10 +250,11 @@ class FeatureDecoder(nn.Module):
 
 
 POOLINGS = ("global", "time")
-# where each of the three 2x2 downsamplings sits: after the conv (the paper's order, every conv at
-# its input's resolution) or before it (a stride-2 first conv, max-pooling before the others: each
-# conv at its output's resolution, a quarter of the convolutions' FLOPs; same map sizes)
-DOWNSAMPLINGS = ("pool", "early")
+# where each of the three 2x2 downsamplings sits: after the conv ("pool", the paper's order, every
+# conv at its input's resolution), before the first only ("stem": a stride-2 first conv, no map at the
+# input's resolution) or before each ("early": also max-pooling before the other convs, each conv at
+# its output's resolution, a quarter of the convolutions' FLOPs); the same map sizes in all three
+DOWNSAMPLINGS = ("pool", "stem", "early")
 CONTOUR_KINDS = ("prosody",)  # 1-D inputs: a ContourEncoder, no decoder (the CNN branches reconstruct)
 
 

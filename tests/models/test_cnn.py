@@ -10,7 +10,7 @@ from fastser.models.cnn import FrameMasks
     [(spectrogram_cnn, {"logmel": 64}), (mfcc_cnn, {"mfcc": 40}), (two_branch_cnn, {"logmel": 64, "mfcc": 40})],
 )
 @pytest.mark.parametrize("T", [37, 160, 301])
-@pytest.mark.parametrize("downsample", ["pool", "early"])
+@pytest.mark.parametrize("downsample", ["pool", "stem", "early"])
 def test_shapes(build, kinds, T, downsample):
     model = build(5, width=4, embed_dim=32, downsample=downsample)
     feats = {k: torch.randn(3, b, T) for k, b in kinds.items()}
@@ -25,7 +25,7 @@ def test_shapes(build, kinds, T, downsample):
 
 
 @pytest.mark.parametrize("n", [120, 7, 205])
-@pytest.mark.parametrize("downsample", ["pool", "early"])
+@pytest.mark.parametrize("downsample", ["pool", "stem", "early"])
 def test_an_utterance_gives_the_same_result_alone_or_padded_in_a_batch(n, downsample):
     torch.manual_seed(1)
     model = two_branch_cnn(4, width=4, embed_dim=16, downsample=downsample)
@@ -197,7 +197,7 @@ def test_early_downsampling_keeps_the_map_sizes_and_runs_each_conv_at_the_coarse
     feats = {"logmel": torch.randn(2, 64, 301), "mfcc": torch.randn(2, 40, 301)}
     frames = torch.tensor([301, 200])
     shapes = {}
-    for downsample in ("pool", "early"):
+    for downsample in ("pool", "stem", "early"):
         model = two_branch_cnn(4, width=4, embed_dim=16, downsample=downsample)
         conv_outputs = []
         for m in model.encoders["logmel"].modules():
@@ -213,5 +213,6 @@ def test_early_downsampling_keeps_the_map_sizes_and_runs_each_conv_at_the_coarse
     assert shapes["pool"][:2] == shapes["early"][:2] == ((2, 16, 8, 37), (2, 2 * 16 * 8))
     assert shapes["pool"][2] == [(64, 301)] * 3 + [(32, 150), (16, 75)]
     assert shapes["early"][2] == [(32, 150)] * 3 + [(16, 75), (8, 37)]
+    assert shapes["stem"][:2] == shapes["pool"][:2] and shapes["stem"][2] == [(32, 150)] * 3 + [(32, 150), (16, 75)]
     with pytest.raises(ValueError, match="downsample must be one of"):
         two_branch_cnn(4, downsample="stride")
