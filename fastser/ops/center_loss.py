@@ -13,8 +13,14 @@ is all the backward needs, so a later in-place update of the centers cannot chan
 The backward reads diff once, writes grad_x and, in the same pass, updates the centers (or
 writes their gradient). Extra memory is O(B*D + C); nothing of size B x C is ever built.
 
-Backends: "triton" and "cuda" (CUDA tensors), "cpp" (CPU, OpenMP), "torch" (gather/index_put,
-any device; the fallback and the test oracle).
+Backends, one file each with the same interface (forward, backward, diff_dtype and what the
+backend does itself: COUNTS_IN_FORWARD, GATES_IN_KERNEL, NEEDS_LABELS_IN_RANGE): "triton"
+(center_loss_triton.py) and "cuda" (center_loss_cuda.py) on CUDA tensors, "cpp" (center_loss_cpp.py,
+CPU, OpenMP), "torch" (center_loss_torch.py, gather/index_put, any device; the fallback and the test
+oracle). ops/registry.py declares where each runs; this file picks one and holds the autograd
+Function and the torch.library ops. Shared: center_loss_common.py (labels, segments),
+center_loss_stats.py (the counting forward's scratch), center_loss_distributed.py (the Wen update
+across ranks), center_loss_types.py (the arguments' structures).
 
 Validation (`validate`): "eager" (True) checks labels and finiteness before anything is written and
 raises, at the price of one host read a step, after the forward (free on the CPU, a stream stall
@@ -33,23 +39,40 @@ finiteness ops between them, and nothing read back to the host.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from fastser.ops import _native, registry
+from fastser.ops import center_loss_cpp, center_loss_cuda, center_loss_torch, registry
+from fastser.ops.center_loss_common import class_counts, compute_dtype, in_range, raise_bad_label
+from fastser.ops.center_loss_distributed import distributed_world, wen_update_global
+from fastser.ops.center_loss_stats import STATS_LOSS, STATS_SLAB, StatsSlab, loss_slot, new_stats
 from fastser.ops.center_loss_types import BatchStats, Plan, RowWeights, Saved, Targets
 
 BACKENDS = registry.names("center_loss")
 REDUCTIONS = ("mean", "sum", "none")
 VALIDATE = ("eager", "deferred", "off")
 
+# each backend's forward and backward, by the name registry.choose gives (ops/registry.py declares
+# where each runs); every module has center_loss_torch's interface
+IMPLEMENTATIONS = {"torch": center_loss_torch, "cpp": center_loss_cpp, "cuda": center_loss_cuda}
 try:  # Triton is optional: the CUDA wheels of torch bring it, the CPU wheel does not
-    from fastser.ops import center_loss_triton as _triton
+    from fastser.ops import center_loss_triton
+
+    IMPLEMENTATIONS["triton"] = center_loss_triton
 except ImportError:  # pragma: no cover - depends on the environment
-    _triton = None
+    pass
+
+__all__ = [
+    "BACKENDS",
+    "CenterLossFunction",
+    "StatsSlab",
+    "available_backends",
+    "center_loss",
+    "check_inputs",
+    "class_counts",
+    "new_stats",
+]
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> list[str]:
@@ -58,18 +81,7 @@ def available_backends(device: Optional[torch.device | str] = None) -> list[str]
 
 
 def resolve_backend(backend: str, x: torch.Tensor, centers: torch.Tensor) -> str:
-    return registry.choose("center_loss", backend, x.device, _compute_dtype(x, centers))
-
-
-def _compute_dtype(x: torch.Tensor, centers: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, centers.dtype) else torch.float32
-
-
-def _diff_dtype(backend: str, x_dtype: torch.dtype, compute: torch.dtype) -> torch.dtype:
-    """What the forward stores diff in: the compute dtype, but half-precision features' own dtype
-    on the Triton backend (half the bytes of the round trip; the gradient it gives is rounded to
-    that dtype anyway, and the update sums it in fp32)."""
-    return x_dtype if backend == "triton" and x_dtype in (torch.float16, torch.bfloat16) else compute
+    return registry.choose("center_loss", backend, x.device, compute_dtype(x, centers))
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -110,15 +122,7 @@ def check_inputs(features: torch.Tensor, labels: torch.Tensor, centers: torch.Te
     if label_range and labels.numel():
         lo, hi = torch.aminmax(labels)
         if lo.item() < 0 or hi.item() >= num_classes:
-            _raise_bad_label(labels, num_classes)
-
-
-def _raise_bad_label(labels: torch.Tensor, num_classes: int) -> None:
-    first = int(((labels < 0) | (labels >= num_classes)).nonzero()[0, 0])
-    raise ValueError(
-        f"labels must lie in [0, {num_classes}): label {int(labels[first])} at index {first} "
-        f"is out of range (num_classes={num_classes}); the centers were not changed"
-    )
+            raise_bad_label(labels, num_classes)
 
 
 def _raise_if_bad(
@@ -129,8 +133,8 @@ def _raise_if_bad(
     name the culprit run only on the bad path. Before the backward: nothing was written yet."""
     if torch.isfinite(row_loss.sum()).item():
         return
-    if not bool(_in_range(labels, num_classes).all()):
-        _raise_bad_label(labels, num_classes)
+    if not bool(in_range(labels, num_classes).all()):
+        raise_bad_label(labels, num_classes)
     if check_features:
         bad = ~torch.isfinite(features).all(dim=1)
         if bad.any():
@@ -138,68 +142,7 @@ def _raise_if_bad(
             raise ValueError(f"features contain NaN or Inf (first in row {row}); the centers were not updated")
 
 
-# ----------------------------------------------------------------------------- a call's plan, the kernels' arguments
-
-
 # ----------------------------------------------------------------------------- backends
-
-
-STATS_LOSS = 1  # the slot after the bad-row count: the batch's reduced loss, as fp32 bits
-
-
-def new_stats(num_classes: int, device) -> torch.Tensor:
-    """(num_classes + 2,) int32 zeros for the Triton forward to fill: each class's row count, the
-    number of bad rows (label outside [0, C) or a non-finite feature), then the reduced loss (its
-    fp32 bits: `loss_slot`)."""
-    return torch.zeros(num_classes + 1 + STATS_LOSS, dtype=torch.int32, device=device)
-
-
-def loss_slot(stats: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """`stats`' loss slot as a 0-d fp32 tensor of its own: the kernel adds into it and the forward
-    returns it (same memory, not an autograd view: a caller may change its loss in place or keep it,
-    and the slot is never handed out again)."""
-    out = torch.empty(0, dtype=torch.float32, device=stats.device)
-    return out.set_(stats.untyped_storage(), stats.storage_offset() + num_classes + 1, (), ())
-
-
-class StatsSlab:
-    """The Triton forward's scratch, zeroed ahead: a (K, C + 2) int32 block is zeroed by one
-    launch and each forward takes its next unused row, instead of a zeroing launch a step. A row is
-    never handed out twice, so nothing that still reads one (a step's autograd graph, a loss kept
-    for logging, a second forward before the first backward) can see it reused; a used-up block is
-    freed by the tensors still viewing it. One block per (device, stream, C): a row zeroed on one
-    stream is taken on that stream only. While a CUDA graph is being captured the row is zeroed
-    inside the graph instead (a row taken once would be replayed with its old counts)."""
-
-    BYTES = 1 << 22  # per block: 64 rows up to C = 16382, fewer (at least one) above
-
-    def __init__(self):
-        self._blocks: dict = {}
-
-    def clear(self) -> None:
-        """Forget every block: the next take zeroes a new one (rows handed out stay valid)."""
-        self._blocks.clear()
-
-    def take(self, num_classes: int, device: torch.device) -> torch.Tensor:
-        stream = None
-        if device.type == "cuda":
-            if torch.cuda.is_current_stream_capturing():
-                return new_stats(num_classes, device)
-            stream = torch.cuda.current_stream(device).stream_id
-        key = (device, stream, num_classes)
-        entry = self._blocks.get(key)
-        row = next(entry[1], None) if entry is not None else None
-        if row is None:
-            width = num_classes + 1 + STATS_LOSS
-            block = torch.zeros(max(1, min(64, self.BYTES // (4 * width))), width, dtype=torch.int32, device=device)
-            entry = self._blocks[key] = (block, iter(range(block.shape[0])))
-            row = next(entry[1])
-            if len(self._blocks) > 64:  # many class counts or streams: keep the newest blocks only
-                del self._blocks[next(iter(self._blocks))]
-        return entry[0][row]
-
-
-STATS_SLAB = StatsSlab()
 
 
 def _forward(
@@ -213,80 +156,22 @@ def _forward(
     loss: Optional[torch.Tensor] = None,
     loss_scale: float = 0.0,
 ):
-    """-> (row_loss (B,) in the compute dtype, diff (B, D) in _diff_dtype). A label outside [0, C) gives a
-    NaN row loss (the C++ backend raises instead unless bad_label_is_nan). stats (Triton only, from
-    `new_stats`): the kernel adds the class counts and the bad-row count into it, 1 into
-    `bad_batches` (if given) for a batch with a bad row, and into `loss` (its `loss_slot`, if given)
-    the sum of the row losses times loss_scale."""
-    compute = _compute_dtype(x, centers)
-    B, D = x.shape
-    if backend == "torch":
-        # a label outside [0, C) gathers row 0 and gets a NaN loss, as in the kernels: never an
-        # out-of-bounds read, whatever the validation mode
-        valid = _in_range(labels, centers.shape[0])
-        diff = x.to(compute) - centers.to(compute).index_select(0, torch.where(valid, labels, 0))
-        return diff.pow(2).sum(1).masked_fill(~valid, float("nan")), diff
-    row_loss = torch.empty(B, dtype=compute, device=x.device)
-    diff = torch.empty(B, D, dtype=_diff_dtype(backend, x.dtype, compute), device=x.device)
-    if B == 0:
-        return row_loss, diff
-    if backend == "cpp":
-        xc, cc = x.to(compute).contiguous(), centers.to(compute).contiguous()
-        if _native.center_loss_forward_cpu(xc, labels, cc, row_loss, diff) >= 0:
-            if not bad_label_is_nan:
-                _raise_bad_label(labels, cc.shape[0])
-            valid = _in_range(labels, cc.shape[0])  # the kernels' convention, on the error path only
-            _native.center_loss_forward_cpu(xc, torch.where(valid, labels, 0), cc, row_loss, diff)
-            row_loss.masked_fill_(~valid, float("nan"))
-        return row_loss, diff
-    # the GPU kernels read fp32 centers: half-precision (or strided) centers go through an fp32 copy
-    cc = centers.to(torch.float32).contiguous()
-    if backend == "cuda":
-        _native.center_loss_forward_cuda(x, labels, cc, row_loss, diff)
-    else:
-        bad_batches = bad_batches if stats is not None else None
-        _triton.forward(x, labels, cc, row_loss, diff, stats, bad_batches, loss, loss_scale)
-    return row_loss, diff
-
-
-@contextlib.contextmanager
-def _deterministic_algorithms(enabled: bool):
-    previous = torch.are_deterministic_algorithms_enabled()
-    if enabled and not previous:
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        if enabled and not previous:
-            torch.use_deterministic_algorithms(False)
-
-
-def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(num_classes,) int64 count of each label. Not torch.bincount: on CUDA it reads the largest
-    label back to the host to size its output (a sync every step); the size is known here.
-    Integer sums are exact in any order, so this is deterministic on every device. Labels outside
-    [0, num_classes) (possible when validation is off) count into a spare slot: never an
-    out-of-bounds write, which on a GPU would be a device-side assert."""
-    counts = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
-    return counts.scatter_add_(0, _slots(labels, num_classes), torch.ones_like(labels))[:num_classes]
-
-
-def _slots(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Each label, or num_classes (a spare slot after every class) where it is out of range."""
-    return torch.where(_in_range(labels, num_classes), labels, num_classes)
-
-
-def _in_range(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B,) bool: the label is a class index in [0, num_classes)."""
-    return (labels >= 0) & (labels < num_classes)
-
-
-def _segments(labels: torch.Tensor, num_classes: int):
-    """Rows sorted by label (stable) and the class offsets into them, for deterministic sums."""
-    counts = class_counts(labels, num_classes)
-    offsets = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return torch.sort(_slots(labels, num_classes), stable=True).indices, offsets  # out-of-range rows last
+    """-> (row_loss (B,) in the compute dtype, diff (B, D) in the backend's diff_dtype). A label
+    outside [0, C) gives a NaN row loss (the C++ backend raises instead unless bad_label_is_nan).
+    stats (backends that count in the forward, from `new_stats`): the kernel adds the class counts
+    and the bad-row count into it, 1 into `bad_batches` (if given) for a batch with a bad row, and
+    into `loss` (its `loss_slot`, if given) the sum of the row losses times loss_scale."""
+    return IMPLEMENTATIONS[backend].forward(
+        x,
+        labels,
+        centers,
+        compute_dtype(x, centers),
+        bad_label_is_nan=bad_label_is_nan,
+        stats=stats,
+        bad_batches=bad_batches,
+        loss=loss,
+        loss_scale=loss_scale,
+    )
 
 
 def _backward(
@@ -300,113 +185,9 @@ def _backward(
     batch: BatchStats = BatchStats(),
 ) -> None:
     """Writes `targets`: grad_x, and either the Wen update of the centers or their gradient.
-    batch.bad gates the center writes inside the Triton kernels only (the other backends are gated
-    by the caller); batch.counts (Triton) are the forward's class counts, otherwise made here."""
-    B, D = diff.shape
-    grad_x, centers, grad_centers = targets.grad_x, targets.centers, targets.grad_centers
-    if backend == "torch":
-        row_scale = weights.multiplied(diff.dtype)
-        if grad_x is not None:
-            grad_x.copy_(row_scale[:, None] * diff if row_scale.numel() == B else row_scale * diff)
-        if centers is not None or grad_centers is not None:
-            row_weight = 1.0 if centers is not None else -row_scale.expand(B)[:, None]
-            # rows with a label outside [0, C) go to a spare row that is dropped: never out of bounds
-            sums = torch.zeros(num_classes + 1, D, dtype=diff.dtype, device=diff.device)
-            with _deterministic_algorithms(deterministic):  # selects torch's sorted accumulate path
-                sums.index_put_((_slots(labels, num_classes),), diff * row_weight, accumulate=True)
-            sums = sums[:num_classes]
-            if centers is not None:
-                counts = class_counts(labels, num_classes).to(diff.dtype)
-                centers.add_(sums * (targets.alpha / (1.0 + counts))[:, None])
-            else:
-                grad_centers.copy_(sums)
-        return
-    if B == 0:
-        return
-    if backend == "cpp":
-        # the C++ kernels write the compute dtype; half-precision gradients are cast afterwards
-        gx = grad_x if grad_x is None or grad_x.dtype == diff.dtype else torch.empty_like(diff)
-        row_scale = weights.multiplied(diff.dtype)
-        _native.center_loss_backward_cpu(diff, labels, num_classes, row_scale, gx, centers, targets.alpha, grad_centers)
-        if gx is not grad_x:
-            grad_x.copy_(gx)
-        return
-    scatter = centers is not None or grad_centers is not None
-    fused_scatter = scatter and not deterministic
-    counts = None
-    if fused_scatter and centers is not None:
-        counts = batch.counts if batch.counts is not None and backend == "triton" else class_counts(labels, num_classes)
-    # the deterministic path leaves the scatter to the segment kernels below
-    fused = Targets(grad_x, centers if fused_scatter else None, targets.alpha, grad_centers if fused_scatter else None)
-    if backend == "cuda":
-        row_scale = weights.multiplied(diff.dtype)
-        _native.center_loss_backward_cuda(
-            diff, labels, counts, num_classes, row_scale, fused.grad_x, fused.centers, fused.alpha, fused.grad_centers
-        )
-    else:
-        _triton.backward(diff, labels, counts, num_classes, weights, fused, batch.bad)
-    if scatter and deterministic:
-        order, offsets = _segments(labels, num_classes)
-        if backend == "cuda":
-            _native.center_loss_segment_update_cuda(
-                diff, order, offsets, row_scale, centers, targets.alpha, grad_centers
-            )
-        else:
-            _triton.segment_update(diff, order, offsets, weights, targets, batch.bad)
-
-
-# ----------------------------------------------------------------------------- distributed Wen update
-
-
-def _distributed_world(process_group) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(process_group)
-
-
-_SYNC_BUFFERS: dict = {}  # one reusable buffer per centers tensor: no 20 MB page-faulting allocation per step
-
-
-def _sync_buffer(centers: torch.Tensor) -> torch.Tensor:
-    C, D = centers.shape
-    key = (centers.data_ptr(), C, D, centers.device)
-    buffer = _SYNC_BUFFERS.get(key)
-    if buffer is None:
-        if len(_SYNC_BUFFERS) > 16:
-            _SYNC_BUFFERS.clear()
-        buffer = _SYNC_BUFFERS[key] = torch.empty(C * D + C, dtype=torch.float32, device=centers.device)
-    return buffer.zero_()
-
-
-def _wen_update_global(diff, labels, centers, alpha, process_group, bad=None):
-    """All-reduce the per-class sums and counts (one fp32 buffer of C*D + C), then update every
-    rank alike, so the centers stay bit-identical across ranks.
-
-    The all-reduce is issued asynchronously and waited for in a callback that autograd runs at
-    the end of this backward pass, so it overlaps with the rest of the model's backward.
-    """
-    C, D = centers.shape
-    buffer = _sync_buffer(centers)
-    sums = buffer[: C * D].view(C, D)
-    keep = _in_range(labels, C)  # a bad label's row, or (bad batch) every row, adds nothing
-    if bad is not None:
-        keep = keep & (bad == 0)
-    labels = torch.where(keep, labels, 0)
-    sums.index_put_((labels,), torch.where(keep[:, None], diff.float(), 0.0), accumulate=True)
-    buffer[C * D :].index_put_((labels,), keep.to(torch.float32), accumulate=True)
-    work = dist.all_reduce(buffer, group=process_group, async_op=True)
-
-    def finish():
-        work.wait()
-        counts = buffer[C * D :]
-        if centers.device.type == "cpu":  # touch only the classes some rank saw (nonzero is free here)
-            rows = counts.nonzero().squeeze(1)
-            step = sums.index_select(0, rows) * (alpha / (1.0 + counts[rows]))[:, None]
-            centers.index_add_(0, rows, step.to(centers.dtype))
-        else:  # dense on the GPU: no host sync for nonzero()
-            centers.add_((sums * (alpha / (1.0 + counts))[:, None]).to(centers.dtype))
-
-    torch.autograd.Variable._execution_engine.queue_callback(finish)
+    batch.bad gates the center writes inside the kernels of a backend that GATES_IN_KERNEL (the
+    others are gated by the caller); batch.counts are the forward's class counts, where it made them."""
+    IMPLEMENTATIONS[backend].backward(diff, labels, num_classes, weights, targets, deterministic, batch)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -427,7 +208,7 @@ class CenterLossFunction(torch.autograd.Function):
         writes = plan.wen_alpha is not None or centers.requires_grad
         # a compiled step cannot read the host, so it validates on the device, as "deferred" does
         validate = "deferred" if compiling and plan.validate == "eager" else plan.validate
-        count = plan.backend == "triton" and writes  # the Triton forward counts classes and bad rows
+        count = IMPLEMENTATIONS[plan.backend].COUNTS_IN_FORWARD and writes  # classes and bad rows
         B = x.shape[0]
         # ... and, called eagerly, reduces the loss itself (atomically: not in the deterministic mode)
         fused_total = (
@@ -436,7 +217,7 @@ class CenterLossFunction(torch.autograd.Function):
             and plan.reduction != "none"
             and not plan.deterministic
             and B > 0
-            and _compute_dtype(x, centers) == torch.float32
+            and compute_dtype(x, centers) == torch.float32
         )
         args = (x, labels, centers.detach(), plan.backend, validate != "off", count)
         if compiling:
@@ -460,8 +241,8 @@ class CenterLossFunction(torch.autograd.Function):
                     bad_batches.add_(batch.bad > 0)
             else:
                 batch.bad = _batch_bad(row_loss, bad_batches)
-        if plan.backend == "cpp" and validate == "deferred":  # its backward reads the labels unchecked (the
-            labels = torch.where(_in_range(labels, C), labels, 0)  # batch is dropped anyway)
+        if IMPLEMENTATIONS[plan.backend].NEEDS_LABELS_IN_RANGE and validate == "deferred":
+            labels = torch.where(in_range(labels, C), labels, 0)  # the batch is dropped anyway
         ctx.save_for_backward(diff, labels)
         ctx.plan, ctx.batch, ctx.centers = plan, batch, centers
         ctx.dtypes = (x.dtype, centers.dtype)
@@ -480,7 +261,7 @@ class CenterLossFunction(torch.autograd.Function):
         want_gx, want_gc = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         # d(row loss)/dx = 2 diff, so each row's weight is 2 * scale * upstream gradient
         weights = RowWeights(grad_output.reshape(-1), 2.0 * ctx.scale)
-        if torch.compiler.is_compiling() and _distributed_world(plan.process_group) == 1:
+        if torch.compiler.is_compiling() and distributed_world(plan.process_group) == 1:
             empty = diff.new_empty(0)
             grad_x, grad_c = _op_backward(
                 diff,
@@ -528,10 +309,10 @@ def _backward_step(
     compute = torch.float64 if diff.dtype == torch.float64 else torch.float32  # diff may be stored in half
     grad_c = torch.zeros(C, diff.shape[1], dtype=compute, device=diff.device) if want_grad_centers else None
     update_here, work_centers = None, None
-    gated_in_kernel = bad is not None and plan.backend == "triton"
+    gated_in_kernel = bad is not None and IMPLEMENTATIONS[plan.backend].GATES_IN_KERNEL
     if centers is not None:
-        if _distributed_world(plan.process_group) > 1:
-            _wen_update_global(diff, labels, centers, plan.wen_alpha, plan.process_group, bad)
+        if distributed_world(plan.process_group) > 1:
+            wen_update_global(diff, labels, centers, plan.wen_alpha, plan.process_group, bad)
         else:
             # the kernels update fp32/fp64 contiguous centers in place; anything else via a copy
             # (so is an update gated by `bad` outside a kernel: it is kept or dropped as a whole)
@@ -601,11 +382,11 @@ def _op_forward(
 
 @_op_forward.register_fake
 def _(features, labels, centers, backend, bad_label_is_nan, count):
-    compute = _compute_dtype(features, centers)
+    compute = compute_dtype(features, centers)
     B, D = features.shape
     return (
         features.new_empty(B, dtype=compute),
-        features.new_empty(B, D, dtype=_diff_dtype(backend, features.dtype, compute)),
+        features.new_empty(B, D, dtype=IMPLEMENTATIONS[backend].diff_dtype(features.dtype, compute)),
         features.new_empty(centers.shape[0] + 1 + STATS_LOSS if count else 0, dtype=torch.int32),
     )
 

@@ -18,19 +18,19 @@ backward: per block of rows, grad_x = g_i * diff_i (g_i = the upstream gradient,
           round trip.
 
 Each kernel has a `*_launch` function (tensors -> a TritonLaunch with every argument by name) and
-a plain function that runs it; tests/ops/test_gpu_compile.py compiles the launches for sm_80/sm_90.
+a `launch_*` function that runs it; tests/ops/test_gpu_compile.py compiles the launches for
+sm_80/sm_90. `forward` and `backward` at the end are the backend interface the op dispatches to.
 """
 
-from typing import TYPE_CHECKING
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from fastser.ops._triton_launch import TritonLaunch, cdiv, next_power_of_2
-
-if TYPE_CHECKING:
-    from fastser.ops.center_loss_types import RowWeights, Targets
+from fastser.ops.center_loss_common import class_segments, fused_and_segment_targets
+from fastser.ops.center_loss_types import BatchStats, RowWeights, Targets
 
 ROWS = 4  # rows per program: enough independent loads in flight for D in the hundreds
 SCATTER_NONE, SCATTER_WEN, SCATTER_GRAD = 0, 1, 2
@@ -229,9 +229,7 @@ def forward_launch(
     )
 
 
-def backward_launch(
-    diff, labels, counts, num_classes, weights: "RowWeights", targets: "Targets", bad=None
-) -> TritonLaunch:
+def backward_launch(diff, labels, counts, num_classes, weights: RowWeights, targets: Targets, bad=None) -> TritonLaunch:
     """targets.grad_x (optional) and at most one of targets.centers (Wen update, needs counts:
     int32 or int64) and targets.grad_centers; weights.scale is read as it is, weights.mult
     multiplied in; bad (optional 0-d int32 or bool on the device): no center is written unless it
@@ -267,7 +265,7 @@ def backward_launch(
     )
 
 
-def segment_update_launch(diff, order, offsets, weights: "RowWeights", targets: "Targets", bad=None) -> TritonLaunch:
+def segment_update_launch(diff, order, offsets, weights: RowWeights, targets: Targets, bad=None) -> TritonLaunch:
     """Exactly one of targets.centers (Wen update) and targets.grad_centers (written); bad as in
     backward_launch."""
     D = diff.shape[1]
@@ -295,13 +293,74 @@ def segment_update_launch(diff, order, offsets, weights: "RowWeights", targets: 
     )
 
 
-def forward(x, labels, centers, row_loss, diff, stats=None, bad_batches=None, loss=None, loss_scale=0.0) -> None:
+def launch_forward(x, labels, centers, row_loss, diff, stats=None, bad_batches=None, loss=None, loss_scale=0.0) -> None:
     forward_launch(x, labels, centers, row_loss, diff, stats, bad_batches, loss, loss_scale).launch()
 
 
-def backward(diff, labels, counts, num_classes, weights: "RowWeights", targets: "Targets", bad=None) -> None:
+def launch_backward(diff, labels, counts, num_classes, weights: RowWeights, targets: Targets, bad=None) -> None:
     backward_launch(diff, labels, counts, num_classes, weights, targets, bad).launch()
 
 
-def segment_update(diff, order, offsets, weights: "RowWeights", targets: "Targets", bad=None) -> None:
+def launch_segment_update(diff, order, offsets, weights: RowWeights, targets: Targets, bad=None) -> None:
     segment_update_launch(diff, order, offsets, weights, targets, bad).launch()
+
+
+# ----------------------------------------------------------------------------- the backend interface
+# (center_loss_torch's): fastser.ops.center_loss dispatches here
+
+COUNTS_IN_FORWARD = True  # the forward counts classes and bad rows into `stats`
+GATES_IN_KERNEL = True  # the backward kernels read the bad-row count and skip the center writes
+NEEDS_LABELS_IN_RANGE = False
+
+
+def diff_dtype(x_dtype: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The compute dtype, but half-precision features' own dtype (half the bytes of the round
+    trip; the gradient it gives is rounded to that dtype anyway, and the update sums it in fp32)."""
+    return x_dtype if x_dtype in (torch.float16, torch.bfloat16) else compute
+
+
+def forward(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    compute: torch.dtype,
+    *,
+    bad_label_is_nan: bool = False,
+    stats: Optional[torch.Tensor] = None,
+    bad_batches: Optional[torch.Tensor] = None,
+    loss: Optional[torch.Tensor] = None,
+    loss_scale: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (row_loss (B,) in `compute`, diff (B, D) in diff_dtype); a label outside [0, C) gets a
+    NaN loss. stats (from center_loss.new_stats): the kernel adds the class counts and the bad-row
+    count into it, 1 into `bad_batches` (if given) for a batch with a bad row, and into `loss` the
+    sum of the row losses times loss_scale."""
+    B, D = x.shape
+    row_loss = torch.empty(B, dtype=compute, device=x.device)
+    diff = torch.empty(B, D, dtype=diff_dtype(x.dtype, compute), device=x.device)
+    if B == 0:
+        return row_loss, diff
+    # the kernels read fp32 centers: half-precision (or strided) centers go through an fp32 copy
+    cc = centers.to(torch.float32).contiguous()
+    launch_forward(x, labels, cc, row_loss, diff, stats, bad_batches if stats is not None else None, loss, loss_scale)
+    return row_loss, diff
+
+
+def backward(
+    diff: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    weights: RowWeights,
+    targets: Targets,
+    deterministic: bool,
+    batch: BatchStats = BatchStats(),
+) -> None:
+    """Writes `targets`; batch.bad (if set) gates the center writes inside the kernels, batch.counts
+    (the forward's) are the Wen update's denominators."""
+    if diff.shape[0] == 0:
+        return
+    fused, counts, segment_pass = fused_and_segment_targets(labels, num_classes, targets, deterministic, batch.counts)
+    launch_backward(diff, labels, counts, num_classes, weights, fused, batch.bad)
+    if segment_pass:
+        order, offsets = class_segments(labels, num_classes)
+        launch_segment_update(diff, order, offsets, weights, targets, batch.bad)

@@ -678,7 +678,7 @@ def test_triton_forward_counts_classes_and_bad_rows():
     labels[33] = 7
     stats = ops.new_stats(C, x.device)
     row_loss, diff = torch.empty(41, device=x.device), torch.empty(41, D, device=x.device)
-    center_loss_triton.forward(x, labels, centers, row_loss, diff, stats)
+    center_loss_triton.launch_forward(x, labels, centers, row_loss, diff, stats)
     in_range = (labels >= 0) & (labels < C)
     assert stats.dtype == torch.int32 and stats.shape == (C + 2,)
     assert torch.equal(stats[:C].long(), torch.bincount(labels[in_range], minlength=C))
@@ -688,9 +688,9 @@ def test_triton_forward_counts_classes_and_bad_rows():
     # a bad-batch counter: + 1 for this batch, however many of its programs hold bad rows
     bad_batches = torch.full((), 5, dtype=torch.int64, device=x.device)
     stats2 = ops.new_stats(C, x.device)
-    center_loss_triton.forward(x, labels, centers, row_loss, diff, stats2, bad_batches)
+    center_loss_triton.launch_forward(x, labels, centers, row_loss, diff, stats2, bad_batches)
     assert torch.equal(stats2, stats) and int(bad_batches) == 6
-    center_loss_triton.forward(
+    center_loss_triton.launch_forward(
         x[good], labels[good], centers, row_loss[good], diff[good], ops.new_stats(C, x.device), bad_batches
     )
     assert int(bad_batches) == 6  # a good batch counts nothing
@@ -709,17 +709,17 @@ def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatc
     import importlib
     from torch.utils._python_dispatch import _disable_current_modes
 
-    ops = importlib.import_module("fastser.ops.center_loss")
+    triton_backend = importlib.import_module("fastser.ops.center_loss_triton")
     rec = Ledger()
     for name in ("forward", "backward", "segment_update"):
-        real = getattr(ops._triton, name)
+        real = getattr(triton_backend, "launch_" + name)
 
         def launch(*args, _real=real, _name=name, **kwargs):
             rec.ops.append("triton." + _name)
             with _disable_current_modes():
                 _real(*args, **kwargs)
 
-        monkeypatch.setattr(ops._triton, name, launch)
+        monkeypatch.setattr(triton_backend, "launch_" + name, launch)
     loss_fn = CenterLoss(4, 16, backend="triton", validate=validate).to(DEVICE)
     x, labels, _ = make_batch(32, 4, 16)
     x.requires_grad_()

@@ -1,0 +1,68 @@
+"""The center loss on a GPU with fastser's CUDA kernels (built with nvcc): one row pass forward,
+one backward (grad_x and the atomically scattered center update), and, in the deterministic mode,
+a per-class segment pass for the centers. The backend interface is center_loss_torch's."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastser.ops import _native
+from fastser.ops.center_loss_common import class_segments, fused_and_segment_targets
+from fastser.ops.center_loss_types import BatchStats, RowWeights, Targets
+
+COUNTS_IN_FORWARD = False
+GATES_IN_KERNEL = False
+NEEDS_LABELS_IN_RANGE = False
+
+
+def diff_dtype(x_dtype: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    return compute
+
+
+def forward(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    compute: torch.dtype,
+    *,
+    bad_label_is_nan: bool = False,
+    stats: Optional[torch.Tensor] = None,
+    bad_batches: Optional[torch.Tensor] = None,
+    loss: Optional[torch.Tensor] = None,
+    loss_scale: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (row_loss (B,), diff (B, D)) in `compute`; a label outside [0, C) gets a NaN loss."""
+    B, D = x.shape
+    row_loss = torch.empty(B, dtype=compute, device=x.device)
+    diff = torch.empty(B, D, dtype=compute, device=x.device)
+    if B == 0:
+        return row_loss, diff
+    # the kernels read fp32 centers: half-precision (or strided) centers go through an fp32 copy
+    _native.center_loss_forward_cuda(x, labels, centers.to(torch.float32).contiguous(), row_loss, diff)
+    return row_loss, diff
+
+
+def backward(
+    diff: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    weights: RowWeights,
+    targets: Targets,
+    deterministic: bool,
+    batch: BatchStats = BatchStats(),
+) -> None:
+    """Writes `targets`; the caller gates a bad batch's center writes."""
+    if diff.shape[0] == 0:
+        return
+    fused, counts, segment_pass = fused_and_segment_targets(labels, num_classes, targets, deterministic, None)
+    row_scale = weights.multiplied(diff.dtype)
+    _native.center_loss_backward_cuda(
+        diff, labels, counts, num_classes, row_scale, fused.grad_x, fused.centers, fused.alpha, fused.grad_centers
+    )
+    if segment_pass:
+        order, offsets = class_segments(labels, num_classes)
+        _native.center_loss_segment_update_cuda(
+            diff, order, offsets, row_scale, targets.centers, targets.alpha, targets.grad_centers
+        )

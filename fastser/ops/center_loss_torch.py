@@ -1,0 +1,70 @@
+"""The center loss in plain PyTorch (gather and index_put): any device, any float dtype; the
+fallback where no kernel runs, and the test oracle. The interface every backend module has
+(fastser.ops.center_loss dispatches to it): `forward`, `backward`, `diff_dtype` and the flags below."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastser.ops.center_loss_common import class_counts, deterministic_algorithms, in_range, label_slots
+from fastser.ops.center_loss_types import BatchStats, RowWeights, Targets
+
+COUNTS_IN_FORWARD = False  # the forward counts classes and bad rows into `stats`
+GATES_IN_KERNEL = False  # the backward skips the center writes of a bad batch itself
+NEEDS_LABELS_IN_RANGE = False  # the backward must not see a label outside [0, C)
+
+
+def diff_dtype(x_dtype: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """What the forward stores diff = x - c_y in."""
+    return compute
+
+
+def forward(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    compute: torch.dtype,
+    *,
+    bad_label_is_nan: bool = False,
+    stats: Optional[torch.Tensor] = None,
+    bad_batches: Optional[torch.Tensor] = None,
+    loss: Optional[torch.Tensor] = None,
+    loss_scale: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (row_loss (B,), diff (B, D)) in `compute`; a label outside [0, C) gathers row 0 and gets a
+    NaN loss, as in the kernels: never an out-of-bounds read, whatever the validation mode."""
+    valid = in_range(labels, centers.shape[0])
+    diff = x.to(compute) - centers.to(compute).index_select(0, torch.where(valid, labels, 0))
+    return diff.pow(2).sum(1).masked_fill(~valid, float("nan")), diff
+
+
+def backward(
+    diff: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    weights: RowWeights,
+    targets: Targets,
+    deterministic: bool,
+    batch: BatchStats = BatchStats(),
+) -> None:
+    """Writes `targets`: grad_x, and either the Wen update of the centers or their gradient."""
+    B, D = diff.shape
+    grad_x, centers, grad_centers = targets.grad_x, targets.centers, targets.grad_centers
+    row_scale = weights.multiplied(diff.dtype)
+    if grad_x is not None:
+        grad_x.copy_(row_scale[:, None] * diff if row_scale.numel() == B else row_scale * diff)
+    if centers is None and grad_centers is None:
+        return
+    row_weight = 1.0 if centers is not None else -row_scale.expand(B)[:, None]
+    # rows with a label outside [0, C) go to a spare row that is dropped: never out of bounds
+    sums = torch.zeros(num_classes + 1, D, dtype=diff.dtype, device=diff.device)
+    with deterministic_algorithms(deterministic):  # selects torch's sorted accumulate path
+        sums.index_put_((label_slots(labels, num_classes),), diff * row_weight, accumulate=True)
+    sums = sums[:num_classes]
+    if centers is not None:
+        counts = class_counts(labels, num_classes).to(diff.dtype)
+        centers.add_(sums * (targets.alpha / (1.0 + counts))[:, None])
+    else:
+        grad_centers.copy_(sums)
