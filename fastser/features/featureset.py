@@ -118,7 +118,7 @@ class FeatureSet:
         return {k: out[k] for k in self.kinds}, frames
 
     def _stft_groups(self) -> list:
-        from fastser.features.functional import STFT_FIELDS
+        from fastser.features.extraction import STFT_FIELDS
 
         groups: dict = {}
         for kind, cfg in self.configs:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from fastser.features import functional as F
+from fastser.features.extraction import extract
+from fastser.features.feature_config import normalise_ref
 
 
 class _Feature(nn.Module):
@@ -30,7 +32,7 @@ class _Feature(nn.Module):
     def forward(self, waveform: torch.Tensor, lengths: Optional[torch.Tensor] = None):
         y, lens, restore = F.prepare(waveform, lengths, self.check_finite)
         const = {name: buf for name, buf in self.named_buffers()}
-        out, frames = F._extract(y, lens, self.cfg, self.backend, const, uniform=lengths is None)
+        out, frames = extract(y, lens, self.cfg, self.backend, const, uniform=lengths is None)
         return restore(out) if lengths is None else (restore(out), frames)
 
     def frames(self, lengths: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,7 @@ class MelSpectrogram(_Feature):
             fmax=fmax,
             htk=htk,
             mel_norm=norm,
-            ref=F._normalise_ref(ref),
+            ref=normalise_ref(ref),
             amin=amin,
             top_db=top_db,
         )
@@ -169,7 +171,7 @@ class MFCC(_Feature):
             fmax=fmax,
             htk=htk,
             mel_norm=mel_norm,
-            ref=F._normalise_ref(ref),
+            ref=normalise_ref(ref),
             amin=amin,
             top_db=top_db,
             n_mfcc=n_mfcc,

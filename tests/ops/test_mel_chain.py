@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from fastser.features import extraction  # noqa: E402
 from fastser.features import functional as F  # noqa: E402
 from fastser.features import post  # noqa: E402
 from fastser.ops import mel_chain, mel_chain_triton  # noqa: E402
@@ -266,7 +267,7 @@ def test_the_unwindowed_stft_is_torch_stft_without_a_window_read_in_place(n_fram
     y = torch.randn(3, 48000)
     lens = torch.tensor(lengths) if lengths is not None else None
     cfg = F.FeatureConfig("mfcc", **BASE, n_mels=40)
-    ours = F._unwindowed_stft(y, lens, n_frames, cfg)
+    ours = extraction._unwindowed_stft(y, lens, n_frames, cfg)
     for b in range(3):
         item = y[b, : lens[b]] if lens is not None else y[b]
         item = torch.nn.functional.pad(item, (256, 256 + 160 * n_frames))[: (n_frames - 1) * 160 + 512]
