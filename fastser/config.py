@@ -28,6 +28,9 @@ DEFAULT_EPOCHS = {"synthetic": 12}  # real corpora: 24 (LOSO on ravdess-dev unde
 DEFAULT_PATIENCE = {"synthetic": 8}  # real corpora: 5
 DEFAULT_VALIDATION = {"synthetic": True}  # real corpora: train on the validation speakers, keep the last epoch
 REAL_CORPUS_DEFAULTS = {"epochs": 24, "patience": 5, "validation": False}
+# with speaker statistics: as good with the speaker's enrollment audio, far better with one clip of it
+# or none (docs/accuracy.md, every fold of ravdess-dev, two seeds)
+DEFAULT_ENROLLMENT_DROPOUT = 0.5
 
 # What fastser did before a setting was recorded: a run whose settings lack the key was made so.
 BEFORE_RECORDED = {
@@ -118,8 +121,9 @@ class AugmentConfig:
     specaugment: bool = False
     # with --normalize speaker: the probability that a training item is normalised with other
     # statistics than its speaker's (the corpus's, its own, or k = 1, 3, 10 other clips' of its
-    # speaker), as predict has them when enrollment audio is short or missing
-    enrollment_dropout: float = 0.0
+    # speaker), as predict has them when enrollment audio is short or missing; None: 0.5 with
+    # speaker statistics, else 0 (`resolved`)
+    enrollment_dropout: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -179,16 +183,18 @@ class TrainConfig:
         return TrainConfig.from_settings({**self.settings(), **changes})
 
     def resolved(self) -> "TrainConfig":
-        """The corpus-dependent defaults (epochs, patience, validation) filled in."""
+        """The defaults that depend on other settings filled in: epochs, patience and validation on
+        the corpus, enrollment dropout on the normalisation."""
         corpus = self.data.corpus
         by_corpus = {"epochs": DEFAULT_EPOCHS, "patience": DEFAULT_PATIENCE, "validation": DEFAULT_VALIDATION}
-        return self.replace(
-            **{
-                k: table.get(corpus, REAL_CORPUS_DEFAULTS[k])
-                for k, table in by_corpus.items()
-                if getattr(self.optim, k) is None
-            }
-        )
+        filled = {
+            k: table.get(corpus, REAL_CORPUS_DEFAULTS[k])
+            for k, table in by_corpus.items()
+            if getattr(self.optim, k) is None
+        }
+        if self.augment.enrollment_dropout is None:
+            filled["enrollment_dropout"] = DEFAULT_ENROLLMENT_DROPOUT if self.data.normalize == "speaker" else 0.0
+        return self.replace(**filled)
 
     def problems(self, name=lambda setting: setting) -> list:
         """What these settings get wrong, one sentence each (none: they can run). `name` spells a

@@ -232,7 +232,8 @@ def _optim_flags(p: ArgumentParser) -> None:
         metavar="P",
         help="with --normalize speaker: each training item, with probability P, normalised with "
         "the statistics predict has without enough enrollment audio (the training speakers', its "
-        "own, or 1, 3 or 10 other clips of its speaker) instead of its speaker's (default 0: off)",
+        "own, or 1, 3 or 10 other clips of its speaker) instead of its speaker's (default: 0.5 with "
+        "--normalize speaker, else 0)",
     )
     opt.add_argument(
         "--specaugment",
@@ -311,7 +312,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume is not None:
         restore_settings(args, p, given_flags(argv))
     config = TrainConfig.from_settings(vars(args)).resolved()
-    args.epochs, args.patience, args.validation = config.optim.epochs, config.optim.patience, config.optim.validation
+    for key in ("epochs", "patience", "validation", "enrollment_dropout"):  # what `resolved` fills in
+        setattr(args, key, config.settings()[key])
     problems = config.problems(name=lambda setting: "--" + setting.replace("_", "-"))
     if problems:
         p.error(problems[0])  # the same checks as the library's (TrainConfig.problems), named as flags

@@ -28,6 +28,14 @@ def test_sections_flat_settings_and_replace():
         TrainConfig.from_settings({"widht": 8})
 
 
+def test_enrollment_dropout_is_on_where_speaker_statistics_are():
+    assert TrainConfig().resolved().augment.enrollment_dropout == 0.5
+    for normalize in ("corpus", "utterance"):
+        assert TrainConfig().replace(normalize=normalize).resolved().augment.enrollment_dropout == 0.0
+    assert TrainConfig().replace(enrollment_dropout=0.0).resolved().augment.enrollment_dropout == 0.0
+    assert vars(train.parse_args(["--normalize", "corpus"]))["enrollment_dropout"] == 0.0
+
+
 def test_defaults_that_depend_on_the_corpus_are_resolved_once():
     assert TrainConfig().resolved().optim.epochs == 12
     real = TrainConfig().replace(corpus="ravdess").resolved().optim
