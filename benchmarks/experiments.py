@@ -471,8 +471,10 @@ def load_units(plan: Plan, units_dir: Path = UNITS) -> dict:
     return found
 
 
-def pooled_ua(records: list, level: Optional[str] = None) -> float:
-    """UA over the utterances of `records` pooled (as a full run's metrics.json scores its folds)."""
+def pooled_ua(records: list, level: Optional[str] = None, metric: str = "ua") -> float:
+    """UA (or another of fastser.metrics.summarize's metrics) over the utterances of `records`
+    pooled, as a full run's metrics.json scores its folds; `level`: the predictions with other
+    statistics ("training", "utterance", "enroll1", ...)."""
     from fastser.metrics import summarize
 
     key = "y_pred" if level is None else f"y_pred_{level}"
@@ -480,7 +482,7 @@ def pooled_ua(records: list, level: Optional[str] = None) -> float:
         return float("nan")
     y_true = np.concatenate([r["predictions"]["y_true"] for r in records])
     y_pred = np.concatenate([r["predictions"][key] for r in records])
-    return summarize(y_true, y_pred, records[0]["classes"])["ua"]
+    return summarize(y_true, y_pred, records[0]["classes"])[metric]
 
 
 def arm_result(plan: Plan, arm: str, units_dir: Path = UNITS) -> Optional[dict]:
@@ -488,20 +490,14 @@ def arm_result(plan: Plan, arm: str, units_dir: Path = UNITS) -> Optional[dict]:
     unit is in (else None): UA and WA pooled over each seed's folds, mean and std over the seeds
     ("ua_mean", "ua_std", "wa_mean", ...; "training_norm_ua_*": the training speakers' statistics),
     and the units' training seconds per seed ("unit_seconds_per_seed", each unit on one thread)."""
-    from fastser.metrics import summarize
-
     found = load_units(plan, units_dir)
     units = [u for u in plan.units(units_dir) if u.arm == arm]
     if not units or any((arm, u.seed, u.fold_name) not in found for u in units):
         return None
     out = {"seeds": [str(s) for s in plan.seeds], "folds": len({u.fold_name for u in units})}
     per_seed = {s: [found[(arm, u.seed, u.fold_name)] for u in units if u.seed == s] for s in plan.seeds}
-    for name, key in (("ua", "y_pred"), ("wa", "y_pred"), ("training_norm_ua", "y_pred_training")):
-        values = []
-        for records in per_seed.values():
-            y_true = np.concatenate([r["predictions"]["y_true"] for r in records])
-            y_pred = np.concatenate([r["predictions"][key] for r in records])
-            values.append(summarize(y_true, y_pred, records[0]["classes"])[name.removeprefix("training_norm_")])
+    for name, level, metric in (("ua", None, "ua"), ("wa", None, "wa"), ("training_norm_ua", "training", "ua")):
+        values = [pooled_ua(records, level, metric) for records in per_seed.values()]
         out[f"{name}_mean"], out[f"{name}_std"] = float(np.mean(values)), float(np.std(values))
     out["unit_seconds_per_seed"] = float(np.mean([sum(r["seconds"] for r in rs) for rs in per_seed.values()]))
     return out

@@ -288,9 +288,10 @@ def headline_table() -> str:
             "| model | UA % | WA % | UA % without enrollment audio | time per seed (2 CPU cores) | folds, seeds |",
             "|---|---:|---:|---:|---:|---|",
         ]
-        default = _queue_row(*HEADLINE_ARMS[(corpus, split)]) if (corpus, split) in HEADLINE_ARMS else None
+        plan, arm, before = HEADLINE_ARMS.get((corpus, split), (None, None, None))
+        default = _queue_row(plan, arm) if plan else None
         if default is not None:
-            rows[0]["headline_name"] = f"fastser, {HEADLINE_ARMS[(corpus, split)][2]}"
+            rows[0]["headline_name"] = f"fastser, {before}"
             rows.insert(0, default)
         for r in rows:
             spread = r["kind"] != "baseline" and len(r["seeds"]) > 1
@@ -308,7 +309,7 @@ def headline_table() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _queue_row(plan: str, arm: str, _before: str):
+def _queue_row(plan: str, arm: str):
     """The headline row of a queue arm with every unit in (None until then): its units' UA and WA
     pooled per seed, and a seed's time as the queue trains it, two 1-thread units at a time."""
     from benchmarks.experiments import Plan, arm_result

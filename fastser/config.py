@@ -31,6 +31,8 @@ REAL_CORPUS_DEFAULTS = {"epochs": 24, "patience": 5, "validation": False}
 # with speaker statistics: as good with the speaker's enrollment audio, far better with one clip of it
 # or none (docs/accuracy.md, every fold of ravdess-dev, two seeds)
 DEFAULT_ENROLLMENT_DROPOUT = 0.5
+# the settings whose None `TrainConfig.resolved` fills from the others
+RESOLVED_SETTINGS = ("epochs", "patience", "validation", "enrollment_dropout")
 
 # What fastser did before a setting was recorded: a run whose settings lack the key was made so.
 BEFORE_RECORDED = {

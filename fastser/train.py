@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fastser.config import RUN_OPTIONS, TrainConfig
+from fastser.config import RESOLVED_SETTINGS, RUN_OPTIONS, TrainConfig
 from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.errors import UserError
 from fastser.memory import retain_freed_memory
@@ -312,8 +312,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume is not None:
         restore_settings(args, p, given_flags(argv))
     config = TrainConfig.from_settings(vars(args)).resolved()
-    for key in ("epochs", "patience", "validation", "enrollment_dropout"):  # what `resolved` fills in
-        setattr(args, key, config.settings()[key])
+    resolved = config.settings()
+    for key in RESOLVED_SETTINGS:
+        setattr(args, key, resolved[key])
     problems = config.problems(name=lambda setting: "--" + setting.replace("_", "-"))
     if problems:
         p.error(problems[0])  # the same checks as the library's (TrainConfig.problems), named as flags

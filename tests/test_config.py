@@ -6,7 +6,7 @@ import json
 import pytest
 
 import fastser.train as train
-from fastser.config import BEFORE_RECORDED, RUN_OPTIONS, SETTING_SECTION, TrainConfig, migrated
+from fastser.config import BEFORE_RECORDED, RESOLVED_SETTINGS, RUN_OPTIONS, SETTING_SECTION, TrainConfig, migrated
 
 
 def test_the_command_line_has_a_flag_for_every_setting_and_takes_its_defaults_from_the_config():
@@ -26,6 +26,12 @@ def test_sections_flat_settings_and_replace():
     assert TrainConfig.from_settings(json.loads(json.dumps(changed.settings()))) == changed
     with pytest.raises(ValueError, match="unknown training settings"):
         TrainConfig.from_settings({"widht": 8})
+
+
+def test_resolved_fills_exactly_the_settings_it_names():
+    before, after = TrainConfig().settings(), TrainConfig().resolved().settings()
+    filled = {k for k in before if before[k] is None and after[k] is not None}
+    assert filled == set(RESOLVED_SETTINGS)
 
 
 def test_enrollment_dropout_is_on_where_speaker_statistics_are():
