@@ -28,7 +28,7 @@ import numpy as np
 from scipy.stats import ttest_rel
 
 from fastser.config import BEFORE_RECORDED
-from fastser.training.fold import FALLBACKS
+from fastser.training.scoring import FALLBACKS
 from fastser.training.reports import run_cost, seed_ensemble
 
 OUT = Path(__file__).resolve().parent / "results" / "accuracy"

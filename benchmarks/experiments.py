@@ -219,7 +219,7 @@ class UnitRunner:
         from benchmarks.accuracy import _machine as machine
         from fastser.training.run import deterministic_mode, repeatable_cpu_kernels
         from fastser.training.experiment import Experiment
-        from fastser.training.fold import FALLBACKS, FoldTraining
+        from fastser.training.scoring import FALLBACKS
 
         t0 = time.perf_counter()
         config = self.plan.config(unit.arm, unit.seed, self.threads)
@@ -234,20 +234,9 @@ class UnitRunner:
                 raise PlanError(f"fold {unit.fold + 1} is {folds[unit.fold].name}, the plan expected {unit.fold_name}")
             out = self.scratch / unit.arm / f"seed-{unit.seed}" / unit.slug
             out.mkdir(parents=True, exist_ok=True)
-            o = config.objective
-            experiment = Experiment(
-                config,
-                info,
-                table,
-                folds,
-                split,
-                out,
-                0.0 if o.no_center else o.lambda_center,
-                0.0 if o.no_recon else o.lambda_recon,
-                FeatureSet.paper(table.feats),
-            )
+            experiment = Experiment(config, info, table, folds, out, FeatureSet.paper(table.feats))
             t_train = time.perf_counter()
-            result = FoldTraining(experiment, unit.fold, folds[unit.fold]).run()
+            result = experiment.run_fold(unit.fold)
             train_seconds = time.perf_counter() - t_train
         classes = table.corpus.classes
         y_true = np.asarray(result["y_true"])

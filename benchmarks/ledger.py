@@ -447,7 +447,7 @@ def train_step_case(batch: int = 64):
     (3 s crops): `train_step` (gradients None, forward, joint loss with the fused center loss's
     Wen update, backward, foreach gradient clipping, fused AdamW), the one-cycle schedule and the
     epoch's running sums. The batch gather before it is not counted."""
-    from fastser.training.fold import EpochTotals
+    from fastser.training.trainer import EpochTotals
     from fastser.training.step import train_step
 
     fs, model, objective = _default_model()
@@ -477,8 +477,8 @@ def graphed_train_step_case(batch: int = 64, mixup: float = 0.0, specaugment: bo
     schedule's step on the host."""
     from benchmarks.graph_tape import TapeCapture, capturable_on
     from fastser.normalization import Normalizer
-    from fastser.training.batches import Batcher, PlannedBatches
-    from fastser.training.fold import EpochTotals
+    from fastser.training.batches import Augmentation, Batcher, PlannedBatches
+    from fastser.training.trainer import EpochTotals
     from fastser.training.graphed import GraphedTrainStep
 
     fs, model, objective = _default_model()
@@ -489,7 +489,7 @@ def graphed_train_step_case(batch: int = 64, mixup: float = 0.0, specaugment: bo
     )
     frames = torch.full((n_rows,), width)
     batcher = Batcher(table, frames, torch.zeros(n_rows, dtype=torch.long), norm, META, 301, resident=True)
-    planned = PlannedBatches(batcher, batch, mixup=mixup, specaugment=specaugment)
+    planned = PlannedBatches(batcher, batch, Augmentation(mixup=mixup, specaugment=specaugment))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3, capturable=True, foreach=False)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=1000, pct_start=0.15)
     totals = EpochTotals(META)

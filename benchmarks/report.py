@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.flops import DEFAULTS, training_step_flops
 from fastser.checkpoints import run_setting
-from fastser.training.fold import FALLBACKS
+from fastser.training.scoring import FALLBACKS
 
 # the fallbacks' column headings: the statistics a speaker-normalised model is scored with
 FALLBACK_TEXT = {

@@ -95,6 +95,16 @@ class ObjectiveConfig:
     no_recon: bool = False
     ablation: bool = False
 
+    @property
+    def center_weight(self) -> float:
+        """The center loss's weight in the joint loss: lambda_center, 0 with no_center."""
+        return 0.0 if self.no_center else self.lambda_center
+
+    @property
+    def recon_weight(self) -> float:
+        """The reconstruction loss's weight: lambda_recon, 0 with no_recon (no decoder is built)."""
+        return 0.0 if self.no_recon else self.lambda_recon
+
 
 @dataclass(frozen=True)
 class OptimConfig:

@@ -25,6 +25,35 @@ from fastser.ops.center_loss import REDUCTIONS, center_loss, validate_mode
 UPDATES = ("wen", "gradient")
 
 
+class BadBatchReports:
+    """The host side of "reported" validation: the device's bad-batch counter copied to host
+    memory behind the computation (no wait), read once the copy has landed."""
+
+    def __init__(self):
+        self.count: Optional[torch.Tensor] = None  # the host's copy of the counter
+        self.ready = None  # the event after which `count` is readable (True on the CPU); None: no copy
+        self.raised = 0  # bad batches raised already (the device counter only grows)
+
+    def send(self, counter: torch.Tensor) -> None:
+        """Copy the counter to the host behind the kernels queued so far, without waiting."""
+        if self.count is None:
+            self.count = torch.zeros((), dtype=counter.dtype, pin_memory=counter.is_cuda)
+        self.count.copy_(counter, non_blocking=True)
+        self.ready = torch.cuda.Event() if counter.is_cuda else True
+        if counter.is_cuda:
+            self.ready.record()
+
+    def arrived(self) -> int:
+        """Bad batches whose count has reached the host since the last report (0 as well while a
+        copy is still in flight: it is left for a later call, no sync)."""
+        if self.ready is None or (self.ready is not True and not self.ready.query()):
+            return 0
+        self.ready = None
+        count = int(self.count)  # host memory
+        new, self.raised = max(count - self.raised, 0), max(count, self.raised)
+        return new
+
+
 class CenterLoss(nn.Module):
     """Center loss (Wen et al., ECCV 2016), fused: sum_i ||x_i - c_{y_i}||^2, scaled by 1/B ("mean").
 
@@ -95,9 +124,7 @@ class CenterLoss(nn.Module):
         # batches skipped by deferred validation since the last check; not in the state dict
         self.register_buffer("bad_batches", torch.zeros((), dtype=torch.int64, device=centers.device), persistent=False)
         self._centers_synced = False
-        # "reported": the host's copy of bad_batches, the event after which it is readable, and
-        # how many bad batches have been raised already (the device counter only grows)
-        self._report_count, self._report_ready, self._reported = None, None, 0
+        self._reports = BadBatchReports()
 
     def _broadcast_centers_once(self) -> None:
         """Start every rank from rank 0's centers, even when their seeds differ. Outside
@@ -122,8 +149,9 @@ class CenterLoss(nn.Module):
         wen_alpha = self.alpha if (self.update == "wen" and self.training and torch.is_grad_enabled()) else None
         mode = self.validation(features.device)
         reported = mode == "reported" and not torch.compiler.is_compiling()
-        if reported:
-            self._raise_reported()
+        new = self._reports.arrived() if reported else 0
+        if new:
+            raise ValueError(self._bad_batch_message(new))
         loss = center_loss(
             features,
             labels,
@@ -137,37 +165,15 @@ class CenterLoss(nn.Module):
             bad_batches=self.bad_batches,
         )
         if reported:
-            self._send_report()
+            self._reports.send(self.bad_batches)
         return loss
-
-    def _send_report(self) -> None:
-        """Copy the bad-batch count to the host behind this call's kernels, without waiting."""
-        counter = self.bad_batches
-        if self._report_count is None:
-            self._report_count = torch.zeros((), dtype=counter.dtype, pin_memory=counter.is_cuda)
-        self._report_count.copy_(counter, non_blocking=True)
-        self._report_ready = torch.cuda.Event() if counter.is_cuda else True
-        if counter.is_cuda:
-            self._report_ready.record()
-
-    def _raise_reported(self) -> None:
-        """Raise for the bad batches whose count has reached the host since the last report; a
-        copy still in flight is left for a later call (no sync)."""
-        ready = self._report_ready
-        if ready is None or (ready is not True and not ready.query()):
-            return
-        self._report_ready = None
-        count = int(self._report_count)  # host memory
-        if count > self._reported:
-            new, self._reported = count - self._reported, count
-            raise ValueError(self._bad_batch_message(new))
 
     def raise_on_bad_batches(self) -> None:
         """Deferred validation's report (one host read): a ValueError if any batch since the last
         call had non-finite features or an out-of-range label. Those batches moved no center."""
         total = int(self.bad_batches)
-        n = total - self._reported
-        self._report_ready, self._reported = None, 0
+        n = total - self._reports.raised
+        self._reports = BadBatchReports()
         if total:
             self.bad_batches.zero_()
         if n:

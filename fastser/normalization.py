@@ -201,6 +201,13 @@ class TableStatistics:
             self._groups[level] = (norm, groups)
         return self._groups[level]
 
+    def for_level(self, level: str, train_rows: Optional[torch.Tensor] = None) -> tuple:
+        """(Normalizer, groups (N,) or None) for a normalisation level: "corpus" the training rows'
+        pooled statistics (no groups), "speaker" / "utterance" each row's own group's."""
+        if level == "corpus":
+            return Normalizer.fit(self.table.feats, self.table.frames, train_rows), None
+        return self.groups(level)
+
     def enrollment(self, rows: torch.Tensor, k: int, gen: torch.Generator, draws: int = 1) -> Normalizer:
         """For each of `rows`, `draws` sets of statistics from k random other clips of its speaker
         (all of them when it has k or fewer): what predict computes from k enrollment clips.

@@ -10,7 +10,7 @@ from fastser.errors import UserError
 from fastser.normalization import Normalizer, enrollment_subsets
 from fastser.training import Batcher, Experiment
 from fastser.training.batches import PlannedBatches
-from fastser.training.fold import ENROLLMENT_CLIPS, FALLBACKS
+from fastser.training.scoring import ENROLLMENT_CLIPS, FALLBACKS
 
 from tests.test_train import SMALL, run
 
@@ -142,14 +142,12 @@ def test_experiment_alternatives_are_the_fallbacks_of_each_training_row(tmp_path
     from fastser.data.splits import make_folds
 
     folds = make_folds(table.corpus, "holdout")
-    exp = Experiment(
-        config, info, table, folds, "holdout", tmp_path, 0.003, 0.1, training_run.FeatureSet.paper(table.feats)
-    )
-    train_rows = exp.train_rows(folds[0])
+    exp = Experiment(config, info, table, folds, tmp_path, training_run.FeatureSet.paper(table.feats))
+    train_rows = exp.data.train_rows(folds[0])
     pooled = Normalizer.fit(table.feats, table.frames, train_rows)
-    norm, alternatives = exp.statistics.mixed(train_rows, pooled, seed=1, clips=ENROLLMENT_CLIPS)
-    speaker_norm, speakers = exp.statistics.groups("speaker")
-    utterance_norm, _ = exp.statistics.groups("utterance")
+    norm, alternatives = exp.data.statistics.mixed(train_rows, pooled, seed=1, clips=ENROLLMENT_CLIPS)
+    speaker_norm, speakers = exp.data.statistics.groups("speaker")
+    utterance_norm, _ = exp.data.statistics.groups("utterance")
     n_speakers, n = speaker_norm.mean["mfcc"].shape[0], speakers.shape[0]
     assert torch.equal(norm.mean["mfcc"][:n_speakers], speaker_norm.mean["mfcc"])
     assert alternatives.shape == (n, 4 * (2 + len(ENROLLMENT_CLIPS)))

@@ -10,6 +10,7 @@ import torch
 import fastser.train as train
 from benchmarks import experiments as ex
 from fastser.training import fold as fold_training
+from fastser.training import scoring
 
 TINY = [
     "--synthetic-speakers",
@@ -92,7 +93,7 @@ def test_a_unit_is_that_fold_of_a_full_run_bit_for_bit(tmp_path, queue):
     assert unit["predictions"]["y_pred"] == full["y_pred"] and unit["predictions"]["probs"] == full["probs"]
     assert unit["ua"] == full["ua"] and unit["predictions"]["y_pred_training"] == full["y_pred_training_norm"]
     assert unit["threads"] == 1 and unit["seconds"] > 0 and unit["settings"]["lambda_center"] == 0.003
-    assert set(unit["fallback_ua"]) == set(fold_training.FALLBACKS)
+    assert set(unit["fallback_ua"]) == set(scoring.FALLBACKS)
     assert len(unit["predictions"]["utterances"]) == unit["n_test"] == len(unit["predictions"]["y_true"])
 
 

@@ -8,8 +8,8 @@ import torch
 from benchmarks.graph_tape import CaptureError, TapeCapture, capturable_on
 from fastser.models import SERModel, SERObjective
 from fastser.normalization import Normalizer
-from fastser.training.batches import Batcher, PlannedBatches, mixup, spec_augment
-from fastser.training.fold import EpochTotals
+from fastser.training.batches import Augmentation, Batcher, PlannedBatches, mixup, spec_augment
+from fastser.training.trainer import EpochTotals
 from fastser.training.graphed import GraphedTrainStep
 from fastser.training.step import train_step
 
@@ -53,7 +53,7 @@ def rows_of(step):
 def graphed_run(table, warmup, augment, build_hook=None, log=None, strict=False):
     feats, frames, labels, norm = table
     batcher = Batcher(feats, frames, labels, norm, torch.device("cpu"), CROP, resident=True)
-    planned = PlannedBatches(batcher, B, mixup=0.4 if augment else 0.0, specaugment=augment)
+    planned = PlannedBatches(batcher, B, Augmentation(mixup=0.4 if augment else 0.0, specaugment=augment))
     model, objective, opt, sched = parts()
     totals = EpochTotals(torch.device("cpu"))
 

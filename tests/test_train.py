@@ -14,6 +14,7 @@ from fastser.training import run as training_run
 from fastser.errors import UserError
 from fastser.training import Batch, Batcher, Experiment, Normalizer, mixup, tempo_crop, train_step
 from fastser.training import fold as fold_training
+from fastser.training import scoring
 from fastser._io import atomic_torch_save
 from fastser.data.synthetic import make_corpus
 
@@ -281,7 +282,7 @@ def test_normalize_levels(tmp_path, level):
     fold's; the checkpoint records the choice."""
     metrics, out = run(tmp_path, level, "--epochs", "1", "--normalize", level)
     assert metrics["normalize"] == level
-    for fallback in fold_training.FALLBACKS:
+    for fallback in scoring.FALLBACKS:
         assert (f"{fallback}_norm" in metrics) == (level == "speaker")
         if level == "speaker":
             assert 0 <= metrics[f"{fallback}_norm"]["ua"] <= 1
@@ -299,13 +300,11 @@ def test_speaker_statistics_come_from_each_rows_own_speaker(tmp_path):
     from fastser.data.splits import make_folds
 
     folds = make_folds(table.corpus, "holdout")
-    r = Experiment(
-        config, info, table, folds, "holdout", tmp_path, 0.003, 0.1, training_run.FeatureSet.paper(table.feats)
-    )
+    r = Experiment(config, info, table, folds, tmp_path, training_run.FeatureSet.paper(table.feats))
     test_rows = torch.from_numpy(folds[0].test)
     speaker = table.corpus.speakers[folds[0].test[0]]
     rows = test_rows[torch.from_numpy(table.corpus.speakers[folds[0].test] == speaker)]
-    batch = r.batcher(torch.from_numpy(folds[0].train)).batch(rows)
+    batch = r.data.batcher(torch.from_numpy(folds[0].train)).batch(rows)
     for kind, x in batch.feats.items():
         valid = torch.cat([x[i, :, : batch.frames[i]] for i in range(len(rows))], dim=1)
         torch.testing.assert_close(valid.mean(1), torch.zeros(x.shape[1]), atol=2e-3, rtol=0)
@@ -401,10 +400,8 @@ def test_no_validation_trains_on_the_validation_speakers_and_keeps_the_last_epoc
     from fastser.data.splits import make_folds
 
     fold = make_folds(table.corpus, "holdout")[0]
-    r = Experiment(
-        config, info, table, [fold], "holdout", tmp_path, 0.003, 0.1, training_run.FeatureSet.paper(table.feats)
-    )
-    rows = set(r.train_rows(fold).tolist())
+    r = Experiment(config, info, table, [fold], tmp_path, training_run.FeatureSet.paper(table.feats))
+    rows = set(r.data.train_rows(fold).tolist())
     assert rows == set(fold.train.tolist()) | set(fold.val.tolist()) and not rows & set(fold.test.tolist())
     metrics, out = run(tmp_path, "noval", "--epochs", "3", "--patience", "1", "--no-validation")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -682,8 +679,8 @@ def test_graphed_steps_train_like_eager_steps(amp, augment):
     random numbers differently) and deterministic cuDNN and center update, so what remains are
     rounding differences."""
     from fastser.models import SERModel, SERObjective
-    from fastser.training.batches import PlannedBatches
-    from fastser.training.fold import EpochTotals
+    from fastser.training.batches import Augmentation, PlannedBatches
+    from fastser.training.trainer import EpochTotals
     from fastser.training.graphed import GraphedTrainStep
 
     dev = torch.device("cuda")
@@ -695,7 +692,7 @@ def test_graphed_steps_train_like_eager_steps(amp, augment):
     }
     labels = torch.randint(0, 4, (64,), generator=gen)
     batcher = Batcher(table, frames, labels, Normalizer.fit(table, frames, torch.arange(64)), dev, 100)
-    planned = PlannedBatches(batcher, 8, mixup=0.4 if augment else 0.0, specaugment=augment)
+    planned = PlannedBatches(batcher, 8, Augmentation(mixup=0.4 if augment else 0.0, specaugment=augment))
 
     def make(**flags):
         torch.manual_seed(0)
@@ -922,7 +919,7 @@ def test_threads_are_recorded_and_a_run_repeats_bit_for_bit_at_a_thread_count(tm
 def test_epoch_totals_are_the_batch_weighted_means_of_the_steps():
     from types import SimpleNamespace
 
-    from fastser.training.fold import EpochTotals
+    from fastser.training.trainer import EpochTotals
 
     totals = EpochTotals(torch.device("cpu"))
     steps = [(16, 1.5, 20.0, 0.5, [0] * 12 + [1] * 4), (5, 0.5, 10.0, 0.25, [1] * 5)]  # n, ce, center, recon, labels

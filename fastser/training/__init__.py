@@ -1,15 +1,18 @@
-"""Training, in six parts: batches (batcher, augmentation), step (one optimizer step), fold (one
-fold's epochs and test), experiment (every fold, the checkpoint), reports (metrics, plots,
-ablation) and run (a whole run: its folder, corpus and features, its experiments). What they
-share with inference lives outside: fastser.checkpoints (the model spec,
-save, load, old formats), fastser.normalization (the input statistics), fastser.config (the
-settings). The command line is fastser.train."""
+"""Training, from the bottom up: batches (batcher, augmentation), step (one optimizer step),
+table (the feature table as folds read it, evaluation), trainer (a fold's model and one epoch),
+scoring (the test speakers), fold (one fold's epochs and test, through a narrow FoldContext),
+experiment (every fold of one configuration, the checkpoint), reports (metrics, plots, ablation)
+and run (a whole run: its folder, corpus and features, its experiments). What they share with
+inference lives outside: fastser.checkpoints (the model spec, save, load, old formats),
+fastser.normalization (the input statistics), fastser.config (the settings). The command line is
+fastser.train."""
 
 from fastser.features.post import valid_mask
 from fastser.training.batches import Batch, Batcher, Mix, Normalizer, mixup, spec_augment, tempo_crop
 from fastser.checkpoints import ModelSpec, build_model, finished_model, load_checkpoint
 from fastser.training.experiment import Experiment
-from fastser.training.fold import EpochTotals, FoldTraining
+from fastser.training.fold import FoldTraining
+from fastser.training.trainer import EpochTotals, FoldTrainer
 from fastser.training.step import step_body, train_step
 
 __all__ = [
@@ -17,6 +20,7 @@ __all__ = [
     "Batcher",
     "EpochTotals",
     "Experiment",
+    "FoldTrainer",
     "FoldTraining",
     "Mix",
     "ModelSpec",

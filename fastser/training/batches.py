@@ -253,11 +253,43 @@ def apply_spec_masks(feats: dict, bounds: torch.Tensor) -> dict:
     return out
 
 
+class Augmentation(NamedTuple):
+    """How training batches are augmented, declared once for both ways a batch is made: on the host
+    (`augmented_batch`) and planned on the host, built on the device (`PlannedBatches`).
+
+    Args:
+        tempo: crops read at a random tempo in [1 - tempo, 1 + tempo] (0: off).
+        mixup: the Beta(alpha, alpha) of mixup (0: off).
+        specaugment: two time and two frequency masks per input kind.
+    """
+
+    tempo: float = 0.0
+    mixup: float = 0.0
+    specaugment: bool = False
+
+    @classmethod
+    def of(cls, augment) -> "Augmentation":
+        """From a fastser.config.AugmentConfig."""
+        return cls(augment.tempo, augment.mixup, augment.specaugment)
+
+
+def augmented_batch(batcher: Batcher, rows: torch.Tensor, gen: torch.Generator, augmentation: Augmentation) -> tuple:
+    """A training batch made on the host: -> (feats, targets, frames, labels, mix), as
+    `PlannedBatches.build` returns it: the inputs (SpecAugment masked), the reconstruction targets
+    (unmasked), valid frames, labels and the Mix (or None)."""
+    batch = batcher.batch(rows, gen, tempo=augmentation.tempo)
+    mix = None
+    if augmentation.mixup:  # before SpecAugment: the decoder reconstructs the mixed input
+        batch, mix = mixup(batch, gen, augmentation.mixup)
+    feats = spec_augment(batch.feats, batch.frames_host, gen) if augmentation.specaugment else batch.feats
+    return feats, batch.feats, batch.frames, batch.labels, mix
+
+
 class PlannedBatches:
     """Training batches of a resident Batcher in two halves, so that one copy a step crosses the bus
     and the device half can live in a CUDA graph:
 
-        batches = PlannedBatches(batcher, batch_size, tempo=0.0, mixup=0.0, specaugment=False)
+        batches = PlannedBatches(batcher, batch_size, Augmentation(mixup=0.4))
         plan = batches.plan(rows, gen)          # host: every random draw of the step, packed (int64)
         feats, targets, frames, labels, mix = batches.build(plan.to(device))   # device: no host read
 
@@ -269,15 +301,15 @@ class PlannedBatches:
 
     N_MASKS = 2
 
-    def __init__(self, batcher: Batcher, batch_size: int, tempo: float = 0.0, mixup: float = 0.0, specaugment=False):
+    def __init__(self, batcher: Batcher, batch_size: int, augmentation: Augmentation = Augmentation()):
         if not batcher.resident:
             raise ValueError("PlannedBatches needs a resident Batcher (the feature table on the device)")
         self.batcher, self.B, self.T = batcher, batch_size, batcher.train_frames
-        self.tempo, self.mixup, self.specaugment = tempo, mixup, specaugment
+        self.tempo, self.mixup, self.specaugment = augmentation
         self.bins = [x.shape[1] for x in batcher.feats.values()]
         self.mixes_groups = batcher.alternatives is not None
-        self.size = (2 + self.T + self.mixes_groups) * self.B + (2 * self.B if mixup else 0)
-        self.size += (2 + 2 * len(self.bins)) * self.B * self.N_MASKS if specaugment else 0
+        self.size = (2 + self.T + self.mixes_groups) * self.B + (2 * self.B if self.mixup else 0)
+        self.size += (2 + 2 * len(self.bins)) * self.B * self.N_MASKS if self.specaugment else 0
 
     def plan(self, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if rows.shape != (self.B,):

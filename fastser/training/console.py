@@ -21,3 +21,12 @@ def log(msg: str, quiet_bar: bool) -> None:
 def result(msg: str) -> None:
     """A result line (the run's scores) on stdout."""
     print(msg, flush=True)
+
+
+def progress_bar(total: int, desc: str, shown: bool):
+    """A transient tqdm bar on stderr (None when not shown: --no-progress, or not the main rank)."""
+    if not shown:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)

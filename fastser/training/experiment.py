@@ -1,6 +1,6 @@
-"""An experiment: every fold of one objective setting, its shared state and its checkpoint.
+"""An experiment: every fold of one configuration, what they share and its checkpoint.
 
-    experiment = Experiment(config, info, table, folds, split, out, lambda_center, lambda_recon, features)
+    experiment = Experiment(config, info, table, folds, out, features)
     experiment.resume_from(checkpoint)          # optional: continue a stopped run
     seconds = experiment.run()                  # each fold not done yet: fastser.training.fold.FoldTraining
     experiment.fold_results, experiment.history # what reports read
@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from fastser import __version__
@@ -23,89 +22,68 @@ from fastser.checkpoints import ModelSpec, build_model, save_checkpoint
 from fastser.config import SCHEMA_VERSION, TrainConfig, migrated
 from fastser.errors import UserError
 from fastser.models import SERModel
-from fastser.normalization import Normalizer, TableStatistics
+from fastser.normalization import Normalizer
 from fastser.ops import backends_in_use
-from fastser.training.batches import Batcher
 from fastser.training.console import log
+from fastser.training.context import FoldContext
 from fastser.training.fold import FoldTraining
+from fastser.training.table import TrainingTable
+
+
+def model_spec(config: TrainConfig, features, classes) -> ModelSpec:
+    """The model a configuration trains (what a checkpoint needs to rebuild it)."""
+    return ModelSpec(
+        features,
+        tuple(classes),
+        width=config.model.width,
+        embed_dim=config.model.embed_dim,
+        reconstruct=config.objective.recon_weight > 0,
+        train_seconds=config.optim.train_seconds,
+        max_seconds=config.data.max_seconds,
+        normalize=config.data.normalize,
+        bin_stats=config.model.bin_stats,
+        pooling=config.model.pooling,
+        downsample=config.model.downsample,
+    )
 
 
 class Experiment:
-    """One experiment: every fold of one objective setting, resumable from its checkpoint.
+    """Every fold of one configuration, resumable from its checkpoint.
 
-    Experiment(config, info, table, folds, split, out, lambda_center, lambda_recon, features).run()
-    -> seconds; `fold_results`, `history` and `last_test` (the last fold's test embeddings) are read
-    by reports. Each fold is a FoldTraining (fastser.training.fold); this holds what they share: the
-    settings, the feature table and its statistics, evaluation and the checkpoint.
+    Args:
+        config: the resolved settings (an ablation's parts and each seed are variants of it).
+        info: this process's rank, world size and device.
+        table: the feature table (fastser.data.cache) of the corpus.
+        folds: the speaker-independent folds (fastser.data.Fold) to train and test.
+        out: the run folder; the checkpoint is out / "checkpoint.pt".
+        features: the model's input kinds (fastser.features.featureset.FeatureSet).
+
+    `run()` -> seconds; `fold_results`, `history` and `last_fold_embeddings()` are what reports read.
     """
 
-    def __init__(
-        self,
-        config: TrainConfig,
-        info: fdist.DistInfo,
-        table,
-        folds,
-        split: str,
-        out: Path,
-        lambda_center: float,
-        lambda_recon: float,
-        features,
-    ):
-        self.config, self.info, self.table, self.folds, self.split, self.out = config, info, table, folds, split, out
-        self.lambda_center, self.lambda_recon = lambda_center, lambda_recon
+    def __init__(self, config: TrainConfig, info: fdist.DistInfo, table, folds, out: Path, features):
+        self.config, self.info, self.table, self.folds, self.out = config, info, table, folds, out
+        self.split = config.data.split or table.corpus.default_split
         self.classes = table.corpus.classes
         self.normalize = config.data.normalize
-        self.ema_decays = tuple(config.optim.ema or ())  # the first average is the model kept
-        self.spec = ModelSpec(
-            features,
-            tuple(self.classes),
-            width=config.model.width,
-            embed_dim=config.model.embed_dim,
-            reconstruct=lambda_recon > 0,
-            train_seconds=config.optim.train_seconds,
-            max_seconds=config.data.max_seconds,
-            normalize=self.normalize,
-            bin_stats=config.model.bin_stats,
-            pooling=config.model.pooling,
-            downsample=config.model.downsample,
-        )
+        self.spec = model_spec(config, features, self.classes)
         self.device = info.device
         self.ckpt_path = out / "checkpoint.pt"
+        self.data = TrainingTable(config, info, table)
         self.history: list[dict] = []
         self.resumed = False  # continued from a checkpoint: this process's wall time covers only a part
         self.fold_results: list[dict] = []
         self.state: Optional[dict] = None  # an in-progress fold's state from a checkpoint
         self.last_test: Optional[dict] = None
-        self.statistics = TableStatistics(table)  # speaker, utterance, enrollment: made once, shared by folds
-        # on a GPU the feature table is moved there once and every batch is gathered on the device
-        self.resident = self.device.type == "cuda"
-        self.feats = {k: x.to(self.device) for k, x in table.feats.items()} if self.resident else table.feats
 
-    # -- normalisation --------------------------------------------------------------------
-    def batcher(self, train_rows: torch.Tensor, level: Optional[str] = None) -> Batcher:
-        """Batches normalised per `level` (default: the run's --normalize): "corpus" with the
-        training rows' statistics, "speaker"/"utterance" with each row's own group's."""
-        level = level or self.normalize
-        if level == "corpus":
-            norm, groups = Normalizer.fit(self.table.feats, self.table.frames, train_rows), None
-        else:
-            norm, groups = self.statistics.groups(level)
-        return self.new_batcher(norm, groups)
+    @property
+    def lambda_center(self) -> float:
+        return self.config.objective.center_weight
 
-    def new_batcher(self, norm: Normalizer, groups: Optional[torch.Tensor] = None) -> Batcher:
-        return Batcher(
-            self.feats,
-            self.table.frames,
-            self.table.labels,
-            norm,
-            self.device,
-            int(self.config.optim.train_seconds * 100),
-            groups,
-            resident=self.resident,
-            eval_bucket=64 if self.resident else 1,
-        )  # static evaluation shapes on a GPU
+    @property
+    def lambda_recon(self) -> float:
+        return self.config.objective.recon_weight
 
-    # -- checkpoint ---------------------------------------------------------------------
     def checkpoint_config(self) -> dict:
         """The settings with what this experiment made of them (its loss weights, classes, features)."""
         a = self.config.settings()
@@ -153,56 +131,32 @@ class Experiment:
             payload["final"] = final
         save_checkpoint(payload, self.ckpt_path)
 
-    # -- what the folds share ------------------------------------------------------------
-    def take_fold_state(self, index: int) -> Optional[dict]:
-        """The checkpointed state of fold `index` stopped part-way, once (None for any other fold)."""
-        state, self.state = self.state, None
-        return state if state is not None and state["fold"] == index else None
-
     def new_model(self) -> SERModel:
         return build_model(self.spec).to(self.device, memory_format=torch.channels_last)  # oneDNN/cuDNN layout
 
-    def validating(self) -> bool:
-        """Early stopping on the fold's validation speakers (default), or (--no-validation) the
-        validation speakers trained on too and the last epoch's model kept."""
-        return self.config.optim.validation
+    def _record_epoch(self, row: dict, fold_state: dict) -> None:
+        self.history.append(row)
+        self.save(fold_state)
 
-    def train_rows(self, fold) -> torch.Tensor:
-        rows = fold.train if self.validating() else np.concatenate([fold.train, fold.val])
-        return torch.from_numpy(np.sort(rows))
+    def run_fold(self, index: int) -> dict:
+        """Trains and tests fold `index` (from its checkpointed state if it was stopped part-way),
+        records it and checkpoints; -> its test scores."""
+        state, self.state = self.state, None  # an in-progress state belongs to one fold, used once
+        context = FoldContext(
+            self.config,
+            self.info,
+            self.data,
+            self.new_model,
+            len(self.folds),
+            self._record_epoch,
+            state if state is not None and state["fold"] == index else None,
+        )
+        result = FoldTraining(context, index, self.folds[index]).run()
+        self.fold_results.append(result.scores)
+        self.last_test = result.embeddings
+        self.save(None, final=result.final)
+        return result.scores
 
-    @torch.no_grad()
-    def evaluate(self, model, batcher: Batcher, rows: torch.Tensor, embeddings: bool = False) -> dict:
-        """Sharded over ranks (each row exactly once), gathered, returned in the order of `rows`."""
-        model.eval()
-        rows = rows[torch.argsort(self.table.frames[rows], stable=True)]  # similar lengths batch together
-        mine = fdist.shard(rows, self.info, pad=False)
-        preds, probs, embs = [], [], []
-        for start in range(0, len(mine), 64):
-            batch = batcher.batch(mine[start : start + 64])
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.run.amp):
-                out = model(batch.feats, batch.frames)
-            preds.append(out.logits.argmax(1))
-            probs.append(out.logits.float().softmax(1))
-            embs.append(out.embedding.float())
-        pred = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
-        prob = torch.cat(probs).cpu() if probs else torch.zeros(0, len(self.classes))
-        emb = torch.cat(embs).cpu() if embs else torch.zeros(0, model.embed_dim)
-        all_rows = fdist.gather_cat(mine, self.info)
-        pred, prob = fdist.gather_cat(pred, self.info), fdist.gather_cat(prob, self.info)
-        if embeddings:
-            emb = fdist.gather_cat(emb, self.info)
-        order = torch.argsort(all_rows)
-        all_rows, pred = all_rows[order], pred[order]
-        return {
-            "rows": all_rows.numpy(),
-            "y_true": self.table.labels[all_rows].numpy(),
-            "y_pred": pred.numpy(),
-            "probs": prob[order].numpy(),
-            "embeddings": emb[order].numpy() if embeddings else None,
-        }
-
-    # -- every fold -----------------------------------------------------------------------
     def run(self) -> float:
         """Trains the folds not done yet; returns the seconds it took."""
         t0 = time.perf_counter()
@@ -212,9 +166,9 @@ class Experiment:
                 f"{self.out}: every fold was already trained; the results are rebuilt from its checkpoint",
                 self.config.run.no_progress,
             )
-        for i, fold in enumerate(self.folds):
+        for i in range(len(self.folds)):
             if i not in done:
-                FoldTraining(self, i, fold).run()
+                self.run_fold(i)
         return time.perf_counter() - t0
 
     def last_fold_embeddings(self) -> Optional[dict]:
@@ -228,8 +182,9 @@ class Experiment:
         fin = ckpt["final"]
         model = self.new_model()
         model.load_state_dict(fin["model"])
-        batcher = self.batcher(None) if self.normalize != "corpus" else self.new_batcher(Normalizer(**fin["norm"]))
-        test = self.evaluate(model, batcher, torch.from_numpy(self.folds[fin["fold"]].test), embeddings=True)
+        data = self.data
+        batcher = data.batcher(None) if self.normalize != "corpus" else data.new_batcher(Normalizer(**fin["norm"]))
+        test = data.evaluate(model, batcher, torch.from_numpy(self.folds[fin["fold"]].test), embeddings=True)
         centers = fin["objective"].get("center_loss.centers")
         return {
             "embeddings": test["embeddings"],

@@ -145,3 +145,20 @@ class GraphedTrainStep:
                 g["lr"] = lr
                 if betas is not None:
                     g["betas"] = betas
+
+
+def cuda_graph_refusal(run, info, device) -> "str | None":
+    """Why the training step cannot be one CUDA graph in this run (None: it can; the default then).
+
+    Args:
+        run: the run's fastser.config.RunConfig (--compile refuses it).
+        info: fastser.distributed.DistInfo (torchrun refuses it).
+        device: the training device (only CUDA has graphs).
+    """
+    if device.type != "cuda":
+        return f"device {device.type}"
+    if info.enabled:
+        return "torchrun"
+    if run.compile:
+        return "--compile"
+    return None

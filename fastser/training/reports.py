@@ -16,7 +16,7 @@ from fastser.metrics import summarize
 from fastser.ops import backends_in_use
 from fastser.training.console import result
 from fastser.training.experiment import Experiment
-from fastser.training.fold import ENROLLMENT_CLIPS, FALLBACKS
+from fastser.training.scoring import ENROLLMENT_CLIPS, FALLBACKS
 
 
 def metrics_of(run: Experiment, seconds: float) -> dict:
@@ -108,14 +108,18 @@ def other_scores(fold_results: list, classes: list) -> dict:
     return out
 
 
+def write_metrics(folder: Path, metrics: dict) -> None:
+    """A run folder's metrics.json (written once per folder, by fastser.training.run)."""
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
 def write_reports(run: Experiment, metrics: dict) -> None:
-    """Rank 0 only: the run folder's artifacts."""
+    """Rank 0 only: the run folder's artifacts besides metrics.json."""
     if not run.info.is_main:
         return
     from fastser.plots import plot_confusion, plot_embeddings
 
     out = run.out
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(out / "history.jsonl", "w") as f:
         for row in run.history:
             f.write(json.dumps(row) + "\n")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 import shlex
 import shutil
@@ -34,8 +33,15 @@ from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
 from fastser.threads import free_threads
 from fastser.training.console import log, result
 from fastser.training.experiment import Experiment
-from fastser.training.fold import cuda_graph_refusal
-from fastser.training.reports import metrics_of, run_cost, seed_ensemble, write_ablation, write_reports
+from fastser.training.graphed import cuda_graph_refusal
+from fastser.training.reports import (
+    metrics_of,
+    run_cost,
+    seed_ensemble,
+    write_ablation,
+    write_metrics,
+    write_reports,
+)
 
 ABLATION = {"ce_only": (False, False), "center": (True, False), "recon": (False, True), "center+recon": (True, True)}
 LAST_OUT: list = []  # the run folders made, the last one for the command line's Ctrl-C message
@@ -304,20 +310,10 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
     features = FeatureSet.paper(table.feats)
     fold_results = {}  # run folder -> its folds' test results (for the seed ensemble)
 
-    def experiment(sub: Path, use_center: bool, use_recon: bool, run_config=config, run_folds=folds) -> dict:
+    def experiment(sub: Path, run_config: TrainConfig, run_folds=folds) -> dict:
         if info.is_main:
             sub.mkdir(parents=True, exist_ok=True)
-        run = Experiment(
-            run_config,
-            info,
-            table,
-            run_folds,
-            split,
-            sub,
-            objective.lambda_center if use_center else 0.0,
-            objective.lambda_recon if use_recon else 0.0,
-            features,
-        )
+        run = Experiment(run_config, info, table, run_folds, sub, features)
         resume = Path(run_opts.resume) if run_opts.resume else None
         if resume is not None:
             inside = sub.relative_to(out) if sub != out else ""
@@ -330,6 +326,8 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
                 log(f"{out}: no epoch had finished; training starts from the beginning", run_opts.no_progress)
         metrics = metrics_of(run, run.run())
         write_reports(run, metrics)
+        if info.is_main and sub != out:  # the run folder's own is written once, at the end
+            write_metrics(sub, metrics)
         fold_results[sub] = run.fold_results
         return metrics
 
@@ -338,13 +336,7 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
         per_seed = {}
         for seed in optim.seeds:
             seed_folds = make_folds(table.corpus, split, n_folds=data.folds, seed=seed)[: data.max_folds or None]
-            per_seed[seed] = experiment(
-                out / f"seed-{seed}",
-                not objective.no_center,
-                not objective.no_recon,
-                config.replace(seed=seed),
-                seed_folds,
-            )
+            per_seed[seed] = experiment(out / f"seed-{seed}", config.replace(seed=seed), seed_folds)
         metrics = seed_summary(per_seed, time.perf_counter() - t0)
         ensemble = seed_ensemble([fold_results[out / f"seed-{seed}"] for seed in optim.seeds], table.corpus.classes)
         if ensemble:
@@ -358,12 +350,15 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
                 + (f"; their models averaged (soft vote): UA {ensemble['ua']:.3f}" if ensemble else "")
             )
     elif objective.ablation:
-        results = {name: experiment(out / name, c, r) for name, (c, r) in ABLATION.items()}
+        results = {
+            name: experiment(out / name, config.replace(no_center=not c, no_recon=not r))
+            for name, (c, r) in ABLATION.items()
+        }
         if info.is_main:
             write_ablation(out, results, config)
         metrics = results["center+recon"]
     else:
-        metrics = experiment(out, not objective.no_center, not objective.no_recon)
+        metrics = experiment(out, config)
     total = time.perf_counter() - t0
     metrics["phase_seconds"] = {
         **{k: round(v, 3) for k, v in PHASES.items()},
@@ -371,7 +366,7 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
         "total": round(total, 3),
     }
     if info.is_main and not objective.ablation:  # an ablation's parts each have their own metrics.json
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_metrics(out, metrics)
     if info.is_main:
         result(
             f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "

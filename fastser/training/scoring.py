@@ -1,0 +1,67 @@
+"""A fold's test speakers scored: with their own speaker statistics (enrollment), and as predict
+would score them without enough enrollment audio.
+
+    scores = score_test_speakers(context, index, fold, model, norm)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastser.metrics import summarize
+from fastser.normalization import Normalizer
+from fastser.training.context import FoldContext
+from fastser.training.trainer import seed_for
+
+# input statistics a speaker-normalised model is also scored with, as predict would use them without
+# enough enrollment audio: each utterance's own, the training speakers' pooled ones (saved with the
+# model), or k random other clips of the test speaker ("enroll<k>", the same clips for every model)
+ENROLLMENT_CLIPS = (1, 3, 10)
+FALLBACKS = ("utterance", "training") + tuple(f"enroll{k}" for k in ENROLLMENT_CLIPS)
+
+
+def score_test_speakers(context: FoldContext, index: int, fold, model, norm: Normalizer, batcher) -> tuple:
+    """Scores a fold's test speakers with a trained model.
+
+    Args:
+        context: the fold's view of its experiment.
+        index: the fold's index (draws the enrollment clips, the same for every seed and setting).
+        fold: a fastser.data.Fold (`test` rows, `name`, `val_speaker_disjoint`).
+        model: the trained model, in the state to test.
+        norm: the training rows' pooled statistics (predict's fallback without enrollment).
+        batcher: the fold's batcher, normalised as the run trains.
+
+    Returns:
+        (scores, test): `scores` as metrics.json keeps them per fold (rows, labels, predictions,
+        probabilities rounded to 6 places, WA / UA / macro-F1, with --normalize speaker each
+        fallback's predictions as "y_pred_<level>_norm"); `test` the evaluation's arrays,
+        embeddings included.
+    """
+    data = context.data
+    test_rows = torch.from_numpy(fold.test)
+    test = data.evaluate(model, batcher, test_rows, embeddings=True)
+    tm = summarize(test["y_true"], test["y_pred"], data.classes)
+    scores = {
+        "fold": index,
+        "name": fold.name,
+        "val_speaker_disjoint": fold.val_speaker_disjoint,
+        "test_speakers": sorted(set(data.table.corpus.speakers[fold.test].tolist())),
+        "test_rows": test["rows"].tolist(),
+        "y_true": test["y_true"].tolist(),
+        "y_pred": test["y_pred"].tolist(),
+        "probs": test["probs"].round(6).tolist(),
+        "wa": tm["wa"],
+        "ua": tm["ua"],
+        "macro_f1": tm["macro_f1"],
+        "n_test": tm["n"],
+    }
+    if context.config.data.normalize == "speaker":
+        fallbacks = {"utterance": data.batcher(None, "utterance"), "training": data.new_batcher(norm)}
+        groups = torch.zeros(data.table.frames.shape[0], dtype=torch.long)  # test row i -> group i
+        groups[test_rows] = torch.arange(test_rows.shape[0])
+        for k in ENROLLMENT_CLIPS:  # drawn by fold alone: every seed and setting gets the same clips
+            clips = data.statistics.enrollment(test_rows, k, torch.Generator().manual_seed(seed_for(index, k, 17)))
+            fallbacks[f"enroll{k}"] = data.new_batcher(clips, groups)
+        for level in FALLBACKS:
+            scores[f"y_pred_{level}_norm"] = data.evaluate(model, fallbacks[level], test_rows)["y_pred"].tolist()
+    return scores, test
