@@ -202,7 +202,8 @@ class UnitRunner:
         from fastser.training.run import load_table
 
         d, m, a = config.data, config.model, config.augment
-        key = (d.corpus, d.classes, d.max_seconds, m.features, m.prosody, a.speed_perturb, a.noise, d.iemocap_subset)
+        key = (d.corpus, d.classes, d.max_seconds, d.sample_rate, m.features, m.n_mels, m.prosody)
+        key += (a.speed_perturb, a.noise, d.iemocap_subset)
         if d.corpus == "synthetic":
             key += (config.optim.seed, d.synthetic_speakers, d.synthetic_per_class)
         if key not in self._tables:
@@ -214,10 +215,9 @@ class UnitRunner:
 
         from fastser import distributed as fdist
         from fastser.data import make_folds
-        from fastser.features.featureset import FeatureSet
         from fastser.metrics import summarize
         from benchmarks.accuracy import _machine as machine
-        from fastser.training.run import deterministic_mode, repeatable_cpu_kernels
+        from fastser.training.run import deterministic_mode, feature_set, repeatable_cpu_kernels
         from fastser.training.experiment import Experiment
         from fastser.training.scoring import FALLBACKS
 
@@ -234,7 +234,7 @@ class UnitRunner:
                 raise PlanError(f"fold {unit.fold + 1} is {folds[unit.fold].name}, the plan expected {unit.fold_name}")
             out = self.scratch / unit.arm / f"seed-{unit.seed}" / unit.slug
             out.mkdir(parents=True, exist_ok=True)
-            experiment = Experiment(config, info, table, folds, out, FeatureSet.paper(table.feats))
+            experiment = Experiment(config, info, table, folds, out, feature_set(config, table.feats))
             t_train = time.perf_counter()
             result = experiment.run_fold(unit.fold)
             train_seconds = time.perf_counter() - t_train

@@ -54,7 +54,7 @@ def forward_flops_by_layer(settings: dict, num_classes: int = 8) -> dict:
 
 def _counted(settings: dict, num_classes: int, backward: bool) -> FlopCounterMode:
     s = {**DEFAULTS, **migrated({k: v for k, v in settings.items() if v is not None})}
-    features = FeatureSet.paper(_kinds(s["features"], s["prosody"]))
+    features = FeatureSet.paper(_kinds(s["features"], s["prosody"]), sr=s["sample_rate"], n_mels=s["n_mels"])
     model = SERModel(
         features.n_bins,
         num_classes,

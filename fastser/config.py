@@ -48,6 +48,8 @@ BEFORE_RECORDED = {
     "mixup": 0.0,
     "noise": None,
     "enrollment_dropout": 0.0,
+    "sample_rate": 16000,
+    "n_mels": 64,
 }
 
 
@@ -64,6 +66,7 @@ class DataConfig:
     iemocap_subset: str = "all"
     strict: bool = field(default=False, metadata=RUN_OPTION)
     max_seconds: float = 8.0
+    sample_rate: int = 16000  # audio is resampled to it; frames stay 32 ms windows, 10 ms hops at any rate
     cache_dir: Optional[str] = field(default=None, metadata=RUN_OPTION)
     no_cache: bool = field(default=False, metadata=RUN_OPTION)
     synthetic_speakers: int = 16
@@ -76,6 +79,7 @@ class ModelConfig:
     """The inputs and the network."""
 
     features: str = "both"  # "logmel", "mfcc" or both CNN branches
+    n_mels: int = 64  # bands of the log-mel branch (the MFCC branch keeps 40 bands, 40 coefficients)
     prosody: bool = True
     bin_stats: bool = False
     pooling: str = "time"
@@ -213,7 +217,8 @@ class TrainConfig:
         setting as the caller's user knows it: the library's `epochs`, the command line's `--epochs`.
         Call it on resolved settings (the corpus's defaults filled in)."""
         s, found = self.settings(), []
-        for key in ("epochs", "patience", "batch_size", "folds", "width", "embed_dim", "max_folds", "threads"):
+        counts = ("epochs", "patience", "batch_size", "folds", "width", "embed_dim", "max_folds", "threads", "n_mels")
+        for key in counts:
             value = s[key]
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 found.append(f"{name(key)} must be a positive integer, got {value}")
@@ -226,6 +231,14 @@ class TrainConfig:
         for key in ("tempo", "enrollment_dropout"):
             if not _finite(s[key]) or not 0 <= s[key] < 1:
                 found.append(f"{name(key)} must be in [0, 1), got {s[key]}")
+        rate = s["sample_rate"]
+        if not isinstance(rate, int) or isinstance(rate, bool) or not 8000 <= rate <= 48000:
+            found.append(f"{name('sample_rate')} must be an integer number of Hz in [8000, 48000], got {rate}")
+        elif isinstance(s["n_mels"], int) and s["n_mels"] > 256 * rate // 16000 + 1:
+            found.append(
+                f"{name('n_mels')} {s['n_mels']} is more mel bands than the {256 * rate // 16000 + 1} "
+                f"frequency bins of a 32 ms window at {rate} Hz (some bands would be empty)"
+            )
         if s["seeds"] and s["ablation"]:
             found.append(f"{name('seeds')} and {name('ablation')} do not combine yet: run the ablation once per seed")
         if s["enrollment_dropout"] and s["normalize"] != "speaker":

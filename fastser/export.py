@@ -208,7 +208,26 @@ def export_onnx(module: AudioClassifier, path: Path) -> None:
 
 
 def export(checkpoint, fmt: str = "onnx", out=None, enroll=None) -> Path:
-    """Write the run's model as one file; returns its path (default: beside the checkpoint)."""
+    """Writes a trained run's model, with its features and normalisation, as one file.
+
+    Args:
+        checkpoint: the run folder or its checkpoint.pt.
+        fmt (str): "onnx" (model.onnx, for onnxruntime; needs `fastser[export]`) or "torch"
+            (model.pt2, torch.export).
+        out (path, optional): where to write it (default: beside the checkpoint).
+        enroll (list of paths, optional): a speaker's audio whose statistics the file carries as
+            its defaults (else the training speakers').
+
+    Returns:
+        Path: the file written. Its model takes audio (B, samples) float32 at the model's rate and
+        lengths (B,) int64, and returns OUTPUTS (CPU, inference only).
+
+    Example:
+        >>> path = export("runs/demo", "onnx")  # doctest: +SKIP
+        >>> session, meta = load_onnx(path)  # doctest: +SKIP
+        >>> session.run(["probabilities"], {"audio": audio, "lengths": lengths})[0].shape  # doctest: +SKIP
+        (1, 8)
+    """
     from fastser.predict import Predictor
 
     if fmt not in FORMATS:
@@ -227,8 +246,16 @@ def export(checkpoint, fmt: str = "onnx", out=None, enroll=None) -> Path:
 
 
 def load_onnx(path, arena: bool = True):
-    """(onnxruntime.InferenceSession, metadata dict) for a model.onnx, on the CPU; arena=False: no
-    memory arena (buffers are freed after each call rather than kept for the next)."""
+    """Opens a model.onnx with onnxruntime on the CPU.
+
+    Args:
+        path: the model.onnx file.
+        arena (bool): onnxruntime's memory arena; False frees buffers after each call rather than
+            keeping them for the next.
+
+    Returns:
+        (onnxruntime.InferenceSession, metadata dict: classes, sample rate, windows, ...).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -240,7 +267,14 @@ def load_onnx(path, arena: bool = True):
 
 
 def load_torch(path):
-    """(torch.export.ExportedProgram, metadata dict) for a model.pt2."""
+    """Opens a model.pt2 written by `export(..., "torch")`.
+
+    Args:
+        path: the model.pt2 file.
+
+    Returns:
+        (torch.export.ExportedProgram, metadata dict); `program.module()(audio, lengths)` scores.
+    """
     extra = {"fastser.json": ""}
     program = torch.export.load(str(path), extra_files=extra)
     return program, json.loads(extra["fastser.json"])

@@ -83,6 +83,12 @@ class CenterLoss(nn.Module):
     -> scalar loss ((B,) with reduction="none"), in the promoted dtype of features and centers.
     Autograd: gradients flow to the features (and to `centers` with update="gradient"); float64
     passes torch.autograd.gradcheck.
+
+    Example (where the usual `CenterLoss(num_classes, feat_dim, use_gpu)` was):
+        >>> center_loss = CenterLoss(num_classes=8, feat_dim=128)
+        >>> embeddings, labels = torch.randn(16, 128, requires_grad=True), torch.randint(0, 8, (16,))
+        >>> loss = center_loss(embeddings, labels)  # add it, weighted, to the cross-entropy
+        >>> loss.backward()  # the centers move here, by Wen's rule: no optimizer of their own
     """
 
     def __init__(

@@ -6,6 +6,13 @@ default) is scored whole, exactly as the run's test utterances were. A longer on
 windows of the training crop (--train-seconds, 3 s) with half a window of hop, scored in batches
 and averaged (weighted by window length) into one prediction; its segments are the per-window
 timeline. Long files are read and resampled block by block, so memory stays bounded for hours.
+
+Input statistics follow the run's --normalize: "corpus" uses the training statistics stored in the
+checkpoint; "speaker" uses the speaker's statistics from enrollment audio (files of the same
+speaker, unlabelled; `Predictor(enroll=...)` or `enroll_speaker`), else the training speakers'
+pooled statistics stored in the checkpoint (the fallback whose accuracy the run reports as
+"training_norm"; models trained with enrollment dropout are trained for it); "utterance" always
+each window's own.
 """
 
 from __future__ import annotations
@@ -129,24 +136,24 @@ class _Level:
 
 
 class Predictor:
-    """A trained model ready to score audio.
+    """A trained model ready to score audio (inference only, no autograd).
 
-    Predictor(checkpoint, device="cpu", batch_size=32, enroll=None)
-    `checkpoint` may be a list: the models (e.g. one per --seeds run) are averaged, each window's
-    class probabilities the mean of theirs (a soft-vote ensemble); they must share their classes,
-    features, input normalisation and windows.
-    predict(x, sr=None) -> Prediction, or a list of them for a list: `x` a path, a 1-D array or
-    tensor of mono samples (at `sr`, default the model's `self.sr`; resampled with soxr otherwise),
-    or a list of those (short clips are scored together, `batch_size` at a time);
-    predict_file(path) -> Prediction; predict_waveform(samples, sr=None) -> Prediction;
-    probabilities(samples, sr=None) -> (classes,) tensor. Inference only (no autograd).
+    Args:
+        checkpoint: a run folder or its checkpoint.pt, or a list of them: the models (e.g. one per
+            --seeds run) are averaged, each window's probabilities the mean of theirs (soft vote);
+            they must share classes, features, input normalisation and windows.
+        device (str): "cpu", "cuda" or "cuda:N".  batch_size (int): short clips scored together.
+        enroll: audio files of the speaker (unlabelled) whose statistics normalise the input of a
+            --normalize speaker model (without them: the training speakers', module docstring).
 
-    Input statistics follow the run's --normalize: "corpus" uses the training statistics stored in
-    the checkpoint; "speaker" uses the speaker's statistics from `enroll` (audio files of the same
-    speaker, unlabelled; or call `enroll_speaker`), else the training speakers' pooled statistics
-    stored in the checkpoint (the fallback whose accuracy the run reports as "training_norm": it
-    measured about twice the accuracy of each clip's own statistics, "utterance_norm");
-    "utterance" always each window's own.
+    Methods: predict(x, sr=None) -> Prediction, a list for a list (x: a path, or 1-D mono samples
+    at `sr`, default `self.sr`, resampled with soxr); predict_file(path); predict_waveform(samples,
+    sr=None); probabilities(samples, sr=None) -> (classes,) float32 tensor.
+
+    Example:
+        >>> predictor = Predictor("runs/demo", enroll=["spk/a.wav", "spk/b.wav"])  # doctest: +SKIP
+        >>> predictor.predict("clip.wav").emotion  # doctest: +SKIP
+        'angry'
     """
 
     def __init__(self, checkpoint, device: str = "cpu", batch_size: int = 32, enroll=None):

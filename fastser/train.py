@@ -104,6 +104,11 @@ def _corpus_flags(p: ArgumentParser) -> None:
     corpus.add_argument("--strict", action="store_true", help="a bad audio file is an error, not a skip")
     corpus.add_argument("--max-seconds", type=float, help="longer utterances are cut")
     corpus.add_argument(
+        "--sample-rate",
+        type=int,
+        help="Hz the audio is resampled to (the features' 32 ms windows and 10 ms hops scale with it)",
+    )
+    corpus.add_argument(
         "--cache-dir",
         help="feature cache (default: <data-dir>/.fastser-cache; the synthetic corpus's audio: ~/.cache/fastser)",
     )
@@ -154,6 +159,7 @@ def _model_flags(p: ArgumentParser) -> None:
         "in a stride-2 first conv ('stem'), or that and max-pooling before the other convs ('early': each "
         "conv at the coarser resolution, a quarter of the FLOPs); the same map sizes in all three",
     )
+    model.add_argument("--n-mels", type=int, help="bands of the log-mel branch's input (the MFCC branch keeps 40)")
     model.add_argument("--width", type=int, help="channels per stem branch (model size)")
     model.add_argument("--embed-dim", type=int, help="size of the embedding the center loss acts on")
     model.add_argument("--lambda-center", type=float, help="weight of the center loss")

@@ -11,6 +11,7 @@ import torch
 
 import fastser.train as train
 from fastser.training import run as training_run
+from fastser.config import TrainConfig
 from fastser.errors import UserError
 from fastser.training import Batch, Batcher, Experiment, Normalizer, mixup, tempo_crop, train_step
 from fastser.training import fold as fold_training
@@ -272,6 +273,26 @@ def test_group_statistics_match_a_plain_computation():
     flat = Normalizer.fit(feats, frames, torch.arange(5))
     torch.testing.assert_close(whole.mean["mfcc"][0], flat.mean["mfcc"])
     torch.testing.assert_close(whole.std["mfcc"][0], flat.std["mfcc"])
+
+
+def test_sample_rate_and_mel_bands_are_settings_the_model_and_predict_follow(tmp_path):
+    """--sample-rate and --n-mels reach the features (the checkpoint's feature set, the model's
+    input), and predict resamples a clip to the model's rate."""
+    from fastser.predictor import Predictor
+
+    metrics, out = run(tmp_path, "8k", "--epochs", "1", "--sample-rate", "8000", "--n-mels", "32")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    features = ckpt["spec"]["features"]
+    assert features["logmel"]["sr"] == 8000 and features["logmel"]["n_mels"] == 32
+    assert features["logmel"]["n_fft"] == 256 and features["logmel"]["hop_length"] == 80
+    assert ckpt["settings"]["sample_rate"] == 8000 and ckpt["settings"]["n_mels"] == 32
+    predictor = Predictor(out)
+    assert predictor.sr == 8000
+    rng = np.random.default_rng(0)
+    at_16k = predictor.predict_waveform(rng.standard_normal(32000).astype(np.float32), sr=16000)
+    assert at_16k.probabilities.shape == (len(metrics["classes"]),)
+    assert TrainConfig().replace(n_mels=300).problems() != []
+    assert TrainConfig().replace(sample_rate=100).problems() != []
 
 
 @pytest.mark.slow

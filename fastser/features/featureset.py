@@ -51,13 +51,26 @@ class FeatureSet:
         return cls(tuple((canonical_kind(k), c) for k, c in configs.items()))
 
     @classmethod
-    def paper(cls, kinds: Iterable[str] = KINDS, sr: int = 16000) -> "FeatureSet":
-        """32 ms windows (n_fft 512 at 16 kHz), 10 ms hop; logmel = 64-band log-mel (80 dB range),
-        mfcc = 40 MFCCs from 40 mel bands — the inputs of the paper's two CNN branches;
-        prosody = F0, voicing, HNR, level and their changes on the same 10 ms frames (ProsodyConfig)."""
+    def paper(cls, kinds: Iterable[str] = KINDS, sr: int = 16000, n_mels: int = 64) -> "FeatureSet":
+        """The paper's inputs: 32 ms windows (n_fft 512 at 16 kHz), 10 ms hops.
+
+        Args:
+            kinds: any of "logmel" (an `n_mels`-band log-mel spectrogram, 80 dB range), "mfcc" (40
+                MFCCs from 40 mel bands) and "prosody" (F0, voicing, HNR, level and their changes
+                on the same frames, ProsodyConfig), in the model's branch order.
+            sr: the audio's sample rate in Hz (the window and hop scale with it).
+            n_mels: the log-mel branch's bands.
+
+        Returns:
+            FeatureSet: kind -> its FeatureConfig / ProsodyConfig.
+
+        Example:
+            >>> FeatureSet.paper(["logmel", "mfcc"]).n_bins
+            {'logmel': 64, 'mfcc': 40}
+        """
         common = dict(sr=sr, n_fft=512 * sr // 16000, hop_length=sr // 100)
         table = {
-            "logmel": FeatureConfig("logmel", n_mels=64, top_db=80.0, **common),
+            "logmel": FeatureConfig("logmel", n_mels=n_mels, top_db=80.0, **common),
             "mfcc": FeatureConfig("mfcc", n_mels=40, n_mfcc=40, top_db=80.0, **common),
             "prosody": ProsodyConfig(sr=sr, hop_length=sr // 100),
         }

@@ -64,7 +64,27 @@ def spectrogram(
     backend: str = "auto",
     check_finite: Optional[bool] = None,
 ):
-    """|STFT|**power (complex STFT for power=None), as librosa.stft / librosa's _spectrogram."""
+    """|STFT|**power of a signal or a padded batch, as librosa.stft / librosa's _spectrogram.
+
+    Args:
+        y (Tensor or ndarray): (T,) or padded (B, T) float audio, on any device.
+        n_fft, hop_length (default n_fft // 4), win_length (default n_fft), window, center,
+            pad_mode: the framing, as librosa's.
+        power (float or None): 2 a power, 1 a magnitude spectrogram; None the complex STFT.
+        lengths (Tensor, optional): (B,) each item's samples; then `(features, frames)` is
+            returned, each item framed from its own samples, frames past `frames[b]` zero.
+        backend (str): "auto", "torch" (the only one that keeps gradients), "cpp", "triton",
+            "cupy", "dali" or "librosa".
+        check_finite (bool or None): NaN/Inf audio raises (None: on the CPU, where it is free).
+
+    Returns:
+        (..., 1 + n_fft // 2, frames) float32 (complex64 with power=None) on y's device; NumPy in,
+        NumPy out. With `lengths`: (that, frames (B,) int64).
+
+    Example:
+        >>> spectrogram(torch.randn(2, 16000), n_fft=512, hop_length=160).shape
+        torch.Size([2, 257, 101])
+    """
     cfg = FeatureConfig(
         "spectrogram",
         n_fft=n_fft,
@@ -99,7 +119,29 @@ def melspectrogram(
     backend: str = "auto",
     check_finite: Optional[bool] = None,
 ):
-    """Mel power spectrogram, as librosa.feature.melspectrogram (S: a spectrogram to project)."""
+    """Mel power spectrogram, as librosa.feature.melspectrogram.
+
+    Args:
+        y (Tensor or ndarray): (T,) or padded (B, T) float audio (or None with `S`).
+        sr (int): the audio's sample rate in Hz.
+        S (Tensor or ndarray, optional): a (..., 1 + n_fft // 2, frames) spectrogram to project
+            instead of audio.
+        n_fft, hop_length, win_length, window, center, pad_mode, power: as `spectrogram`.
+        n_mels, fmin, fmax (default sr / 2), htk, norm: the mel filters, as librosa.filters.mel.
+        lengths (Tensor, optional): (B,) each item's samples; then `(features, frames)` is
+            returned, each item framed from its own samples, frames past `frames[b]` zero.
+        backend (str): "auto", "torch" (the only one that keeps gradients), "cpp", "triton",
+            "cupy", "dali" or "librosa".
+        check_finite (bool or None): NaN/Inf audio raises (None: on the CPU, where it is free).
+
+    Returns:
+        (..., n_mels, frames) float32 on y's device (NumPy in, NumPy out); with `lengths`:
+        (that, frames (B,) int64).
+
+    Example:
+        >>> melspectrogram(torch.randn(2, 16000), sr=16000, n_fft=512, hop_length=160, n_mels=64).shape
+        torch.Size([2, 64, 101])
+    """
     if S is not None:
         fb = mel_filterbank(sr, n_fft, n_mels, fmin, fmax, htk, norm)
         St = torch.from_numpy(np.asarray(S)) if isinstance(S, np.ndarray) else S
@@ -147,7 +189,30 @@ def log_melspectrogram(
     backend: str = "auto",
     check_finite: Optional[bool] = None,
 ):
-    """power_to_db(melspectrogram(y, ...), ref, amin, top_db) — one fused kernel after the FFT on CUDA."""
+    """power_to_db(melspectrogram(y, ...), ref, amin, top_db): one fused kernel after the FFT on CUDA.
+
+    Args:
+        y (Tensor or ndarray): (T,) or padded (B, T) float audio.
+        sr, n_fft, hop_length, win_length, window, center, pad_mode, power, n_mels, fmin, fmax,
+            htk, norm: as `melspectrogram`.
+        ref, amin, top_db: as `power_to_db` (ref=np.max and top_db per utterance, over its valid
+            frames).
+        lengths (Tensor, optional): (B,) each item's samples; then `(features, frames)` is
+            returned, each item framed from its own samples, frames past `frames[b]` zero.
+        backend (str): "auto", "torch" (the only one that keeps gradients), "cpp", "triton",
+            "cupy", "dali" or "librosa".
+        check_finite (bool or None): NaN/Inf audio raises (None: on the CPU, where it is free).
+
+    Returns:
+        (..., n_mels, frames) float32 dB on y's device (NumPy in, NumPy out); with `lengths`:
+        (that, frames (B,) int64).
+
+    Example:
+        >>> S, frames = log_melspectrogram(torch.randn(2, 16000), sr=16000, n_fft=512, hop_length=160,
+        ...                                n_mels=64, lengths=torch.tensor([16000, 8000]))
+        >>> S.shape, frames.tolist()
+        (torch.Size([2, 64, 101]), [101, 51])
+    """
     cfg = FeatureConfig(
         "logmel",
         sr=sr,
@@ -198,8 +263,31 @@ def mfcc(
     backend: str = "auto",
     check_finite: Optional[bool] = None,
 ):
-    """MFCCs as librosa.feature.mfcc. `norm` is the DCT's (as in librosa); the mel filters' is `mel_norm`.
-    S: a log-power mel spectrogram to transform instead of audio."""
+    """MFCCs as librosa.feature.mfcc.
+
+    Args:
+        y (Tensor or ndarray): (T,) or padded (B, T) float audio (or None with `S`).
+        sr (int): the audio's sample rate in Hz.
+        S (Tensor or ndarray, optional): a (..., n_mels, frames) log-power mel spectrogram to
+            transform instead of audio.
+        n_mfcc, dct_type, norm, lifter: the DCT, as librosa's (`norm` is the DCT's).
+        n_fft, hop_length, win_length, window, center, pad_mode, power, n_mels, fmin, fmax, htk:
+            as `melspectrogram`; mel_norm: the mel filters' norm.
+        ref, amin, top_db: the dB scaling before the DCT, as `power_to_db`.
+        lengths (Tensor, optional): (B,) each item's samples; then `(features, frames)` is
+            returned, each item framed from its own samples, frames past `frames[b]` zero.
+        backend (str): "auto", "torch" (the only one that keeps gradients), "cpp", "triton",
+            "cupy", "dali" or "librosa".
+        check_finite (bool or None): NaN/Inf audio raises (None: on the CPU, where it is free).
+
+    Returns:
+        (..., n_mfcc, frames) float32 on y's device (NumPy in, NumPy out); with `lengths`:
+        (that, frames (B,) int64).
+
+    Example:
+        >>> mfcc(torch.randn(2, 16000), sr=16000, n_mfcc=40, n_fft=512, hop_length=160, n_mels=40).shape
+        torch.Size([2, 40, 101])
+    """
     if S is not None:
         St = torch.from_numpy(np.asarray(S)) if isinstance(S, np.ndarray) else S
         basis = dct_matrix(n_mfcc, St.shape[-2], dct_type, norm).to(St.device, St.dtype)
@@ -232,8 +320,23 @@ def mfcc(
 
 
 def power_to_db(S, *, ref: Ref = 1.0, amin: float = 1e-10, top_db: Optional[float] = 80.0, frames=None):
-    """librosa.power_to_db, per utterance: for (B, bins, T) input the max (ref=np.max, top_db) is each
-    item's own, over its valid `frames` when given."""
+    """librosa.power_to_db, per utterance.
+
+    Args:
+        S (Tensor or ndarray): (..., bins, T) real power spectrogram(s).
+        ref (float or callable): the reference power (np.max / torch.amax: each item's own
+            maximum over its valid frames).
+        amin (float): the floor before the log (> 0).
+        top_db (float or None): each item clipped to its maximum minus top_db.
+        frames (Tensor, optional): (B,) each item's valid frames (the rest ignored by ref / top_db).
+
+    Returns:
+        S's shape, float dB, on S's device (NumPy in, NumPy out).
+
+    Example:
+        >>> power_to_db(np.full((64, 10), 0.01, dtype=np.float32))[0, 0]
+        np.float32(-20.0)
+    """
     if amin <= 0:
         raise ValueError(f"amin must be strictly positive, got {amin}")
     if top_db is not None and top_db < 0:

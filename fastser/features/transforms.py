@@ -49,7 +49,22 @@ class _Feature(nn.Module):
 
 
 class Spectrogram(_Feature):
-    """|STFT|**power, (..., T) -> (..., 1 + n_fft // 2, frames); power=None gives the complex STFT."""
+    """|STFT|**power as a module (torchaudio.transforms.Spectrogram's role, librosa's parameters).
+
+    Args:
+        n_fft, hop_length (default n_fft // 4), win_length (default n_fft), window, center,
+            pad_mode: the framing, as librosa.stft's.
+        power (float or None): 2 a power, 1 a magnitude spectrogram; None the complex STFT.
+        backend, check_finite: as fastser.features.functional.spectrogram.
+
+    Shapes: forward(waveform (T,) or padded (B, T) float, lengths (B,) optional) -> (..., 1 + n_fft // 2, frames)
+    float32 on the module's device, or (that, frames (B,) int64) with `lengths` (frames past
+    each item's own are 0); `frames(lengths)` gives the counts without computing anything.
+
+    Example:
+        >>> Spectrogram(n_fft=512, hop_length=160)(torch.randn(2, 16000)).shape
+        torch.Size([2, 257, 101])
+    """
 
     def __init__(
         self,
@@ -80,8 +95,25 @@ class Spectrogram(_Feature):
 
 
 class MelSpectrogram(_Feature):
-    """Mel power spectrogram, (..., T) -> (..., n_mels, frames); `to_db=True` gives the log-mel
-    (power_to_db with ref, amin and top_db per utterance, as librosa on each item alone)."""
+    """Mel power spectrogram as a module, or with `to_db=True` the log-mel.
+
+    Args:
+        sr (int): the audio's sample rate in Hz.
+        n_fft, hop_length, win_length, window, center, pad_mode, power: as `Spectrogram`.
+        n_mels, fmin, fmax (default sr / 2), htk, norm: the mel filters, as librosa.filters.mel.
+        to_db (bool): power_to_db with `ref`, `amin` and `top_db`, per utterance (as librosa on
+            each item alone).
+        backend, check_finite: as fastser.features.functional.melspectrogram.
+
+    Shapes: forward(waveform (T,) or padded (B, T) float, lengths (B,) optional) -> (..., n_mels, frames)
+    float32 on the module's device, or (that, frames (B,) int64) with `lengths` (frames past
+    each item's own are 0); `frames(lengths)` gives the counts without computing anything.
+
+    Example:
+        >>> logmel = MelSpectrogram(sr=16000, n_fft=512, hop_length=160, n_mels=64, to_db=True)
+        >>> logmel(torch.randn(2, 16000)).shape
+        torch.Size([2, 64, 101])
+    """
 
     def __init__(
         self,
@@ -128,8 +160,24 @@ class MelSpectrogram(_Feature):
 
 
 class MFCC(_Feature):
-    """MFCCs as librosa.feature.mfcc, (..., T) -> (..., n_mfcc, frames): log-mel (mel_norm, ref, amin,
-    top_db) then a DCT (dct_type, norm) and a lifter."""
+    """MFCCs as a module: the log-mel, then a DCT and a lifter (librosa.feature.mfcc's results).
+
+    Args:
+        sr (int): the audio's sample rate in Hz.
+        n_mfcc, dct_type, norm, lifter: the DCT, as librosa's (`norm` is the DCT's).
+        n_fft, hop_length, win_length, window, center, pad_mode, power, n_mels, fmin, fmax, htk:
+            as `MelSpectrogram`; mel_norm: the mel filters' norm.
+        ref, amin, top_db: the dB scaling before the DCT, per utterance.
+        backend, check_finite: as fastser.features.functional.mfcc.
+
+    Shapes: forward(waveform (T,) or padded (B, T) float, lengths (B,) optional) -> (..., n_mfcc, frames)
+    float32 on the module's device, or (that, frames (B,) int64) with `lengths` (frames past
+    each item's own are 0); `frames(lengths)` gives the counts without computing anything.
+
+    Example:
+        >>> MFCC(sr=16000, n_mfcc=40, n_fft=512, hop_length=160, n_mels=40)(torch.randn(2, 16000)).shape
+        torch.Size([2, 40, 101])
+    """
 
     def __init__(
         self,

@@ -444,19 +444,40 @@ def center_loss(
     validate="eager",
     bad_batches: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fused center loss (functional form behind `fastser.nn.CenterLoss`).
+    """Fused center loss, sum_i ||x_i - c_{y_i}||^2 (the functional form of `fastser.nn.CenterLoss`).
 
-    features (B, D) float; labels (B,) integer class indices; centers (C, D).
-    wen_alpha: if given, the centers are updated in place by the Wen et al. rule when the
-        backward runs (once per backward); the forward never changes them.
-    centers.requires_grad: the centers receive their gradient (the usual module's).
-    validate: "eager" (or True): check shapes, devices, label range and, when the centers will be
-        written (Wen update or centers.requires_grad), finiteness, raising a clear error before
-        anything is written; on CUDA this costs a host sync. "deferred": the same checks on the
-        device, no sync: a bad batch leaves the centers untouched (zero center gradient), its loss
-        is NaN, and it is counted into `bad_batches` (an integer tensor on the device, optional).
-        "off" (or False): shapes only (a bad label's row is left out of the update).
-        Under torch.compile "eager" acts as "deferred": the host read would break the graph.
+    Args:
+        features (Tensor): (B, D) float32 / float16 / bfloat16 / float64, on the centers' device.
+        labels (Tensor): (B,) integer class indices in [0, C).
+        centers (Tensor): (C, D); with requires_grad they receive their gradient (the usual
+            module's), else none.
+        reduction (str): "mean" (divided by B), "sum" or "none" (per-row losses).
+        wen_alpha (float, optional): the centers are moved in place by Wen et al.'s rule,
+            c_j += wen_alpha * sum_{i: y_i=j} (x_i - c_j) / (1 + n_j), when the backward runs (once
+            per backward); the forward never changes them.
+        backend (str): "auto", "triton", "cuda", "cpp" or "torch" (fastser.ops.available_backends()).
+        deterministic (bool): no floating-point atomics (bit-identical results run to run).
+        process_group: under torch.distributed, the Wen update sums over this group's ranks.
+        validate: "eager" (or True): shapes, devices, label range and, when the centers will be
+            written, finiteness checked first, raising before anything is written (on CUDA a host
+            sync). "deferred": the same checks on the device, no sync: a bad batch leaves the
+            centers untouched (zero center gradient), its loss is NaN, and it is counted into
+            `bad_batches`. "off" (or False): shapes only (a bad label's row is left out of the
+            update). Under torch.compile "eager" acts as "deferred".
+        bad_batches (Tensor, optional): an integer counter on the device, for "deferred".
+
+    Returns:
+        Tensor: a scalar ((B,) with reduction="none") in the promoted dtype of features and
+        centers, with gradients to `features` (and to `centers` when they require them).
+
+    Example:
+        >>> centers = torch.zeros(4, 2)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+        >>> loss = center_loss(x, torch.tensor([0, 1]), centers, wen_alpha=0.5)
+        >>> loss.item()
+        2.5
+        >>> loss.backward(); centers[:2].tolist()
+        [[0.25, 0.0], [0.0, 0.5]]
     """
     validate = validate_mode(validate)
     if reduction not in REDUCTIONS:

@@ -118,9 +118,15 @@ def corpus_options(config: TrainConfig) -> dict:
             "seed": config.optim.seed,
             "n_speakers": data.synthetic_speakers,
             "per_class": data.synthetic_per_class,
+            "sr": data.sample_rate,
             "cache_dir": None if data.no_cache else data.cache_dir or default_cache_dir(),
         }
     return {"subset": data.iemocap_subset} if data.corpus == "iemocap" else {}
+
+
+def feature_set(config: TrainConfig, kinds) -> FeatureSet:
+    """The model's inputs as `config` sets them (rate, log-mel bands), for these kinds."""
+    return FeatureSet.paper(list(kinds), sr=config.data.sample_rate, n_mels=config.model.n_mels)
 
 
 def load_table(config: TrainConfig, info):
@@ -145,7 +151,7 @@ def load_table(config: TrainConfig, info):
         is_builder=info.is_main,
         wait=info.barrier,
     )
-    table = build_feature_table(corpus, FeatureSet.paper(kinds), info.device, **build)
+    table = build_feature_table(corpus, feature_set(config, kinds), info.device, **build)
     if table.corpus.skipped and info.is_main:
         listing = "\n  ".join(f"{p}: {r}" for p, r in table.corpus.skipped[:50])
         more = f"\n  ... and {len(table.corpus.skipped) - 50} more" if len(table.corpus.skipped) > 50 else ""
@@ -158,7 +164,7 @@ def load_table(config: TrainConfig, info):
     copies = [Perturbation("speed", s) for s in config.augment.speed_perturb or ()] + [
         Perturbation("noise", snr) for snr in config.augment.noise or ()
     ]
-    table = with_copies(table, FeatureSet.paper(kinds), info.device, copies, **build)
+    table = with_copies(table, feature_set(config, kinds), info.device, copies, **build)
     PHASES["features"] = time.perf_counter() - t0 - PHASES["corpus"]
     return table
 
@@ -307,7 +313,7 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
             run_opts.no_progress,
         )
 
-    features = FeatureSet.paper(table.feats)
+    features = feature_set(config, table.feats)
     fold_results = {}  # run folder -> its folds' test results (for the seed ensemble)
 
     def experiment(sub: Path, run_config: TrainConfig, run_folds=folds) -> dict:
