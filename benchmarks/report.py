@@ -43,6 +43,7 @@ KERNELS_START, KERNELS_END = "<!-- kernels:start -->", "<!-- kernels:end -->"
 LEDGER_START, LEDGER_END = "<!-- ledger:start -->", "<!-- ledger:end -->"
 SUMMARY_START, SUMMARY_END = "<!-- speed-summary:start -->", "<!-- speed-summary:end -->"
 QUEUE_START, QUEUE_END = "<!-- queue:start -->", "<!-- queue:end -->"
+FUSION_START, FUSION_END = "<!-- fusion:start -->", "<!-- fusion:end -->"
 PLANS = Path(__file__).resolve().parent / "plans"
 ACCURACY_DOC = ROOT / "docs" / "accuracy.md"
 SPEED_DOC = ROOT / "docs" / "speed.md"
@@ -372,6 +373,13 @@ def _replace(content: str, start: str, end: str, text: str) -> str:
     return f"{head}{start}\n{text}{end}{tail}"
 
 
+def fusion_table() -> str:
+    """The kept late-fusion results (benchmarks.fusion --write), one row each."""
+    from benchmarks.fusion import kept_results, table_text
+
+    return table_text(kept_results())
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", action="store_true", help="update README.md and docs/ in place")
@@ -386,7 +394,8 @@ def main(argv=None) -> None:
     speed = _replace(SPEED_DOC.read_text(), START, END, text)
     SPEED_DOC.write_text(_replace(speed, LEDGER_START, LEDGER_END, ledger_table()))
     accuracy_doc = _replace(ACCURACY_DOC.read_text(), ACC_START, ACC_END, accuracy)
-    ACCURACY_DOC.write_text(_replace(accuracy_doc, QUEUE_START, QUEUE_END, queue_tables()))
+    accuracy_doc = _replace(accuracy_doc, QUEUE_START, QUEUE_END, queue_tables())
+    ACCURACY_DOC.write_text(_replace(accuracy_doc, FUSION_START, FUSION_END, fusion_table()))
     DEVELOPMENT_DOC.write_text(_replace(DEVELOPMENT_DOC.read_text(), KERNELS_START, KERNELS_END, kernel_table()))
 
 

@@ -36,6 +36,10 @@ def test_queue_comparisons_are_the_generated_ones():
     assert between(ACCURACY, report.QUEUE_START, report.QUEUE_END) == "\n" + report.queue_tables()
 
 
+def test_fusion_table_is_the_generated_one():
+    assert between(ACCURACY, report.FUSION_START, report.FUSION_END) == "\n" + report.fusion_table()
+
+
 def test_ledger_table_is_the_generated_one():
     assert between(SPEED, report.LEDGER_START, report.LEDGER_END) == "\n" + report.ledger_table()
 

@@ -128,11 +128,7 @@ def melspectrogram(
             instead of audio.
         n_fft, hop_length, win_length, window, center, pad_mode, power: as `spectrogram`.
         n_mels, fmin, fmax (default sr / 2), htk, norm: the mel filters, as librosa.filters.mel.
-        lengths (Tensor, optional): (B,) each item's samples; then `(features, frames)` is
-            returned, each item framed from its own samples, frames past `frames[b]` zero.
-        backend (str): "auto", "torch" (the only one that keeps gradients), "cpp", "triton",
-            "cupy", "dali" or "librosa".
-        check_finite (bool or None): NaN/Inf audio raises (None: on the CPU, where it is free).
+        lengths, backend, check_finite: as `spectrogram`.
 
     Returns:
         (..., n_mels, frames) float32 on y's device (NumPy in, NumPy out); with `lengths`:
@@ -197,11 +193,7 @@ def log_melspectrogram(
             htk, norm: as `melspectrogram`.
         ref, amin, top_db: as `power_to_db` (ref=np.max and top_db per utterance, over its valid
             frames).
-        lengths (Tensor, optional): (B,) each item's samples; then `(features, frames)` is
-            returned, each item framed from its own samples, frames past `frames[b]` zero.
-        backend (str): "auto", "torch" (the only one that keeps gradients), "cpp", "triton",
-            "cupy", "dali" or "librosa".
-        check_finite (bool or None): NaN/Inf audio raises (None: on the CPU, where it is free).
+        lengths, backend, check_finite: as `spectrogram`.
 
     Returns:
         (..., n_mels, frames) float32 dB on y's device (NumPy in, NumPy out); with `lengths`:
@@ -274,11 +266,7 @@ def mfcc(
         n_fft, hop_length, win_length, window, center, pad_mode, power, n_mels, fmin, fmax, htk:
             as `melspectrogram`; mel_norm: the mel filters' norm.
         ref, amin, top_db: the dB scaling before the DCT, as `power_to_db`.
-        lengths (Tensor, optional): (B,) each item's samples; then `(features, frames)` is
-            returned, each item framed from its own samples, frames past `frames[b]` zero.
-        backend (str): "auto", "torch" (the only one that keeps gradients), "cpp", "triton",
-            "cupy", "dali" or "librosa".
-        check_finite (bool or None): NaN/Inf audio raises (None: on the CPU, where it is free).
+        lengths, backend, check_finite: as `spectrogram`.
 
     Returns:
         (..., n_mfcc, frames) float32 on y's device (NumPy in, NumPy out); with `lengths`:

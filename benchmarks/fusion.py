@@ -1,0 +1,179 @@
+"""What the classic baseline would add to the model: a queue arm's test probabilities averaged with
+those of openSMILE functionals + a linear SVM (the baseline's recipe), fold by fold.
+
+    python -m benchmarks.fusion benchmarks/plans/enrollment-dropout.json width16-enrollment-dropout-0.5 \
+        --features compare [--weight 0.5] [--write]
+
+For every unit of the arm, an SVM is fitted on the functionals of every speaker but the unit's test
+speakers (speaker z-normalised, as the baseline and the model's speaker statistics are: the test
+speaker's own unlabelled audio), its probabilities calibrated by Platt scaling on the training
+speakers alone, and the test utterances scored with `weight * model + (1 - weight) * SVM`. The
+table pairs the fused predictions with the arm's own on the same (seed, test speaker) units. The
+weight is fixed before looking (0.5, equal); the other weights it prints are for information, not
+to be chosen on these test speakers. `--write` keeps the result in
+benchmarks/results/accuracy/fusion/, where docs/accuracy.md's fusion table is generated from.
+
+The functionals are computed once per corpus and feature set and kept beside the corpus's feature
+cache (<data-dir>/.fastser-cache/functionals-<set>-<key>.npz).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from benchmarks.experiments import ROOT, Plan, load_units
+
+OUT = ROOT / "benchmarks" / "results" / "accuracy" / "fusion"
+WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def functionals_table(corpus_name: str, data_dir: str, feature_set: str) -> dict:
+    """{"x": (N, F) float64, "uids": [N], "speakers": (N,), "labels": (N,)} of a corpus's utterances,
+    read from the cache when it holds this corpus's exact list of files."""
+    from fastser.audio import load
+    from fastser.baseline import functionals
+    from fastser.data import load_corpus
+
+    corpus = load_corpus(corpus_name, data_dir)
+    uids = [u.uid for u in corpus.utterances]
+    key = hashlib.sha256(json.dumps([feature_set, uids]).encode()).hexdigest()[:16]
+    path = Path(data_dir) / ".fastser-cache" / f"functionals-{feature_set}-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            x = z["x"]
+    else:
+        x = functionals([load(u.path, sr=16000)[0] for u in corpus.utterances], feature_set)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x=x)
+    return {"x": x, "uids": uids, "speakers": np.asarray(corpus.speakers), "labels": np.asarray(corpus.labels)}
+
+
+def svm_probabilities(table: dict, test_speakers: list) -> dict:
+    """{uid: (classes,) probabilities} of the test speakers' utterances from a linear SVM (the
+    baseline's C) fitted on every other speaker's, speaker z-normalised."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    from fastser.baseline import SVMS, speaker_znorm
+
+    x = speaker_znorm(table["x"], table["speakers"])
+    test = np.isin(table["speakers"], test_speakers)
+    svm = SVC(class_weight="balanced", probability=True, random_state=0, **SVMS["linear"])
+    model = make_pipeline(StandardScaler(), svm).fit(x[~test], table["labels"][~test])
+    probs = np.zeros((int(test.sum()), int(table["labels"].max()) + 1))
+    probs[:, model.classes_] = model.predict_proba(x[test])
+    return {table["uids"][r]: p for r, p in zip(np.flatnonzero(test), probs)}
+
+
+def fuse(records: list, table: dict, weights=WEIGHTS) -> dict:
+    """The units' test predictions with the SVM's averaged in, at each weight of the model.
+
+    Returns:
+        {"seeds": {seed: {weight: UA pooled over the seed's units}}, "folds": {weight: [UA of each
+        unit, in `records` order]}}; weight 1.0 is the arm alone, 0.0 the SVM alone.
+    """
+    from fastser.metrics import summarize
+
+    svm_cache: dict = {}
+    pooled: dict = {}
+    folds: dict = {w: [] for w in weights}
+    for r in records:
+        speakers = tuple(r["test_speakers"])
+        if speakers not in svm_cache:
+            svm_cache[speakers] = svm_probabilities(table, list(speakers))
+        pred = r["predictions"]
+        model_p = np.asarray(pred["probs"])
+        svm_p = np.stack([svm_cache[speakers][u] for u in pred["utterances"]])
+        y_true = np.asarray(pred["y_true"])
+        for w in weights:
+            y_pred = (w * model_p + (1 - w) * svm_p).argmax(1)
+            folds[w].append(summarize(y_true, y_pred, r["classes"])["ua"])
+            seed = pooled.setdefault(r["seed"], {}).setdefault(w, ([], []))
+            seed[0].append(y_true)
+            seed[1].append(y_pred)
+    classes = records[0]["classes"]
+    seeds = {
+        s: {w: summarize(np.concatenate(t), np.concatenate(p), classes)["ua"] for w, (t, p) in by_w.items()}
+        for s, by_w in pooled.items()
+    }
+    return {"seeds": seeds, "folds": folds}
+
+
+def result(plan: Plan, arm: str, feature_set: str, weight: float, table: Optional[dict] = None) -> dict:
+    """The arm's units fused with the functionals' SVM: what --write keeps."""
+    from scipy.stats import ttest_rel
+
+    records = [r for (a, _, _), r in sorted(load_units(plan).items(), key=lambda kv: kv[0]) if a == arm]
+    if not records:
+        raise SystemExit(f"{plan.path}: arm {arm!r} has no units yet")
+    table = table or functionals_table(plan.corpus, plan.data_dir, feature_set)
+    fused = fuse(records, table)
+    alone, mixed = np.asarray(fused["folds"][1.0]), np.asarray(fused["folds"][weight])
+    delta = mixed - alone
+    return {
+        "plan": plan.path.stem,
+        "arm": arm,
+        "features": feature_set,
+        "weight": weight,
+        "units": len(records),
+        "seeds": sorted({r["seed"] for r in records}),
+        "ua": {str(w): float(np.mean([s[w] for s in fused["seeds"].values()])) for w in WEIGHTS},
+        "delta_per_fold": float(delta.mean()),
+        "better": int((delta > 0).sum()),
+        "worse": int((delta < 0).sum()),
+        "p": float(ttest_rel(mixed, alone).pvalue) if len(delta) > 1 and delta.any() else float("nan"),
+    }
+
+
+def table_text(results: list) -> str:
+    """A markdown table of kept fusion results."""
+    lines = [
+        "| arm | functionals | units | UA % arm | UA % SVM | UA % fused | weight | Δ UA per fold | better / worse "
+        "| p |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in results:
+        ua = r["ua"]
+        lines.append(
+            f"| {r['arm']} | {r['features']} | {r['units']} | {100 * ua['1.0']:.1f} | {100 * ua['0.0']:.1f} | "
+            f"{100 * ua[str(r['weight'])]:.1f} | {r['weight']} | {100 * r['delta_per_fold']:+.1f} | "
+            f"{r['better']} / {r['worse']} | {r['p']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def kept_results() -> list:
+    return [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fusion", description=__doc__.splitlines()[0])
+    p.add_argument("plan")
+    p.add_argument("arm")
+    p.add_argument("--features", choices=("egemaps", "compare"), default="compare")
+    p.add_argument("--weight", type=float, default=0.5, choices=WEIGHTS, help="the model's share")
+    p.add_argument("--write", action="store_true", help="keep the result under benchmarks/results/accuracy/fusion/")
+    args = p.parse_args(argv)
+    plan = Plan.load(args.plan)
+    if args.arm not in plan.arms:
+        raise SystemExit(f"{plan.path}: no arm {args.arm!r} (arms: {', '.join(plan.arms)})")
+    r = result(plan, args.arm, args.features, args.weight)
+    print(table_text([r]), end="")
+    print("UA % by the model's weight: " + ", ".join(f"{w}: {100 * u:.1f}" for w, u in r["ua"].items()))
+    if args.write:
+        OUT.mkdir(parents=True, exist_ok=True)
+        path = OUT / f"{r['plan']}-{r['arm']}-{r['features']}.json"
+        path.write_text(json.dumps(r, indent=2) + "\n")
+        print(f"-> {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""benchmarks.fusion: the units' probabilities averaged with a functionals SVM that never sees the
+units' test speakers."""
+
+import numpy as np
+
+from benchmarks import fusion
+from benchmarks.experiments import pooled_ua
+
+CLASSES = ["a", "b", "c"]
+
+
+def _table(rng, speakers=4, per_speaker=30):
+    labels = np.tile(np.arange(3), speakers * per_speaker // 3)
+    spk = np.repeat([f"s{i}" for i in range(speakers)], per_speaker)
+    x = rng.normal(size=(len(labels), 5))
+    x[:, 0] += 2.0 * labels  # one informative functional
+    return {"x": x, "uids": [f"u{i}" for i in range(len(labels))], "speakers": spk, "labels": labels}
+
+
+def _record(table, speaker, seed, rng):
+    rows = np.flatnonzero(table["speakers"] == speaker)
+    probs = rng.dirichlet(np.ones(3), size=len(rows))
+    return {
+        "seed": seed,
+        "test_speakers": [speaker],
+        "classes": CLASSES,
+        "predictions": {
+            "utterances": [table["uids"][r] for r in rows],
+            "y_true": table["labels"][rows].tolist(),
+            "y_pred": probs.argmax(1).tolist(),
+            "probs": probs.tolist(),
+        },
+    }
+
+
+def test_the_svm_scores_only_the_test_speakers_and_never_trains_on_them(monkeypatch):
+    rng = np.random.default_rng(0)
+    table = _table(rng)
+    fitted = []
+    real = fusion.svm_probabilities
+
+    def spy(t, speakers):
+        out = real(t, speakers)
+        fitted.append((set(speakers), out))
+        return out
+
+    monkeypatch.setattr(fusion, "svm_probabilities", spy)
+    records = [_record(table, s, seed, rng) for seed in (0, 1) for s in ("s0", "s1")]
+    fused = fusion.fuse(records, table)
+    assert len(fitted) == 2  # one SVM per set of test speakers, shared by the seeds
+    for speakers, probs in fitted:
+        rows = [i for i, u in enumerate(table["uids"]) if u in probs]
+        assert set(table["speakers"][rows]) == speakers
+        assert np.allclose([p.sum() for p in probs.values()], 1.0)
+    # weight 1 is the arm alone, pooled per seed as the queue pools it
+    for seed in (0, 1):
+        mine = [r for r in records if r["seed"] == seed]
+        assert np.isclose(fused["seeds"][seed][1.0], pooled_ua(mine))
+    # the informative functional makes the SVM alone better than the random "model"
+    svm = np.mean([fused["seeds"][s][0.0] for s in (0, 1)])
+    model = np.mean([fused["seeds"][s][1.0] for s in (0, 1)])
+    assert svm > model + 0.2
+
+
+def test_the_table_reports_the_fixed_weight_against_the_arm():
+    r = {
+        "arm": "x",
+        "features": "compare",
+        "units": 24,
+        "weight": 0.5,
+        "ua": {"1.0": 0.626, "0.75": 0.66, "0.5": 0.692, "0.25": 0.665, "0.0": 0.634},
+        "delta_per_fold": 0.066,
+        "better": 20,
+        "worse": 2,
+        "p": 0.0001,
+    }
+    row = fusion.table_text([r]).splitlines()[-1]
+    assert row == "| x | compare | 24 | 62.6 | 63.4 | 69.2 | 0.5 | +6.6 | 20 / 2 | 0.000 |"
