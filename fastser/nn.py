@@ -25,6 +25,12 @@ from fastser.ops.center_loss import REDUCTIONS, center_loss, validate_mode
 UPDATES = ("wen", "gradient")
 
 
+def _module_mode(validate) -> str:
+    """A CenterLoss validation mode: the functional's (fastser.ops.center_loss.validate_mode),
+    "reported" or "auto"."""
+    return validate if validate in ("auto", "reported") else validate_mode(validate)
+
+
 class BadBatchReports:
     """The host side of "reported" validation: the device's bad-batch counter copied to host
     memory behind the computation (no wait), read once the copy has landed."""
@@ -77,7 +83,9 @@ class CenterLoss(nn.Module):
             epoch, every N steps); "reported" — deferred, and the count travels to the host
             behind the computation (a non-blocking copy), so a later call raises the ValueError
             once it has arrived (the next call, or the one after on a busy GPU), with no call of
-            your own and no sync; "off" (False) — shapes only.
+            your own and no sync; "off" (False) — shapes only. A mapping {device type: mode} picks
+            per device, "*" for the device types it does not name (e.g. {"cpu": "eager", "*":
+            "deferred"}: what training uses, checks a CUDA graph can capture).
 
     Shapes: forward(features (B, D) float32/float16/bfloat16/float64, labels (B,) integer in [0, C))
     -> scalar loss ((B,) with reduction="none"), in the promoted dtype of features and centers.
@@ -120,7 +128,10 @@ class CenterLoss(nn.Module):
         self.num_classes, self.feat_dim = num_classes, feat_dim
         self.update, self.alpha, self.reduction = update, alpha, reduction
         self.backend, self.deterministic = backend, deterministic
-        self.validate = validate if validate in ("auto", "reported") else validate_mode(validate)
+        if isinstance(validate, dict):  # {device type: mode}; "*": any other device type
+            self.validate = {kind: _module_mode(mode) for kind, mode in validate.items()}
+        else:
+            self.validate = _module_mode(validate)
         self.process_group = process_group
         centers = torch.randn(num_classes, feat_dim, device="cuda" if use_gpu else None)
         if update == "gradient":
@@ -145,10 +156,12 @@ class CenterLoss(nn.Module):
         self._centers_synced = True
 
     def validation(self, device: torch.device) -> str:
-        """The mode a call on `device` uses: "auto" is "eager" on the CPU and "reported" elsewhere."""
-        if self.validate == "auto":
-            return "eager" if device.type == "cpu" else "reported"
-        return self.validate
+        """The mode a call on `device` uses: "auto" is "eager" on the CPU and "reported" elsewhere; a
+        {device type: mode} mapping its entry, else its "*" entry (default "reported")."""
+        modes = {"cpu": "eager"} if self.validate == "auto" else self.validate
+        if isinstance(modes, dict):
+            return modes.get(device.type, modes.get("*", "reported"))
+        return modes
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._broadcast_centers_once()

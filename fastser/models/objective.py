@@ -78,8 +78,8 @@ class SERObjective(nn.Module):
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(num_classes))
         # The fused center loss; its centers are a buffer moved by the Wen update inside backward.
         # Its input checks (label range, finite features) read a value back to the host: free on
-        # the CPU (eager), a sync per step on a GPU, where they stay on the device (deferred) and
-        # the training loop reads their count once per epoch.
+        # the CPU (eager), a sync per step on a GPU, where they stay on the device (deferred, which
+        # a CUDA graph can capture) and the training loop reads their count once per epoch.
         self.center_loss = (
             CenterLoss(
                 num_classes,
@@ -88,6 +88,7 @@ class SERObjective(nn.Module):
                 alpha=center_alpha,
                 process_group=process_group,
                 deterministic=deterministic,
+                validate={"cpu": "eager", "*": "deferred"},
             )
             if lambda_center > 0
             else None
@@ -109,8 +110,6 @@ class SERObjective(nn.Module):
                 mix.lam * w[labels] + (1 - mix.lam) * w[mix.partner]
             ).sum()
         zero = ce.new_zeros(())
-        if self.center_loss is not None:
-            self.center_loss.validate = "eager" if labels.device.type == "cpu" else "deferred"
         center = self.center_loss(out.embedding.float(), labels) if self.center_loss is not None else zero
         recon = zero
         if self.lambda_recon > 0 and out.reconstruction:

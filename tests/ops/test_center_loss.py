@@ -606,6 +606,32 @@ def test_reported_validation_raises_a_bad_batch_at_a_later_call_once():
     assert not torch.equal(loss_fn.centers, before)
 
 
+def test_validation_per_device_type_is_one_setting():
+    """validate={device type: mode} picks the mode by the call's device ("*" for the others): the
+    training objective's {"cpu": "eager", "*": "deferred"} raises at once on the CPU and defers
+    elsewhere, without being rewritten per call."""
+    from fastser.models.objective import SERObjective
+
+    per_device = CenterLoss(4, 8, validate={"cpu": "deferred", "*": "off"})
+    assert per_device.validation(torch.device("cpu")) == "deferred"
+    assert per_device.validation(torch.device("meta")) == "off"
+    assert CenterLoss(4, 8, validate={"cpu": "eager"}).validation(torch.device("cuda")) == "reported"
+    with pytest.raises(ValueError, match="validate must be"):
+        CenterLoss(4, 8, validate={"cpu": "sometimes"})
+    x, labels, _ = make_batch(16, 4, 8)
+    bad = labels.clone()
+    bad[2] = 7
+    before = per_device.centers.clone()
+    loss = per_device(x.clone().requires_grad_(), bad)  # deferred on the CPU: no raise, NaN, no update
+    loss.backward()
+    assert not torch.isfinite(loss) and torch.equal(per_device.centers, before)
+    with pytest.raises(ValueError, match="1 batch had"):
+        per_device.raise_on_bad_batches()
+    objective = SERObjective(4, 8).center_loss
+    assert objective.validation(torch.device("cpu")) == "eager"
+    assert objective.validation(torch.device("cuda")) == objective.validation(torch.device("meta")) == "deferred"
+
+
 @pytest.mark.gpu(reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("update", ["wen", "gradient"])
 @pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
