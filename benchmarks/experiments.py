@@ -265,6 +265,7 @@ class UnitRunner:
                 "y_pred": result["y_pred"],
                 "probs": result["probs"],
                 **{f"y_pred_{level}": result[f"y_pred_{level}_norm"] for level in fallback},
+                **({"probs_training": result["probs_training_norm"]} if "probs_training_norm" in result else {}),
             },
             "settings": _jsonable(config.computed_settings()),
             "machine": machine(),

@@ -31,6 +31,7 @@ from benchmarks.experiments import ROOT, Plan, load_units
 
 OUT = ROOT / "benchmarks" / "results" / "accuracy" / "fusion"
 WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
+STATISTICS = {"enrollment": "speaker's (enrollment)", "training": "training speakers' (no enrollment)"}
 
 
 def functionals_table(corpus_name: str, data_dir: str, feature_set: str) -> dict:
@@ -54,17 +55,23 @@ def functionals_table(corpus_name: str, data_dir: str, feature_set: str) -> dict
     return {"x": x, "uids": uids, "speakers": np.asarray(corpus.speakers), "labels": np.asarray(corpus.labels)}
 
 
-def svm_probabilities(table: dict, test_speakers: list) -> dict:
+def svm_probabilities(table: dict, test_speakers: list, enrollment: bool = True) -> dict:
     """{uid: (classes,) probabilities} of the test speakers' utterances from a linear SVM (the
-    baseline's C) fitted on every other speaker's, speaker z-normalised."""
+    baseline's C) fitted on every other speaker's, speaker z-normalised. Without `enrollment` the
+    test utterances are standardised with the training rows' pooled statistics instead of their
+    speaker's (what predict has without enrollment audio)."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
     from fastser.baseline import SVMS, speaker_znorm
 
-    x = speaker_znorm(table["x"], table["speakers"])
     test = np.isin(table["speakers"], test_speakers)
+    x = speaker_znorm(table["x"], table["speakers"])
+    if not enrollment:
+        raw = table["x"]
+        mu, sd = raw[~test].mean(0), raw[~test].std(0)
+        x[test] = (raw[test] - mu) / np.where(sd > 1e-12, sd, 1.0)
     svm = SVC(class_weight="balanced", probability=True, random_state=0, **SVMS["linear"])
     model = make_pipeline(StandardScaler(), svm).fit(x[~test], table["labels"][~test])
     probs = np.zeros((int(test.sum()), int(table["labels"].max()) + 1))
@@ -72,8 +79,10 @@ def svm_probabilities(table: dict, test_speakers: list) -> dict:
     return {table["uids"][r]: p for r, p in zip(np.flatnonzero(test), probs)}
 
 
-def fuse(records: list, table: dict, weights=WEIGHTS) -> dict:
-    """The units' test predictions with the SVM's averaged in, at each weight of the model.
+def fuse(records: list, table: dict, weights=WEIGHTS, level: str = "enrollment") -> dict:
+    """The units' test predictions with the SVM's averaged in, at each weight of the model; `level`
+    "training": both without enrollment (the model's training-statistics probabilities, the
+    functionals standardised with the training rows' statistics).
 
     Returns:
         {"seeds": {seed: {weight: UA pooled over the seed's units}}, "folds": {weight: [UA of each
@@ -87,9 +96,9 @@ def fuse(records: list, table: dict, weights=WEIGHTS) -> dict:
     for r in records:
         speakers = tuple(r["test_speakers"])
         if speakers not in svm_cache:
-            svm_cache[speakers] = svm_probabilities(table, list(speakers))
+            svm_cache[speakers] = svm_probabilities(table, list(speakers), enrollment=level == "enrollment")
         pred = r["predictions"]
-        model_p = np.asarray(pred["probs"])
+        model_p = np.asarray(pred["probs"] if level == "enrollment" else pred["probs_training"])
         svm_p = np.stack([svm_cache[speakers][u] for u in pred["utterances"]])
         y_true = np.asarray(pred["y_true"])
         for w in weights:
@@ -106,21 +115,26 @@ def fuse(records: list, table: dict, weights=WEIGHTS) -> dict:
     return {"seeds": seeds, "folds": folds}
 
 
-def result(plan: Plan, arm: str, feature_set: str, weight: float, table: Optional[dict] = None) -> dict:
+def result(
+    plan: Plan, arm: str, feature_set: str, weight: float, level: str = "enrollment", table: Optional[dict] = None
+) -> dict:
     """The arm's units fused with the functionals' SVM: what --write keeps."""
     from scipy.stats import ttest_rel
 
     records = [r for (a, _, _), r in sorted(load_units(plan).items(), key=lambda kv: kv[0]) if a == arm]
+    if level == "training":  # units made before they kept these probabilities cannot take part
+        records = [r for r in records if "probs_training" in r["predictions"]]
     if not records:
-        raise SystemExit(f"{plan.path}: arm {arm!r} has no units yet")
+        raise SystemExit(f"{plan.path}: arm {arm!r} has no units with {level} probabilities yet")
     table = table or functionals_table(plan.corpus, plan.data_dir, feature_set)
-    fused = fuse(records, table)
+    fused = fuse(records, table, level=level)
     alone, mixed = np.asarray(fused["folds"][1.0]), np.asarray(fused["folds"][weight])
     delta = mixed - alone
     return {
         "plan": plan.path.stem,
         "arm": arm,
         "features": feature_set,
+        "level": level,
         "weight": weight,
         "units": len(records),
         "seeds": sorted({r["seed"] for r in records}),
@@ -135,14 +149,15 @@ def result(plan: Plan, arm: str, feature_set: str, weight: float, table: Optiona
 def table_text(results: list) -> str:
     """A markdown table of kept fusion results."""
     lines = [
-        "| arm | functionals | units | UA % arm | UA % SVM | UA % fused | weight | Δ UA per fold | better / worse "
-        "| p |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| arm | functionals | statistics | units | UA % arm | UA % SVM | UA % fused | weight | Δ UA per fold "
+        "| better / worse | p |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
-        ua = r["ua"]
+        ua, stats = r["ua"], STATISTICS[r.get("level", "enrollment")]
         lines.append(
-            f"| {r['arm']} | {r['features']} | {r['units']} | {100 * ua['1.0']:.1f} | {100 * ua['0.0']:.1f} | "
+            f"| {r['arm']} | {r['features']} | {stats} | {r['units']} | "
+            f"{100 * ua['1.0']:.1f} | {100 * ua['0.0']:.1f} | "
             f"{100 * ua[str(r['weight'])]:.1f} | {r['weight']} | {100 * r['delta_per_fold']:+.1f} | "
             f"{r['better']} / {r['worse']} | {r['p']:.3f} |"
         )
@@ -159,17 +174,24 @@ def main(argv=None) -> int:
     p.add_argument("arm")
     p.add_argument("--features", choices=("egemaps", "compare"), default="compare")
     p.add_argument("--weight", type=float, default=0.5, choices=WEIGHTS, help="the model's share")
+    p.add_argument(
+        "--level",
+        choices=tuple(STATISTICS),
+        default="enrollment",
+        help="the test speaker's statistics, or the training speakers' (units that keep those probabilities)",
+    )
     p.add_argument("--write", action="store_true", help="keep the result under benchmarks/results/accuracy/fusion/")
     args = p.parse_args(argv)
     plan = Plan.load(args.plan)
     if args.arm not in plan.arms:
         raise SystemExit(f"{plan.path}: no arm {args.arm!r} (arms: {', '.join(plan.arms)})")
-    r = result(plan, args.arm, args.features, args.weight)
+    r = result(plan, args.arm, args.features, args.weight, args.level)
     print(table_text([r]), end="")
     print("UA % by the model's weight: " + ", ".join(f"{w}: {100 * u:.1f}" for w, u in r["ua"].items()))
     if args.write:
         OUT.mkdir(parents=True, exist_ok=True)
-        path = OUT / f"{r['plan']}-{r['arm']}-{r['features']}.json"
+        suffix = "" if args.level == "enrollment" else f"-{args.level}"
+        path = OUT / f"{r['plan']}-{r['arm']}-{r['features']}{suffix}.json"
         path.write_text(json.dumps(r, indent=2) + "\n")
         print(f"-> {path.relative_to(ROOT)}")
     return 0

@@ -39,8 +39,8 @@ def test_the_svm_scores_only_the_test_speakers_and_never_trains_on_them(monkeypa
     fitted = []
     real = fusion.svm_probabilities
 
-    def spy(t, speakers):
-        out = real(t, speakers)
+    def spy(t, speakers, enrollment=True):
+        out = real(t, speakers, enrollment)
         fitted.append((set(speakers), out))
         return out
 
@@ -62,6 +62,23 @@ def test_the_svm_scores_only_the_test_speakers_and_never_trains_on_them(monkeypa
     assert svm > model + 0.2
 
 
+def test_without_enrollment_the_test_functionals_take_the_training_rows_statistics():
+    """level "training": the test speakers' functionals are standardised with the training rows'
+    pooled statistics (a test speaker's own offset stays), the model's training-statistics
+    probabilities are fused."""
+    rng = np.random.default_rng(1)
+    table = _table(rng)
+    table["x"][table["speakers"] == "s0"] += 50.0  # a speaker far from the others
+    with_own = fusion.svm_probabilities(table, ["s0"], enrollment=True)
+    with_training = fusion.svm_probabilities(table, ["s0"], enrollment=False)
+    assert with_own.keys() == with_training.keys()
+    assert not np.allclose(np.stack(list(with_own.values())), np.stack(list(with_training.values())))
+    record = _record(table, "s1", 0, rng)
+    record["predictions"]["probs_training"] = record["predictions"]["probs"]
+    fused = fusion.fuse([record], table, level="training")
+    assert np.isclose(fused["seeds"][0][1.0], pooled_ua([record]))
+
+
 def test_the_table_reports_the_fixed_weight_against_the_arm():
     r = {
         "arm": "x",
@@ -75,4 +92,4 @@ def test_the_table_reports_the_fixed_weight_against_the_arm():
         "p": 0.0001,
     }
     row = fusion.table_text([r]).splitlines()[-1]
-    assert row == "| x | compare | 24 | 62.6 | 63.4 | 69.2 | 0.5 | +6.6 | 20 / 2 | 0.000 |"
+    assert row == "| x | compare | speaker's (enrollment) | 24 | 62.6 | 63.4 | 69.2 | 0.5 | +6.6 | 20 / 2 | 0.000 |"

@@ -34,7 +34,8 @@ def score_test_speakers(context: FoldContext, index: int, fold, model, norm: Nor
     Returns:
         (scores, test): `scores` as metrics.json keeps them per fold (rows, labels, predictions,
         probabilities rounded to 6 places, WA / UA / macro-F1, with --normalize speaker each
-        fallback's predictions as "y_pred_<level>_norm"); `test` the evaluation's arrays,
+        fallback's predictions as "y_pred_<level>_norm" and the training statistics' probabilities
+        as "probs_training_norm"); `test` the evaluation's arrays,
         embeddings included.
     """
     data = context.data
@@ -63,5 +64,8 @@ def score_test_speakers(context: FoldContext, index: int, fold, model, norm: Nor
             clips = data.statistics.enrollment(test_rows, k, torch.Generator().manual_seed(seed_for(index, k, 17)))
             fallbacks[f"enroll{k}"] = data.new_batcher(clips, groups)
         for level in FALLBACKS:
-            scores[f"y_pred_{level}_norm"] = data.evaluate(model, fallbacks[level], test_rows)["y_pred"].tolist()
+            scored = data.evaluate(model, fallbacks[level], test_rows)
+            scores[f"y_pred_{level}_norm"] = scored["y_pred"].tolist()
+            if level == "training":  # predict's path without enrollment: its probabilities too
+                scores["probs_training_norm"] = scored["probs"].round(6).tolist()
     return scores, test
