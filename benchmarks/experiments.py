@@ -184,11 +184,13 @@ def _jsonable(settings: dict) -> dict:
 
 
 def _commit() -> Optional[str]:
+    """The checkout's commit, "+" when its tracked files differ from it (None outside git)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "fastser"], cwd=ROOT).returncode == 1
     except OSError:
         return None
-    return out.stdout.strip() or None
+    return (out.stdout.strip() + ("+" if dirty else "")) or None
 
 
 class UnitRunner:
@@ -197,6 +199,8 @@ class UnitRunner:
     def __init__(self, plan: Plan, threads: Optional[int], scratch: Path):
         self.plan, self.threads, self.scratch = plan, threads, scratch
         self._tables: dict = {}
+        # the code this process runs is the code it imports now, whatever is committed later
+        self.commit = _commit()
 
     def _table(self, config, info):
         from fastser.training.run import load_table
@@ -272,7 +276,7 @@ class UnitRunner:
             "threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - t0, 2),
             "train_seconds": round(train_seconds, 2),
-            "commit": _commit(),
+            "commit": self.commit,
             "date": dt.datetime.now().isoformat(timespec="seconds"),
         }
 
