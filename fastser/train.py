@@ -3,7 +3,7 @@
 
 The command line only: its flags, their checks and --resume's settings make a TrainConfig, which
 fastser.training.run trains (the run folder, the corpus and its features, the experiments) — see
-fastser/training/fold.py for what happens in a fold and an epoch.
+fastser/training/fold.py for what happens in a fold, trainer.py in an epoch.
 """
 
 from __future__ import annotations
