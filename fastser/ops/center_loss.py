@@ -47,7 +47,7 @@ from fastser.ops import center_loss_cpp, center_loss_cuda, center_loss_torch, re
 from fastser.ops.center_loss_common import class_counts, compute_dtype, in_range, raise_bad_label
 from fastser.ops.center_loss_distributed import distributed_world, wen_update_global
 from fastser.ops.center_loss_stats import STATS_LOSS, STATS_SLAB, StatsSlab, loss_slot, new_stats
-from fastser.ops.center_loss_types import BatchStats, Plan, RowWeights, Saved, Targets
+from fastser.ops.center_loss_types import BatchStats, Plan, RowWeights, Saved, Tallies, Targets
 
 BACKENDS = registry.names("center_loss")
 REDUCTIONS = ("mean", "sum", "none")
@@ -151,27 +151,19 @@ def _forward(
     labels: torch.Tensor,
     centers: torch.Tensor,
     bad_label_is_nan: bool = False,
-    stats: Optional[torch.Tensor] = None,
-    bad_batches: Optional[torch.Tensor] = None,
-    loss: Optional[torch.Tensor] = None,
-    loss_scale: float = 0.0,
+    tallies: Tallies = Tallies(),
 ):
-    """-> (row_loss (B,) in the compute dtype, diff (B, D) in the backend's diff_dtype). A label
-    outside [0, C) gives a NaN row loss (the C++ backend raises instead unless bad_label_is_nan).
-    stats (backends that count in the forward, from `new_stats`): the kernel adds the class counts
-    and the bad-row count into it, 1 into `bad_batches` (if given) for a batch with a bad row, and
-    into `loss` (its `loss_slot`, if given) the sum of the row losses times loss_scale."""
-    return IMPLEMENTATIONS[backend].forward(
-        x,
-        labels,
-        centers,
-        compute_dtype(x, centers),
-        bad_label_is_nan=bad_label_is_nan,
-        stats=stats,
-        bad_batches=bad_batches,
-        loss=loss,
-        loss_scale=loss_scale,
-    )
+    """-> (row_loss (B,) in the compute dtype, diff (B, D) in the backend's diff_dtype), allocated
+    here and written by the backend. A label outside [0, C) gives a NaN row loss (the C++ backend
+    raises instead unless bad_label_is_nan). `tallies` (backends that count in the forward): what
+    the kernel adds the class and bad-row counts, the bad batch and the scaled loss into."""
+    impl, compute = IMPLEMENTATIONS[backend], compute_dtype(x, centers)
+    B, D = x.shape
+    row_loss = torch.empty(B, dtype=compute, device=x.device)
+    diff = torch.empty(B, D, dtype=impl.diff_dtype(x.dtype, compute), device=x.device)
+    if B > 0:
+        impl.forward(x, labels, centers, row_loss, diff, bad_label_is_nan=bad_label_is_nan, tallies=tallies)
+    return row_loss, diff
 
 
 def _backward(
@@ -352,17 +344,8 @@ def _forward_op_body(
     else:
         stats = torch.empty(0, dtype=torch.int32, device=features.device)
     total = loss_slot(stats, C) if count and loss_scale else None
-    row_loss, diff = _forward(
-        backend,
-        features,
-        labels,
-        centers.contiguous(),
-        bad_label_is_nan,
-        stats if count else None,
-        bad_batches,
-        total,
-        loss_scale,
-    )
+    tallies = Tallies(stats if count else None, bad_batches, total, loss_scale)
+    row_loss, diff = _forward(backend, features, labels, centers.contiguous(), bad_label_is_nan, tallies)
     return row_loss, diff, stats, total
 
 

@@ -3,13 +3,12 @@ segment in order, no atomics). The backend interface is center_loss_torch's."""
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
 from fastser.ops import _native
 from fastser.ops.center_loss_common import in_range, raise_bad_label
-from fastser.ops.center_loss_types import BatchStats, RowWeights, Targets
+from fastser.ops.center_loss_types import BatchStats, RowWeights, Tallies, Targets
 
 COUNTS_IN_FORWARD = False
 GATES_IN_KERNEL = False
@@ -24,21 +23,15 @@ def forward(
     x: torch.Tensor,
     labels: torch.Tensor,
     centers: torch.Tensor,
-    compute: torch.dtype,
+    row_loss: torch.Tensor,
+    diff: torch.Tensor,
     *,
     bad_label_is_nan: bool = False,
-    stats: Optional[torch.Tensor] = None,
-    bad_batches: Optional[torch.Tensor] = None,
-    loss: Optional[torch.Tensor] = None,
-    loss_scale: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (row_loss (B,), diff (B, D)) in `compute`. A label outside [0, C) raises, or with
+    tallies: Tallies = Tallies(),
+) -> None:
+    """Writes row_loss and diff (as center_loss_torch's). A label outside [0, C) raises, or with
     `bad_label_is_nan` gives its row a NaN loss."""
-    B, D = x.shape
-    row_loss = torch.empty(B, dtype=compute, device=x.device)
-    diff = torch.empty(B, D, dtype=compute, device=x.device)
-    if B == 0:
-        return row_loss, diff
+    compute = row_loss.dtype
     xc, cc = x.to(compute).contiguous(), centers.to(compute).contiguous()
     if _native.center_loss_forward_cpu(xc, labels, cc, row_loss, diff) >= 0:
         if not bad_label_is_nan:
@@ -46,7 +39,6 @@ def forward(
         valid = in_range(labels, cc.shape[0])  # the kernels' convention, on the error path only
         _native.center_loss_forward_cpu(xc, torch.where(valid, labels, 0), cc, row_loss, diff)
         row_loss.masked_fill_(~valid, float("nan"))
-    return row_loss, diff
 
 
 def backward(

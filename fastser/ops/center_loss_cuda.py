@@ -4,13 +4,12 @@ a per-class segment pass for the centers. The backend interface is center_loss_t
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
 from fastser.ops import _native
 from fastser.ops.center_loss_common import class_segments, fused_and_segment_targets
-from fastser.ops.center_loss_types import BatchStats, RowWeights, Targets
+from fastser.ops.center_loss_types import BatchStats, RowWeights, Tallies, Targets
 
 COUNTS_IN_FORWARD = False
 GATES_IN_KERNEL = False
@@ -25,23 +24,15 @@ def forward(
     x: torch.Tensor,
     labels: torch.Tensor,
     centers: torch.Tensor,
-    compute: torch.dtype,
+    row_loss: torch.Tensor,
+    diff: torch.Tensor,
     *,
     bad_label_is_nan: bool = False,
-    stats: Optional[torch.Tensor] = None,
-    bad_batches: Optional[torch.Tensor] = None,
-    loss: Optional[torch.Tensor] = None,
-    loss_scale: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (row_loss (B,), diff (B, D)) in `compute`; a label outside [0, C) gets a NaN loss."""
-    B, D = x.shape
-    row_loss = torch.empty(B, dtype=compute, device=x.device)
-    diff = torch.empty(B, D, dtype=compute, device=x.device)
-    if B == 0:
-        return row_loss, diff
+    tallies: Tallies = Tallies(),
+) -> None:
+    """Writes row_loss and diff (as center_loss_torch's); a label outside [0, C) gets a NaN loss."""
     # the kernels read fp32 centers: half-precision (or strided) centers go through an fp32 copy
     _native.center_loss_forward_cuda(x, labels, centers.to(torch.float32).contiguous(), row_loss, diff)
-    return row_loss, diff
 
 
 def backward(

@@ -4,14 +4,13 @@ fallback where no kernel runs, and the test oracle. The interface every backend 
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
 from fastser.ops.center_loss_common import class_counts, deterministic_algorithms, in_range, label_slots
-from fastser.ops.center_loss_types import BatchStats, RowWeights, Targets
+from fastser.ops.center_loss_types import BatchStats, RowWeights, Tallies, Targets
 
-COUNTS_IN_FORWARD = False  # the forward counts classes and bad rows into `stats`
+COUNTS_IN_FORWARD = False  # the forward counts classes and bad rows into its Tallies
 GATES_IN_KERNEL = False  # the backward skips the center writes of a bad batch itself
 NEEDS_LABELS_IN_RANGE = False  # the backward must not see a label outside [0, C)
 
@@ -25,19 +24,20 @@ def forward(
     x: torch.Tensor,
     labels: torch.Tensor,
     centers: torch.Tensor,
-    compute: torch.dtype,
+    row_loss: torch.Tensor,
+    diff: torch.Tensor,
     *,
     bad_label_is_nan: bool = False,
-    stats: Optional[torch.Tensor] = None,
-    bad_batches: Optional[torch.Tensor] = None,
-    loss: Optional[torch.Tensor] = None,
-    loss_scale: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (row_loss (B,), diff (B, D)) in `compute`; a label outside [0, C) gathers row 0 and gets a
-    NaN loss, as in the kernels: never an out-of-bounds read, whatever the validation mode."""
+    tallies: Tallies = Tallies(),
+) -> None:
+    """Writes row_loss (B,) and diff = x - c_y (B, D), both in the compute dtype (B > 0; the
+    dispatcher allocates them). A label outside [0, C) gathers row 0 and gets a NaN loss, as in the
+    kernels: never an out-of-bounds read, whatever the validation mode."""
     valid = in_range(labels, centers.shape[0])
-    diff = x.to(compute) - centers.to(compute).index_select(0, torch.where(valid, labels, 0))
-    return diff.pow(2).sum(1).masked_fill(~valid, float("nan")), diff
+    compute = row_loss.dtype
+    torch.sub(x.to(compute), centers.to(compute).index_select(0, torch.where(valid, labels, 0)), out=diff)
+    torch.sum(diff.pow(2), 1, out=row_loss)
+    row_loss.masked_fill_(~valid, float("nan"))
 
 
 def backward(

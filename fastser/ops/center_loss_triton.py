@@ -22,15 +22,13 @@ a `launch_*` function that runs it; tests/ops/test_gpu_compile.py compiles the l
 sm_80/sm_90. `forward` and `backward` at the end are the backend interface the op dispatches to.
 """
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from fastser.ops._triton_launch import TritonLaunch, cdiv, next_power_of_2
 from fastser.ops.center_loss_common import class_segments, fused_and_segment_targets
-from fastser.ops.center_loss_types import BatchStats, RowWeights, Targets
+from fastser.ops.center_loss_types import BatchStats, RowWeights, Tallies, Targets
 
 ROWS = 4  # rows per program: enough independent loads in flight for D in the hundreds
 SCATTER_NONE, SCATTER_WEN, SCATTER_GRAD = 0, 1, 2
@@ -323,27 +321,21 @@ def forward(
     x: torch.Tensor,
     labels: torch.Tensor,
     centers: torch.Tensor,
-    compute: torch.dtype,
+    row_loss: torch.Tensor,
+    diff: torch.Tensor,
     *,
     bad_label_is_nan: bool = False,
-    stats: Optional[torch.Tensor] = None,
-    bad_batches: Optional[torch.Tensor] = None,
-    loss: Optional[torch.Tensor] = None,
-    loss_scale: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (row_loss (B,) in `compute`, diff (B, D) in diff_dtype); a label outside [0, C) gets a
-    NaN loss. stats (from center_loss.new_stats): the kernel adds the class counts and the bad-row
-    count into it, 1 into `bad_batches` (if given) for a batch with a bad row, and into `loss` the
-    sum of the row losses times loss_scale."""
-    B, D = x.shape
-    row_loss = torch.empty(B, dtype=compute, device=x.device)
-    diff = torch.empty(B, D, dtype=diff_dtype(x.dtype, compute), device=x.device)
-    if B == 0:
-        return row_loss, diff
+    tallies: Tallies = Tallies(),
+) -> None:
+    """Writes row_loss (the compute dtype) and diff (diff_dtype); a label outside [0, C) gets a NaN
+    loss. With `tallies.stats` the kernel also adds the class counts and the bad-row count, 1 into
+    `tallies.bad_batches` for a batch with a bad row, and the row losses times loss_scale into
+    `tallies.loss`."""
     # the kernels read fp32 centers: half-precision (or strided) centers go through an fp32 copy
     cc = centers.to(torch.float32).contiguous()
-    launch_forward(x, labels, cc, row_loss, diff, stats, bad_batches if stats is not None else None, loss, loss_scale)
-    return row_loss, diff
+    t = tallies
+    bad_batches = t.bad_batches if t.stats is not None else None
+    launch_forward(x, labels, cc, row_loss, diff, t.stats, bad_batches, t.loss, t.loss_scale)
 
 
 def backward(

@@ -46,6 +46,18 @@ class Targets:
 
 
 @dataclass
+class Tallies:
+    """What a counting forward (a backend with COUNTS_IN_FORWARD) adds into, on the device: `stats`
+    (center_loss_stats.new_stats) the class counts and the bad-row count, `bad_batches` 1 for a batch
+    with a bad row, `loss` the sum of the row losses times `loss_scale`. Other backends ignore it."""
+
+    stats: Optional[torch.Tensor] = None
+    bad_batches: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+    loss_scale: float = 0.0
+
+
+@dataclass
 class BatchStats:
     """What the forward learnt about the batch. bad: 0-d device tensor (int32 count or bool),
     nonzero = a bad row, so no center may be written (deferred validation); counts: (C,) the class
