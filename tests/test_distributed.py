@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from fastser import distributed as fdist
 from fastser.nn import CenterLoss
 from fastser.ops import available_backends
 
@@ -87,8 +88,9 @@ def _worker(rank, world, store, out_dir, update, backend, inside, bad_label_rank
     finally:
         with open(os.path.join(out_dir, f"result{rank}.json"), "w") as f:
             json.dump(result, f)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # the package's teardown: a rank that shut gloo down while the other was still on its
+        # last step could abort in the shutdown, so a finished rank waits for the other first
+        fdist.teardown(fdist.DistInfo(rank=rank, world_size=world), finished=result.get("ok", False))
 
 
 def spawn(tmp_path, update, backend, inside, bad_label_rank=-1):
@@ -135,8 +137,6 @@ def test_bad_label_on_one_rank_raises_there_and_nothing_hangs(tmp_path):
 
 def _teardown_worker(rank, store, out_dir):
     import time
-
-    from fastser import distributed as fdist
 
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30)
