@@ -206,7 +206,7 @@ class UnitRunner:
         from fastser.training.run import load_table
 
         d, m, a = config.data, config.model, config.augment
-        key = (d.corpus, d.classes, d.max_seconds, d.sample_rate, m.features, m.n_mels, m.prosody)
+        key = (d.corpus, d.classes, d.max_seconds, d.sample_rate, m.features, m.n_mels, m.prosody, m.functionals)
         key += (a.speed_perturb, a.noise, d.iemocap_subset)
         if d.corpus == "synthetic":
             key += (config.optim.seed, d.synthetic_speakers, d.synthetic_per_class)
@@ -270,6 +270,8 @@ class UnitRunner:
                 "probs": result["probs"],
                 **{f"y_pred_{level}": result[f"y_pred_{level}_norm"] for level in fallback},
                 **({"probs_training": result["probs_training_norm"]} if "probs_training_norm" in result else {}),
+                # --functionals: the model alone beside the fused predictions, and the functionals' classifier
+                **{key: result[name] for key, name in MODEL_ALONE.items() if name in result},
             },
             "settings": _jsonable(config.computed_settings()),
             "machine": machine(),
@@ -279,6 +281,16 @@ class UnitRunner:
             "commit": self.commit,
             "date": dt.datetime.now().isoformat(timespec="seconds"),
         }
+
+
+# a unit's prediction key -> the fold score it keeps, in units of a --functionals arm
+MODEL_ALONE = {
+    "y_pred_model": "y_pred_model",
+    "probs_model": "probs_model",
+    "y_pred_training_model": "y_pred_training_norm_model",
+    "probs_training_model": "probs_training_norm_model",
+    "probs_functionals": "probs_functionals",
+}
 
 
 def write_unit(path: Path, record: dict) -> None:

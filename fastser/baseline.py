@@ -21,35 +21,17 @@ import numpy as np
 
 from fastser.audio import AudioError, load
 from fastser.cli import ArgumentParser, prog_name, run_cli
-from fastser.errors import UserError
 from fastser.data import SPLITS, load_corpus, make_folds
+from fastser.functionals import SETS, extract, speaker_znorm
 from fastser.metrics import summarize
 
-FEATURE_SETS = {"egemaps": "eGeMAPSv02", "compare": "ComParE_2016"}
+FEATURE_SETS = SETS
 SVMS = {"linear": dict(kernel="linear", C=0.01), "rbf": dict(kernel="rbf", C=1.0, gamma="scale")}
 
 
 def functionals(audio: list, feature_set: str, sr: int = 16000) -> np.ndarray:
     """(N, F) openSMILE functionals, one row per utterance."""
-    try:
-        import opensmile
-    except ImportError as e:
-        raise UserError('the baseline needs openSMILE and scikit-learn: pip install "fastser[baselines]"') from e
-    smile = opensmile.Smile(
-        feature_set=getattr(opensmile.FeatureSet, FEATURE_SETS[feature_set]),
-        feature_level=opensmile.FeatureLevel.Functionals,
-    )
-    return np.stack([smile.process_signal(y, sr).to_numpy()[0] for y in audio]).astype(np.float64)
-
-
-def speaker_znorm(x: np.ndarray, speakers: np.ndarray) -> np.ndarray:
-    """Each speaker's rows standardised by that speaker's own mean and std (constant features -> 0)."""
-    out = np.empty_like(x)
-    for s in np.unique(speakers):
-        rows = speakers == s
-        mu, sd = x[rows].mean(0), x[rows].std(0)
-        out[rows] = (x[rows] - mu) / np.where(sd > 1e-12, sd, 1.0)
-    return out
+    return extract(audio, feature_set, sr)
 
 
 def evaluate(x: np.ndarray, labels: np.ndarray, folds, svm: str) -> tuple[np.ndarray, np.ndarray, list]:

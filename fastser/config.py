@@ -32,6 +32,7 @@ REAL_CORPUS_DEFAULTS = {"epochs": 24, "patience": 5, "validation": False}
 # or none (docs/accuracy.md, every fold of ravdess-dev, two seeds)
 DEFAULT_ENROLLMENT_DROPOUT = 0.5
 # the settings whose None `TrainConfig.resolved` fills from the others
+FUNCTIONAL_SETS = ("egemaps", "compare")  # fastser.functionals.SETS's names
 RESOLVED_SETTINGS = ("epochs", "patience", "validation", "enrollment_dropout")
 
 # What fastser did before a setting was recorded: a run whose settings lack the key was made so.
@@ -50,6 +51,7 @@ BEFORE_RECORDED = {
     "enrollment_dropout": 0.0,
     "sample_rate": 16000,
     "n_mels": 64,
+    "functionals": None,
 }
 
 
@@ -81,6 +83,9 @@ class ModelConfig:
     features: str = "both"  # "logmel", "mfcc" or both CNN branches
     n_mels: int = 64  # bands of the log-mel branch (the MFCC branch keeps 40 bands, 40 coefficients)
     prosody: bool = True
+    # openSMILE functionals ("egemaps" or "compare") and a linear classifier over them, its
+    # probabilities averaged with the model's (fastser.functionals); None: the model alone
+    functionals: Optional[str] = None
     bin_stats: bool = False
     pooling: str = "time"
     downsample: str = "pool"  # after each conv (the paper's order), "stem" or "early" (fastser.models.cnn)
@@ -239,6 +244,8 @@ class TrainConfig:
                 f"{name('n_mels')} {s['n_mels']} is more mel bands than the {256 * rate // 16000 + 1} "
                 f"frequency bins of a 32 ms window at {rate} Hz (some bands would be empty)"
             )
+        if s["functionals"] is not None and s["functionals"] not in FUNCTIONAL_SETS:
+            found.append(f"{name('functionals')} must be one of {', '.join(FUNCTIONAL_SETS)}, got {s['functionals']!r}")
         if s["seeds"] and s["ablation"]:
             found.append(f"{name('seeds')} and {name('ablation')} do not combine yet: run the ablation once per seed")
         if s["enrollment_dropout"] and s["normalize"] != "speaker":

@@ -72,17 +72,28 @@ class AudioClassifier(nn.Module):
 
     @classmethod
     def from_predictor(cls, predictor) -> "AudioClassifier":
-        if len(predictor.models) != 1:
-            raise UserError(
-                f"export takes one model; this predictor holds an ensemble of {len(predictor.models)} "
-                f"(export each checkpoint on its own)"
-            )
+        cls.check_exportable(predictor)
         windows = {
             "whole_seconds": predictor.whole_seconds,
             "window_seconds": predictor.window_seconds,
             "hop_seconds": predictor.hop_seconds,
         }
         return cls(predictor.spec, predictor.models[0], predictor.norms[0], windows)
+
+    @staticmethod
+    def check_exportable(predictor) -> None:
+        """A UserError for what an exported file cannot hold: an ensemble, openSMILE functionals."""
+        if predictor.heads:
+            raise UserError(
+                f"the run fuses openSMILE functionals (--functionals {predictor.heads[0].feature_set}), "
+                "which neither ONNX nor TorchScript can compute; score it with python -m fastser.predict, or "
+                "export a run trained without --functionals"
+            )
+        if len(predictor.models) != 1:
+            raise UserError(
+                f"export takes one model; this predictor holds an ensemble of {len(predictor.models)} "
+                f"(export each checkpoint on its own)"
+            )
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
         audio = torch.nn.functional.pad(audio, (0, self.pad))
@@ -232,7 +243,10 @@ def export(checkpoint, fmt: str = "onnx", out=None, enroll=None) -> Path:
 
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
-    predictor = Predictor(checkpoint, device="cpu", enroll=enroll)
+    predictor = Predictor(checkpoint, device="cpu")
+    AudioClassifier.check_exportable(predictor)  # before enrolling: a refusal needs no audio read
+    if enroll:
+        predictor.enroll_speaker(enroll)
     module = AudioClassifier.from_predictor(predictor)
     module.windows.update(enrolled=bool(enroll), trained_on=predictor.trained_on)
     src = Path(checkpoint)

@@ -32,6 +32,8 @@ from fastser.checkpoints import build_model, finished_model, load_checkpoint
 from fastser.distributed import parse_device
 from fastser.errors import UserError
 from fastser.features.featureset import FeatureSet
+from fastser.functionals import FunctionalsHead, extract, fuse
+from fastser.functionals import speaker_statistics as functional_statistics
 from fastser.normalization import Normalizer, utterance_stats
 
 MIN_SECONDS = 0.5  # below this a clip holds less than a syllable: the prediction is flagged unreliable
@@ -158,7 +160,8 @@ class Predictor:
 
     def __init__(self, checkpoint, device: str = "cpu", batch_size: int = 32, enroll=None):
         self.device = parse_device(device)
-        self.spec, self.models, self.norms, self.trained_on = load_models(checkpoint, self.device)
+        self.spec, self.models, self.norms, self.heads, self.trained_on = load_models(checkpoint, self.device)
+        self.functionals_speaker = None  # the enrolled speaker's functionals statistics (runs with --functionals)
         self.classes = list(self.spec.classes)
         self.features = self.spec.features
         self.sr = self.features.sr
@@ -190,15 +193,30 @@ class Predictor:
                 f"--enroll needs a model trained with --normalize speaker; this one used "
                 f"--normalize {self.spec.normalize}"
             )
-        speaker = speaker_statistics(paths, self.features, self.whole_seconds, self.device)
-        if speaker is None:
+        clips = enrollment_clips(paths, self.sr, self.whole_seconds)
+        if sum(len(y) for y in clips) < MIN_ENROLL_SECONDS * self.sr:
+            warnings.warn(
+                f"--enroll: {sum(len(y) for y in clips) / self.sr:.2g} s of usable audio is less than "
+                f"{MIN_ENROLL_SECONDS:g} s, too little for a speaker's statistics: the training speakers' "
+                f"statistics are used instead",
+                PredictWarning,
+                stacklevel=2,
+            )
             return False
-        self.norms = [speaker] * len(self.models)
+        self.norms = [input_statistics(clips, self.features, self.device)] * len(self.models)
+        if self.heads:
+            self.functionals_speaker = functional_statistics(extract(clips, self.heads[0].feature_set, self.sr))
         return True
 
     # -- scoring ------------------------------------------------------------------------
     def _score(self, clips: list) -> np.ndarray:
-        return score(self.models, self.norms, self.features, clips, self.device)
+        probs = score(self.models, self.norms, self.features, clips, self.device)
+        if not self.heads:
+            return probs
+        x = torch.from_numpy(extract(clips, self.heads[0].feature_set, self.sr))
+        with torch.no_grad():
+            functionals = sum(head(x, self.functionals_speaker) for head in self.heads) / len(self.heads)
+        return fuse(probs, functionals.numpy()).astype(np.float32)
 
     def _windows_of(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple]:
         return windows(blocks, round(self.window_seconds * self.sr), round(self.hop_seconds * self.sr))
@@ -307,9 +325,11 @@ def score(models: list, norms: list, features: FeatureSet, clips: list, device: 
 
 
 def load_models(checkpoint, device: torch.device) -> tuple:
-    """(spec, models, norms, corpora) of one checkpoint or a list of them (an ensemble): the first
-    one's ModelSpec, each model in eval mode on `device` with its training statistics (None where
-    the run used each utterance's own), and the corpora they were trained on. Models of an
+    """(spec, models, norms, heads, corpora) of one checkpoint or a list of them (an ensemble): the
+    first one's ModelSpec, each model in eval mode on `device` with its training statistics (None
+    where the run used each utterance's own), the functionals classifiers of runs trained with
+    --functionals (fastser.functionals.FunctionalsHead; else none), and the corpora they were
+    trained on. Models of an
     ensemble must share classes, features, input normalisation and windows (a UserError otherwise)."""
     paths = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
     if not paths:
@@ -327,6 +347,13 @@ def load_models(checkpoint, device: torch.device) -> tuple:
                 )
         if spec.features.to_dict() != first.features.to_dict():
             raise UserError(f"checkpoint: {path} was trained on other features than {paths[0]}")
+    heads = [FunctionalsHead.from_checkpoint(fin["functionals"]) if "functionals" in fin else None for _, fin in loaded]
+    sets = {h.feature_set if h is not None else None for h in heads}
+    if len(sets) > 1:
+        raise UserError(
+            "checkpoint: an ensemble's models must all fuse the same openSMILE functionals or none "
+            f"(these use {sorted(str(s) for s in sets)})"
+        )
     models, norms = [], []
     for spec, fin in loaded:
         model = build_model(spec)
@@ -334,18 +361,16 @@ def load_models(checkpoint, device: torch.device) -> tuple:
         models.append(model.to(device).eval())
         norms.append(Normalizer(**fin["norm"]).to(device) if spec.normalize != "utterance" else None)
     trained_on = sorted({c.get("corpus") for c in configs if c.get("corpus")})
-    return first, models, norms, trained_on
+    return first, models, norms, [h for h in heads if h is not None], trained_on
 
 
-def speaker_statistics(paths, features: FeatureSet, max_seconds: float, device: torch.device) -> Optional[Normalizer]:
-    """A speaker's input statistics from unlabelled audio files (the first `max_seconds` of each),
-    or None with a PredictWarning when less than MIN_ENROLL_SECONDS of it is usable. A file that is
-    too short or near-silent is left out (a PredictWarning); an unreadable one is a UserError."""
-    sr = features.sr
+def enrollment_clips(paths, sr: int, max_seconds: float) -> list:
+    """The usable enrollment audio: the first `max_seconds` of each file at `sr`, a file that is too
+    short or near-silent left out (a PredictWarning); an unreadable one is a UserError."""
     paths = list(paths)
     if not paths:
         raise UserError("enroll: no audio files")
-    items, usable = [], 0.0
+    clips = []
     for path in paths:
         try:
             y, _ = load(path, sr=sr)
@@ -362,18 +387,17 @@ def speaker_statistics(paths, features: FeatureSet, max_seconds: float, device: 
                 stacklevel=3,
             )
             continue
+        clips.append(y)
+    return clips
+
+
+def input_statistics(clips: list, features: FeatureSet, device: torch.device) -> Normalizer:
+    """A speaker's input statistics (the model's features) from clips of their audio."""
+    items = []
+    for y in clips:
         y = torch.from_numpy(y).to(device)
         feats, frames = features.extract(y[None], torch.tensor([y.shape[0]], device=device))
         items.append({k: x[0, :, : int(frames[0])].cpu() for k, x in feats.items()})
-        usable += level.seconds(sr)
-    if usable < MIN_ENROLL_SECONDS:
-        warnings.warn(
-            f"--enroll: {usable:.2g} s of usable audio is less than {MIN_ENROLL_SECONDS:g} s, too "
-            f"little for a speaker's statistics: the training speakers' statistics are used instead",
-            PredictWarning,
-            stacklevel=3,
-        )
-        return None
     return Normalizer.fit_items(items).to(device)
 
 

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fastser.config import RESOLVED_SETTINGS, RUN_OPTIONS, TrainConfig
+from fastser.config import FUNCTIONAL_SETS, RESOLVED_SETTINGS, RUN_OPTIONS, TrainConfig
 from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.errors import UserError
 from fastser.memory import retain_freed_memory
@@ -139,6 +139,13 @@ def _model_flags(p: ArgumentParser) -> None:
         "--prosody",
         action=argparse.BooleanOptionalAction,
         help="the prosody branch (F0, voicing, HNR, level contours) fused before the embedding",
+    )
+    model.add_argument(
+        "--functionals",
+        choices=FUNCTIONAL_SETS,
+        help="also score each clip with openSMILE functionals (eGeMAPS or ComParE_2016) and a linear "
+        "classifier fitted on the training speakers, its probabilities averaged with the model's "
+        '(needs pip install "fastser[functionals]"; predict extracts them too; no export)',
     )
     model.add_argument(
         "--bin-stats",

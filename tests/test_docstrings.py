@@ -13,6 +13,7 @@ MODULES = [
     "fastser.ops.center_loss",
     "fastser.predictor",
     "fastser.export",
+    "fastser.functionals",
 ]
 
 

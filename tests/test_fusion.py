@@ -1,7 +1,8 @@
-"""benchmarks.fusion: the units' probabilities averaged with a functionals SVM that never sees the
-units' test speakers."""
+"""benchmarks.fusion: the units' probabilities averaged with a functionals classifier (fastser's,
+or the baseline's SVM) that never sees the units' test speakers."""
 
 import numpy as np
+import pytest
 
 from benchmarks import fusion
 from benchmarks.experiments import pooled_ua
@@ -33,21 +34,23 @@ def _record(table, speaker, seed, rng):
     }
 
 
-def test_the_svm_scores_only_the_test_speakers_and_never_trains_on_them(monkeypatch):
+@pytest.mark.parametrize("classifier", ["logistic", "svm"])
+def test_the_classifier_scores_only_the_test_speakers_and_never_trains_on_them(monkeypatch, classifier):
     rng = np.random.default_rng(0)
     table = _table(rng)
     fitted = []
-    real = fusion.svm_probabilities
+    name = "svm_probabilities" if classifier == "svm" else "head_probabilities"
+    real = getattr(fusion, name)
 
-    def spy(t, speakers, enrollment=True):
-        out = real(t, speakers, enrollment)
-        fitted.append((set(speakers), out))
+    def spy(t, speakers, *args, **kwargs):
+        out = real(t, speakers, *args, **kwargs)
+        fitted.append((set(speakers), out if classifier == "svm" else out[0]))
         return out
 
-    monkeypatch.setattr(fusion, "svm_probabilities", spy)
+    monkeypatch.setattr(fusion, name, spy)
     records = [_record(table, s, seed, rng) for seed in (0, 1) for s in ("s0", "s1")]
-    fused = fusion.fuse(records, table)
-    assert len(fitted) == 2  # one SVM per set of test speakers, shared by the seeds
+    fused = fusion.fuse(records, table, classifier=classifier, feature_set="compare")
+    assert len(fitted) == 2  # one classifier per set of test speakers, shared by the seeds
     for speakers, probs in fitted:
         rows = [i for i, u in enumerate(table["uids"]) if u in probs]
         assert set(table["speakers"][rows]) == speakers
@@ -56,10 +59,24 @@ def test_the_svm_scores_only_the_test_speakers_and_never_trains_on_them(monkeypa
     for seed in (0, 1):
         mine = [r for r in records if r["seed"] == seed]
         assert np.isclose(fused["seeds"][seed][1.0], pooled_ua(mine))
-    # the informative functional makes the SVM alone better than the random "model"
-    svm = np.mean([fused["seeds"][s][0.0] for s in (0, 1)])
+    # the informative functional makes the classifier alone better than the random "model"
+    alone = np.mean([fused["seeds"][s][0.0] for s in (0, 1)])
     model = np.mean([fused["seeds"][s][1.0] for s in (0, 1)])
-    assert svm > model + 0.2
+    assert alone > model + 0.2
+
+
+def test_fastsers_classifier_is_the_one_a_functionals_run_fits():
+    """The benchmark's probabilities are fastser.functionals' head fitted on the other speakers."""
+    from fastser.functionals import FunctionalsHead, score_speakers
+
+    table = _table(np.random.default_rng(2))
+    enrolled, unenrolled = fusion.head_probabilities(table, ["s2"], "compare")
+    test = table["speakers"] == "s2"
+    head = FunctionalsHead.fit(table["x"][~test], table["speakers"][~test], table["labels"][~test], 3, "compare")
+    want = score_speakers(head, table["x"][test], table["speakers"][test])
+    uids = [u for u, t in zip(table["uids"], test) if t]
+    np.testing.assert_array_equal(np.stack([enrolled[u] for u in uids]), want[0])
+    np.testing.assert_array_equal(np.stack([unenrolled[u] for u in uids]), want[1])
 
 
 def test_without_enrollment_the_test_functionals_take_the_training_rows_statistics():
@@ -75,7 +92,7 @@ def test_without_enrollment_the_test_functionals_take_the_training_rows_statisti
     assert not np.allclose(np.stack(list(with_own.values())), np.stack(list(with_training.values())))
     record = _record(table, "s1", 0, rng)
     record["predictions"]["probs_training"] = record["predictions"]["probs"]
-    fused = fusion.fuse([record], table, level="training")
+    fused = fusion.fuse([record], table, level="training", classifier="svm")
     assert np.isclose(fused["seeds"][0][1.0], pooled_ua([record]))
 
 
@@ -92,4 +109,10 @@ def test_the_table_reports_the_fixed_weight_against_the_arm():
         "p": 0.0001,
     }
     row = fusion.table_text([r]).splitlines()[-1]
-    assert row == "| x | compare | speaker's (enrollment) | 24 | 62.6 | 63.4 | 69.2 | 0.5 | +6.6 | 20 / 2 | 0.000 |"
+    # a result kept before the classifier was recorded was the SVM's
+    assert row == (
+        "| x | compare | linear SVM + Platt | speaker's (enrollment) | 24 | 62.6 | 63.4 | 69.2 | 0.5 | +6.6 "
+        "| 20 / 2 | 0.000 |"
+    )
+    r["classifier"] = "logistic"
+    assert "| fastser's logistic regression |" in fusion.table_text([r])

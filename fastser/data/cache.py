@@ -64,6 +64,8 @@ class FeatureTable:
     frames: torch.Tensor  # (rows,) valid frames
     corpus: Corpus  # the original utterances (bad files removed, listed in corpus.skipped)
     copies: tuple = ()  # the Perturbation of each copy after the originals
+    # (N, F) float64 openSMILE functionals of the originals (fastser.functionals), when the run uses them
+    functionals: Optional[np.ndarray] = None
 
     @property
     def n_utterances(self) -> int:

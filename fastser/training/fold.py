@@ -21,7 +21,7 @@ from fastser.metrics import summarize
 from fastser.normalization import Normalizer
 from fastser.training.console import log
 from fastser.training.context import FoldContext, FoldResult
-from fastser.training.scoring import ENROLLMENT_CLIPS, score_test_speakers
+from fastser.training.scoring import ENROLLMENT_CLIPS, score_test_speakers, with_functionals
 from fastser.training.trainer import FoldTrainer, seed_for
 
 
@@ -144,6 +144,9 @@ class FoldTraining:
         model.load_state_dict(best["model"])
         objective.load_state_dict(best["objective"])
         scores, test = score_test_speakers(self.context, self.index, fold, model, self.norm, self.batcher)
+        head = None
+        if self.context.data.table.functionals is not None:
+            scores, head = with_functionals(self.context, fold, scores)
         val_ua = best["val_ua"] if self.context.config.optim.validation else None
         scores = {"fold": self.index, "name": fold.name, "best_epoch": best["epoch"], "val_ua": val_ua, **scores}
         if best.get("others"):
@@ -173,5 +176,6 @@ class FoldTraining:
                 "objective": best["objective"],
                 "norm": self.norm.state(),
                 "fold": self.index,
+                **({"functionals": head.to_checkpoint()} if head is not None else {}),
             },
         )

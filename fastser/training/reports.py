@@ -87,7 +87,8 @@ def run_cost(metrics: dict) -> float:
 def other_scores(fold_results: list, classes: list) -> dict:
     """The same test utterances scored otherwise, pooled over folds when every fold has them:
     "<level>_norm" (a speaker-normalised model with another level's input statistics, as predict
-    without enrollment audio) and "weights" (--ema: the trained weights and the other averages)."""
+    without enrollment audio), "weights" (--ema: the trained weights and the other averages) and,
+    with --functionals, "model" and "training_norm_model" (the model alone, unfused)."""
     if not fold_results:
         return {}
     y_true = np.concatenate([r["y_true"] for r in fold_results])
@@ -100,6 +101,9 @@ def other_scores(fold_results: list, classes: list) -> dict:
     for level in FALLBACKS:
         if all(f"y_pred_{level}_norm" in r for r in fold_results):
             out[f"{level}_norm"] = pooled([r[f"y_pred_{level}_norm"] for r in fold_results])
+    for key, preds in (("model", "y_pred_model"), ("training_norm_model", "y_pred_training_norm_model")):
+        if all(preds in r for r in fold_results):
+            out[key] = pooled([r[preds] for r in fold_results])
     if all("y_pred_weights" in r for r in fold_results):
         out["weights"] = {
             name: pooled([r["y_pred_weights"][name] for r in fold_results])

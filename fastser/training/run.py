@@ -30,6 +30,7 @@ from fastser.data import check_classes, load_corpus, make_folds
 from fastser.data.cache import Perturbation, build_feature_table, with_copies
 from fastser.errors import UserError
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
+from fastser.functionals import corpus_functionals
 from fastser.threads import free_threads
 from fastser.training.console import log, result
 from fastser.training.experiment import Experiment
@@ -165,8 +166,20 @@ def load_table(config: TrainConfig, info):
         Perturbation("noise", snr) for snr in config.augment.noise or ()
     ]
     table = with_copies(table, feature_set(config, kinds), info.device, copies, **build)
+    if model.functionals:
+        table.functionals = _functionals(table, config, cache_dir, info)
     PHASES["features"] = time.perf_counter() - t0 - PHASES["corpus"]
     return table
+
+
+def _functionals(table, config: TrainConfig, cache_dir, info):
+    """The corpus's openSMILE functionals; with a cache, rank 0 builds it and the others read it."""
+    args = (table.corpus, config.model.functionals, config.data.sample_rate, config.data.max_seconds, cache_dir)
+    if cache_dir is None:
+        return corpus_functionals(*args)
+    x = corpus_functionals(*args) if info.is_main else None
+    info.barrier()
+    return x if x is not None else corpus_functionals(*args)
 
 
 def train(config: TrainConfig) -> dict:

@@ -6,8 +6,10 @@ would score them without enough enrollment audio.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from fastser.functionals import FunctionalsHead, fuse, score_speakers
 from fastser.metrics import summarize
 from fastser.normalization import Normalizer
 from fastser.training.context import FoldContext
@@ -69,3 +71,51 @@ def score_test_speakers(context: FoldContext, index: int, fold, model, norm: Nor
             if level == "training":  # predict's path without enrollment: its probabilities too
                 scores["probs_training_norm"] = scored["probs"].round(6).tolist()
     return scores, test
+
+
+def with_functionals(context: FoldContext, fold, scores: dict) -> tuple:
+    """A fold's scores fused with the openSMILE functionals' classifier (fastser.functionals), fitted
+    on every utterance of the other speakers.
+
+    Args:
+        context: the fold's view of its experiment; its table holds the functionals.
+        fold: the fastser.data.Fold scored.
+        scores: score_test_speakers's scores.
+
+    Returns:
+        (scores, head): the scores with the fused predictions, probabilities, WA / UA / macro-F1 in
+        place of the model's (kept as "<key>_model"; the classifier's own probabilities as
+        "probs_functionals"), each test speaker's functionals standardised with that speaker's
+        statistics as the model's input is; with --normalize speaker the training statistics'
+        "probs_training_norm" and "y_pred_training_norm" fused likewise (the functionals with the
+        training speakers' statistics: predict without enrollment). `head` the fitted classifier.
+    """
+    data, config = context.data, context.config
+    x = data.table.functionals
+    speakers, labels = np.asarray(data.table.corpus.speakers), np.asarray(data.table.corpus.labels)
+    by_speaker = config.data.normalize == "speaker"
+    rows = np.asarray(scores["test_rows"])
+    train = ~np.isin(speakers, scores["test_speakers"])
+    groups = speakers if by_speaker else np.zeros(len(speakers), dtype=int)  # one pool: no speaker statistics
+    head = FunctionalsHead.fit(x[train], groups[train], labels[train], len(data.classes), config.model.functionals)
+    own, pooled = score_speakers(head, x[rows], speakers[rows])
+    if not by_speaker:  # the run's inputs have no speaker statistics: neither have the functionals
+        own = pooled
+    fused = fuse(np.asarray(scores["probs"]), own)
+    tm = summarize(np.asarray(scores["y_true"]), fused.argmax(1), data.classes)
+    scores = {**scores, **{f"{k}_model": scores[k] for k in ("y_pred", "probs", "wa", "ua", "macro_f1")}}
+    scores.update(
+        probs_functionals=own.round(6).tolist(),
+        y_pred=fused.argmax(1).tolist(),
+        probs=fused.round(6).tolist(),
+        wa=tm["wa"],
+        ua=tm["ua"],
+        macro_f1=tm["macro_f1"],
+    )
+    if "probs_training_norm" in scores:
+        fused = fuse(np.asarray(scores["probs_training_norm"]), pooled)
+        scores["probs_training_norm_model"] = scores["probs_training_norm"]
+        scores["y_pred_training_norm_model"] = scores["y_pred_training_norm"]
+        scores["probs_training_norm"] = fused.round(6).tolist()
+        scores["y_pred_training_norm"] = fused.argmax(1).tolist()
+    return scores, head
