@@ -59,6 +59,8 @@ HEADLINE = {
 # the default model's own row where its queue arm has every unit (plan, arm, the settings that made
 # the full-run row above differ from it)
 HEADLINE_ARMS = {("ravdess", "loso"): ("enrollment-dropout", "width16-enrollment-dropout-0.5", "no enrollment dropout")}
+# options' rows under the default's, each once its queue arm has every unit: (plan, arm, row name)
+HEADLINE_OPTIONS = {("ravdess", "loso"): [("functionals", "functionals-compare", "fastser --functionals compare")]}
 SUITE_TITLES = {
     "center_loss": "Center loss, one training step (forward + backward + center update), B x C x D",
     "features": "Features, 256 clips x 3 s at 16 kHz (n_fft 512, hop 160, 40 mels / 40 MFCCs; -lengths: 1.5-3 s "
@@ -294,6 +296,8 @@ def headline_table() -> str:
         if default is not None:
             rows[0]["headline_name"] = f"fastser, {before}"
             rows.insert(0, default)
+        options = [_queue_row(p, a, name) for p, a, name in HEADLINE_OPTIONS.get((corpus, split), [])]
+        rows[1:1] = [r for r in options if r is not None]
         for r in rows:
             spread = r["kind"] != "baseline" and len(r["seeds"]) > 1
             pm = lambda k: f"{100 * r[k + '_mean']:.1f}" + (f" ± {100 * r[k + '_std']:.1f}" if spread else "")  # noqa: E731
@@ -310,7 +314,7 @@ def headline_table() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _queue_row(plan: str, arm: str):
+def _queue_row(plan: str, arm: str, name: str = "fastser (defaults)"):
     """The headline row of a queue arm with every unit in (None until then): its units' UA and WA
     pooled per seed, and a seed's time as the queue trains it, two 1-thread units at a time."""
     from benchmarks.experiments import Plan, arm_result
@@ -320,7 +324,7 @@ def _queue_row(plan: str, arm: str):
         return None
     minutes = result["unit_seconds_per_seed"] / 60
     time = f"{minutes / 2:.0f} min (two 1-thread units at a time; {minutes:.0f} min of units)"
-    return {**result, "kind": "queue", "headline_name": "fastser (defaults)", "time": time}
+    return {**result, "kind": "queue", "headline_name": name, "time": time}
 
 
 def kernel_table() -> str:
