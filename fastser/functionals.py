@@ -4,13 +4,15 @@ and a linear classifier over them whose probabilities are averaged with the mode
     x = extract(clips, "compare", sr=16000)                         # (N, F) float64, one row a clip
     head = FunctionalsHead.fit(x[train], speakers[train], labels[train], num_classes, "compare")
     p = head(torch.from_numpy(x[test]), speaker_statistics(x[test]))  # (n, classes) probabilities
-    p = head(torch.from_numpy(x[test]))                             # without enrollment: the training speakers'
+    p = head(torch.from_numpy(x[test]))                             # without enrollment (its own classifier)
     fused = fuse(model_probs, p)
 
 The classifier is the baseline's recipe with a softmax output: each speaker's functionals
 standardised with that speaker's own statistics (labels unused, so the test speaker's enrollment
 audio serves), then standardised across the training rows, then a class-balanced multinomial
-logistic regression (scikit-learn, C = 0.01, the baseline's linear SVM's). Its parameters are
+logistic regression (scikit-learn, C = 0.01, the baseline's linear SVM's). A clip without its
+speaker's statistics is standardised with the training speakers' pooled ones and scored by a
+second such regression, fitted on the training rows standardised that way. The parameters are
 tensors in the checkpoint, so predict needs openSMILE to extract but no scikit-learn to score.
 Needs the `[functionals]` extra: pip install "fastser[functionals]".
 """
@@ -103,35 +105,42 @@ def speaker_statistics(x: np.ndarray) -> Optional[tuple]:
 
 
 class FunctionalsHead(nn.Module):
-    """A fitted linear classifier over standardised functionals (see the module docstring).
+    """Two fitted linear classifiers over standardised functionals (see the module docstring): one
+    for clips standardised with their speaker's statistics (enrollment), one for clips standardised
+    with the training speakers' pooled statistics (no enrollment), each fitted on training rows
+    standardised the same way, as the model's enrollment dropout trains it for both.
 
     Args:
         n_features (int): F, the feature set's functionals.  num_classes (int): C.
         feature_set (str): the feature set it was fitted on ("egemaps" or "compare").
 
-    Buffers (float64): `mean`, `std` (F,), the training speakers' pooled statistics (the speaker's
-    stand-in without enrollment); `shift`, `scale` (F,), the standardisation after the speaker's;
-    `weight` (C, F) and `bias` (C,), the logistic regression (a class absent from the training rows
-    has bias -inf: probability 0).
+    Buffers (float64): `mean`, `std` (F,), the training speakers' pooled statistics; `shift`,
+    `scale` (F,), the standardisation after the speaker's; `weight` (C, F) and `bias` (C,), the
+    logistic regression on speaker-standardised rows; `pooled_weight`, `pooled_bias`, the one on
+    rows standardised with the pooled statistics (a class absent from the training rows has bias
+    -inf in both: probability 0).
 
     Call: head(x, speaker=None) with x (N, F) raw functionals and `speaker` a (mean, std) pair of
-    (F,) arrays (speaker_statistics of the speaker's clips) -> (N, C) float64 probabilities.
+    (F,) arrays (speaker_statistics of the speaker's clips; None: no enrollment) -> (N, C) float64
+    probabilities.
     """
 
     def __init__(self, n_features: int, num_classes: int, feature_set: str):
         super().__init__()
         self.feature_set = feature_set
-        for name, shape in (("mean", n_features), ("std", n_features), ("shift", n_features)):
-            self.register_buffer(name, torch.zeros(shape, dtype=torch.float64))
-        self.register_buffer("scale", torch.ones(n_features, dtype=torch.float64))
-        self.register_buffer("weight", torch.zeros(num_classes, n_features, dtype=torch.float64))
-        self.register_buffer("bias", torch.zeros(num_classes, dtype=torch.float64))
+        for name in ("mean", "shift"):
+            self.register_buffer(name, torch.zeros(n_features, dtype=torch.float64))
+        for name in ("std", "scale"):
+            self.register_buffer(name, torch.ones(n_features, dtype=torch.float64))
+        for prefix in ("", "pooled_"):
+            self.register_buffer(prefix + "weight", torch.zeros(num_classes, n_features, dtype=torch.float64))
+            self.register_buffer(prefix + "bias", torch.zeros(num_classes, dtype=torch.float64))
 
     @classmethod
     def fit(
         cls, x: np.ndarray, speakers: np.ndarray, labels: np.ndarray, num_classes: int, feature_set: str
     ) -> "FunctionalsHead":
-        """Fits the classifier on training rows.
+        """Fits both classifiers on training rows.
 
         Args:
             x: (N, F) raw functionals.  speakers: (N,) each row's speaker.  labels: (N,) int classes.
@@ -141,39 +150,29 @@ class FunctionalsHead(nn.Module):
         Returns:
             the fitted head (CPU, eval mode).
         """
-        try:
-            from sklearn.linear_model import LogisticRegression
-        except ImportError as e:
-            raise UserError('--functionals needs scikit-learn to train: pip install "fastser[functionals]"') from e
         labels = np.asarray(labels)
-        present = np.unique(labels)
-        if len(present) < 2:
-            raise UserError(f"functionals: the training rows hold {len(present)} class; a classifier needs two")
         z = speaker_znorm(x, np.asarray(speakers))
         shift, scale = statistics(z)
-        lr = LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
-        lr.fit((z - shift) / scale, labels)
-        head = cls(x.shape[1], num_classes, feature_set)
-        weight = np.zeros((num_classes, x.shape[1]))
-        bias = np.full(num_classes, -np.inf)
-        if len(present) == 2:  # scikit-learn keeps one row, for the second class: softmax([0, w.x + b])
-            weight[present[1]], bias[present] = lr.coef_[0], (0.0, lr.intercept_[0])
-        else:
-            weight[present], bias[present] = lr.coef_, lr.intercept_
         mean, std = statistics(x)
-        for name, value in dict(mean=mean, std=std, shift=shift, scale=scale, weight=weight, bias=bias).items():
+        weight, bias = _logistic_regression((z - shift) / scale, labels, num_classes)
+        pooled_weight, pooled_bias = _logistic_regression((x - mean) / std, labels, num_classes)
+        head = cls(x.shape[1], num_classes, feature_set)
+        fitted = dict(mean=mean, std=std, shift=shift, scale=scale, weight=weight, bias=bias)
+        fitted.update(pooled_weight=pooled_weight, pooled_bias=pooled_bias)
+        for name, value in fitted.items():
             getattr(head, name).copy_(torch.from_numpy(np.asarray(value, np.float64)))
         return head.eval()
 
     def forward(self, x: torch.Tensor, speaker: Optional[tuple] = None) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
             raise ValueError(f"functionals must be (N, {self.weight.shape[1]}), got {tuple(x.shape)}")
+        x = x.to(torch.float64)
         if speaker is None:
-            mean, std = self.mean, self.std
+            logits = ((x - self.mean) / self.std) @ self.pooled_weight.T + self.pooled_bias
         else:
             mean, std = (torch.as_tensor(np.asarray(s), dtype=torch.float64, device=x.device) for s in speaker)
-        z = ((x.to(torch.float64) - mean) / std - self.shift) / self.scale
-        return torch.softmax(z @ self.weight.T + self.bias, dim=1)
+            logits = (((x - mean) / std - self.shift) / self.scale) @ self.weight.T + self.bias
+        return torch.softmax(logits, dim=1)
 
     def to_checkpoint(self) -> dict:
         """What a checkpoint keeps: the feature set and the buffers (CPU tensors)."""
@@ -207,6 +206,25 @@ def score_speakers(head: FunctionalsHead, x: np.ndarray, speakers: np.ndarray) -
         mine = np.asarray(speakers) == s
         enrolled[mine] = head(xt[mine], speaker_statistics(x[mine])).numpy()
     return enrolled, unenrolled
+
+
+def _logistic_regression(z: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple:
+    """((C, F) weight, (C,) bias) of a class-balanced multinomial logistic regression on standardised
+    rows; a class without rows gets bias -inf."""
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as e:
+        raise UserError('--functionals needs scikit-learn to train: pip install "fastser[functionals]"') from e
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise UserError(f"functionals: the training rows hold {len(present)} class; a classifier needs two")
+    lr = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(z, labels)
+    weight, bias = np.zeros((num_classes, z.shape[1])), np.full(num_classes, -np.inf)
+    if len(present) == 2:  # scikit-learn keeps one row, for the second class: softmax([0, w.x + b])
+        weight[present[1]], bias[present] = lr.coef_[0], (0.0, lr.intercept_[0])
+    else:
+        weight[present], bias[present] = lr.coef_, lr.intercept_
+    return weight, bias
 
 
 def fuse(model_probs, functionals_probs, model_weight: float = MODEL_WEIGHT):
