@@ -58,9 +58,18 @@ HEADLINE = {
 }
 # the default model's own row where its queue arm has every unit (plan, arm, the settings that made
 # the full-run row above differ from it)
-HEADLINE_ARMS = {("ravdess", "loso"): ("enrollment-dropout", "width16-enrollment-dropout-0.5", "no enrollment dropout")}
-# options' rows under the default's, each once its queue arm has every unit: (plan, arm, row name)
-HEADLINE_OPTIONS = {("ravdess", "loso"): [("functionals", "functionals-compare", "fastser --functionals compare")]}
+HEADLINE_ARMS = {
+    ("ravdess", "loso"): (
+        "enrollment-dropout",
+        "width16-enrollment-dropout-0.5",
+        "no enrollment dropout, model alone",
+        "fastser, model alone (--functionals none)",
+    )
+}
+# rows above the model alone's, each once its queue arm has every unit: (plan, arm, row name)
+HEADLINE_OPTIONS = {
+    ("ravdess", "loso"): [("functionals", "functionals-compare", "fastser (defaults: ComParE functionals fused)")]
+}
 SUITE_TITLES = {
     "center_loss": "Center loss, one training step (forward + backward + center update), B x C x D",
     "features": "Features, 256 clips x 3 s at 16 kHz (n_fft 512, hop 160, 40 mels / 40 MFCCs; -lengths: 1.5-3 s "
@@ -291,13 +300,13 @@ def headline_table() -> str:
             "| model | UA % | WA % | UA % without enrollment audio | time per seed (2 CPU cores) | folds, seeds |",
             "|---|---:|---:|---:|---:|---|",
         ]
-        plan, arm, before = HEADLINE_ARMS.get((corpus, split), (None, None, None))
-        default = _queue_row(plan, arm) if plan else None
+        plan, arm, before, name = HEADLINE_ARMS.get((corpus, split), (None, None, None, None))
+        default = _queue_row(plan, arm, name) if plan else None
         if default is not None:
             rows[0]["headline_name"] = f"fastser, {before}"
             rows.insert(0, default)
-        options = [_queue_row(p, a, name) for p, a, name in HEADLINE_OPTIONS.get((corpus, split), [])]
-        rows[1:1] = [r for r in options if r is not None]
+        options = [_queue_row(p, a, label) for p, a, label in HEADLINE_OPTIONS.get((corpus, split), [])]
+        rows[0:0] = [r for r in options if r is not None]
         for r in rows:
             spread = r["kind"] != "baseline" and len(r["seeds"]) > 1
             pm = lambda k: f"{100 * r[k + '_mean']:.1f}" + (f" ± {100 * r[k + '_std']:.1f}" if spread else "")  # noqa: E731

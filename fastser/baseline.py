@@ -6,7 +6,7 @@ unused — the test speaker's too, as speaker normalisation is done in practice)
 SVM (linear, C = 0.01; RBF, C = 1) trained on each fold's training and validation speakers and
 tested on its test speakers. The folds are exactly those of `python -m fastser.train` for the same
 --corpus/--split/--folds/--seed, and metrics.json has the same format, so every results table can
-show the baseline beside the model. Needs the `[baselines]` extra: pip install "fastser[baselines]".
+show the baseline beside the model. openSMILE and scikit-learn come with fastser.
 """
 
 from __future__ import annotations

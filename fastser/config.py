@@ -27,13 +27,17 @@ RUN_OPTION = {"run_option": True}
 DEFAULT_EPOCHS = {"synthetic": 12}  # real corpora: 24 (LOSO on ravdess-dev underfits at 12)
 DEFAULT_PATIENCE = {"synthetic": 8}  # real corpora: 5
 DEFAULT_VALIDATION = {"synthetic": True}  # real corpora: train on the validation speakers, keep the last epoch
-REAL_CORPUS_DEFAULTS = {"epochs": 24, "patience": 5, "validation": False}
+REAL_CORPUS_DEFAULTS = {"epochs": 24, "patience": 5, "validation": False, "functionals": "compare"}
 # with speaker statistics: as good with the speaker's enrollment audio, far better with one clip of it
 # or none (docs/accuracy.md, every fold of ravdess-dev, two seeds)
 DEFAULT_ENROLLMENT_DROPOUT = 0.5
 # the settings whose None `TrainConfig.resolved` fills from the others
-FUNCTIONAL_SETS = ("egemaps", "compare")  # fastser.functionals.SETS's names
-RESOLVED_SETTINGS = ("epochs", "patience", "validation", "enrollment_dropout")
+FUNCTIONAL_SETS = ("egemaps", "compare")  # fastser.functionals.SETS's names; "none": the model alone
+# on real corpora the model's probabilities are averaged with those of ComParE functionals' linear
+# classifier: 6.4 UA per fold better with enrollment, 2.2 without, on ravdess-dev (docs/accuracy.md);
+# the synthetic corpus (tones, not speech) keeps the model alone
+DEFAULT_FUNCTIONALS = {"synthetic": "none"}
+RESOLVED_SETTINGS = ("epochs", "patience", "validation", "enrollment_dropout", "functionals")
 
 # What fastser did before a setting was recorded: a run whose settings lack the key was made so.
 BEFORE_RECORDED = {
@@ -51,7 +55,7 @@ BEFORE_RECORDED = {
     "enrollment_dropout": 0.0,
     "sample_rate": 16000,
     "n_mels": 64,
-    "functionals": None,
+    "functionals": "none",
 }
 
 
@@ -84,13 +88,19 @@ class ModelConfig:
     n_mels: int = 64  # bands of the log-mel branch (the MFCC branch keeps 40 bands, 40 coefficients)
     prosody: bool = True
     # openSMILE functionals ("egemaps" or "compare") and a linear classifier over them, its
-    # probabilities averaged with the model's (fastser.functionals); None: the model alone
+    # probabilities averaged with the model's (fastser.functionals); "none": the model alone;
+    # None: DEFAULT_FUNCTIONALS by corpus
     functionals: Optional[str] = None
     bin_stats: bool = False
     pooling: str = "time"
     downsample: str = "pool"  # after each conv (the paper's order), "stem" or "early" (fastser.models.cnn)
     width: int = 16
     embed_dim: int = 128
+
+    @property
+    def functionals_set(self) -> Optional[str]:
+        """The openSMILE feature set whose classifier is fused with the model; None: the model alone."""
+        return None if self.functionals in (None, "none") else self.functionals
 
 
 @dataclass(frozen=True)
@@ -204,15 +214,13 @@ class TrainConfig:
         return TrainConfig.from_settings({**self.settings(), **changes})
 
     def resolved(self) -> "TrainConfig":
-        """The defaults that depend on other settings filled in: epochs, patience and validation on
-        the corpus, enrollment dropout on the normalisation."""
+        """The defaults that depend on other settings filled in: epochs, patience, validation and the
+        functionals on the corpus, enrollment dropout on the normalisation."""
         corpus = self.data.corpus
         by_corpus = {"epochs": DEFAULT_EPOCHS, "patience": DEFAULT_PATIENCE, "validation": DEFAULT_VALIDATION}
-        filled = {
-            k: table.get(corpus, REAL_CORPUS_DEFAULTS[k])
-            for k, table in by_corpus.items()
-            if getattr(self.optim, k) is None
-        }
+        by_corpus["functionals"] = DEFAULT_FUNCTIONALS
+        s = self.settings()
+        filled = {k: table.get(corpus, REAL_CORPUS_DEFAULTS[k]) for k, table in by_corpus.items() if s[k] is None}
         if self.augment.enrollment_dropout is None:
             filled["enrollment_dropout"] = DEFAULT_ENROLLMENT_DROPOUT if self.data.normalize == "speaker" else 0.0
         return self.replace(**filled)
@@ -244,8 +252,10 @@ class TrainConfig:
                 f"{name('n_mels')} {s['n_mels']} is more mel bands than the {256 * rate // 16000 + 1} "
                 f"frequency bins of a 32 ms window at {rate} Hz (some bands would be empty)"
             )
-        if s["functionals"] is not None and s["functionals"] not in FUNCTIONAL_SETS:
-            found.append(f"{name('functionals')} must be one of {', '.join(FUNCTIONAL_SETS)}, got {s['functionals']!r}")
+        if s["functionals"] is not None and s["functionals"] not in FUNCTIONAL_SETS + ("none",):
+            found.append(
+                f"{name('functionals')} must be one of {', '.join(FUNCTIONAL_SETS)} or none, got {s['functionals']!r}"
+            )
         if s["seeds"] and s["ablation"]:
             found.append(f"{name('seeds')} and {name('ablation')} do not combine yet: run the ablation once per seed")
         if s["enrollment_dropout"] and s["normalize"] != "speaker":

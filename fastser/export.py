@@ -87,7 +87,7 @@ class AudioClassifier(nn.Module):
             raise UserError(
                 f"the run fuses openSMILE functionals (--functionals {predictor.heads[0].feature_set}), "
                 "which neither ONNX nor TorchScript can compute; score it with python -m fastser.predict, or "
-                "export a run trained without --functionals"
+                "export its model alone with --model-only"
             )
         if len(predictor.models) != 1:
             raise UserError(
@@ -218,7 +218,7 @@ def export_onnx(module: AudioClassifier, path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def export(checkpoint, fmt: str = "onnx", out=None, enroll=None) -> Path:
+def export(checkpoint, fmt: str = "onnx", out=None, enroll=None, model_only: bool = False) -> Path:
     """Writes a trained run's model, with its features and normalisation, as one file.
 
     Args:
@@ -228,6 +228,8 @@ def export(checkpoint, fmt: str = "onnx", out=None, enroll=None) -> Path:
         out (path, optional): where to write it (default: beside the checkpoint).
         enroll (list of paths, optional): a speaker's audio whose statistics the file carries as
             its defaults (else the training speakers').
+        model_only (bool): a run trained with openSMILE functionals (fastser.functionals) is
+            refused unless this is set; then its model is written alone, without them.
 
     Returns:
         Path: the file written. Its model takes audio (B, samples) float32 at the model's rate and
@@ -244,6 +246,8 @@ def export(checkpoint, fmt: str = "onnx", out=None, enroll=None) -> Path:
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
     predictor = Predictor(checkpoint, device="cpu")
+    if model_only:
+        predictor.heads = []  # scored as the model alone, enrollment included
     AudioClassifier.check_exportable(predictor)  # before enrolling: a refusal needs no audio read
     if enroll:
         predictor.enroll_speaker(enroll)
@@ -330,6 +334,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="audio of the one speaker the file will score: their statistics become its defaults",
     )
+    ap.add_argument(
+        "--model-only",
+        action="store_true",
+        help="a run that fuses openSMILE functionals (--functionals, the default on real corpora): "
+        "export its model alone (metrics.json's 'model' accuracy), since no exported file can run openSMILE",
+    )
     return ap.parse_args(argv)
 
 
@@ -346,7 +356,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path = export(args.checkpoint, args.format, args.out, enroll)
+        path = export(args.checkpoint, args.format, args.out, enroll, model_only=args.model_only)
     from fastser.predict import PredictWarning
 
     for w in caught:

@@ -14,7 +14,7 @@ logistic regression (scikit-learn, C = 0.01, the baseline's linear SVM's). A cli
 speaker's statistics is standardised with the training speakers' pooled ones and scored by a
 second such regression, fitted on the training rows standardised that way. The parameters are
 tensors in the checkpoint, so predict needs openSMILE to extract but no scikit-learn to score.
-Needs the `[functionals]` extra: pip install "fastser[functionals]".
+openSMILE and scikit-learn are among fastser's dependencies.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _opensmile():
     try:
         import opensmile
     except ImportError as e:
-        raise UserError('openSMILE functionals need the opensmile package: pip install "fastser[functionals]"') from e
+        raise UserError("openSMILE functionals need opensmile (a fastser dependency): pip install opensmile") from e
     return opensmile
 
 
@@ -214,7 +214,7 @@ def _logistic_regression(z: np.ndarray, labels: np.ndarray, num_classes: int) ->
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError as e:
-        raise UserError('--functionals needs scikit-learn to train: pip install "fastser[functionals]"') from e
+        raise UserError("--functionals needs scikit-learn (a fastser dependency): pip install scikit-learn") from e
     present = np.unique(labels)
     if len(present) < 2:
         raise UserError(f"functionals: the training rows hold {len(present)} class; a classifier needs two")

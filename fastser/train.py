@@ -142,10 +142,11 @@ def _model_flags(p: ArgumentParser) -> None:
     )
     model.add_argument(
         "--functionals",
-        choices=FUNCTIONAL_SETS,
+        choices=FUNCTIONAL_SETS + ("none",),
         help="also score each clip with openSMILE functionals (eGeMAPS or ComParE_2016) and a linear "
-        "classifier fitted on the training speakers, its probabilities averaged with the model's "
-        '(needs pip install "fastser[functionals]"; predict extracts them too; no export)',
+        "classifier fitted on the training speakers, its probabilities averaged with the model's; "
+        "predict extracts them too, export takes the model alone (--model-only); 'none': the model "
+        "alone (default: compare on real corpora, none on the synthetic one)",
     )
     model.add_argument(
         "--bin-stats",

@@ -49,6 +49,15 @@ def test_defaults_that_depend_on_the_corpus_are_resolved_once():
     assert TrainConfig().replace(corpus="ravdess", epochs=3).resolved().optim.epochs == 3
 
 
+def test_real_corpora_fuse_compare_functionals_and_the_synthetic_one_does_not():
+    assert TrainConfig().resolved().model.functionals_set is None
+    assert TrainConfig().replace(corpus="emodb").resolved().model.functionals_set == "compare"
+    assert TrainConfig().replace(corpus="emodb", functionals="none").resolved().model.functionals_set is None
+    assert TrainConfig().replace(functionals="egemaps").resolved().model.functionals_set == "egemaps"
+    assert migrated({"corpus": "emodb"})["functionals"] == "none"  # a run stored before the setting: no fusion
+    assert vars(train.parse_args(["--corpus", "ravdess", "--data-dir", "x"]))["functionals"] == "compare"
+
+
 def test_stored_settings_are_read_through_one_migration():
     old = {"corpus": "emodb", "epochs": 3, "speed_perturb": [0.9, 1.1], "schema": 1}
     m = migrated(old)

@@ -105,7 +105,7 @@ def test_fuse_weights_the_model_and_the_functionals():
 
 def test_without_opensmile_the_error_says_which_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "opensmile", None)  # import opensmile raises ImportError
-    with pytest.raises(UserError, match=r"fastser\[functionals\]"):
+    with pytest.raises(UserError, match="pip install opensmile"):
         functionals.extract([np.zeros(1600, np.float32)], "egemaps")
     with pytest.raises(UserError, match="unknown feature set"):
         functionals.extract([np.zeros(1600, np.float32)], "gemaps")
@@ -167,4 +167,10 @@ def test_a_run_with_functionals_fuses_its_folds_predict_and_refuses_export(tmp_p
     capsys.readouterr()  # what the run and predict said
     assert export.cli([str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "fuses openSMILE functionals" in err and len(err.splitlines()) == 1
+    assert "fuses openSMILE functionals" in err and "--model-only" in err and len(err.splitlines()) == 1
+    path = export.export(out, "torch", tmp_path / "model.pt2", model_only=True)
+    lengths = np.array([len(c) for c in clips])
+    batch = np.zeros((len(clips), lengths.max()), np.float32)
+    for i, c in enumerate(clips):
+        batch[i, : len(c)] = c
+    np.testing.assert_allclose(export.run_file(path, batch, lengths), model_alone, atol=1e-5)

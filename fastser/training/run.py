@@ -166,7 +166,7 @@ def load_table(config: TrainConfig, info):
         Perturbation("noise", snr) for snr in config.augment.noise or ()
     ]
     table = with_copies(table, feature_set(config, kinds), info.device, copies, **build)
-    if model.functionals:
+    if model.functionals_set:
         table.functionals = _functionals(table, config, cache_dir, info)
     PHASES["features"] = time.perf_counter() - t0 - PHASES["corpus"]
     return table
@@ -174,7 +174,7 @@ def load_table(config: TrainConfig, info):
 
 def _functionals(table, config: TrainConfig, cache_dir, info):
     """The corpus's openSMILE functionals; with a cache, rank 0 builds it and the others read it."""
-    args = (table.corpus, config.model.functionals, config.data.sample_rate, config.data.max_seconds, cache_dir)
+    args = (table.corpus, config.model.functionals_set, config.data.sample_rate, config.data.max_seconds, cache_dir)
     if cache_dir is None:
         return corpus_functionals(*args)
     x = corpus_functionals(*args) if info.is_main else None

@@ -97,7 +97,7 @@ def with_functionals(context: FoldContext, fold, scores: dict) -> tuple:
     rows = np.asarray(scores["test_rows"])
     train = ~np.isin(speakers, scores["test_speakers"])
     groups = speakers if by_speaker else np.zeros(len(speakers), dtype=int)  # one pool: no speaker statistics
-    head = FunctionalsHead.fit(x[train], groups[train], labels[train], len(data.classes), config.model.functionals)
+    head = FunctionalsHead.fit(x[train], groups[train], labels[train], len(data.classes), config.model.functionals_set)
     own, pooled = score_speakers(head, x[rows], speakers[rows])
     if not by_speaker:  # the run's inputs have no speaker statistics: neither have the functionals
         own = pooled
