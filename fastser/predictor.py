@@ -13,6 +13,11 @@ speaker, unlabelled; `Predictor(enroll=...)` or `enroll_speaker`), else the trai
 pooled statistics stored in the checkpoint (the fallback whose accuracy the run reports as
 "training_norm"; models trained with enrollment dropout are trained for it); "utterance" always
 each window's own.
+
+A run trained with openSMILE functionals (`--functionals`, the default on real corpora) also
+extracts each clip's (or window's) functionals and averages the probabilities of the classifier
+kept in its checkpoint with the model's (fastser.functionals), standardised with the enrolled
+speaker's functionals statistics, or without enrollment scored by its training-statistics classifier.
 """
 
 from __future__ import annotations

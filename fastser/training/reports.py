@@ -167,7 +167,13 @@ def model_card(run: Experiment, metrics: dict) -> str:
         f"# Model card: {run.out.name}",
         "",
         f"fastser {__version__}: the CNN + center loss + reconstruction model of Tripathi et al. (2020), "
-        f"inputs {' + '.join(run.spec.features.kinds)} at {run.spec.features.sr} Hz.",
+        f"inputs {' + '.join(run.spec.features.kinds)} at {run.spec.features.sr} Hz."
+        + (
+            f" Its probabilities are averaged with those of a logistic regression over openSMILE "
+            f"{a.model.functionals_set} functionals (fastser.functionals); the figures below are the average's."
+            if a.model.functionals_set
+            else ""
+        ),
         "",
         "## Trained on",
         "",
@@ -188,12 +194,17 @@ def model_card(run: Experiment, metrics: dict) -> str:
     ]
     if "training_norm" in metrics:
         lines.append(f"- without enrollment audio (the training speakers' statistics): {pct(metrics['training_norm'])}")
+    if "model" in metrics:
+        lines.append(f"- the model alone, with the speaker's statistics: {pct(metrics['model'])}")
+    if "training_norm_model" in metrics:
+        lines.append(f"- the model alone, without enrollment audio: {pct(metrics['training_norm_model'])}")
+    alone = " (the model alone)" if a.model.functionals_set else ""  # only these two levels are fused
     if "utterance_norm" in metrics:
-        lines.append(f"- with each clip's own statistics: {pct(metrics['utterance_norm'])}")
+        lines.append(f"- with each clip's own statistics{alone}: {pct(metrics['utterance_norm'])}")
     for k in ENROLLMENT_CLIPS:
         if f"enroll{k}_norm" in metrics:
             lines.append(
-                f"- with {k} random other clip{'s' if k > 1 else ''} of the speaker as enrollment: "
+                f"- with {k} random other clip{'s' if k > 1 else ''} of the speaker as enrollment{alone}: "
                 f"{pct(metrics[f'enroll{k}_norm'])}"
             )
     lines.append(
