@@ -199,14 +199,7 @@ class Predictor:
                 f"--normalize {self.spec.normalize}"
             )
         clips = enrollment_clips(paths, self.sr, self.whole_seconds)
-        if sum(len(y) for y in clips) < MIN_ENROLL_SECONDS * self.sr:
-            warnings.warn(
-                f"--enroll: {sum(len(y) for y in clips) / self.sr:.2g} s of usable audio is less than "
-                f"{MIN_ENROLL_SECONDS:g} s, too little for a speaker's statistics: the training speakers' "
-                f"statistics are used instead",
-                PredictWarning,
-                stacklevel=2,
-            )
+        if clips is None:
             return False
         self.norms = [input_statistics(clips, self.features, self.device)] * len(self.models)
         if self.heads:
@@ -216,12 +209,7 @@ class Predictor:
     # -- scoring ------------------------------------------------------------------------
     def _score(self, clips: list) -> np.ndarray:
         probs = score(self.models, self.norms, self.features, clips, self.device)
-        if not self.heads:
-            return probs
-        x = torch.from_numpy(extract(clips, self.heads[0].feature_set, self.sr))
-        with torch.no_grad():
-            functionals = sum(head(x, self.functionals_speaker) for head in self.heads) / len(self.heads)
-        return fuse(probs, functionals.numpy()).astype(np.float32)
+        return with_functionals(probs, clips, self.heads, self.functionals_speaker, self.sr) if self.heads else probs
 
     def _windows_of(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple]:
         return windows(blocks, round(self.window_seconds * self.sr), round(self.hop_seconds * self.sr))
@@ -369,9 +357,20 @@ def load_models(checkpoint, device: torch.device) -> tuple:
     return first, models, norms, [h for h in heads if h is not None], trained_on
 
 
-def enrollment_clips(paths, sr: int, max_seconds: float) -> list:
+@torch.no_grad()
+def with_functionals(probs: np.ndarray, clips: list, heads: list, speaker, sr: int) -> np.ndarray:
+    """(n, classes) float32: the models' probabilities averaged with their functionals classifiers'
+    (fastser.functionals; the mean over an ensemble's), the clips' functionals standardised with the
+    enrolled speaker's statistics `speaker`, or scored by the training-statistics classifier (None)."""
+    x = torch.from_numpy(extract(clips, heads[0].feature_set, sr))
+    functionals = sum(head(x, speaker) for head in heads) / len(heads)
+    return fuse(probs, functionals.numpy()).astype(np.float32)
+
+
+def enrollment_clips(paths, sr: int, max_seconds: float) -> Optional[list]:
     """The usable enrollment audio: the first `max_seconds` of each file at `sr`, a file that is too
-    short or near-silent left out (a PredictWarning); an unreadable one is a UserError."""
+    short or near-silent left out (a PredictWarning); an unreadable one is a UserError. None (a
+    PredictWarning) when less than MIN_ENROLL_SECONDS of it is usable."""
     paths = list(paths)
     if not paths:
         raise UserError("enroll: no audio files")
@@ -393,6 +392,15 @@ def enrollment_clips(paths, sr: int, max_seconds: float) -> list:
             )
             continue
         clips.append(y)
+    usable = sum(len(y) for y in clips) / sr
+    if usable < MIN_ENROLL_SECONDS:
+        warnings.warn(
+            f"--enroll: {usable:.2g} s of usable audio is less than {MIN_ENROLL_SECONDS:g} s, too little "
+            f"for a speaker's statistics: the training speakers' statistics are used instead",
+            PredictWarning,
+            stacklevel=3,
+        )
+        return None
     return clips
 
 
