@@ -249,10 +249,8 @@ def corpus_functionals(
     path = None
     if cache_dir is not None and all(u.path is not None for u in corpus.utterances):
         # the real path: one corpus reached through another spelling (relative, a link) is the same cache
-        files = [
-            [u.uid, os.path.realpath(u.path), os.stat(u.path).st_size, os.stat(u.path).st_mtime_ns]
-            for u in corpus.utterances
-        ]
+        stats = [(u, os.stat(u.path)) for u in corpus.utterances]
+        files = [[u.uid, os.path.realpath(u.path), st.st_size, st.st_mtime_ns] for u, st in stats]
         version = _opensmile().__version__
         key = json.dumps([feature_set, version, sr, max_seconds, files])
         path = Path(cache_dir) / f"functionals-{feature_set}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"

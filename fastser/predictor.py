@@ -209,7 +209,7 @@ class Predictor:
     # -- scoring ------------------------------------------------------------------------
     def _score(self, clips: list) -> np.ndarray:
         probs = score(self.models, self.norms, self.features, clips, self.device)
-        return with_functionals(probs, clips, self.heads, self.functionals_speaker, self.sr) if self.heads else probs
+        return fuse_functionals(probs, clips, self.heads, self.functionals_speaker, self.sr) if self.heads else probs
 
     def _windows_of(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple]:
         return windows(blocks, round(self.window_seconds * self.sr), round(self.hop_seconds * self.sr))
@@ -358,7 +358,7 @@ def load_models(checkpoint, device: torch.device) -> tuple:
 
 
 @torch.no_grad()
-def with_functionals(probs: np.ndarray, clips: list, heads: list, speaker, sr: int) -> np.ndarray:
+def fuse_functionals(probs: np.ndarray, clips: list, heads: list, speaker, sr: int) -> np.ndarray:
     """(n, classes) float32: the models' probabilities averaged with their functionals classifiers'
     (fastser.functionals; the mean over an ensemble's), the clips' functionals standardised with the
     enrolled speaker's statistics `speaker`, or scored by the training-statistics classifier (None)."""

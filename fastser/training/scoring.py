@@ -93,13 +93,12 @@ def with_functionals(context: FoldContext, fold, scores: dict) -> tuple:
     data, config = context.data, context.config
     x = data.table.functionals
     speakers, labels = np.asarray(data.table.corpus.speakers), np.asarray(data.table.corpus.labels)
-    by_speaker = config.data.normalize == "speaker"
     rows = np.asarray(scores["test_rows"])
     train = ~np.isin(speakers, scores["test_speakers"])
-    groups = speakers if by_speaker else np.zeros(len(speakers), dtype=int)  # one pool: no speaker statistics
-    head = FunctionalsHead.fit(x[train], groups[train], labels[train], len(data.classes), config.model.functionals_set)
+    feature_set = config.model.functionals_set
+    head = FunctionalsHead.fit(x[train], speakers[train], labels[train], len(data.classes), feature_set)
     own, pooled = score_speakers(head, x[rows], speakers[rows])
-    if not by_speaker:  # the run's inputs have no speaker statistics: neither have the functionals
+    if config.data.normalize != "speaker":  # no speaker statistics: the training-statistics classifier only
         own = pooled
     fused = fuse(np.asarray(scores["probs"]), own)
     tm = summarize(np.asarray(scores["y_true"]), fused.argmax(1), data.classes)
