@@ -38,6 +38,7 @@ SETTINGS = (
     "bin_stats",
     "pooling",
     "downsample",
+    "hop_ms",
     "normalize",
     "validation",
     "epochs",

@@ -206,8 +206,8 @@ class UnitRunner:
         from fastser.training.run import load_table
 
         d, m, a = config.data, config.model, config.augment
-        key = (d.corpus, d.classes, d.max_seconds, d.sample_rate, m.features, m.n_mels, m.prosody, m.functionals)
-        key += (a.speed_perturb, a.noise, d.iemocap_subset)
+        key = (d.corpus, d.classes, d.max_seconds, d.sample_rate, m.features, m.n_mels, m.hop_ms, m.prosody)
+        key += (m.functionals, a.speed_perturb, a.noise, d.iemocap_subset)
         if d.corpus == "synthetic":
             key += (config.optim.seed, d.synthetic_speakers, d.synthetic_per_class)
         if key not in self._tables:

@@ -25,7 +25,6 @@ from fastser.config import ModelConfig, ObjectiveConfig, OptimConfig, migrated
 from fastser.features.featureset import FeatureSet
 from fastser.models import SERModel
 
-FRAMES_PER_SECOND = 100  # the 10 ms hop of every feature kind: a training crop is int(seconds * 100) frames
 # a stage: a CNN's stem or block, a contour encoder, a decoder, the embedding, the classifier
 STAGE = re.compile(r"encoders\.\w+\.(stem|blocks\.\d+)|encoders\.prosody|decoders\.\w+|embed|classifier")
 DEFAULTS = {f.name: f.default for cls in (ModelConfig, ObjectiveConfig, OptimConfig) for f in dataclasses.fields(cls)}
@@ -54,7 +53,8 @@ def forward_flops_by_layer(settings: dict, num_classes: int = 8) -> dict:
 
 def _counted(settings: dict, num_classes: int, backward: bool) -> FlopCounterMode:
     s = {**DEFAULTS, **migrated({k: v for k, v in settings.items() if v is not None})}
-    features = FeatureSet.paper(_kinds(s["features"], s["prosody"]), sr=s["sample_rate"], n_mels=s["n_mels"])
+    kinds = _kinds(s["features"], s["prosody"])
+    features = FeatureSet.paper(kinds, sr=s["sample_rate"], n_mels=s["n_mels"], hop_ms=s["hop_ms"])
     model = SERModel(
         features.n_bins,
         num_classes,
@@ -65,7 +65,7 @@ def _counted(settings: dict, num_classes: int, backward: bool) -> FlopCounterMod
         pooling=s["pooling"],
         downsample=s["downsample"],
     ).to("meta")
-    batch, frames = s["batch_size"], int(s["train_seconds"] * FRAMES_PER_SECOND)
+    batch, frames = s["batch_size"], int(s["train_seconds"] * (1000 / s["hop_ms"]))  # as the training crop
     feats = {k: torch.empty(batch, bins, frames, device="meta") for k, bins in features.n_bins.items()}
     labels = torch.zeros(batch, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False, depth=None)
@@ -81,7 +81,7 @@ def _counted(settings: dict, num_classes: int, backward: bool) -> FlopCounterMod
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.splitlines()[0])
-    for name in ("batch_size", "width", "embed_dim"):
+    for name in ("batch_size", "width", "embed_dim", "hop_ms"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=DEFAULTS[name])
     parser.add_argument("--train-seconds", type=float, default=DEFAULTS["train_seconds"])
     parser.add_argument("--features", default=ModelConfig.features)

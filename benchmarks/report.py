@@ -236,6 +236,7 @@ def _setting_text(row: dict) -> str:
 
 SIZE_SETTINGS = {
     "downsample": "downsampling {}",
+    "hop_ms": "{} ms hops",
     "width": "width {}",
     "embed_dim": "embedding {}",
     "train_seconds": "{:g} s training crops",

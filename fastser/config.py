@@ -56,6 +56,7 @@ BEFORE_RECORDED = {
     "sample_rate": 16000,
     "n_mels": 64,
     "functionals": "none",
+    "hop_ms": 10,
 }
 
 
@@ -72,7 +73,7 @@ class DataConfig:
     iemocap_subset: str = "all"
     strict: bool = field(default=False, metadata=RUN_OPTION)
     max_seconds: float = 8.0
-    sample_rate: int = 16000  # audio is resampled to it; frames stay 32 ms windows, 10 ms hops at any rate
+    sample_rate: int = 16000  # audio is resampled to it; frames stay 32 ms windows at any rate
     cache_dir: Optional[str] = field(default=None, metadata=RUN_OPTION)
     no_cache: bool = field(default=False, metadata=RUN_OPTION)
     synthetic_speakers: int = 16
@@ -86,6 +87,7 @@ class ModelConfig:
 
     features: str = "both"  # "logmel", "mfcc" or both CNN branches
     n_mels: int = 64  # bands of the log-mel branch (the MFCC branch keeps 40 bands, 40 coefficients)
+    hop_ms: int = 10  # one frame of every input kind each hop_ms milliseconds (32 ms windows)
     prosody: bool = True
     # openSMILE functionals ("egemaps" or "compare") and a linear classifier over them, its
     # probabilities averaged with the model's (fastser.functionals); "none": the model alone;
@@ -252,6 +254,11 @@ class TrainConfig:
                 f"{name('n_mels')} {s['n_mels']} is more mel bands than the {256 * rate // 16000 + 1} "
                 f"frequency bins of a 32 ms window at {rate} Hz (some bands would be empty)"
             )
+        hop = s["hop_ms"]
+        if not isinstance(hop, int) or isinstance(hop, bool) or not 5 <= hop <= 32:
+            found.append(f"{name('hop_ms')} must be an integer number of milliseconds in [5, 32], got {hop}")
+        elif isinstance(rate, int) and rate * hop % 1000:
+            found.append(f"{name('hop_ms')} {hop} is not a whole number of samples at {rate} Hz")
         if s["functionals"] is not None and s["functionals"] not in FUNCTIONAL_SETS + ("none",):
             found.append(
                 f"{name('functionals')} must be one of {', '.join(FUNCTIONAL_SETS)} or none, got {s['functionals']!r}"

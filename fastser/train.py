@@ -168,6 +168,11 @@ def _model_flags(p: ArgumentParser) -> None:
         "conv at the coarser resolution, a quarter of the FLOPs); the same map sizes in all three",
     )
     model.add_argument("--n-mels", type=int, help="bands of the log-mel branch's input (the MFCC branch keeps 40)")
+    model.add_argument(
+        "--hop-ms",
+        type=int,
+        help="milliseconds between the input frames of every kind (32 ms windows; 20 halves every convolution's work)",
+    )
     model.add_argument("--width", type=int, help="channels per stem branch (model size)")
     model.add_argument("--embed-dim", type=int, help="size of the embedding the center loss acts on")
     model.add_argument("--lambda-center", type=float, help="weight of the center loss")

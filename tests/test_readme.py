@@ -128,6 +128,7 @@ def test_training_step_flops_count_what_training_computes():
     assert training_step_flops({"batch_size": 32}) == 2 * default
     assert 3.0 < default / training_step_flops({"width": 8}) < 4.0  # the convolutions' channels both halve
     assert training_step_flops({"lambda_recon": 0.0}) < default
+    assert 1.95 < default / training_step_flops({"hop_ms": 20}) < 2.05  # half the frames, floored at each pooling
     # by layer: each stage once, the forward's total; early downsampling runs every encoder conv at about
     # a quarter of the positions and leaves the decoders as they are
     model = {"features": "both", "prosody": True, "pooling": "time"}  # unrecorded settings read as the oldest

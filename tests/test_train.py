@@ -18,6 +18,7 @@ from fastser.training import fold as fold_training
 from fastser.training import scoring
 from fastser._io import atomic_torch_save
 from fastser.data.synthetic import make_corpus
+from fastser.features.featureset import FeatureSet
 
 SMALL = [
     "--synthetic-speakers",
@@ -293,6 +294,43 @@ def test_sample_rate_and_mel_bands_are_settings_the_model_and_predict_follow(tmp
     assert at_16k.probabilities.shape == (len(metrics["classes"]),)
     assert TrainConfig().replace(n_mels=300).problems() != []
     assert TrainConfig().replace(sample_rate=100).problems() != []
+
+
+def test_hop_is_a_setting_the_features_crops_predict_and_resume_follow(tmp_path):
+    """--hop-ms sets every input kind's frame step (the checkpoint's feature set), the training
+    crops' frame count (1 s at 20 ms: 50 frames) and predict's frames; a resume with another hop
+    is refused, and a hop that is no whole number of samples or outside [5, 32] ms is one sentence."""
+    from fastser.predictor import Predictor
+    from fastser.training.table import TrainingTable
+
+    metrics, out = run(tmp_path, "hop20", "--epochs", "1", "--hop-ms", "20")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert {kind: c["hop_length"] for kind, c in ckpt["spec"]["features"].items()} == {
+        "logmel": 320,
+        "mfcc": 320,
+        "prosody": 320,
+    }
+    assert ckpt["settings"]["hop_ms"] == 20
+    config = train.parse_config(SMALL + ["--out", str(tmp_path / "x"), "--hop-ms", "20"]).resolved()
+    info = training_run.fdist.setup("cpu")
+    table = training_run.load_table(config, info)
+    assert config.optim.train_seconds == 1.0
+    assert TrainingTable(config, info, table).batcher(torch.arange(4)).train_frames == 50
+    predictor = Predictor(out)
+    _, frames = predictor.features.extract(torch.zeros(1, 16000), torch.tensor([16000]))
+    assert int(frames[0]) == 1 + 16000 // 320
+    pred = predictor.predict_waveform(np.random.default_rng(0).standard_normal(32000).astype(np.float32))
+    assert pred.probabilities.shape == (len(metrics["classes"]),)
+    with pytest.raises(UserError, match="made with --hop-ms 20; --hop-ms 10 would change"):
+        train.main(SMALL + ["--out", str(out), "--epochs", "1", "--hop-ms", "10", "--resume", str(out)])
+    assert TrainConfig().replace(hop_ms=3).resolved().problems() == [
+        "hop_ms must be an integer number of milliseconds in [5, 32], got 3"
+    ]
+    assert TrainConfig().replace(sample_rate=22050).resolved().problems() == [
+        "hop_ms 10 is not a whole number of samples at 22050 Hz"
+    ]
+    with pytest.raises(ValueError, match="not a whole number of samples"):
+        FeatureSet.paper(sr=22050)
 
 
 @pytest.mark.slow

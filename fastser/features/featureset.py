@@ -51,7 +51,7 @@ class FeatureSet:
         return cls(tuple((canonical_kind(k), c) for k, c in configs.items()))
 
     @classmethod
-    def paper(cls, kinds: Iterable[str] = KINDS, sr: int = 16000, n_mels: int = 64) -> "FeatureSet":
+    def paper(cls, kinds: Iterable[str] = KINDS, sr: int = 16000, n_mels: int = 64, hop_ms: int = 10) -> "FeatureSet":
         """The paper's inputs: 32 ms windows (n_fft 512 at 16 kHz), 10 ms hops.
 
         Args:
@@ -60,6 +60,8 @@ class FeatureSet:
                 on the same frames, ProsodyConfig), in the model's branch order.
             sr: the audio's sample rate in Hz (the window and hop scale with it).
             n_mels: the log-mel branch's bands.
+            hop_ms: milliseconds between frames, every kind's (a whole number of samples at `sr`);
+                20 halves the frames, and so every convolution's work, for a coarser time grid.
 
         Returns:
             FeatureSet: kind -> its FeatureConfig / ProsodyConfig.
@@ -68,11 +70,14 @@ class FeatureSet:
             >>> FeatureSet.paper(["logmel", "mfcc"]).n_bins
             {'logmel': 64, 'mfcc': 40}
         """
-        common = dict(sr=sr, n_fft=512 * sr // 16000, hop_length=sr // 100)
+        if sr * hop_ms % 1000:
+            raise ValueError(f"a {hop_ms} ms hop is not a whole number of samples at {sr} Hz")
+        hop = sr * hop_ms // 1000
+        common = dict(sr=sr, n_fft=512 * sr // 16000, hop_length=hop)
         table = {
             "logmel": FeatureConfig("logmel", n_mels=n_mels, top_db=80.0, **common),
             "mfcc": FeatureConfig("mfcc", n_mels=40, n_mfcc=40, top_db=80.0, **common),
-            "prosody": ProsodyConfig(sr=sr, hop_length=sr // 100),
+            "prosody": ProsodyConfig(sr=sr, hop_length=hop),
         }
         kinds = [canonical_kind(k) for k in kinds]
         unknown = sorted(set(kinds) - set(table))

@@ -126,8 +126,9 @@ def corpus_options(config: TrainConfig) -> dict:
 
 
 def feature_set(config: TrainConfig, kinds) -> FeatureSet:
-    """The model's inputs as `config` sets them (rate, log-mel bands), for these kinds."""
-    return FeatureSet.paper(list(kinds), sr=config.data.sample_rate, n_mels=config.model.n_mels)
+    """The model's inputs as `config` sets them (rate, log-mel bands, hop), for these kinds."""
+    model = config.model
+    return FeatureSet.paper(list(kinds), sr=config.data.sample_rate, n_mels=model.n_mels, hop_ms=model.hop_ms)
 
 
 def load_table(config: TrainConfig, info):

@@ -53,7 +53,7 @@ class TrainingTable:
             self.table.labels,
             norm,
             self.device,
-            int(self.config.optim.train_seconds * 100),
+            int(self.config.optim.train_seconds * (1000 / self.config.model.hop_ms)),  # the crop's frames
             groups,
             resident=self.resident,
             eval_bucket=EVAL_BATCH if self.resident else 1,  # static evaluation shapes on a GPU
