@@ -34,7 +34,7 @@ DEFAULT_ENROLLMENT_DROPOUT = 0.5
 # the settings whose None `TrainConfig.resolved` fills from the others
 FUNCTIONAL_SETS = ("egemaps", "compare")  # fastser.functionals.SETS's names; "none": the model alone
 # on real corpora the model's probabilities are averaged with those of ComParE functionals' linear
-# classifier: 6.4 UA per fold better with enrollment, 2.2 without, on ravdess-dev (docs/accuracy.md);
+# classifier: 6.9 UA per fold better with enrollment, 2.4 without, on ravdess-dev (docs/accuracy.md);
 # the synthetic corpus (tones, not speech) keeps the model alone
 DEFAULT_FUNCTIONALS = {"synthetic": "none"}
 RESOLVED_SETTINGS = ("epochs", "patience", "validation", "enrollment_dropout", "functionals")
