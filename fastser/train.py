@@ -106,7 +106,7 @@ def _corpus_flags(p: ArgumentParser) -> None:
     corpus.add_argument(
         "--sample-rate",
         type=int,
-        help="Hz the audio is resampled to (the features' 32 ms windows and 10 ms hops scale with it)",
+        help="Hz the audio is resampled to (the features' 32 ms windows and --hop-ms hops scale with it)",
     )
     corpus.add_argument(
         "--cache-dir",
