@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import json
 import math
 import os
@@ -312,36 +313,20 @@ def read_unit(path: Path) -> dict:
 
 
 # -- the queue --------------------------------------------------------------------------------
-def _claim(unit: Unit, claims: Path) -> Optional[Path]:
-    """Take the unit for this process (None: another live process has it)."""
-    claim = claims / unit.arm / f"seed-{unit.seed}" / f"{unit.slug}.pid"
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(claim.read_text() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid):
-                return None
-            claim.unlink(missing_ok=True)  # its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return claim
-    return None
-
-
-def _alive(pid: int) -> bool:
+def _claim(unit: Unit, claims: Path) -> Optional[int]:
+    """Take the unit for this process: an exclusive lock on its claim file, held until the returned
+    descriptor is closed (None: another process holds it). The system drops a lock when its process
+    ends, so a dead worker's unit is free again; the file itself stays, so every claimant locks the
+    same file (a pid file checked and replaced let two workers starting together both take it)."""
+    path = claims / unit.arm / f"seed-{unit.seed}" / f"{unit.slug}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _epoch_cost(settings: dict) -> float:
@@ -430,7 +415,7 @@ def run_queue(
                 f"in {record['seconds']:.0f} s -> {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
             )
         finally:
-            claim.unlink(missing_ok=True)
+            os.close(claim)  # releases the claim
     return written
 
 

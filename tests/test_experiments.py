@@ -219,6 +219,47 @@ def test_two_workers_share_the_units_and_train_each_once(tmp_path):
     assert len(records) == 8 and {r["threads"] for r in records} == {1}
 
 
+def test_a_unit_is_claimed_by_one_worker_and_freed_when_its_process_ends(tmp_path):
+    """Of workers claiming one unit at the same instant exactly one gets it (repeated, threads with
+    a barrier: each claim is its own open file, as in two processes); a held claim is refused, and
+    a claim whose process ended without releasing it is free."""
+    import subprocess
+    import sys
+    import threading
+
+    claims = tmp_path / "claims"
+    for i in range(60):  # the pid-file claim this replaced gave one unit to two claimants in 8 % of such races
+        unit, barrier, got = ex.Unit("arm", 0, i, f"test=s{i}"), threading.Barrier(6), []
+
+        def claim(unit=unit, barrier=barrier, got=got):
+            barrier.wait()
+            got.append(ex._claim(unit, claims))
+
+        threads = [threading.Thread(target=claim) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        held = [fd for fd in got if fd is not None]
+        assert len(held) == 1, (i, got)
+        assert ex._claim(unit, claims) is None
+        os.close(held[0])
+        again = ex._claim(unit, claims)
+        assert again is not None
+        os.close(again)
+    unit = ex.Unit("arm", 1, 0, "test=dead")
+    code = (
+        "import os, sys; from pathlib import Path; import benchmarks.experiments as ex; "
+        f"fd = ex._claim(ex.Unit('arm', 1, 0, 'test=dead'), Path({str(claims)!r})); "
+        "sys.stdout.write(str(fd is not None)); sys.stdout.flush(); os._exit(0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ex.ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout == "True", out.stderr[-2000:]
+    fd = ex._claim(unit, claims)  # its process ended holding it
+    assert fd is not None
+    os.close(fd)
+
+
 def test_status_and_compare_need_no_corpus_once_the_folds_are_kept(tmp_path, queue, monkeypatch):
     """The split's fold list is kept beside the units, so a clone without the corpus (CI) still
     compares and counts what is missing."""
