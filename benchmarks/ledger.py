@@ -426,7 +426,7 @@ def _default_model():
 
     # the settings a run takes by default, read from the configuration so the ledger follows them
     m, o = ModelConfig(), ObjectiveConfig()
-    fs = FeatureSet.paper(["logmel", "mfcc", "prosody"])
+    fs = FeatureSet.paper(["logmel", "mfcc", "prosody"], hop_ms=m.hop_ms)
     spec = ModelSpec(
         fs, tuple("abcd"), width=m.width, embed_dim=m.embed_dim, pooling=m.pooling, downsample=m.downsample
     )
@@ -442,6 +442,13 @@ def _default_model():
     return fs, model.train(), objective.train()
 
 
+def _crop_frames() -> int:
+    """A default training crop's frames (3 s at the default hop), as fastser.training.table makes it."""
+    from fastser.config import ModelConfig, OptimConfig
+
+    return int(OptimConfig().train_seconds * (1000 / ModelConfig().hop_ms))
+
+
 def train_step_case(batch: int = 64):
     """One training step of the default model as the training loop runs it on a GPU, at `batch`
     (3 s crops): `train_step` (gradients None, forward, joint loss with the fused center loss's
@@ -451,7 +458,7 @@ def train_step_case(batch: int = 64):
     from fastser.training.step import train_step
 
     fs, model, objective = _default_model()
-    feats = {k: torch.empty(batch, n, 301, device=META) for k, n in fs.n_bins.items()}
+    feats = {k: torch.empty(batch, n, _crop_frames() + 1, device=META) for k, n in fs.n_bins.items()}
     frames = torch.empty(batch, dtype=torch.long, device=META)
     labels = torch.empty(batch, dtype=torch.long, device=META)
 
@@ -488,7 +495,8 @@ def graphed_train_step_case(batch: int = 64, mixup: float = 0.0, specaugment: bo
         {k: torch.zeros(n) for k, n in fs.n_bins.items()}, {k: torch.ones(n) for k, n in fs.n_bins.items()}
     )
     frames = torch.full((n_rows,), width)
-    batcher = Batcher(table, frames, torch.zeros(n_rows, dtype=torch.long), norm, META, 301, resident=True)
+    crop = _crop_frames() + 1
+    batcher = Batcher(table, frames, torch.zeros(n_rows, dtype=torch.long), norm, META, crop, resident=True)
     planned = PlannedBatches(batcher, batch, Augmentation(mixup=mixup, specaugment=specaugment))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3, capturable=True, foreach=False)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=1000, pct_start=0.15)

@@ -62,13 +62,16 @@ HEADLINE_ARMS = {
     ("ravdess", "loso"): (
         "enrollment-dropout",
         "width16-enrollment-dropout-0.5",
-        "no enrollment dropout, model alone",
-        "fastser, model alone (--functionals none)",
+        "no enrollment dropout, model alone, 10 ms hops, 24 epochs",
+        "fastser, model alone, 10 ms hops, 24 epochs (--functionals none --hop-ms 10 --epochs 24)",
     )
 }
 # rows above the model alone's, each once its queue arm has every unit: (plan, arm, row name)
 HEADLINE_OPTIONS = {
-    ("ravdess", "loso"): [("functionals", "functionals-compare", "fastser (defaults: ComParE functionals fused)")]
+    ("ravdess", "loso"): [
+        ("cheaper-hop", "hop20-epochs16", "fastser (defaults: 20 ms hops, 16 epochs, ComParE functionals fused)"),
+        ("functionals", "functionals-compare", "fastser, 10 ms hops, 24 epochs (--hop-ms 10 --epochs 24)"),
+    ]
 }
 SUITE_TITLES = {
     "center_loss": "Center loss, one training step (forward + backward + center update), B x C x D",

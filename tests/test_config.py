@@ -45,7 +45,7 @@ def test_enrollment_dropout_is_on_where_speaker_statistics_are():
 def test_defaults_that_depend_on_the_corpus_are_resolved_once():
     assert TrainConfig().resolved().optim.epochs == 12
     real = TrainConfig().replace(corpus="ravdess").resolved().optim
-    assert (real.epochs, real.patience, real.validation) == (24, 5, False)
+    assert (real.epochs, real.patience, real.validation) == (16, 5, False)
     assert TrainConfig().replace(corpus="ravdess", epochs=3).resolved().optim.epochs == 3
 
 

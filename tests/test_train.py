@@ -285,7 +285,7 @@ def test_sample_rate_and_mel_bands_are_settings_the_model_and_predict_follow(tmp
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     features = ckpt["spec"]["features"]
     assert features["logmel"]["sr"] == 8000 and features["logmel"]["n_mels"] == 32
-    assert features["logmel"]["n_fft"] == 256 and features["logmel"]["hop_length"] == 80
+    assert features["logmel"]["n_fft"] == 256 and features["logmel"]["hop_length"] == 8 * TrainConfig().model.hop_ms
     assert ckpt["settings"]["sample_rate"] == 8000 and ckpt["settings"]["n_mels"] == 32
     predictor = Predictor(out)
     assert predictor.sr == 8000
@@ -326,7 +326,7 @@ def test_hop_is_a_setting_the_features_crops_predict_and_resume_follow(tmp_path)
     assert TrainConfig().replace(hop_ms=3).resolved().problems() == [
         "hop_ms must be an integer number of milliseconds in [5, 32], got 3"
     ]
-    assert TrainConfig().replace(sample_rate=22050).resolved().problems() == [
+    assert TrainConfig().replace(sample_rate=22050, hop_ms=10).resolved().problems() == [
         "hop_ms 10 is not a whole number of samples at 22050 Hz"
     ]
     with pytest.raises(ValueError, match="not a whole number of samples"):
