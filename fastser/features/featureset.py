@@ -52,7 +52,7 @@ class FeatureSet:
 
     @classmethod
     def paper(cls, kinds: Iterable[str] = KINDS, sr: int = 16000, n_mels: int = 64, hop_ms: int = 10) -> "FeatureSet":
-        """The paper's inputs: 32 ms windows (n_fft 512 at 16 kHz), 10 ms hops.
+        """The paper's inputs: 32 ms windows (n_fft 512 at 16 kHz), 10 ms hops (`hop_ms`).
 
         Args:
             kinds: any of "logmel" (an `n_mels`-band log-mel spectrogram, 80 dB range), "mfcc" (40
