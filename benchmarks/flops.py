@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastser.config import ModelConfig, ObjectiveConfig, OptimConfig, migrated
+from fastser.config import ModelConfig, ObjectiveConfig, OptimConfig, crop_frames, migrated
 from fastser.features.featureset import FeatureSet
 from fastser.models import SERModel
 
@@ -65,7 +65,7 @@ def _counted(settings: dict, num_classes: int, backward: bool) -> FlopCounterMod
         pooling=s["pooling"],
         downsample=s["downsample"],
     ).to("meta")
-    batch, frames = s["batch_size"], int(s["train_seconds"] * (1000 / s["hop_ms"]))  # as the training crop
+    batch, frames = s["batch_size"], crop_frames(s["train_seconds"], s["hop_ms"])
     feats = {k: torch.empty(batch, bins, frames, device="meta") for k, bins in features.n_bins.items()}
     labels = torch.zeros(batch, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False, depth=None)

@@ -443,10 +443,10 @@ def _default_model():
 
 
 def _crop_frames() -> int:
-    """A default training crop's frames (3 s at the default hop), as fastser.training.table makes it."""
-    from fastser.config import ModelConfig, OptimConfig
+    """A default training crop's frames (3 s at the default hop)."""
+    from fastser.config import ModelConfig, OptimConfig, crop_frames
 
-    return int(OptimConfig().train_seconds * (1000 / ModelConfig().hop_ms))
+    return crop_frames(OptimConfig().train_seconds, ModelConfig().hop_ms)
 
 
 def train_step_case(batch: int = 64):

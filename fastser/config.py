@@ -281,6 +281,11 @@ class TrainConfig:
         return {k: v for k, v in self.settings().items() if k not in RUN_OPTIONS}
 
 
+def crop_frames(train_seconds: float, hop_ms: int) -> int:
+    """Frames of a training crop of `train_seconds` at a frame every `hop_ms` milliseconds."""
+    return int(train_seconds * (1000 / hop_ms))
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fastser import distributed as fdist
-from fastser.config import TrainConfig
+from fastser.config import TrainConfig, crop_frames
 from fastser.normalization import Normalizer, TableStatistics
 from fastser.training.batches import Batcher
 
@@ -53,7 +53,7 @@ class TrainingTable:
             self.table.labels,
             norm,
             self.device,
-            int(self.config.optim.train_seconds * (1000 / self.config.model.hop_ms)),  # the crop's frames
+            crop_frames(self.config.optim.train_seconds, self.config.model.hop_ms),
             groups,
             resident=self.resident,
             eval_bucket=EVAL_BATCH if self.resident else 1,  # static evaluation shapes on a GPU
