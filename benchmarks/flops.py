@@ -23,10 +23,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastser.config import ModelConfig, ObjectiveConfig, OptimConfig, crop_frames, migrated
 from fastser.features.featureset import FeatureSet
+from fastser.functionals import CLIP_KINDS, INPUT_KIND, SIZES
 from fastser.models import SERModel
 
 # a stage: a CNN's stem or block, a contour encoder, a decoder, the embedding, the classifier
-STAGE = re.compile(r"encoders\.\w+\.(stem|blocks\.\d+)|encoders\.prosody|decoders\.\w+|embed|classifier")
+STAGE = re.compile(r"encoders\.\w+\.(stem|blocks\.\d+)|encoders\.(prosody|functionals)|decoders\.\w+|embed|classifier")
 DEFAULTS = {f.name: f.default for cls in (ModelConfig, ObjectiveConfig, OptimConfig) for f in dataclasses.fields(cls)}
 
 
@@ -55,8 +56,11 @@ def _counted(settings: dict, num_classes: int, backward: bool) -> FlopCounterMod
     s = {**DEFAULTS, **migrated({k: v for k, v in settings.items() if v is not None})}
     kinds = _kinds(s["features"], s["prosody"])
     features = FeatureSet.paper(kinds, sr=s["sample_rate"], n_mels=s["n_mels"], hop_ms=s["hop_ms"])
+    bins = dict(features.n_bins)
+    if s["functionals_fusion"] == "input" and s["functionals"] in SIZES:  # the network's functionals branch
+        bins[INPUT_KIND] = SIZES[s["functionals"]]
     model = SERModel(
-        features.n_bins,
+        bins,
         num_classes,
         width=s["width"],
         embed_dim=s["embed_dim"],
@@ -66,7 +70,7 @@ def _counted(settings: dict, num_classes: int, backward: bool) -> FlopCounterMod
         downsample=s["downsample"],
     ).to("meta")
     batch, frames = s["batch_size"], crop_frames(s["train_seconds"], s["hop_ms"])
-    feats = {k: torch.empty(batch, bins, frames, device="meta") for k, bins in features.n_bins.items()}
+    feats = {k: torch.empty(batch, n, 1 if k in CLIP_KINDS else frames, device="meta") for k, n in bins.items()}
     labels = torch.zeros(batch, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False, depth=None)
     with counter:

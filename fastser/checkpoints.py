@@ -15,6 +15,7 @@ import dataclasses
 import json
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -22,6 +23,7 @@ from fastser._io import atomic_torch_save, atomic_write
 from fastser.errors import UserError
 from fastser.config import migrated
 from fastser.features.featureset import ALIASES, FeatureSet
+from fastser.functionals import INPUT_KIND, SIZES
 from fastser.models import SERModel
 
 
@@ -41,6 +43,13 @@ class ModelSpec:
     pooling: str = "global"  # CNN maps pooled over time and frequency ("global") or time only ("time");
     #                             the default is what a checkpoint written before the field holds
     downsample: str = "pool"  # where the CNNs' 2x2 downsamplings sit (fastser.models.cnn.DOWNSAMPLINGS)
+    functionals_input: Optional[str] = None  # the openSMILE set the network reads as a branch, if any
+
+    @property
+    def input_bins(self) -> dict:
+        """{kind: bins} of every model input: the feature set's kinds, then the functionals'."""
+        extra = {INPUT_KIND: SIZES[self.functionals_input]} if self.functionals_input else {}
+        return {**self.features.n_bins, **extra}
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -54,7 +63,7 @@ class ModelSpec:
 
 def build_model(spec: ModelSpec) -> SERModel:
     return SERModel(
-        spec.features.n_bins,
+        spec.input_bins,
         len(spec.classes),
         width=spec.width,
         embed_dim=spec.embed_dim,

@@ -34,6 +34,7 @@ REAL_CORPUS_DEFAULTS = {"epochs": 16, "patience": 5, "validation": False, "funct
 # or none (docs/accuracy.md, every fold of ravdess-dev, two seeds)
 DEFAULT_ENROLLMENT_DROPOUT = 0.5
 # the settings whose None `TrainConfig.resolved` fills from the others
+FUSIONS = ("late", "input")  # where the functionals meet the model (ModelConfig.functionals_fusion)
 FUNCTIONAL_SETS = ("egemaps", "compare")  # fastser.functionals.SETS's names; "none": the model alone
 # on real corpora the model's probabilities are averaged with those of ComParE functionals' linear
 # classifier: 6.9 UA per fold better with enrollment, 2.4 without, on ravdess-dev (docs/accuracy.md);
@@ -59,6 +60,7 @@ BEFORE_RECORDED = {
     "n_mels": 64,
     "functionals": "none",
     "hop_ms": 10,
+    "functionals_fusion": "late",
 }
 
 
@@ -97,6 +99,10 @@ class ModelConfig:
     # probabilities averaged with the model's (fastser.functionals); "none": the model alone;
     # None: DEFAULT_FUNCTIONALS by corpus
     functionals: Optional[str] = None
+    # where the functionals meet the model: "late", a classifier beside it whose probabilities are
+    # averaged with the model's; "input", a branch of the network fused before the embedding
+    # (fastser.models.cnn.FunctionalsEncoder), so the center loss and the reconstruction act on it
+    functionals_fusion: str = "late"
     bin_stats: bool = False
     pooling: str = "time"
     downsample: str = "pool"  # after each conv (the paper's order), "stem" or "early" (fastser.models.cnn)
@@ -107,6 +113,16 @@ class ModelConfig:
     def functionals_set(self) -> Optional[str]:
         """The openSMILE feature set whose classifier is fused with the model; None: the model alone."""
         return None if self.functionals in (None, "none") else self.functionals
+
+    @property
+    def functionals_input(self) -> Optional[str]:
+        """The openSMILE feature set the network reads as an input branch; None: none does."""
+        return self.functionals_set if self.functionals_fusion == "input" else None
+
+    @property
+    def functionals_late(self) -> Optional[str]:
+        """The openSMILE feature set whose classifier is averaged with the model; None: none is."""
+        return self.functionals_set if self.functionals_fusion == "late" else None
 
 
 @dataclass(frozen=True)
@@ -267,6 +283,22 @@ class TrainConfig:
             found.append(
                 f"{name('functionals')} must be one of {', '.join(FUNCTIONAL_SETS)} or none, got {s['functionals']!r}"
             )
+        if s["functionals_fusion"] not in FUSIONS:
+            found.append(
+                f"{name('functionals_fusion')} must be one of {', '.join(FUSIONS)}, got {s['functionals_fusion']!r}"
+            )
+        elif s["functionals_fusion"] == "input":
+            if s["functionals"] in (None, "none"):
+                found.append(
+                    f"{name('functionals_fusion')} input needs a feature set: {name('functionals')} "
+                    f"{' or '.join(FUNCTIONAL_SETS)}"
+                )
+            for key in ("speed_perturb", "noise", "specaugment"):
+                if s[key]:
+                    found.append(
+                        f"{name('functionals_fusion')} input does not combine with {name(key)} (the "
+                        f"functionals are extracted from the clips as recorded, one column per clip)"
+                    )
         if s["seeds"] and s["ablation"]:
             found.append(f"{name('seeds')} and {name('ablation')} do not combine yet: run the ablation once per seed")
         if s["enrollment_dropout"] and s["normalize"] != "speaker":

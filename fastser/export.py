@@ -83,6 +83,12 @@ class AudioClassifier(nn.Module):
     @staticmethod
     def check_exportable(predictor) -> None:
         """A UserError for what an exported file cannot hold: an ensemble, openSMILE functionals."""
+        if predictor.spec.functionals_input:
+            raise UserError(
+                f"the run's network reads openSMILE functionals (--functionals-fusion input, "
+                f"{predictor.spec.functionals_input}), which neither ONNX nor TorchScript can compute, "
+                "and it has no model without them: score it with python -m fastser.predict"
+            )
         if predictor.heads:
             raise UserError(
                 f"the run fuses openSMILE functionals (--functionals {predictor.heads[0].feature_set}), "

@@ -32,6 +32,13 @@ from torch import nn
 from fastser.errors import UserError
 
 SETS = {"egemaps": "eGeMAPSv02", "compare": "ComParE_2016"}  # fastser's name -> openSMILE's
+SIZES = {"egemaps": 88, "compare": 6373}  # functionals per clip of each set
+# the model's input kind when the functionals enter the network (--functionals-fusion input) rather
+# than a classifier beside it: (N, F, 1), one column per clip, normalised like the spectral kinds
+INPUT_KIND = "functionals"
+# the input kinds with one column per clip: a clip counts once in their statistics however many frames
+# it has, they have no padding, no crop and no decoder
+CLIP_KINDS = (INPUT_KIND,)
 C = 0.01  # the inverse regularisation strength of the baseline's linear SVM
 MODEL_WEIGHT = 0.5  # the model's share of the fused probabilities: equal, fixed before any test speaker was seen
 MIN_SPEAKER_CLIPS = 2  # one clip has no spread: below this the training speakers' statistics serve
@@ -225,6 +232,12 @@ def _logistic_regression(z: np.ndarray, labels: np.ndarray, num_classes: int) ->
     else:
         weight[present], bias[present] = lr.coef_, lr.intercept_
     return weight, bias
+
+
+def input_columns(x: np.ndarray) -> torch.Tensor:
+    """(N, F) functionals -> (N, F, 1) float32: the model's INPUT_KIND, one frame per clip (float32,
+    not the spectral table's float16: raw functionals reach past float16's range)."""
+    return torch.from_numpy(np.asarray(x, np.float32))[:, :, None]
 
 
 def fuse(model_probs, functionals_probs, model_weight: float = MODEL_WEIGHT):

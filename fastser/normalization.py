@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from fastser.features.post import valid_mask
+from fastser.functionals import CLIP_KINDS
 
 NORMALIZE = ("speaker", "utterance", "corpus")
 
@@ -60,13 +61,15 @@ class Normalizer:
         """From the feature table ({kind: (N, bins, T)}, zero past frames[i]): one set of statistics
         per group, groups (N,) in [0, n_groups) — e.g. each row's speaker, or arange(N) for
         utterance-level statistics. Float64 sums, `chunk` rows at a time."""
-        count = torch.zeros(n_groups, dtype=torch.float64, device=frames.device).index_add_(0, groups, frames.double())
-        sums, sqs = {}, {}
+        counts, sums, sqs = {}, {}, {}
         for kind, x in feats.items():
+            weight = torch.ones_like(frames) if kind in CLIP_KINDS else frames
+            counts[kind] = torch.zeros(n_groups, 1, dtype=torch.float64, device=frames.device)
+            counts[kind].index_add_(0, groups, weight.double()[:, None])
             s, ss = _row_sums(x, None, chunk)
             sums[kind] = s.new_zeros(n_groups, x.shape[1]).index_add_(0, groups, s)
             sqs[kind] = torch.zeros_like(sums[kind]).index_add_(0, groups, ss)
-        return cls._from_sums(sums, sqs, {k: count[:, None] for k in feats})
+        return cls._from_sums(sums, sqs, counts)
 
     @classmethod
     def fit_subsets(
@@ -77,13 +80,14 @@ class Normalizer:
         [0, n_groups) with at least one row. Float64 sums, each row's computed once."""
         group, row = members[:, 0], members[:, 1]
         rows, inverse = torch.unique(row, return_inverse=True)
-        count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group, frames[row].double())
-        sums, sqs = {}, {}
+        counts, sums, sqs = {}, {}, {}
         for kind, x in feats.items():
+            weight = torch.ones_like(row) if kind in CLIP_KINDS else frames[row]
+            counts[kind] = torch.zeros(n_groups, 1, dtype=torch.float64).index_add_(0, group, weight.double()[:, None])
             s, ss = _row_sums(x, rows, chunk)  # each shared row's once
             sums[kind] = s.new_zeros(n_groups, x.shape[1]).index_add_(0, group, s[inverse])
             sqs[kind] = torch.zeros_like(sums[kind]).index_add_(0, group, ss[inverse])
-        return cls._from_sums(sums, sqs, {k: count[:, None] for k in feats})
+        return cls._from_sums(sums, sqs, counts)
 
     @classmethod
     def concat(cls, norms: list) -> "Normalizer":
@@ -110,8 +114,9 @@ class Normalizer:
 
     def apply(self, feats: dict, frames: torch.Tensor, groups: Optional[torch.Tensor] = None) -> dict:
         """{kind: (B, bins, T)} -> normalised float32; frames past each item's own are exactly 0.
-        groups (B,): each item's row of per-group statistics (required when there are several)."""
-        valid = valid_mask(frames, next(iter(feats.values())).shape[-1])
+        groups (B,): each item's row of per-group statistics (required when there are several). A
+        kind of CLIP_KINDS ((B, F, 1), one column per clip) has no padding: it is not masked."""
+        valid = valid_mask(frames, max(x.shape[-1] for k, x in feats.items() if k not in CLIP_KINDS))
         out = {}
         for k, x in feats.items():
             mean, std = self.mean[k], self.std[k]
@@ -121,7 +126,7 @@ class Normalizer:
                 raise ValueError(f"this Normalizer has {mean.shape[0]} groups of statistics: pass each item's group")
             else:
                 mean, std = mean[groups][:, :, None], std[groups][:, :, None]
-            out[k] = ((x.float() - mean) / std) * valid
+            out[k] = (x.float() - mean) / std if k in CLIP_KINDS else ((x.float() - mean) / std) * valid
         return out
 
 

@@ -37,7 +37,7 @@ from fastser.checkpoints import build_model, finished_model, load_checkpoint
 from fastser.distributed import parse_device
 from fastser.errors import UserError
 from fastser.features.featureset import FeatureSet
-from fastser.functionals import FunctionalsHead, extract, fuse
+from fastser.functionals import INPUT_KIND, FunctionalsHead, extract, fuse, input_columns
 from fastser.functionals import speaker_statistics as functional_statistics
 from fastser.normalization import Normalizer, utterance_stats
 
@@ -201,14 +201,16 @@ class Predictor:
         clips = enrollment_clips(paths, self.sr, self.whole_seconds)
         if clips is None:
             return False
-        self.norms = [input_statistics(clips, self.features, self.device)] * len(self.models)
+        self.norms = [input_statistics(clips, self.features, self.device, self.spec.functionals_input)] * len(
+            self.models
+        )
         if self.heads:
             self.functionals_speaker = functional_statistics(extract(clips, self.heads[0].feature_set, self.sr))
         return True
 
     # -- scoring ------------------------------------------------------------------------
     def _score(self, clips: list) -> np.ndarray:
-        probs = score(self.models, self.norms, self.features, clips, self.device)
+        probs = score(self.models, self.norms, self.features, clips, self.device, self.spec.functionals_input)
         return fuse_functionals(probs, clips, self.heads, self.functionals_speaker, self.sr) if self.heads else probs
 
     def _windows_of(self, blocks: Iterable[np.ndarray]) -> Iterator[tuple]:
@@ -295,15 +297,25 @@ class Predictor:
 
 
 @torch.no_grad()
-def score(models: list, norms: list, features: FeatureSet, clips: list, device: torch.device) -> np.ndarray:
+def score(
+    models: list,
+    norms: list,
+    features: FeatureSet,
+    clips: list,
+    device: torch.device,
+    functionals: Optional[str] = None,
+) -> np.ndarray:
     """Clips (1-D float32 arrays at the features' rate) -> (n, classes) float32 probabilities, one
     batch: the mean of the models' softmax, each model's input normalised by its `norms` entry (None:
-    each clip's own statistics). Every clip is scored as alone (features and pooling use its frames)."""
+    each clip's own statistics). Every clip is scored as alone (features and pooling use its frames).
+    `functionals`: the openSMILE set the models read as an input branch (--functionals-fusion input)."""
     lengths = torch.tensor([len(c) for c in clips], dtype=torch.int64)
     batch = torch.zeros(len(clips), int(lengths.max()))
     for i, c in enumerate(clips):
         batch[i, : len(c)] = torch.from_numpy(c)
     raw, frames = features.extract(batch.to(device), lengths.to(device))
+    if functionals:
+        raw[INPUT_KIND] = input_columns(extract(clips, functionals, features.sr)).to(device)
     own = None
     probs = 0.0
     for model, norm in zip(models, norms):
@@ -404,13 +416,19 @@ def enrollment_clips(paths, sr: int, max_seconds: float) -> Optional[list]:
     return clips
 
 
-def input_statistics(clips: list, features: FeatureSet, device: torch.device) -> Normalizer:
-    """A speaker's input statistics (the model's features) from clips of their audio."""
+def input_statistics(
+    clips: list, features: FeatureSet, device: torch.device, functionals: Optional[str] = None
+) -> Normalizer:
+    """A speaker's input statistics (the model's features; with `functionals`, the openSMILE set the
+    model reads as a branch, one column per clip) from clips of their audio."""
     items = []
-    for y in clips:
+    columns = input_columns(extract(clips, functionals, features.sr)) if functionals else None
+    for i, y in enumerate(clips):
         y = torch.from_numpy(y).to(device)
         feats, frames = features.extract(y[None], torch.tensor([y.shape[0]], device=device))
         items.append({k: x[0, :, : int(frames[0])].cpu() for k, x in feats.items()})
+        if columns is not None:
+            items[-1][INPUT_KIND] = columns[i]
     return Normalizer.fit_items(items).to(device)
 
 

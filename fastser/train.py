@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fastser.config import FUNCTIONAL_SETS, RESOLVED_SETTINGS, RUN_OPTIONS, TrainConfig
+from fastser.config import FUNCTIONAL_SETS, FUSIONS, RESOLVED_SETTINGS, RUN_OPTIONS, TrainConfig
 from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.errors import UserError
 from fastser.memory import retain_freed_memory
@@ -147,6 +147,14 @@ def _model_flags(p: ArgumentParser) -> None:
         "classifier fitted on the training speakers, its probabilities averaged with the model's; "
         "predict extracts them too, export takes the model alone (--model-only); 'none': the model "
         "alone (default: compare on real corpora, none on the synthetic one)",
+    )
+    model.add_argument(
+        "--functionals-fusion",
+        choices=FUSIONS,
+        help="where the functionals meet the model: 'late' (default) averages the linear classifier's "
+        "probabilities with the model's; 'input' feeds them to a branch of the network fused before "
+        "the embedding (the center loss and the reconstruction then act on it; predict extracts them, "
+        "export cannot take such a model)",
     )
     model.add_argument(
         "--bin-stats",

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastser.functionals import CLIP_KINDS
+
 
 class SERResult(NamedTuple):
     logits: torch.Tensor
@@ -226,6 +228,30 @@ class ContourEncoder(nn.Module):
         return torch.cat([h_mean, h_std, peak, x_mean.to(h.dtype), x_std.to(h.dtype)], dim=1)
 
 
+class FunctionalsEncoder(nn.Module):
+    """(B, F, 1) normalised openSMILE functionals, one column per clip -> (B, 4 * width): the classic
+    baseline's features as a branch of the network, fused before the embedding like the others, so
+    the center loss and the reconstruction act on an embedding that holds them. The z-scores are
+    clipped at +-CLIP first: statistics from too few clips (one enrollment clip has no spread) give
+    scores in the thousands, which would swamp the branch; dropout on the input, as the baseline's
+    classifier is regularised, since the functionals outnumber the training clips."""
+
+    CLIP = 5.0
+
+    def __init__(self, n_bins: int, width: int = 16, dropout: float = 0.5):
+        super().__init__()
+        self.n_bins, self.out_dim = n_bins, 4 * width
+        self.net = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(n_bins, self.out_dim, bias=False),
+            nn.BatchNorm1d(self.out_dim),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[:, :, 0].clamp(-self.CLIP, self.CLIP))
+
+
 class FeatureDecoder(nn.Module):
     """Transposed convolutions from the conv map back to (B, bins, T)."""
 
@@ -275,9 +301,10 @@ def _drop_counter(module, state_dict, prefix, *args) -> None:
 
 
 class SERModel(nn.Module):
-    """One encoder per feature kind (2-D CNNs for "logmel"/"mfcc", a ContourEncoder for "prosody"),
-    pooled vectors concatenated (fused before the embedding, so the center loss acts on the fused
-    embedding), an embedding layer, a classifier, and one decoder per spectral kind."""
+    """One encoder per feature kind (2-D CNNs for "logmel"/"mfcc", a ContourEncoder for "prosody", a
+    FunctionalsEncoder for openSMILE "functionals"), pooled vectors concatenated (fused before the
+    embedding, so the center loss acts on the fused embedding), an embedding layer, a classifier,
+    and one decoder per spectral kind."""
 
     def __init__(
         self,
@@ -294,13 +321,9 @@ class SERModel(nn.Module):
     ):
         super().__init__()
         self.kinds = list(input_bins)
+        self.spectral_kinds = [k for k in self.kinds if k not in CONTOUR_KINDS + CLIP_KINDS]
         self.encoders = nn.ModuleDict(
-            {
-                k: ContourEncoder(b, width)
-                if k in CONTOUR_KINDS
-                else FeatureEncoder(b, width, bin_stats, pooling, downsample)
-                for k, b in input_bins.items()
-            }
+            {k: _encoder(k, b, width, bin_stats, pooling, downsample) for k, b in input_bins.items()}
         )
         pooled = sum(e.out_dim for e in self.encoders.values())
         self.embed = nn.Sequential(
@@ -309,7 +332,7 @@ class SERModel(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed_dim, num_classes))
         self.decoders = (
             nn.ModuleDict(
-                {k: FeatureDecoder(e.out_channels, width) for k, e in self.encoders.items() if k not in CONTOUR_KINDS}
+                {k: FeatureDecoder(e.out_channels, width) for k, e in self.encoders.items() if k in self.spectral_kinds}
             )
             if reconstruct
             else None
@@ -329,6 +352,9 @@ class SERModel(nn.Module):
                 raise ValueError(
                     f"{kind} features must be (batch, {self.encoders[kind].n_bins}, frames), got {tuple(x.shape)}"
                 )
+            if kind in CLIP_KINDS:
+                pooled.append(self.encoders[kind](x))
+                continue
             if kind in CONTOUR_KINDS:
                 pooled.append(self.encoders[kind](x, frames, masks))
                 continue
@@ -338,6 +364,14 @@ class SERModel(nn.Module):
                 recon[kind] = self.decoders[kind](fmap, x.shape[1:])
         embedding = self.embed(torch.cat(pooled, dim=1))
         return SERResult(self.classifier(embedding), embedding, recon)
+
+
+def _encoder(kind: str, bins: int, width: int, bin_stats: bool, pooling: str, downsample: str) -> nn.Module:
+    if kind in CLIP_KINDS:
+        return FunctionalsEncoder(bins, width)
+    if kind in CONTOUR_KINDS:
+        return ContourEncoder(bins, width)
+    return FeatureEncoder(bins, width, bin_stats, pooling, downsample)
 
 
 def spectrogram_cnn(num_classes: int, n_bins: int = 64, **kw) -> SERModel:

@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from fastser.functionals import CLIP_KINDS
 from fastser.models.objective import Mix
 from fastser.normalization import NORMALIZE, Normalizer, utterance_stats  # noqa: F401 - re-exported
 
@@ -55,7 +56,7 @@ class Batcher:
             self.groups_dev = groups.to(device) if groups is not None else None
         self.feats, self.frames, self.labels = feats, frames, labels
         self.device, self.train_frames, self.eval_bucket = device, train_frames, eval_bucket
-        self.width = next(iter(feats.values())).shape[-1]
+        self.width = max(x.shape[-1] for k, x in feats.items() if k not in CLIP_KINDS)
         self.norm = norm.to(device)
         self.groups = groups  # (N,) each row's group of statistics in `norm` (speaker or utterance), or None
         self.alternatives, self.p_alternative = None, 0.0
@@ -106,7 +107,8 @@ class Batcher:
         raw = {}
         for kind, x in self.feats.items():
             sel = x[rows]
-            sel = sel[:, :, :T] if t_idx is None else torch.take_along_dim(sel, t_idx[:, None, :], dim=2)
+            if kind not in CLIP_KINDS:  # one column per clip: nothing to crop
+                sel = sel[:, :, :T] if t_idx is None else torch.take_along_dim(sel, t_idx[:, None, :], dim=2)
             raw[kind] = self._to_device(sel)
         labels = self._to_device(self.labels[rows])
         groups = self._to_device(groups) if groups is not None else None
@@ -142,7 +144,9 @@ class Batcher:
         else:
             t_dev = t_idx[:, None, :]
             raw = {
-                k: x[rows_dev[:, None, None], torch.arange(x.shape[1], device=self.device)[None, :, None], t_dev]
+                k: x.index_select(0, rows_dev)  # one column per clip: nothing to crop
+                if k in CLIP_KINDS
+                else x[rows_dev[:, None, None], torch.arange(x.shape[1], device=self.device)[None, :, None], t_dev]
                 for k, x in self.feats.items()
             }
         groups = self.groups_dev.index_select(0, rows_dev) if self.groups_dev is not None else None

@@ -44,6 +44,7 @@ def model_spec(config: TrainConfig, features, classes) -> ModelSpec:
         bin_stats=config.model.bin_stats,
         pooling=config.model.pooling,
         downsample=config.model.downsample,
+        functionals_input=config.model.functionals_input,
     )
 
 

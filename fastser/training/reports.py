@@ -167,11 +167,16 @@ def model_card(run: Experiment, metrics: dict) -> str:
         f"# Model card: {run.out.name}",
         "",
         f"fastser {__version__}: the CNN + center loss + reconstruction model of Tripathi et al. (2020), "
-        f"inputs {' + '.join(run.spec.features.kinds)} at {run.spec.features.sr} Hz."
+        f"inputs {' + '.join(run.spec.features.kinds)} at {run.spec.features.sr} Hz"
+        + (
+            f" and openSMILE {a.model.functionals_input} functionals (a branch of the network)."
+            if a.model.functionals_input
+            else "."
+        )
         + (
             f" Its probabilities are averaged with those of a logistic regression over openSMILE "
-            f"{a.model.functionals_set} functionals (fastser.functionals); the figures below are the average's."
-            if a.model.functionals_set
+            f"{a.model.functionals_late} functionals (fastser.functionals); the figures below are the average's."
+            if a.model.functionals_late
             else ""
         ),
         "",
@@ -198,7 +203,7 @@ def model_card(run: Experiment, metrics: dict) -> str:
         lines.append(f"- the model alone, with the speaker's statistics: {pct(metrics['model'])}")
     if "training_norm_model" in metrics:
         lines.append(f"- the model alone, without enrollment audio: {pct(metrics['training_norm_model'])}")
-    alone = " (the model alone)" if a.model.functionals_set else ""  # only these two levels are fused
+    alone = " (the model alone)" if a.model.functionals_late else ""  # only these two levels are fused
     if "utterance_norm" in metrics:
         lines.append(f"- with each clip's own statistics{alone}: {pct(metrics['utterance_norm'])}")
     for k in ENROLLMENT_CLIPS:

@@ -30,7 +30,7 @@ from fastser.data import check_classes, load_corpus, make_folds
 from fastser.data.cache import Perturbation, build_feature_table, with_copies
 from fastser.errors import UserError
 from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
-from fastser.functionals import corpus_functionals
+from fastser.functionals import CLIP_KINDS, INPUT_KIND, SIZES, corpus_functionals, input_columns
 from fastser.threads import free_threads
 from fastser.training.console import log, result
 from fastser.training.experiment import Experiment
@@ -167,8 +167,17 @@ def load_table(config: TrainConfig, info):
         Perturbation("noise", snr) for snr in config.augment.noise or ()
     ]
     table = with_copies(table, feature_set(config, kinds), info.device, copies, **build)
-    if model.functionals_set:
+    if model.functionals_late:
         table.functionals = _functionals(table, config, cache_dir, info)
+    elif model.functionals_input:  # one more input kind of the table: normalised, batched, fed like the others
+        x = _functionals(table, config, cache_dir, info)
+        expected = SIZES[model.functionals_input]
+        if x.shape[1] != expected:
+            raise UserError(
+                f"openSMILE gave {x.shape[1]} {model.functionals_input} functionals a clip, the model "
+                f"expects {expected} (another openSMILE version?)"
+            )
+        table.feats[INPUT_KIND] = input_columns(x)
     PHASES["features"] = time.perf_counter() - t0 - PHASES["corpus"]
     return table
 
@@ -327,7 +336,7 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
             run_opts.no_progress,
         )
 
-    features = feature_set(config, table.feats)
+    features = feature_set(config, [k for k in table.feats if k not in CLIP_KINDS])
     fold_results = {}  # run folder -> its folds' test results (for the seed ensemble)
 
     def experiment(sub: Path, run_config: TrainConfig, run_folds=folds) -> dict:
