@@ -78,8 +78,14 @@ def test_units_go_seed_by_seed_and_fold_by_fold_with_every_arm_of_a_fold_togethe
     assert plan.units(tmp_path / "units")[0].path(tmp_path).relative_to(tmp_path).as_posix() == "base/seed-0/spk00.json"
 
 
-def test_a_unit_is_that_fold_of_a_full_run_bit_for_bit(tmp_path, queue):
-    plan = write_plan(tmp_path, arms={"base": []}, folds=(2,), seeds=(1,))
+# the default, and the openSMILE functionals as a branch of the network (one more input column per clip)
+@pytest.mark.parametrize(
+    "arm", [[], ["--functionals", "egemaps", "--functionals-fusion", "input"]], ids=["default", "input"]
+)
+def test_a_unit_is_that_fold_of_a_full_run_bit_for_bit(tmp_path, queue, arm):
+    if arm:
+        pytest.importorskip("opensmile")
+    plan = write_plan(tmp_path, arms={"base": arm}, folds=(2,), seeds=(1,))
     [path] = queue(plan)
     unit = json.loads(path.read_text())
     threads = torch.get_num_threads()

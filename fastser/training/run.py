@@ -126,9 +126,12 @@ def corpus_options(config: TrainConfig) -> dict:
 
 
 def feature_set(config: TrainConfig, kinds) -> FeatureSet:
-    """The model's inputs as `config` sets them (rate, log-mel bands, hop), for these kinds."""
+    """The model's frame features as `config` sets them (rate, log-mel bands, hop), for these kinds
+    (a table's kinds: its functionals column, one per clip, is no frame feature and is left out)."""
     model = config.model
-    return FeatureSet.paper(list(kinds), sr=config.data.sample_rate, n_mels=model.n_mels, hop_ms=model.hop_ms)
+    return FeatureSet.paper(
+        [k for k in kinds if k not in CLIP_KINDS], sr=config.data.sample_rate, n_mels=model.n_mels, hop_ms=model.hop_ms
+    )
 
 
 def load_table(config: TrainConfig, info):
@@ -336,7 +339,7 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
             run_opts.no_progress,
         )
 
-    features = feature_set(config, [k for k in table.feats if k not in CLIP_KINDS])
+    features = feature_set(config, table.feats)
     fold_results = {}  # run folder -> its folds' test results (for the seed ensemble)
 
     def experiment(sub: Path, run_config: TrainConfig, run_folds=folds) -> dict:
