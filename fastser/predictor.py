@@ -344,7 +344,7 @@ def load_models(checkpoint, device: torch.device) -> tuple:
     configs = [c.get("config", {}) for c in checkpoints]
     first = loaded[0][0]
     for path, (spec, _) in zip(paths[1:], loaded[1:]):
-        for what in ("classes", "normalize", "train_seconds", "max_seconds"):
+        for what in ("classes", "normalize", "train_seconds", "max_seconds", "functionals_input"):
             if getattr(spec, what) != getattr(first, what):
                 raise UserError(
                     f"checkpoint: {path} has {what} {getattr(spec, what)!r}, {paths[0]} has "

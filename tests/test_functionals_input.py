@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastser.config import TrainConfig
+from fastser.errors import UserError
 from fastser.functionals import INPUT_KIND, input_columns
 from fastser.models.cnn import FunctionalsEncoder, SERModel
 from fastser.normalization import Normalizer
@@ -155,6 +156,11 @@ def test_a_run_with_functionals_as_input_trains_predicts_and_refuses_export(tmp_
     enrolled.enroll_speaker([_wav(tmp_path, i, c) for i, c in enumerate(clips)])
     rows = functionals.extract(clips, "egemaps")
     np.testing.assert_allclose(enrolled.norms[0].mean[INPUT_KIND], rows.mean(0), rtol=1e-4, atol=1e-4)
+
+    plain = tmp_path / "plain"  # the model alone: no ensemble with a model that reads functionals
+    train.main(SMALL + ["--epochs", "1", "--functionals", "none", "--out", str(plain)])
+    with pytest.raises(UserError, match="functionals_input"):
+        predict.Predictor([out, plain])
 
     capsys.readouterr()
     assert export.cli([str(out)]) == 2
