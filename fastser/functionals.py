@@ -15,6 +15,10 @@ speaker's statistics is standardised with the training speakers' pooled ones and
 second such regression, fitted on the training rows standardised that way. The parameters are
 tensors in the checkpoint, so predict needs openSMILE to extract but no scikit-learn to score.
 openSMILE and scikit-learn are among fastser's dependencies.
+
+With `--functionals-fusion input` the functionals are instead one more input of the network
+(INPUT_KIND, `input_columns`; fastser.models.cnn.FunctionalsEncoder), normalised like the spectral
+inputs, and no classifier is fitted beside it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ A run trained with openSMILE functionals (`--functionals`, the default on real c
 extracts each clip's (or window's) functionals and averages the probabilities of the classifier
 kept in its checkpoint with the model's (fastser.functionals), standardised with the enrolled
 speaker's functionals statistics, or without enrollment scored by its training-statistics classifier.
+A run whose network reads them (`--functionals-fusion input`) gets each clip's functionals as one
+more input, normalised like the others (the enrollment audio's statistics, else the training ones).
 """
 
 from __future__ import annotations
