@@ -23,8 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastser.config import ModelConfig, ObjectiveConfig, OptimConfig, crop_frames, migrated
 from fastser.features.featureset import FeatureSet
-from fastser.functionals import CLIP_KINDS, INPUT_KIND, SIZES
-from fastser.models import SERModel
+from fastser.checkpoints import ModelSpec, build_model
+from fastser.functionals import CLIP_KINDS
 
 # a stage: a CNN's stem or block, a contour encoder, a decoder, the embedding, the classifier
 STAGE = re.compile(r"encoders\.\w+\.(stem|blocks\.\d+)|encoders\.(prosody|functionals)|decoders\.\w+|embed|classifier")
@@ -56,21 +56,23 @@ def _counted(settings: dict, num_classes: int, backward: bool) -> FlopCounterMod
     s = {**DEFAULTS, **migrated({k: v for k, v in settings.items() if v is not None})}
     kinds = _kinds(s["features"], s["prosody"])
     features = FeatureSet.paper(kinds, sr=s["sample_rate"], n_mels=s["n_mels"], hop_ms=s["hop_ms"])
-    bins = dict(features.n_bins)
-    if s["functionals_fusion"] == "input" and s["functionals"] in SIZES:  # the network's functionals branch
-        bins[INPUT_KIND] = SIZES[s["functionals"]]
-    model = SERModel(
-        bins,
-        num_classes,
+    branch = ModelConfig(functionals=s["functionals"], functionals_fusion=s["functionals_fusion"]).functionals_input
+    spec = ModelSpec(
+        features,
+        tuple(range(num_classes)),
         width=s["width"],
         embed_dim=s["embed_dim"],
         reconstruct=s["lambda_recon"] > 0,
         bin_stats=s["bin_stats"],
         pooling=s["pooling"],
         downsample=s["downsample"],
-    ).to("meta")
+        functionals_input=branch,
+    )
+    model = build_model(spec).to("meta")
     batch, frames = s["batch_size"], crop_frames(s["train_seconds"], s["hop_ms"])
-    feats = {k: torch.empty(batch, n, 1 if k in CLIP_KINDS else frames, device="meta") for k, n in bins.items()}
+    feats = {
+        k: torch.empty(batch, n, 1 if k in CLIP_KINDS else frames, device="meta") for k, n in spec.input_bins.items()
+    }
     labels = torch.zeros(batch, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False, depth=None)
     with counter:

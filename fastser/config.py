@@ -33,13 +33,13 @@ REAL_CORPUS_DEFAULTS = {"epochs": 16, "patience": 5, "validation": False, "funct
 # with speaker statistics: as good with the speaker's enrollment audio, far better with one clip of it
 # or none (docs/accuracy.md, every fold of ravdess-dev, two seeds)
 DEFAULT_ENROLLMENT_DROPOUT = 0.5
-# the settings whose None `TrainConfig.resolved` fills from the others
-FUSIONS = ("late", "input")  # where the functionals meet the model (ModelConfig.functionals_fusion)
 FUNCTIONAL_SETS = ("egemaps", "compare")  # fastser.functionals.SETS's names; "none": the model alone
+FUSIONS = ("late", "input")  # where the functionals meet the model (ModelConfig.functionals_fusion)
 # on real corpora the model's probabilities are averaged with those of ComParE functionals' linear
 # classifier: 6.9 UA per fold better with enrollment, 2.4 without, on ravdess-dev (docs/accuracy.md);
 # the synthetic corpus (tones, not speech) keeps the model alone
 DEFAULT_FUNCTIONALS = {"synthetic": "none"}
+# the settings whose None `TrainConfig.resolved` fills from the others
 RESOLVED_SETTINGS = ("epochs", "patience", "validation", "enrollment_dropout", "functionals")
 
 # What fastser did before a setting was recorded: a run whose settings lack the key was made so.
