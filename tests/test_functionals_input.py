@@ -175,3 +175,19 @@ def _wav(folder, i, samples):
     path = folder / f"enroll{i}.wav"
     soundfile.write(path, samples, 16000, subtype="FLOAT")
     return str(path)
+
+
+def test_functionals_of_another_size_than_the_model_expects_stop_the_run_in_one_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("opensmile")
+    from fastser import train
+    from fastser.training import run as training_run
+    from tests.test_train import SMALL
+
+    monkeypatch.setitem(training_run.SIZES, "egemaps", 87)  # as another openSMILE version might give
+    out = tmp_path / "run"
+    argv = SMALL + ["--epochs", "1", "--functionals", "egemaps", "--functionals-fusion", "input", "--out", str(out)]
+    capsys.readouterr()
+    assert train.cli(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "openSMILE gave 88 egemaps functionals a clip, the model expects 87" in err[0], err
+    assert not (out / "checkpoint.pt").exists(), "nothing trained, nothing saved"
