@@ -220,8 +220,9 @@ def test_two_workers_share_the_units_and_train_each_once(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     trained = [line.split(" -> ")[1] for line in proc.stdout.splitlines() if " -> " in line]
-    assert len(trained) == len(set(trained)) == 8
     records = [json.loads(p.read_text()) for p in (tmp_path / "units").glob("*/seed-*/*.json")]
+    # on a failure, the workers' own output and the unit files found say which unit went missing and why
+    assert len(trained) == len(set(trained)) == 8, (len(records), proc.stdout, proc.stderr[-3000:])
     assert len(records) == 8 and {r["threads"] for r in records} == {1}
 
 
