@@ -83,6 +83,13 @@ class Plan:
     folds: Optional[list]  # fold indices (0-based), None: every fold of the split
     common: list  # flags every arm gets
     arms: dict  # name -> flags
+    units_dir: Path = UNITS  # where its unit files live: UNITS, or UNITS/<corpus> off ravdess-dev
+
+    @staticmethod
+    def home(corpus: str) -> Path:
+        """A corpus's unit folder. Arms keep their names across corpora (hop20-epochs16 is the
+        default on each), so each corpus has its own folder; ravdess-dev's, the first, is the top."""
+        return UNITS if corpus == "ravdess" else UNITS / corpus
 
     @classmethod
     def load(cls, path) -> "Plan":
@@ -117,7 +124,8 @@ class Plan:
         data_dir = raw.get("data_dir")
         if data_dir is not None and not os.path.isabs(data_dir):
             data_dir = str((ROOT / data_dir).resolve())  # relative to the repository, wherever it is run from
-        return cls(path, raw.get("corpus", "synthetic"), data_dir, seeds, folds, list(raw.get("args", [])), arms)
+        corpus = raw.get("corpus", "synthetic")
+        return cls(path, corpus, data_dir, seeds, folds, list(raw.get("args", [])), arms, cls.home(corpus))
 
     def flags(self, arm: str, seed: int, threads: Optional[int] = None) -> list:
         flags = ["--corpus", self.corpus, *self.common, *self.arms[arm], "--seed", str(seed), "--no-progress"]
@@ -140,7 +148,7 @@ class Plan:
                 raise PlanError(f"{self.path}: arm {arm!r}: --{key.replace('_', '-')} has no place in a unit")
         return config
 
-    def units(self, units_dir: Path = UNITS) -> list:
+    def units(self, units_dir: Optional[Path] = None) -> list:
         """Every unit, in the order the queue takes them: seed, fold, arm."""
         names = self.fold_names(units_dir)
         chosen = range(len(names)) if self.folds is None else self.folds
@@ -149,7 +157,7 @@ class Plan:
             raise PlanError(f"{self.path}: folds {bad}: the split has {len(names)} folds")
         return [Unit(arm, seed, i, names[i]) for seed in self.seeds for i in chosen for arm in self.arms]
 
-    def fold_names(self, units_dir: Path = UNITS) -> list:
+    def fold_names(self, units_dir: Optional[Path] = None) -> list:
         """The split's test folds, in order. Read from the corpus once and kept beside the units
         (`<corpus>-<split>-folds.json`), so that status and compare work where the corpus is not
         (a clone without ../shared, CI)."""
@@ -165,7 +173,7 @@ class Plan:
             "classes": d.classes,
             **({"speakers": d.synthetic_speakers, "seed": self.seeds[0]} if d.corpus == "synthetic" else {}),
         }
-        kept = units_dir / f"{d.corpus}-{d.split}-folds.json"
+        kept = (units_dir or self.units_dir) / f"{d.corpus}-{d.split}-folds.json"
         if d.split == "loso" and kept.exists():
             stored = read_unit(kept)
             if stored["key"] == key:
@@ -337,10 +345,15 @@ def _epoch_cost(settings: dict) -> float:
 
 
 def estimate_seconds(
-    plan: Plan, arm: str, units: Path = UNITS, threads: Optional[int] = None, first_guess: float = FIRST_GUESS_MINUTES
+    plan: Plan,
+    arm: str,
+    units: Optional[Path] = None,
+    threads: Optional[int] = None,
+    first_guess: float = FIRST_GUESS_MINUTES,
 ) -> float:
     """A unit's expected time: the slowest of the arm's finished units (at this thread count where
     there are such), else another arm's scaled by training FLOPs, else `first_guess` minutes."""
+    units = units or plan.units_dir
 
     def finished(name: str) -> list:
         records = [read_unit(p) for p in sorted((units / name).glob("seed-*/*.json"))]
@@ -361,11 +374,12 @@ def estimate_seconds(
 def check_settings(plan: Plan, unit: Unit, record: dict) -> None:
     """A unit file made with other settings than the arm now has is an error, never a silent mix."""
     expected = _jsonable(plan.config(unit.arm, unit.seed).computed_settings())
+    where = unit.path(plan.units_dir)
     made = _jsonable(migrated(record["settings"]))  # a unit from before a setting existed made it so
     differ = sorted(k for k in set(expected) | set(made) if expected.get(k) != made.get(k))
     if differ:
         raise PlanError(
-            f"{unit.path()}: made with other settings than arm {unit.arm!r} has now (differs in {differ}); "
+            f"{where}: made with other settings than arm {unit.arm!r} has now (differs in {differ}); "
             f"give the changed arm a new name"
         )
 
@@ -374,7 +388,7 @@ def run_queue(
     plan: Plan,
     budget_minutes: float,
     threads: Optional[int] = None,
-    units_dir: Path = UNITS,
+    units_dir: Optional[Path] = None,
     scratch: Optional[Path] = None,
     max_units: Optional[int] = None,
     first_guess: float = FIRST_GUESS_MINUTES,
@@ -382,7 +396,8 @@ def run_queue(
 ) -> list:
     """Train the plan's missing units, one at a time, while the budget allows; returns the paths written."""
     deadline = time.monotonic() + budget_minutes * 60
-    scratch = scratch or SCRATCH
+    units_dir = units_dir or plan.units_dir
+    scratch = scratch or SCRATCH / plan.corpus
     runner, written = UnitRunner(plan, threads, scratch / "runs"), []
     todo = plan.units(units_dir)
     for unit in todo:
@@ -450,8 +465,9 @@ def _run_workers(args, plan: Plan) -> int:
 
 
 # -- reading the units ------------------------------------------------------------------------
-def load_units(plan: Plan, units_dir: Path = UNITS) -> dict:
+def load_units(plan: Plan, units_dir: Optional[Path] = None) -> dict:
     """{(arm, seed, fold_name): record} of the plan's units that have a file."""
+    units_dir = units_dir or plan.units_dir
     found = {}
     for unit in plan.units(units_dir):
         path = unit.path(units_dir)
@@ -476,10 +492,11 @@ def pooled_ua(records: list, level: Optional[str] = None, metric: str = "ua") ->
     return summarize(y_true, y_pred, records[0]["classes"])[metric]
 
 
-def arm_result(plan: Plan, arm: str, units_dir: Path = UNITS) -> Optional[dict]:
+def arm_result(plan: Plan, arm: str, units_dir: Optional[Path] = None) -> Optional[dict]:
     """An arm's result as a full run of its seeds would report it, from its units, once every planned
     unit is in (else None): UA and WA pooled over each seed's folds, mean and std over the seeds
-    ("ua_mean", "ua_std", "wa_mean", ...; "training_norm_ua_*": the training speakers' statistics),
+    ("ua_mean", "ua_std", "wa_mean", ...; "training_norm_ua_*": the training speakers' statistics;
+    "model_ua_*", "model_training_ua_*": a fused arm's model alone, with and without enrollment),
     and the units' training seconds per seed ("unit_seconds_per_seed", each unit on one thread)."""
     found = load_units(plan, units_dir)
     units = [u for u in plan.units(units_dir) if u.arm == arm]
@@ -487,14 +504,17 @@ def arm_result(plan: Plan, arm: str, units_dir: Path = UNITS) -> Optional[dict]:
         return None
     out = {"seeds": [str(s) for s in plan.seeds], "folds": len({u.fold_name for u in units})}
     per_seed = {s: [found[(arm, u.seed, u.fold_name)] for u in units if u.seed == s] for s in plan.seeds}
-    for name, level, metric in (("ua", None, "ua"), ("wa", None, "wa"), ("training_norm_ua", "training", "ua")):
+    measures = [("ua", None, "ua"), ("wa", None, "wa"), ("training_norm_ua", "training", "ua")]
+    if all("y_pred_model" in r["predictions"] for rs in per_seed.values() for r in rs):  # a fused arm
+        measures += [("model_ua", "model", "ua"), ("model_training_ua", "training_model", "ua")]
+    for name, level, metric in measures:
         values = [pooled_ua(records, level, metric) for records in per_seed.values()]
         out[f"{name}_mean"], out[f"{name}_std"] = float(np.mean(values)), float(np.std(values))
     out["unit_seconds_per_seed"] = float(np.mean([sum(r["seconds"] for r in rs) for rs in per_seed.values()]))
     return out
 
 
-def compare(plan: Plan, arms: Optional[list] = None, units_dir: Path = UNITS) -> str:
+def compare(plan: Plan, arms: Optional[list] = None, units_dir: Optional[Path] = None) -> str:
     """Each arm against the first, on the (seed, test speaker) pairs both have: a markdown table."""
     from scipy.stats import ttest_rel
 
@@ -545,7 +565,7 @@ def compare(plan: Plan, arms: Optional[list] = None, units_dir: Path = UNITS) ->
     return "\n".join(lines)
 
 
-def status(plan: Plan, units_dir: Path = UNITS, threads: Optional[int] = None) -> str:
+def status(plan: Plan, units_dir: Optional[Path] = None, threads: Optional[int] = None) -> str:
     found = load_units(plan, units_dir)
     lines = []
     for arm in plan.arms:
@@ -593,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     plan = Plan.load(args.plan)
-    units_dir = Path(args.units_dir) if args.units_dir else UNITS
+    units_dir = Path(args.units_dir) if args.units_dir else plan.units_dir
     if args.command == "compare":
         print(compare(plan, args.arms, units_dir))
     elif args.command == "status":

@@ -54,7 +54,17 @@ HEADLINE = {
         "fastser-default-time-pooling-per-frequency-band-24-epochs-speaker-norm-prosody-no-validation-speakers",
         "compare-linear-svm-speaker-znorm",
         "egemaps-linear-svm-speaker-znorm",
-    )
+    ),
+    ("emovo", "loso"): (
+        "compare-linear-svm-speaker-znorm",
+        "egemaps-linear-svm-speaker-znorm",
+        "egemaps-rbf-svm-speaker-znorm",
+    ),
+}
+CORPUS_TITLES = {
+    ("ravdess", "loso"): "**RAVDESS actors 1-12** (`ravdess-dev`: English, 720 utterances, 8 classes; "
+    "leave-one-actor-out, 12 folds)",
+    ("emovo", "loso"): "**EMOVO** (Italian, 6 actors, 588 utterances, 7 classes; leave-one-actor-out, 6 folds)",
 }
 # the default model's own row where its queue arm has every unit (plan, arm, the settings that made
 # the full-run row above differ from it)
@@ -71,7 +81,16 @@ HEADLINE_OPTIONS = {
     ("ravdess", "loso"): [
         ("cheaper-hop", "hop20-epochs16", "fastser (defaults: 20 ms hops, 16 epochs, ComParE functionals fused)"),
         ("functionals", "functionals-compare", "fastser, 10 ms hops, 24 epochs (--hop-ms 10 --epochs 24)"),
-    ]
+    ],
+    ("emovo", "loso"): [
+        (
+            "emovo-enrollment-dropout",
+            "hop20-epochs16",
+            "fastser (defaults: 20 ms hops, 16 epochs, ComParE functionals fused)",
+        ),
+        ("emovo-enrollment-dropout", "hop20-epochs16-enrollment-dropout-0", "fastser, --enrollment-dropout 0"),
+        ("emovo-cheaper-hop", "functionals-compare", "fastser, 10 ms hops, 24 epochs (--hop-ms 10 --epochs 24)"),
+    ],
 }
 SUITE_TITLES = {
     "center_loss": "Center loss, one training step (forward + backward + center update), B x C x D",
@@ -295,14 +314,17 @@ def accuracy_table() -> str:
 
 
 def headline_table() -> str:
-    """The README's results table per corpus: the default model (with and without enrollment audio)
-    beside the classic baselines on the same folds."""
+    """The README's results, one table per development corpus: the default model fused and alone
+    (with and without enrollment audio) beside the classic baselines on the same folds."""
     lines = []
     for (corpus, split), names in HEADLINE.items():
         rows = [json.loads((RESULTS / "accuracy" / f"{corpus}-{split}-{n}.json").read_text()) for n in names]
         lines += [
-            "| model | UA % | WA % | UA % without enrollment audio | time per seed (2 CPU cores) | folds, seeds |",
-            "|---|---:|---:|---:|---:|---|",
+            CORPUS_TITLES[(corpus, split)],
+            "",
+            "| model | UA % | WA % | UA % without enrollment audio | model alone: UA % (without enrollment) "
+            "| time per seed (2 CPU cores) | folds, seeds |",
+            "|---|---:|---:|---:|---:|---:|---|",
         ]
         plan, arm, before, name = HEADLINE_ARMS.get((corpus, split), (None, None, None, None))
         default = _queue_row(plan, arm, name) if plan else None
@@ -315,16 +337,32 @@ def headline_table() -> str:
             spread = r["kind"] != "baseline" and len(r["seeds"]) > 1
             pm = lambda k: f"{100 * r[k + '_mean']:.1f}" + (f" ± {100 * r[k + '_std']:.1f}" if spread else "")  # noqa: E731
             name = r.get("headline_name") or ("fastser (defaults)" if r["kind"] != "baseline" else _setting_text(r))
-            alone = pm("training_norm_ua") if "training_norm_ua_mean" in r else "(per-speaker z-norm needs the speaker)"
+            if "training_norm_ua_mean" in r:
+                alone = pm("training_norm_ua")
+            elif r["kind"] == "baseline":
+                alone = _baseline_without_speaker(corpus, split, r)
+            else:
+                alone = ""
+            model = f"{pm('model_ua')} ({pm('model_training_ua')})" if "model_ua_mean" in r else ""
             seeds = (
                 f"{r['folds']} folds, seeds {', '.join(r['seeds'])}"
                 if r["kind"] != "baseline"
                 else f"{r['folds']} folds"
             )
             time = r.get("time") or _minutes(r["seconds_per_seed"])
-            lines.append(f"| {name} | {pm('ua')} | {pm('wa')} | {alone} | {time} | {seeds} |")
+            lines.append(f"| {name} | {pm('ua')} | {pm('wa')} | {alone} | {model} | {time} | {seeds} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _baseline_without_speaker(corpus: str, split: str, row: dict) -> str:
+    """A speaker-normalised baseline's UA without the speaker: the same SVM on raw functionals, where
+    that row was kept (benchmarks.accuracy --baseline of a --no-speaker-norm run)."""
+    s = row["settings"]
+    path = RESULTS / "accuracy" / f"{corpus}-{split}-{s['features']}-{s['svm']}-svm.json"
+    if not path.is_file():
+        return "(per-speaker z-norm needs the speaker)"
+    return f"{100 * json.loads(path.read_text())['ua_mean']:.1f} (no z-norm)"
 
 
 def _queue_row(plan: str, arm: str, name: str = "fastser (defaults)"):

@@ -7,6 +7,15 @@ prosody), the run's input normalisation, the CNN and the softmax are all inside.
 are dynamic. It needs nothing of fastser to run: onnxruntime for `--format onnx` (model.onnx),
 PyTorch's `torch.export.load` for `--format torch` (model.pt2).
 
+A run that fuses openSMILE functionals (`--functionals`, the default on real corpora) is exported
+whole: the file takes one more input, `functionals` (batch, F) float32, each clip's openSMILE
+functionals of the run's set (ComParE_2016 or eGeMAPSv02, `opensmile.Smile(...).process_signal`,
+computed outside the graph, which cannot run openSMILE), and holds their standardisation, both
+functionals classifiers, the choice between them and the fusion with the model. Optional inputs
+functionals_mean / functionals_std (F,) float64 and functionals_enrolled (bool) are the speaker's
+functionals statistics and whether to use them (else the training-statistics classifier);
+`--model-only` writes the model alone.
+
 Outputs: probabilities (B, classes); feature_sum and feature_sq_sum (B, D), each clip's raw
 feature sums over its valid frames, and frames (B,) — what a speaker's statistics are made of.
 Inputs speaker_mean / speaker_std (D,) are the statistics the features are normalised with
@@ -25,6 +34,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,11 +43,14 @@ from torch import nn
 import fastser
 from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.errors import UserError
+from fastser.functionals import MIN_SPEAKER_CLIPS, SETS, fuse
 from fastser.normalization import Normalizer, mean_std
 
 FORMATS = {"onnx": "model.onnx", "torch": "model.pt2"}
 INPUTS = ("audio", "lengths")
 STATISTICS = ("speaker_mean", "speaker_std")
+FUNCTIONALS_INPUT = "functionals"
+FUNCTIONALS_STATISTICS = ("functionals_mean", "functionals_std", "functionals_enrolled")
 OUTPUTS = ("probabilities", "feature_sum", "feature_sq_sum", "frames")
 OPSET = 18
 MIN_PAD_HOPS = 16  # the three 2x2 poolings need 8 frames, the traced graph 16: padding past `lengths` is ignored
@@ -46,7 +59,8 @@ MIN_PAD_HOPS = 16  # the three 2x2 poolings need 8 frames, the traced graph 16: 
 class AudioClassifier(nn.Module):
     """A trained model with its features and normalisation, as one traceable module.
 
-    AudioClassifier(spec, model, norm, windows)  — from a Predictor: `AudioClassifier.from_predictor(p)`.
+    AudioClassifier(spec, model, norm, windows)  — from a Predictor: `AudioClassifier.from_predictor(p)`
+    (a FusedAudioClassifier for a run that fuses openSMILE functionals).
     forward(audio (B, samples) float32, lengths (B,) int64)
         -> (probabilities (B, classes), feature_sum (B, D), feature_sq_sum (B, D), frames (B,))
     D = sum of the feature kinds' bins, in `kinds` order; the buffers speaker_mean and speaker_std
@@ -56,6 +70,7 @@ class AudioClassifier(nn.Module):
 
     def __init__(self, spec, model: nn.Module, norm, windows: dict):
         super().__init__()
+        self.head = None  # a FusedAudioClassifier's functionals classifier
         self.windows = windows
         self.features, self.normalize = spec.features, spec.normalize
         self.kinds, self.classes = list(spec.features.kinds), list(spec.classes)
@@ -78,22 +93,20 @@ class AudioClassifier(nn.Module):
             "window_seconds": predictor.window_seconds,
             "hop_seconds": predictor.hop_seconds,
         }
-        return cls(predictor.spec, predictor.models[0], predictor.norms[0], windows)
+        parts = (predictor.spec, predictor.models[0], predictor.norms[0], windows)
+        if predictor.heads:
+            return FusedAudioClassifier(*parts, predictor.heads[0], predictor.functionals_speaker)
+        return cls(*parts)
 
     @staticmethod
     def check_exportable(predictor) -> None:
-        """A UserError for what an exported file cannot hold: an ensemble, openSMILE functionals."""
+        """A UserError for what an exported file cannot hold: an ensemble, a network that reads
+        openSMILE functionals as an input branch."""
         if predictor.spec.functionals_input:
             raise UserError(
-                f"the run's network reads openSMILE functionals (--functionals-fusion input, "
-                f"{predictor.spec.functionals_input}), which neither ONNX nor TorchScript can compute, "
-                "and it has no model without them: score it with python -m fastser.predict"
-            )
-        if predictor.heads:
-            raise UserError(
-                f"the run fuses openSMILE functionals (--functionals {predictor.heads[0].feature_set}), "
-                "which neither ONNX nor TorchScript can compute; score it with python -m fastser.predict, or "
-                "export its model alone with --model-only"
+                f"the run's network reads openSMILE functionals as an input branch (--functionals-fusion "
+                f"input, {predictor.spec.functionals_input}), whose speaker statistics an exported file "
+                "does not hold: score it with python -m fastser.predict"
             )
         if len(predictor.models) != 1:
             raise UserError(
@@ -119,8 +132,26 @@ class AudioClassifier(nn.Module):
         """(..., D) -> {kind: (..., bins)}: the flat statistics as the Normalizer holds them."""
         return dict(zip(self.kinds, values.split(self.bins, dim=-1)))
 
+    @property
+    def input_names(self) -> list:
+        return list(INPUTS) + ([FUNCTIONALS_INPUT] if self.head is not None else [])
+
+    @property
+    def optional_inputs(self) -> list:
+        """The buffers a caller may feed (ONNX) or assign (torch): the statistics."""
+        spectral = list(STATISTICS) if self.normalize != "utterance" else []
+        return spectral + (list(FUNCTIONALS_STATISTICS) if self.head is not None else [])
+
     def metadata(self) -> dict:
         """What a program needs to feed the file and read its outputs (stored inside it)."""
+        functionals = None
+        if self.head is not None:
+            functionals = {
+                "feature_set": self.head.feature_set,
+                "opensmile_feature_set": SETS[self.head.feature_set],
+                "size": int(self.head.weight.shape[1]),
+                "min_speaker_clips": MIN_SPEAKER_CLIPS,
+            }
         return {
             "fastser_version": fastser.__version__,
             "classes": self.classes,
@@ -128,11 +159,45 @@ class AudioClassifier(nn.Module):
             "kinds": self.kinds,
             "bins": self.bins,
             "normalize": self.normalize,
-            "inputs": list(INPUTS),
-            "optional_inputs": list(STATISTICS) if self.normalize != "utterance" else [],
+            "inputs": self.input_names,
+            "optional_inputs": self.optional_inputs,
             "outputs": list(OUTPUTS),
+            "functionals": functionals,
             **self.windows,
         }
+
+
+class FusedAudioClassifier(AudioClassifier):
+    """An AudioClassifier whose probabilities are fused with a functionals classifier's, as
+    predict's (fastser.functionals.FunctionalsHead and fuse).
+
+    FusedAudioClassifier(spec, model, norm, windows, head, functionals_speaker=None)
+    forward(audio (B, samples) float32, lengths (B,) int64, functionals (B, F) float32)
+        -> as AudioClassifier's, the probabilities the fused ones.
+    `functionals` are the clips' raw openSMILE functionals of head.feature_set. The buffers
+    functionals_mean / functionals_std (F,) float64 are a speaker's functionals statistics, used
+    where functionals_enrolled (bool) is true; else the head's training-statistics classifier
+    scores. `functionals_speaker`: a (mean, std) pair (predict's enrolled speaker) or None."""
+
+    def __init__(self, spec, model: nn.Module, norm, windows: dict, head, functionals_speaker=None):
+        super().__init__(spec, model, norm, windows)
+        self.head = head
+        n = head.weight.shape[1]
+        f_mean, f_std = functionals_speaker or (torch.zeros(n), torch.ones(n))
+        self.register_buffer("functionals_mean", torch.as_tensor(np.asarray(f_mean), dtype=torch.float64))
+        self.register_buffer("functionals_std", torch.as_tensor(np.asarray(f_std), dtype=torch.float64))
+        self.register_buffer("functionals_enrolled", torch.tensor(functionals_speaker is not None))
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor, functionals: torch.Tensor):
+        probabilities, *sums = super().forward(audio, lengths)
+        x = functionals.double()  # openSMILE's float32 values, exactly as predict holds them
+        # both classifiers computed, the one the statistics call for kept (no branch in the graph)
+        logits = torch.where(
+            self.functionals_enrolled,
+            self.head.speaker_logits(x, self.functionals_mean, self.functionals_std),
+            self.head.pooled_logits(x),
+        )
+        return fuse(probabilities, torch.softmax(logits, dim=1)).float(), *sums
 
 
 def speaker_statistics(feature_sum, feature_sq_sum, frames):
@@ -149,13 +214,20 @@ def speaker_statistics(feature_sum, feature_sq_sum, frames):
 
 def _example(module: AudioClassifier):
     sr = module.features.sr
-    audio = torch.randn(2, 2 * sr, generator=torch.Generator().manual_seed(0)) * 0.1
-    return audio, torch.tensor([2 * sr, sr + sr // 3])
+    generator = torch.Generator().manual_seed(0)
+    audio = torch.randn(2, 2 * sr, generator=generator) * 0.1
+    example = (audio, torch.tensor([2 * sr, sr + sr // 3]))
+    if module.head is not None:
+        example += (torch.randn(2, module.head.weight.shape[1], generator=generator),)
+    return example
 
 
-def _dynamic_shapes():
+def _dynamic_shapes(module: AudioClassifier):
     batch, samples = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("samples", min=1, max=2**31 - 1)
-    return {"audio": {0: batch, 1: samples}, "lengths": {0: batch}}
+    shapes = {"audio": {0: batch, 1: samples}, "lengths": {0: batch}}
+    if module.head is not None:
+        shapes[FUNCTIONALS_INPUT] = {0: batch}
+    return shapes
 
 
 def _traced(module: AudioClassifier, trace):
@@ -170,7 +242,7 @@ def _traced(module: AudioClassifier, trace):
 def export_torch(module: AudioClassifier, path: Path) -> None:
     """model.pt2: program = torch.export.load(path); program.module()(audio, lengths); the statistics
     are the module's buffers speaker_mean / speaker_std (assign them to score another speaker)."""
-    program = _traced(module, lambda m, x: torch.export.export(m, x, dynamic_shapes=_dynamic_shapes()))
+    program = _traced(module, lambda m, x: torch.export.export(m, x, dynamic_shapes=_dynamic_shapes(m)))
     torch.export.save(program, str(path), extra_files={"fastser.json": json.dumps(module.metadata())})
 
 
@@ -203,9 +275,9 @@ def export_onnx(module: AudioClassifier, path: Path) -> None:
             return torch.onnx.export(
                 m,
                 example,
-                dynamic_shapes=_dynamic_shapes(),
+                dynamic_shapes=_dynamic_shapes(m),
                 dynamo=True,
-                input_names=list(INPUTS),
+                input_names=m.input_names,
                 output_names=list(OUTPUTS),
                 opset_version=OPSET,
                 optimize=False,
@@ -214,8 +286,8 @@ def export_onnx(module: AudioClassifier, path: Path) -> None:
             )
 
     graph = _traced(module, trace).model
-    if module.normalize != "utterance":  # an initializer that is also an input: fed, or its stored value
-        graph.graph.inputs.extend(graph.graph.initializers[n] for n in STATISTICS)
+    # an initializer that is also an input: fed, or its stored value
+    graph.graph.inputs.extend(graph.graph.initializers[n] for n in module.optional_inputs)
     onnxscript.optimizer.fold_constants_ir(graph)
     ir.passes.common.RemoveUnusedNodesPass()(graph)
     proto = ir.to_proto(graph)
@@ -234,12 +306,13 @@ def export(checkpoint, fmt: str = "onnx", out=None, enroll=None, model_only: boo
         out (path, optional): where to write it (default: beside the checkpoint).
         enroll (list of paths, optional): a speaker's audio whose statistics the file carries as
             its defaults (else the training speakers').
-        model_only (bool): a run trained with openSMILE functionals (fastser.functionals) is
-            refused unless this is set; then its model is written alone, without them.
+        model_only (bool): a run trained with openSMILE functionals (fastser.functionals): write
+            its model alone, without them (else the fused model, which takes the functionals).
 
     Returns:
-        Path: the file written. Its model takes audio (B, samples) float32 at the model's rate and
-        lengths (B,) int64, and returns OUTPUTS (CPU, inference only).
+        Path: the file written. Its model takes audio (B, samples) float32 at the model's rate,
+        lengths (B,) int64 and, for a fused run, functionals (B, F) float32, and returns OUTPUTS
+        (CPU, inference only).
 
     Example:
         >>> path = export("runs/demo", "onnx")  # doctest: +SKIP
@@ -304,15 +377,18 @@ def load_torch(path):
     return program, json.loads(extra["fastser.json"])
 
 
-def run_file(path, audio: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Probabilities (B, classes) from an exported file, with its default statistics."""
-    audio, lengths = np.ascontiguousarray(audio, np.float32), np.ascontiguousarray(lengths, np.int64)
+def run_file(path, audio: np.ndarray, lengths: np.ndarray, functionals: Optional[np.ndarray] = None) -> np.ndarray:
+    """Probabilities (B, classes) from an exported file, with its default statistics; `functionals`
+    (B, F): the clips' openSMILE functionals, for a file exported from a fused run."""
+    inputs = {"audio": np.ascontiguousarray(audio, np.float32), "lengths": np.ascontiguousarray(lengths, np.int64)}
+    if functionals is not None:
+        inputs[FUNCTIONALS_INPUT] = np.ascontiguousarray(functionals, np.float32)
     if str(path).endswith(".onnx"):
         session, _ = load_onnx(path)
-        return session.run(["probabilities"], {"audio": audio, "lengths": lengths})[0]
+        return session.run(["probabilities"], inputs)[0]
     program, _ = load_torch(path)
     with torch.no_grad():
-        return program.module()(torch.from_numpy(audio), torch.from_numpy(lengths))[0].numpy()
+        return program.module()(*(torch.from_numpy(v) for v in inputs.values()))[0].numpy()
 
 
 # ----------------------------------------------------------------------------- command line
@@ -344,7 +420,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model-only",
         action="store_true",
         help="a run that fuses openSMILE functionals (--functionals, the default on real corpora): "
-        "export its model alone (metrics.json's 'model' accuracy), since no exported file can run openSMILE",
+        "export its model alone (metrics.json's 'model' accuracy), a file that needs no functionals input; "
+        "without it the file holds the fusion and takes the clips' functionals",
     )
     return ap.parse_args(argv)
 

@@ -179,11 +179,19 @@ class FunctionalsHead(nn.Module):
             raise ValueError(f"functionals must be (N, {self.weight.shape[1]}), got {tuple(x.shape)}")
         x = x.to(torch.float64)
         if speaker is None:
-            logits = ((x - self.mean) / self.std) @ self.pooled_weight.T + self.pooled_bias
+            logits = self.pooled_logits(x)
         else:
             mean, std = (torch.as_tensor(np.asarray(s), dtype=torch.float64, device=x.device) for s in speaker)
-            logits = (((x - mean) / std - self.shift) / self.scale) @ self.weight.T + self.bias
+            logits = self.speaker_logits(x, mean, std)
         return torch.softmax(logits, dim=1)
+
+    def speaker_logits(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """(N, C) logits of rows x (N, F) float64 standardised with their speaker's (F,) mean and std."""
+        return (((x - mean) / std - self.shift) / self.scale) @ self.weight.T + self.bias
+
+    def pooled_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) logits of rows x (N, F) float64 without their speaker's statistics."""
+        return ((x - self.mean) / self.std) @ self.pooled_weight.T + self.pooled_bias
 
     def to_checkpoint(self) -> dict:
         """What a checkpoint keeps: the feature set and the buffers (CPU tensors)."""

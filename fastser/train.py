@@ -23,7 +23,7 @@ from fastser.normalization import NORMALIZE
 from fastser.checkpoints import SETTINGS_FILE, saved_settings
 from fastser.training.run import LAST_OUT, train
 
-CORPORA = ("synthetic", "iemocap", "emodb", "ravdess", "cremad", "tess")
+CORPORA = ("synthetic", "iemocap", "emodb", "ravdess", "cremad", "tess", "emovo")
 
 
 class _DefaultsOnce(argparse.HelpFormatter):

@@ -1,5 +1,7 @@
 """fastser.export: one file, audio in, probabilities out, checked against fastser.predict."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -169,3 +171,119 @@ def test_export_and_the_readme_load_print_only_fastser_lines(run_dir, tmp_path):
     )
     loaded = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
     assert loaded.returncode == 0 and loaded.stdout == loaded.stderr == "", loaded.stderr
+
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ravdess-dev"
+
+
+@pytest.fixture(scope="module")
+def fused_run(tmp_path_factory):
+    """A run that fuses openSMILE functionals, as the default does on real corpora (ComParE)."""
+    pytest.importorskip("opensmile")
+    out = tmp_path_factory.mktemp("fused") / "run"
+    train.main(SMALL + ["--epochs", "1", "--functionals", "compare", "--out", str(out)])
+    return out
+
+
+def _speech(speaker: str, n: int) -> list:
+    """n clips of real speech (ravdess-dev, where the shared data is) or of the synthetic corpus."""
+    if REAL.is_dir():
+        return [sf.read(p, dtype="float32")[0] for p in sorted((REAL / speaker).glob("*.wav"))[:: 60 // n][:n]]
+    seed = int(speaker[-2:])
+    return [u.audio.astype(np.float32) for u in make_corpus(seed=seed, n_speakers=1, per_class=2).utterances[:n]]
+
+
+def _padded(audio: list):
+    lengths = np.array([len(a) for a in audio])
+    batch = np.zeros((len(audio), lengths.max() + 555), np.float32)
+    for i, a in enumerate(audio):
+        batch[i, : len(a)] = a
+    return batch, lengths
+
+
+@pytest.mark.parametrize("fmt,atol", [("onnx", 1e-4), ("torch", 1e-5)])
+def test_the_fused_default_exports_whole_and_scores_as_predict(fused_run, tmp_path, fmt, atol):
+    """The file takes each clip's openSMILE functionals and gives predict's fused probabilities: with
+    the training statistics, with a speaker's fed in (ONNX) or assigned (torch), and baked in by
+    --enroll; --model-only still writes the model alone."""
+    import opensmile
+
+    from fastser import functionals
+
+    audio, enroll_audio = _speech("Actor_03", 6), _speech("Actor_03", 12)[1::2]
+    batch, lengths = _padded(audio)
+    enroll = []
+    for i, y in enumerate(enroll_audio):
+        enroll.append(tmp_path / f"enroll{i}.wav")
+        sf.write(enroll[-1], y, 16000)
+    _, want = _predicted(fused_run, audio)
+    _, want_enrolled = _predicted(fused_run, audio, enroll=enroll)
+    predictor, _ = _predicted(fused_run, audio)
+    predictor.heads = []
+    model_alone = np.stack([p.probabilities for p in predictor.predict(audio)])
+    assert np.abs(want - model_alone).max() > 1e-3, "the functionals must change the scores for this test to mean much"
+    assert np.abs(want - want_enrolled).max() > 1e-3, "enrollment must change the scores for this test to mean much"
+
+    # the functionals as a user computes them, with openSMILE alone
+    smile = opensmile.Smile(opensmile.FeatureSet.ComParE_2016, opensmile.FeatureLevel.Functionals)
+    x = np.concatenate([smile.process_signal(y, 16000).to_numpy(np.float32) for y in audio])
+    path = export.export(fused_run, fmt, out=tmp_path / export.FORMATS[fmt])
+    np.testing.assert_allclose(export.run_file(path, batch, lengths, x), want, atol=atol)
+    np.testing.assert_allclose(export.run_file(path, audio[4][None], lengths[4:5], x[4:5]), want[4:5], atol=atol)
+
+    # a speaker's statistics: the spectral ones from the file's sums, the functionals' mean and std
+    e_batch, e_lengths = _padded(enroll_audio)
+    e_x = np.concatenate([smile.process_signal(y, 16000).to_numpy(np.float32) for y in enroll_audio])
+    f_mean, f_std = functionals.speaker_statistics(e_x.astype(np.float64))
+    if fmt == "onnx":
+        session, meta = export.load_onnx(path)
+        e_feed = {"audio": e_batch, "lengths": e_lengths, "functionals": e_x}  # every input, every call
+        sums, sq, n = session.run(["feature_sum", "feature_sq_sum", "frames"], e_feed)
+        mean, std = export.speaker_statistics(sums, sq, n)
+        feed = {"audio": batch, "lengths": lengths, "functionals": x, "speaker_mean": mean, "speaker_std": std}
+        feed.update(functionals_mean=f_mean, functionals_std=f_std, functionals_enrolled=np.array(True))
+        np.testing.assert_allclose(session.run(["probabilities"], feed)[0], want_enrolled, atol=atol)
+        assert meta["functionals"]["opensmile_feature_set"] == "ComParE_2016" and meta["functionals"]["size"] == 6373
+        assert meta["inputs"] == ["audio", "lengths", "functionals"]
+    else:
+        program, meta = export.load_torch(path)
+        module = program.module()
+        with torch.no_grad():
+            _, sums, sq, n = module(*(torch.from_numpy(v) for v in (e_batch, e_lengths, e_x)))
+        mean, std = export.speaker_statistics(sums, sq, n)
+        assigned = dict(speaker_mean=mean, speaker_std=std, functionals_mean=f_mean, functionals_std=f_std)
+        for name, value in assigned.items():
+            getattr(module, name).copy_(torch.from_numpy(np.asarray(value)))
+        module.functionals_enrolled.fill_(True)
+        with torch.no_grad():
+            got = module(*(torch.from_numpy(v) for v in (batch, lengths, x)))[0].numpy()
+        np.testing.assert_allclose(got, want_enrolled, atol=atol)
+    with pytest.warns(predict.PredictWarning):
+        baked = export.export(fused_run, fmt, out=tmp_path / f"speaker-{export.FORMATS[fmt]}", enroll=enroll)
+    np.testing.assert_allclose(export.run_file(baked, batch, lengths, x), want_enrolled, atol=atol)
+
+    alone = export.export(fused_run, fmt, out=tmp_path / f"alone-{export.FORMATS[fmt]}", model_only=True)
+    np.testing.assert_allclose(export.run_file(alone, batch, lengths), model_alone, atol=atol)
+
+
+def test_the_readmes_fused_snippet_runs_without_fastser(fused_run, tmp_path):
+    """The README's onnxruntime + openSMILE snippet, run as written in a process that cannot import
+    fastser or torch, gives predict's probabilities."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "opensmile" in b]
+    model = export.export(fused_run, "onnx", out=tmp_path / "model.onnx")
+    clip = _speech("Actor_05", 1)[0]
+    sf.write(tmp_path / "clip.wav", clip, 16000)
+    _, want = _predicted(fused_run, [clip])
+    code = (
+        "import sys\nsys.modules['fastser'] = sys.modules['torch'] = None  # neither may be imported\n"
+        + snippet.replace("runs/<ts>/model.onnx", str(model)).replace("clip.wav", str(tmp_path / "clip.wav"))
+        + "\nnp.save(sys.argv[1], probabilities)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.npy")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), want, atol=1e-4)

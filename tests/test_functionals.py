@@ -1,5 +1,6 @@
 """fastser.functionals and --functionals: the classifier against scikit-learn's, each speaker's
-statistics, the cache, and a run whose fold scores, checkpoint, predict and export carry the fusion."""
+statistics, the cache, and a run whose fold scores, checkpoint and predict carry the fusion (the
+fused export: tests/test_export.py)."""
 
 import dataclasses
 import json
@@ -137,7 +138,7 @@ def test_the_library_and_the_command_line_refuse_an_unknown_set():
 
 
 @pytest.mark.slow
-def test_a_run_with_functionals_fuses_its_folds_predict_and_refuses_export(tmp_path, capsys):
+def test_a_run_with_functionals_fuses_its_folds_and_predict_and_exports_its_model_alone(tmp_path):
     from fastser import export, predict, train
     from fastser import predictor as predictor_module
     from fastser.data.synthetic import make_corpus
@@ -164,10 +165,6 @@ def test_a_run_with_functionals_fuses_its_folds_predict_and_refuses_export(tmp_p
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert np.abs(got - model_alone).max() > 1e-3, "the functionals changed nothing: the comparison proves little"
 
-    capsys.readouterr()  # what the run and predict said
-    assert export.cli([str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "fuses openSMILE functionals" in err and "--model-only" in err and len(err.splitlines()) == 1
     path = export.export(out, "torch", tmp_path / "model.pt2", model_only=True)
     lengths = np.array([len(c) for c in clips])
     batch = np.zeros((len(clips), lengths.max()), np.float32)

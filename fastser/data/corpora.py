@@ -1,4 +1,4 @@
-"""Loaders for IEMOCAP, EmoDB, RAVDESS, CREMA-D and TESS, from the folder layouts they ship in.
+"""Loaders for IEMOCAP, EmoDB, RAVDESS, CREMA-D, TESS and EMOVO, from the folder layouts they ship in.
 
 Labels and speakers come from each corpus's own naming code (never from a CSV beside it). A file
 whose name does not parse is skipped and reported in `Corpus.skipped`; audio that cannot be read
@@ -21,6 +21,7 @@ LAYOUTS = {
     "ravdess": "Actor_XX/03-01-EE-II-SS-RR-AA.wav (modality-channel-emotion-intensity-statement-repetition-actor)",
     "cremad": "AudioWAV/1001_DFA_ANG_XX.wav (actor_sentence_emotion_level)",
     "tess": "OAF_angry/OAF_back_angry.wav, YAF_.../YAF_<word>_<emotion>.wav",
+    "emovo": "f1/dis-f1-b1.wav (<actor>/<emotion>-<actor>-<sentence>; actors f1-f3, m1-m3)",
 }
 
 
@@ -244,6 +245,41 @@ def load_tess(data_dir) -> Corpus:
     return _finish("tess", list(TESS_LABELS.values()), utterances, skipped, "loso")
 
 
+# ----------------------------------------------------------------------------- EMOVO
+
+EMOVO_LABELS = {
+    "rab": "angry",
+    "dis": "disgust",
+    "pau": "fearful",
+    "gio": "happy",
+    "neu": "neutral",
+    "tri": "sad",
+    "sor": "surprised",
+}
+_EMOVO = re.compile(r"^(" + "|".join(EMOVO_LABELS) + r")-([fm][1-3])-([bdln][1-5])$")
+
+
+def load_emovo(data_dir) -> Corpus:
+    """EMOVO (Costantini et al., LREC 2014): Italian, 6 actors (f1-f3 female, m1-m3 male), 7 emotions
+    x 14 sentences each; the actor comes from the file name, never from its folder."""
+
+    def build(wav, m):
+        emo, actor, sentence = m.groups()
+        return Utterance(
+            uid=wav.stem,
+            label=EMOVO_LABELS[emo],
+            speaker=actor,
+            path=str(wav),
+            gender=actor[0].upper(),
+            text=sentence,
+        )
+
+    utterances, skipped = _scan(
+        _root(data_dir, "emovo", "[fm][1-3]"), _EMOVO, "EMOVO's <emotion>-<actor>-<sentence> code", build
+    )
+    return _finish("emovo", list(EMOVO_LABELS.values()), utterances, skipped, "loso")
+
+
 def _finish(name, classes, utterances, skipped, default_split) -> Corpus:
     if not utterances:
         raise CorpusError(
@@ -260,6 +296,7 @@ LOADERS = {
     "ravdess": load_ravdess,
     "cremad": load_cremad,
     "tess": load_tess,
+    "emovo": load_emovo,
 }
 
 

@@ -82,6 +82,19 @@ def make_tess(root: Path) -> dict:
     return expected
 
 
+def make_emovo(root: Path) -> dict:
+    expected = {}
+    for actor in ("f1", "m2", "m3"):
+        for j, (emo, sentence) in enumerate((("rab", "b1"), ("sor", "n5"), ("neu", "l4"))):
+            name = f"{emo}-{actor}-{sentence}"
+            write_wav(root / actor / f"{name}.wav", seed=j)
+            expected[name] = (actor, emo)
+    write_wav(root / "f1" / "xyz-f1-b1.wav")  # not an EMOVO emotion
+    write_wav(root / "m2" / "rab-m2-b1-copy.wav")  # a copy beside the original
+    add_bad_files(root / "m3", ["tri-m3-d1.wav", "gio-m3-d2.wav", "pau-m3-l1.wav"])
+    return expected
+
+
 EMO_EVAL = """% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]
 
 [6.2901 - 8.2357]\t{d}_F000\tneu\t[2.5000, 2.5000, 2.5000]

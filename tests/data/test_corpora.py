@@ -3,7 +3,7 @@ import torch
 
 from fastser.data import CorpusError, load_corpus, make_folds
 from fastser.data.cache import build_feature_table
-from fastser.data.corpora import CREMAD_LABELS, EMODB_LABELS, RAVDESS_LABELS, TESS_LABELS
+from fastser.data.corpora import CREMAD_LABELS, EMODB_LABELS, EMOVO_LABELS, RAVDESS_LABELS, TESS_LABELS
 from tests.data import fixtures
 
 CPU = torch.device("cpu")
@@ -55,6 +55,20 @@ def test_tess(tmp_path):
     assert "surprised" in c.classes and any("furious" in p for p, _ in c.skipped)
     folds = make_folds(c, "loso")
     assert len(folds) == 2 and not folds[0].val_speaker_disjoint  # 2 speakers: validation cannot be disjoint
+
+
+def test_emovo_actors_labels_and_bad_files(tmp_path):
+    expected = fixtures.make_emovo(tmp_path)
+    c = load_corpus("emovo", tmp_path)
+    good = {u.uid: (u.speaker, u.label) for u in c.utterances if u.uid in expected}
+    assert good == {k: (a, EMOVO_LABELS[e]) for k, (a, e) in expected.items()}
+    assert {u.gender for u in c.utterances if u.speaker == "m2"} == {"M"}
+    assert {u.gender for u in c.utterances if u.speaker == "f1"} == {"F"}
+    assert sorted(p.rsplit("/", 1)[1] for p, _ in c.skipped) == ["rab-m2-b1-copy.wav", "xyz-f1-b1.wav"]
+    assert c.classes == ["angry", "fearful", "happy", "neutral", "sad", "surprised"]  # no disgust here
+    assert c.default_split == "loso" and len(make_folds(c, "loso")) == 3
+    table = build_feature_table(c, ["mfcc"], CPU)
+    assert len(table.corpus.utterances) == len(expected) and len(table.corpus.skipped) == 5
 
 
 def test_iemocap_four_class_sessions_and_subsets(tmp_path):
@@ -109,7 +123,7 @@ def test_classes_option_maps_and_restricts(tmp_path):
         load_corpus("ravdess", tmp_path).with_classes("happy,excited")
 
 
-@pytest.mark.parametrize("name", ["emodb", "ravdess", "cremad", "tess", "iemocap"])
+@pytest.mark.parametrize("name", ["emodb", "ravdess", "cremad", "tess", "iemocap", "emovo"])
 def test_missing_or_empty_data_dir_says_which_layout(tmp_path, name):
     with pytest.raises(CorpusError, match="does not exist"):
         load_corpus(name, tmp_path / "nope")
