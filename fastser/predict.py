@@ -6,7 +6,8 @@ default) is scored whole, exactly as the run's test utterances were. A longer on
 windows of the training crop (--train-seconds, 3 s) with half a window of hop, scored in batches
 and averaged (weighted by window length) into one prediction for the file; `--segments` also
 prints the per-window timeline. Long recordings are read and resampled block by block, so memory
-stays bounded for files of hours.
+stays bounded for files of hours. Several files are read, featurised (openSMILE included) and
+scored by one process per usable core, one thread each, short ones batched (`--workers`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--batch-size", type=int, default=32, help="windows scored per batch (default: 32)")
     ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that read, extract (openSMILE included) and score the files, one thread each "
+        "(default: the usable cores on the CPU, 1 on a GPU)",
+    )
+    ap.add_argument(
         "--no-progress", action="store_true", help="no progress bar (shown for several files on a terminal)"
     )
     args = ap.parse_args(argv)
@@ -130,6 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.format = "json"
     if args.batch_size < 1:
         ap.error("--batch-size must be positive")
+    if args.workers is not None and args.workers < 1:
+        ap.error("--workers must be positive")
     return args
 
 
@@ -171,16 +181,16 @@ def main(argv=None) -> int:
     if args.format == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["file", "start", "end", "emotion", *predictor.classes])
-    iterator = files
+    iterator = predictor.predict_files(files, workers=args.workers)
     if len(files) > 1 and not args.no_progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(files, desc="predicting", unit="file", file=sys.stderr, disable=None, leave=False)
-    for path in iterator:
-        try:
-            pred = predictor.predict_file(path)
-        except AudioError as e:  # one bad file does not stop the others; the exit status says so
-            print(f"{prog}: error: {e}", file=sys.stderr)
+        iterator = tqdm(
+            iterator, total=len(files), desc="predicting", unit="file", file=sys.stderr, disable=None, leave=False
+        )
+    for path, pred in iterator:
+        if isinstance(pred, AudioError):  # one bad file does not stop the others; the exit status says so
+            print(f"{prog}: error: {pred}", file=sys.stderr)
             status = 2
             continue
         for note in notes:

@@ -46,6 +46,7 @@ from fastser.normalization import Normalizer, utterance_stats
 MIN_SECONDS = 0.5  # below this a clip holds less than a syllable: the prediction is flagged unreliable
 SILENT_DBFS = -60.0  # RMS level (dB re full scale) below which a recording is flagged near-silent
 MIN_ENROLL_SECONDS = 1.0  # usable enrollment audio below this: too few frames for a speaker's statistics
+FILES_PER_TASK = 8  # files a worker process takes at a time in predict_files: small enough to balance
 
 
 class PredictWarning(UserWarning):
@@ -281,21 +282,72 @@ class Predictor:
             if y.size > self.whole_seconds * self.sr:
                 results[i] = self.predict_waveform(y, self.sr)
             else:
-                short.append((i, y))
-        for start in range(0, len(short), self.batch_size):
-            chunk = short[start : start + self.batch_size]
-            for (i, y), probs in zip(chunk, self._score([y for _, y in chunk])):
+                short.append((i, f"<waveform {i}>", y))
+        for i, pred in self._predict_short(short):
+            results[i] = pred
+        return results
+
+    def _predict_short(self, items: list) -> Iterator[tuple]:
+        """(key, Prediction) of each (key, name, samples) clip up to the whole-clip length, scored
+        together in batches of batch_size."""
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            for (key, name, y), probs in zip(chunk, self._score([y for _, _, y in chunk])):
                 level = _Level()
                 level.add(y)
-                results[i] = Prediction(
-                    f"<waveform {i}>",
-                    self.classes,
-                    probs,
-                    [Segment(0.0, y.size / self.sr, probs)],
-                    level.seconds(self.sr),
-                    level.dbfs(),
-                )
-        return results
+                segments = [Segment(0.0, y.size / self.sr, probs)]
+                yield key, Prediction(name, self.classes, probs, segments, level.seconds(self.sr), level.dbfs())
+
+    def predict_files(self, paths, workers: Optional[int] = None) -> Iterator[tuple]:
+        """Predictions of many files, in their order, on every core.
+
+        Args:
+            paths: audio files.
+            workers (int, optional): processes that each read, extract (openSMILE included) and
+                score their share of the files with one thread, the short ones batched; None: the
+                usable cores on the CPU (one process on a GPU, or for a single file).
+
+        Returns:
+            an iterator of (path, Prediction or AudioError), in the order of `paths`: a file that
+            cannot be read is its error, the others go on.
+        """
+        from fastser.threads import usable_cores
+
+        paths = [str(p) for p in paths]
+        if workers is None:
+            workers = usable_cores() if self.device.type == "cpu" else 1
+        chunks = [paths[i : i + FILES_PER_TASK] for i in range(0, len(paths), FILES_PER_TASK)]
+        workers = max(1, min(workers, len(chunks)))
+        if workers == 1:
+            for chunk in chunks:
+                yield from self._predict_chunk(chunk)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork shares the loaded model with the workers at no cost; elsewhere each gets a pickled copy
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        with ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(self,)) as pool:
+            for results in pool.map(_predict_chunk_in_worker, chunks):
+                yield from results
+
+    def _predict_chunk(self, paths: list) -> list:
+        """[(path, Prediction or AudioError)] of some files: those up to the whole-clip length
+        scored in batches, longer ones window by window."""
+        results, short = {}, []
+        for path in paths:
+            try:
+                seconds, _ = info(path)
+                if seconds <= self.whole_seconds:
+                    y, _ = load(path, sr=self.sr)
+                    short.append((path, path, y))
+                else:
+                    results[path] = self.predict_file(path)
+            except AudioError as e:
+                results[path] = e
+        results.update(self._predict_short(short))
+        return [(path, results[path]) for path in paths]
 
 
 @torch.no_grad()
@@ -468,3 +520,17 @@ def mono_samples(samples, sr: Optional[int], model_sr: int) -> np.ndarray:
     elif sr != model_sr:
         y = soxr.resample(y, sr, model_sr, quality="HQ").astype(np.float32, copy=False)
     return y
+
+
+_WORKER_PREDICTOR = None  # the Predictor a predict_files worker process scores with
+
+
+def _start_worker(predictor: "Predictor") -> None:
+    """A predict_files worker: one thread each (the workers fill the cores), the parent's predictor."""
+    global _WORKER_PREDICTOR
+    torch.set_num_threads(1)
+    _WORKER_PREDICTOR = predictor
+
+
+def _predict_chunk_in_worker(paths: list) -> list:
+    return _WORKER_PREDICTOR._predict_chunk(paths)

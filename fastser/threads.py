@@ -7,7 +7,11 @@ default run, 2026-12-06), an epoch took 3.0 s alone with 2 threads and 10.6-13.6
 process, against 5.4 s with 1 thread (4.9 s alone). Passive waiting (OMP_WAIT_POLICY=PASSIVE)
 helps the loaded case (6.8 s) but costs 1.6x alone, so the team is sized instead: the cores this
 process may run on (its affinity mask and any cgroup CPU quota, as a container sets), less those
-other processes kept busy over a short look at /proc/stat when the run starts.
+other processes kept busy, from /proc/stat when the run starts. The count decides the result, so
+it is chosen once; one look of 0.25 s suffices when the machine is idle, and while it sees other
+work the look goes on, up to LOOK_SECONDS, the least busy moment counting: a brief blip (a
+predict beside the start) no longer halves a long run's speed, a process busy throughout still
+leaves its core to it.
 
 A run's result depends on its thread count, so the count chosen is logged and recorded in the
 run's metrics; `--threads N` fixes it for a run that must repeat bit for bit on a busy machine.
@@ -61,11 +65,24 @@ def busy_cores(seconds: float = 0.25) -> float:
     return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / elapsed)
 
 
-def free_threads() -> tuple:
-    """(threads, why): the usable cores less the busy ones, at least 1, and a line saying so."""
-    cores, busy = usable_cores(), busy_cores()
+LOOK_SECONDS = 3.0  # the longest look at the other processes' load, while it keeps a core busy
+SAMPLE_SECONDS = 0.25  # one look
+
+
+def free_threads(look_seconds: float = LOOK_SECONDS) -> tuple:
+    """(threads, why): the usable cores less those other processes keep busy, at least 1, and a
+    line saying so. Busy is the least of repeated looks of SAMPLE_SECONDS, taken while some core
+    looks busy, for up to `look_seconds` in all (one look when the machine is idle)."""
+    cores = usable_cores()
+    deadline = time.monotonic() + look_seconds
+    busy = busy_cores(SAMPLE_SECONDS)
+    while round(cores - busy) < cores and time.monotonic() + SAMPLE_SECONDS <= deadline:
+        busy = min(busy, busy_cores(SAMPLE_SECONDS))
     threads = max(1, min(cores, round(cores - busy)))
     why = f"{threads} CPU thread{'s' if threads > 1 else ''}"
     if threads < cores:
-        why += f" ({cores} cores, {busy:.1f} busy with other work); --threads N sets the count"
+        why += (
+            f" ({cores} cores, {busy:.1f} busy with other work throughout a {look_seconds:g} s look); "
+            f"--threads {cores} uses every core, --threads N sets the count"
+        )
     return threads, why

@@ -106,6 +106,7 @@ def test_fuse_weights_the_model_and_the_functionals():
 
 def test_without_opensmile_the_error_says_which_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "opensmile", None)  # import opensmile raises ImportError
+    functionals._smile.cache_clear()  # as in a process that never built an extractor
     with pytest.raises(UserError, match="pip install opensmile"):
         functionals.extract([np.zeros(1600, np.float32)], "egemaps")
     with pytest.raises(UserError, match="unknown feature set"):

@@ -362,3 +362,39 @@ def test_library_errors_name_the_argument_not_a_command_line_flag(run_dir):
     with pytest.raises(UserError) as bad:
         predict.Predictor(run_dir, device="gpu")
     assert str(bad.value).startswith("device 'gpu'") and "--" not in str(bad.value)
+
+
+def test_many_files_are_predicted_on_every_core_as_in_one_process(tmp_path):
+    """predict_files with two worker processes gives the one-process result, file for file and in
+    order (the openSMILE functionals of a fused run included), a bad file its error among them."""
+    pytest.importorskip("opensmile")
+    run = tmp_path / "fused"
+    train.main(SMALL + ["--epochs", "1", "--functionals", "egemaps", "--out", str(run)])
+    utts = make_corpus(seed=9, n_speakers=2, per_class=3).utterances
+    paths = []
+    for i, u in enumerate(utts):
+        paths.append(tmp_path / f"clip{i:02d}.wav")
+        sf.write(paths[-1], u.audio, 16000)
+    long = tmp_path / "long.wav"  # past the whole-clip length: scored in windows
+    sf.write(long, np.concatenate([u.audio for u in utts[:4]] * 2), 16000)
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    paths[5:5] = [long, bad]
+    with pytest.warns(predict.PredictWarning):
+        predictor = predict.Predictor(run)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' count: the one-process run computes exactly as they do
+    try:
+        alone = list(predictor.predict_files(paths, workers=1))
+    finally:
+        torch.set_num_threads(before)
+    parallel = list(predictor.predict_files(paths, workers=2))
+    assert [p for p, _ in parallel] == [p for p, _ in alone] == [str(p) for p in paths]
+    assert isinstance(dict(parallel)[str(bad)], predict.AudioError)
+    for (path, a), (_, b) in zip(alone, parallel):
+        if path == str(bad):
+            continue
+        assert a.file == b.file == path and len(a.segments) == len(b.segments)
+        np.testing.assert_array_equal(a.probabilities, b.probabilities)
+        np.testing.assert_allclose(a.probabilities, predictor.predict_file(path).probabilities, atol=1e-6)
+    assert len(dict(alone)[str(long)].segments) > 1

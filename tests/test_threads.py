@@ -18,12 +18,49 @@ from tests.test_train import SMALL
 def test_the_team_is_the_usable_cores_less_the_busy_ones(monkeypatch, cores, busy, expected):
     monkeypatch.setattr(threads, "usable_cores", lambda: cores)
     monkeypatch.setattr(threads, "busy_cores", lambda seconds=0.25: busy)
-    n, why = threads.free_threads()
+    n, why = threads.free_threads(look_seconds=0)  # one look (the repeated look: below)
     assert n == expected
     if n < cores:  # a reduced team is said, with the flag that fixes it
         assert "busy with other work" in why and "--threads N" in why
     else:
         assert why == f"{n} CPU thread{'s' if n > 1 else ''}"
+
+
+class _Clock:
+    """A fake clock and busy_cores: each look advances the clock by its seconds and returns the
+    load that `load(t)` gives at the look's start."""
+
+    def __init__(self, load):
+        self.t, self.load, self.looks = 0.0, load, 0
+
+    def monotonic(self):
+        return self.t
+
+    def busy_cores(self, seconds=0.25):
+        busy = self.load(self.t)
+        self.t += seconds
+        self.looks += 1
+        return busy
+
+
+@pytest.mark.parametrize(
+    "load, expected, max_looks",
+    [
+        (lambda t: 0.1, 2, 1),  # idle: one look, every core
+        (lambda t: 1.0 if t < 1.0 else 0.05, 2, 5),  # a 1-s blip at the start: every core once it ends
+        (lambda t: 1.0, 1, 12),  # busy throughout the look: the free core only
+        (lambda t: 2.0 if t < 0.5 else 1.0, 1, 12),  # two busy, then one for good
+    ],
+)
+def test_a_brief_blip_at_the_start_does_not_decide_the_thread_count(monkeypatch, load, expected, max_looks):
+    clock = _Clock(load)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores", clock.busy_cores)
+    monkeypatch.setattr(threads.time, "monotonic", clock.monotonic)
+    n, why = threads.free_threads()
+    assert n == expected and clock.looks <= max_looks and clock.t <= threads.LOOK_SECONDS
+    if n < 2:
+        assert "--threads 2 uses every core" in why
 
 
 def test_busy_cores_sees_another_process_spinning():
@@ -41,7 +78,8 @@ def test_a_run_beside_a_busy_process_takes_the_free_core_and_says_so(tmp_path, m
     monkeypatch.setattr(threads, "busy_cores", lambda seconds=0.25: 1.0)
     metrics = train.main(SMALL + ["--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert metrics["threads"] == 1
-    assert "1 CPU thread (2 cores, 1.0 busy with other work); --threads N sets the count" in capsys.readouterr().err
+    said = "1 CPU thread (2 cores, 1.0 busy with other work throughout a 3 s look); --threads 2 uses every core"
+    assert said in capsys.readouterr().err
     fixed = train.main(SMALL + ["--epochs", "1", "--threads", "2", "--out", str(tmp_path / "fixed")])
     assert fixed["threads"] == 2  # given, it is never second-guessed
 
