@@ -23,22 +23,29 @@ from typing import Optional
 SCHEMA_VERSION = 1  # of settings(): stored in settings.json and in every checkpoint
 RUN_OPTION = {"run_option": True}
 
-# per corpus, where the default is not the real corpora's: the synthetic run keeps its small setting
-# real corpora: 16 (with 20 ms hops as accurate as 24 on every fold of ravdess-dev, docs/accuracy.md;
-# 12 underfits)
-DEFAULT_EPOCHS = {"synthetic": 12}
-DEFAULT_PATIENCE = {"synthetic": 8}  # real corpora: 5
-DEFAULT_VALIDATION = {"synthetic": True}  # real corpora: train on the validation speakers, keep the last epoch
-REAL_CORPUS_DEFAULTS = {"epochs": 16, "patience": 5, "validation": False, "functionals": "compare"}
-# with speaker statistics: as good with the speaker's enrollment audio, far better with one clip of it
-# or none (docs/accuracy.md, every fold of ravdess-dev, two seeds)
-DEFAULT_ENROLLMENT_DROPOUT = 0.5
 FUNCTIONAL_SETS = ("egemaps", "compare")  # fastser.functionals.SETS's names; "none": the model alone
 FUSIONS = ("late", "input")  # where the functionals meet the model (ModelConfig.functionals_fusion)
-# on real corpora the model's probabilities are averaged with those of ComParE functionals' linear
-# classifier: 6.9 UA per fold better with enrollment, 2.4 without, on ravdess-dev (docs/accuracy.md);
-# the synthetic corpus (tones, not speech) keeps the model alone
-DEFAULT_FUNCTIONALS = {"synthetic": "none"}
+# The defaults that depend on the corpus, in one table: the command line's help, `resolved` and the
+# docs read it. Every real corpus shares "real"; the synthetic corpus (generated tones, not speech)
+# keeps a small setting of its own. Why each real-corpus value (docs/accuracy.md, every fold of
+# ravdess-dev): 16 epochs with 20 ms hops were as accurate as 24 (12 underfit); no validation
+# speakers (train on them, keep the last epoch); ComParE functionals' linear classifier averaged
+# with the model: 6.9 UA per fold better with enrollment, 2.4 without.
+CORPUS_DEFAULTS = {
+    "synthetic": {"epochs": 12, "patience": 8, "validation": True, "functionals": "none"},
+    "real": {"epochs": 16, "patience": 5, "validation": False, "functionals": "compare"},
+}
+# enrollment dropout, by input normalisation (other normalisations: 0): with speaker statistics, as
+# good with the speaker's enrollment audio, far better with one clip of it or none (docs/accuracy.md,
+# every fold of ravdess-dev, two seeds)
+ENROLLMENT_DROPOUT_DEFAULTS = {"speaker": 0.5}
+
+
+def corpus_defaults(corpus: str) -> dict:
+    """The corpus's row of CORPUS_DEFAULTS (every corpus but the synthetic one: "real")."""
+    return CORPUS_DEFAULTS["synthetic" if corpus == "synthetic" else "real"]
+
+
 # the settings whose None `TrainConfig.resolved` fills from the others
 RESOLVED_SETTINGS = ("epochs", "patience", "validation", "enrollment_dropout", "functionals")
 
@@ -97,7 +104,7 @@ class ModelConfig:
     prosody: bool = True
     # openSMILE functionals ("egemaps" or "compare") and a linear classifier over them, its
     # probabilities averaged with the model's (fastser.functionals); "none": the model alone;
-    # None: DEFAULT_FUNCTIONALS by corpus
+    # None: CORPUS_DEFAULTS by corpus
     functionals: Optional[str] = None
     # where the functionals meet the model: "late", a classifier beside it whose probabilities are
     # averaged with the model's; "input", a branch of the network fused before the embedding
@@ -151,7 +158,7 @@ class ObjectiveConfig:
 class OptimConfig:
     """The one-cycle AdamW schedule, early stopping, the crops, weight averaging and the seeds."""
 
-    epochs: Optional[int] = None  # None: DEFAULT_EPOCHS by corpus
+    epochs: Optional[int] = None  # None: CORPUS_DEFAULTS by corpus
     patience: Optional[int] = None
     validation: Optional[bool] = None
     batch_size: int = 16
@@ -238,13 +245,10 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """The defaults that depend on other settings filled in: epochs, patience, validation and the
         functionals on the corpus, enrollment dropout on the normalisation."""
-        corpus = self.data.corpus
-        by_corpus = {"epochs": DEFAULT_EPOCHS, "patience": DEFAULT_PATIENCE, "validation": DEFAULT_VALIDATION}
-        by_corpus["functionals"] = DEFAULT_FUNCTIONALS
         s = self.settings()
-        filled = {k: table.get(corpus, REAL_CORPUS_DEFAULTS[k]) for k, table in by_corpus.items() if s[k] is None}
+        filled = {k: v for k, v in corpus_defaults(self.data.corpus).items() if s[k] is None}
         if self.augment.enrollment_dropout is None:
-            filled["enrollment_dropout"] = DEFAULT_ENROLLMENT_DROPOUT if self.data.normalize == "speaker" else 0.0
+            filled["enrollment_dropout"] = ENROLLMENT_DROPOUT_DEFAULTS.get(self.data.normalize, 0.0)
         return self.replace(**filled)
 
     def problems(self, name=lambda setting: setting) -> list:

@@ -71,6 +71,9 @@ class AudioClassifier(nn.Module):
     def __init__(self, spec, model: nn.Module, norm, windows: dict):
         super().__init__()
         self.head = None  # a FusedAudioClassifier's functionals classifier
+        # the prosody's autocorrelation: "fft" as predict computes it; an ONNX file's is "matmul",
+        # since onnxruntime's DFT operator took three quarters of the whole file's time
+        self.autocorrelation = "fft"
         self.windows = windows
         self.features, self.normalize = spec.features, spec.normalize
         self.kinds, self.classes = list(spec.features.kinds), list(spec.classes)
@@ -116,7 +119,7 @@ class AudioClassifier(nn.Module):
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
         audio = torch.nn.functional.pad(audio, (0, self.pad))
-        feats, frames = self.features.extract(audio, lengths, backend="torch")
+        feats, frames = self.features.extract(audio, lengths, backend="torch", autocorrelation=self.autocorrelation)
         raw = torch.cat([feats[k] for k in self.kinds], dim=1).double()  # (B, D, T), zero past frames
         total, sq_total = raw.sum(-1), raw.square().sum(-1)
         if self.normalize == "utterance":  # each clip's own statistics, as predict computes them
@@ -335,6 +338,8 @@ def export(checkpoint, fmt: str = "onnx", out=None, enroll=None, model_only: boo
     src = Path(checkpoint)
     path = Path(out) if out else (src if src.is_dir() else src.parent) / FORMATS[fmt]
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        module.autocorrelation = "matmul"
     (export_onnx if fmt == "onnx" else export_torch)(module, path)
     return path
 

@@ -13,7 +13,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from fastser.config import FUNCTIONAL_SETS, FUSIONS, RESOLVED_SETTINGS, RUN_OPTIONS, TrainConfig
+from fastser.config import (
+    CORPUS_DEFAULTS,
+    ENROLLMENT_DROPOUT_DEFAULTS,
+    FUNCTIONAL_SETS,
+    FUSIONS,
+    RESOLVED_SETTINGS,
+    RUN_OPTIONS,
+    TrainConfig,
+)
 from fastser.cli import ArgumentParser, prog_name, run_cli
 from fastser.errors import UserError
 from fastser.memory import retain_freed_memory
@@ -87,6 +95,18 @@ _snrs = _distinct_floats(lambda s: -5 <= s <= 60, "distinct signal-to-noise rati
 _decays = _distinct_floats(lambda d: 0 < d < 1, "distinct decays in (0, 1), e.g. 0.998")
 
 
+def _by_corpus(setting: str) -> str:
+    """A corpus-dependent default as the help says it, from fastser.config.CORPUS_DEFAULTS."""
+    where = {"synthetic": "the synthetic corpus", "real": "real corpora"}
+
+    def text(value) -> str:
+        if isinstance(value, bool):
+            return f"--{'' if value else 'no-'}{setting.replace('_', '-')}"
+        return str(value)
+
+    return ", ".join(f"{text(row[setting])} on {where[name]}" for name, row in reversed(CORPUS_DEFAULTS.items()))
+
+
 def _corpus_flags(p: ArgumentParser) -> None:
     """The corpus, its folds and its input statistics (DataConfig)."""
     corpus = p.add_argument_group("corpus and folds")
@@ -145,8 +165,8 @@ def _model_flags(p: ArgumentParser) -> None:
         choices=FUNCTIONAL_SETS + ("none",),
         help="also score each clip with openSMILE functionals (eGeMAPS or ComParE_2016) and a linear "
         "classifier fitted on the training speakers, its probabilities averaged with the model's; "
-        "predict extracts them too, export takes the model alone (--model-only); 'none': the model "
-        "alone (default: compare on real corpora, none on the synthetic one)",
+        "predict extracts them too, export holds them as an input (or --model-only); 'none': the model "
+        f"alone (default: {_by_corpus('functionals')})",
     )
     model.add_argument(
         "--functionals-fusion",
@@ -154,7 +174,7 @@ def _model_flags(p: ArgumentParser) -> None:
         help="where the functionals meet the model: 'late' (default) averages the linear classifier's "
         "probabilities with the model's; 'input' feeds them to a branch of the network fused before "
         "the embedding (the center loss and the reconstruction then act on it; predict extracts them, "
-        "export cannot take such a model)",
+        "export refuses such a model)",
     )
     model.add_argument(
         "--bin-stats",
@@ -197,19 +217,18 @@ def _optim_flags(p: ArgumentParser) -> None:
     opt.add_argument(
         "--epochs",
         type=int,
-        help="maximum epochs per fold: the one-cycle schedule's length (default: 12 synthetic, 24 real corpora)",
+        help=f"maximum epochs per fold: the one-cycle schedule's length (default: {_by_corpus('epochs')})",
     )
     opt.add_argument(
         "--patience",
         type=int,
-        help="early stopping: epochs without a better validation UA (default: 8 synthetic, 5 real corpora)",
+        help=f"early stopping: epochs without a better validation UA (default: {_by_corpus('patience')})",
     )
     opt.add_argument(
         "--validation",
         action=argparse.BooleanOptionalAction,
         help="early stopping on each fold's validation speakers; --no-validation trains on them "
-        "too and keeps the last epoch (default: --no-validation on real corpora, "
-        "--validation on synthetic)",
+        f"too and keeps the last epoch (default: {_by_corpus('validation')})",
     )
     opt.add_argument("--batch-size", type=int, help="global batch (split across ranks under torchrun)")
     opt.add_argument("--lr", type=float, help="peak learning rate of the one-cycle AdamW schedule")
@@ -259,8 +278,9 @@ def _optim_flags(p: ArgumentParser) -> None:
         metavar="P",
         help="with --normalize speaker: each training item, with probability P, normalised with "
         "the statistics predict has without enough enrollment audio (the training speakers', its "
-        "own, or 1, 3 or 10 other clips of its speaker) instead of its speaker's (default: 0.5 with "
-        "--normalize speaker, else 0)",
+        "own, or 1, 3 or 10 other clips of its speaker) instead of its speaker's (default: "
+        + ", ".join(f"{v:g} with --normalize {k}" for k, v in ENROLLMENT_DROPOUT_DEFAULTS.items())
+        + ", else 0)",
     )
     opt.add_argument(
         "--specaugment",

@@ -17,6 +17,50 @@ def test_the_command_line_has_a_flag_for_every_setting_and_takes_its_defaults_fr
     assert vars(train.parse_args([])) == TrainConfig().resolved().settings()
 
 
+def test_every_default_a_help_text_states_is_the_configurations():
+    """What --help says of a default is read from fastser.config: the formatter's "(default: X)",
+    the per-corpus table, enrollment dropout by normalisation, a choice marked "(default)"."""
+    import re
+
+    from fastser.config import CORPUS_DEFAULTS, ENROLLMENT_DROPOUT_DEFAULTS
+
+    parser = train.build_parser()
+    formatter = parser._get_formatter()
+    config, where = TrainConfig().settings(), {"real corpora": "real", "the synthetic corpus": "synthetic"}
+    checked = set()
+    for action in parser._actions:
+        if not action.option_strings or action.dest not in config:
+            continue
+        text = " ".join(formatter._get_help_string(action).split())
+        for clause in re.findall(r"\(default: ([^()]*(?:\([^()]*\)[^()]*)*)\)", text):
+            if action.dest in CORPUS_DEFAULTS["real"]:
+                stated = dict(
+                    (where[w], v) for v, w in re.findall(r"(\S+) on (real corpora|the synthetic corpus)", clause)
+                )
+                assert set(stated) == set(CORPUS_DEFAULTS), (action.dest, clause)
+                for corpus, value in stated.items():
+                    want = CORPUS_DEFAULTS[corpus][action.dest]
+                    if isinstance(want, bool):
+                        want = f"--{'' if want else 'no-'}{action.dest.replace('_', '-')}"
+                    assert value == str(want), (action.dest, clause)
+            elif action.dest == "enrollment_dropout":
+                stated = {k: float(v) for v, k in re.findall(r"([\d.]+) with --normalize (\w+)", clause)}
+                assert stated == ENROLLMENT_DROPOUT_DEFAULTS and clause.endswith("else 0")
+            elif clause.startswith("off") or clause.endswith(": off"):
+                assert config[action.dest] in (None, False, 0), (action.dest, clause)
+            elif re.fullmatch(r"[\w.]+", clause) and config[action.dest] is not None:
+                assert clause == str(config[action.dest]), (action.dest, clause)
+            else:  # a default the config leaves to the run (None): said in words, never as a number
+                assert config[action.dest] is None and not re.search(r"\d", clause), (action.dest, clause)
+            checked.add(action.dest)
+        for choice in re.findall(r"'(\w+)' \(default\)", text):
+            assert choice == config[action.dest], (action.dest, choice)
+            checked.add(action.dest)
+        if "off by default" in text:
+            assert config[action.dest] in (False, None, 0, 0.0), action.dest
+    assert {"epochs", "patience", "validation", "functionals", "enrollment_dropout", "lr", "width"} <= checked
+
+
 def test_sections_flat_settings_and_replace():
     config = TrainConfig()
     assert (config.model.width, config.optim.lr, config.data.normalize) == (16, 2e-3, "speaker")

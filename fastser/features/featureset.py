@@ -110,12 +110,15 @@ class FeatureSet:
         return self.configs[0][1].sr
 
     # -- computing ------------------------------------------------------------------------
-    def extract(self, audio, lengths=None, backend: str = "auto") -> tuple[dict, torch.Tensor]:
+    def extract(
+        self, audio, lengths=None, backend: str = "auto", autocorrelation: str = "fft"
+    ) -> tuple[dict, torch.Tensor]:
         """audio (B, T) or (T,) float tensor (padded; `lengths` (B,) gives each item's samples)
         -> ({kind: (B, bins, frames) float32}, frames (B,)); frames past each item's own are 0.
         Every kind spans the padded length's frames (T // hop + 1), known from the shape, so a
         call never waits for the device (and a traced graph serves any length). One STFT for all
-        kinds that share STFT settings (one per setting otherwise)."""
+        kinds that share STFT settings (one per setting otherwise). `autocorrelation`: how the
+        prosody contours' is computed (fastser.features.prosody.prosody)."""
         if (
             isinstance(audio, torch.Tensor)
             and audio.dim() == 2
@@ -132,7 +135,7 @@ class FeatureSet:
             out.update({k: f for (k, _), f in zip(group, feats)})
         for kind, cfg in self.configs:
             if isinstance(cfg, ProsodyConfig):
-                out[kind], frames = prosody(y, lens.to(y.device, non_blocking=True), cfg)
+                out[kind], frames = prosody(y, lens.to(y.device, non_blocking=True), cfg, autocorrelation)
         return {k: out[k] for k in self.kinds}, frames
 
     def _stft_groups(self) -> list:

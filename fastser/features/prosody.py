@@ -79,8 +79,45 @@ def _window_terms(win: int, n_fft: int, device_str: str):
     return w.float().to(device_str), rw.float().to(device_str)
 
 
-def prosody(y: torch.Tensor, lengths: torch.Tensor, cfg: ProsodyConfig = ProsodyConfig()):
-    """y (B, samples) float, zero-padded; lengths (B,) -> (contours (B, 6, frames) float32, frames (B,))."""
+@functools.lru_cache(maxsize=8)
+def _dft_matrices(win: int, n_lags: int, device_str: str):
+    """The autocorrelation's two transforms as matrices, for runtimes whose FFT is slow: `forward`
+    (win, 2 * bins), the Hann window times the real DFT's cosines then sines at n points, and
+    `inverse` (bins, n_lags), the inverse real DFT's first n_lags lags; n >= win + n_lags, so the
+    correlation is linear up to those lags, as the FFT path's (n a multiple of 16: tidy matrices)."""
+    n = -(-(win + n_lags) // 16) * 16
+    bins = n // 2 + 1
+    k = torch.arange(bins, dtype=torch.float64)
+    angle = 2 * math.pi * torch.arange(win, dtype=torch.float64)[:, None] * k[None, :] / n
+    w = torch.hann_window(win, periodic=False, dtype=torch.float64)[:, None]
+    forward = torch.cat([w * torch.cos(angle), w * torch.sin(angle)], dim=1)
+    weight = torch.full((bins, 1), 2.0, dtype=torch.float64)  # each bin but 0 and n/2 stands for two
+    weight[0] = weight[-1] = 1.0
+    lag = torch.arange(n_lags, dtype=torch.float64)
+    inverse = weight * torch.cos(2 * math.pi * k[:, None] * lag[None, :] / n) / n
+    return forward.float().to(device_str), inverse.float().to(device_str)
+
+
+def _autocorrelation(x: torch.Tensor, n_lags: int, n_fft: int, method: str) -> torch.Tensor:
+    """(..., win) mean-removed frames -> (..., n_lags) autocorrelation of each Hann-windowed frame.
+    method "fft": rfft / irfft of n_fft points (training and predict); "matmul": the same sums as
+    two matrix products (_dft_matrices: an exported graph, whose runtime's FFT is slow)."""
+    win = x.shape[-1]
+    if method == "fft":
+        window, _ = _window_terms(win, n_fft, str(x.device))
+        return torch.fft.irfft(torch.fft.rfft(x * window, n=n_fft).abs().square(), n=n_fft)[..., :n_lags]
+    if method != "matmul":
+        raise ValueError(f"autocorrelation method must be fft or matmul, got {method!r}")
+    forward, inverse = _dft_matrices(win, n_lags, str(x.device))
+    real, imag = (x @ forward).split(inverse.shape[0], dim=-1)
+    return (real.square() + imag.square()) @ inverse
+
+
+def prosody(y: torch.Tensor, lengths: torch.Tensor, cfg: ProsodyConfig = ProsodyConfig(), autocorrelation="fft"):
+    """y (B, samples) float, zero-padded; lengths (B,) -> (contours (B, 6, frames) float32, frames (B,)).
+
+    autocorrelation: "fft" (the default), or "matmul" where a runtime's FFT is slow (onnxruntime's
+    DFT operator: an exported file); the two agree to float32 rounding (about 1e-6 relative)."""
     if y.dim() != 2 or lengths.dim() != 1 or lengths.shape[0] != y.shape[0]:
         raise ValueError(
             f"prosody needs audio (B, samples) and lengths (B,), got {tuple(y.shape)} and {tuple(lengths.shape)}"
@@ -98,8 +135,8 @@ def prosody(y: torch.Tensor, lengths: torch.Tensor, cfg: ProsodyConfig = Prosody
     x = padded.unfold(1, win, hop)[:, :T]  # (B, T, win)
     x = x - x.mean(-1, keepdim=True)
     energy_db = 10.0 * torch.log10(x.square().mean(-1) + 1e-10)  # (B, T)
-    window, rw = _window_terms(win, n_fft, str(y.device))
-    r = torch.fft.irfft(torch.fft.rfft(x * window, n=n_fft).abs().square(), n=n_fft)[..., : lag_hi + 2]
+    _, rw = _window_terms(win, n_fft, str(y.device))
+    r = _autocorrelation(x, lag_hi + 2, n_fft, autocorrelation)
     r = r / r[..., :1].clamp(min=1e-12)
     r = r / rw[: lag_hi + 2].clamp(min=1e-3)  # Boersma: undo the window's taper
     lags = torch.arange(lag_lo, lag_hi + 1, device=y.device)
