@@ -91,3 +91,32 @@ def test_bad_settings_are_clear_errors():
         prosody(torch.zeros(100), torch.tensor([100]))
     with pytest.raises(ValueError, match="one frame grid"):
         FeatureSet.of({"logmel": FeatureSet.paper(["logmel"])["logmel"], "prosody": ProsodyConfig(hop_length=80)})
+
+
+@pytest.mark.parametrize("hop", [160, 320])
+def test_the_matrix_autocorrelation_of_an_exported_file_is_the_ffts(hop):
+    """The "matmul" autocorrelation (an ONNX file's: two matrix products) against the FFT's, on a
+    voice with a glide, noise and silence: the lags to float32 rounding, the contours alike."""
+    from fastser.features.prosody import _autocorrelation
+
+    torch.manual_seed(0)
+    voice = harmonic(torch.linspace(90, 260, 2 * SR), seconds=2.0) + 0.02 * torch.randn(2 * SR)
+    signals = (voice, 0.1 * torch.randn(SR), torch.cat([torch.zeros(SR // 2), harmonic(150.0, 0.7)]))
+    lengths = torch.tensor([len(s) for s in signals])
+    y = torch.zeros(len(signals), int(lengths.max()))
+    for i, s in enumerate(signals):
+        y[i, : len(s)] = s
+    cfg = ProsodyConfig(sr=SR, hop_length=hop)
+    frames = torch.nn.functional.pad(y, (400, 400 + hop)).unfold(1, cfg.win_length, hop)
+    frames = frames - frames.mean(-1, keepdim=True)
+    n_lags = cfg.lags[1] + 2
+    fft, matmul = (_autocorrelation(frames, n_lags, 2048, m) for m in ("fft", "matmul"))
+    scale = fft[..., :1].abs().clamp(min=1e-6)  # each frame's energy: rounding is relative to it
+    assert ((matmul - fft).abs() / scale).max() < 1e-5
+    (want, n), (got, m) = prosody(y, lengths, cfg), prosody(y, lengths, cfg, autocorrelation="matmul")
+    assert torch.equal(n, m) and torch.equal(got[:, ENERGY], want[:, ENERGY])
+    # HNR, 10 log10(p / (1 - p)), magnifies the peak's rounding where p nears 1 (1e-6 there: 0.005 dB)
+    for channel, atol in ((F0, 1e-4), (VOICING, 1e-5), (HNR, 2e-2), (F0_DELTA, 1e-4), (ENERGY_DELTA, 1e-4)):
+        torch.testing.assert_close(got[:, channel], want[:, channel], atol=atol, rtol=0)
+    with pytest.raises(ValueError, match="fft or matmul"):
+        prosody(y, lengths, cfg, autocorrelation="dft")
