@@ -339,7 +339,7 @@ def _claim(unit: Unit, claims: Path) -> Optional[int]:
 
 def _epoch_cost(settings: dict) -> float:
     """Training FLOPs of one epoch, up to the corpus size: a step's FLOPs / batch x epochs."""
-    from benchmarks.flops import training_step_flops
+    from instruments.flops import training_step_flops
 
     return training_step_flops(settings) / settings["batch_size"] * settings["epochs"]
 

@@ -6,7 +6,7 @@
 Performance: benchmarks/results/*.json (pytest-benchmark runs, `benchmarks/_harness.py`).
 Accuracy: benchmarks/results/accuracy/*.json (`python -m benchmarks.accuracy`), one table per
 corpus and split, fastser rows and the openSMILE + SVM baselines on the same folds.
-Ledger: benchmarks/results/ledger/*.json (`python -m benchmarks.ledger --record`), the launches, host
+Ledger: benchmarks/results/ledger/*.json (`python -m instruments.ledger --record`), the launches, host
 syncs and bytes each case issues on a GPU's code path, counted without one.
 Kernels: benchmarks/results/kernels/*.json (the GPU compile gate's `--record`), the registers,
 shared memory and occupancy of every compiled Triton specialisation, per kernel.
@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.flops import DEFAULTS, training_step_flops
+from instruments.flops import DEFAULTS, training_step_flops
 from fastser.checkpoints import run_setting
 from fastser.training.scoring import FALLBACKS
 
@@ -407,7 +407,7 @@ def kernel_table() -> str:
 
 
 def ledger_table() -> str:
-    from benchmarks.ledger import Row, table as rows_table
+    from instruments.ledger import Row, table as rows_table
 
     files = sorted((RESULTS / "ledger").glob("*.json"))
     if not files:

@@ -1,11 +1,11 @@
 """The graphed training step (fastser.training.graphed) on the CPU, its CUDA graph emulated by
-benchmarks.graph_tape: replays are the eager step bit for bit, train like the eager loop, and a
+instruments.graph_tape: replays are the eager step bit for bit, train like the eager loop, and a
 step that cannot be captured falls back to eager training with one line."""
 
 import pytest
 import torch
 
-from benchmarks.graph_tape import CaptureError, TapeCapture, capturable_on
+from instruments.graph_tape import CaptureError, TapeCapture, capturable_on
 from fastser.models import SERModel, SERObjective
 from fastser.normalization import Normalizer
 from fastser.training.batches import Augmentation, Batcher, PlannedBatches, mixup, spec_augment

@@ -1,10 +1,10 @@
-"""The ledger's budgets (benchmarks/ledger.py): launches, host syncs and bytes of the CUDA code path,
+"""The ledger's budgets (instruments/ledger.py): launches, host syncs and bytes of the CUDA code path,
 counted on the meta device. A change that adds a launch, a stall of the stream or traffic fails here."""
 
 import pytest
 import torch
 
-from benchmarks import ledger as L
+from instruments import ledger as L
 from fastser.ops import registry
 
 pytestmark = pytest.mark.skipif(not registry.triton_importable(), reason="the CUDA path's kernels need Triton")

@@ -107,7 +107,7 @@ def test_training_step_flops_count_what_training_computes():
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.flops import forward_flops_by_layer, training_step_flops
+    from instruments.flops import forward_flops_by_layer, training_step_flops
     from fastser.features.featureset import FeatureSet
     from fastser.models import SERModel
 

@@ -5,7 +5,7 @@ import torch
 
 from fastser.features import FeatureSet
 from fastser.features.functional import resolve_backend
-from benchmarks.ledger import Ledger
+from instruments.ledger import Ledger
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])

@@ -7,7 +7,7 @@ import torch
 
 from fastser.features import FeatureSet
 from fastser.ops import _triton_launch, registry
-from benchmarks.ledger import Ledger
+from instruments.ledger import Ledger
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 from fastser.checkpoints import ModelSpec, build_model
 from fastser.features.featureset import FeatureSet
 from fastser.models import SERObjective
-from benchmarks.ledger import Ledger
+from instruments.ledger import Ledger
 
 # forward: 18 convolutions with their pooling, batch norm, ReLU and masks, the pooled vectors, the
 # embedding and classifier, the decoders; objective: cross-entropy, the fused center loss (its C++

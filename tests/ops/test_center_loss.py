@@ -10,7 +10,7 @@ import torch
 from fastser.nn import CenterLoss
 from fastser.ops import available_backends, center_loss
 from fastser.reference.center_loss import ReferenceCenterLoss
-from benchmarks.ledger import NO_KERNEL, Ledger
+from instruments.ledger import NO_KERNEL, Ledger
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = available_backends(DEVICE)

@@ -1,7 +1,7 @@
 """The launch / sync / bytes ledger: what each benchmark case issues on a GPU, counted without one.
 
-    python -m benchmarks.ledger             # print the table
-    python -m benchmarks.ledger --record    # also write benchmarks/results/ledger/<time>_ledger.json
+    python -m instruments.ledger             # print the table
+    python -m instruments.ledger --record    # also write benchmarks/results/ledger/<time>_ledger.json
 
 Every case runs on the `meta` device, which takes the code path a CUDA device takes (fastser's
 device checks read "not the CPU"): forward, backward and optimizers run there, custom ops through
@@ -36,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ledger"
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "ledger"
 PACKAGE = str(Path(__file__).resolve().parent.parent / "fastser")
 
 # ops that launch no device kernel: allocation, views, metadata
@@ -480,9 +480,9 @@ def graphed_train_step_case(batch: int = 64, mixup: float = 0.0, specaugment: bo
     """The training loop's step on a GPU with its default CUDA graph (fastser.training.graphed),
     counted outside the graph: after the warm-up steps and the capture (in `count`'s uncounted
     calls), a step is the host's plan of crops and augmentation, the copies of the plan and of the
-    learning rate and beta1, the replay (a stand-in graph: benchmarks.graph_tape) and the
+    learning rate and beta1, the replay (a stand-in graph: instruments.graph_tape) and the
     schedule's step on the host."""
-    from benchmarks.graph_tape import TapeCapture, capturable_on
+    from instruments.graph_tape import TapeCapture, capturable_on
     from fastser.normalization import Normalizer
     from fastser.training.batches import Augmentation, Batcher, PlannedBatches
     from fastser.training.trainer import EpochTotals
@@ -635,7 +635,7 @@ def record(rows: list) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m instruments.ledger", description=__doc__.split("\n")[0])
     parser.add_argument("--record", action="store_true", help="write the rows to benchmarks/results/ledger/")
     args = parser.parse_args(argv)
     rows = all_rows()

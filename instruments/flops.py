@@ -1,4 +1,4 @@
-"""Floating-point work of one training step, counted: `python -m benchmarks.flops [--batch-size B] [--width W] ...`.
+"""Floating-point work of one training step, counted: `python -m instruments.flops [--batch-size B] [--width W] ...`.
 
     training_step_flops(settings)   # a run's flat settings (config.json, an accuracy row's "settings")
 
@@ -86,7 +86,7 @@ def _counted(settings: dict, num_classes: int, backward: bool) -> FlopCounterMod
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m instruments.flops", description=__doc__.splitlines()[0])
     for name in ("batch_size", "width", "embed_dim", "hop_ms"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=DEFAULTS[name])
     parser.add_argument("--train-seconds", type=float, default=DEFAULTS["train_seconds"])
