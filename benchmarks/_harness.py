@@ -4,7 +4,7 @@ Every benchmark records (suite, group, implementation) -> seconds per call and p
 memory; at the end of the session the figures and the ratios against each group's baseline
 are printed and written to runs/benchmarks/<date>_<device>_<suites>.json (outside the committed
 tree); FASTSER_BENCH_RESULTS_DIR=benchmarks/results keeps a run for the README's tables, which
-python -m benchmarks.report generates from that folder.
+python -m lab.report generates from that folder.
 """
 
 from __future__ import annotations

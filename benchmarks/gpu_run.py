@@ -12,7 +12,7 @@ runs over is killed together with everything it started (its process group: xdis
 subprocesses). Everything goes into one archive, $OUT/gpu-run.tar.gz (logs, profile, results JSON,
 run metrics, summary.json with each step's exit status, seconds and box), written whatever happened;
 summary.txt beside it. After a GPU run: copy the archive's results/*.json into benchmarks/results/
-and run `python -m benchmarks.report --write`."""
+and run `python -m lab.report --write`."""
 
 from __future__ import annotations
 

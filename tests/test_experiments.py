@@ -1,4 +1,4 @@
-"""The experiment queue (benchmarks/experiments.py) on a tiny synthetic corpus."""
+"""The experiment queue (lab/experiments.py) on a tiny synthetic corpus."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastser.train as train
-from benchmarks import experiments as ex
+from lab import experiments as ex
 from fastser.training import fold as fold_training
 from fastser.training import scoring
 
@@ -210,7 +210,7 @@ def test_two_workers_share_the_units_and_train_each_once(tmp_path):
 
     plan = write_plan(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.experiments", "run", str(plan.path), "--budget-minutes", "5"]
+        [sys.executable, "-m", "lab.experiments", "run", str(plan.path), "--budget-minutes", "5"]
         + ["--workers", "2", "--unit-minutes", "0.1", "--units-dir", str(tmp_path / "units")]
         + ["--scratch-dir", str(tmp_path / "scratch")],
         cwd=ex.ROOT,
@@ -256,7 +256,7 @@ def test_a_unit_is_claimed_by_one_worker_and_freed_when_its_process_ends(tmp_pat
         os.close(again)
     unit = ex.Unit("arm", 1, 0, "test=dead")
     code = (
-        "import os, sys; from pathlib import Path; import benchmarks.experiments as ex; "
+        "import os, sys; from pathlib import Path; import lab.experiments as ex; "
         f"fd = ex._claim(ex.Unit('arm', 1, 0, 'test=dead'), Path({str(claims)!r})); "
         "sys.stdout.write(str(fd is not None)); sys.stdout.flush(); os._exit(0)"
     )

@@ -1,11 +1,11 @@
-"""benchmarks.fusion: the units' probabilities averaged with a functionals classifier (fastser's,
+"""lab.fusion: the units' probabilities averaged with a functionals classifier (fastser's,
 or the baseline's SVM) that never sees the units' test speakers."""
 
 import numpy as np
 import pytest
 
-from benchmarks import fusion
-from benchmarks.experiments import pooled_ua
+from lab import fusion
+from lab.experiments import pooled_ua
 
 CLASSES = ["a", "b", "c"]
 

@@ -3,7 +3,7 @@ and the README stays a user's page."""
 
 from pathlib import Path
 
-from benchmarks import report
+from lab import report
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

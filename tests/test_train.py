@@ -139,7 +139,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     assert full["resumed"] is False and resumed["resumed"] is True
     every_epoch = [json.loads(r)["seconds"] for r in (tmp_path / "cut" / "history.jsonl").read_text().splitlines()]
     assert len(every_epoch) == 6 and resumed["epoch_seconds"] == pytest.approx(sum(every_epoch))
-    from benchmarks.accuracy import collect_runs
+    from lab.accuracy import collect_runs
 
     assert collect_runs([tmp_path / "cut"], "resumed")["seeds"]["0"]["seconds"] == resumed["epoch_seconds"]
     seeds = training_run.seed_summary({0: full, 1: resumed}, 1.0)["seeds"]  # a --seeds run with a resumed seed
@@ -702,7 +702,7 @@ def test_ema_keeps_the_average_scores_the_trained_weights_and_resumes(tmp_path, 
     with pytest.raises(UserError, match="made with --ema 0.9,0.95; --ema 0.99 would change"):
         train.main(SMALL + [*args, "--ema", "0.99", "--resume", str(tmp_path / "full")])
     # the accuracy table's collector reads either set of weights of the same run
-    from benchmarks.accuracy import collect_runs
+    from lab.accuracy import collect_runs
 
     kept_row = collect_runs([tmp_path / "full"], "kept")
     trained_row = collect_runs([tmp_path / "full"], "trained", weights="trained")
@@ -829,13 +829,13 @@ def test_predictions_file_and_seed_ensemble(tmp_path, monkeypatch):
     saved = json.loads((out / "metrics.json").read_text())["seed_ensemble"]
     assert saved["n_seeds"] == 2 and saved["ua"] == pytest.approx(expected["ua"], abs=1e-9)
     assert saved["wa"] == pytest.approx(expected["wa"], abs=1e-9) and metrics["seed_ensemble"] == saved
-    from benchmarks.accuracy import collect_runs
+    from lab.accuracy import collect_runs
 
     row = collect_runs([out / "seed-0", out / "seed-1"], "two seeds")  # seeds run as separate processes
     assert row["seed_ensemble"] == saved
     # a seed run in a later session is added to the kept row: the same row as collecting both at once
     import shutil
-    import benchmarks.accuracy as accuracy
+    import lab.accuracy as accuracy
 
     monkeypatch.setattr(accuracy, "OUT", tmp_path / "rows")
     kept = accuracy.write(collect_runs([out / "seed-0"], "two seeds"))
@@ -883,9 +883,9 @@ def test_predictions_file_and_seed_ensemble(tmp_path, monkeypatch):
 
 
 def test_compare_pairs_rows_on_shared_seeds_and_test_speakers():
-    """benchmarks.accuracy.compare pairs only the same seed on the same test speakers (other seeds and
+    """lab.accuracy.compare pairs only the same seed on the same test speakers (other seeds and
     folds are left out) and counts better / worse / equal pairs."""
-    from benchmarks.accuracy import compare
+    from lab.accuracy import compare
 
     base = {
         "name": "base",

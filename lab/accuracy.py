@@ -1,16 +1,16 @@
 """Keep a speaker-independent accuracy result for the README's accuracy table.
 
-    python -m benchmarks.accuracy --name "speaker norm + prosody" runs/loso/seed-0 runs/loso/seed-1 ...
-    python -m benchmarks.accuracy --name "speaker norm + prosody" runs/loso        # a --seeds run folder
-    python -m benchmarks.accuracy --baseline runs/baseline-ravdess                 # fastser.baseline output
-    python -m benchmarks.accuracy --name "..." --max-folds 3 RUNS ...              # the first 3 folds only
-    python -m benchmarks.accuracy --name "..." --weights trained RUNS ...          # an --ema run's trained weights
-    python -m benchmarks.accuracy --add-to benchmarks/results/accuracy/ROW.json runs/loso/seed-2  # a later seed
-    python -m benchmarks.accuracy --compare CHANGED.json BASE.json                  # paired, fold by fold
+    python -m lab.accuracy --name "speaker norm + prosody" runs/loso/seed-0 runs/loso/seed-1 ...
+    python -m lab.accuracy --name "speaker norm + prosody" runs/loso        # a --seeds run folder
+    python -m lab.accuracy --baseline runs/baseline-ravdess                 # fastser.baseline output
+    python -m lab.accuracy --name "..." --max-folds 3 RUNS ...              # the first 3 folds only
+    python -m lab.accuracy --name "..." --weights trained RUNS ...          # an --ema run's trained weights
+    python -m lab.accuracy --add-to benchmarks/results/accuracy/ROW.json runs/loso/seed-2  # a later seed
+    python -m lab.accuracy --compare CHANGED.json BASE.json                  # paired, fold by fold
 
 Writes benchmarks/results/accuracy/<corpus>-<split>-<slug>.json: per seed WA/UA/macro-F1 and
 run time, mean and std over seeds, the settings that differ between rows, the machine and the
-date — small files (no per-utterance predictions) that `python -m benchmarks.report --write`
+date — small files (no per-utterance predictions) that `python -m lab.report --write`
 turns into the table. Seeds run as separate processes (one per core) are collected the same way.
 """
 
@@ -31,7 +31,7 @@ from fastser.config import BEFORE_RECORDED
 from fastser.training.scoring import FALLBACKS
 from fastser.training.reports import run_cost, seed_ensemble
 
-OUT = Path(__file__).resolve().parent / "results" / "accuracy"
+OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "accuracy"
 SETTINGS = (
     "features",
     "prosody",

@@ -1,7 +1,7 @@
 """What the classic baseline adds to the model: a queue arm's test probabilities averaged with
 those of a linear classifier over openSMILE functionals, fold by fold.
 
-    python -m benchmarks.fusion benchmarks/plans/cheaper-default.json width16-enrollment-dropout-0.5 \
+    python -m lab.fusion lab/plans/cheaper-default.json width16-enrollment-dropout-0.5 \
         --features compare [--classifier logistic|svm] [--level enrollment|training] [--weight 0.5] [--write]
 
 For every unit of the arm, the classifier is fitted on the functionals of every speaker but the
@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from benchmarks.experiments import ROOT, Plan, load_units
+from lab.experiments import ROOT, Plan, load_units
 
 OUT = ROOT / "benchmarks" / "results" / "accuracy" / "fusion"
 WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
@@ -195,7 +195,7 @@ def kept_results() -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.fusion", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lab.fusion", description=__doc__.splitlines()[0])
     p.add_argument("plan")
     p.add_argument("arm")
     p.add_argument("--features", choices=("egemaps", "compare"), default="compare")

@@ -1,10 +1,10 @@
 """Build the README's and docs/accuracy.md's tables from benchmarks/results/ (never typed by hand).
 
-    python -m benchmarks.report            # print the markdown
-    python -m benchmarks.report --write    # replace the tables between their markers (README.md, docs/)
+    python -m lab.report            # print the markdown
+    python -m lab.report --write    # replace the tables between their markers (README.md, docs/)
 
 Performance: benchmarks/results/*.json (pytest-benchmark runs, `benchmarks/_harness.py`).
-Accuracy: benchmarks/results/accuracy/*.json (`python -m benchmarks.accuracy`), one table per
+Accuracy: benchmarks/results/accuracy/*.json (`python -m lab.accuracy`), one table per
 corpus and split, fastser rows and the openSMILE + SVM baselines on the same folds.
 Ledger: benchmarks/results/ledger/*.json (`python -m instruments.ledger --record`), the launches, host
 syncs and bytes each case issues on a GPU's code path, counted without one.
@@ -35,7 +35,7 @@ FALLBACK_TEXT = {
 }
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ACC_START, ACC_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"
@@ -210,8 +210,8 @@ def speed_summary() -> str:
 
 
 def queue_tables() -> str:
-    """Each plan of the experiment queue compared on the units it has so far (benchmarks/experiments.py)."""
-    from benchmarks.experiments import Plan, compare
+    """Each plan of the experiment queue compared on the units it has so far (lab/experiments.py)."""
+    from lab.experiments import Plan, compare
 
     tables = [compare(Plan.load(path)) for path in sorted(PLANS.glob("*.json"))]
     return "\n\n".join(tables) + "\n"
@@ -357,7 +357,7 @@ def headline_table() -> str:
 
 def _baseline_without_speaker(corpus: str, split: str, row: dict) -> str:
     """A speaker-normalised baseline's UA without the speaker: the same SVM on raw functionals, where
-    that row was kept (benchmarks.accuracy --baseline of a --no-speaker-norm run)."""
+    that row was kept (lab.accuracy --baseline of a --no-speaker-norm run)."""
     s = row["settings"]
     path = RESULTS / "accuracy" / f"{corpus}-{split}-{s['features']}-{s['svm']}-svm.json"
     if not path.is_file():
@@ -368,7 +368,7 @@ def _baseline_without_speaker(corpus: str, split: str, row: dict) -> str:
 def _queue_row(plan: str, arm: str, name: str = "fastser (defaults)"):
     """The headline row of a queue arm with every unit in (None until then): its units' UA and WA
     pooled per seed, and a seed's time as the queue trains it, two 1-thread units at a time."""
-    from benchmarks.experiments import Plan, arm_result
+    from lab.experiments import Plan, arm_result
 
     result = arm_result(Plan.load(PLANS / f"{plan}.json"), arm)
     if result is None:
@@ -429,8 +429,8 @@ def _replace(content: str, start: str, end: str, text: str) -> str:
 
 
 def fusion_table() -> str:
-    """The kept late-fusion results (benchmarks.fusion --write), one row each."""
-    from benchmarks.fusion import kept_results, table_text
+    """The kept late-fusion results (lab.fusion --write), one row each."""
+    from lab.fusion import kept_results, table_text
 
     return table_text(kept_results())
 

@@ -1,10 +1,10 @@
 """The experiment queue: accuracy comparisons in units of one fold, each kept the moment it ends.
 
-    python -m benchmarks.experiments run benchmarks/plans/PLAN.json --budget-minutes 120
-    python -m benchmarks.experiments status benchmarks/plans/PLAN.json
-    python -m benchmarks.experiments compare benchmarks/plans/PLAN.json [--arms BASE OTHER ...]
+    python -m lab.experiments run lab/plans/PLAN.json --budget-minutes 120
+    python -m lab.experiments status lab/plans/PLAN.json
+    python -m lab.experiments compare lab/plans/PLAN.json [--arms BASE OTHER ...]
 
-A plan (a JSON file, see benchmarks/plans/) names a corpus, seeds, folds and arms; an arm is a list
+A plan (a JSON file, see lab/plans/) names a corpus, seeds, folds and arms; an arm is a list
 of `python -m fastser.train` flags, so it is checked exactly as the command line checks it. A unit
 is one fold of one arm and one seed, trained exactly as that fold of a full run is (same fold
 index, same seeds), and scored with and without enrollment. Its result — per-utterance predictions,
@@ -47,7 +47,7 @@ from fastser.errors import UserError
 from fastser.threads import usable_cores
 
 ROOT = Path(__file__).resolve().parent.parent
-UNITS = Path(__file__).resolve().parent / "results" / "accuracy" / "units"
+UNITS = ROOT / "benchmarks" / "results" / "accuracy" / "units"
 SCRATCH = ROOT / "runs" / "experiments"  # the units' run folders and claims (git ignores runs/)
 SAFETY = 1.15  # a unit starts only if 1.15 x its estimated time fits in what is left of the budget
 FIRST_GUESS_MINUTES = 5.0  # a unit's estimate before any unit of any arm has finished (--unit-minutes)
@@ -229,7 +229,7 @@ class UnitRunner:
         from fastser import distributed as fdist
         from fastser.data import make_folds
         from fastser.metrics import summarize
-        from benchmarks.accuracy import _machine as machine
+        from lab.accuracy import _machine as machine
         from fastser.training.run import deterministic_mode, feature_set, repeatable_cpu_kernels
         from fastser.training.experiment import Experiment
         from fastser.training.scoring import FALLBACKS
@@ -440,7 +440,7 @@ def _run_workers(args, plan: Plan) -> int:
     cmd = [
         sys.executable,
         "-m",
-        "benchmarks.experiments",
+        "lab.experiments",
         "run",
         str(plan.path),
         "--budget-minutes",
@@ -525,13 +525,21 @@ def compare(plan: Plan, arms: Optional[list] = None, units_dir: Optional[Path] =
     found = load_units(plan, units_dir)
     planned = {(u.seed, u.fold_name) for u in plan.units(units_dir)}
     base = arms[0]
-    levels = ("training", "utterance", "enroll1")
+    # the predictions a unit keeps beside its own: other statistics, and a fused arm's model alone
+    levels = {
+        "training": "training statistics",
+        "utterance": "utterance statistics",
+        "enroll1": "enroll1 statistics",
+        "model": "model alone",
+        "training_model": "model alone, training statistics",
+    }
     lines = [
-        f"**{plan.path.stem}**: each arm against `{base}` on the (seed, test speaker) pairs both have; "
-        "UA pooled over a seed's folds, mean ± std over seeds; Δ per fold: mean, better / worse, paired t-test p",
+        f"**{plan.path.stem}** ({plan.corpus}): each arm against `{base}` on the (seed, test speaker) pairs "
+        "both have; UA pooled over a seed's folds, mean ± std over seeds; Δ per fold: mean, better / worse, "
+        "paired t-test p",
         "",
         "| arm | pairs | missing | UA % | UA % base | Δ UA per fold | better / worse | p | "
-        + " | ".join(f"UA % {lv} statistics (base)" for lv in levels)
+        + " | ".join(f"UA % {text} (base)" for text in levels.values())
         + " | minutes per fold (base) |",
         "|---|---:|---:|---:|---:|---:|---|---:|" + "---:|" * len(levels) + "---:|",
     ]
@@ -579,7 +587,7 @@ def status(plan: Plan, units_dir: Optional[Path] = None, threads: Optional[int] 
 
 # -- command line -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lab.experiments", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train the plan's missing units inside a time budget")
     r.add_argument("plan")
@@ -640,7 +648,7 @@ def main(argv=None) -> int:
 def cli(argv=None) -> int:
     from fastser.cli import run_cli
 
-    return run_cli(main, "benchmarks.experiments", argv)
+    return run_cli(main, "lab.experiments", argv)
 
 
 if __name__ == "__main__":
