@@ -353,8 +353,28 @@ def parse_config(argv=None) -> TrainConfig:
     return TrainConfig.from_settings(vars(parse_args(argv)))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def config_from_flags(flags) -> TrainConfig:
+    """`python -m fastser.train` flags as the resolved TrainConfig they give, checked as the command
+    line checks them; a flag or value it refuses raises a UserError with its one line (where the
+    command line exits 2).
+
+    Example:
+        >>> config_from_flags(["--corpus", "emovo", "--data-dir", "d", "--epochs", "8"]).optim.epochs
+        8
+    """
+
+    def refuse(message: str):
+        raise UserError(message)
+
+    return TrainConfig.from_settings(vars(parse_args(list(flags), on_error=refuse))).resolved()
+
+
+def parse_args(argv=None, on_error=None) -> argparse.Namespace:
+    """The command line's namespace; `on_error(message)`: called for a refused flag or value instead
+    of argparse's exit 2 (it must raise)."""
     p = build_parser()
+    if on_error is not None:
+        p.error = on_error
     args = p.parse_args(argv)
     if args.resume is not None:
         restore_settings(args, p, given_flags(argv))

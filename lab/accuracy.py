@@ -60,7 +60,8 @@ SETTINGS = (
 )
 
 
-def _machine() -> str:
+def machine_name() -> str:
+    """The processor's name and core count, as results record the machine."""
     model = ""
     try:
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -212,8 +213,8 @@ def add_seeds(path, run_paths: list, max_folds=None) -> dict:
     if "seed_ensemble" in row:
         row["seed_ensemble"].setdefault("seeds", sorted(row["seeds"]))
     row["seeds"] = {**row["seeds"], **new["seeds"]}
-    if row.get("machine") not in (None, _machine()):
-        row["machine"] = f"{row['machine']}; {_machine()}"
+    if row.get("machine") not in (None, machine_name()):
+        row["machine"] = f"{row['machine']}; {machine_name()}"
     return _summarise(row)
 
 
@@ -244,7 +245,7 @@ def collect_baseline(path: str) -> list:
 
 def write(row: dict) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
-    row = {"machine": _machine(), **row, "date": dt.datetime.now().isoformat(timespec="seconds")}
+    row = {"machine": machine_name(), **row, "date": dt.datetime.now().isoformat(timespec="seconds")}
     slug = re.sub(r"[^a-z0-9]+", "-", row["name"].lower()).strip("-")
     path = OUT / f"{row['corpus']}-{row['split']}-{slug}.json"
     path.write_text(json.dumps(row, indent=2) + "\n")

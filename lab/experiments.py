@@ -137,12 +137,12 @@ class Plan:
 
     def config(self, arm: str, seed: int, threads: Optional[int] = None):
         """The arm's TrainConfig, parsed as the command line parses it."""
-        from fastser.train import parse_config
+        from fastser.train import config_from_flags
 
         try:
-            config = parse_config(self.flags(arm, seed, threads)).resolved()
-        except SystemExit:  # argparse has printed its one line
-            raise PlanError(f"{self.path}: arm {arm!r}: fastser.train refuses its flags (above)") from None
+            config = config_from_flags(self.flags(arm, seed, threads))
+        except UserError as e:
+            raise PlanError(f"{self.path}: arm {arm!r}: {e}") from None
         for key in ("seeds", "ablation", "max_folds", "resume", "out"):
             if config.settings()[key] not in (None, False):
                 raise PlanError(f"{self.path}: arm {arm!r}: --{key.replace('_', '-')} has no place in a unit")
@@ -208,10 +208,13 @@ class UnitRunner:
     def __init__(self, plan: Plan, threads: Optional[int], scratch: Path):
         self.plan, self.threads, self.scratch = plan, threads, scratch
         self._tables: dict = {}
+        self.load_seconds = 0.0
         # the code this process runs is the code it imports now, whatever is committed later
         self.commit = _commit()
 
     def _table(self, config, info):
+        """The feature table of `config`'s inputs, loaded once per process (its seconds in
+        self.load_seconds, which a unit's training seconds leave out)."""
         from fastser.training.run import load_table
 
         d, m, a = config.data, config.model, config.augment
@@ -219,38 +222,32 @@ class UnitRunner:
         key += (m.functionals, a.speed_perturb, a.noise, d.iemocap_subset)
         if d.corpus == "synthetic":
             key += (config.optim.seed, d.synthetic_speakers, d.synthetic_per_class)
+        self.load_seconds = 0.0
         if key not in self._tables:
+            t0 = time.perf_counter()
             self._tables[key] = load_table(config, info)
+            self.load_seconds = time.perf_counter() - t0
         return self._tables[key]
 
     def run(self, unit: Unit) -> dict:
         import torch
 
-        from fastser import distributed as fdist
-        from fastser.data import make_folds
+        from lab.accuracy import machine_name
         from fastser.metrics import summarize
-        from lab.accuracy import _machine as machine
-        from fastser.training.run import deterministic_mode, feature_set, repeatable_cpu_kernels
-        from fastser.training.experiment import Experiment
+        from fastser.training.run import train_fold
         from fastser.training.scoring import FALLBACKS
 
         t0 = time.perf_counter()
         config = self.plan.config(unit.arm, unit.seed, self.threads)
         if self.threads:
             torch.set_num_threads(self.threads)
-        with deterministic_mode(config.run.deterministic), repeatable_cpu_kernels():
-            info = fdist.setup(config.run.device)
-            table = self._table(config, info)
-            split = config.data.split or table.corpus.default_split
-            folds = make_folds(table.corpus, split, n_folds=config.data.folds, seed=config.optim.seed)
-            if folds[unit.fold].name != unit.fold_name:
-                raise PlanError(f"fold {unit.fold + 1} is {folds[unit.fold].name}, the plan expected {unit.fold_name}")
-            out = self.scratch / unit.arm / f"seed-{unit.seed}" / unit.slug
-            out.mkdir(parents=True, exist_ok=True)
-            experiment = Experiment(config, info, table, folds, out, feature_set(config, table.feats))
-            t_train = time.perf_counter()
-            result = experiment.run_fold(unit.fold)
-            train_seconds = time.perf_counter() - t_train
+        out = self.scratch / unit.arm / f"seed-{unit.seed}" / unit.slug
+        t_train = time.perf_counter()
+        try:
+            result, table = train_fold(config, unit.fold, out, self._table, unit.fold_name)
+        except UserError as e:
+            raise PlanError(str(e)) from None
+        train_seconds = time.perf_counter() - t_train - self.load_seconds
         classes = table.corpus.classes
         y_true = np.asarray(result["y_true"])
         fallback = {
@@ -283,7 +280,7 @@ class UnitRunner:
                 **{key: result[name] for key, name in MODEL_ALONE.items() if name in result},
             },
             "settings": _jsonable(config.computed_settings()),
-            "machine": machine(),
+            "machine": machine_name(),
             "threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - t0, 2),
             "train_seconds": round(train_seconds, 2),

@@ -250,6 +250,43 @@ def train(config: TrainConfig) -> dict:
         torch.set_num_threads(threads)  # main() may be called from a notebook or a test
 
 
+def split_folds(config: TrainConfig, table, seed=None) -> list:
+    """The run's test folds: its split (the corpus's own when unset) for `seed` (the run's when
+    None), cut to its max_folds."""
+    data = config.data
+    split = data.split or table.corpus.default_split
+    folds = make_folds(table.corpus, split, n_folds=data.folds, seed=config.optim.seed if seed is None else seed)
+    return folds[: data.max_folds] if data.max_folds else folds
+
+
+def train_fold(config: TrainConfig, fold: int, out, table_for=None, fold_name=None) -> tuple:
+    """One fold of the run `config` describes, trained and tested exactly as `train(config)` trains
+    it (the same split, seeds, batches and weights, bit for bit): the experiment queue's unit.
+
+    Args:
+        config (TrainConfig): the run's settings (its corpus-dependent defaults are filled in).
+        fold (int): the fold's index in the split's folds.
+        out: the fold's folder (its checkpoint is written there).
+        table_for (callable, optional): (config, info) -> the feature table; default load_table
+            (a caller training several folds passes one that keeps its tables).
+        fold_name (str, optional): the name the fold must have (a UserError if the split differs).
+
+    Returns:
+        (the fold's result record, as Experiment.run_fold gives it; the feature table).
+    """
+    config = config.resolved()
+    with deterministic_mode(config.run.deterministic), repeatable_cpu_kernels():
+        info = fdist.setup(config.run.device)
+        table = (table_for or load_table)(config, info)
+        folds = split_folds(config, table)
+        if fold_name is not None and folds[fold].name != fold_name:
+            raise UserError(f"fold {fold + 1} is {folds[fold].name}, expected {fold_name}")
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        experiment = Experiment(config, info, table, folds, out, feature_set(config, table.feats))
+        return experiment.run_fold(fold), table
+
+
 def _on_cpu(device: "str | None") -> bool:
     return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
 
@@ -313,9 +350,7 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
         log(f"no CUDA graph ({why}): the training step runs eagerly", run_opts.no_progress)
     table = load_table(config, info)
     split = data.split or table.corpus.default_split
-    folds = make_folds(table.corpus, split, n_folds=data.folds, seed=optim.seed)
-    if data.max_folds:
-        folds = folds[: data.max_folds]
+    folds = split_folds(config, table)
     warnings = check_classes(table.corpus, folds, optim.validation)
     shared = [f.name for f in folds if not f.val_speaker_disjoint]
     if shared and optim.validation:
@@ -367,7 +402,7 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
         # one whole experiment per seed (its own folds' order, weights and batches), then mean +- std
         per_seed = {}
         for seed in optim.seeds:
-            seed_folds = make_folds(table.corpus, split, n_folds=data.folds, seed=seed)[: data.max_folds or None]
+            seed_folds = split_folds(config, table, seed)
             per_seed[seed] = experiment(out / f"seed-{seed}", config.replace(seed=seed), seed_folds)
         metrics = seed_summary(per_seed, time.perf_counter() - t0)
         ensemble = seed_ensemble([fold_results[out / f"seed-{seed}"] for seed in optim.seeds], table.corpus.classes)
