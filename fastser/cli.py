@@ -53,9 +53,10 @@ def run_cli(
     main: Callable[[Optional[Sequence[str]]], object],
     module: str,
     argv: Optional[Sequence[str]] = None,
-    interrupted_hint: Callable[[], str] = lambda: "",
+    interrupted_hint: Callable[[KeyboardInterrupt], str] = lambda interrupt: "",
 ) -> int:
-    """Run `main(argv)` behind the common error path and return the process exit status."""
+    """Run `main(argv)` behind the common error path and return the process exit status;
+    `interrupted_hint(interrupt)`: what to add to the line Ctrl-C prints (e.g. how to continue)."""
     prog = prog_name(module)
     errors = input_errors()
     try:
@@ -63,8 +64,8 @@ def run_cli(
     except BrokenPipeError:  # `... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        hint = interrupted_hint()
+    except KeyboardInterrupt as interrupt:
+        hint = interrupted_hint(interrupt)
         print(f"{prog}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
     except errors as e:

@@ -29,7 +29,7 @@ from fastser.data import SPLITS
 from fastser.models.cnn import DOWNSAMPLINGS, POOLINGS
 from fastser.normalization import NORMALIZE
 from fastser.checkpoints import SETTINGS_FILE, saved_settings
-from fastser.training.run import LAST_OUT, train
+from fastser.training.run import train
 
 CORPORA = ("synthetic", "iemocap", "emodb", "ravdess", "cremad", "tess", "emovo")
 
@@ -456,11 +456,12 @@ def main(argv=None) -> dict:
     return train(parse_config(argv))
 
 
-def _resume_hint() -> str:
+def _resume_hint(interrupt: KeyboardInterrupt) -> str:
     """The exact command that continues the interrupted run (its settings come from the folder)."""
-    if not LAST_OUT or not (LAST_OUT[-1] / SETTINGS_FILE).is_file():
+    out = getattr(interrupt, "out", None)  # a RunInterrupted names its run's folder
+    if out is None or not (out / SETTINGS_FILE).is_file():
         return ""
-    return f"continue it with:\n  {prog_name('fastser.train')} --resume {shlex.quote(str(LAST_OUT[-1]))}"
+    return f"continue it with:\n  {prog_name('fastser.train')} --resume {shlex.quote(str(out))}"
 
 
 def cli(argv=None) -> int:

@@ -45,7 +45,14 @@ from fastser.training.reports import (
 )
 
 ABLATION = {"ce_only": (False, False), "center": (True, False), "recon": (False, True), "center+recon": (True, True)}
-LAST_OUT: list = []  # the run folders made, the last one for the command line's Ctrl-C message
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; `out` is the run's folder (what --resume continues)."""
+
+    def __init__(self, out: Path):
+        super().__init__()
+        self.out = out
 
 
 def _with_out_dir(config: TrainConfig, info) -> TrainConfig:
@@ -73,7 +80,6 @@ def _with_out_dir(config: TrainConfig, info) -> TrainConfig:
         out = str(Path("runs") / stamp[0])
     if info.is_main:
         Path(out).mkdir(parents=True, exist_ok=True)
-    LAST_OUT.append(Path(out))
     return config.replace(out=out, resume=resume)
 
 
@@ -107,9 +113,6 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastser")
 
 
-PHASES: dict = {}  # seconds of the last load_table's phases: corpus (read or generated), features
-
-
 def corpus_options(config: TrainConfig) -> dict:
     """fastser.data.load_corpus's options for the corpus `config` names (the synthetic corpus's
     size and seed, IEMOCAP's subset)."""
@@ -135,6 +138,8 @@ def feature_set(config: TrainConfig, kinds) -> FeatureSet:
 
 
 def load_table(config: TrainConfig, info):
+    """The corpus's feature table for `config` (its `phase_seconds`: the corpus read or generated,
+    the features computed or read from the cache)."""
     t0 = time.perf_counter()
     data, model = config.data, config.model
     kinds = list(KINDS) if model.features == "both" else [canonical_kind(model.features)]
@@ -142,7 +147,7 @@ def load_table(config: TrainConfig, info):
         kinds.append("prosody")
     corpus = load_corpus(data.corpus, data.data_dir, **corpus_options(config))
     corpus = corpus.with_classes(data.classes)
-    PHASES["corpus"] = time.perf_counter() - t0
+    corpus_seconds = time.perf_counter() - t0
     cache_dir = None
     if data.corpus != "synthetic" and not data.no_cache:
         cache_dir = data.cache_dir or os.path.join(data.data_dir, ".fastser-cache")
@@ -181,7 +186,7 @@ def load_table(config: TrainConfig, info):
                 f"expects {expected} (another openSMILE version?)"
             )
         table.feats[INPUT_KIND] = input_columns(x)
-    PHASES["features"] = time.perf_counter() - t0 - PHASES["corpus"]
+    table.phase_seconds = {"corpus": corpus_seconds, "features": time.perf_counter() - t0 - corpus_seconds}
     return table
 
 
@@ -336,9 +341,11 @@ def _main(config: TrainConfig, info) -> dict:
     out = Path(config.run.out)
     try:
         return _train(config, info, out)
-    except BaseException:
+    except BaseException as e:
         if info.is_main and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, RunInterrupted):
+            raise RunInterrupted(out) from e  # the command line's Ctrl-C line names the folder
         raise
 
 
@@ -428,19 +435,20 @@ def _train(config: TrainConfig, info, out: Path) -> dict:
         metrics = experiment(out, config)
     total = time.perf_counter() - t0
     metrics["phase_seconds"] = {
-        **{k: round(v, 3) for k, v in PHASES.items()},
-        "training": round(total - sum(PHASES.values()), 3),
+        **{k: round(v, 3) for k, v in table.phase_seconds.items()},
+        "training": round(total - sum(table.phase_seconds.values()), 3),
         "total": round(total, 3),
     }
     if info.is_main and not objective.ablation:  # an ablation's parts each have their own metrics.json
         write_metrics(out, metrics)
     if info.is_main:
+        phases = metrics["phase_seconds"]
         result(
             f"WA {metrics['wa']:.3f}  UA {metrics['ua']:.3f}  macro-F1 {metrics['macro_f1']:.3f} over "
             f"{metrics['n_test']} test utterances ({_count(len(folds), 'fold')}); "
             f"skipped files: {metrics['skipped']['count']}; "
-            f"{total:.1f} s (corpus {PHASES['corpus']:.1f}, features {PHASES['features']:.1f}, training and "
-            f"testing {metrics['phase_seconds']['training']:.1f}); artifacts in {out}"
+            f"{total:.1f} s (corpus {phases['corpus']:.1f}, features {phases['features']:.1f}, training and "
+            f"testing {phases['training']:.1f}); artifacts in {out}"
         )
     return metrics
 
