@@ -71,65 +71,21 @@ def fused(tmp_path_factory):
         return run, {fmt: export.export(run, fmt) for fmt in export.FORMATS}, svm
 
 
-def _impl_fn(impl, run, files, clips):
+def _impl_fn(impl, run, files, clips, svm=None):
+    """(the timed call, the call memory is measured on or None). With `svm` (a fused run), every
+    implementation runs openSMILE on the clips inside the call, as a user of each does."""
     from fastser import export
     from fastser.predict import Predictor
 
     lengths = np.full(len(clips), clips.shape[1], dtype=np.int64)
-    if impl == "predict":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            predictor = Predictor(run, batch_size=len(clips))
-        items = list(clips)
-        return lambda: predictor.predict(items), None
-    if impl == "onnxruntime":
+    smile = _smile() if svm is not None else None  # built once, as a user's program does
+
+    def inputs() -> dict:
         feeds = {"audio": clips, "lengths": lengths}
-        session, _ = export.load_onnx(files["onnx"])
-        bare, _ = export.load_onnx(files["onnx"], arena=False)
-        return lambda: session.run(["probabilities"], feeds), lambda: bare.run(["probabilities"], feeds)
-    module = export.load_torch(files["torch"])[0].module()
-    audio, lens = torch.from_numpy(clips), torch.from_numpy(lengths)
+        if smile is not None:  # the user's openSMILE step, as the README's snippet runs it
+            feeds["functionals"] = np.concatenate([smile.process_signal(c, SR).to_numpy(np.float32) for c in clips])
+        return feeds
 
-    def call():
-        with torch.no_grad():
-            return module(audio, lens)
-
-    return call, None
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("impl", ["predict", "onnxruntime", "torch.export"])
-def test_inference(benchmark, exported, impl, batch):
-    run, files = exported
-    clips, _ = make_clips(batch)
-    fn, memory_fn = _impl_fn(impl, run, files, clips)
-    _harness.run(
-        benchmark,
-        fn,
-        torch.device("cpu"),
-        suite="inference",
-        group=f"3s_B{batch}",
-        impl=impl,
-        baseline="predict",
-        extra={"utterances": batch},
-        budget_s=2.0,
-        rss_memory=True,
-        memory_fn=memory_fn,
-    )
-
-
-def _fused_fn(impl, run, files, svm, clips):
-    import opensmile
-
-    from fastser import export
-    from fastser.predict import Predictor
-
-    smile = opensmile.Smile(opensmile.FeatureSet.ComParE_2016, opensmile.FeatureLevel.Functionals)
-
-    def functionals():  # the user's openSMILE step, as the README's snippet runs it
-        return np.concatenate([smile.process_signal(c, SR).to_numpy(np.float32) for c in clips])
-
-    lengths = np.full(len(clips), clips.shape[1], dtype=np.int64)
     if impl == "predict":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -137,37 +93,43 @@ def _fused_fn(impl, run, files, svm, clips):
         items = list(clips)
         return lambda: predictor.predict(items), None
     if impl == "opensmile+svm":
-        return lambda: svm.predict(functionals()), None
+        return lambda: svm.predict(inputs()["functionals"]), None
     if impl == "onnxruntime":
         session, _ = export.load_onnx(files["onnx"])
         bare, _ = export.load_onnx(files["onnx"], arena=False)
-
-        def feeds():
-            return {"audio": clips, "lengths": lengths, "functionals": functionals()}
-
-        return lambda: session.run(["probabilities"], feeds()), lambda: bare.run(["probabilities"], feeds())
+        return lambda: session.run(["probabilities"], inputs()), lambda: bare.run(["probabilities"], inputs())
     module = export.load_torch(files["torch"])[0].module()
-    audio, lens = torch.from_numpy(clips), torch.from_numpy(lengths)
 
     def call():
         with torch.no_grad():
-            return module(audio, lens, torch.from_numpy(functionals()))
+            return module(*(torch.from_numpy(v) for v in inputs().values()))
 
     return call, None
 
 
+def _smile():
+    import opensmile
+
+    return opensmile.Smile(opensmile.FeatureSet.ComParE_2016, opensmile.FeatureLevel.Functionals)
+
+
+CASES = [("model", impl) for impl in ("predict", "onnxruntime", "torch.export")] + [
+    ("fused", impl) for impl in ("predict", "onnxruntime", "torch.export", "opensmile+svm")
+]
+
+
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("impl", ["predict", "onnxruntime", "torch.export", "opensmile+svm"])
-def test_fused_inference(benchmark, fused, impl, batch):
-    run, files, svm = fused
+@pytest.mark.parametrize("model, impl", CASES)
+def test_inference(benchmark, request, model, impl, batch):
+    run, files, *svm = request.getfixturevalue("exported" if model == "model" else "fused")
     clips, _ = make_clips(batch)
-    fn, memory_fn = _fused_fn(impl, run, files, svm, clips)
+    fn, memory_fn = _impl_fn(impl, run, files, clips, *svm)
     _harness.run(
         benchmark,
         fn,
         torch.device("cpu"),
         suite="inference",
-        group=f"3s_B{batch}_fused",
+        group=f"3s_B{batch}" + ("_fused" if model == "fused" else ""),
         impl=impl,
         baseline="predict",
         extra={"utterances": batch},
