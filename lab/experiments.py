@@ -556,7 +556,9 @@ def compare(plan: Plan, arms: Optional[list] = None, units_dir: Optional[Path] =
             return "" if math.isnan(mean) else f"{mean:.1f}" + (f" ± {std:.1f}" if len(values) > 1 else "")
 
         delta = np.array([found[(arm, *k)]["ua"] - found[(base, *k)]["ua"] for k in pairs])
-        p = ttest_rel([found[(arm, *k)]["ua"] for k in pairs], [found[(base, *k)]["ua"] for k in pairs]).pvalue
+        p = float("nan")  # a paired test needs two pairs
+        if len(pairs) > 1:
+            p = ttest_rel([found[(arm, *k)]["ua"] for k in pairs], [found[(base, *k)]["ua"] for k in pairs]).pvalue
         minutes = np.mean([found[(arm, *k)]["seconds"] for k in pairs]) / 60
         minutes_base = np.mean([found[(base, *k)]["seconds"] for k in pairs]) / 60
         cells = [f"{by_seed(arm, lv)} ({by_seed(base, lv)})" for lv in levels]

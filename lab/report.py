@@ -100,8 +100,10 @@ SUITE_TITLES = {
     "(time per step)",
     "center_sync": "Center sync across 2 ranks (gloo), D = 512, B = 256 per rank",
     "inference": "Inference, audio in, probabilities out: 3 s clips at 16 kHz, the default model, batch 1 and 32 "
-    "(predict: fastser.Predictor; the exported files in onnxruntime and torch.export; "
-    "memory: peak resident)",
+    "(predict: fastser.Predictor; the exported files in onnxruntime and torch.export; memory: peak resident); "
+    "_fused: the model fused with ComParE functionals, openSMILE inside every implementation's call, beside "
+    "the openSMILE + linear SVM baseline; folder: 200 files through Predictor.predict_files, one process "
+    "against one per core (memory: the parent process's)",
 }
 
 
