@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = ArgumentParser(
         prog=prog_name("fastser.baseline"), description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1]
     )
-    ap.add_argument("--corpus", required=True, help="emodb, ravdess, cremad, tess, iemocap (as fastser.train)")
+    ap.add_argument("--corpus", required=True, help="emodb, ravdess, cremad, tess, iemocap, emovo (as fastser.train)")
     ap.add_argument("--data-dir", required=True, help="corpus root, in the layout the corpus ships in")
     ap.add_argument("--split", choices=SPLITS, default="loso", help="speaker-independent folds (default: loso)")
     ap.add_argument("--folds", type=int, default=5, help="number of folds for --split kfold (default: 5)")
