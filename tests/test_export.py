@@ -216,6 +216,7 @@ def test_the_fused_default_exports_whole_and_scores_as_predict(fused_run, tmp_pa
     for i, y in enumerate(enroll_audio):
         enroll.append(tmp_path / f"enroll{i}.wav")
         sf.write(enroll[-1], y, 16000)
+    enroll_audio = [sf.read(p, dtype="float32")[0] for p in enroll]  # as predict reads them (16-bit PCM)
     _, want = _predicted(fused_run, audio)
     _, want_enrolled = _predicted(fused_run, audio, enroll=enroll)
     predictor, _ = _predicted(fused_run, audio)
@@ -276,8 +277,8 @@ def test_the_readmes_fused_snippet_runs_without_fastser(fused_run, tmp_path):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "opensmile" in b]
     model = export.export(fused_run, "onnx", out=tmp_path / "model.onnx")
-    clip = _speech("Actor_05", 1)[0]
-    sf.write(tmp_path / "clip.wav", clip, 16000)
+    sf.write(tmp_path / "clip.wav", _speech("Actor_05", 1)[0], 16000)
+    clip = sf.read(tmp_path / "clip.wav", dtype="float32")[0]  # as the snippet reads it (16-bit PCM)
     _, want = _predicted(fused_run, [clip])
     code = (
         "import sys\nsys.modules['fastser'] = sys.modules['torch'] = None  # neither may be imported\n"
