@@ -398,3 +398,11 @@ def test_many_files_are_predicted_on_every_core_as_in_one_process(tmp_path):
         np.testing.assert_array_equal(a.probabilities, b.probabilities)
         np.testing.assert_allclose(a.probabilities, predictor.predict_file(path).probabilities, atol=1e-6)
     assert len(dict(alone)[str(long)].segments) > 1
+
+
+def test_a_worker_count_below_one_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        predict.cli([str(tmp_path / "a.wav"), "--checkpoint", str(tmp_path), "--workers", "0"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--workers must be positive" in err and err.count("\n") == 1
