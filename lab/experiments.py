@@ -35,6 +35,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,8 +457,24 @@ def _run_workers(args, plan: Plan) -> int:
     ):
         if value is not None:
             cmd += [flag, str(value)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT) for _ in range(args.workers)]
+    # Each worker writes to its own pipe and this process passes on whole lines: workers sharing
+    # one stdout interleave their block-buffered writes, and a write over PIPE_BUF bytes can be cut
+    # by the other worker's, splitting or gluing lines.
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(args.workers)]
+    lock = threading.Lock()
+
+    def relay(stream):
+        for line in stream:
+            with lock:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+    relays = [threading.Thread(target=relay, args=(p.stdout,), daemon=True) for p in procs]
+    for t in relays:
+        t.start()
     codes = [p.wait() for p in procs]
+    for t in relays:
+        t.join()
     return max(codes)
 
 
