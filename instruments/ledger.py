@@ -215,7 +215,7 @@ def _center_forward(a) -> tuple[int, int]:
     if a["STATS"]:  # integer atomics on the (C + 2,) stats, read and written, and their zeroing ahead (a slab)
         read, written = read + (a["C"] + 2) * 4, written + 2 * (a["C"] + 2) * 4
     if a["loss_scale"]:  # each program adds its rows' loss into one fp32 slot
-        from fastser.ops.center_loss_triton import ROWS
+        from fastser.ops.center_loss.backend_triton import ROWS
 
         programs = -(-B // ROWS)
         read, written = read + programs * 4, written + programs * 4

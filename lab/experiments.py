@@ -163,7 +163,7 @@ class Plan:
         (`<corpus>-<split>-folds.json`), so that status and compare work where the corpus is not
         (a clone without ../shared, CI)."""
         from fastser.data import load_corpus, make_folds
-        from fastser.training.run import corpus_options
+        from fastser.training.inputs import corpus_options
 
         config = self.config(next(iter(self.arms)), self.seeds[0])
         d = config.data
@@ -216,7 +216,7 @@ class UnitRunner:
     def _table(self, config, info):
         """The feature table of `config`'s inputs, loaded once per process (its seconds in
         self.load_seconds, which a unit's training seconds leave out)."""
-        from fastser.training.run import load_table
+        from fastser.training.inputs import load_table
 
         d, m, a = config.data, config.model, config.augment
         key = (d.corpus, d.classes, d.max_seconds, d.sample_rate, m.features, m.n_mels, m.hop_ms, m.prosody)

@@ -44,6 +44,7 @@ LEDGER_START, LEDGER_END = "<!-- ledger:start -->", "<!-- ledger:end -->"
 SUMMARY_START, SUMMARY_END = "<!-- speed-summary:start -->", "<!-- speed-summary:end -->"
 QUEUE_START, QUEUE_END = "<!-- queue:start -->", "<!-- queue:end -->"
 FUSION_START, FUSION_END = "<!-- fusion:start -->", "<!-- fusion:end -->"
+WEIGHT_START, WEIGHT_END = "<!-- fusion-weight:start -->", "<!-- fusion-weight:end -->"
 PLANS = Path(__file__).resolve().parent / "plans"
 ACCURACY_DOC = ROOT / "docs" / "accuracy.md"
 SPEED_DOC = ROOT / "docs" / "speed.md"
@@ -437,6 +438,13 @@ def fusion_table() -> str:
     return table_text(kept_results())
 
 
+def fusion_weight_table() -> str:
+    """The kept results of fusion weights chosen on validation speakers (lab.fusion_weight --write)."""
+    from lab.fusion_weight import kept_results, table_text
+
+    return table_text(kept_results())
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", action="store_true", help="update README.md and docs/ in place")
@@ -452,7 +460,8 @@ def main(argv=None) -> None:
     SPEED_DOC.write_text(_replace(speed, LEDGER_START, LEDGER_END, ledger_table()))
     accuracy_doc = _replace(ACCURACY_DOC.read_text(), ACC_START, ACC_END, accuracy)
     accuracy_doc = _replace(accuracy_doc, QUEUE_START, QUEUE_END, queue_tables())
-    ACCURACY_DOC.write_text(_replace(accuracy_doc, FUSION_START, FUSION_END, fusion_table()))
+    accuracy_doc = _replace(accuracy_doc, FUSION_START, FUSION_END, fusion_table())
+    ACCURACY_DOC.write_text(_replace(accuracy_doc, WEIGHT_START, WEIGHT_END, fusion_weight_table()))
     DEVELOPMENT_DOC.write_text(_replace(DEVELOPMENT_DOC.read_text(), KERNELS_START, KERNELS_END, kernel_table()))
 
 

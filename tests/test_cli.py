@@ -206,20 +206,8 @@ def test_strict_and_skipped_files_name_each_file_once(tmp_path):
     make_ravdess(tmp_path / "rav")
     base = [
         *command("train", "script"),
-        "--corpus",
-        "ravdess",
-        "--data-dir",
-        tmp_path / "rav",
-        "--no-cache",
-        "--width",
-        "4",
-        "--embed-dim",
-        "16",
-        "--epochs",
-        "1",
-        "--no-progress",
-        "--max-folds",
-        "1",
+        *("--corpus", "ravdess", "--data-dir", tmp_path / "rav"),
+        *"--no-cache --width 4 --embed-dim 16 --epochs 1 --no-progress --max-folds 1".split(),
     ]
     strict = run(base, "--strict", "--out", tmp_path / "s")
     line = one_error_line(strict, "fastser-train")
@@ -240,24 +228,8 @@ def test_few_speakers_warn_on_stderr(tmp_path):
         for i, word in enumerate(("bean", "cab", "chain", "dip", "fall", "gun")):
             write_wav(tmp_path / "tess" / f"{spk}_angry" / f"{spk}_{word}_angry.wav", seed=10 + i)
             write_wav(tmp_path / "tess" / f"{spk}_neutral" / f"{spk}_{word}_neutral.wav", seed=20 + i)
-    flags = [
-        "--corpus",
-        "tess",
-        "--data-dir",
-        tmp_path / "tess",
-        "--no-cache",
-        "--width",
-        "4",
-        "--embed-dim",
-        "16",
-        "--epochs",
-        "1",
-        "--no-progress",
-        "--max-folds",
-        "1",
-        "--batch-size",
-        "2",
-    ]
+    flags = ["--corpus", "tess", "--data-dir", tmp_path / "tess"]
+    flags += "--no-cache --width 4 --embed-dim 16 --epochs 1 --no-progress --max-folds 1 --batch-size 2".split()
     proc = run(command("train", "script"), *flags, "--validation", "--out", tmp_path / "o")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "too few speakers for a speaker-disjoint validation set" in proc.stderr

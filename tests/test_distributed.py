@@ -202,24 +202,8 @@ def test_torchrun_with_one_process_is_ddp_and_gives_the_plain_runs_metrics(tmp_p
     a GPU; DDP; the center sync) and ends with exactly the plain run's metrics. The DDP overhead (the
     same epochs' seconds, utterances per second) is printed for the GPU session's log."""
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    args = [
-        "-m",
-        "fastser.train",
-        "--epochs",
-        "2",
-        "--no-progress",
-        "--device",
-        device,
-        "--deterministic",
-        "--synthetic-speakers",
-        "6",
-        "--synthetic-per-class",
-        "4",
-        "--width",
-        "4",
-        "--embed-dim",
-        "16",
-    ]
+    args = ["-m", "fastser.train", "--epochs", "2", "--no-progress", "--device", device, "--deterministic"]
+    args += "--synthetic-speakers 6 --synthetic-per-class 4 --width 4 --embed-dim 16".split()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {}
     for name, launcher in (("plain", [sys.executable]), ("ddp", [torchrun, "--standalone", "--nproc_per_node=1"])):

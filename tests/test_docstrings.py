@@ -10,7 +10,7 @@ MODULES = [
     "fastser.features.transforms",
     "fastser.features.featureset",
     "fastser.nn",
-    "fastser.ops.center_loss",
+    "fastser.ops.center_loss.op",
     "fastser.predictor",
     "fastser.export",
     "fastser.functionals",

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import fastser.train as train
+from fastser.features.featureset import FeatureSet
+from fastser.training import inputs as training_inputs
 from fastser.training import run as training_run
 from fastser.errors import UserError
 from fastser.normalization import Normalizer, enrollment_subsets
@@ -138,11 +140,11 @@ def test_experiment_alternatives_are_the_fallbacks_of_each_training_row(tmp_path
     training rows' pooled statistics, its own, and k-clip sets of other clips of its speaker."""
     config = train.parse_config(SMALL + ["--out", str(tmp_path / "x")]).resolved()
     info = training_run.fdist.setup("cpu")
-    table = training_run.load_table(config, info)
+    table = training_inputs.load_table(config, info)
     from fastser.data.splits import make_folds
 
     folds = make_folds(table.corpus, "holdout")
-    exp = Experiment(config, info, table, folds, tmp_path, training_run.FeatureSet.paper(table.feats))
+    exp = Experiment(config, info, table, folds, tmp_path, FeatureSet.paper(table.feats))
     train_rows = exp.data.train_rows(folds[0])
     pooled = Normalizer.fit(table.feats, table.frames, train_rows)
     norm, alternatives = exp.data.statistics.mixed(train_rows, pooled, seed=1, clips=ENROLLMENT_CLIPS)

@@ -180,10 +180,10 @@ def _wav(folder, i, samples):
 def test_functionals_of_another_size_than_the_model_expects_stop_the_run_in_one_line(tmp_path, capsys, monkeypatch):
     pytest.importorskip("opensmile")
     from fastser import train
-    from fastser.training import run as training_run
+    from fastser.training import inputs as training_inputs
     from tests.test_train import SMALL
 
-    monkeypatch.setitem(training_run.SIZES, "egemaps", 87)  # as another openSMILE version might give
+    monkeypatch.setitem(training_inputs.SIZES, "egemaps", 87)  # as another openSMILE version might give
     out = tmp_path / "run"
     argv = SMALL + ["--epochs", "1", "--functionals", "egemaps", "--functionals-fusion", "input", "--out", str(out)]
     capsys.readouterr()

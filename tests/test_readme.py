@@ -40,6 +40,10 @@ def test_fusion_table_is_the_generated_one():
     assert between(ACCURACY, report.FUSION_START, report.FUSION_END) == "\n" + report.fusion_table()
 
 
+def test_fusion_weight_table_is_the_generated_one():
+    assert between(ACCURACY, report.WEIGHT_START, report.WEIGHT_END) == "\n" + report.fusion_weight_table()
+
+
 def test_ledger_table_is_the_generated_one():
     assert between(SPEED, report.LEDGER_START, report.LEDGER_END) == "\n" + report.ledger_table()
 

@@ -10,31 +10,21 @@ import pytest
 import torch
 
 import fastser.train as train
+from fastser.training import inputs as training_inputs
 from fastser.training import run as training_run
 from fastser.config import TrainConfig
 from fastser.errors import UserError
-from fastser.training import Batch, Batcher, Experiment, Normalizer, mixup, tempo_crop, train_step
+from fastser.training import Batch, Batcher, Experiment, FoldTrainer, Normalizer, mixup, tempo_crop, train_step
 from fastser.training import fold as fold_training
 from fastser.training import scoring
 from fastser._io import atomic_torch_save
 from fastser.data.synthetic import make_corpus
 from fastser.features.featureset import FeatureSet
 
-SMALL = [
-    "--synthetic-speakers",
-    "6",
-    "--synthetic-per-class",
-    "4",
-    "--width",
-    "4",
-    "--embed-dim",
-    "16",
-    "--batch-size",
-    "16",
-    "--no-progress",
-    "--train-seconds",
-    "1.0",
-]
+SMALL = (
+    "--synthetic-speakers 6 --synthetic-per-class 4 --width 4 --embed-dim 16 --batch-size 16 --no-progress "
+    "--train-seconds 1.0"
+).split()
 
 
 def run(tmp_path, name, *extra, env=None):
@@ -196,17 +186,8 @@ def test_bad_arguments_fail_clearly(tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--epochs", "0"])
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastser.train",
-            "--corpus",
-            "emodb",
-            "--data-dir",
-            str(tmp_path / "missing"),
-            "--out",
-            str(tmp_path / "o"),
-        ],
+        [sys.executable, "-m", "fastser.train", "--corpus", "emodb", "--data-dir", str(tmp_path / "missing")]
+        + ["--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
     )
@@ -313,7 +294,7 @@ def test_hop_is_a_setting_the_features_crops_predict_and_resume_follow(tmp_path)
     assert ckpt["settings"]["hop_ms"] == 20
     config = train.parse_config(SMALL + ["--out", str(tmp_path / "x"), "--hop-ms", "20"]).resolved()
     info = training_run.fdist.setup("cpu")
-    table = training_run.load_table(config, info)
+    table = training_inputs.load_table(config, info)
     assert config.optim.train_seconds == 1.0
     assert TrainingTable(config, info, table).batcher(torch.arange(4)).train_frames == 50
     predictor = Predictor(out)
@@ -355,11 +336,11 @@ def test_speaker_statistics_come_from_each_rows_own_speaker(tmp_path):
     every utterance of that speaker (labels unused): a test speaker's rows are standardised."""
     config = train.parse_config(SMALL + ["--out", str(tmp_path / "x")]).resolved()
     info = training_run.fdist.setup("cpu")
-    table = training_run.load_table(config, info)
+    table = training_inputs.load_table(config, info)
     from fastser.data.splits import make_folds
 
     folds = make_folds(table.corpus, "holdout")
-    r = Experiment(config, info, table, folds, tmp_path, training_run.FeatureSet.paper(table.feats))
+    r = Experiment(config, info, table, folds, tmp_path, FeatureSet.paper(table.feats))
     test_rows = torch.from_numpy(folds[0].test)
     speaker = table.corpus.speakers[folds[0].test[0]]
     rows = test_rows[torch.from_numpy(table.corpus.speakers[folds[0].test] == speaker)]
@@ -455,11 +436,11 @@ def test_no_validation_trains_on_the_validation_speakers_and_keeps_the_last_epoc
     speakers), every epoch runs (no early stopping), and the model tested is the last epoch's."""
     config = train.parse_config(SMALL + ["--out", str(tmp_path / "x"), "--no-validation"]).resolved()
     info = training_run.fdist.setup("cpu")
-    table = training_run.load_table(config, info)
+    table = training_inputs.load_table(config, info)
     from fastser.data.splits import make_folds
 
     fold = make_folds(table.corpus, "holdout")[0]
-    r = Experiment(config, info, table, [fold], tmp_path, training_run.FeatureSet.paper(table.feats))
+    r = Experiment(config, info, table, [fold], tmp_path, FeatureSet.paper(table.feats))
     rows = set(r.data.train_rows(fold).tolist())
     assert rows == set(fold.train.tolist()) | set(fold.val.tolist()) and not rows & set(fold.test.tolist())
     metrics, out = run(tmp_path, "noval", "--epochs", "3", "--patience", "1", "--no-validation")
@@ -1003,7 +984,7 @@ def test_interrupt_before_the_first_checkpoint_prints_a_command_that_works(tmp_p
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(fold_training.FoldTraining, "train_epoch", ctrl_c)
+        m.setattr(FoldTrainer, "train_epoch", ctrl_c)
         assert train.cli(SMALL + ["--epochs", "1", "--seed", "2", "--out", str(out)]) == 130
     hint = capsys.readouterr().err.strip().splitlines()
     assert hint[-2].endswith("interrupted; continue it with:") and not (out / "checkpoint.pt").exists()

@@ -1,7 +1,7 @@
 """One description of a Triton launch, used both to launch it and to compile it ahead of time.
 
 Every Triton kernel in fastser is launched through a `TritonLaunch`: the launcher functions
-(`center_loss_triton.forward_launch`, `mel_chain_triton.mel_chain_launches`, ...) turn tensors into
+(`center_loss.backend_triton.forward_launch`, `mel_chain_triton.mel_chain_launches`, ...) turn tensors into
 the kernel's arguments, by name, and `launch()` runs it. The GPU compile gate
 (tests/ops/test_gpu_compile.py) calls the same launcher functions on meta tensors, specialises
 each launch with Triton's own binder as the JIT would, and compiles it for sm_80 and sm_90 with

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 from typing import Callable, Optional
 
@@ -48,6 +49,7 @@ class Implementation:
     autograd: bool = True  # keeps gradients
     interpretable: bool = False  # Triton: CPU tensors too, under TRITON_INTERPRET=1
     needs: str = ""  # how to get it, for the error when it is missing
+    module: str = ""  # the module that computes it, where the op dispatches to one (imported when first used)
 
     def runs_on(self, device_type: str, interpreted_ok: bool = True) -> bool:
         if "*" in self.devices or device_type in self.devices:
@@ -67,7 +69,13 @@ _F32 = (torch.float32,)
 IMPLEMENTATIONS = {
     "center_loss": (
         Implementation(
-            "triton", frozenset({"cuda"}), triton_importable, _F32, interpretable=True, needs="pip install triton"
+            "triton",
+            frozenset({"cuda"}),
+            triton_importable,
+            _F32,
+            interpretable=True,
+            needs="pip install triton",
+            module="fastser.ops.center_loss.backend_triton",
         ),
         Implementation(
             "cuda",
@@ -75,6 +83,7 @@ IMPLEMENTATIONS = {
             lambda: _native.cuda is not None,
             _F32,
             needs="fastser built with nvcc (FASTSER_BUILD_CUDA=1)",
+            module="fastser.ops.center_loss.backend_cuda",
         ),
         Implementation(
             "cpp",
@@ -82,8 +91,9 @@ IMPLEMENTATIONS = {
             lambda: _native.cpu is not None,
             (torch.float32, torch.float64),
             needs="fastser's compiled CPU kernels (pip install .)",
+            module="fastser.ops.center_loss.backend_cpp",
         ),
-        Implementation("torch", ANY_DEVICE, lambda: True),
+        Implementation("torch", ANY_DEVICE, lambda: True, module="fastser.ops.center_loss.backend_torch"),
     ),
     "mel_chain": (
         Implementation(
@@ -112,6 +122,11 @@ def names(op: str) -> tuple:
 
 def implementation(op: str, name: str) -> Implementation:
     return next(impl for impl in IMPLEMENTATIONS[op] if impl.name == name)
+
+
+def module(op: str, name: str):
+    """The module computing implementation `name` of `op` (imported on first use: Triton's needs triton)."""
+    return importlib.import_module(implementation(op, name).module)
 
 
 def available(op: str, device: Optional[torch.device | str] = None) -> list:

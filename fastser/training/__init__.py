@@ -11,7 +11,7 @@ from fastser.features.post import valid_mask
 from fastser.training.batches import Batch, Batcher, Mix, Normalizer, mixup, spec_augment, tempo_crop
 from fastser.checkpoints import ModelSpec, build_model, finished_model, load_checkpoint
 from fastser.training.experiment import Experiment
-from fastser.training.fold import FoldTraining
+from fastser.training.fold import train_and_test
 from fastser.training.trainer import EpochTotals, FoldTrainer
 from fastser.training.step import step_body, train_step
 
@@ -21,7 +21,6 @@ __all__ = [
     "EpochTotals",
     "Experiment",
     "FoldTrainer",
-    "FoldTraining",
     "Mix",
     "ModelSpec",
     "Normalizer",
@@ -32,6 +31,7 @@ __all__ = [
     "spec_augment",
     "step_body",
     "tempo_crop",
+    "train_and_test",
     "train_step",
     "valid_mask",
 ]

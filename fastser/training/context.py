@@ -14,7 +14,7 @@ from fastser.training.table import TrainingTable
 
 @dataclass
 class FoldContext:
-    """A fold's whole view of its experiment (fastser.training.fold.FoldTraining reads nothing else).
+    """A fold's whole view of its experiment (fastser.training.fold.train_and_test reads nothing else).
 
     Args:
         config: the run's resolved settings; the loss weights are

@@ -2,7 +2,7 @@
 
     experiment = Experiment(config, info, table, folds, out, features)
     experiment.resume_from(checkpoint)          # optional: continue a stopped run
-    seconds = experiment.run()                  # each fold not done yet: fastser.training.fold.FoldTraining
+    seconds = experiment.run()                  # each fold not done yet: fastser.training.fold.train_and_test
     experiment.fold_results, experiment.history # what reports read
 
 The settings are a fastser.config.TrainConfig; nothing here sees the command line.
@@ -26,7 +26,7 @@ from fastser.normalization import Normalizer
 from fastser.ops import backends_in_use
 from fastser.training.console import log
 from fastser.training.context import FoldContext
-from fastser.training.fold import FoldTraining
+from fastser.training.fold import train_and_test
 from fastser.training.table import TrainingTable
 
 
@@ -152,7 +152,7 @@ class Experiment:
             self._record_epoch,
             state if state is not None and state["fold"] == index else None,
         )
-        result = FoldTraining(context, index, self.folds[index]).run()
+        result = train_and_test(context, index, self.folds[index])
         self.fold_results.append(result.scores)
         self.last_test = result.embeddings
         self.save(None, final=result.final)

@@ -1,40 +1,35 @@
-"""A training run, end to end: its folder, its corpus and features, and its experiments (folds, seeds
-or the ablation), with the settings of a fastser.config.TrainConfig; nothing here sees the command
-line (fastser.train is the command line).
+"""A training run, end to end: the process settings, its experiments (folds, seeds or the ablation)
+and the seeds' summary, with the settings of a fastser.config.TrainConfig; its folder is
+run_folder.py's, its corpus, features and folds inputs.py's. Nothing here sees the command line
+(fastser.train is the command line).
 
-    metrics = train(config)            # what `python -m fastser.train` runs
-    table = load_table(config, info)   # the corpus and its features (cached on disk for real corpora)
+    metrics = train(config)                     # what `python -m fastser.train` runs
+    record, table = train_fold(config, 0, out)  # one fold of it, bit for bit (the experiment queue's unit)
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
-import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from fastser import distributed as fdist
 from fastser.checkpoints import SETTINGS_FILE, load_checkpoint, write_settings
 from fastser.cli import prog_name
 from fastser.config import SCHEMA_VERSION, TrainConfig
-from fastser.data import check_classes, load_corpus, make_folds
-from fastser.data.cache import Perturbation, build_feature_table, with_copies
+from fastser.data import check_classes
 from fastser.errors import UserError
-from fastser.features.featureset import KINDS, FeatureSet, canonical_kind
-from fastser.functionals import CLIP_KINDS, INPUT_KIND, SIZES, corpus_functionals, input_columns
 from fastser.threads import free_threads
 from fastser.training.console import log, result
 from fastser.training.experiment import Experiment
 from fastser.training.graphed import cuda_graph_refusal
+from fastser.training.inputs import feature_set, load_table, split_folds
+from fastser.training.run_folder import with_out_dir
 from fastser.training.reports import (
     metrics_of,
     run_cost,
@@ -53,151 +48,6 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, out: Path):
         super().__init__()
         self.out = out
-
-
-def _with_out_dir(config: TrainConfig, info) -> TrainConfig:
-    """The config with its run folder decided (and made): --out, the resumed run's folder, or
-    runs/<timestamp>/; --resume A --out B continues A's copy in B."""
-    out, resume = config.run.out, config.run.resume
-    if resume is not None:
-        res = Path(resume)
-        folder = res if res.is_dir() else res.parent
-        out = out or str(folder)
-        if Path(out).resolve() != folder.resolve():
-            if info.is_main:
-                _fork_run(folder, Path(out))
-            info.barrier()  # under torchrun the other ranks read the copy
-            resume = out  # continued in the new folder; the original stays as it was
-    elif out is not None and _holds_run(Path(out)):
-        raise UserError(
-            f"--out {out}: already holds a run; continue it with --resume {shlex.quote(out)}, "
-            f"or give a new folder to --out"
-        )
-    if out is None:
-        stamp = [dt.datetime.now().strftime("%Y%m%d-%H%M%S")]
-        if info.enabled:
-            dist.broadcast_object_list(stamp, src=0)  # one folder for all ranks
-        out = str(Path("runs") / stamp[0])
-    if info.is_main:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    return config.replace(out=out, resume=resume)
-
-
-def _holds_run(folder: Path) -> bool:
-    """A folder a run has written to (its settings, a checkpoint or its metrics, or a part's)."""
-    return folder.is_dir() and any(
-        next(folder.rglob(name), None) is not None for name in (SETTINGS_FILE, "checkpoint.pt", "metrics.json")
-    )
-
-
-def _fork_run(source: Path, target: Path) -> None:
-    """--resume A --out B: B starts as a copy of A's checkpoints and settings (A is left untouched),
-    so the continued run and everything it writes, checkpoint.pt included, are in B."""
-    if target.exists() and any(target.rglob("checkpoint.pt")):
-        raise UserError(
-            f"--out {target}: already holds a run's checkpoint; give an empty or new folder to continue {source} in"
-        )
-    copied = 0
-    for name in ("checkpoint.pt", SETTINGS_FILE):
-        for path in sorted(source.rglob(name)):
-            dest = target / path.relative_to(source)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, dest)
-            copied += 1
-    if not copied:
-        raise FileNotFoundError(f"--resume: no checkpoint in {source}")
-
-
-def default_cache_dir() -> str:
-    """Where generated corpora are kept between runs: $XDG_CACHE_HOME/fastser (~/.cache/fastser)."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastser")
-
-
-def corpus_options(config: TrainConfig) -> dict:
-    """fastser.data.load_corpus's options for the corpus `config` names (the synthetic corpus's
-    size and seed, IEMOCAP's subset)."""
-    data = config.data
-    if data.corpus == "synthetic":
-        return {
-            "seed": config.optim.seed,
-            "n_speakers": data.synthetic_speakers,
-            "per_class": data.synthetic_per_class,
-            "sr": data.sample_rate,
-            "cache_dir": None if data.no_cache else data.cache_dir or default_cache_dir(),
-        }
-    return {"subset": data.iemocap_subset} if data.corpus == "iemocap" else {}
-
-
-def feature_set(config: TrainConfig, kinds) -> FeatureSet:
-    """The model's frame features as `config` sets them (rate, log-mel bands, hop), for these kinds
-    (a table's kinds: its functionals column, one per clip, is no frame feature and is left out)."""
-    model = config.model
-    return FeatureSet.paper(
-        [k for k in kinds if k not in CLIP_KINDS], sr=config.data.sample_rate, n_mels=model.n_mels, hop_ms=model.hop_ms
-    )
-
-
-def load_table(config: TrainConfig, info):
-    """The corpus's feature table for `config` (its `phase_seconds`: the corpus read or generated,
-    the features computed or read from the cache)."""
-    t0 = time.perf_counter()
-    data, model = config.data, config.model
-    kinds = list(KINDS) if model.features == "both" else [canonical_kind(model.features)]
-    if model.prosody:
-        kinds.append("prosody")
-    corpus = load_corpus(data.corpus, data.data_dir, **corpus_options(config))
-    corpus = corpus.with_classes(data.classes)
-    corpus_seconds = time.perf_counter() - t0
-    cache_dir = None
-    if data.corpus != "synthetic" and not data.no_cache:
-        cache_dir = data.cache_dir or os.path.join(data.data_dir, ".fastser-cache")
-        if not os.access(os.path.dirname(os.path.abspath(cache_dir)) or ".", os.W_OK):
-            cache_dir = os.path.join(tempfile.gettempdir(), "fastser-cache")
-    build = dict(
-        cache_dir=cache_dir,
-        strict=data.strict,
-        max_seconds=data.max_seconds,
-        progress=info.is_main and not config.run.no_progress,
-        is_builder=info.is_main,
-        wait=info.barrier,
-    )
-    table = build_feature_table(corpus, feature_set(config, kinds), info.device, **build)
-    if table.corpus.skipped and info.is_main:
-        listing = "\n  ".join(f"{p}: {r}" for p, r in table.corpus.skipped[:50])
-        more = f"\n  ... and {len(table.corpus.skipped) - 50} more" if len(table.corpus.skipped) > 50 else ""
-        print(
-            f"warning: skipped {len(table.corpus.skipped)} bad files (listed in metrics.json; --strict makes "
-            f"them an error):\n  {listing}{more}",
-            file=sys.stderr,
-        )
-    # training-only copies, appended after the originals (folds index only those)
-    copies = [Perturbation("speed", s) for s in config.augment.speed_perturb or ()] + [
-        Perturbation("noise", snr) for snr in config.augment.noise or ()
-    ]
-    table = with_copies(table, feature_set(config, kinds), info.device, copies, **build)
-    if model.functionals_late:
-        table.functionals = _functionals(table, config, cache_dir, info)
-    elif model.functionals_input:  # one more input kind of the table: normalised, batched, fed like the others
-        x = _functionals(table, config, cache_dir, info)
-        expected = SIZES[model.functionals_input]
-        if x.shape[1] != expected:
-            raise UserError(
-                f"openSMILE gave {x.shape[1]} {model.functionals_input} functionals a clip, the model "
-                f"expects {expected} (another openSMILE version?)"
-            )
-        table.feats[INPUT_KIND] = input_columns(x)
-    table.phase_seconds = {"corpus": corpus_seconds, "features": time.perf_counter() - t0 - corpus_seconds}
-    return table
-
-
-def _functionals(table, config: TrainConfig, cache_dir, info):
-    """The corpus's openSMILE functionals; with a cache, rank 0 builds it and the others read it."""
-    args = (table.corpus, config.model.functionals_set, config.data.sample_rate, config.data.max_seconds, cache_dir)
-    if cache_dir is None:
-        return corpus_functionals(*args)
-    x = corpus_functionals(*args) if info.is_main else None
-    info.barrier()
-    return x if x is not None else corpus_functionals(*args)
 
 
 def train(config: TrainConfig) -> dict:
@@ -253,15 +103,6 @@ def train(config: TrainConfig) -> dict:
             return metrics
     finally:
         torch.set_num_threads(threads)  # main() may be called from a notebook or a test
-
-
-def split_folds(config: TrainConfig, table, seed=None) -> list:
-    """The run's test folds: its split (the corpus's own when unset) for `seed` (the run's when
-    None), cut to its max_folds."""
-    data = config.data
-    split = data.split or table.corpus.default_split
-    folds = make_folds(table.corpus, split, n_folds=data.folds, seed=config.optim.seed if seed is None else seed)
-    return folds[: data.max_folds] if data.max_folds else folds
 
 
 def train_fold(config: TrainConfig, fold: int, out, table_for=None, fold_name=None) -> tuple:
@@ -337,7 +178,7 @@ def deterministic_mode(enabled: bool):
 
 
 def _main(config: TrainConfig, info) -> dict:
-    config = _with_out_dir(config, info)
+    config = with_out_dir(config, info)
     out = Path(config.run.out)
     try:
         return _train(config, info, out)

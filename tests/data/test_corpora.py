@@ -170,18 +170,8 @@ def test_a_one_class_corpus_fails_in_one_line(tmp_path):
     for i, speaker in enumerate(["03", "08", "09", "10", "11"] * 2):
         fixtures.write_wav(tmp_path / "emodb" / "wav" / f"{speaker}a0{i // 5 + 1}Wa.wav", seed=i)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastser.train",
-            "--corpus",
-            "emodb",
-            "--data-dir",
-            str(tmp_path / "emodb"),
-            "--out",
-            str(tmp_path / "run"),
-            "--no-progress",
-        ],
+        [sys.executable, "-m", "fastser.train", "--corpus", "emodb", "--data-dir", str(tmp_path / "emodb")]
+        + ["--out", str(tmp_path / "run"), "--no-progress"],
         capture_output=True,
         text=True,
         timeout=300,

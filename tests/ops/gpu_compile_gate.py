@@ -34,10 +34,11 @@ from triton.runtime.jit import compute_cache_key, create_function_from_signature
 from triton.tools.disasm import get_sass
 
 from fastser.features import functional as F
-from fastser.ops import center_loss_triton, mel_chain
+from fastser.ops import mel_chain
+from fastser.ops.center_loss import backend_triton
 from fastser.ops import _triton_launch
 from fastser.ops._triton_launch import TritonLaunch
-from fastser.ops.center_loss import RowWeights, Targets
+from fastser.ops.center_loss.backend import BackwardOutputs, RowWeights
 
 ARCHS = (80, 90)  # A100, H100/H200
 META = torch.device("meta")
@@ -96,7 +97,7 @@ def center_loss_launches():
             (stats, empty((), dtype=torch.int64)),
             (stats, empty((), dtype=torch.int32)),
         ):
-            yield center_loss_triton.forward_launch(x, labels, centers, empty(B), diff, stats, bad_batches)
+            yield backend_triton.forward_launch(x, labels, centers, empty(B), diff, stats, bad_batches)
         gates = (None, empty((), dtype=torch.int32), empty((), dtype=torch.bool))
         modes = (("none", None), ("grad", None), ("wen", counts), ("wen", empty(C, dtype=torch.int32)))
         scales = [(rows, scale_dtype) for rows in (1, B) for scale_dtype in {torch.float32, dtype}]
@@ -105,13 +106,13 @@ def center_loss_launches():
         ):
             # the row scale is the upstream gradient as it comes: (1,) or (B,), fp32 (fp32 centers)
             # or the features' dtype (half centers)
-            yield center_loss_triton.backward_launch(
+            yield backend_triton.backward_launch(
                 diff,
                 labels,
                 mode_counts,
                 C,
                 RowWeights(empty(scale_rows, dtype=scale_dtype)),
-                Targets(
+                BackwardOutputs(
                     grad_x=empty(B, D, dtype=dtype) if with_grad_x else None,
                     centers=centers if mode == "wen" else None,
                     alpha=0.5,
@@ -120,8 +121,8 @@ def center_loss_launches():
                 bad,
             )
         for wen, bad, scale_dtype in itertools.product((True, False), gates, (torch.float32, dtype)):
-            targets = Targets(centers=centers, alpha=0.5) if wen else Targets(grad_centers=centers)
-            yield center_loss_triton.segment_update_launch(
+            targets = BackwardOutputs(centers=centers, alpha=0.5) if wen else BackwardOutputs(grad_centers=centers)
+            yield backend_triton.segment_update_launch(
                 diff, order, offsets, RowWeights(empty(1, dtype=scale_dtype)), targets, bad
             )
 

@@ -692,10 +692,8 @@ def test_triton_forward_counts_classes_and_bad_rows():
     """With `stats` the forward kernel adds each class's row count and the number of bad rows (label
     outside [0, C), NaN or Inf feature) into one int32 buffer — what the Wen update and the
     deferred gate need, with no op of their own — across several programs of rows."""
-    import importlib
-
-    ops = importlib.import_module("fastser.ops.center_loss")  # the module, not the function of that name
-    from fastser.ops import center_loss_triton
+    from fastser.ops.center_loss import op as ops
+    from fastser.ops.center_loss import backend_triton
 
     C, D = 5, 24
     x, labels, centers = make_batch(41, C, D)
@@ -704,7 +702,7 @@ def test_triton_forward_counts_classes_and_bad_rows():
     labels[33] = 7
     stats = ops.new_stats(C, x.device)
     row_loss, diff = torch.empty(41, device=x.device), torch.empty(41, D, device=x.device)
-    center_loss_triton.launch_forward(x, labels, centers, row_loss, diff, stats)
+    backend_triton.launch_forward(x, labels, centers, row_loss, diff, stats)
     in_range = (labels >= 0) & (labels < C)
     assert stats.dtype == torch.int32 and stats.shape == (C + 2,)
     assert torch.equal(stats[:C].long(), torch.bincount(labels[in_range], minlength=C))
@@ -714,9 +712,9 @@ def test_triton_forward_counts_classes_and_bad_rows():
     # a bad-batch counter: + 1 for this batch, however many of its programs hold bad rows
     bad_batches = torch.full((), 5, dtype=torch.int64, device=x.device)
     stats2 = ops.new_stats(C, x.device)
-    center_loss_triton.launch_forward(x, labels, centers, row_loss, diff, stats2, bad_batches)
+    backend_triton.launch_forward(x, labels, centers, row_loss, diff, stats2, bad_batches)
     assert torch.equal(stats2, stats) and int(bad_batches) == 6
-    center_loss_triton.launch_forward(
+    backend_triton.launch_forward(
         x[good], labels[good], centers, row_loss[good], diff[good], ops.new_stats(C, x.device), bad_batches
     )
     assert int(bad_batches) == 6  # a good batch counts nothing
@@ -735,7 +733,7 @@ def test_triton_step_launches_two_kernels_and_few_small_ops(validate, monkeypatc
     import importlib
     from torch.utils._python_dispatch import _disable_current_modes
 
-    triton_backend = importlib.import_module("fastser.ops.center_loss_triton")
+    triton_backend = importlib.import_module("fastser.ops.center_loss.backend_triton")
     rec = Ledger()
     for name in ("forward", "backward", "segment_update"):
         real = getattr(triton_backend, "launch_" + name)

@@ -8,7 +8,7 @@ import torch
 
 from fastser.nn import CenterLoss
 from fastser.ops import available_backends
-from fastser.ops.center_loss import _op_backward, _op_forward
+from fastser.ops.center_loss.op import _op_backward, _op_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the Triton interpreter is too slow to run under compile in CI time; on a GPU every backend runs

@@ -54,3 +54,32 @@ def test_a_float64_input_is_refused_by_a_float32_kernel(monkeypatch):
         pytest.skip("needs Triton")
     with pytest.raises(TypeError, match="computes in float32"):
         registry.choose("center_loss", "triton", "cpu", torch.float64)
+
+
+def test_every_center_loss_backend_module_keeps_the_contract():
+    """Each built backend's module has the Backend protocol's flags and functions, with the
+    protocol's parameters (names and kinds, in order); a module missing one is not a Backend."""
+    import inspect
+    import types
+
+    from fastser.ops.center_loss.backend import Backend
+
+    def parameters(fn, skip_self=False):
+        params = list(inspect.signature(fn).parameters.values())[1 if skip_self else 0 :]
+        return [(p.name, p.kind) for p in params]
+
+    checked = []
+    for impl in registry.IMPLEMENTATIONS["center_loss"]:
+        if not impl.built():
+            continue
+        module = registry.module("center_loss", impl.name)
+        assert isinstance(module, Backend), impl.name
+        for flag in ("COUNTS_IN_FORWARD", "GATES_IN_KERNEL", "NEEDS_LABELS_IN_RANGE"):
+            assert isinstance(getattr(module, flag), bool), (impl.name, flag)
+        for name in ("diff_dtype", "forward", "backward"):
+            assert parameters(getattr(module, name)) == parameters(getattr(Backend, name), True), (impl.name, name)
+        checked.append(impl.name)
+    assert "torch" in checked
+    torch_backend = registry.module("center_loss", "torch")
+    partial = types.SimpleNamespace(**{k: getattr(torch_backend, k) for k in dir(torch_backend) if k != "backward"})
+    assert not isinstance(partial, Backend)

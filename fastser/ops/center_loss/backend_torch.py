@@ -1,5 +1,5 @@
 """The center loss in plain PyTorch (gather and index_put): any device, any float dtype; the
-fallback where no kernel runs, and the test oracle. The interface every backend module has
+fallback where no kernel runs, and the test oracle. It keeps backend.Backend's contract
 (fastser.ops.center_loss dispatches to it): `forward`, `backward`, `diff_dtype` and the flags below."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from fastser.ops.center_loss_common import class_counts, deterministic_algorithms, in_range, label_slots
-from fastser.ops.center_loss_types import BatchStats, RowWeights, Tallies, Targets
+from fastser.ops.center_loss.backend import class_counts, deterministic_algorithms, in_range, label_slots
+from fastser.ops.center_loss.backend import BatchStats, RowWeights, Tallies, BackwardOutputs
 
 COUNTS_IN_FORWARD = False  # the forward counts classes and bad rows into its Tallies
 GATES_IN_KERNEL = False  # the backward skips the center writes of a bad batch itself
@@ -45,13 +45,13 @@ def backward(
     labels: torch.Tensor,
     num_classes: int,
     weights: RowWeights,
-    targets: Targets,
+    outputs: BackwardOutputs,
     deterministic: bool,
     batch: BatchStats = BatchStats(),
 ) -> None:
-    """Writes `targets`: grad_x, and either the Wen update of the centers or their gradient."""
+    """Writes `outputs`: grad_x, and either the Wen update of the centers or their gradient."""
     B, D = diff.shape
-    grad_x, centers, grad_centers = targets.grad_x, targets.centers, targets.grad_centers
+    grad_x, centers, grad_centers = outputs.grad_x, outputs.centers, outputs.grad_centers
     row_scale = weights.multiplied(diff.dtype)
     if grad_x is not None:
         grad_x.copy_(row_scale[:, None] * diff if row_scale.numel() == B else row_scale * diff)
@@ -65,6 +65,6 @@ def backward(
     sums = sums[:num_classes]
     if centers is not None:
         counts = class_counts(labels, num_classes).to(diff.dtype)
-        centers.add_(sums * (targets.alpha / (1.0 + counts))[:, None])
+        centers.add_(sums * (outputs.alpha / (1.0 + counts))[:, None])
     else:
         grad_centers.copy_(sums)

@@ -1,78 +1,58 @@
-"""The fused center loss: one autograd Function and the one place that picks a backend.
-
-    loss   = scale * sum_i ||x_i - c_{y_i}||^2          scale = 1/B ("mean") or 1 ("sum")
-    dL/dx_i = 2 * scale * (x_i - c_{y_i}) * grad_output
-    dL/dc_j = -2 * scale * sum_{i: y_i = j} (x_i - c_j) * grad_output      (centers.requires_grad)
-    Wen update, once per backward (wen_alpha given):
-           c_j <- c_j + alpha * sum_{i: y_i = j} (x_i - c_j) / (1 + n_j)
-
-Every backend has the same two steps. The forward reads x and the gathered centers once and
-writes the per-row squared distance and diff = x - c_y in fp32 (fp64 for float64 inputs; the
-Triton kernels keep half-precision features' diff in their dtype): that
-is all the backward needs, so a later in-place update of the centers cannot change the gradient.
-The backward reads diff once, writes grad_x and, in the same pass, updates the centers (or
-writes their gradient). Extra memory is O(B*D + C); nothing of size B x C is ever built.
-
-Backends, one file each with the same interface (forward, backward, diff_dtype and what the
-backend does itself: COUNTS_IN_FORWARD, GATES_IN_KERNEL, NEEDS_LABELS_IN_RANGE): "triton"
-(center_loss_triton.py) and "cuda" (center_loss_cuda.py) on CUDA tensors, "cpp" (center_loss_cpp.py,
-CPU, OpenMP), "torch" (center_loss_torch.py, gather/index_put, any device; the fallback and the test
-oracle). ops/registry.py declares where each runs; this file picks one and holds the autograd
-Function and the torch.library ops. Shared: center_loss_common.py (labels, segments),
-center_loss_stats.py (the counting forward's scratch), center_loss_distributed.py (the Wen update
-across ranks), center_loss_types.py (the arguments' structures).
-
-Validation (`validate`): "eager" (True) checks labels and finiteness before anything is written and
-raises, at the price of one host read a step, after the forward (free on the CPU, a stream stall
-on a GPU); "deferred" keeps
-every check on the device: a batch with a non-finite feature or a label outside [0, C) has NaN row
-losses, its Wen update is skipped as a whole (and its center gradient is zero), and a device
-counter records it, to be read when the caller chooses (CenterLoss.raise_on_bad_batches());
-"off" (False) checks shapes only (a bad label's row is left out of the update, never written
-out of bounds).
-
-The Triton backend's forward also counts each class's rows and the batch's bad rows into one small
-int32 buffer (`stats`), so a step is: zero the buffer, the forward kernel, the loss mean, the
-backward kernel (grad_x + Wen update, gated on the bad-row count) — no class-count or
-finiteness ops between them, and nothing read back to the host.
-"""
+"""The center-loss op: the functional `center_loss`, its autograd Function (one formula for eager
+execution and torch.compile), the torch.library ops that let torch.compile keep it, its input
+checks, and the one place that picks a backend module (fastser.ops.center_loss's docstring: the
+formulas, validation modes and files)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from fastser.ops import center_loss_cpp, center_loss_cuda, center_loss_torch, registry
-from fastser.ops.center_loss_common import class_counts, compute_dtype, in_range, raise_bad_label
-from fastser.ops.center_loss_distributed import distributed_world, wen_update_global
-from fastser.ops.center_loss_stats import STATS_LOSS, STATS_SLAB, StatsSlab, loss_slot, new_stats
-from fastser.ops.center_loss_types import BatchStats, Plan, RowWeights, Saved, Tallies, Targets
+from fastser.ops import registry
+from fastser.ops.center_loss.backend import (
+    STATS_LOSS,
+    STATS_SLAB,
+    Backend,
+    BackwardOutputs,
+    BatchStats,
+    CallSettings,
+    RowWeights,
+    Saved,
+    Tallies,
+    compute_dtype,
+    in_range,
+    loss_slot,
+    new_stats,
+    raise_bad_label,
+)
+from fastser.ops.center_loss.distributed import wen_update_global
 
 BACKENDS = registry.names("center_loss")
 REDUCTIONS = ("mean", "sum", "none")
 VALIDATE = ("eager", "deferred", "off")
 
-# each backend's forward and backward, by the name registry.choose gives (ops/registry.py declares
-# where each runs); every module has center_loss_torch's interface
-IMPLEMENTATIONS = {"torch": center_loss_torch, "cpp": center_loss_cpp, "cuda": center_loss_cuda}
-try:  # Triton is optional: the CUDA wheels of torch bring it, the CPU wheel does not
-    from fastser.ops import center_loss_triton
 
-    IMPLEMENTATIONS["triton"] = center_loss_triton
-except ImportError:  # pragma: no cover - depends on the environment
-    pass
+# the modules of the backends built here, imported once (a traced step must find them, not import
+# them); ops/registry.py's table says which backends exist, where each runs and which module it is
+_MODULES: dict = {
+    impl.name: registry.module("center_loss", impl.name)
+    for impl in registry.IMPLEMENTATIONS["center_loss"]
+    if impl.built()
+}
 
-__all__ = [
-    "BACKENDS",
-    "CenterLossFunction",
-    "StatsSlab",
-    "available_backends",
-    "center_loss",
-    "check_inputs",
-    "class_counts",
-    "new_stats",
-]
+
+def backend_module(name: str) -> Backend:
+    """The module that computes backend `name` (one of available_backends())."""
+    return _MODULES[name]
+
+
+def distributed_world(process_group) -> int:
+    """The ranks the Wen update sums over (1 outside torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> list[str]:
@@ -157,29 +137,13 @@ def _forward(
     here and written by the backend. A label outside [0, C) gives a NaN row loss (the C++ backend
     raises instead unless bad_label_is_nan). `tallies` (backends that count in the forward): what
     the kernel adds the class and bad-row counts, the bad batch and the scaled loss into."""
-    impl, compute = IMPLEMENTATIONS[backend], compute_dtype(x, centers)
+    impl, compute = backend_module(backend), compute_dtype(x, centers)
     B, D = x.shape
     row_loss = torch.empty(B, dtype=compute, device=x.device)
     diff = torch.empty(B, D, dtype=impl.diff_dtype(x.dtype, compute), device=x.device)
     if B > 0:
         impl.forward(x, labels, centers, row_loss, diff, bad_label_is_nan=bad_label_is_nan, tallies=tallies)
     return row_loss, diff
-
-
-def _backward(
-    backend: str,
-    diff: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    weights: RowWeights,
-    targets: Targets,
-    deterministic: bool,
-    batch: BatchStats = BatchStats(),
-) -> None:
-    """Writes `targets`: grad_x, and either the Wen update of the centers or their gradient.
-    batch.bad gates the center writes inside the kernels of a backend that GATES_IN_KERNEL (the
-    others are gated by the caller); batch.counts are the forward's class counts, where it made them."""
-    IMPLEMENTATIONS[backend].backward(diff, labels, num_classes, weights, targets, deterministic, batch)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -192,7 +156,7 @@ def _backward(
 
 class CenterLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, labels, centers, plan: Plan, bad_batches):
+    def forward(ctx, features, labels, centers, plan: CallSettings, bad_batches):
         compiling = torch.compiler.is_compiling()
         C = plan.num_classes
         labels = labels.long().contiguous()
@@ -200,7 +164,7 @@ class CenterLossFunction(torch.autograd.Function):
         writes = plan.wen_alpha is not None or centers.requires_grad
         # a compiled step cannot read the host, so it validates on the device, as "deferred" does
         validate = "deferred" if compiling and plan.validate == "eager" else plan.validate
-        count = IMPLEMENTATIONS[plan.backend].COUNTS_IN_FORWARD and writes  # classes and bad rows
+        count = backend_module(plan.backend).COUNTS_IN_FORWARD and writes  # classes and bad rows
         B = x.shape[0]
         # ... and, called eagerly, reduces the loss itself (atomically: not in the deterministic mode)
         fused_total = (
@@ -233,7 +197,7 @@ class CenterLossFunction(torch.autograd.Function):
                     bad_batches.add_(batch.bad > 0)
             else:
                 batch.bad = _batch_bad(row_loss, bad_batches)
-        if IMPLEMENTATIONS[plan.backend].NEEDS_LABELS_IN_RANGE and validate == "deferred":
+        if backend_module(plan.backend).NEEDS_LABELS_IN_RANGE and validate == "deferred":
             labels = torch.where(in_range(labels, C), labels, 0)  # the batch is dropped anyway
         ctx.save_for_backward(diff, labels)
         ctx.plan, ctx.batch, ctx.centers = plan, batch, centers
@@ -290,7 +254,7 @@ def _batch_bad(row_loss: torch.Tensor, bad_batches: Optional[torch.Tensor]) -> t
 
 
 def _backward_step(
-    plan: Plan, saved: Saved, weights: RowWeights, want_grad_x: bool, want_grad_centers: bool
+    plan: CallSettings, saved: Saved, weights: RowWeights, want_grad_x: bool, want_grad_centers: bool
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """-> (grad_x or None, grad_centers or None); moves saved.centers by Wen's rule when it is
     given. saved.batch.bad (deferred validation): where nonzero, no center moves and the center
@@ -301,7 +265,7 @@ def _backward_step(
     compute = torch.float64 if diff.dtype == torch.float64 else torch.float32  # diff may be stored in half
     grad_c = torch.zeros(C, diff.shape[1], dtype=compute, device=diff.device) if want_grad_centers else None
     update_here, work_centers = None, None
-    gated_in_kernel = bad is not None and IMPLEMENTATIONS[plan.backend].GATES_IN_KERNEL
+    gated_in_kernel = bad is not None and backend_module(plan.backend).GATES_IN_KERNEL
     if centers is not None:
         if distributed_world(plan.process_group) > 1:
             wen_update_global(diff, labels, centers, plan.wen_alpha, plan.process_group, bad)
@@ -312,14 +276,17 @@ def _backward_step(
             work_centers = centers.data if direct else centers.detach().to(compute, copy=True).contiguous()
             update_here = work_centers
     kernel_batch = BatchStats(bad if gated_in_kernel else None, saved.batch.counts)
-    run = (plan.backend, diff, labels, C, weights)
+    # the backend writes the outputs; batch.bad gates the center writes inside the kernels of a
+    # backend that GATES_IN_KERNEL (the others are gated here), batch.counts are the forward's
+    backend, run = backend_module(plan.backend), (diff, labels, C, weights)
     if update_here is not None and grad_c is not None:
         # both wanted (unusual): two passes, the update first would change nothing the gradient reads
-        _backward(*run, Targets(grad_x=grad_x, grad_centers=grad_c), plan.deterministic)
-        _backward(*run, Targets(centers=update_here, alpha=plan.wen_alpha), plan.deterministic, kernel_batch)
+        backend.backward(*run, BackwardOutputs(grad_x=grad_x, grad_centers=grad_c), plan.deterministic, BatchStats())
+        outputs = BackwardOutputs(centers=update_here, alpha=plan.wen_alpha)
+        backend.backward(*run, outputs, plan.deterministic, kernel_batch)
     else:
-        targets = Targets(grad_x, update_here, plan.wen_alpha or 0.0, grad_c)
-        _backward(*run, targets, plan.deterministic, kernel_batch)
+        outputs = BackwardOutputs(grad_x, update_here, plan.wen_alpha or 0.0, grad_c)
+        backend.backward(*run, outputs, plan.deterministic, kernel_batch)
     if work_centers is not None and not direct:
         if bad is not None and not gated_in_kernel:
             work_centers = torch.where(bad.bool(), centers.data.to(work_centers.dtype), work_centers)
@@ -369,7 +336,7 @@ def _(features, labels, centers, backend, bad_label_is_nan, count):
     B, D = features.shape
     return (
         features.new_empty(B, dtype=compute),
-        features.new_empty(B, D, dtype=IMPLEMENTATIONS[backend].diff_dtype(features.dtype, compute)),
+        features.new_empty(B, D, dtype=backend_module(backend).diff_dtype(features.dtype, compute)),
         features.new_empty(centers.shape[0] + 1 + STATS_LOSS if count else 0, dtype=torch.int32),
     )
 
@@ -394,7 +361,9 @@ def _op_backward(
     """CenterLossFunction's backward as an op (a custom op's arguments are flat): bad and counts
     are BatchStats' fields, empty for None. Returns empty tensors for unwanted gradients (an op
     never returns None)."""
-    plan = Plan(centers.shape[0], backend, wen_alpha=wen_alpha if update_centers else None, deterministic=deterministic)
+    plan = CallSettings(
+        centers.shape[0], backend, wen_alpha=wen_alpha if update_centers else None, deterministic=deterministic
+    )
     batch = BatchStats(bad if bad.numel() else None, counts if counts.numel() else None)
     saved = Saved(diff, labels.long(), centers if update_centers else None, centers.dtype, x_dtype, batch)
     grad_x, grad_c = _backward_step(
@@ -469,7 +438,7 @@ def center_loss(
         raise ValueError(f"centers must be 2-D (num_classes, feat_dim), got shape {tuple(centers.shape)}")
     if validate != "off":  # the checks that need no host read (shapes, dtypes, devices); eager checks the
         check_inputs(features, labels, centers, label_range=False)  # values after the forward, in one read
-    plan = Plan(
+    plan = CallSettings(
         centers.shape[0],
         resolve_backend(backend, features, centers),
         reduction,

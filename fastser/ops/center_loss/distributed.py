@@ -7,13 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastser.ops.center_loss_common import in_range
-
-
-def distributed_world(process_group) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(process_group)
+from fastser.ops.center_loss.backend import in_range
 
 
 _SYNC_BUFFERS: dict = {}  # one reusable buffer per centers tensor: no 20 MB page-faulting allocation per step

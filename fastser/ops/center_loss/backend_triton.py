@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from fastser.ops._triton_launch import TritonLaunch, cdiv, next_power_of_2
-from fastser.ops.center_loss_common import class_segments, fused_and_segment_targets
-from fastser.ops.center_loss_types import BatchStats, RowWeights, Tallies, Targets
+from fastser.ops.center_loss.backend import class_segments, fused_and_segment_outputs
+from fastser.ops.center_loss.backend import BatchStats, RowWeights, Tallies, BackwardOutputs
 
 ROWS = 4  # rows per program: enough independent loads in flight for D in the hundreds
 SCATTER_NONE, SCATTER_WEN, SCATTER_GRAD = 0, 1, 2
@@ -227,13 +227,15 @@ def forward_launch(
     )
 
 
-def backward_launch(diff, labels, counts, num_classes, weights: RowWeights, targets: Targets, bad=None) -> TritonLaunch:
-    """targets.grad_x (optional) and at most one of targets.centers (Wen update, needs counts:
-    int32 or int64) and targets.grad_centers; weights.scale is read as it is, weights.mult
+def backward_launch(
+    diff, labels, counts, num_classes, weights: RowWeights, outputs: BackwardOutputs, bad=None
+) -> TritonLaunch:
+    """outputs.grad_x (optional) and at most one of outputs.centers (Wen update, needs counts:
+    int32 or int64) and outputs.grad_centers; weights.scale is read as it is, weights.mult
     multiplied in; bad (optional 0-d int32 or bool on the device): no center is written unless it
     is 0."""
     B, D = diff.shape
-    grad_x, centers, grad_centers = targets.grad_x, targets.centers, targets.grad_centers
+    grad_x, centers, grad_centers = outputs.grad_x, outputs.centers, outputs.grad_centers
     scatter = SCATTER_WEN if centers is not None else (SCATTER_GRAD if grad_centers is not None else SCATTER_NONE)
     unused = diff  # stands in for pointers that a constexpr branch never touches
     return TritonLaunch(
@@ -250,7 +252,7 @@ def backward_launch(diff, labels, counts, num_classes, weights: RowWeights, targ
             CENTERS_ptr=centers if centers is not None else unused,
             GRAD_C_ptr=grad_centers if grad_centers is not None else unused,
             BAD_ptr=_flag(bad, labels),
-            alpha=float(targets.alpha),
+            alpha=float(outputs.alpha),
             B=B,
             D=D,
             C=num_classes,
@@ -263,13 +265,15 @@ def backward_launch(diff, labels, counts, num_classes, weights: RowWeights, targ
     )
 
 
-def segment_update_launch(diff, order, offsets, weights: RowWeights, targets: Targets, bad=None) -> TritonLaunch:
-    """Exactly one of targets.centers (Wen update) and targets.grad_centers (written); bad as in
+def segment_update_launch(
+    diff, order, offsets, weights: RowWeights, outputs: BackwardOutputs, bad=None
+) -> TritonLaunch:
+    """Exactly one of outputs.centers (Wen update) and outputs.grad_centers (written); bad as in
     backward_launch."""
     D = diff.shape[1]
     C = offsets.numel() - 1
     BLOCK_D = block_d(D, cap=256)
-    wen = targets.centers is not None
+    wen = outputs.centers is not None
     return TritonLaunch(
         _segment_kernel,
         (cdiv(D, BLOCK_D), C),
@@ -280,9 +284,9 @@ def segment_update_launch(diff, order, offsets, weights: RowWeights, targets: Ta
             ROW_SCALE_ptr=weights.scale,
             row_scale_stride=_row_scale_stride(weights.scale),
             row_scale_mult=float(weights.mult),
-            OUT_ptr=targets.centers if wen else targets.grad_centers,
+            OUT_ptr=outputs.centers if wen else outputs.grad_centers,
             BAD_ptr=_flag(bad, offsets),
-            alpha=float(targets.alpha),
+            alpha=float(outputs.alpha),
             D=D,
             WEN=wen,
             GATE=bad is not None,
@@ -295,16 +299,16 @@ def launch_forward(x, labels, centers, row_loss, diff, stats=None, bad_batches=N
     forward_launch(x, labels, centers, row_loss, diff, stats, bad_batches, loss, loss_scale).launch()
 
 
-def launch_backward(diff, labels, counts, num_classes, weights: RowWeights, targets: Targets, bad=None) -> None:
-    backward_launch(diff, labels, counts, num_classes, weights, targets, bad).launch()
+def launch_backward(diff, labels, counts, num_classes, weights: RowWeights, outputs: BackwardOutputs, bad=None) -> None:
+    backward_launch(diff, labels, counts, num_classes, weights, outputs, bad).launch()
 
 
-def launch_segment_update(diff, order, offsets, weights: RowWeights, targets: Targets, bad=None) -> None:
-    segment_update_launch(diff, order, offsets, weights, targets, bad).launch()
+def launch_segment_update(diff, order, offsets, weights: RowWeights, outputs: BackwardOutputs, bad=None) -> None:
+    segment_update_launch(diff, order, offsets, weights, outputs, bad).launch()
 
 
 # ----------------------------------------------------------------------------- the backend interface
-# (center_loss_torch's): fastser.ops.center_loss dispatches here
+# (backend.Backend, the contract): op.py dispatches here
 
 COUNTS_IN_FORWARD = True  # the forward counts classes and bad rows into `stats`
 GATES_IN_KERNEL = True  # the backward kernels read the bad-row count and skip the center writes
@@ -343,16 +347,16 @@ def backward(
     labels: torch.Tensor,
     num_classes: int,
     weights: RowWeights,
-    targets: Targets,
+    outputs: BackwardOutputs,
     deterministic: bool,
     batch: BatchStats = BatchStats(),
 ) -> None:
-    """Writes `targets`; batch.bad (if set) gates the center writes inside the kernels, batch.counts
+    """Writes `outputs`; batch.bad (if set) gates the center writes inside the kernels, batch.counts
     (the forward's) are the Wen update's denominators."""
     if diff.shape[0] == 0:
         return
-    fused, counts, segment_pass = fused_and_segment_targets(labels, num_classes, targets, deterministic, batch.counts)
+    fused, counts, segment_pass = fused_and_segment_outputs(labels, num_classes, outputs, deterministic, batch.counts)
     launch_backward(diff, labels, counts, num_classes, weights, fused, batch.bad)
     if segment_pass:
         order, offsets = class_segments(labels, num_classes)
-        launch_segment_update(diff, order, offsets, weights, targets, batch.bad)
+        launch_segment_update(diff, order, offsets, weights, outputs, batch.bad)

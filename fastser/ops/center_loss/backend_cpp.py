@@ -1,5 +1,5 @@
 """The center loss on the CPU: fastser's C++ kernels (OpenMP over rows; class sums per class
-segment in order, no atomics). The backend interface is center_loss_torch's."""
+segment in order, no atomics). It keeps backend.Backend's contract."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from fastser.ops import _native
-from fastser.ops.center_loss_common import in_range, raise_bad_label
-from fastser.ops.center_loss_types import BatchStats, RowWeights, Tallies, Targets
+from fastser.ops.center_loss.backend import in_range, raise_bad_label
+from fastser.ops.center_loss.backend import BatchStats, RowWeights, Tallies, BackwardOutputs
 
 COUNTS_IN_FORWARD = False
 GATES_IN_KERNEL = False
@@ -29,7 +29,7 @@ def forward(
     bad_label_is_nan: bool = False,
     tallies: Tallies = Tallies(),
 ) -> None:
-    """Writes row_loss and diff (as center_loss_torch's). A label outside [0, C) raises, or with
+    """Writes row_loss and diff (as backend_torch's). A label outside [0, C) raises, or with
     `bad_label_is_nan` gives its row a NaN loss."""
     compute = row_loss.dtype
     xc, cc = x.to(compute).contiguous(), centers.to(compute).contiguous()
@@ -46,19 +46,19 @@ def backward(
     labels: torch.Tensor,
     num_classes: int,
     weights: RowWeights,
-    targets: Targets,
+    outputs: BackwardOutputs,
     deterministic: bool,
     batch: BatchStats = BatchStats(),
 ) -> None:
-    """Writes `targets` (the kernels sum in a fixed order: deterministic either way)."""
+    """Writes `outputs` (the kernels sum in a fixed order: deterministic either way)."""
     if diff.shape[0] == 0:
         return
-    grad_x = targets.grad_x
+    grad_x = outputs.grad_x
     # the C++ kernels write the compute dtype; half-precision gradients are cast afterwards
     gx = grad_x if grad_x is None or grad_x.dtype == diff.dtype else torch.empty_like(diff)
     row_scale = weights.multiplied(diff.dtype)
     _native.center_loss_backward_cpu(
-        diff, labels, num_classes, row_scale, gx, targets.centers, targets.alpha, targets.grad_centers
+        diff, labels, num_classes, row_scale, gx, outputs.centers, outputs.alpha, outputs.grad_centers
     )
     if gx is not grad_x:
         grad_x.copy_(gx)

@@ -1,0 +1,166 @@
+"""Test-time adaptation of the encoders' batch norms to the enrolled speaker, judged on kept units.
+
+    python -m lab.adabn lab/plans/PLAN.json ARM [--write]
+
+The enrollment audio (unlabelled clips of the speaker to be scored) already gives the model its
+input statistics. Here it also re-estimates the running statistics of every batch norm in the
+encoders (AdaBN, Li et al. 2016: the layers' means and variances on the new domain, no labels, no
+gradient): each clip is passed alone through the model with those layers in training mode and a
+cumulative average (momentum None), the rest of the model in evaluation mode; then the speaker's
+clips are scored. Each unit whose run folder (with its checkpoint) the queue still keeps is scored
+as `predict --enroll` scores (the model alone, enrolled with all of the test speaker's clips, as the
+units' "with enrollment" figures are), without and with the adaptation, and both fused with the
+unit's functionals classifier at the run's fixed weight. `--write` keeps the result in
+benchmarks/results/accuracy/adabn/<plan>-<arm>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lab.experiments import ROOT, SCRATCH, Plan, load_units
+
+OUT = ROOT / "benchmarks" / "results" / "accuracy" / "adabn"
+KEYS = ("model", "model_adapted", "fused", "fused_adapted")
+
+
+def adapt_batchnorms(predictor, clips: list) -> None:
+    """Re-estimates the running statistics of the predictor's encoders' batch norms on `clips` (each
+    alone: no padding enters them), leaving every other layer and weight as it was."""
+    import torch
+    from torch import nn
+
+    from fastser.predictor import score
+
+    norms = [
+        m
+        for model in predictor.models
+        for name, m in model.named_modules()
+        if name.startswith("encoders.") and isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the clips
+        m.train()
+    with torch.no_grad():
+        for clip in clips:
+            score(predictor.models, predictor.norms, predictor.features, [clip], predictor.device)
+    for m in norms:
+        m.eval()
+
+
+def unit_scores(checkpoint: Path, paths: list) -> tuple:
+    """(the model alone's (N, C) probabilities enrolled with `paths`, the same after adapting)."""
+    from fastser.predictor import Predictor, enrollment_clips
+
+    predictor = Predictor(checkpoint)
+    predictor.heads = []  # the model alone
+    predictor.enroll_speaker(paths)
+    plain = np.stack([p.probabilities for p in predictor.predict(paths)])
+    adapt_batchnorms(predictor, enrollment_clips(paths, predictor.sr, predictor.whole_seconds))
+    adapted = np.stack([p.probabilities for p in predictor.predict(paths)])
+    return plain, adapted
+
+
+def judge(plan: Plan, arm: str, scratch: Path = SCRATCH, log=print) -> dict:
+    from fastser.data import load_corpus
+    from fastser.functionals import fuse
+    from fastser.metrics import summarize
+
+    corpus = load_corpus(plan.corpus, plan.data_dir)
+    path_of = {u.uid: u.path for u in corpus.utterances}
+    rows = []
+    for (unit_arm, seed, fold_name), record in sorted(load_units(plan).items()):
+        folder = scratch / plan.corpus / "runs" / arm / f"seed-{seed}" / fold_name.split("=", 1)[-1]
+        checkpoint = folder / "checkpoint.pt"
+        if unit_arm != arm or not checkpoint.is_file():
+            continue
+        pred = record["predictions"]
+        plain, adapted = unit_scores(checkpoint, [path_of[u] for u in pred["utterances"]])
+        functionals = np.asarray(pred["probs_functionals"])
+        y = np.asarray(pred["y_true"])
+        probs = {"model": plain, "model_adapted": adapted}
+        probs.update(fused=fuse(plain, functionals), fused_adapted=fuse(adapted, functionals))
+        row = {"seed": seed, "fold": fold_name}
+        row.update({k: summarize(y, p.argmax(1), record["classes"])["ua"] for k, p in probs.items()})
+        # the unit's own model-alone figure (training-time scoring), beside predict's above
+        row["unit_model"] = summarize(y, np.asarray(pred["y_pred_model"]), record["classes"])["ua"]
+        log(
+            f"seed {seed} {fold_name}: model alone {100 * row['model']:.1f} (unit {100 * row['unit_model']:.1f}) -> "
+            f"{100 * row['model_adapted']:.1f}, "
+            f"fused {100 * row['fused']:.1f} -> {100 * row['fused_adapted']:.1f}"
+        )
+        rows.append(row)
+    return {"plan": plan.path.stem, "corpus": plan.corpus, "arm": arm, "units": rows, "summary": summary(rows)}
+
+
+def summary(rows: list) -> dict:
+    """Per figure (the model alone, fused): mean UA without and with the adaptation, the paired
+    per-fold difference, better / worse and p."""
+    from scipy.stats import ttest_rel
+
+    out = {}
+    for base in ("model", "fused"):
+        plain = np.array([r[base] for r in rows])
+        adapted = np.array([r[f"{base}_adapted"] for r in rows])
+        delta = adapted - plain
+        out[base] = {
+            "units": len(rows),
+            "ua": float(plain.mean()),
+            "ua_adapted": float(adapted.mean()),
+            "delta_per_fold": float(delta.mean()),
+            "better": int((delta > 0).sum()),
+            "worse": int((delta < 0).sum()),
+            "p": float(ttest_rel(adapted, plain).pvalue) if len(rows) > 1 and delta.any() else float("nan"),
+        }
+    return out
+
+
+def table_text(results: list) -> str:
+    """A markdown table of kept results: one row per (arm, figure)."""
+    lines = [
+        "| corpus | arm | figure | units | UA % enrolled | UA % enrolled + batch norms adapted | Δ UA per fold "
+        "| better / worse | p |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    names = {"model": "the model alone", "fused": "fused"}
+    for r in results:
+        for figure, s in r["summary"].items():
+            lines.append(
+                f"| {r['corpus']} | {r['arm']} | {names[figure]} | {s['units']} | {100 * s['ua']:.1f} | "
+                f"{100 * s['ua_adapted']:.1f} | {100 * s['delta_per_fold']:+.1f} | {s['better']} / {s['worse']} | "
+                f"{s['p']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def kept_results() -> list:
+    return [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lab.adabn", description=__doc__.splitlines()[0])
+    p.add_argument("plan")
+    p.add_argument("arm")
+    p.add_argument("--write", action="store_true", help="keep the result in benchmarks/results/accuracy/adabn/")
+    args = p.parse_args(argv)
+    result = judge(Plan.load(args.plan), args.arm, log=lambda line: print(line, flush=True))
+    for figure, s in result["summary"].items():
+        print(
+            f"{figure}: {s['units']} units, UA {100 * s['ua']:.1f} -> {100 * s['ua_adapted']:.1f}, "
+            f"{100 * s['delta_per_fold']:+.1f} per fold, {s['better']} better / {s['worse']} worse, p {s['p']:.3f}"
+        )
+    if args.write:
+        OUT.mkdir(parents=True, exist_ok=True)
+        path = OUT / f"{result['plan']}-{args.arm}.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"-> {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
