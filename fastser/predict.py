@@ -122,6 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="unlabelled audio of the speaker being scored (files, folders or globs): speaker-level "
         "input statistics for models trained with --normalize speaker (the default)",
     )
+    ap.add_argument(
+        "--adapt-batchnorms",
+        action="store_true",
+        help="with --enroll: the encoders' batch norms also re-estimate their statistics on the enrollment "
+        "audio (test-time adaptation, no labels; docs/accuracy.md: Adapting to the speaker)",
+    )
     ap.add_argument("--batch-size", type=int, default=32, help="windows scored per batch (default: 32)")
     ap.add_argument(
         "--workers",
@@ -140,6 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--batch-size must be positive")
     if args.workers is not None and args.workers < 1:
         ap.error("--workers must be positive")
+    if args.adapt_batchnorms and not args.enroll:
+        ap.error("--adapt-batchnorms needs --enroll: the batch norms adapt to the enrollment audio")
     return args
 
 
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
             if enroll_errors:
                 raise UserError("--enroll: " + "; ".join(enroll_errors))
             try:
-                predictor.enroll_speaker(enroll)
+                predictor.enroll_speaker(enroll, args.adapt_batchnorms)
             except UserError as e:  # the library names its argument; the command line, its flag
                 raise UserError(f"--{e}" if str(e).startswith("enroll: ") else str(e)) from None
     # said once, with the first prediction (a run that only fails keeps its one error line)

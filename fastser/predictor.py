@@ -166,7 +166,9 @@ class Predictor:
         'angry'
     """
 
-    def __init__(self, checkpoint, device: str = "cpu", batch_size: int = 32, enroll=None):
+    def __init__(
+        self, checkpoint, device: str = "cpu", batch_size: int = 32, enroll=None, adapt_batchnorms: bool = False
+    ):
         self.device = parse_device(device)
         self.spec, self.models, self.norms, self.heads, self.trained_on = load_models(checkpoint, self.device)
         self.functionals_speaker = None  # the enrolled speaker's functionals statistics (runs with --functionals)
@@ -186,16 +188,18 @@ class Predictor:
                 stacklevel=2,
             )
         if enroll:
-            self.enroll_speaker(enroll)
+            self.enroll_speaker(enroll, adapt_batchnorms)
 
-    def enroll_speaker(self, paths) -> bool:
+    def enroll_speaker(self, paths, adapt_batchnorms: bool = False) -> bool:
         """Speaker statistics from unlabelled audio files of the speaker to be scored (runs trained
         with --normalize speaker); they replace the training statistics for every later prediction.
 
         Each file goes through the input's checks: an unreadable one is a UserError naming `enroll`
         and the file; one shorter than MIN_SECONDS or near-silent is left out (a PredictWarning).
         With less than MIN_ENROLL_SECONDS of usable audio in all, the training speakers' statistics
-        stay (a PredictWarning). Returns whether the speaker's statistics are in use."""
+        stay (a PredictWarning). With `adapt_batchnorms` the encoders' batch norms also re-estimate
+        their statistics on the speaker's clips (adapt_batchnorms below). Returns whether the
+        speaker's statistics are in use."""
         if self.spec.normalize != "speaker":
             raise UserError(
                 f"--enroll needs a model trained with --normalize speaker; this one used "
@@ -209,6 +213,9 @@ class Predictor:
         )
         if self.heads:
             self.functionals_speaker = functional_statistics(extract(clips, self.heads[0].feature_set, self.sr))
+        if adapt_batchnorms:
+            for model, norm in zip(self.models, self.norms):
+                adapt_batchnorms_to(model, norm, self.features, clips, self.device, self.spec.functionals_input)
         return True
 
     # -- scoring ------------------------------------------------------------------------
@@ -468,6 +475,48 @@ def enrollment_clips(paths, sr: int, max_seconds: float) -> Optional[list]:
         )
         return None
     return clips
+
+
+@torch.no_grad()
+def adapt_batchnorms_to(
+    model: torch.nn.Module,
+    norm,
+    features: FeatureSet,
+    clips: list,
+    device: torch.device,
+    functionals: Optional[str] = None,
+) -> None:
+    """Test-time adaptation to a speaker (AdaBN, Li et al. 2016): the running mean and variance of
+    every batch norm in the model's encoders are re-estimated on the speaker's unlabelled clips,
+    each clip passed alone (no padding enters them), their average over the clips kept; no weight
+    changes and the rest of the model stays in evaluation mode. The result does not depend on the
+    statistics before (a second speaker's adaptation starts afresh).
+
+    Args:
+        model: an SERModel in eval mode (changed in place).  norm: the input statistics the clips
+            are normalised with (the speaker's, Normalizer).  features: the model's FeatureSet.
+        clips (list): 1-D float32 arrays at the features' rate.  device: where the model is.
+        functionals (str, optional): the openSMILE set the model reads as an input branch.
+    """
+    layers = [
+        m
+        for name, m in model.named_modules()
+        if name.startswith("encoders.") and isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    for m in layers:
+        m.running_mean.zero_()
+        m.running_var.fill_(1.0)
+        # momentum None: each clip's statistics weigh 1 / (clips so far), a plain average; a
+        # loaded model may carry no batch count
+        m.num_batches_tracked = torch.zeros((), dtype=torch.long, device=m.running_mean.device)
+        m.momentum = None
+        m.train()
+    try:
+        for clip in clips:
+            score([model], [norm], features, [clip], device, functionals)
+    finally:
+        for m in layers:
+            m.eval()
 
 
 def input_statistics(

@@ -3,12 +3,11 @@
     python -m lab.adabn lab/plans/PLAN.json ARM [--write]
 
 The enrollment audio (unlabelled clips of the speaker to be scored) already gives the model its
-input statistics. Here it also re-estimates the running statistics of every batch norm in the
-encoders (AdaBN, Li et al. 2016: the layers' means and variances on the new domain, no labels, no
-gradient): each clip is passed alone through the model with those layers in training mode and a
-cumulative average (momentum None), the rest of the model in evaluation mode; then the speaker's
-clips are scored. Each unit whose run folder (with its checkpoint) the queue still keeps is scored
-as `predict --enroll` scores (the model alone, enrolled with all of the test speaker's clips, as the
+input statistics. `predict --enroll ... --adapt-batchnorms` also re-estimates the running
+statistics of every batch norm in the encoders on it (fastser.predictor.adapt_batchnorms_to: AdaBN,
+Li et al. 2016, the layers' means and variances on the new speaker, no labels, no gradient).
+Each unit whose run folder (with its checkpoint) the queue still keeps is scored as
+`predict --enroll` scores (the model alone, enrolled with all of the test speaker's clips, as the
 units' "with enrollment" figures are), without and with the adaptation, and both fused with the
 unit's functionals classifier at the run's fixed weight. `--write` keeps the result in
 benchmarks/results/accuracy/adabn/<plan>-<arm>.json.
@@ -28,45 +27,22 @@ OUT = ROOT / "benchmarks" / "results" / "accuracy" / "adabn"
 KEYS = ("model", "model_adapted", "fused", "fused_adapted")
 
 
-def adapt_batchnorms(predictor, clips: list) -> None:
-    """Re-estimates the running statistics of the predictor's encoders' batch norms on `clips` (each
-    alone: no padding enters them), leaving every other layer and weight as it was."""
-    import torch
-    from torch import nn
-
-    from fastser.predictor import score
-
-    norms = [
-        m
-        for model in predictor.models
-        for name, m in model.named_modules()
-        if name.startswith("encoders.") and isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the clips
-        m.train()
-    with torch.no_grad():
-        for clip in clips:
-            score(predictor.models, predictor.norms, predictor.features, [clip], predictor.device)
-    for m in norms:
-        m.eval()
-
-
 def unit_scores(checkpoint: Path, paths: list) -> tuple:
     """(the model alone's (N, C) probabilities enrolled with `paths`, the same after adapting)."""
-    from fastser.predictor import Predictor, enrollment_clips
+    from fastser.predictor import Predictor
 
     predictor = Predictor(checkpoint)
     predictor.heads = []  # the model alone
     predictor.enroll_speaker(paths)
     plain = np.stack([p.probabilities for p in predictor.predict(paths)])
-    adapt_batchnorms(predictor, enrollment_clips(paths, predictor.sr, predictor.whole_seconds))
+    predictor.enroll_speaker(paths, adapt_batchnorms=True)  # fastser.predictor.adapt_batchnorms_to
     adapted = np.stack([p.probabilities for p in predictor.predict(paths)])
     return plain, adapted
 
 
-def judge(plan: Plan, arm: str, scratch: Path = SCRATCH, log=print) -> dict:
+def judge(plan: Plan, arm: str, runs: Path = None, log=print) -> dict:
+    """Every unit of `arm` whose run folder is in `runs` (default: the queue's scratch for the
+    plan's corpus), scored without and with the adaptation."""
     from fastser.data import load_corpus
     from fastser.functionals import fuse
     from fastser.metrics import summarize
@@ -75,7 +51,7 @@ def judge(plan: Plan, arm: str, scratch: Path = SCRATCH, log=print) -> dict:
     path_of = {u.uid: u.path for u in corpus.utterances}
     rows = []
     for (unit_arm, seed, fold_name), record in sorted(load_units(plan).items()):
-        folder = scratch / plan.corpus / "runs" / arm / f"seed-{seed}" / fold_name.split("=", 1)[-1]
+        folder = (runs or SCRATCH / plan.corpus / "runs") / arm / f"seed-{seed}" / fold_name.split("=", 1)[-1]
         checkpoint = folder / "checkpoint.pt"
         if unit_arm != arm or not checkpoint.is_file():
             continue
@@ -123,8 +99,8 @@ def summary(rows: list) -> dict:
 def table_text(results: list) -> str:
     """A markdown table of kept results: one row per (arm, figure)."""
     lines = [
-        "| corpus | arm | figure | units | UA % enrolled | UA % enrolled + batch norms adapted | Δ UA per fold "
-        "| better / worse | p |",
+        "| corpus | arm | figure | units | UA % enrolled (units' mean) | UA % enrolled + batch norms adapted "
+        "| Δ UA per fold | better / worse | p |",
         "|---|---|---|---:|---:|---:|---:|---|---:|",
     ]
     names = {"model": "the model alone", "fused": "fused"}
@@ -147,8 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("plan")
     p.add_argument("arm")
     p.add_argument("--write", action="store_true", help="keep the result in benchmarks/results/accuracy/adabn/")
+    p.add_argument("--runs-dir", type=Path, help="where the units' run folders are (default: the queue's scratch)")
     args = p.parse_args(argv)
-    result = judge(Plan.load(args.plan), args.arm, log=lambda line: print(line, flush=True))
+    result = judge(Plan.load(args.plan), args.arm, args.runs_dir, log=lambda line: print(line, flush=True))
     for figure, s in result["summary"].items():
         print(
             f"{figure}: {s['units']} units, UA {100 * s['ua']:.1f} -> {100 * s['ua_adapted']:.1f}, "

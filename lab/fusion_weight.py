@@ -130,8 +130,8 @@ def summary(rows: list) -> dict:
 def table_text(results: list) -> str:
     """A markdown table of kept results: one row per (arm, level)."""
     lines = [
-        "| corpus | arm | statistics | units | UA % at 0.5 | UA % chosen | mean weight chosen | Δ UA per fold "
-        "| better / worse | p |",
+        "| corpus | arm | statistics | units | UA % at 0.5 (units' mean) | UA % chosen | mean weight chosen "
+        "| Δ UA per fold | better / worse | p |",
         "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:

@@ -45,6 +45,7 @@ SUMMARY_START, SUMMARY_END = "<!-- speed-summary:start -->", "<!-- speed-summary
 QUEUE_START, QUEUE_END = "<!-- queue:start -->", "<!-- queue:end -->"
 FUSION_START, FUSION_END = "<!-- fusion:start -->", "<!-- fusion:end -->"
 WEIGHT_START, WEIGHT_END = "<!-- fusion-weight:start -->", "<!-- fusion-weight:end -->"
+ADABN_START, ADABN_END = "<!-- adabn:start -->", "<!-- adabn:end -->"
 PLANS = Path(__file__).resolve().parent / "plans"
 ACCURACY_DOC = ROOT / "docs" / "accuracy.md"
 SPEED_DOC = ROOT / "docs" / "speed.md"
@@ -445,6 +446,13 @@ def fusion_weight_table() -> str:
     return table_text(kept_results())
 
 
+def adabn_table() -> str:
+    """The kept results of adapting the batch norms to the enrolled speaker (lab.adabn --write)."""
+    from lab.adabn import kept_results, table_text
+
+    return table_text(kept_results())
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", action="store_true", help="update README.md and docs/ in place")
@@ -461,7 +469,8 @@ def main(argv=None) -> None:
     accuracy_doc = _replace(ACCURACY_DOC.read_text(), ACC_START, ACC_END, accuracy)
     accuracy_doc = _replace(accuracy_doc, QUEUE_START, QUEUE_END, queue_tables())
     accuracy_doc = _replace(accuracy_doc, FUSION_START, FUSION_END, fusion_table())
-    ACCURACY_DOC.write_text(_replace(accuracy_doc, WEIGHT_START, WEIGHT_END, fusion_weight_table()))
+    accuracy_doc = _replace(accuracy_doc, WEIGHT_START, WEIGHT_END, fusion_weight_table())
+    ACCURACY_DOC.write_text(_replace(accuracy_doc, ADABN_START, ADABN_END, adabn_table()))
     DEVELOPMENT_DOC.write_text(_replace(DEVELOPMENT_DOC.read_text(), KERNELS_START, KERNELS_END, kernel_table()))
 
 

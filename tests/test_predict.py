@@ -406,3 +406,62 @@ def test_a_worker_count_below_one_is_one_line(tmp_path, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "--workers must be positive" in err and err.count("\n") == 1
+
+
+def test_adapting_the_batch_norms_to_the_enrolled_speaker(run_dir, clips, capsys):
+    """--adapt-batchnorms: each encoder batch norm's running mean and variance become the average,
+    over the enrollment clips scored alone, of that layer's batch statistics (captured here by hooks
+    on a copy whose encoder batch norms normalise with batch statistics and keep their running
+    ones); every other tensor of the model is untouched; a second enrollment starts afresh (same
+    statistics whatever the model held before); without --enroll the flag is one error line."""
+    import copy
+
+    import torch
+
+    from fastser.audio import load
+
+    folder, files, _ = clips
+    plain = predict.Predictor(run_dir, enroll=files)
+    before = {k: v.clone() for k, v in plain.models[0].state_dict().items()}
+    reference = copy.deepcopy(plain.models[0])
+    layers = {
+        n: m
+        for n, m in reference.named_modules()
+        if n.startswith("encoders.") and isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
+    assert len(layers) >= 4
+    seen = {n: [] for n in layers}
+    for n, m in layers.items():
+        m.train()
+        m.momentum = 0.0  # batch statistics in the output, the running ones left as they are
+        m.register_forward_hook(lambda m, args, out, n=n: seen[n].append(args[0].detach()))
+    with torch.no_grad():
+        for f in files:
+            y = load(str(f), sr=plain.sr)[0]
+            predictor_module.score([reference], plain.norms, plain.features, [y], plain.device)
+    adapted = predict.Predictor(run_dir, enroll=files, adapt_batchnorms=True)
+    state = adapted.models[0].state_dict()
+    for name, inputs in seen.items():
+        dims = [0] + list(range(2, inputs[0].dim()))
+        mean = torch.stack([x.double().mean(dims) for x in inputs]).mean(0)
+        var = torch.stack([x.double().var(dims, unbiased=True) for x in inputs]).mean(0)
+        torch.testing.assert_close(state[f"{name}.running_mean"].double(), mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state[f"{name}.running_var"].double(), var, rtol=1e-4, atol=1e-5)
+        assert not torch.equal(state[f"{name}.running_mean"], before[f"{name}.running_mean"])
+    adapted_buffers = {f"{n}.{b}" for n in layers for b in ("running_mean", "running_var", "num_batches_tracked")}
+    for key, value in before.items():
+        if key not in adapted_buffers:
+            assert torch.equal(state[key], value), key
+    assert not adapted.models[0].training and not any(m.training for m in adapted.models[0].modules())
+    again = {k: v.clone() for k, v in state.items()}
+    adapted.enroll_speaker(files, adapt_batchnorms=True)  # from adapted statistics: the same result
+    for key, value in adapted.models[0].state_dict().items():
+        torch.testing.assert_close(value, again[key], rtol=1e-6, atol=1e-7)
+    capsys.readouterr()
+    command = [str(files[0]), "--checkpoint", str(run_dir), "--adapt-batchnorms"]
+    assert predict.main(command + ["--enroll", str(folder)]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        predict.cli(command)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "--adapt-batchnorms needs --enroll" in err and err.count("\n") == 1

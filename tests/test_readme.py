@@ -40,6 +40,10 @@ def test_fusion_table_is_the_generated_one():
     assert between(ACCURACY, report.FUSION_START, report.FUSION_END) == "\n" + report.fusion_table()
 
 
+def test_adabn_table_is_the_generated_one():
+    assert between(ACCURACY, report.ADABN_START, report.ADABN_END) == "\n" + report.adabn_table()
+
+
 def test_fusion_weight_table_is_the_generated_one():
     assert between(ACCURACY, report.WEIGHT_START, report.WEIGHT_END) == "\n" + report.fusion_weight_table()
 
