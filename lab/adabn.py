@@ -16,12 +16,12 @@ benchmarks/results/accuracy/adabn/<plan>-<arm>.json.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
-from lab.experiments import ROOT, SCRATCH, Plan, load_units
+from lab.experiments import ROOT, SCRATCH, Plan, keep_result, load_units, paired_summary
+from lab.experiments import kept_results as read_kept
 
 OUT = ROOT / "benchmarks" / "results" / "accuracy" / "adabn"
 KEYS = ("model", "model_adapted", "fused", "fused_adapted")
@@ -75,25 +75,11 @@ def judge(plan: Plan, arm: str, runs: Path = None, log=print) -> dict:
 
 
 def summary(rows: list) -> dict:
-    """Per figure (the model alone, fused): mean UA without and with the adaptation, the paired
-    per-fold difference, better / worse and p."""
-    from scipy.stats import ttest_rel
-
-    out = {}
-    for base in ("model", "fused"):
-        plain = np.array([r[base] for r in rows])
-        adapted = np.array([r[f"{base}_adapted"] for r in rows])
-        delta = adapted - plain
-        out[base] = {
-            "units": len(rows),
-            "ua": float(plain.mean()),
-            "ua_adapted": float(adapted.mean()),
-            "delta_per_fold": float(delta.mean()),
-            "better": int((delta > 0).sum()),
-            "worse": int((delta < 0).sum()),
-            "p": float(ttest_rel(adapted, plain).pvalue) if len(rows) > 1 and delta.any() else float("nan"),
-        }
-    return out
+    """Per figure (the model alone, fused): mean UA without and with the adaptation, paired."""
+    names = ("ua", "ua_adapted")
+    return {
+        f: paired_summary([r[f] for r in rows], [r[f"{f}_adapted"] for r in rows], names) for f in ("model", "fused")
+    }
 
 
 def table_text(results: list) -> str:
@@ -115,7 +101,7 @@ def table_text(results: list) -> str:
 
 
 def kept_results() -> list:
-    return [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    return read_kept(OUT)
 
 
 def main(argv=None) -> int:
@@ -132,9 +118,7 @@ def main(argv=None) -> int:
             f"{100 * s['delta_per_fold']:+.1f} per fold, {s['better']} better / {s['worse']} worse, p {s['p']:.3f}"
         )
     if args.write:
-        OUT.mkdir(parents=True, exist_ok=True)
-        path = OUT / f"{result['plan']}-{args.arm}.json"
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        path = keep_result(OUT, f"{result['plan']}-{args.arm}", result)
         print(f"-> {path.relative_to(ROOT)}")
     return 0
 

@@ -478,6 +478,38 @@ def _run_workers(args, plan: Plan) -> int:
     return max(codes)
 
 
+def paired_summary(base, other, names: tuple = ("ua_base", "ua_other")) -> dict:
+    """One figure per unit under two settings, paired: the two means (keyed by `names`), the mean
+    difference per unit (other - base), how many units are better / worse, a paired t-test's p
+    (NaN with one unit or no difference)."""
+    from scipy.stats import ttest_rel
+
+    base, other = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+    delta = other - base
+    return {
+        "units": len(base),
+        names[0]: float(base.mean()),
+        names[1]: float(other.mean()),
+        "delta_per_fold": float(delta.mean()),
+        "better": int((delta > 0).sum()),
+        "worse": int((delta < 0).sum()),
+        "p": float(ttest_rel(other, base).pvalue) if len(base) > 1 and delta.any() else float("nan"),
+    }
+
+
+def kept_results(folder: Path) -> list:
+    """The result files a lab study keeps in `folder` (--write), in name order."""
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def keep_result(folder: Path, name: str, result: dict) -> Path:
+    """Writes a lab study's result as folder/name.json; returns the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
 # -- reading the units ------------------------------------------------------------------------
 def load_units(plan: Plan, units_dir: Optional[Path] = None) -> dict:
     """{(arm, seed, fold_name): record} of the plan's units that have a file."""

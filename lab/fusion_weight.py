@@ -19,12 +19,12 @@ docs/accuracy.md's table of chosen weights is generated from.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
-from lab.experiments import ROOT, SCRATCH, Plan, load_units
+from lab.experiments import ROOT, SCRATCH, Plan, keep_result, load_units, paired_summary
+from lab.experiments import kept_results as read_kept
 from lab.fusion import STATISTICS, functionals_table, head_probabilities
 
 OUT = ROOT / "benchmarks" / "results" / "accuracy" / "fusion-weight"
@@ -106,24 +106,12 @@ def judge(plan: Plan, arm: str, scratch: Path = SCRATCH, log=print) -> dict:
 
 
 def summary(rows: list) -> dict:
-    """Per level: mean UA fixed and chosen, the paired per-fold difference, better / worse, p."""
-    from scipy.stats import ttest_rel
-
+    """Per level: mean UA at 0.5 and at the chosen weight, paired; the mean weight chosen."""
     out = {}
     for level in LEVELS:
-        fixed = np.array([r[f"{level}_fixed"] for r in rows])
-        chosen = np.array([r[f"{level}_chosen"] for r in rows])
-        delta = chosen - fixed
-        out[level] = {
-            "units": len(rows),
-            "ua_fixed": float(fixed.mean()),
-            "ua_chosen": float(chosen.mean()),
-            "delta_per_fold": float(delta.mean()),
-            "better": int((delta > 0).sum()),
-            "worse": int((delta < 0).sum()),
-            "p": float(ttest_rel(chosen, fixed).pvalue) if len(rows) > 1 and delta.any() else float("nan"),
-            "mean_weight": float(np.mean([r[f"{level}_weight"] for r in rows])),
-        }
+        fixed, chosen = [r[f"{level}_fixed"] for r in rows], [r[f"{level}_chosen"] for r in rows]
+        out[level] = paired_summary(fixed, chosen, ("ua_fixed", "ua_chosen"))
+        out[level]["mean_weight"] = float(np.mean([r[f"{level}_weight"] for r in rows]))
     return out
 
 
@@ -145,7 +133,7 @@ def table_text(results: list) -> str:
 
 
 def kept_results() -> list:
-    return [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    return read_kept(OUT)
 
 
 def main(argv=None) -> int:
@@ -163,9 +151,7 @@ def main(argv=None) -> int:
             f"{s['better']} better / {s['worse']} worse, p {s['p']:.3f}"
         )
     if args.write:
-        OUT.mkdir(parents=True, exist_ok=True)
-        path = OUT / f"{result['plan']}-{args.arm}.json"
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        path = keep_result(OUT, f"{result['plan']}-{args.arm}", result)
         print(f"-> {path.relative_to(ROOT)}")
     return 0
 
