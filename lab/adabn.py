@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.experiments import ROOT, SCRATCH, Plan, keep_result, load_units, paired_summary
+from lab.experiments import ROOT, SCRATCH, Plan, keep_result, load_units, paired_cells, paired_summary
 from lab.experiments import kept_results as read_kept
 
 OUT = ROOT / "benchmarks" / "results" / "accuracy" / "adabn"
@@ -94,8 +94,7 @@ def table_text(results: list) -> str:
         for figure, s in r["summary"].items():
             lines.append(
                 f"| {r['corpus']} | {r['arm']} | {names[figure]} | {s['units']} | {100 * s['ua']:.1f} | "
-                f"{100 * s['ua_adapted']:.1f} | {100 * s['delta_per_fold']:+.1f} | {s['better']} / {s['worse']} | "
-                f"{s['p']:.3f} |"
+                f"{100 * s['ua_adapted']:.1f} | " + paired_cells(s)
             )
     return "\n".join(lines) + "\n"
 

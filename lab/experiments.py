@@ -497,6 +497,12 @@ def paired_summary(base, other, names: tuple = ("ua_base", "ua_other")) -> dict:
     }
 
 
+def paired_cells(summary: dict) -> str:
+    """A paired_summary's last three table cells: Δ UA per fold, better / worse, p."""
+    s = summary
+    return f"{100 * s['delta_per_fold']:+.1f} | {s['better']} / {s['worse']} | {s['p']:.3f} |"
+
+
 def kept_results(folder: Path) -> list:
     """The result files a lab study keeps in `folder` (--write), in name order."""
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.experiments import ROOT, SCRATCH, Plan, keep_result, load_units, paired_summary
+from lab.experiments import ROOT, SCRATCH, Plan, keep_result, load_units, paired_cells, paired_summary
 from lab.experiments import kept_results as read_kept
 from lab.fusion import STATISTICS, functionals_table, head_probabilities
 
@@ -126,8 +126,7 @@ def table_text(results: list) -> str:
         for level, s in r["summary"].items():
             lines.append(
                 f"| {r.get('corpus', '')} | {r['arm']} | {STATISTICS[level]} | {s['units']} | "
-                f"{100 * s['ua_fixed']:.1f} | {100 * s['ua_chosen']:.1f} | {s['mean_weight']:.2f} | "
-                f"{100 * s['delta_per_fold']:+.1f} | {s['better']} / {s['worse']} | {s['p']:.3f} |"
+                f"{100 * s['ua_fixed']:.1f} | {100 * s['ua_chosen']:.1f} | {s['mean_weight']:.2f} | " + paired_cells(s)
             )
     return "\n".join(lines) + "\n"
 
@@ -140,7 +139,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lab.fusion_weight", description=__doc__.splitlines()[0])
     p.add_argument("plan")
     p.add_argument("arm")
-    p.add_argument("--write", action="store_true", help="keep the result in benchmarks/results/accuracy/fusion/")
+    p.add_argument("--write", action="store_true", help="keep the result in benchmarks/results/accuracy/fusion-weight/")
     args = p.parse_args(argv)
     plan = Plan.load(args.plan)
     result = judge(plan, args.arm, log=lambda line: print(line, flush=True))
